@@ -1,0 +1,209 @@
+//! The daemon's configuration, validated once at start.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use redirector_ebpf::ProxyConfig;
+
+use crate::steering::{TargetSpec, ip_to_bytes};
+
+/// Default proxy listener port on the node address.
+pub const DEFAULT_PROXY_PORT: u16 = 15379;
+/// Default steering target: every connect to port 6379.
+pub const DEFAULT_REDIS_TARGET: &str = ":6379";
+/// Default heartbeat age after which connects go direct (fail open).
+pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "--proxy-addr is required: the node address pods can reach, e.g. 10.0.0.5:{DEFAULT_PROXY_PORT}"
+    )]
+    NoProxyAddr,
+    #[error(
+        "--proxy-addr {0}: steered connects are rewritten to this address, so it must be a \
+         concrete address the pods can reach (not unspecified, not loopback)"
+    )]
+    UnroutableProxyAddr(SocketAddr),
+    #[error("--proxy-addr: at most one IPv4 and one IPv6 address, got {0} and {1}")]
+    DuplicateFamily(SocketAddr, SocketAddr),
+    #[error("--redis-target: at least one is required")]
+    NoTargets,
+    #[error("--socket-mark must not be 0: unmarked sockets could not be told from the proxy's")]
+    ZeroMark,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub pin_dir: PathBuf,
+    /// `None`: find or mount cgroup v2 (see `steering::fs`).
+    pub cgroup_root: Option<PathBuf>,
+    pub proxy_addrs: Vec<SocketAddr>,
+    pub targets: Vec<TargetSpec>,
+    pub socket_mark: u32,
+    /// Zero: always steer, even while the proxy is down (fail closed).
+    pub liveness: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl RunConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.proxy_addrs.is_empty() {
+            return Err(Error::NoProxyAddr);
+        }
+        for addr in &self.proxy_addrs {
+            // A pod's loopback is its own: rewriting to it would never reach
+            // the node proxy.
+            if addr.ip().is_unspecified() || addr.ip().is_loopback() || addr.port() == 0 {
+                return Err(Error::UnroutableProxyAddr(*addr));
+            }
+        }
+        if let [a, b, ..] = self.proxy_addrs[..]
+            && (self.proxy_addrs.len() > 2 || a.is_ipv4() == b.is_ipv4())
+        {
+            return Err(Error::DuplicateFamily(a, b));
+        }
+        if self.targets.is_empty() {
+            return Err(Error::NoTargets);
+        }
+        if self.socket_mark == 0 {
+            return Err(Error::ZeroMark);
+        }
+        Ok(())
+    }
+
+    /// How often the daemon proves it is alive to the programs.
+    pub fn heartbeat_interval(&self) -> Duration {
+        if self.liveness.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            (self.liveness / 4).max(Duration::from_millis(50))
+        }
+    }
+
+    /// The `rdr_proxy` map entry for this configuration.
+    pub fn proxy_entry(&self, heartbeat_ns: u64) -> ProxyConfig {
+        let mut entry = ProxyConfig {
+            heartbeat_ns,
+            liveness_ns: u64::try_from(self.liveness.as_nanos()).unwrap_or(u64::MAX),
+            addr6: [0; 16],
+            addr4: [0; 4],
+            socket_mark: self.socket_mark,
+            port4: 0,
+            port6: 0,
+            _pad: 0,
+        };
+        for addr in &self.proxy_addrs {
+            match addr.ip() {
+                IpAddr::V4(v4) => {
+                    entry.addr4 = v4.octets();
+                    entry.port4 = addr.port();
+                }
+                IpAddr::V6(_) => {
+                    entry.addr6 = ip_to_bytes(addr.ip());
+                    entry.port6 = addr.port();
+                }
+            }
+        }
+        entry
+    }
+}
+
+/// Parses `0`, `250ms`, `3s` or `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a number with a unit, e.g. 3s or 250ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "" if n == 0 => Ok(Duration::ZERO),
+        _ => Err(format!("`{s}`: unit must be ms, s or m")),
+    }
+}
+
+/// Parses a decimal or `0x` hexadecimal u32 (socket marks are usually hex).
+pub fn parse_u32(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("`{s}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(addrs: &[&str]) -> RunConfig {
+        RunConfig {
+            pin_dir: "/sys/fs/bpf/redirector".into(),
+            cgroup_root: None,
+            proxy_addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            targets: vec![DEFAULT_REDIS_TARGET.parse().unwrap()],
+            socket_mark: 0x6379,
+            liveness: DEFAULT_LIVENESS,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn proxy_addresses_must_be_reachable_from_pods() {
+        assert!(config(&["10.0.0.5:15379"]).validate().is_ok());
+        assert!(
+            config(&["10.0.0.5:15379", "[fd00::5]:15379"])
+                .validate()
+                .is_ok()
+        );
+        for bad in [
+            "127.0.0.1:15379",
+            "0.0.0.0:15379",
+            "[::1]:15379",
+            "10.0.0.5:0",
+        ] {
+            assert!(
+                matches!(
+                    config(&[bad]).validate(),
+                    Err(Error::UnroutableProxyAddr(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            config(&["10.0.0.5:1", "10.0.0.6:1"]).validate(),
+            Err(Error::DuplicateFamily(..))
+        ));
+        assert!(matches!(config(&[]).validate(), Err(Error::NoProxyAddr)));
+    }
+
+    #[test]
+    fn proxy_entry_carries_both_families() {
+        let entry = config(&["10.0.0.5:15379", "[fd00::5]:15380"]).proxy_entry(42);
+        assert_eq!(entry.addr4, [10, 0, 0, 5]);
+        assert_eq!(entry.port4, 15379);
+        assert_eq!(entry.port6, 15380);
+        assert_eq!(entry.addr6[0], 0xfd);
+        assert_eq!(entry.heartbeat_ns, 42);
+        assert_eq!(entry.liveness_ns, 3_000_000_000);
+    }
+
+    #[test]
+    fn durations_and_marks_parse() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("3").is_err());
+        assert!(parse_duration("s").is_err());
+        assert_eq!(parse_u32("0x6379"), Ok(0x6379));
+        assert_eq!(parse_u32("25465"), Ok(25465));
+        assert!(parse_u32("0xzz").is_err());
+    }
+}

@@ -1,0 +1,235 @@
+//! The `redirector` command line.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use redirector::{
+    app,
+    config::{self, RunConfig},
+    netns::{self, NetnsRef},
+    status,
+    steering::{self, Layout, Maps, TargetSpec},
+};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Node-level Redis Cluster redirector with eBPF connect steering"
+)]
+struct Cli {
+    /// bpffs directory holding redirector's pinned maps and links.
+    #[arg(long, global = true, env = "REDIRECTOR_PIN_DIR", default_value = steering::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install (or adopt) the eBPF programs and run the node proxy.
+    Run(RunArgs),
+    /// Opt a network namespace in: its connects to Redis targets are steered.
+    Enroll {
+        #[command(flatten)]
+        netns: NetnsArgs,
+        /// Allow enrolling the host's own network namespace (PID 1's), which
+        /// steers every host process, kubelet included.
+        #[arg(long)]
+        allow_host_netns: bool,
+    },
+    /// Opt a network namespace out.
+    Unenroll {
+        #[command(flatten)]
+        netns: NetnsArgs,
+        /// The namespace's cookie, as `status` shows it (for a namespace that no longer exists).
+        #[arg(long, conflicts_with_all = ["netns", "pid"], required_unless_present_any = ["netns", "pid"])]
+        cookie: Option<u64>,
+    },
+    /// Show attached programs, the proxy, targets, enrolled namespaces and counters.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach every program and remove every pin.
+    Uninstall,
+}
+
+#[derive(Args)]
+#[group(multiple = false)]
+struct NetnsArgs {
+    /// A network namespace file, e.g. /var/run/netns/pod-a.
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    /// A process whose network namespace to use.
+    #[arg(long)]
+    pid: Option<u32>,
+}
+
+impl NetnsArgs {
+    fn reference(&self) -> Option<NetnsRef> {
+        match (&self.netns, self.pid) {
+            (Some(path), _) => Some(NetnsRef::Path(path.clone())),
+            (None, Some(pid)) => Some(NetnsRef::Pid(pid)),
+            (None, None) => None,
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Node address the proxy listens on and steered connects are rewritten
+    /// to; one per address family. Pods must be able to reach it.
+    #[arg(
+        long = "proxy-addr",
+        env = "REDIRECTOR_PROXY_ADDR",
+        value_delimiter = ',',
+        required = true
+    )]
+    proxy_addrs: Vec<SocketAddr>,
+    /// Redis service to steer: IP:PORT, [IPv6]:PORT, or :PORT for any address.
+    #[arg(long = "redis-target", env = "REDIRECTOR_REDIS_TARGETS", value_delimiter = ',', default_value = config::DEFAULT_REDIS_TARGET)]
+    targets: Vec<TargetSpec>,
+    /// cgroup v2 directory to attach to [default: the host's cgroup v2 root, mounted if needed].
+    #[arg(long, env = "REDIRECTOR_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+    /// SO_MARK of the proxy's own sockets, which are never steered.
+    #[arg(long, default_value = "0x6379", value_parser = config::parse_u32)]
+    socket_mark: u32,
+    /// Connects go direct when the proxy's heartbeat is older than this (fail open); 0 always steers (fail closed).
+    #[arg(long, default_value = "3s", value_parser = config::parse_duration)]
+    liveness: Duration,
+    /// Upstream connect timeout.
+    #[arg(long, default_value = "5s", value_parser = config::parse_duration)]
+    connect_timeout: Duration,
+    /// Proxy worker threads.
+    #[arg(long, env = "REDIRECTOR_WORKERS", default_value_t = 1)]
+    workers: usize,
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("redirector: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, skipping causes a message already quotes.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
+}
+
+fn init_tracing() {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Also installs the log->tracing bridge that carries aya-log records.
+    fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let layout = Layout::new(&cli.pin_dir);
+    match cli.command {
+        Command::Run(args) => run(cli.pin_dir, args),
+        Command::Enroll {
+            netns,
+            allow_host_netns,
+        } => {
+            let reference = netns.reference().context("--netns or --pid is required")?;
+            let resolved = netns::resolve(&reference)?;
+            // Where PID 1's namespace cannot be read (a sandbox), there is
+            // nothing to compare with and the check is skipped.
+            if !allow_host_netns {
+                let host = netns::resolve(&NetnsRef::Pid(1)).ok();
+                if host.is_some_and(|host| host.cookie == resolved.cookie) {
+                    bail!(
+                        "{reference} is the host network namespace; enrolling it steers every host \
+                         process (pass --allow-host-netns if that is really wanted)"
+                    );
+                }
+            }
+            let mut maps = Maps::open(&layout)?;
+            let new = maps.enroll(resolved)?;
+            println!(
+                "{} {reference} (netns cookie {}, inode {})",
+                if new { "enrolled" } else { "already enrolled" },
+                resolved.cookie,
+                resolved.inode
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Unenroll { netns, cookie } => {
+            let (cookie, what) = match (netns.reference(), cookie) {
+                (Some(reference), _) => (netns::resolve(&reference)?.cookie, reference.to_string()),
+                (None, Some(cookie)) => (cookie, format!("netns cookie {cookie}")),
+                (None, None) => bail!("--netns, --pid or --cookie is required"),
+            };
+            let mut maps = Maps::open(&layout)?;
+            if maps.unenroll(cookie)? {
+                println!("unenrolled {what} (netns cookie {cookie})");
+            } else {
+                println!("{what} (netns cookie {cookie}) was not enrolled");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let status = status::read(&layout)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("{status}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Uninstall => {
+            let removed = steering::uninstall(&layout)?;
+            if removed == steering::Removed::default() {
+                println!("nothing to uninstall under {}", layout.pin_dir.display());
+            } else {
+                println!(
+                    "uninstalled: detached {} programs, removed {} maps and {}",
+                    removed.links,
+                    removed.maps,
+                    layout.pin_dir.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn run(pin_dir: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = RunConfig {
+        pin_dir,
+        cgroup_root: args.cgroup_root,
+        proxy_addrs: args.proxy_addrs,
+        targets: args.targets,
+        socket_mark: args.socket_mark,
+        liveness: args.liveness,
+        connect_timeout: args.connect_timeout,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers.max(1))
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(app::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}

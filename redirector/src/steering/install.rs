@@ -1,0 +1,321 @@
+//! Loading, attaching, adopting and removing the kernel programs.
+//!
+//! Install is idempotent and restart-safe: a program whose pinned link is
+//! already attached to the requested cgroup with the same instructions (same
+//! kernel tag) is adopted as is, so a daemon restart never detaches anything
+//! and `bpftool prog list` keeps exactly one set. A program whose code or
+//! cgroup changed is attached anew first and then swapped in by renaming its
+//! pin over the old one, which detaches the old link: steering never has a gap.
+//!
+//! The daemon keeps no program or link file descriptors: the pins own the
+//! attachment, so removing the pins (`uninstall`) is all it takes to detach.
+
+use std::{
+    fs::{self, File},
+    io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapInfo,
+    programs::{CgroupAttachMode, Program, links::FdLink, loaded_programs},
+};
+use redirector_ebpf::{
+    Counters, Enrollment, MAX_ENROLLED, MAX_ORIG_DST, MAX_PENDING, MAX_TARGETS, NetnsKey, OrigDst,
+    ProxyConfig, SockTuple, Target, TargetKey, map_names, program_names,
+};
+
+use super::{Error, Layout, fs as kfs, sys};
+
+/// The eBPF object built from `redirector-ebpf` by build.rs.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf"));
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramOutcome {
+    /// Newly attached.
+    Attached,
+    /// Already attached with the same code: kept.
+    Adopted,
+    /// Attached with different code or to another cgroup: swapped.
+    Replaced,
+}
+
+#[derive(Debug)]
+pub struct Installed {
+    pub cgroup_root: PathBuf,
+    /// (program, outcome, kernel program id), in `program_names::ALL` order.
+    pub programs: Vec<(&'static str, ProgramOutcome, u32)>,
+}
+
+impl Installed {
+    /// A program id whose maps include aya-log's ring buffer.
+    pub fn log_program_id(&self) -> u32 {
+        self.programs[0].2
+    }
+}
+
+/// Installs or adopts the programs and maps.
+pub fn install(
+    layout: &Layout,
+    cgroup_root: &Path,
+    kernel_log_level: aya_log::Level,
+) -> Result<Installed, Error> {
+    kfs::ensure_bpffs(&layout.pin_dir)?;
+    fs::create_dir_all(layout.links_dir()).map_err(Error::io(format!(
+        "cannot create {}",
+        layout.links_dir().display()
+    )))?;
+    check_pinned_maps(layout)?;
+
+    let cgroup = File::open(cgroup_root).map_err(Error::io(format!(
+        "cannot open cgroup {}",
+        cgroup_root.display()
+    )))?;
+    let cgroup_id = cgroup
+        .metadata()
+        .map_err(Error::io(format!("cannot stat {}", cgroup_root.display())))?
+        .ino();
+
+    let mut loader = EbpfLoader::new();
+    let map_paths: Vec<(&str, PathBuf)> = map_names::ALL
+        .iter()
+        .map(|name| (*name, layout.map(name)))
+        .collect();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let level = kernel_log_level as u8;
+    loader.override_global(aya_log::LEVEL, &level, true);
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
+
+    let mut programs = Vec::with_capacity(program_names::ALL.len());
+    for name in program_names::ALL {
+        let (outcome, id) = install_program(&mut ebpf, name, layout, &cgroup, cgroup_id)?;
+        tracing::info!(program = name, id, ?outcome, cgroup = %cgroup_root.display(), "program");
+        programs.push((name, outcome, id));
+    }
+    remove_stale_links(layout)?;
+    Ok(Installed {
+        cgroup_root: cgroup_root.into(),
+        programs,
+    })
+}
+
+fn install_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    layout: &Layout,
+    cgroup: &File,
+    cgroup_id: u64,
+) -> Result<(ProgramOutcome, u32), Error> {
+    let program_err = |source| Error::Program {
+        program: name,
+        source,
+    };
+    let link_path = layout.link(name);
+    let existing = match sys::open_pinned(&link_path) {
+        Ok(fd) => Some(
+            sys::cgroup_link_info(&fd)
+                .map_err(Error::io(format!("cannot query {}", link_path.display())))?,
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io(format!("cannot open {}", link_path.display()))(e)),
+    };
+
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(Error::MissingProgram { program: name })?;
+    match program {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        _ => return Err(Error::MissingProgram { program: name }),
+    }
+    .map_err(program_err)?;
+    let tag = program.info().map_err(program_err)?.tag();
+
+    if let Some(existing) = existing {
+        let same_cgroup = existing.cgroup_id == Some(cgroup_id);
+        if same_cgroup && program_tag(existing.prog_id) == Some(tag) {
+            return Ok((ProgramOutcome::Adopted, existing.prog_id));
+        }
+    }
+
+    // bpf_link attachments are always multi-program (the kernel attaches them
+    // with BPF_F_ALLOW_MULTI and rejects explicit flags), so "Single" here
+    // still shares the cgroup with other tools' programs.
+    let link: FdLink = match program {
+        Program::CgroupSockAddr(p) => {
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_err)?;
+            let link = p.take_link(id).map_err(program_err)?;
+            FdLink::try_from(link)
+        }
+        Program::SockOps(p) => {
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_err)?;
+            let link = p.take_link(id).map_err(program_err)?;
+            FdLink::try_from(link)
+        }
+        _ => return Err(Error::MissingProgram { program: name }),
+    }
+    .map_err(|source| Error::Link {
+        program: name,
+        source,
+    })?;
+
+    // Pin under a temporary name, then rename over the old pin: the new
+    // program is attached before the old one goes. (bpffs forbids dots.)
+    let staging = layout.link(&format!("{name}_staging"));
+    let _ = fs::remove_file(&staging);
+    let pinned = link.pin(&staging).map_err(|source| Error::PinLink {
+        program: name,
+        path: staging.clone(),
+        source,
+    })?;
+    fs::rename(&staging, &link_path).map_err(Error::io(format!(
+        "cannot move pin to {}",
+        link_path.display()
+    )))?;
+    drop(pinned);
+
+    let id = program.info().map_err(program_err)?.id();
+    let outcome = if existing.is_some() {
+        ProgramOutcome::Replaced
+    } else {
+        ProgramOutcome::Attached
+    };
+    Ok((outcome, id))
+}
+
+fn program_tag(id: u32) -> Option<u64> {
+    loaded_programs()
+        .filter_map(Result::ok)
+        .find(|info| info.id() == id)
+        .map(|info| info.tag())
+}
+
+/// Link pins of programs this build no longer has.
+fn remove_stale_links(layout: &Layout) -> Result<(), Error> {
+    let dir = layout.links_dir();
+    let entries =
+        fs::read_dir(&dir).map_err(Error::io(format!("cannot list {}", dir.display())))?;
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        if !program_names::ALL.iter().any(|p| name == *p) {
+            tracing::info!(pin = %entry.path().display(), "removing stale link");
+            fs::remove_file(entry.path()).map_err(Error::io(format!(
+                "cannot remove {}",
+                entry.path().display()
+            )))?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to reuse pinned maps whose layout differs from this build's: the
+/// kernel would accept them and the programs would misread every entry.
+fn check_pinned_maps(layout: &Layout) -> Result<(), Error> {
+    use std::mem::size_of;
+    let expected: [(&str, usize, usize, u32); 6] = [
+        (
+            map_names::ENROLLED,
+            size_of::<NetnsKey>(),
+            size_of::<Enrollment>(),
+            MAX_ENROLLED,
+        ),
+        (
+            map_names::TARGETS,
+            size_of::<TargetKey>(),
+            size_of::<Target>(),
+            MAX_TARGETS,
+        ),
+        (map_names::PROXY, 4, size_of::<ProxyConfig>(), 1),
+        (
+            map_names::PENDING,
+            size_of::<u64>(),
+            size_of::<OrigDst>(),
+            MAX_PENDING,
+        ),
+        (
+            map_names::ORIG_DST,
+            size_of::<SockTuple>(),
+            size_of::<OrigDst>(),
+            MAX_ORIG_DST,
+        ),
+        (map_names::COUNTERS, 4, size_of::<Counters>(), 1),
+    ];
+    for (name, key_size, value_size, max_entries) in expected {
+        let path = layout.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|source| Error::OpenMap {
+            path: path.clone(),
+            source,
+        })?;
+        let found = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if found != (key_size, value_size, max_entries) {
+            return Err(Error::IncompatibleMap {
+                path,
+                detail: format!(
+                    "key/value/max_entries {found:?}, expected {:?}",
+                    (key_size, value_size, max_entries)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub links: usize,
+    pub maps: usize,
+}
+
+/// Detaches every program (by removing its link pin: the daemon holds no
+/// link fds) and removes every map pin and the pin directory. Idempotent.
+pub fn uninstall(layout: &Layout) -> Result<Removed, Error> {
+    let mut removed = Removed::default();
+    let links_dir = layout.links_dir();
+    if let Ok(entries) = fs::read_dir(&links_dir) {
+        for entry in entries.filter_map(Result::ok) {
+            fs::remove_file(entry.path()).map_err(Error::io(format!(
+                "cannot remove {}",
+                entry.path().display()
+            )))?;
+            removed.links += 1;
+        }
+        fs::remove_dir(&links_dir)
+            .map_err(Error::io(format!("cannot remove {}", links_dir.display())))?;
+    }
+    for name in map_names::ALL {
+        let path = layout.map(name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed.maps += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("cannot remove {}", path.display()))(e)),
+        }
+    }
+    match fs::remove_dir(&layout.pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::io(format!(
+                "cannot remove {} (does it hold pins that are not redirector's?)",
+                layout.pin_dir.display()
+            ))(e));
+        }
+    }
+    Ok(removed)
+}

@@ -1,0 +1,341 @@
+//! Typed access to the pinned maps.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    str::FromStr,
+    sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use redirector_ebpf::{
+    Counters, Enrollment, NetnsKey, OrigDst, ProxyConfig, SockTuple, Target, TargetKey,
+    ipv4_mapped, map_names,
+};
+
+use super::{Error, Layout};
+use crate::netns::Netns;
+
+fn open(layout: &Layout, name: &'static str) -> Result<Map, Error> {
+    let path = layout.map(name);
+    if !path.exists() {
+        return Err(Error::NotInstalled { path });
+    }
+    let data = MapData::from_pin(&path).map_err(|source| Error::OpenMap {
+        path: path.clone(),
+        source,
+    })?;
+    Map::from_map_data(data).map_err(|source| Error::OpenMap { path, source })
+}
+
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    layout: &Layout,
+    name: &'static str,
+) -> Result<T, Error> {
+    let map = open(layout, name)?;
+    T::try_from(map).map_err(|source| Error::IncompatibleMap {
+        path: layout.map(name),
+        detail: source.to_string(),
+    })
+}
+
+/// A Redis service to steer: `ip:port`, or any address on `port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TargetSpec {
+    /// `None` matches every destination address.
+    pub addr: Option<IpAddr>,
+    pub port: u16,
+}
+
+impl TargetSpec {
+    fn key(&self) -> TargetKey {
+        TargetKey {
+            addr: self.addr.map_or([0; 16], ip_to_bytes),
+            port: self.port,
+            _pad: 0,
+        }
+    }
+
+    fn from_key(key: &TargetKey) -> Self {
+        Self {
+            addr: (key.addr != [0; 16]).then(|| bytes_to_ip(key.addr)),
+            port: key.port,
+        }
+    }
+}
+
+impl FromStr for TargetSpec {
+    type Err = String;
+
+    /// `10.96.0.10:6379`, `[fd00::10]:6379`, `:6379` or `6379`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let port_only = s.strip_prefix(':').unwrap_or(s);
+        if let Ok(port) = port_only.parse::<u16>() {
+            return Self::checked(None, port);
+        }
+        let addr: SocketAddr = s
+            .parse()
+            .map_err(|_| format!("`{s}` is neither IP:PORT, [IPv6]:PORT nor a port"))?;
+        if addr.ip().is_unspecified() {
+            return Self::checked(None, addr.port());
+        }
+        Self::checked(Some(addr.ip()), addr.port())
+    }
+}
+
+impl TargetSpec {
+    fn checked(addr: Option<IpAddr>, port: u16) -> Result<Self, String> {
+        if port == 0 {
+            return Err("port 0 cannot be a Redis target".into());
+        }
+        Ok(Self { addr, port })
+    }
+}
+
+impl fmt::Display for TargetSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            None => write!(f, "*:{}", self.port),
+            Some(addr) => write!(f, "{}", SocketAddr::new(addr, self.port)),
+        }
+    }
+}
+
+/// IPv4 becomes IPv4-mapped, as in every map key.
+pub fn ip_to_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+pub fn bytes_to_ip(bytes: [u8; 16]) -> IpAddr {
+    Ipv6Addr::from(bytes).to_canonical()
+}
+
+/// The maps the control plane reads and writes.
+pub struct Maps {
+    enrolled: HashMap<MapData, NetnsKey, Enrollment>,
+    targets: HashMap<MapData, TargetKey, Target>,
+    proxy: Array<MapData, ProxyConfig>,
+    counters: PerCpuArray<MapData, Counters>,
+}
+
+impl Maps {
+    pub fn open(layout: &Layout) -> Result<Self, Error> {
+        Ok(Self {
+            enrolled: typed(layout, map_names::ENROLLED)?,
+            targets: typed(layout, map_names::TARGETS)?,
+            proxy: typed(layout, map_names::PROXY)?,
+            counters: typed(layout, map_names::COUNTERS)?,
+        })
+    }
+
+    /// Enrolls a namespace; re-enrolling keeps the original timestamp.
+    /// Returns whether it was newly enrolled.
+    pub fn enroll(&mut self, netns: Netns) -> Result<bool, Error> {
+        let key = NetnsKey {
+            netns_cookie: netns.cookie,
+        };
+        if self.enrolled.get(&key, 0).is_ok() {
+            return Ok(false);
+        }
+        let enrollment = Enrollment {
+            netns_inode: netns.inode,
+            enrolled_at_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        self.enrolled
+            .insert(key, enrollment, 0)
+            .map_err(|source| Error::Map {
+                map: map_names::ENROLLED,
+                source,
+            })?;
+        Ok(true)
+    }
+
+    /// Returns whether the namespace was enrolled.
+    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<bool, Error> {
+        match self.enrolled.remove(&NetnsKey { netns_cookie }) {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound | MapError::ElementNotFound) => Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(false)
+            }
+            Err(source) => Err(Error::Map {
+                map: map_names::ENROLLED,
+                source,
+            }),
+        }
+    }
+
+    pub fn enrolled(&self) -> Result<Vec<(u64, Enrollment)>, Error> {
+        let mut out = self
+            .enrolled
+            .iter()
+            .map(|entry| entry.map(|(key, value)| (key.netns_cookie, value)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::Map {
+                map: map_names::ENROLLED,
+                source,
+            })?;
+        out.sort_by_key(|(cookie, _)| *cookie);
+        Ok(out)
+    }
+
+    /// Makes the target map exactly `targets`, touching only what changed so
+    /// steering of unchanged services never blinks.
+    pub fn set_targets(&mut self, targets: &[(TargetSpec, u32)]) -> Result<(), Error> {
+        let map_err = |source| Error::Map {
+            map: map_names::TARGETS,
+            source,
+        };
+        let wanted: HashSet<TargetKey> = targets.iter().map(|(spec, _)| spec.key()).collect();
+        let stale: Vec<TargetKey> = self
+            .targets
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !wanted.contains(key))
+            .collect();
+        for (spec, cluster_id) in targets {
+            let value = Target {
+                cluster_id: *cluster_id,
+            };
+            self.targets.insert(spec.key(), value, 0).map_err(map_err)?;
+        }
+        for key in stale {
+            self.targets.remove(&key).map_err(map_err)?;
+        }
+        Ok(())
+    }
+
+    pub fn targets(&self) -> Result<Vec<(TargetSpec, u32)>, Error> {
+        let mut out = self
+            .targets
+            .iter()
+            .map(|entry| entry.map(|(key, value)| (TargetSpec::from_key(&key), value.cluster_id)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::Map {
+                map: map_names::TARGETS,
+                source,
+            })?;
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn proxy(&self) -> Result<ProxyConfig, Error> {
+        self.proxy.get(&0, 0).map_err(|source| Error::Map {
+            map: map_names::PROXY,
+            source,
+        })
+    }
+
+    pub fn set_proxy(&mut self, config: &ProxyConfig) -> Result<(), Error> {
+        self.proxy.set(0, config, 0).map_err(|source| Error::Map {
+            map: map_names::PROXY,
+            source,
+        })
+    }
+
+    /// Counters summed over all CPUs.
+    pub fn counters(&self) -> Result<Counters, Error> {
+        let per_cpu = self.counters.get(&0, 0).map_err(|source| Error::Map {
+            map: map_names::COUNTERS,
+            source,
+        })?;
+        let mut total = Counters::default();
+        for cpu in per_cpu.iter() {
+            total.add(cpu);
+        }
+        Ok(total)
+    }
+}
+
+/// Original destinations of steered connections, for the proxy's accept path.
+pub struct OrigDstTable {
+    map: Mutex<HashMap<MapData, SockTuple, OrigDst>>,
+}
+
+impl OrigDstTable {
+    pub fn open(layout: &Layout) -> Result<Self, Error> {
+        Ok(Self {
+            map: Mutex::new(typed(layout, map_names::ORIG_DST)?),
+        })
+    }
+
+    /// Takes the original destination of an accepted connection: `client` is
+    /// its peer address, `proxy` its local address. `None` when the client
+    /// was not steered (it dialled the proxy itself).
+    pub fn take(&self, client: SocketAddr, proxy: SocketAddr) -> Option<OrigDst> {
+        let key = SockTuple {
+            client_addr: ip_to_bytes(client.ip()),
+            proxy_addr: ip_to_bytes(proxy.ip()),
+            client_port: client.port(),
+            proxy_port: proxy.port(),
+        };
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let orig = map.get(&key, 0).ok()?;
+        // The 4-tuple may be reused by a later connection; never let a stale
+        // entry answer for it.
+        let _ = map.remove(&key);
+        Some(orig)
+    }
+}
+
+/// Where a steered client meant to go.
+pub fn orig_dst_addr(orig: &OrigDst) -> SocketAddr {
+    SocketAddr::new(bytes_to_ip(orig.addr), orig.port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_specs_parse_as_operators_write_them() {
+        let exact: TargetSpec = "10.96.0.10:6379".parse().unwrap();
+        assert_eq!(exact.addr, Some("10.96.0.10".parse().unwrap()));
+        assert_eq!(exact.port, 6379);
+        assert_eq!(exact.to_string(), "10.96.0.10:6379");
+
+        let v6: TargetSpec = "[fd00::10]:7000".parse().unwrap();
+        assert_eq!(v6.addr, Some("fd00::10".parse().unwrap()));
+
+        for any in ["6379", ":6379", "0.0.0.0:6379", "[::]:6379"] {
+            let spec: TargetSpec = any.parse().unwrap();
+            assert_eq!(
+                spec,
+                TargetSpec {
+                    addr: None,
+                    port: 6379
+                },
+                "{any}"
+            );
+            assert_eq!(spec.to_string(), "*:6379");
+        }
+        assert!("0".parse::<TargetSpec>().is_err());
+        assert!("redis:6379".parse::<TargetSpec>().is_err());
+    }
+
+    #[test]
+    fn keys_round_trip_ipv4_as_mapped() {
+        let spec: TargetSpec = "10.96.0.10:6379".parse().unwrap();
+        let key = spec.key();
+        assert_eq!(&key.addr[10..], &[0xff, 0xff, 10, 96, 0, 10]);
+        assert_eq!(TargetSpec::from_key(&key), spec);
+        assert_eq!(
+            TargetSpec::from_key(
+                &TargetSpec {
+                    addr: None,
+                    port: 1
+                }
+                .key()
+            )
+            .addr,
+            None
+        );
+    }
+}

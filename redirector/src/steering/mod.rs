@@ -1,0 +1,132 @@
+//! eBPF connect steering: installing the kernel programs, and reading and
+//! writing the pinned maps that drive them.
+//!
+//! Everything lives under one bpffs pin directory, so any process (the
+//! daemon, `redirector enroll`, `bpftool`) works on the same state, and a
+//! daemon restart changes nothing for the kernel:
+//!
+//! ```text
+//! <pin-dir>/rdr_enrolled, rdr_targets, rdr_proxy, rdr_pending,
+//!           rdr_orig_dst, rdr_counters       maps (see ARCHITECTURE.md)
+//! <pin-dir>/links/redir_connect4, ...        cgroup links, one per program
+//! ```
+
+pub mod fs;
+mod install;
+mod maps;
+pub mod sys;
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+pub use install::{Installed, ProgramOutcome, Removed, install, uninstall};
+pub use maps::{Maps, OrigDstTable, TargetSpec, bytes_to_ip, ip_to_bytes, orig_dst_addr};
+
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirector";
+
+/// Default `SO_MARK` of the proxy's own sockets ("6379" read as hex).
+pub const DEFAULT_SOCKET_MARK: u32 = 0x6379;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("redirector is not installed: {path} does not exist (start `redirector run` first)")]
+    NotInstalled { path: PathBuf },
+    #[error("cannot open pinned map {path}: {source}")]
+    OpenMap {
+        path: PathBuf,
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "pinned map {path} does not match this build ({detail}); \
+         run `redirector uninstall` to remove the old installation first"
+    )]
+    IncompatibleMap { path: PathBuf, detail: String },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("link of program {program}: {source}")]
+    Link {
+        program: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("program {program} is missing from the eBPF object")]
+    MissingProgram { program: &'static str },
+    #[error("cannot pin the link of {program} at {path}: {source}")]
+    PinLink {
+        program: &'static str,
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("{context}: {source}")]
+    Io { context: String, source: io::Error },
+    #[error(transparent)]
+    Fs(#[from] fs::Error),
+}
+
+impl Error {
+    fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
+        move |source| Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Where the pins are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub pin_dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(pin_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            pin_dir: pin_dir.into(),
+        }
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.pin_dir.join(name)
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.pin_dir.join("links")
+    }
+
+    pub fn link(&self, program: &str) -> PathBuf {
+        self.links_dir().join(program)
+    }
+
+    /// Whether an installation exists (the proxy map is pinned last-to-go
+    /// and first-to-come, so it stands for the whole set).
+    pub fn is_installed(&self) -> bool {
+        Path::new(&self.map(redirector_ebpf::map_names::PROXY)).exists()
+    }
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Self::new(DEFAULT_PIN_DIR)
+    }
+}
+
+/// CLOCK_BOOTTIME in nanoseconds: the clock `bpf_ktime_get_boot_ns()` reads,
+/// so heartbeats compare across user and kernel space (and across suspend).
+pub fn boottime_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .expect("CLOCK_BOOTTIME is always available on Linux");
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+}

@@ -1,0 +1,163 @@
+//! Child processes placed in a network namespace and a cgroup, ended by PID.
+
+use std::{
+    fs::{File, OpenOptions},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Output},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sched::{CloneFlags, setns},
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+/// Where a process runs: a netns (else the caller's) and a cgroup (else the
+/// caller's). The mount namespace is never changed, unlike `ip netns exec`,
+/// so bpffs and cgroup mounts are the host's.
+#[derive(Clone, Debug, Default)]
+pub struct Place {
+    pub netns: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
+}
+
+impl Place {
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        let netns = self
+            .netns
+            .as_ref()
+            .map(|p| File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display())));
+        let procs = self.cgroup.as_ref().map(|cg| {
+            OpenOptions::new()
+                .write(true)
+                .open(cg.join("cgroup.procs"))
+                .unwrap_or_else(|e| panic!("open {}/cgroup.procs: {e}", cg.display()))
+        });
+        // SAFETY: between fork and exec only async-signal-safe syscalls run
+        // (setns, write), on descriptors opened before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(procs) = &procs {
+                    // "0" moves the writing process itself.
+                    nix::unistd::write(procs, b"0")?;
+                }
+                if let Some(netns) = &netns {
+                    setns(netns, CloneFlags::CLONE_NEWNET)?;
+                }
+                Ok(())
+            });
+        }
+        // Own process group: a Ctrl-C in `cargo xtask demo` reaches only the
+        // demo, which then stops its children in order.
+        cmd.process_group(0);
+        cmd
+    }
+
+    /// Runs to completion and returns the output.
+    pub fn output(&self, program: &str, args: &[&str]) -> Output {
+        self.command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+    }
+}
+
+/// A running child, ended by PID (SIGTERM, then SIGKILL) on drop.
+pub struct Child {
+    name: String,
+    child: Option<std::process::Child>,
+}
+
+impl Child {
+    pub fn spawn(name: impl Into<String>, mut cmd: Command) -> Self {
+        let name = name.into();
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Self {
+            name,
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, std::process::Child::id)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns the exit status.
+    pub fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+        self.signal_and_wait(Signal::SIGTERM, grace)
+    }
+
+    /// SIGKILL: a crash, as far as the process is concerned.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        self.signal_and_wait(Signal::SIGKILL, Duration::from_secs(5))
+    }
+
+    fn signal_and_wait(&mut self, signal: Signal, grace: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = Pid::from_raw(i32::try_from(child.id()).ok()?);
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        let _ = kill(pid, signal);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} (pid {pid}) ignored {signal:?}; killing", self.name);
+        let _ = kill(pid, Signal::SIGKILL);
+        child.wait().ok()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(5));
+    }
+}
+
+/// Runs a command on the host and panics with its output if it fails.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}

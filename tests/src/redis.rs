@@ -1,0 +1,66 @@
+//! A real `redis-server`, stopped by PID on drop.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    process::Stdio,
+    time::Duration,
+};
+
+use crate::process::{Child, Place, wait_for};
+
+pub struct RedisServer {
+    addrs: Vec<SocketAddr>,
+    place: Place,
+    child: Child,
+}
+
+impl RedisServer {
+    /// Starts a server bound to `binds` on `port`, without persistence, and
+    /// waits until it answers PING.
+    pub fn start(place: &Place, binds: &[IpAddr], port: u16, dir: &Path, extra: &[&str]) -> Self {
+        let binds_arg: Vec<String> = binds.iter().map(ToString::to_string).collect();
+        let mut cmd = place.command("redis-server");
+        cmd.arg("--bind")
+            .args(&binds_arg)
+            .args(["--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--daemonize", "no", "--logfile", ""])
+            .arg("--dir")
+            .arg(dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = Child::spawn(format!("redis-server :{port}"), cmd);
+        let server = Self {
+            addrs: binds.iter().map(|ip| SocketAddr::new(*ip, port)).collect(),
+            place: place.clone(),
+            child,
+        };
+        let addr = server.addrs[0];
+        wait_for(
+            &format!("redis-server on {addr}"),
+            Duration::from_secs(10),
+            || (server.cli(&["PING"]).trim() == "PONG").then_some(()),
+        );
+        server
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// `redis-cli` against this server, from where it runs.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let addr = self.addr();
+        let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+        let mut full = vec!["-h", host.as_str(), "-p", port.as_str()];
+        full.extend_from_slice(args);
+        let out = self.place.output("redis-cli", &full);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}

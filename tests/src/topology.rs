@@ -1,0 +1,330 @@
+//! A node and its pods, the shape of a Kubernetes node, built from network
+//! namespaces, veth pairs and cgroups:
+//!
+//! ```text
+//!  pod-0 netns               node netns
+//!  eth0 10.200.1.2/24 ─veth─ pod0 10.200.1.1/24      lo: 10.96.0.10  (Redis service address)
+//!       fd00:200:1::2/64         fd00:200:1::1/64        10.200.0.1  (node address: proxy)
+//!  pod-1 netns                                           fd00:96::10, fd00:200::1
+//!  eth0 10.200.2.2/24 ─veth─ pod1 10.200.2.1/24
+//! ```
+//!
+//! Pods route only the service and node ranges to the node; there is no
+//! default route anywhere, so no packet can leave the machine.
+//!
+//! cgroups mirror a node too: `<attach root>/node` holds the daemon and Redis,
+//! `<attach root>/pod-N` each pod's processes, and the programs attach at the
+//! root, reaching the pods through the hierarchy as they would on a node.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use crate::{
+    TempDir,
+    cgroup::{Cgroup, Cgroup2Mount},
+    daemon::{self, Daemon},
+    netns::Netns,
+    process::{Place, path_str},
+    redis::RedisServer,
+    unique,
+};
+
+pub const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const SERVICE_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+pub const REDIS_PORT: u16 = 6379;
+pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+pub const NODE_ADDR6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
+pub const PROXY_PORT: u16 = 15379;
+
+pub fn proxy_addr() -> SocketAddr {
+    SocketAddr::from((NODE_ADDR, PROXY_PORT))
+}
+
+pub fn proxy_addr6() -> SocketAddr {
+    SocketAddr::from((NODE_ADDR6, PROXY_PORT))
+}
+
+pub struct Pod {
+    pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    pub netns: Netns,
+    pub cgroup: Cgroup,
+}
+
+impl Pod {
+    pub fn place(&self) -> Place {
+        Place {
+            netns: Some(self.netns.path()),
+            cgroup: Some(self.cgroup.path().into()),
+        }
+    }
+
+    /// `redis-cli -h <host> -p <port> <args>` from inside the pod, with a
+    /// deadline so a broken path fails the test instead of hanging it.
+    pub fn redis_cli(&self, host: IpAddr, port: u16, args: &[&str]) -> std::process::Output {
+        let (host, port) = (host.to_string(), port.to_string());
+        let mut full = vec!["20", "redis-cli", "-h", host.as_str(), "-p", port.as_str()];
+        full.extend_from_slice(args);
+        self.place().output("timeout", &full)
+    }
+
+    /// Like [`Self::redis_cli`] against the service address; asserts success.
+    pub fn redis(&self, args: &[&str]) -> String {
+        let out = self.redis_cli(IpAddr::V4(SERVICE_VIP), REDIS_PORT, args);
+        assert!(
+            out.status.success(),
+            "redis-cli {args:?} from pod {}: {out:?}",
+            self.ip
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The address Redis sees this pod's connection come from (`CLIENT
+    /// INFO` of the connection itself), through whatever path the kernel
+    /// picks for a connect to `host`.
+    pub fn seen_by_redis_as(&self, host: IpAddr) -> IpAddr {
+        self.try_seen_by_redis_as(host)
+            .unwrap_or_else(|out| panic!("no addr= in CLIENT INFO: {out}"))
+    }
+
+    /// Like [`Self::seen_by_redis_as`], returning redis-cli's output on failure.
+    pub fn try_seen_by_redis_as(&self, host: IpAddr) -> Result<IpAddr, String> {
+        let out = self.redis_cli(host, REDIS_PORT, &["CLIENT", "INFO"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .find_map(|field| field.strip_prefix("addr="))
+            .and_then(|addr| addr.parse::<SocketAddr>().ok())
+            .map(|addr| addr.ip())
+            .ok_or_else(|| format!("{out:?}"))
+    }
+}
+
+pub struct Topology {
+    /// Stopped first on drop.
+    pub daemon: Option<Daemon>,
+    pub redis: Vec<RedisServer>,
+    pub pods: Vec<Pod>,
+    pub node: Netns,
+    node_cgroup: Cgroup,
+    attach_root: Cgroup,
+    // Held for its Drop: unmounted after the cgroups in it are gone.
+    _cgroup_mount: Cgroup2Mount,
+    pin_dir: PathBuf,
+    workdir: TempDir,
+}
+
+impl Topology {
+    pub fn build(pods: usize) -> Self {
+        let id = unique("rdr-t");
+        let workdir = TempDir::new("rdr-work-");
+        let cgroup_mount = Cgroup2Mount::new(workdir.path().join("cgroup2"));
+        let attach_root = Cgroup::create(cgroup_mount.path().join(&id));
+        let node_cgroup = Cgroup::create(attach_root.path().join("node"));
+
+        let node = Netns::create(&format!("{id}-node"));
+        node.sysctl("net.ipv6.conf.all.disable_ipv6", "0");
+        for addr in [
+            format!("{SERVICE_VIP}/32"),
+            format!("{NODE_ADDR}/32"),
+            format!("{SERVICE_VIP6}/128"),
+            format!("{NODE_ADDR6}/128"),
+        ] {
+            node.ip(&["addr", "add", &addr, "dev", "lo"]);
+        }
+
+        let pods = (0..pods)
+            .map(|i| {
+                let subnet = u8::try_from(i + 1).expect("at most 254 pods");
+                let netns = Netns::create(&format!("{id}-pod{i}"));
+                netns.sysctl("net.ipv6.conf.all.disable_ipv6", "0");
+                let host_if = format!("pod{i}");
+                node.ip(&[
+                    "link",
+                    "add",
+                    &host_if,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    netns.name(),
+                ]);
+                let gw = Ipv4Addr::new(10, 200, subnet, 1);
+                let ip = Ipv4Addr::new(10, 200, subnet, 2);
+                let gw6 = Ipv6Addr::new(0xfd00, 0x200, u16::from(subnet), 0, 0, 0, 0, 1);
+                let ip6 = Ipv6Addr::new(0xfd00, 0x200, u16::from(subnet), 0, 0, 0, 0, 2);
+                node.ip(&["addr", "add", &format!("{gw}/24"), "dev", &host_if]);
+                node.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{gw6}/64"),
+                    "dev",
+                    &host_if,
+                    "nodad",
+                ]);
+                node.ip(&["link", "set", &host_if, "up"]);
+                netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+                netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
+                netns.ip(&["link", "set", "eth0", "up"]);
+                for range in ["10.96.0.0/16", "10.200.0.0/24"] {
+                    netns.ip(&["route", "add", range, "via", &gw.to_string()]);
+                }
+                for range in ["fd00:96::/64", "fd00:200::/64"] {
+                    netns.ip(&["-6", "route", "add", range, "via", &gw6.to_string()]);
+                }
+                let cgroup = Cgroup::create(attach_root.path().join(format!("pod-{i}")));
+                Pod {
+                    ip,
+                    ip6,
+                    netns,
+                    cgroup,
+                }
+            })
+            .collect();
+
+        Self {
+            daemon: None,
+            redis: Vec::new(),
+            pods,
+            node,
+            node_cgroup,
+            attach_root,
+            _cgroup_mount: cgroup_mount,
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(&id),
+            workdir,
+        }
+    }
+
+    pub fn node_place(&self) -> Place {
+        Place {
+            netns: Some(self.node.path()),
+            cgroup: Some(self.node_cgroup.path().into()),
+        }
+    }
+
+    pub fn pod(&self, i: usize) -> &Pod {
+        &self.pods[i]
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The cgroup the programs attach to.
+    pub fn attach_root(&self) -> &Path {
+        self.attach_root.path()
+    }
+
+    pub fn workdir(&self) -> &Path {
+        self.workdir.path()
+    }
+
+    /// Redis on the service address (both families), in the node netns.
+    pub fn start_service_redis(&mut self) -> &RedisServer {
+        let dir = self.workdir().join(format!("redis-{}", self.redis.len()));
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        let server = RedisServer::start(
+            &self.node_place(),
+            &[IpAddr::V4(SERVICE_VIP), IpAddr::V6(SERVICE_VIP6)],
+            REDIS_PORT,
+            &dir,
+            &[],
+        );
+        self.redis.push(server);
+        self.redis.last().expect("just pushed")
+    }
+
+    /// Default daemon arguments for this topology: listener on the node
+    /// address, attached at the topology's cgroup, steering the service.
+    pub fn daemon_args(&self) -> Vec<String> {
+        vec![
+            "--proxy-addr".into(),
+            format!("{},{}", proxy_addr(), proxy_addr6()),
+            "--redis-target".into(),
+            format!("{SERVICE_VIP}:{REDIS_PORT},[{SERVICE_VIP6}]:{REDIS_PORT}"),
+            "--cgroup-root".into(),
+            path_str(self.attach_root()).into(),
+        ]
+    }
+
+    /// Starts `redirector run` in the node netns with `args`, with eBPF
+    /// debug logs on so tests can see aya-log records arrive.
+    pub fn start_daemon(&mut self, args: Vec<String>) -> &mut Daemon {
+        assert!(self.daemon.is_none(), "daemon already started");
+        let daemon = Daemon::start(
+            &self.node_place(),
+            &self.pin_dir,
+            args,
+            vec![("RUST_LOG".into(), "info,redirector_ebpf=debug".into())],
+            self.workdir().join("redirector.log"),
+        );
+        self.daemon.insert(daemon)
+    }
+
+    pub fn daemon(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("daemon started")
+    }
+
+    /// `redirector --pin-dir <this topology's> <args>`, asserting success.
+    pub fn cli(&self, args: &[&str]) -> String {
+        daemon::cli_ok(&self.pin_dir, args)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        daemon::status(&self.pin_dir)
+    }
+
+    /// Summed steering counters.
+    pub fn counters(&self) -> Counters {
+        let status = self.status();
+        let c = &status["counters"];
+        let get = |name: &str| c[name].as_u64().unwrap_or_else(|| panic!("counter {name}"));
+        Counters {
+            steered: get("steered"),
+            passed: get("passed"),
+            proxy_own: get("proxy_own"),
+            proxy_down: get("proxy_down"),
+            errors: get("errors"),
+        }
+    }
+
+    pub fn enroll(&self, netns: &Netns) {
+        self.cli(&["enroll", "--netns", path_str(&netns.path())]);
+    }
+
+    pub fn unenroll(&self, netns: &Netns) {
+        self.cli(&["unenroll", "--netns", path_str(&netns.path())]);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counters {
+    pub steered: u64,
+    pub passed: u64,
+    pub proxy_own: u64,
+    pub proxy_down: u64,
+    pub errors: u64,
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Processes first (cgroups cannot be removed while they hold any),
+        // then the pins, then cgroups and namespaces as fields drop.
+        if let Some(mut daemon) = self.daemon.take() {
+            daemon.kill();
+        }
+        self.redis.clear();
+        if self.pin_dir.exists() {
+            let out = daemon::cli(&self.pin_dir, &["uninstall"]);
+            if !out.status.success() {
+                eprintln!(
+                    "warning: uninstall of {} failed: {out:?}",
+                    self.pin_dir.display()
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! eBPF steering end to end, on the real kernel: real namespaces, cgroup v2,
+//! `redis-server`, `redis-cli`, `bpftool` and the `redirector` binary.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use testbed::{
+    bpftool, exclusive,
+    process::{path_str, wait_for},
+    require_kernel,
+    topology::{NODE_ADDR, REDIS_PORT, SERVICE_VIP, SERVICE_VIP6, Topology},
+};
+
+const VIP: IpAddr = IpAddr::V4(SERVICE_VIP);
+const PROGRAMS: [&str; 3] = ["redir_connect4", "redir_connect6", "redir_sockops"];
+
+/// A topology with Redis on the service address and the daemon running.
+fn running(pods: usize, extra_args: &[&str]) -> Topology {
+    let mut topo = Topology::build(pods);
+    topo.start_service_redis();
+    let mut args = topo.daemon_args();
+    args.extend(extra_args.iter().map(ToString::to_string));
+    topo.start_daemon(args);
+    topo
+}
+
+/// Program ids attached at the topology's cgroup, by name.
+fn attached(topo: &Topology) -> Vec<(String, u64)> {
+    let root = path_str(topo.attach_root());
+    let mut out: Vec<(String, u64)> = bpftool::json(&["cgroup", "show", root])
+        .as_array()
+        .expect("cgroup show")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_string(),
+                p["id"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn enrolled_pod_is_steered_and_others_go_direct() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let topo = running(2, &[]);
+    let (pod_a, pod_b) = (topo.pod(0), topo.pod(1));
+    topo.enroll(&pod_a.netns);
+
+    // Pod A: the command works, Redis sees the proxy (a node address), not
+    // the pod, and the kernel counted one steered connect per connection.
+    let before = topo.counters();
+    assert_eq!(pod_a.redis(&["SET", "k", "v"]), "OK");
+    let seen = pod_a.seen_by_redis_as(VIP);
+    assert_ne!(seen, IpAddr::V4(pod_a.ip), "pod A reached Redis directly");
+    assert!(
+        seen == IpAddr::V4(SERVICE_VIP) || seen == IpAddr::V4(NODE_ADDR),
+        "Redis saw {seen}: not the node proxy"
+    );
+    let after = topo.counters();
+    assert_eq!(after.steered, before.steered + 2, "{before:?} -> {after:?}");
+    assert_eq!(after.errors, 0);
+
+    // aya-log records from the connect program reached the daemon's tracing.
+    let log_line = wait_for("an eBPF log record", Duration::from_secs(5), || {
+        let log = topo.daemon.as_ref().expect("daemon").log();
+        log.lines()
+            .find(|l| l.contains("redirector_ebpf") && l.contains("steered socket"))
+            .map(str::to_string)
+    });
+    assert!(log_line.contains("DEBUG"), "{log_line}");
+
+    // Pod B is not enrolled: same command, direct, steered counter still.
+    let before = topo.counters();
+    assert_eq!(pod_b.redis(&["GET", "k"]), "v");
+    assert_eq!(pod_b.seen_by_redis_as(VIP), IpAddr::V4(pod_b.ip));
+    let after = topo.counters();
+    assert_eq!(after.steered, before.steered);
+    assert_eq!(after.passed, before.passed + 2);
+
+    // The proxy's side of pod A's connections appears in CLIENT LIST too.
+    let clients = topo.redis[0].cli(&["CLIENT", "LIST"]);
+    assert!(
+        !clients.contains(&format!("addr={}:", pod_a.ip)),
+        "pod A appears in CLIENT LIST directly:\n{clients}"
+    );
+
+    // Unenrolled, pod A goes direct again.
+    topo.unenroll(&pod_a.netns);
+    let before = topo.counters();
+    assert_eq!(pod_a.seen_by_redis_as(VIP), IpAddr::V4(pod_a.ip));
+    assert_eq!(pod_a.redis(&["GET", "k"]), "v");
+    assert_eq!(topo.counters().steered, before.steered);
+
+    // status reflects it all.
+    let status = topo.status();
+    assert_eq!(status["enrolled"].as_array().map(Vec::len), Some(0));
+    for (i, name) in PROGRAMS.iter().enumerate() {
+        assert_eq!(status["programs"][i]["name"], *name);
+        assert!(status["programs"][i]["attached"].is_object(), "{status}");
+    }
+    assert_eq!(status["proxy"]["steering"], true);
+}
+
+#[test]
+fn ipv6_connects_are_steered_by_connect6() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let topo = running(1, &[]);
+    let pod = topo.pod(0);
+    topo.enroll(&pod.netns);
+    let vip6 = IpAddr::V6(SERVICE_VIP6);
+
+    let before = topo.counters();
+    let out = pod.redis_cli(vip6, REDIS_PORT, &["SET", "k6", "v6"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "{out:?}");
+    let seen = pod.seen_by_redis_as(vip6);
+    assert_ne!(
+        seen,
+        IpAddr::V6(pod.ip6),
+        "pod reached Redis directly over IPv6"
+    );
+    assert_eq!(topo.counters().steered, before.steered + 2);
+}
+
+#[test]
+fn proxy_own_connects_are_never_steered() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let topo = running(1, &[]);
+    // Enrolling the proxy's own namespace is what would make it loop: its
+    // upstream connects to the service match every steering rule but one,
+    // the socket mark.
+    topo.enroll(&topo.node);
+    topo.enroll(&topo.pod(0).netns);
+
+    let before = topo.counters();
+    assert_eq!(topo.pod(0).redis(&["SET", "loop", "no"]), "OK");
+    let after = topo.counters();
+    assert_eq!(after.steered, before.steered + 1);
+    assert_eq!(
+        after.proxy_own,
+        before.proxy_own + 1,
+        "the proxy's upstream connect was not recognised: {after:?}"
+    );
+
+    // An unmarked client in the (enrolled) node namespace is steered, and
+    // the proxy's connect on its behalf still is not.
+    let before = topo.counters();
+    let out = topo.node_place().output(
+        "timeout",
+        &[
+            "20",
+            "redis-cli",
+            "-h",
+            &SERVICE_VIP.to_string(),
+            "GET",
+            "loop",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no", "{out:?}");
+    let after = topo.counters();
+    assert_eq!(after.steered, before.steered + 1);
+    assert_eq!(after.proxy_own, before.proxy_own + 1);
+    assert_eq!(after.errors, 0);
+}
+
+#[test]
+fn restart_readopts_pins_and_fails_open_while_down() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let mut topo = running(1, &["--liveness", "1s"]);
+    topo.enroll(&topo.pod(0).netns);
+    let pod_ip = IpAddr::V4(topo.pod(0).ip);
+    assert_ne!(topo.pod(0).seen_by_redis_as(VIP), pod_ip);
+    let programs = attached(&topo);
+    assert_eq!(programs.len(), 3, "{programs:?}");
+
+    // Graceful stop: the heartbeat is cleared, connects go direct at once
+    // instead of to a dead listener; the programs stay attached.
+    topo.daemon().stop();
+    let before = topo.counters();
+    assert_eq!(topo.pod(0).redis(&["SET", "k", "direct"]), "OK");
+    assert_eq!(topo.pod(0).seen_by_redis_as(VIP), pod_ip);
+    assert_eq!(topo.counters().proxy_down, before.proxy_down + 2);
+    assert_eq!(attached(&topo), programs);
+
+    // Restart: the same programs are adopted, not loaded again.
+    topo.daemon().start_again();
+    assert!(topo.daemon().log().contains("outcome=Adopted"));
+    assert_eq!(attached(&topo), programs);
+    let ours: Vec<_> = bpftool::programs_named("redir_");
+    assert_eq!(
+        ours.len(),
+        3,
+        "bpftool prog list shows more than one set: {ours:?}"
+    );
+    assert_ne!(
+        topo.pod(0).seen_by_redis_as(VIP),
+        pod_ip,
+        "not steered after restart"
+    );
+    assert_eq!(topo.pod(0).redis(&["GET", "k"]), "direct");
+
+    // Crash: without a heartbeat the programs fail open after the liveness
+    // window, and steer again once a new daemon is up.
+    topo.daemon().kill();
+    // Until the liveness window passes, connects still go to the dead
+    // listener and are refused.
+    wait_for("fail-open after a crash", Duration::from_secs(5), || {
+        (topo.pod(0).try_seen_by_redis_as(VIP) == Ok(pod_ip)).then_some(())
+    });
+    topo.daemon().start_again();
+    assert_ne!(topo.pod(0).seen_by_redis_as(VIP), pod_ip);
+    assert_eq!(attached(&topo), programs);
+}
+
+#[test]
+fn uninstall_leaves_nothing_behind() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let mut topo = running(1, &[]);
+    topo.enroll(&topo.pod(0).netns);
+    let prog_ids: Vec<u64> = attached(&topo).into_iter().map(|(_, id)| id).collect();
+    let map_ids: Vec<u64> = bpftool::json(&["map", "list"])
+        .as_array()
+        .expect("map list")
+        .iter()
+        .filter(|m| m["name"].as_str().is_some_and(|n| n.starts_with("rdr_")))
+        .filter_map(|m| m["id"].as_u64())
+        .collect();
+    assert_eq!(map_ids.len(), 6, "{map_ids:?}");
+
+    // uninstall while the daemon runs: it notices and exits.
+    let out = topo.cli(&["uninstall"]);
+    assert!(out.contains("detached 3 programs"), "{out}");
+    topo.daemon().wait_exit(Duration::from_secs(5));
+
+    let root = path_str(topo.attach_root()).to_string();
+    assert!(bpftool::cgroup_program_ids(&root).is_empty());
+    let tree = bpftool::text(&["cgroup", "tree", &root]);
+    assert!(!tree.contains("redir_"), "{tree}");
+    let still_loaded: Vec<_> = bpftool::json(&["prog", "list"])
+        .as_array()
+        .expect("prog list")
+        .iter()
+        .filter(|p| {
+            p["id"].as_u64().is_some_and(|id| prog_ids.contains(&id))
+                || p["name"].as_str().is_some_and(|n| n.starts_with("redir_"))
+        })
+        .cloned()
+        .collect();
+    assert!(still_loaded.is_empty(), "programs left: {still_loaded:?}");
+    let maps_left: Vec<_> = bpftool::json(&["map", "list"])
+        .as_array()
+        .expect("map list")
+        .iter()
+        .filter_map(|m| m["id"].as_u64())
+        .filter(|id| map_ids.contains(id))
+        .collect();
+    assert!(maps_left.is_empty(), "maps left: {maps_left:?}");
+    assert!(!topo.pin_dir().exists(), "pin dir left behind");
+
+    // The pod now simply goes direct, and a second uninstall is a no-op.
+    assert_eq!(
+        topo.pod(0).seen_by_redis_as(VIP),
+        IpAddr::V4(topo.pod(0).ip)
+    );
+    let out = topo.cli(&["uninstall"]);
+    assert!(out.contains("nothing to uninstall"), "{out}");
+}
+
+/// The README's bpftool section, run as written (with this topology's pin
+/// directory and cgroup), prints the enrolled cookie and named fields.
+#[test]
+fn readme_bpftool_commands_show_cookie_and_fields() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let topo = running(1, &[]);
+    topo.enroll(&topo.pod(0).netns);
+    assert_eq!(topo.pod(0).redis(&["PING"]), "PONG");
+    let cookie = topo.status()["enrolled"][0]["netns_cookie"]
+        .as_u64()
+        .expect("enrolled cookie");
+
+    let readme =
+        std::fs::read_to_string(testbed::workspace_root().join("README.md")).expect("README.md");
+    let section = readme
+        .split("\n## ")
+        .find(|s| s.starts_with("Inspecting with bpftool"))
+        .expect("README has an `## Inspecting with bpftool` section");
+    let commands: Vec<&str> = section
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("$ "))
+        .filter(|l| l.starts_with("bpftool "))
+        .collect();
+    assert!(
+        commands.len() >= 5,
+        "too few bpftool commands: {commands:?}"
+    );
+
+    let mut outputs = String::new();
+    for command in &commands {
+        let command = command
+            .replace("/sys/fs/bpf/redirector", path_str(topo.pin_dir()))
+            .replace("/sys/fs/cgroup", path_str(topo.attach_root()));
+        let out = std::process::Command::new("sh")
+            .args(["-c", &command])
+            .output()
+            .expect("run bpftool");
+        assert!(out.status.success(), "`{command}` failed: {out:?}");
+        outputs.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    for expected in [
+        format!("\"netns_cookie\": {cookie}"),
+        "\"netns_inode\"".to_string(),
+        "\"steered\"".to_string(),
+        "\"proxy_own\"".to_string(),
+        "\"socket_mark\"".to_string(),
+        format!("\"port\": {REDIS_PORT}"),
+        "redir_connect4".to_string(),
+        "redir_sockops".to_string(),
+        "multi".to_string(),
+    ] {
+        assert!(outputs.contains(&expected), "no {expected} in:\n{outputs}");
+    }
+}
+
+/// With no cgroup v2 mounted where asked, the daemon mounts it: the
+/// programs then sit at the real root of the hierarchy, over every process,
+/// and still only touch the enrolled namespace.
+#[test]
+fn mounts_cgroup2_and_attaches_at_the_real_root() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let mut topo = Topology::build(2);
+    topo.start_service_redis();
+    let mount_point = topo.workdir().join("fresh-cgroup-root");
+    let _unmount = testbed::cgroup::UnmountOnDrop(mount_point.clone());
+    let mut args = topo.daemon_args();
+    let at = args
+        .iter()
+        .position(|a| a == "--cgroup-root")
+        .expect("flag");
+    args[at + 1] = path_str(&mount_point).into();
+    topo.start_daemon(args);
+
+    let root_ino = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(&mount_point).expect("mounted").ino()
+    };
+    assert_eq!(root_ino, 1, "cgroup v2 root has cgroup id 1");
+    let status = topo.status();
+    assert_eq!(status["programs"][0]["attached"]["cgroup_id"], 1);
+
+    topo.enroll(&topo.pod(0).netns);
+    assert_ne!(
+        topo.pod(0).seen_by_redis_as(VIP),
+        IpAddr::V4(topo.pod(0).ip)
+    );
+    assert_eq!(
+        topo.pod(1).seen_by_redis_as(VIP),
+        IpAddr::V4(topo.pod(1).ip)
+    );
+
+    topo.daemon().stop();
+    topo.cli(&["uninstall"]);
+    assert!(bpftool::programs_named("redir_").is_empty());
+}
+
+/// A connection to the proxy port that was not steered has no original
+/// destination: the proxy closes it rather than act as an open relay.
+#[test]
+fn unsteered_connections_to_the_proxy_are_closed() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let topo = running(1, &[]);
+    let proxy: SocketAddr = testbed::topology::proxy_addr();
+    let out = topo.pod(0).redis_cli(proxy.ip(), proxy.port(), &["PING"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !text.contains("PONG"),
+        "the proxy relayed an unsteered client: {text}"
+    );
+}
