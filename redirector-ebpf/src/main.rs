@@ -273,10 +273,10 @@ unsafe fn rekey_by_tuple(ctx: &SockOpsContext) {
             client_port,
             proxy_port,
         };
-        if ORIG_DST.insert(key, orig, 0).is_err() {
-            if let Some(counters) = COUNTERS.get_ptr_mut(0) {
-                (*counters).errors += 1;
-            }
+        if ORIG_DST.insert(key, orig, 0).is_err()
+            && let Some(counters) = COUNTERS.get_ptr_mut(0)
+        {
+            (*counters).errors += 1;
         }
         let _ = PENDING.remove(cookie);
     }

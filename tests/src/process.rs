@@ -37,9 +37,12 @@ impl Place {
                 .unwrap_or_else(|e| panic!("open {}/cgroup.procs: {e}", cg.display()))
         });
         // SAFETY: between fork and exec only async-signal-safe syscalls run
-        // (setns, write), on descriptors opened before the fork.
+        // (sigprocmask, write, setns), on descriptors opened before the fork.
         unsafe {
             cmd.pre_exec(move || {
+                // Signal masks survive exec: a caller waiting on SIGINT or
+                // SIGTERM blocks them, and its children must not inherit that.
+                nix::sys::signal::SigSet::empty().thread_set_mask()?;
                 if let Some(procs) = &procs {
                     // "0" moves the writing process itself.
                     nix::unistd::write(procs, b"0")?;

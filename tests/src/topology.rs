@@ -213,6 +213,12 @@ impl Topology {
         &self.pin_dir
     }
 
+    /// Where this topology mounted cgroup v2: the root of the hierarchy,
+    /// above every process on the machine.
+    pub fn cgroup2_root(&self) -> &Path {
+        self._cgroup_mount.path()
+    }
+
     /// The cgroup the programs attach to.
     pub fn attach_root(&self) -> &Path {
         self.attach_root.path()
@@ -240,25 +246,35 @@ impl Topology {
     /// Default daemon arguments for this topology: listener on the node
     /// address, attached at the topology's cgroup, steering the service.
     pub fn daemon_args(&self) -> Vec<String> {
+        self.daemon_args_at(self.attach_root())
+    }
+
+    /// [`Self::daemon_args`], attached at `cgroup_root` instead.
+    pub fn daemon_args_at(&self, cgroup_root: &Path) -> Vec<String> {
         vec![
             "--proxy-addr".into(),
             format!("{},{}", proxy_addr(), proxy_addr6()),
             "--redis-target".into(),
             format!("{SERVICE_VIP}:{REDIS_PORT},[{SERVICE_VIP6}]:{REDIS_PORT}"),
             "--cgroup-root".into(),
-            path_str(self.attach_root()).into(),
+            path_str(cgroup_root).into(),
         ]
     }
 
     /// Starts `redirector run` in the node netns with `args`, with eBPF
     /// debug logs on so tests can see aya-log records arrive.
     pub fn start_daemon(&mut self, args: Vec<String>) -> &mut Daemon {
+        self.start_daemon_logging(args, "info,redirector_ebpf=debug")
+    }
+
+    /// [`Self::start_daemon`] with a given `RUST_LOG`.
+    pub fn start_daemon_logging(&mut self, args: Vec<String>, rust_log: &str) -> &mut Daemon {
         assert!(self.daemon.is_none(), "daemon already started");
         let daemon = Daemon::start(
             &self.node_place(),
             &self.pin_dir,
             args,
-            vec![("RUST_LOG".into(), "info,redirector_ebpf=debug".into())],
+            vec![("RUST_LOG".into(), rust_log.into())],
             self.workdir().join("redirector.log"),
         );
         self.daemon.insert(daemon)

@@ -50,7 +50,15 @@ fn enrolled_pod_is_steered_and_others_go_direct() {
     let _kernel = exclusive();
     let topo = running(2, &[]);
     let (pod_a, pod_b) = (topo.pod(0), topo.pod(1));
-    topo.enroll(&pod_a.netns);
+    // Enroll by PID, as an agent that knows a pod's process would.
+    let mut sleeper = testbed::process::Child::spawn("sleep", {
+        let mut cmd = pod_a.place().command("sleep");
+        cmd.arg("60");
+        cmd
+    });
+    let out = topo.cli(&["enroll", "--pid", &sleeper.pid().to_string()]);
+    assert!(out.starts_with("enrolled pid"), "{out}");
+    sleeper.kill();
 
     // Pod A: the command works, Redis sees the proxy (a node address), not
     // the pod, and the kernel counted one steered connect per connection.
@@ -65,6 +73,17 @@ fn enrolled_pod_is_steered_and_others_go_direct() {
     let after = topo.counters();
     assert_eq!(after.steered, before.steered + 2, "{before:?} -> {after:?}");
     assert_eq!(after.errors, 0);
+    assert_eq!(
+        topo.status()["enrolled"][0]["netns_inode"].as_u64(),
+        Some(
+            std::fs::metadata(pod_a.netns.path())
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt as _;
+                    m.ino()
+                })
+                .expect("stat netns")
+        )
+    );
 
     // aya-log records from the connect program reached the daemon's tracing.
     let log_line = wait_for("an eBPF log record", Duration::from_secs(5), || {
@@ -83,12 +102,15 @@ fn enrolled_pod_is_steered_and_others_go_direct() {
     assert_eq!(after.steered, before.steered);
     assert_eq!(after.passed, before.passed + 2);
 
-    // The proxy's side of pod A's connections appears in CLIENT LIST too.
-    let clients = topo.redis[0].cli(&["CLIENT", "LIST"]);
-    assert!(
-        !clients.contains(&format!("addr={}:", pod_a.ip)),
-        "pod A appears in CLIENT LIST directly:\n{clients}"
-    );
+    // CLIENT LIST, asked over pod A's own (steered) connection, lists that
+    // connection with the proxy's address, not the pod's.
+    let list = pod_a.redis(&["CLIENT", "LIST"]);
+    let own = list
+        .lines()
+        .find(|l| l.contains("cmd=client|list"))
+        .unwrap_or_else(|| panic!("own connection missing from CLIENT LIST:\n{list}"));
+    assert!(!own.contains(&format!("addr={}:", pod_a.ip)), "{own}");
+    assert!(own.contains(&format!("addr={SERVICE_VIP}:")), "{own}");
 
     // Unenrolled, pod A goes direct again.
     topo.unenroll(&pod_a.netns);

@@ -1,1 +1,220 @@
-fn main() {}
+//! `cargo xtask`: every command a newcomer or CI needs, each doing its own
+//! setup first (idempotently), so each works on a fresh machine.
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "redirector's project commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Set up, then build the eBPF programs and the daemon.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// rustfmt and clippy (-D warnings) for userspace and the eBPF crate.
+    Lint,
+    /// Set up, lint, build, and run every test.
+    Test,
+    /// Steering end to end in network namespaces on this machine.
+    Demo {
+        /// Exit after printing instead of waiting for Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Benchmarks (release build); prints ratios against going direct.
+    Bench {
+        /// Alternating rounds per comparison (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => setup::all(),
+        Cmd::Build { release } => {
+            setup::all()?;
+            build(Profile::from_release(release)).map(drop)
+        }
+        Cmd::Lint => {
+            setup::toolchain()?;
+            lint()
+        }
+        Cmd::Test => test(),
+        Cmd::Demo { once } => {
+            setup::all()?;
+            let bin = build(Profile::Debug)?;
+            demo::run(&bin, once)
+        }
+        Cmd::Bench { rounds } => {
+            setup::all()?;
+            let bin = build(Profile::Release)?;
+            bench::run(&bin, rounds)
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Debug,
+    Release,
+}
+
+impl Profile {
+    fn from_release(release: bool) -> Self {
+        if release { Self::Release } else { Self::Debug }
+    }
+
+    fn dir(self) -> &'static str {
+        match self {
+            Self::Debug => "debug",
+            Self::Release => "release",
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    testbed::workspace_root()
+}
+
+/// `cargo` for the workspace, with the project's tools on PATH.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root())
+        .env("PATH", setup::path_with_tools());
+    cmd
+}
+
+/// `cargo +nightly`, for the eBPF crate.
+fn cargo_nightly() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.arg("+nightly")
+        .current_dir(root())
+        .env("PATH", setup::path_with_tools())
+        // The outer (stable) cargo's choices must not leak into nightly.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO");
+    cmd
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds the daemon (and, through its build script, the eBPF programs).
+fn build(profile: Profile) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "redirector", "--bin", "redirector"]);
+    if profile == Profile::Release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let bin = root().join("target").join(profile.dir()).join("redirector");
+    if !bin.exists() {
+        bail!("{} was not built", bin.display());
+    }
+    Ok(bin)
+}
+
+fn lint() -> Result<()> {
+    println!("== rustfmt");
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    println!("== clippy (userspace, tests, xtask)");
+    run(cargo().args([
+        "clippy",
+        "--package",
+        "redirector",
+        "--package",
+        "redirector-tests",
+        "--package",
+        "xtask",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    println!("== clippy (eBPF programs, bpfel-unknown-none)");
+    run(cargo_nightly()
+        .args([
+            "clippy",
+            "--package",
+            "redirector-ebpf",
+            "--features",
+            "programs",
+        ])
+        .args([
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"]))?;
+    println!("== clippy (shared map ABI, host)");
+    run(cargo().args([
+        "clippy",
+        "--package",
+        "redirector-ebpf",
+        "--features",
+        "user",
+        "--lib",
+        "--tests",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn test() -> Result<()> {
+    setup::all()?;
+    if std::env::var_os("CI").is_some() && !nix::unistd::geteuid().is_root() {
+        bail!("CI must run `cargo xtask test` as root: the kernel tests cannot be skipped there");
+    }
+    lint()?;
+    let bin = build(Profile::Debug)?;
+    println!("== tests");
+    run(cargo().args([
+        "test",
+        "--package",
+        "redirector-ebpf",
+        "--features",
+        "user",
+        "--lib",
+    ]))?;
+    run(cargo()
+        .args([
+            "test",
+            "--package",
+            "redirector",
+            "--package",
+            "redirector-tests",
+        ])
+        .args(["--package", "xtask"])
+        .env("REDIRECTOR_BIN", &bin))?;
+    println!("== all tests passed");
+    Ok(())
+}

@@ -43,11 +43,8 @@ impl Proxy {
         let listeners = addrs
             .iter()
             .map(|&addr| {
-                let bind = || -> io::Result<TcpListener> {
-                    let socket = socket_for(addr)?;
-                    let std: StdTcpListener = socket.into();
-                    TcpListener::from_std(std)
-                };
+                // The socket is created non-blocking, as tokio requires.
+                let bind = || TcpListener::from_std(listener_socket(addr)?);
                 bind().map_err(|source| Error::Bind { addr, source })
             })
             .collect::<Result<_, _>>()?;
@@ -77,7 +74,7 @@ impl Proxy {
     }
 }
 
-fn socket_for(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+fn listener_socket(addr: SocketAddr) -> io::Result<StdTcpListener> {
     use nix::sys::socket::{
         AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt,
         socket, sockopt,
@@ -103,7 +100,7 @@ fn socket_for(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         &SockaddrStorage::from(addr),
     )?;
     listen(&fd, Backlog::MAXCONN)?;
-    Ok(std::net::TcpListener::from(fd))
+    Ok(StdTcpListener::from(fd))
 }
 
 async fn accept_loop(listener: TcpListener, orig_dst: Arc<OrigDstTable>, dialer: Dialer) {

@@ -1,0 +1,175 @@
+//! Installs what the project needs, idempotently: each step checks first and
+//! does nothing when its tool is already there.
+//!
+//! - nightly `rust-src` (the eBPF crate builds `core` for bpfel-unknown-none);
+//! - bpf-linker, built against rustc's own LLVM (Debian's LLVM is too old)
+//!   into `target/tools`, where `.cargo/config.toml` points the bpf target;
+//! - Debian packages: redis-server, redis-tools, bpftool, iproute2, procps.
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{root, run};
+
+/// bpf-linker release known to work with this toolchain (see
+/// ARCHITECTURE.md, "Toolchain").
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// (command that proves it is installed, Debian package providing it).
+const PACKAGES: &[(&str, &str)] = &[
+    ("redis-server", "redis-server"),
+    ("redis-cli", "redis-tools"),
+    ("redis-benchmark", "redis-tools"),
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("sysctl", "procps"),
+    ("timeout", "coreutils"),
+];
+
+pub fn all() -> Result<()> {
+    toolchain()?;
+    packages()
+}
+
+pub fn toolchain() -> Result<()> {
+    rust_src()?;
+    bpf_linker()
+}
+
+fn tools_dir() -> PathBuf {
+    root().join("target").join("tools")
+}
+
+/// PATH with the project's tools first.
+pub fn path_with_tools() -> OsString {
+    let mut path = OsString::from(tools_dir().join("bin"));
+    if let Some(rest) = std::env::var_os("PATH") {
+        path.push(":");
+        path.push(rest);
+    }
+    path
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .context("the nightly toolchain is needed for the eBPF crate")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    println!("== setup: rust-src for nightly");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker() -> Result<()> {
+    let tools = tools_dir();
+    let linker = tools.join("bin").join("bpf-linker");
+    if Command::new(&linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    println!("== setup: bpf-linker {BPF_LINKER_VERSION} against rustc's LLVM (about a minute)");
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let sysroot_lib = Path::new(sysroot.trim()).join("lib");
+    let (llvm, major) = rustc_llvm(&sysroot_lib)?;
+    let lib = tools.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    let link = lib.join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&llvm, &link)
+        .with_context(|| format!("cannot link {}", link.display()))?;
+    let rpath = format!("-C link-arg=-Wl,-rpath,{}", sysroot_lib.display());
+    run(Command::new("cargo")
+        .args(["install", "--root"])
+        .arg(&tools)
+        .args(["bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
+        .env("LLVM_PREFIX", &tools)
+        .env("RUSTFLAGS", rpath))
+}
+
+/// rustc's shared LLVM in the nightly sysroot, and its major version.
+fn rustc_llvm(sysroot_lib: &Path) -> Result<(PathBuf, String)> {
+    for entry in std::fs::read_dir(sysroot_lib)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(version) = name.strip_prefix("libLLVM.so.") {
+            let major = version.split('.').next().unwrap_or_default().to_string();
+            return Ok((entry.path(), major));
+        }
+    }
+    bail!("no libLLVM.so.* in {}", sysroot_lib.display())
+}
+
+fn packages() -> Result<()> {
+    let mut missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(command, _)| !have(command))
+        .map(|(_, package)| *package)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "missing packages {missing:?}; run as root, or: apt-get install -y {}",
+            missing.join(" ")
+        );
+    }
+    println!("== setup: apt-get install {}", missing.join(" "));
+    // Packages must not start services (redis-server would bind 6379).
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let added_policy = !policy.exists();
+    if added_policy {
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let result = run(Command::new("apt-get").args(["update", "-q"])).and_then(|()| {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    });
+    if added_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    result
+}
+
+fn have(command: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {command}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
