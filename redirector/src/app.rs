@@ -1,11 +1,14 @@
-//! `redirector run`: install or adopt steering, serve the proxy, keep the
-//! heartbeat that tells the programs the proxy is alive.
+//! `redirector run`: learn the cluster, serve the proxy, and (with steering)
+//! install or adopt the kernel programs and keep the heartbeat that tells
+//! them the proxy is alive.
 //!
-//! Start-up order matters: the proxy binds before the first heartbeat, so the
-//! programs never steer to a port nobody listens on; on shutdown the
-//! heartbeat is cleared first, so new connects go direct at once.
+//! Start-up order matters: the cluster is discovered and the proxy bound
+//! before the first heartbeat, so the programs never steer to a proxy that
+//! cannot serve; until then steered namespaces go direct (fail open). On
+//! shutdown the heartbeat is cleared first, so new connects go direct at
+//! once.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use aya_log::EbpfLogger;
 use tokio::{
@@ -15,8 +18,11 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
+    admin,
+    cluster::topology::Topology,
     config::RunConfig,
-    proxy::{self, Dialer, Proxy},
+    metrics::Metrics,
+    proxy::{self, Dialer, Proxy, Shared, discovery, pool::Pools},
     steering::{self, Layout, Maps, OrigDstTable},
 };
 
@@ -30,6 +36,11 @@ pub enum Error {
     Mounts(#[from] steering::fs::Error),
     #[error(transparent)]
     Proxy(#[from] proxy::Error),
+    #[error("cannot serve the admin endpoint on {addr}: {source}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -42,59 +53,138 @@ pub enum Exit {
     Uninstalled,
 }
 
+/// How often to retry discovering the cluster while it is unreachable.
+const DISCOVERY_RETRY: Duration = Duration::from_secs(1);
+/// Topology refreshes never come closer than this, however many MOVEDs.
+const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
+
 pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     config.validate()?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+
     let layout = Layout::new(&config.pin_dir);
-    let cgroup_root = steering::fs::resolve_cgroup_root(config.cgroup_root.as_deref())?;
-    let installed = steering::install(&layout, &cgroup_root, kernel_log_level())?;
-    tokio::spawn(forward_kernel_logs(installed.log_program_id()));
+    let mut maps = None;
+    let mut orig_dst = None;
+    if config.steering {
+        let cgroup_root = steering::fs::resolve_cgroup_root(config.cgroup_root.as_deref())?;
+        let installed = steering::install(&layout, &cgroup_root, kernel_log_level())?;
+        tokio::spawn(forward_kernel_logs(installed.log_program_id()));
+        let mut opened = Maps::open(&layout)?;
+        let targets: Vec<_> = config.targets.iter().map(|t| (*t, 0)).collect();
+        opened.set_targets(&targets)?;
+        // Until the proxy is ready, steered namespaces go direct.
+        opened.set_proxy(&config.proxy_entry(0))?;
+        maps = Some(opened);
+        orig_dst = Some(OrigDstTable::open(&layout)?);
+        info!(cgroup = %cgroup_root.display(), pins = %layout.pin_dir.display(), "steering installed");
+    }
 
-    let mut maps = Maps::open(&layout)?;
-    let targets: Vec<_> = config.targets.iter().map(|t| (*t, 0)).collect();
-    maps.set_targets(&targets)?;
-
+    let metrics = Arc::new(Metrics::new());
     let dialer = Dialer {
-        socket_mark: config.socket_mark,
+        // Marks exist only for the steering programs (and need CAP_NET_ADMIN).
+        socket_mark: if config.steering {
+            config.socket_mark
+        } else {
+            0
+        },
         connect_timeout: config.connect_timeout,
+        auth: config.upstream_auth.clone(),
     };
-    let proxy = Proxy::bind(&config.proxy_addrs, OrigDstTable::open(&layout)?, dialer)?;
+    if let Some(addr) = config.admin_addr {
+        let listener = admin::bind(addr)
+            .await
+            .map_err(|source| Error::Admin { addr, source })?;
+        tokio::spawn(admin::serve(listener, Arc::clone(&metrics)));
+    }
+
+    // Learn the cluster; a cluster that is not up yet is waited for.
+    let topology = Arc::new(Topology::new(config.seeds.clone()));
+    let (commands, redis_version) = loop {
+        let discovered = async {
+            discovery::refresh(&topology, &dialer, &metrics).await?;
+            let master = topology.view().masters().next().unwrap_or(config.seeds[0]);
+            discovery::fetch_commands(&dialer, master).await
+        };
+        tokio::select! {
+            result = discovered => match result {
+                Ok(found) => break found,
+                Err(e) => {
+                    warn!(error = %e, seeds = ?config.seeds, "cannot discover the cluster yet; retrying");
+                    tokio::time::sleep(DISCOVERY_RETRY).await;
+                }
+            },
+            _ = sigterm.recv() => return Ok(Exit::Signal),
+            _ = sigint.recv() => return Ok(Exit::Signal),
+        }
+    };
+    info!(
+        commands = commands.len(),
+        redis_version,
+        masters = topology.view().shards().len(),
+        "cluster discovered"
+    );
+
+    let pools = Pools::new(dialer.clone(), Arc::clone(&metrics), config.pool);
+    let shared = Arc::new(Shared::new(
+        config.proxy.clone(),
+        Arc::clone(&topology),
+        pools,
+        commands,
+        Arc::clone(&metrics),
+        orig_dst,
+        redis_version,
+    ));
+    let refresher_shared = Arc::clone(&shared);
+    tokio::spawn(discovery::refresher(
+        Arc::clone(&topology),
+        Arc::new(dialer),
+        Arc::clone(&metrics),
+        config.refresh_interval,
+        MIN_REFRESH_GAP,
+        move |view| refresher_shared.pools.retain(&view.nodes()),
+    ));
+
+    let proxy = Proxy::bind(&config.proxy_addrs, shared)?;
     let listeners = proxy.local_addrs();
     let serving = tokio::spawn(proxy.serve());
 
-    maps.set_proxy(&config.proxy_entry(steering::boottime_ns()))?;
+    if let Some(maps) = maps.as_mut() {
+        maps.set_proxy(&config.proxy_entry(steering::boottime_ns()))?;
+    }
     info!(
         listeners = ?listeners,
-        cgroup = %installed.cgroup_root.display(),
-        pins = %layout.pin_dir.display(),
-        targets = ?config.targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        steering = config.steering,
+        admin = ?config.admin_addr,
         "redirector ready"
     );
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval());
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let exit = loop {
         tokio::select! {
             _ = sigterm.recv() => break Exit::Signal,
             _ = sigint.recv() => break Exit::Signal,
-            _ = heartbeat.tick() => {
+            _ = heartbeat.tick(), if maps.is_some() => {
                 if !layout.is_installed() {
                     warn!("pins removed (redirector uninstall): shutting down");
                     break Exit::Uninstalled;
                 }
-                if let Err(e) = maps.set_proxy(&config.proxy_entry(steering::boottime_ns())) {
+                if let Some(maps) = maps.as_mut()
+                    && let Err(e) = maps.set_proxy(&config.proxy_entry(steering::boottime_ns()))
+                {
                     warn!(error = %e, "heartbeat failed");
                 }
             }
         }
     };
 
-    if exit == Exit::Signal {
+    if exit == Exit::Signal
+        && let Some(maps) = maps.as_mut()
         // Connects go direct from now on instead of to a closing listener.
-        if let Err(e) = maps.set_proxy(&config.proxy_entry(0)) {
-            warn!(error = %e, "could not clear the heartbeat");
-        }
+        && let Err(e) = maps.set_proxy(&config.proxy_entry(0))
+    {
+        warn!(error = %e, "could not clear the heartbeat");
     }
     serving.abort();
     info!(?exit, "redirector stopped");

@@ -8,7 +8,10 @@ use std::{
 
 use redirector_ebpf::ProxyConfig;
 
-use crate::steering::{TargetSpec, ip_to_bytes};
+use crate::{
+    proxy::{Settings, UpstreamAuth, pool::PoolConfig},
+    steering::{TargetSpec, ip_to_bytes},
+};
 
 /// Default proxy listener port on the node address.
 pub const DEFAULT_PROXY_PORT: u16 = 15379;
@@ -34,10 +37,17 @@ pub enum Error {
     NoTargets,
     #[error("--socket-mark must not be 0: unmarked sockets could not be told from the proxy's")]
     ZeroMark,
+    #[error(
+        "--cluster-seed is required: a Redis Cluster node to discover the cluster from \
+         (redis targets given as IP:PORT are used as seeds when it is absent)"
+    )]
+    NoSeeds,
 }
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {
+    /// Load the eBPF programs and steer (else: only the proxy, no root).
+    pub steering: bool,
     pub pin_dir: PathBuf,
     /// `None`: find or mount cgroup v2 (see `steering::fs`).
     pub cgroup_root: Option<PathBuf>,
@@ -47,6 +57,14 @@ pub struct RunConfig {
     /// Zero: always steer, even while the proxy is down (fail closed).
     pub liveness: Duration,
     pub connect_timeout: Duration,
+    /// Redis Cluster nodes to discover the cluster from.
+    pub seeds: Vec<SocketAddr>,
+    pub proxy: Settings,
+    pub pool: PoolConfig,
+    pub upstream_auth: Option<UpstreamAuth>,
+    /// `/metrics` and `/healthz/ready`; none to disable.
+    pub admin_addr: Option<SocketAddr>,
+    pub refresh_interval: Duration,
 }
 
 impl RunConfig {
@@ -56,17 +74,21 @@ impl RunConfig {
         }
         for addr in &self.proxy_addrs {
             // A pod's loopback is its own: rewriting to it would never reach
-            // the node proxy.
-            if addr.ip().is_unspecified() || addr.ip().is_loopback() || addr.port() == 0 {
+            // the node proxy. Without steering, clients dial it themselves.
+            let unroutable = addr.ip().is_unspecified() || addr.ip().is_loopback();
+            if addr.port() == 0 || (self.steering && unroutable) {
                 return Err(Error::UnroutableProxyAddr(*addr));
             }
+        }
+        if self.seeds.is_empty() {
+            return Err(Error::NoSeeds);
         }
         if let [a, b, ..] = self.proxy_addrs[..]
             && (self.proxy_addrs.len() > 2 || a.is_ipv4() == b.is_ipv4())
         {
             return Err(Error::DuplicateFamily(a, b));
         }
-        if self.targets.is_empty() {
+        if self.steering && self.targets.is_empty() {
             return Err(Error::NoTargets);
         }
         if self.socket_mark == 0 {
@@ -144,6 +166,16 @@ mod tests {
 
     fn config(addrs: &[&str]) -> RunConfig {
         RunConfig {
+            steering: true,
+            seeds: vec!["10.96.0.10:6379".parse().unwrap()],
+            proxy: Settings::default(),
+            pool: PoolConfig {
+                shared_per_node: 2,
+                idle_leases_per_node: 8,
+            },
+            upstream_auth: None,
+            admin_addr: None,
+            refresh_interval: Duration::from_secs(5),
             pin_dir: "/sys/fs/bpf/redirector".into(),
             cgroup_root: None,
             proxy_addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
@@ -181,6 +213,11 @@ mod tests {
             Err(Error::DuplicateFamily(..))
         ));
         assert!(matches!(config(&[]).validate(), Err(Error::NoProxyAddr)));
+        let mut proxy_only = config(&["127.0.0.1:7000"]);
+        proxy_only.steering = false;
+        assert!(proxy_only.validate().is_ok());
+        proxy_only.seeds.clear();
+        assert!(matches!(proxy_only.validate(), Err(Error::NoSeeds)));
     }
 
     #[test]

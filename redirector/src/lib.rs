@@ -1,9 +1,14 @@
 //! redirector: steers Redis connects of opted-in namespaces to a node proxy
 //! with eBPF, and serves them there. See ARCHITECTURE.md for the data path.
 
+pub mod admin;
 pub mod app;
+pub mod cluster;
 pub mod config;
+pub mod fasthash;
+pub mod metrics;
 pub mod netns;
 pub mod proxy;
+pub mod resp;
 pub mod status;
 pub mod steering;

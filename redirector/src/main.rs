@@ -8,6 +8,8 @@ use redirector::{
     app,
     config::{self, RunConfig},
     netns::{self, NetnsRef},
+    proxy::{DownstreamAuth, ReadPolicy, Settings, UpstreamAuth, pool::PoolConfig},
+    resp::request::Limits,
     status,
     steering::{self, Layout, Maps, TargetSpec},
 };
@@ -28,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Install (or adopt) the eBPF programs and run the node proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Opt a network namespace in: its connects to Redis targets are steered.
     Enroll {
         #[command(flatten)]
@@ -77,8 +79,72 @@ impl NetnsArgs {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Args)]
 struct RunArgs {
+    /// Load the eBPF programs and steer enrolled namespaces (needs root);
+    /// `off` runs only the proxy, which clients then dial themselves.
+    #[arg(long, default_value = "on")]
+    steering: OnOff,
+    /// Redis Cluster nodes to discover the cluster from [default: the IP:PORT redis targets].
+    #[arg(
+        long = "cluster-seed",
+        env = "REDIRECTOR_CLUSTER_SEEDS",
+        value_delimiter = ','
+    )]
+    seeds: Vec<SocketAddr>,
+    /// Where reads go.
+    #[arg(long, value_enum, default_value = "master")]
+    read_policy: ReadPolicy,
+    /// Password clients must AUTH with (the `default` user).
+    #[arg(long, env = "REDIRECTOR_AUTH_PASSWORD", hide_env_values = true)]
+    auth_password: Option<String>,
+    /// Further ACL-style users, USER:PASSWORD (AUTH user password).
+    #[arg(
+        long = "auth-user",
+        env = "REDIRECTOR_AUTH_USERS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    auth_users: Vec<String>,
+    /// User the proxy authenticates to Redis as (default user when absent).
+    #[arg(long, env = "REDIRECTOR_UPSTREAM_USER")]
+    upstream_user: Option<String>,
+    /// Password the proxy authenticates to Redis with.
+    #[arg(long, env = "REDIRECTOR_UPSTREAM_PASSWORD", hide_env_values = true)]
+    upstream_password: Option<String>,
+    /// Shared upstream connections per Redis node (and protocol).
+    #[arg(long, default_value_t = 2)]
+    upstream_connections: usize,
+    /// Warm dedicated connections kept per node for transactions, blocking commands and pub/sub.
+    #[arg(long, default_value_t = 8)]
+    idle_leases: usize,
+    /// Most client connections; more are refused with Redis' error.
+    #[arg(long, default_value_t = 10_000)]
+    max_clients: usize,
+    /// Close clients idle this long (0: never).
+    #[arg(long, default_value = "0", value_parser = config::parse_duration)]
+    idle_timeout: Duration,
+    /// Replies a client may have outstanding before the proxy stops reading from it.
+    #[arg(long, default_value_t = 1024)]
+    max_pipeline: usize,
+    /// Largest bulk string accepted from clients, in bytes (Redis' proto-max-bulk-len).
+    #[arg(long, default_value_t = 512 * 1024 * 1024)]
+    max_bulk_len: usize,
+    /// How long commands are retried through failovers, TRYAGAIN and CLUSTERDOWN.
+    #[arg(long, default_value = "5s", value_parser = config::parse_duration)]
+    retry_window: Duration,
+    /// Periodic topology refresh (MOVED and failures also trigger one).
+    #[arg(long, default_value = "5s", value_parser = config::parse_duration)]
+    topology_refresh: Duration,
+    /// /metrics and /healthz/ready; `none` disables.
+    #[arg(long, env = "REDIRECTOR_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
+    admin_addr: String,
     /// Node address the proxy listens on and steered connects are rewritten
     /// to; one per address family. Pods must be able to reach it.
     #[arg(
@@ -147,7 +213,7 @@ fn init_tracing() {
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let layout = Layout::new(&cli.pin_dir);
     match cli.command {
-        Command::Run(args) => run(cli.pin_dir, args),
+        Command::Run(args) => run(cli.pin_dir, *args),
         Command::Enroll {
             netns,
             allow_host_netns,
@@ -216,7 +282,61 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn run(pin_dir: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let steering = args.steering == OnOff::On;
+    // Service addresses given exactly are cluster endpoints too.
+    let seeds = if args.seeds.is_empty() {
+        args.targets
+            .iter()
+            .filter_map(|t| t.addr.map(|ip| SocketAddr::new(ip, t.port)))
+            .collect()
+    } else {
+        args.seeds
+    };
+    let users = args
+        .auth_users
+        .iter()
+        .map(|u| {
+            u.split_once(':')
+                .map(|(user, pass)| (user.to_string(), pass.to_string()))
+                .with_context(|| format!("--auth-user `{u}` is not USER:PASSWORD"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let admin_addr = match args.admin_addr.as_str() {
+        "none" | "" => None,
+        addr => Some(
+            addr.parse()
+                .with_context(|| format!("--admin-addr `{addr}`"))?,
+        ),
+    };
     let config = RunConfig {
+        steering,
+        seeds,
+        proxy: Settings {
+            limits: Limits {
+                max_bulk_len: args.max_bulk_len,
+                ..Limits::default()
+            },
+            max_clients: args.max_clients,
+            idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
+            max_pipeline: args.max_pipeline.max(1),
+            read_policy: args.read_policy,
+            auth: DownstreamAuth {
+                password: args.auth_password,
+                users,
+            },
+            retry_window: args.retry_window,
+            ..Settings::default()
+        },
+        pool: PoolConfig {
+            shared_per_node: args.upstream_connections.max(1),
+            idle_leases_per_node: args.idle_leases,
+        },
+        upstream_auth: args.upstream_password.map(|password| UpstreamAuth {
+            user: args.upstream_user,
+            password,
+        }),
+        admin_addr,
+        refresh_interval: args.topology_refresh.max(Duration::from_millis(100)),
         pin_dir,
         cgroup_root: args.cgroup_root,
         proxy_addrs: args.proxy_addrs,
@@ -225,11 +345,20 @@ fn run(pin_dir: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
         liveness: args.liveness,
         connect_timeout: args.connect_timeout,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.max(1))
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    // One worker: a current-thread runtime. Its run queue is FIFO, so the
+    // upstream writers run after every client that queued work for them,
+    // and one write carries many clients' commands (the multi-thread
+    // scheduler's LIFO slot would run a writer right after each client).
+    let runtime = if args.workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(args.workers);
+        builder
+    }
+    .enable_all()
+    .build()
+    .context("cannot start the async runtime")?;
     runtime.block_on(app::run(config))?;
     Ok(ExitCode::SUCCESS)
 }

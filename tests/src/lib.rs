@@ -8,11 +8,14 @@
 
 pub mod bpftool;
 pub mod cgroup;
+pub mod cluster;
 pub mod daemon;
 pub mod netns;
+pub mod ports;
 pub mod process;
 pub mod redis;
 pub mod require;
+pub mod resp;
 pub mod topology;
 
 use std::{

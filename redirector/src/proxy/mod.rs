@@ -1,24 +1,47 @@
-//! The node proxy: the listener steered connects land on.
+//! The node proxy: a Redis Cluster proxy that steered (or direct) clients
+//! talk to as if it were one Redis server.
 //!
-//! Each accepted connection is matched to its original destination through
-//! the `rdr_orig_dst` map (keyed by the 4-tuple), then served. A connection
-//! with no entry was not steered: someone dialled the proxy port directly,
-//! and it is closed, so the proxy is never an open relay.
+//! ```text
+//! listener ─▶ session (one task per client; parses, routes, keeps reply order)
+//!               │ single-slot commands ─▶ pool: shared multiplexed conns per node ─▶ Redis
+//!               │ MGET/MSET/DEL/... split per slot, fan-outs, SCAN ─▶ exec (tasks)
+//!               │ MULTI/EXEC, WATCH, blocking commands ─▶ leased conns (warm pool)
+//!               │ SUBSCRIBE/PSUBSCRIBE/SSUBSCRIBE ─▶ pubsub actor (leased conns)
+//!               └ PING, HELLO, INFO, CLUSTER SLOTS, ... answered locally
+//! ```
 
-pub mod relay;
+pub mod dial;
+pub mod discovery;
+pub mod exec;
+pub mod lease;
+pub mod local;
+pub mod pool;
+pub mod pubsub;
+pub mod session;
+pub mod txn;
 pub mod upstream;
 
 use std::{
     io,
     net::{SocketAddr, TcpListener as StdTcpListener},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
-use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument as _, debug, info_span};
+use tokio::net::TcpListener;
+use tracing::{Instrument as _, debug_span};
 
-use crate::steering::{OrigDstTable, orig_dst_addr};
-pub use upstream::Dialer;
+use crate::{
+    cluster::{commands::CommandTable, topology::Topology},
+    metrics::Metrics,
+    resp::request::Limits,
+    steering::OrigDstTable,
+};
+pub use dial::{Dialer, UpstreamAuth};
+use pool::Pools;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -26,20 +49,181 @@ pub enum Error {
     Bind { addr: SocketAddr, source: io::Error },
 }
 
+/// Why a command could not be completed upstream.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {0}: {1}")]
+    Connect(SocketAddr, String),
+    #[error("handshake with {0} failed: {1}")]
+    Handshake(SocketAddr, String),
+    #[error("malformed reply from {0}: {1}")]
+    Protocol(SocketAddr, String),
+    #[error("connection to {0} failed before the command was sent: {1}")]
+    NotSent(SocketAddr, String),
+    #[error("connection to {0} lost while awaiting the reply: {1}")]
+    Lost(SocketAddr, String),
+}
+
+impl UpstreamError {
+    /// Whether the command may have reached Redis (and run).
+    pub fn maybe_ran(&self) -> bool {
+        matches!(self, Self::Lost(..) | Self::Protocol(..))
+    }
+}
+
+/// Where reads may go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadPolicy {
+    /// Everything to masters.
+    #[default]
+    Master,
+    /// Masters; replicas while the master is unreachable.
+    PreferMaster,
+    /// Reads only from replicas (error when a shard has none).
+    Replica,
+    /// Replicas when the shard has one, else the master.
+    PreferReplica,
+    /// Any node of the shard, round-robin.
+    Any,
+}
+
+/// Downstream authentication, as Redis' `requirepass` and ACL users.
+#[derive(Clone, Debug, Default)]
+pub struct DownstreamAuth {
+    /// Password of the `default` user (`AUTH <password>`).
+    pub password: Option<String>,
+    /// Further users (`AUTH <user> <password>`).
+    pub users: Vec<(String, String)>,
+}
+
+impl DownstreamAuth {
+    pub fn required(&self) -> bool {
+        self.password.is_some() || !self.users.is_empty()
+    }
+
+    pub fn check(&self, user: Option<&[u8]>, password: &[u8]) -> bool {
+        match user {
+            None | Some(b"default") => self
+                .password
+                .as_ref()
+                .is_some_and(|p| p.as_bytes() == password),
+            Some(user) => self
+                .users
+                .iter()
+                .any(|(u, p)| u.as_bytes() == user && p.as_bytes() == password),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub limits: Limits,
+    pub max_clients: usize,
+    /// Close clients idle this long (none: never). Subscribers and blocked
+    /// clients are not idle.
+    pub idle_timeout: Option<Duration>,
+    /// Replies a client may have outstanding before the proxy stops reading
+    /// from it (backpressure, not an error).
+    pub max_pipeline: usize,
+    pub read_policy: ReadPolicy,
+    pub auth: DownstreamAuth,
+    pub max_redirects: u32,
+    /// How long to keep retrying a command through failovers and
+    /// `TRYAGAIN`/`CLUSTERDOWN` before answering with an error.
+    pub retry_window: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            max_clients: 10_000,
+            idle_timeout: None,
+            max_pipeline: 1024,
+            read_policy: ReadPolicy::Master,
+            auth: DownstreamAuth::default(),
+            max_redirects: 5,
+            retry_window: Duration::from_secs(5),
+        }
+    }
+}
+
+/// State every session shares.
+pub struct Shared {
+    pub settings: Settings,
+    pub topology: Arc<Topology>,
+    pub pools: Pools,
+    pub commands: CommandTable,
+    pub metrics: Arc<Metrics>,
+    pub orig_dst: Option<OrigDstTable>,
+    /// Version of the Redis servers behind the proxy, for HELLO and INFO.
+    pub redis_version: String,
+    pub started: Instant,
+    clients: AtomicUsize,
+    next_client_id: AtomicU64,
+    total_connections: AtomicU64,
+    total_commands: AtomicU64,
+    round_robin: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(
+        settings: Settings,
+        topology: Arc<Topology>,
+        pools: Pools,
+        commands: CommandTable,
+        metrics: Arc<Metrics>,
+        orig_dst: Option<OrigDstTable>,
+        redis_version: String,
+    ) -> Self {
+        Self {
+            settings,
+            topology,
+            pools,
+            commands,
+            metrics,
+            orig_dst,
+            redis_version,
+            started: Instant::now(),
+            clients: AtomicUsize::new(0),
+            next_client_id: AtomicU64::new(1),
+            total_connections: AtomicU64::new(0),
+            total_commands: AtomicU64::new(0),
+            round_robin: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn connected_clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    pub fn total_connections(&self) -> u64 {
+        self.total_connections.load(Ordering::Relaxed)
+    }
+
+    pub fn total_commands(&self) -> u64 {
+        self.total_commands.load(Ordering::Relaxed)
+    }
+
+    pub fn count_command(&self) {
+        self.total_commands.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A rotating index, for spreading keyless commands and replica reads.
+    pub fn next_index(&self) -> usize {
+        self.round_robin.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
 pub struct Proxy {
     listeners: Vec<TcpListener>,
-    orig_dst: Arc<OrigDstTable>,
-    dialer: Dialer,
+    shared: Arc<Shared>,
 }
 
 impl Proxy {
     /// Binds every listener now, so a bind error surfaces before the daemon
     /// reports itself ready (and before the heartbeat turns steering on).
-    pub fn bind(
-        addrs: &[SocketAddr],
-        orig_dst: OrigDstTable,
-        dialer: Dialer,
-    ) -> Result<Self, Error> {
+    pub fn bind(addrs: &[SocketAddr], shared: Arc<Shared>) -> Result<Self, Error> {
         let listeners = addrs
             .iter()
             .map(|&addr| {
@@ -48,11 +232,7 @@ impl Proxy {
                 bind().map_err(|source| Error::Bind { addr, source })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self {
-            listeners,
-            orig_dst: Arc::new(orig_dst),
-            dialer,
-        })
+        Ok(Self { listeners, shared })
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
@@ -66,9 +246,7 @@ impl Proxy {
     pub async fn serve(self) {
         let mut tasks = tokio::task::JoinSet::new();
         for listener in self.listeners {
-            let orig_dst = Arc::clone(&self.orig_dst);
-            let dialer = self.dialer;
-            tasks.spawn(accept_loop(listener, orig_dst, dialer));
+            tasks.spawn(accept_loop(listener, Arc::clone(&self.shared)));
         }
         while tasks.join_next().await.is_some() {}
     }
@@ -103,48 +281,37 @@ fn listener_socket(addr: SocketAddr) -> io::Result<StdTcpListener> {
     Ok(StdTcpListener::from(fd))
 }
 
-async fn accept_loop(listener: TcpListener, orig_dst: Arc<OrigDstTable>, dialer: Dialer) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let orig_dst = Arc::clone(&orig_dst);
-        let span = info_span!("client", %peer);
-        tokio::spawn(serve_client(client, peer, orig_dst, dialer).instrument(span));
+        shared.total_connections.fetch_add(1, Ordering::Relaxed);
+        let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
+        let clients = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
+        let guard = ClientSlot(Arc::clone(&shared));
+        if clients > shared.settings.max_clients {
+            shared.metrics.client_rejected();
+            tokio::spawn(session::reject(client, guard));
+            continue;
+        }
+        shared.metrics.client_opened();
+        let span = debug_span!("client", id, %peer);
+        tokio::spawn(session::serve(Arc::clone(&shared), client, peer, id, guard).instrument(span));
     }
 }
 
-async fn serve_client(
-    client: TcpStream,
-    peer: SocketAddr,
-    orig_dst: Arc<OrigDstTable>,
-    dialer: Dialer,
-) {
-    let Ok(local) = client.local_addr() else {
-        return;
-    };
-    let Some(orig) = orig_dst.take(peer, local) else {
-        debug!("no original destination: not a steered connection, closing");
-        return;
-    };
-    let dest = orig_dst_addr(&orig);
-    let _ = client.set_nodelay(true);
-    let upstream = match dialer.connect(dest).await {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            debug!(%dest, error = %e, "upstream connect failed");
-            return;
-        }
-    };
-    debug!(%dest, netns_cookie = orig.netns_cookie, "relaying");
-    match relay::relay(client, upstream).await {
-        Ok((sent, received)) => debug!(%dest, sent, received, "closed"),
-        Err(e) => debug!(%dest, error = %e, "relay ended"),
+/// Holds a client's place in the client count until dropped.
+pub struct ClientSlot(Arc<Shared>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
     }
 }

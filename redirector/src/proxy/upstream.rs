@@ -1,35 +1,246 @@
-//! Dialling upstream: every socket the proxy opens carries the proxy's
-//! `SO_MARK`, which the connect programs recognise and never steer. Without
-//! it, a proxy in an enrolled namespace would dial itself forever.
+//! A shared, multiplexed, pipelined connection to one Redis node.
+//!
+//! Any number of client sessions hand it [`Job`]s. The writer coalesces
+//! every job queued at that moment into one write, recording each job's
+//! reply sink in order; the reader matches replies to sinks in the same
+//! order (Redis answers a connection's commands in order). A job's payload
+//! is written contiguously, so multi-command units such as `ASKING` + a
+//! command can never be interleaved with other clients' commands.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
-use nix::sys::socket::{setsockopt, sockopt};
-use tokio::net::{TcpSocket, TcpStream};
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::tcp::{OwnedReadHalf, OwnedWriteHalf},
+    sync::{mpsc, oneshot},
+};
 
-#[derive(Clone, Copy, Debug)]
-pub struct Dialer {
-    pub socket_mark: u32,
-    pub connect_timeout: Duration,
+use super::{UpstreamError, dial::Dialer, pool::Health};
+use crate::{
+    metrics::Metrics,
+    resp::{
+        Protocol,
+        reply::{self, Reply},
+    },
+};
+
+/// How many bytes of queued jobs one write may coalesce.
+const MAX_BATCH: usize = 256 * 1024;
+
+/// What a job resolves to: its reply frames, in order.
+pub type JobResult = Result<Vec<Reply>, UpstreamError>;
+
+pub struct Job {
+    /// One or more encoded commands.
+    pub payload: Bytes,
+    /// How many reply frames the payload produces.
+    pub replies: usize,
+    pub tx: oneshot::Sender<JobResult>,
 }
 
-impl Dialer {
-    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let socket = match addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+impl Job {
+    pub fn new(payload: Bytes, replies: usize) -> (Self, oneshot::Receiver<JobResult>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Self {
+                payload,
+                replies,
+                tx,
+            },
+            rx,
+        )
+    }
+}
+
+struct InFlight {
+    remaining: usize,
+    replies: Vec<Reply>,
+    tx: oneshot::Sender<JobResult>,
+}
+
+/// A handle to a running connection; cheap to clone.
+#[derive(Clone)]
+pub struct Conn {
+    tx: mpsc::UnboundedSender<Job>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Conn {
+    /// Starts connecting in the background; jobs sent meanwhile wait.
+    pub fn spawn(
+        addr: SocketAddr,
+        protocol: Protocol,
+        dialer: Arc<Dialer>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let closed = Arc::new(AtomicBool::new(false));
+        let conn = Self {
+            tx,
+            closed: Arc::clone(&closed),
         };
-        setsockopt(&socket, sockopt::Mark, &self.socket_mark)?;
-        socket.set_nodelay(true)?;
-        match tokio::time::timeout(self.connect_timeout, socket.connect(addr)).await {
-            Ok(stream) => stream,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "connect to {addr} timed out after {:?}",
-                    self.connect_timeout
-                ),
-            )),
+        tokio::spawn(run(addr, protocol, dialer, metrics, health, rx, closed));
+        conn
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed) || self.tx.is_closed()
+    }
+
+    /// Queues a job; gives it back if the connection is gone.
+    pub fn send(&self, job: Job) -> Result<(), Job> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(job);
+        }
+        self.tx.send(job).map_err(|e| e.0)
+    }
+}
+
+async fn run(
+    addr: SocketAddr,
+    protocol: Protocol,
+    dialer: Arc<Dialer>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    closed: Arc<AtomicBool>,
+) {
+    let (stream, leftover) = match dialer.open(addr, protocol).await {
+        Ok(opened) => {
+            health.connected(addr);
+            opened
+        }
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "upstream connect failed");
+            metrics.upstream_connect_failed(addr);
+            health.failed(addr);
+            closed.store(true, Ordering::Relaxed);
+            rx.close();
+            while let Ok(job) = rx.try_recv() {
+                let _ = job
+                    .tx
+                    .send(Err(UpstreamError::NotSent(addr, e.to_string())));
+            }
+            return;
+        }
+    };
+    metrics.upstream_opened(addr);
+    let (reader, writer) = stream.into_split();
+    let inflight = Mutex::new(VecDeque::<InFlight>::new());
+    let outcome = tokio::select! {
+        r = read_replies(reader, leftover, protocol, &inflight) => r,
+        r = write_jobs(writer, &mut rx, &inflight) => r,
+    };
+    closed.store(true, Ordering::Relaxed);
+    metrics.upstream_closed(addr);
+    let reason = match outcome {
+        Ok(()) => "connection closed".to_string(),
+        Err(e) => e,
+    };
+    tracing::debug!(%addr, reason, "upstream connection ended");
+    // Sent jobs may or may not have run; queued ones surely did not.
+    for job in inflight.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        let _ = job.tx.send(Err(UpstreamError::Lost(addr, reason.clone())));
+    }
+    rx.close();
+    while let Ok(job) = rx.try_recv() {
+        let _ = job
+            .tx
+            .send(Err(UpstreamError::NotSent(addr, reason.clone())));
+    }
+}
+
+async fn write_jobs(
+    mut writer: OwnedWriteHalf,
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+    inflight: &Mutex<VecDeque<InFlight>>,
+) -> Result<(), String> {
+    let mut batch = BytesMut::with_capacity(16 * 1024);
+    loop {
+        // All handles dropped (the pool let go of this connection): finish
+        // once the replies already owed have arrived.
+        let Some(first) = rx.recv().await else {
+            while !inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            return Ok(());
+        };
+        batch.clear();
+        {
+            let mut queue = inflight.lock().unwrap_or_else(|e| e.into_inner());
+            let mut job = first;
+            loop {
+                batch.extend_from_slice(&job.payload);
+                queue.push_back(InFlight {
+                    remaining: job.replies,
+                    replies: Vec::with_capacity(job.replies),
+                    tx: job.tx,
+                });
+                if batch.len() >= MAX_BATCH {
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(next) => job = next,
+                    Err(_) => break,
+                }
+            }
+        }
+        writer
+            .write_all(&batch)
+            .await
+            .map_err(|e| format!("write failed: {e}"))?;
+    }
+}
+
+async fn read_replies(
+    mut reader: OwnedReadHalf,
+    mut buf: BytesMut,
+    protocol: Protocol,
+    inflight: &Mutex<VecDeque<InFlight>>,
+) -> Result<(), String> {
+    loop {
+        while let Some(reply) = reply::decode(&mut buf, protocol).map_err(|e| e.to_string())? {
+            if reply.kind == reply::ReplyKind::Push {
+                // Shared connections never subscribe; a stray push (e.g.
+                // client tracking invalidation) belongs to no job.
+                continue;
+            }
+            let mut queue = inflight.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(front) = queue.front_mut() else {
+                return Err("reply with no request outstanding".into());
+            };
+            front.replies.push(reply);
+            front.remaining -= 1;
+            if front.remaining == 0 {
+                let done = queue.pop_front().expect("front exists");
+                drop(queue);
+                // The client may have gone; its reply is simply dropped.
+                let _ = done.tx.send(Ok(done.replies));
+            }
+        }
+        if buf.capacity() - buf.len() < 8 * 1024 {
+            buf.reserve(32 * 1024);
+        }
+        if reader
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| format!("read failed: {e}"))?
+            == 0
+        {
+            return Err("closed by Redis".into());
         }
     }
 }

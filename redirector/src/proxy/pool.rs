@@ -1,0 +1,200 @@
+//! Upstream connections per Redis node: a few shared, multiplexed
+//! connections that every client session uses, and a pool of warm dedicated
+//! connections for leases.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use super::{UpstreamError, dial::Dialer, lease::Leased, upstream::Conn};
+use crate::{fasthash::FnvHashMap, metrics::Metrics, resp::Protocol};
+
+#[derive(Clone, Copy, Debug)]
+pub struct PoolConfig {
+    /// Shared connections per node and protocol.
+    pub shared_per_node: usize,
+    /// Idle leased connections kept per node and protocol.
+    pub idle_leases_per_node: usize,
+}
+
+/// Nodes that recently refused connections, for read policies that
+/// prefer a healthy node.
+#[derive(Default)]
+pub struct Health {
+    down_until: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+/// How long a node counts as down after a failed connect.
+const DOWN_FOR: Duration = Duration::from_secs(2);
+
+impl Health {
+    pub fn failed(&self, addr: SocketAddr) {
+        self.down_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr, Instant::now() + DOWN_FOR);
+    }
+
+    pub fn connected(&self, addr: SocketAddr) {
+        self.down_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&addr);
+    }
+
+    pub fn is_down(&self, addr: SocketAddr) -> bool {
+        self.down_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&addr)
+            .is_some_and(|&until| Instant::now() < until)
+    }
+}
+
+pub struct NodePool {
+    pub addr: SocketAddr,
+    protocol: Protocol,
+    shared: Box<[Mutex<Option<Conn>>]>,
+    next: AtomicUsize,
+    idle: Mutex<Vec<Leased>>,
+    max_idle: usize,
+    dialer: Arc<Dialer>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+impl NodePool {
+    /// A shared connection, round-robin; a dead one is replaced on the spot.
+    pub fn conn(&self) -> Conn {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.shared.len();
+        let mut slot = self.shared[i].lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some(conn) if !conn.is_closed() => conn.clone(),
+            _ => {
+                let conn = Conn::spawn(
+                    self.addr,
+                    self.protocol,
+                    Arc::clone(&self.dialer),
+                    Arc::clone(&self.metrics),
+                    Arc::clone(&self.health),
+                );
+                *slot = Some(conn.clone());
+                conn
+            }
+        }
+    }
+
+    /// A dedicated connection: a warm idle one if any, else a new one.
+    pub async fn lease(&self) -> Result<Leased, UpstreamError> {
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(mut lease) = idle else {
+                break;
+            };
+            if lease.is_reusable() {
+                self.metrics.lease_reused();
+                return Ok(lease);
+            }
+            self.metrics.upstream_closed(self.addr);
+        }
+        let lease = Leased::open(&self.dialer, self.addr, self.protocol).await;
+        match &lease {
+            Ok(_) => {
+                self.metrics.upstream_opened(self.addr);
+                self.health.connected(self.addr);
+            }
+            Err(_) => {
+                self.metrics.upstream_connect_failed(self.addr);
+                self.health.failed(self.addr);
+            }
+        }
+        lease
+    }
+
+    /// Returns a lease; it is closed instead if it is not clean.
+    pub fn release(&self, mut lease: Leased) {
+        if lease.is_reusable() {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < self.max_idle {
+                idle.push(lease);
+                return;
+            }
+        }
+        self.metrics.upstream_closed(self.addr);
+    }
+
+    /// A lease that ends without being released (dropped, or handed to a
+    /// pub/sub reader that finished).
+    pub fn forget(&self) {
+        self.metrics.upstream_closed(self.addr);
+    }
+}
+
+pub struct Pools {
+    nodes: RwLock<FnvHashMap<(SocketAddr, Protocol), Arc<NodePool>>>,
+    dialer: Arc<Dialer>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    config: PoolConfig,
+}
+
+impl Pools {
+    pub fn new(dialer: Dialer, metrics: Arc<Metrics>, config: PoolConfig) -> Self {
+        Self {
+            nodes: RwLock::new(FnvHashMap::default()),
+            dialer: Arc::new(dialer),
+            metrics,
+            health: Arc::new(Health::default()),
+            config,
+        }
+    }
+
+    pub fn is_down(&self, addr: SocketAddr) -> bool {
+        self.health.is_down(addr)
+    }
+
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
+    }
+
+    pub fn node(&self, addr: SocketAddr, protocol: Protocol) -> Arc<NodePool> {
+        if let Some(pool) = self
+            .nodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(addr, protocol))
+        {
+            return Arc::clone(pool);
+        }
+        let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(nodes.entry((addr, protocol)).or_insert_with(|| {
+            Arc::new(NodePool {
+                addr,
+                protocol,
+                shared: (0..self.config.shared_per_node.max(1))
+                    .map(|_| Mutex::new(None))
+                    .collect(),
+                next: AtomicUsize::new(0),
+                idle: Mutex::new(Vec::new()),
+                max_idle: self.config.idle_leases_per_node,
+                dialer: Arc::clone(&self.dialer),
+                metrics: Arc::clone(&self.metrics),
+                health: Arc::clone(&self.health),
+            })
+        }))
+    }
+
+    /// Drops pools of nodes no longer in the cluster.
+    pub fn retain(&self, live: &[SocketAddr]) {
+        self.nodes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(addr, _), _| live.contains(addr));
+    }
+}

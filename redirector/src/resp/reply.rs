@@ -1,0 +1,285 @@
+//! Replies: decoding what Redis sends (with redis-protocol, keeping the raw
+//! bytes so a reply is forwarded to the client without re-encoding), and
+//! encoding what the proxy answers itself, in the client's protocol.
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use redis_protocol::{
+    resp2::{decode as resp2_decode, types::RangeFrame as Range2},
+    resp3::{decode::complete as resp3_decode, types::RangeFrame as Range3},
+};
+
+use super::{Protocol, request::itoa_buf};
+
+/// One reply frame from Redis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The complete frame as received.
+    pub raw: Bytes,
+    pub kind: ReplyKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// `-ERR ...` / `!<len>` (RESP3 blob error).
+    Error,
+    Integer(i64),
+    /// RESP3 out-of-band push (`>`), e.g. a pub/sub message.
+    Push,
+    Other,
+}
+
+impl Reply {
+    /// The error text (without the leading `-`), for error replies.
+    pub fn error_message(&self) -> Option<&[u8]> {
+        if self.kind != ReplyKind::Error {
+            return None;
+        }
+        match self.raw.first() {
+            Some(b'-') => Some(trim_crlf(&self.raw[1..])),
+            // `!<len>\r\n<text>\r\n`
+            Some(b'!') => {
+                let start = self.raw.iter().position(|&b| b == b'\n')? + 1;
+                Some(trim_crlf(&self.raw[start..]))
+            }
+            _ => None,
+        }
+    }
+
+    /// A reply made by the proxy.
+    pub fn local(raw: Bytes) -> Self {
+        let kind = match raw.first() {
+            Some(b'-' | b'!') => ReplyKind::Error,
+            _ => ReplyKind::Other,
+        };
+        Self { raw, kind }
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.kind == ReplyKind::Error
+    }
+}
+
+fn trim_crlf(b: &[u8]) -> &[u8] {
+    b.strip_suffix(b"\r\n").unwrap_or(b)
+}
+
+/// Why an upstream reply stream could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed reply from Redis: {0}")]
+pub struct DecodeError(String);
+
+/// Takes one complete reply off the front of `buf`, if there is one.
+pub fn decode(buf: &mut BytesMut, protocol: Protocol) -> Result<Option<Reply>, DecodeError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let (kind, len) = match protocol {
+        Protocol::Resp2 => match resp2_decode::decode_range(buf) {
+            Ok(Some((frame, len))) => {
+                let kind = match frame {
+                    Range2::Error(_) => ReplyKind::Error,
+                    Range2::Integer(i) => ReplyKind::Integer(i),
+                    _ => ReplyKind::Other,
+                };
+                (kind, len)
+            }
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(DecodeError(e.to_string())),
+        },
+        Protocol::Resp3 => match resp3_decode::decode_range(buf) {
+            Ok(Some((frame, len))) => {
+                let kind = match frame {
+                    Range3::SimpleError { .. } | Range3::BlobError { .. } => ReplyKind::Error,
+                    Range3::Number { data, .. } => ReplyKind::Integer(data),
+                    Range3::Push { .. } => ReplyKind::Push,
+                    _ => ReplyKind::Other,
+                };
+                (kind, len)
+            }
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(DecodeError(e.to_string())),
+        },
+    };
+    Ok(Some(Reply {
+        raw: buf.split_to(len).freeze(),
+        kind,
+    }))
+}
+
+/// Decodes a complete raw reply into an owned frame tree, for the rare
+/// replies the proxy must look into (merging fan-out results, topology).
+pub fn frame2(raw: &Bytes) -> Option<redis_protocol::resp2::types::BytesFrame> {
+    resp2_decode::decode_bytes(raw)
+        .ok()
+        .flatten()
+        .map(|(f, _)| f)
+}
+
+pub fn frame3(raw: &Bytes) -> Option<redis_protocol::resp3::types::BytesFrame> {
+    resp3_decode::decode_bytes(raw)
+        .ok()
+        .flatten()
+        .map(|(f, _)| f)
+}
+
+/// Writes replies in a client's protocol.
+pub struct Encoder<'a> {
+    pub out: &'a mut BytesMut,
+    pub protocol: Protocol,
+}
+
+impl Encoder<'_> {
+    pub fn simple(&mut self, s: &str) {
+        self.out.put_u8(b'+');
+        self.out.extend_from_slice(s.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    pub fn ok(&mut self) {
+        self.out.extend_from_slice(b"+OK\r\n");
+    }
+
+    /// `msg` must not contain CR or LF; it is cleaned if it does.
+    pub fn error(&mut self, msg: &str) {
+        self.out.put_u8(b'-');
+        for b in msg.bytes() {
+            self.out
+                .put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
+        }
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    pub fn integer(&mut self, n: i64) {
+        self.out.put_u8(b':');
+        self.out.extend_from_slice(n.to_string().as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    pub fn bulk(&mut self, data: &[u8]) {
+        let mut itoa = itoa_buf();
+        self.out.put_u8(b'$');
+        self.out.extend_from_slice(itoa.format(data.len()));
+        self.out.extend_from_slice(b"\r\n");
+        self.out.extend_from_slice(data);
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    pub fn null(&mut self) {
+        match self.protocol {
+            Protocol::Resp2 => self.out.extend_from_slice(b"$-1\r\n"),
+            Protocol::Resp3 => self.out.extend_from_slice(b"_\r\n"),
+        }
+    }
+
+    pub fn array(&mut self, len: usize) {
+        let mut itoa = itoa_buf();
+        self.out.put_u8(b'*');
+        self.out.extend_from_slice(itoa.format(len));
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// A map: RESP3 `%`, or a flat array of key/value pairs in RESP2.
+    pub fn map(&mut self, pairs: usize) {
+        match self.protocol {
+            Protocol::Resp2 => self.array(pairs * 2),
+            Protocol::Resp3 => {
+                let mut itoa = itoa_buf();
+                self.out.put_u8(b'%');
+                self.out.extend_from_slice(itoa.format(pairs));
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+
+    /// A RESP3 verbatim string (`=`), or a bulk string in RESP2.
+    pub fn verbatim(&mut self, text: &str) {
+        match self.protocol {
+            Protocol::Resp2 => self.bulk(text.as_bytes()),
+            Protocol::Resp3 => {
+                let mut itoa = itoa_buf();
+                self.out.put_u8(b'=');
+                self.out.extend_from_slice(itoa.format(text.len() + 4));
+                self.out.extend_from_slice(b"\r\ntxt:");
+                self.out.extend_from_slice(text.as_bytes());
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+
+    pub fn raw(&mut self, raw: &[u8]) {
+        self.out.extend_from_slice(raw);
+    }
+}
+
+/// A one-off encoded reply.
+pub fn build(protocol: Protocol, f: impl FnOnce(&mut Encoder<'_>)) -> Bytes {
+    let mut out = BytesMut::new();
+    f(&mut Encoder {
+        out: &mut out,
+        protocol,
+    });
+    out.freeze()
+}
+
+pub fn error(msg: &str) -> Bytes {
+    build(Protocol::Resp2, |e| e.error(msg))
+}
+
+pub fn ok() -> Bytes {
+    Bytes::from_static(b"+OK\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_framed_and_classified() {
+        let mut buf = BytesMut::from(
+            &b"+OK\r\n-MOVED 3999 127.0.0.1:7001\r\n:42\r\n*2\r\n$1\r\na\r\n$-1\r\n$5\r\nhel"[..],
+        );
+        let r = decode(&mut buf, Protocol::Resp2).unwrap().unwrap();
+        assert_eq!((&r.raw[..], r.kind), (&b"+OK\r\n"[..], ReplyKind::Other));
+        let r = decode(&mut buf, Protocol::Resp2).unwrap().unwrap();
+        assert_eq!(r.kind, ReplyKind::Error);
+        assert_eq!(r.error_message(), Some(&b"MOVED 3999 127.0.0.1:7001"[..]));
+        let r = decode(&mut buf, Protocol::Resp2).unwrap().unwrap();
+        assert_eq!(r.kind, ReplyKind::Integer(42));
+        let r = decode(&mut buf, Protocol::Resp2).unwrap().unwrap();
+        assert_eq!(&r.raw[..], b"*2\r\n$1\r\na\r\n$-1\r\n");
+        assert_eq!(decode(&mut buf, Protocol::Resp2).unwrap(), None);
+        assert_eq!(&buf[..], b"$5\r\nhel");
+    }
+
+    #[test]
+    fn resp3_errors_and_pushes_are_recognised() {
+        let mut buf = BytesMut::from(
+            &b"!9\r\nERR oops!\r\n>3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n%1\r\n+a\r\n:1\r\n"
+                [..],
+        );
+        let r = decode(&mut buf, Protocol::Resp3).unwrap().unwrap();
+        assert_eq!(r.error_message(), Some(&b"ERR oops!"[..]));
+        let r = decode(&mut buf, Protocol::Resp3).unwrap().unwrap();
+        assert_eq!(r.kind, ReplyKind::Push);
+        let r = decode(&mut buf, Protocol::Resp3).unwrap().unwrap();
+        assert_eq!(r.kind, ReplyKind::Other);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn encoder_follows_the_client_protocol() {
+        let two = build(Protocol::Resp2, |e| {
+            e.map(1);
+            e.bulk(b"k");
+            e.null();
+        });
+        assert_eq!(&two[..], b"*2\r\n$1\r\nk\r\n$-1\r\n");
+        let three = build(Protocol::Resp3, |e| {
+            e.map(1);
+            e.bulk(b"k");
+            e.null();
+        });
+        assert_eq!(&three[..], b"%1\r\n$1\r\nk\r\n_\r\n");
+        assert_eq!(&error("ERR bad\r\nthing")[..], b"-ERR bad  thing\r\n");
+    }
+}

@@ -1,0 +1,395 @@
+//! Client requests.
+//!
+//! A request is a RESP array of bulk strings (or an inline command line).
+//! Before anything is buffered or decoded, the frame's headers are checked
+//! against [`Limits`]: a hostile client cannot make the proxy buffer a 2 GB
+//! bulk or recurse into a 10,000-deep array. Only a complete, well-formed
+//! frame is handed to redis-protocol, which then decodes it without copying.
+
+use bytes::{Bytes, BytesMut};
+use redis_protocol::resp2::{decode::decode_bytes_mut, types::BytesFrame};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest bulk string accepted (Redis' `proto-max-bulk-len`).
+    pub max_bulk_len: usize,
+    /// Most arguments in one command.
+    pub max_args: usize,
+    /// Longest inline command line (Redis: 64 KiB).
+    pub max_inline_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bulk_len: 512 * 1024 * 1024,
+            max_args: 1024 * 1024,
+            max_inline_len: 64 * 1024,
+        }
+    }
+}
+
+/// A malformed request; the message is Redis' own wording, and the
+/// connection is closed after it is sent, as Redis does.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Protocol error: {0}")]
+pub struct ProtocolError(pub String);
+
+/// One client command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// `args[0]` is the command name, as sent.
+    pub args: Vec<Bytes>,
+    /// The request as it arrived, re-encoded only for inline commands, so
+    /// routed commands are forwarded without copying.
+    pub raw: Bytes,
+}
+
+impl Request {
+    pub fn from_args(args: Vec<Bytes>) -> Self {
+        let raw = encode(&args);
+        Self { args, raw }
+    }
+
+    /// Lowercased command name (ASCII).
+    pub fn name_lower(&self) -> Vec<u8> {
+        self.args
+            .first()
+            .map(|n| n.to_ascii_lowercase())
+            .unwrap_or_default()
+    }
+
+    /// Case-insensitive test of argument `i`.
+    pub fn arg_is(&self, i: usize, word: &str) -> bool {
+        self.args
+            .get(i)
+            .is_some_and(|a| a.eq_ignore_ascii_case(word.as_bytes()))
+    }
+}
+
+/// Encodes args as a RESP array of bulk strings.
+pub fn encode(args: &[Bytes]) -> Bytes {
+    let len = args.iter().map(|a| a.len() + 16).sum::<usize>() + 16;
+    let mut out = BytesMut::with_capacity(len);
+    encode_into(&mut out, args);
+    out.freeze()
+}
+
+pub fn encode_into(out: &mut BytesMut, args: &[Bytes]) {
+    let mut itoa = itoa_buf();
+    out.extend_from_slice(b"*");
+    out.extend_from_slice(itoa.format(args.len()));
+    out.extend_from_slice(b"\r\n");
+    for arg in args {
+        out.extend_from_slice(b"$");
+        out.extend_from_slice(itoa.format(arg.len()));
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A tiny integer formatter (no allocation).
+pub(crate) struct Itoa([u8; 20]);
+
+pub(crate) fn itoa_buf() -> Itoa {
+    Itoa([0; 20])
+}
+
+impl Itoa {
+    pub(crate) fn format(&mut self, mut n: usize) -> &[u8] {
+        let mut i = self.0.len();
+        loop {
+            i -= 1;
+            self.0[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        &self.0[i..]
+    }
+}
+
+/// Outcome of looking at the start of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Request(Request),
+    /// More bytes are needed; at least `needed` more when known.
+    Incomplete {
+        needed: usize,
+    },
+}
+
+/// Takes one request off the front of `buf`.
+pub fn parse(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
+    loop {
+        match buf.first() {
+            None => return Ok(Parsed::Incomplete { needed: 0 }),
+            Some(b'*') => return parse_multibulk(buf, limits),
+            Some(_) => match parse_inline(buf, limits)? {
+                // An empty line is skipped, as Redis does.
+                Some(args) if args.is_empty() => continue,
+                Some(args) => return Ok(Parsed::Request(Request::from_args(args))),
+                None => return Ok(Parsed::Incomplete { needed: 0 }),
+            },
+        }
+    }
+}
+
+/// Reads a `<prefix><integer>\r\n` line at `at`; `None` if not all there.
+fn header(buf: &[u8], at: usize) -> Result<Option<(i64, usize)>, ()> {
+    let rest = &buf[at + 1..];
+    // Redis caps header lines too; a line longer than this is garbage.
+    let window = &rest[..rest.len().min(32)];
+    let Some(cr) = window.iter().position(|&b| b == b'\r') else {
+        return if rest.len() >= 32 { Err(()) } else { Ok(None) };
+    };
+    if rest.len() < cr + 2 {
+        return Ok(None);
+    }
+    if rest[cr + 1] != b'\n' {
+        return Err(());
+    }
+    Ok(Some((parse_int(&rest[..cr]).ok_or(())?, at + 1 + cr + 2)))
+}
+
+/// A decimal integer with an optional minus sign, as RESP headers carry.
+fn parse_int(digits: &[u8]) -> Option<i64> {
+    let (negative, digits) = match digits.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, digits),
+    };
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + i64::from(d - b'0');
+    }
+    Some(if negative { -n } else { n })
+}
+
+fn parse_multibulk(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolError> {
+    let invalid_len = || ProtocolError("invalid multibulk length".into());
+    let Some((count, mut at)) = header(buf, 0).map_err(|()| invalid_len())? else {
+        return Ok(Parsed::Incomplete { needed: 0 });
+    };
+    if count <= 0 {
+        // `*0` / `*-1`: nothing to run; Redis skips it.
+        let _ = buf.split_to(at);
+        return parse(buf, limits);
+    }
+    let count = usize::try_from(count).map_err(|_| invalid_len())?;
+    if count > limits.max_args {
+        return Err(invalid_len());
+    }
+    for _ in 0..count {
+        let Some(&kind) = buf.get(at) else {
+            return Ok(Parsed::Incomplete { needed: 0 });
+        };
+        if kind != b'$' {
+            return Err(ProtocolError(format!(
+                "expected '$', got '{}'",
+                char::from(kind)
+            )));
+        }
+        let invalid_bulk = || ProtocolError("invalid bulk length".into());
+        let Some((len, data)) = header(buf, at).map_err(|()| invalid_bulk())? else {
+            return Ok(Parsed::Incomplete { needed: 0 });
+        };
+        let len = usize::try_from(len).map_err(|_| invalid_bulk())?;
+        if len > limits.max_bulk_len {
+            return Err(invalid_bulk());
+        }
+        let end = data + len + 2;
+        if buf.len() < end {
+            return Ok(Parsed::Incomplete {
+                needed: end - buf.len(),
+            });
+        }
+        if &buf[end - 2..end] != b"\r\n" {
+            return Err(invalid_bulk());
+        }
+        at = end;
+    }
+    // The frame is complete and flat: redis-protocol decodes it in place.
+    let decoded = decode_bytes_mut(buf).map_err(|e| ProtocolError(e.to_string()))?;
+    let Some((frame, consumed, raw)) = decoded else {
+        return Err(ProtocolError("incomplete frame after validation".into()));
+    };
+    debug_assert_eq!(consumed, at);
+    let BytesFrame::Array(items) = frame else {
+        return Err(ProtocolError("expected an array".into()));
+    };
+    let args = items
+        .into_iter()
+        .map(|item| match item {
+            BytesFrame::BulkString(b) => Ok(b),
+            _ => Err(ProtocolError("expected a bulk string".into())),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Parsed::Request(Request { args, raw }))
+}
+
+/// An inline command (`PING\r\n`, as typed into telnet): space-separated,
+/// with double or single quotes grouping words.
+fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+        if buf.len() > limits.max_inline_len {
+            return Err(ProtocolError("too big inline request".into()));
+        }
+        return Ok(None);
+    };
+    if nl > limits.max_inline_len {
+        return Err(ProtocolError("too big inline request".into()));
+    }
+    let line = buf.split_to(nl + 1);
+    let line = line.strip_suffix(b"\n").unwrap_or(&line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    split_inline(line)
+        .map(Some)
+        .ok_or_else(|| ProtocolError("unbalanced quotes in request".into()))
+}
+
+fn split_inline(line: &[u8]) -> Option<Vec<Bytes>> {
+    let mut args = Vec::new();
+    let mut i = 0;
+    while i < line.len() {
+        while i < line.len() && line[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i == line.len() {
+            break;
+        }
+        let mut arg = Vec::new();
+        match line[i] {
+            quote @ (b'"' | b'\'') => {
+                i += 1;
+                loop {
+                    let &b = line.get(i)?;
+                    i += 1;
+                    if b == quote {
+                        break;
+                    }
+                    if b == b'\\' && quote == b'"' {
+                        arg.push(*line.get(i)?);
+                        i += 1;
+                    } else {
+                        arg.push(b);
+                    }
+                }
+                // A closing quote must end the word.
+                if line.get(i).is_some_and(|b| !b.is_ascii_whitespace()) {
+                    return None;
+                }
+            }
+            _ => {
+                while i < line.len() && !line[i].is_ascii_whitespace() {
+                    arg.push(line[i]);
+                    i += 1;
+                }
+            }
+        }
+        args.push(Bytes::from(arg));
+    }
+    Some(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(input: &[u8]) -> (Vec<Vec<Bytes>>, Result<Parsed, ProtocolError>) {
+        let mut buf = BytesMut::from(input);
+        let limits = Limits {
+            max_bulk_len: 1024,
+            max_args: 8,
+            max_inline_len: 64,
+        };
+        let mut out = Vec::new();
+        loop {
+            match parse(&mut buf, &limits) {
+                Ok(Parsed::Request(r)) => out.push(r.args),
+                other => return (out, other),
+            }
+        }
+    }
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn pipelined_requests_come_out_in_order_without_copying() {
+        let input = b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nSET";
+        let (reqs, rest) = parse_all(input);
+        assert_eq!(reqs, vec![vec![b("GET"), b("a")], vec![b("PING")]]);
+        // "SET" is there, its CRLF is not.
+        assert_eq!(rest, Ok(Parsed::Incomplete { needed: 2 }));
+    }
+
+    #[test]
+    fn raw_is_the_exact_request() {
+        let mut buf = BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$1\r\na\r\nrest"[..]);
+        let Ok(Parsed::Request(r)) = parse(&mut buf, &Limits::default()) else {
+            panic!("no request");
+        };
+        assert_eq!(&r.raw[..], b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n");
+        assert_eq!(&buf[..], b"rest");
+        assert_eq!(encode(&r.args), r.raw);
+    }
+
+    #[test]
+    fn incomplete_bulk_reports_how_much_is_missing() {
+        let (_, rest) = parse_all(b"*1\r\n$10\r\nabc");
+        assert_eq!(rest, Ok(Parsed::Incomplete { needed: 9 }));
+    }
+
+    #[test]
+    fn hostile_frames_are_refused_before_buffering() {
+        let (_, rest) = parse_all(b"*1\r\n$2147483648\r\n");
+        assert_eq!(rest, Err(ProtocolError("invalid bulk length".into())));
+        let (_, rest) = parse_all(b"*9\r\n");
+        assert_eq!(rest, Err(ProtocolError("invalid multibulk length".into())));
+        let deep = "*1\r\n".repeat(10_000);
+        let (_, rest) = parse_all(deep.as_bytes());
+        assert_eq!(rest, Err(ProtocolError("expected '$', got '*'".into())));
+        let (_, rest) = parse_all(b"*1\r\n$-5\r\n");
+        assert_eq!(rest, Err(ProtocolError("invalid bulk length".into())));
+        let (_, rest) = parse_all(b"*x\r\n");
+        assert_eq!(rest, Err(ProtocolError("invalid multibulk length".into())));
+        let (_, rest) = parse_all(b"*1\r\n$1\r\nabc\r\n");
+        assert_eq!(rest, Err(ProtocolError("invalid bulk length".into())));
+        let garbage = [b'A'; 100];
+        let (_, rest) = parse_all(&garbage);
+        assert_eq!(rest, Err(ProtocolError("too big inline request".into())));
+    }
+
+    #[test]
+    fn inline_commands_split_like_redis() {
+        let (reqs, _) = parse_all(b"PING\r\n\r\nSET k \"a b\"\nECHO 'x y'\r\n");
+        assert_eq!(
+            reqs,
+            vec![
+                vec![b("PING")],
+                vec![b("SET"), b("k"), b("a b")],
+                vec![b("ECHO"), b("x y")]
+            ]
+        );
+        let (_, rest) = parse_all(b"SET k \"open\r\n");
+        assert_eq!(
+            rest,
+            Err(ProtocolError("unbalanced quotes in request".into()))
+        );
+    }
+
+    #[test]
+    fn empty_multibulk_is_skipped() {
+        let (reqs, _) = parse_all(b"*0\r\n*1\r\n$4\r\nPING\r\n");
+        assert_eq!(reqs, vec![vec![b("PING")]]);
+    }
+}
