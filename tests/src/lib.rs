@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod netns;
 pub mod ports;
 pub mod process;
+pub mod proxy;
 pub mod redis;
 pub mod require;
 pub mod resp;

@@ -24,10 +24,10 @@ use std::{
 use crate::{
     TempDir,
     cgroup::{Cgroup, Cgroup2Mount},
+    cluster::RedisCluster,
     daemon::{self, Daemon},
     netns::Netns,
     process::{Place, path_str},
-    redis::RedisServer,
     unique,
 };
 
@@ -84,27 +84,33 @@ impl Pod {
     /// The address Redis sees this pod's connection come from (`CLIENT
     /// INFO` of the connection itself), through whatever path the kernel
     /// picks for a connect to `host`.
-    pub fn seen_by_redis_as(&self, host: IpAddr) -> IpAddr {
-        self.try_seen_by_redis_as(host)
-            .unwrap_or_else(|out| panic!("no addr= in CLIENT INFO: {out}"))
+    pub fn through_proxy(&self, host: IpAddr) -> bool {
+        self.try_through_proxy(host)
+            .unwrap_or_else(|out| panic!("INFO server failed: {out}"))
     }
 
-    /// Like [`Self::seen_by_redis_as`], returning redis-cli's output on failure.
-    pub fn try_seen_by_redis_as(&self, host: IpAddr) -> Result<IpAddr, String> {
-        let out = self.redis_cli(host, REDIS_PORT, &["CLIENT", "INFO"]);
+    /// Whether a connect to `host` from this pod reaches the node proxy
+    /// (whose `INFO server` names redirector) or Redis itself; redis-cli's
+    /// output when neither answers.
+    pub fn try_through_proxy(&self, host: IpAddr) -> Result<bool, String> {
+        let out = self.redis_cli(host, REDIS_PORT, &["INFO", "server"]);
         let text = String::from_utf8_lossy(&out.stdout);
-        text.split_whitespace()
-            .find_map(|field| field.strip_prefix("addr="))
-            .and_then(|addr| addr.parse::<SocketAddr>().ok())
-            .map(|addr| addr.ip())
-            .ok_or_else(|| format!("{out:?}"))
+        if !out.status.success() || !text.contains("redis_version:") {
+            return Err(format!("{out:?}"));
+        }
+        Ok(text.contains("redirector_version:"))
     }
+}
+
+/// The service cluster's nodes.
+pub fn cluster_nodes() -> impl Iterator<Item = SocketAddr> {
+    (10..16).map(|last| SocketAddr::from(([10, 96, 0, last], REDIS_PORT)))
 }
 
 pub struct Topology {
     /// Stopped first on drop.
     pub daemon: Option<Daemon>,
-    pub redis: Vec<RedisServer>,
+    pub cluster: Option<RedisCluster>,
     pub pods: Vec<Pod>,
     pub node: Netns,
     node_cgroup: Cgroup,
@@ -187,7 +193,7 @@ impl Topology {
 
         Self {
             daemon: None,
-            redis: Vec::new(),
+            cluster: None,
             pods,
             node,
             node_cgroup,
@@ -228,19 +234,23 @@ impl Topology {
         self.workdir.path()
     }
 
-    /// Redis on the service address (both families), in the node netns.
-    pub fn start_service_redis(&mut self) -> &RedisServer {
-        let dir = self.workdir().join(format!("redis-{}", self.redis.len()));
-        std::fs::create_dir_all(&dir).expect("redis dir");
-        let server = RedisServer::start(
-            &self.node_place(),
-            &[IpAddr::V4(SERVICE_VIP), IpAddr::V6(SERVICE_VIP6)],
-            REDIS_PORT,
-            &dir,
-            &[],
-        );
-        self.redis.push(server);
-        self.redis.last().expect("just pushed")
+    /// A Redis Cluster of 3 masters and 3 replicas in the node netns, on
+    /// 10.96.0.10-15:6379; the service address is its first node, as a
+    /// Kubernetes service would lead to one of the cluster's pods.
+    pub fn start_service_cluster(&mut self) -> &RedisCluster {
+        let nodes: Vec<SocketAddr> = cluster_nodes().collect();
+        for node in &nodes[1..] {
+            self.node
+                .ip(&["addr", "add", &format!("{}/32", node.ip()), "dev", "lo"]);
+        }
+        let dir = self.workdir().join("cluster");
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let cluster = RedisCluster::start(&self.node_place(), &nodes, 1, &dir);
+        self.cluster.insert(cluster)
+    }
+
+    pub fn cluster(&self) -> &RedisCluster {
+        self.cluster.as_ref().expect("cluster started")
     }
 
     /// Default daemon arguments for this topology: listener on the node
@@ -332,7 +342,7 @@ impl Drop for Topology {
         if let Some(mut daemon) = self.daemon.take() {
             daemon.kill();
         }
-        self.redis.clear();
+        self.cluster = None;
         if self.pin_dir.exists() {
             let out = daemon::cli(&self.pin_dir, &["uninstall"]);
             if !out.status.success() {

@@ -10,16 +10,24 @@ use testbed::{
     bpftool, exclusive,
     process::{path_str, wait_for},
     require_kernel,
-    topology::{NODE_ADDR, REDIS_PORT, SERVICE_VIP, SERVICE_VIP6, Topology},
+    topology::{REDIS_PORT, SERVICE_VIP, SERVICE_VIP6, Topology},
 };
 
 const VIP: IpAddr = IpAddr::V4(SERVICE_VIP);
+
+/// A key the service address's node owns (it has slots 0-5460 from
+/// `redis-cli --cluster create`), so direct, cluster-unaware commands on it
+/// succeed without the proxy.
+fn direct_key() -> String {
+    testbed::cluster::key_in_slot(100)
+}
 const PROGRAMS: [&str; 3] = ["redir_connect4", "redir_connect6", "redir_sockops"];
 
-/// A topology with Redis on the service address and the daemon running.
+/// A topology with the Redis Cluster behind the service address and the
+/// daemon running.
 fn running(pods: usize, extra_args: &[&str]) -> Topology {
     let mut topo = Topology::build(pods);
-    topo.start_service_redis();
+    topo.start_service_cluster();
     let mut args = topo.daemon_args();
     args.extend(extra_args.iter().map(ToString::to_string));
     topo.start_daemon(args);
@@ -60,16 +68,11 @@ fn enrolled_pod_is_steered_and_others_go_direct() {
     assert!(out.starts_with("enrolled pid"), "{out}");
     sleeper.kill();
 
-    // Pod A: the command works, Redis sees the proxy (a node address), not
-    // the pod, and the kernel counted one steered connect per connection.
+    // Pod A: the command works and is served by the node proxy, and the
+    // kernel counted one steered connect per connection.
     let before = topo.counters();
     assert_eq!(pod_a.redis(&["SET", "k", "v"]), "OK");
-    let seen = pod_a.seen_by_redis_as(VIP);
-    assert_ne!(seen, IpAddr::V4(pod_a.ip), "pod A reached Redis directly");
-    assert!(
-        seen == IpAddr::V4(SERVICE_VIP) || seen == IpAddr::V4(NODE_ADDR),
-        "Redis saw {seen}: not the node proxy"
-    );
+    assert!(pod_a.through_proxy(VIP), "pod A reached Redis directly");
     let after = topo.counters();
     assert_eq!(after.steered, before.steered + 2, "{before:?} -> {after:?}");
     assert_eq!(after.errors, 0);
@@ -96,27 +99,58 @@ fn enrolled_pod_is_steered_and_others_go_direct() {
 
     // Pod B is not enrolled: same command, direct, steered counter still.
     let before = topo.counters();
-    assert_eq!(pod_b.redis(&["GET", "k"]), "v");
-    assert_eq!(pod_b.seen_by_redis_as(VIP), IpAddr::V4(pod_b.ip));
+    let key = direct_key();
+    assert_eq!(pod_b.redis(&["SET", &key, "v2"]), "OK");
+    assert!(!pod_b.through_proxy(VIP), "pod B went through the proxy");
     let after = topo.counters();
     assert_eq!(after.steered, before.steered);
     assert_eq!(after.passed, before.passed + 2);
 
-    // CLIENT LIST, asked over pod A's own (steered) connection, lists that
-    // connection with the proxy's address, not the pod's.
-    let list = pod_a.redis(&["CLIENT", "LIST"]);
-    let own = list
+    // Redis' own CLIENT LIST, while each pod holds a blocked connection:
+    // pod A's arrives from the node (the proxy), pod B's from pod B.
+    let list_key = "{blocked}list";
+    let owner = topo
+        .cluster()
+        .owner_of_slot(testbed::cluster::slot_of(list_key.as_bytes()));
+    let waiters: Vec<_> = [pod_a, pod_b]
+        .iter()
+        .map(|pod| {
+            let mut cmd = pod.place().command("redis-cli");
+            cmd.args(["-h", &SERVICE_VIP.to_string(), "-p", "6379"])
+                .args(["BLPOP", list_key, "3"])
+                .stdout(std::process::Stdio::null());
+            testbed::process::Child::spawn("blpop", cmd)
+        })
+        .collect();
+    let clients = wait_for("both BLPOPs to block", Duration::from_secs(5), || {
+        let list = topo.cluster().cli(owner, &["CLIENT", "LIST"]);
+        (list.matches("cmd=blpop").count() == 2).then_some(list)
+    });
+    drop(waiters);
+    let blocked: Vec<&str> = clients
         .lines()
-        .find(|l| l.contains("cmd=client|list"))
-        .unwrap_or_else(|| panic!("own connection missing from CLIENT LIST:\n{list}"));
-    assert!(!own.contains(&format!("addr={}:", pod_a.ip)), "{own}");
-    assert!(own.contains(&format!("addr={SERVICE_VIP}:")), "{own}");
+        .filter(|l| l.contains("cmd=blpop"))
+        .collect();
+    assert!(
+        blocked
+            .iter()
+            .any(|l| l.contains(&format!("addr={}:", pod_b.ip))),
+        "pod B's direct connection is missing:\n{clients}"
+    );
+    assert!(
+        !clients.contains(&format!("addr={}:", pod_a.ip)),
+        "pod A reached Redis directly:\n{clients}"
+    );
+    assert!(
+        blocked.iter().any(|l| l.contains("addr=10.96.0.")),
+        "no connection from the node proxy:\n{clients}"
+    );
 
     // Unenrolled, pod A goes direct again.
     topo.unenroll(&pod_a.netns);
     let before = topo.counters();
-    assert_eq!(pod_a.seen_by_redis_as(VIP), IpAddr::V4(pod_a.ip));
-    assert_eq!(pod_a.redis(&["GET", "k"]), "v");
+    assert!(!pod_a.through_proxy(VIP));
+    assert_eq!(pod_a.redis(&["GET", &key]), "v2");
     assert_eq!(topo.counters().steered, before.steered);
 
     // status reflects it all.
@@ -141,11 +175,10 @@ fn ipv6_connects_are_steered_by_connect6() {
     let before = topo.counters();
     let out = pod.redis_cli(vip6, REDIS_PORT, &["SET", "k6", "v6"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "{out:?}");
-    let seen = pod.seen_by_redis_as(vip6);
-    assert_ne!(
-        seen,
-        IpAddr::V6(pod.ip6),
-        "pod reached Redis directly over IPv6"
+    let out = pod.redis_cli(vip6, REDIS_PORT, &["INFO", "server"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("redirector_version"),
+        "not served by the proxy over IPv6: {out:?}"
     );
     assert_eq!(topo.counters().steered, before.steered + 2);
 }
@@ -154,25 +187,28 @@ fn ipv6_connects_are_steered_by_connect6() {
 fn proxy_own_connects_are_never_steered() {
     require_kernel!();
     let _kernel = exclusive();
-    let topo = running(1, &[]);
+    let mut topo = running(1, &[]);
     // Enrolling the proxy's own namespace is what would make it loop: its
     // upstream connects to the service match every steering rule but one,
-    // the socket mark.
+    // the socket mark. Restart it so that every connection it opens
+    // (discovery, pooled and leased connections) starts out enrolled.
     topo.enroll(&topo.node);
     topo.enroll(&topo.pod(0).netns);
-
+    topo.daemon().stop();
     let before = topo.counters();
+    topo.daemon().start_again();
+
     assert_eq!(topo.pod(0).redis(&["SET", "loop", "no"]), "OK");
     let after = topo.counters();
-    assert_eq!(after.steered, before.steered + 1);
-    assert_eq!(
-        after.proxy_own,
-        before.proxy_own + 1,
-        "the proxy's upstream connect was not recognised: {after:?}"
+    assert_eq!(after.steered, before.steered + 1, "{before:?} -> {after:?}");
+    assert!(
+        after.proxy_own > before.proxy_own,
+        "the proxy's upstream connects were not recognised: {after:?}"
     );
+    assert_eq!(after.errors, 0);
 
     // An unmarked client in the (enrolled) node namespace is steered, and
-    // the proxy's connect on its behalf still is not.
+    // the proxy serves it without looping.
     let before = topo.counters();
     let out = topo.node_place().output(
         "timeout",
@@ -188,7 +224,6 @@ fn proxy_own_connects_are_never_steered() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no", "{out:?}");
     let after = topo.counters();
     assert_eq!(after.steered, before.steered + 1);
-    assert_eq!(after.proxy_own, before.proxy_own + 1);
     assert_eq!(after.errors, 0);
 }
 
@@ -198,8 +233,8 @@ fn restart_readopts_pins_and_fails_open_while_down() {
     let _kernel = exclusive();
     let mut topo = running(1, &["--liveness", "1s"]);
     topo.enroll(&topo.pod(0).netns);
-    let pod_ip = IpAddr::V4(topo.pod(0).ip);
-    assert_ne!(topo.pod(0).seen_by_redis_as(VIP), pod_ip);
+    let key = direct_key();
+    assert!(topo.pod(0).through_proxy(VIP));
     let programs = attached(&topo);
     assert_eq!(programs.len(), 3, "{programs:?}");
 
@@ -207,8 +242,8 @@ fn restart_readopts_pins_and_fails_open_while_down() {
     // instead of to a dead listener; the programs stay attached.
     topo.daemon().stop();
     let before = topo.counters();
-    assert_eq!(topo.pod(0).redis(&["SET", "k", "direct"]), "OK");
-    assert_eq!(topo.pod(0).seen_by_redis_as(VIP), pod_ip);
+    assert_eq!(topo.pod(0).redis(&["SET", &key, "direct"]), "OK");
+    assert!(!topo.pod(0).through_proxy(VIP));
     assert_eq!(topo.counters().proxy_down, before.proxy_down + 2);
     assert_eq!(attached(&topo), programs);
 
@@ -222,12 +257,8 @@ fn restart_readopts_pins_and_fails_open_while_down() {
         3,
         "bpftool prog list shows more than one set: {ours:?}"
     );
-    assert_ne!(
-        topo.pod(0).seen_by_redis_as(VIP),
-        pod_ip,
-        "not steered after restart"
-    );
-    assert_eq!(topo.pod(0).redis(&["GET", "k"]), "direct");
+    assert!(topo.pod(0).through_proxy(VIP), "not steered after restart");
+    assert_eq!(topo.pod(0).redis(&["GET", &key]), "direct");
 
     // Crash: without a heartbeat the programs fail open after the liveness
     // window, and steer again once a new daemon is up.
@@ -235,10 +266,10 @@ fn restart_readopts_pins_and_fails_open_while_down() {
     // Until the liveness window passes, connects still go to the dead
     // listener and are refused.
     wait_for("fail-open after a crash", Duration::from_secs(5), || {
-        (topo.pod(0).try_seen_by_redis_as(VIP) == Ok(pod_ip)).then_some(())
+        (topo.pod(0).try_through_proxy(VIP) == Ok(false)).then_some(())
     });
     topo.daemon().start_again();
-    assert_ne!(topo.pod(0).seen_by_redis_as(VIP), pod_ip);
+    assert!(topo.pod(0).through_proxy(VIP));
     assert_eq!(attached(&topo), programs);
 }
 
@@ -289,10 +320,7 @@ fn uninstall_leaves_nothing_behind() {
     assert!(!topo.pin_dir().exists(), "pin dir left behind");
 
     // The pod now simply goes direct, and a second uninstall is a no-op.
-    assert_eq!(
-        topo.pod(0).seen_by_redis_as(VIP),
-        IpAddr::V4(topo.pod(0).ip)
-    );
+    assert!(!topo.pod(0).through_proxy(VIP));
     let out = topo.cli(&["uninstall"]);
     assert!(out.contains("nothing to uninstall"), "{out}");
 }
@@ -361,7 +389,7 @@ fn mounts_cgroup2_and_attaches_at_the_real_root() {
     require_kernel!();
     let _kernel = exclusive();
     let mut topo = Topology::build(2);
-    topo.start_service_redis();
+    topo.start_service_cluster();
     let mount_point = topo.workdir().join("fresh-cgroup-root");
     let _unmount = testbed::cgroup::UnmountOnDrop(mount_point.clone());
     let mut args = topo.daemon_args();
@@ -381,33 +409,38 @@ fn mounts_cgroup2_and_attaches_at_the_real_root() {
     assert_eq!(status["programs"][0]["attached"]["cgroup_id"], 1);
 
     topo.enroll(&topo.pod(0).netns);
-    assert_ne!(
-        topo.pod(0).seen_by_redis_as(VIP),
-        IpAddr::V4(topo.pod(0).ip)
-    );
-    assert_eq!(
-        topo.pod(1).seen_by_redis_as(VIP),
-        IpAddr::V4(topo.pod(1).ip)
-    );
+    assert!(topo.pod(0).through_proxy(VIP));
+    assert!(!topo.pod(1).through_proxy(VIP));
 
     topo.daemon().stop();
     topo.cli(&["uninstall"]);
     assert!(bpftool::programs_named("redir_").is_empty());
 }
 
-/// A connection to the proxy port that was not steered has no original
-/// destination: the proxy closes it rather than act as an open relay.
+/// A steered client is shown the cluster at the address it dialled (its
+/// original destination), so a cluster-aware client keeps being steered; a
+/// client that dials the proxy itself is shown the proxy's address.
 #[test]
-fn unsteered_connections_to_the_proxy_are_closed() {
+fn cluster_views_advertise_the_address_the_client_dialled() {
     require_kernel!();
     let _kernel = exclusive();
-    let topo = running(1, &[]);
-    let proxy: SocketAddr = testbed::topology::proxy_addr();
-    let out = topo.pod(0).redis_cli(proxy.ip(), proxy.port(), &["PING"]);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !text.contains("PONG"),
-        "the proxy relayed an unsteered client: {text}"
+    let topo = running(2, &[]);
+    topo.enroll(&topo.pod(0).netns);
+    let slots = |out: std::process::Output| String::from_utf8_lossy(&out.stdout).to_string();
+
+    let steered = slots(
+        topo.pod(0)
+            .redis_cli(VIP, REDIS_PORT, &["CLUSTER", "SLOTS"]),
     );
+    assert!(steered.contains(&SERVICE_VIP.to_string()), "{steered}");
+    assert!(steered.contains(&REDIS_PORT.to_string()), "{steered}");
+
+    let proxy: SocketAddr = testbed::topology::proxy_addr();
+    let out = topo
+        .pod(1)
+        .redis_cli(proxy.ip(), proxy.port(), &["CLUSTER", "SLOTS"]);
+    let direct = slots(out);
+    assert!(direct.contains(&proxy.ip().to_string()), "{direct}");
+    assert!(direct.contains(&proxy.port().to_string()), "{direct}");
+    assert!(direct.contains("16383"), "{direct}");
 }

@@ -4,7 +4,9 @@
 //! - nightly `rust-src` (the eBPF crate builds `core` for bpfel-unknown-none);
 //! - bpf-linker, built against rustc's own LLVM (Debian's LLVM is too old)
 //!   into `target/tools`, where `.cargo/config.toml` points the bpf target;
-//! - Debian packages: redis-server, redis-tools, bpftool, iproute2, procps.
+//! - Debian packages: redis-server, redis-tools, bpftool, iproute2, procps,
+//!   and the client software the proxy is tested with: php-cli + php-redis
+//!   (phpredis) and python3-redis (redis-py for Debian's `/usr/bin/python3`).
 
 use std::{
     ffi::OsString,
@@ -20,15 +22,36 @@ use crate::{root, run};
 /// ARCHITECTURE.md, "Toolchain").
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// (command that proves it is installed, Debian package providing it).
-const PACKAGES: &[(&str, &str)] = &[
-    ("redis-server", "redis-server"),
-    ("redis-cli", "redis-tools"),
-    ("redis-benchmark", "redis-tools"),
-    ("bpftool", "bpftool"),
-    ("ip", "iproute2"),
-    ("sysctl", "procps"),
-    ("timeout", "coreutils"),
+/// How setup tells that a package is installed.
+#[derive(Clone, Copy)]
+enum Check {
+    /// A command of this name is on PATH.
+    OnPath(&'static str),
+    /// This command line exits 0 (for what is not a command of its own: a
+    /// PHP extension, a Python module).
+    Succeeds(&'static [&'static str]),
+}
+
+/// (check that proves it is installed, Debian packages providing it).
+const PACKAGES: &[(Check, &[&str])] = &[
+    (Check::OnPath("redis-server"), &["redis-server"]),
+    (Check::OnPath("redis-cli"), &["redis-tools"]),
+    (Check::OnPath("redis-benchmark"), &["redis-tools"]),
+    (Check::OnPath("bpftool"), &["bpftool"]),
+    (Check::OnPath("ip"), &["iproute2"]),
+    (Check::OnPath("sysctl"), &["procps"]),
+    (Check::OnPath("timeout"), &["coreutils"]),
+    (Check::OnPath("php"), &["php-cli"]),
+    (
+        Check::Succeeds(&["php", "-r", "exit(extension_loaded('redis') ? 0 : 1);"]),
+        // With php-cli, or apt satisfies the extension's PHP with Apache.
+        &["php-cli", "php-redis"],
+    ),
+    // Debian's interpreter by path: the one first on PATH may be another.
+    (
+        Check::Succeeds(&["/usr/bin/python3", "-c", "import redis.cluster"]),
+        &["python3-redis"],
+    ),
 ];
 
 pub fn all() -> Result<()> {
@@ -134,10 +157,12 @@ fn rustc_llvm(sysroot_lib: &Path) -> Result<(PathBuf, String)> {
 fn packages() -> Result<()> {
     let mut missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(command, _)| !have(command))
-        .map(|(_, package)| *package)
+        .filter(|(check, _)| !installed(*check))
+        .flat_map(|(_, packages)| packages.iter().copied())
         .collect();
-    missing.dedup();
+    // Keep the order, drop repeats.
+    let mut seen = std::collections::HashSet::new();
+    missing.retain(|p| seen.insert(*p));
     if missing.is_empty() {
         return Ok(());
     }
@@ -167,9 +192,19 @@ fn packages() -> Result<()> {
     result
 }
 
-fn have(command: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {command}")])
+fn installed(check: Check) -> bool {
+    match check {
+        Check::OnPath(command) => succeeds(&["sh", "-c", &format!("command -v {command}")]),
+        Check::Succeeds(argv) => succeeds(argv),
+    }
+}
+
+fn succeeds(argv: &[&str]) -> bool {
+    let Some((program, args)) = argv.split_first() else {
+        return false;
+    };
+    Command::new(program)
+        .args(args)
         .output()
         .is_ok_and(|o| o.status.success())
 }

@@ -315,7 +315,7 @@ pub async fn info(shared: Arc<Shared>, protocol: Protocol, section: Option<Strin
         let replicas: usize = view.shards().iter().map(|s| s.replicas.len()).sum();
         let covered = view.covered_slots();
         text.push_str(&format!(
-            "# Cluster\r\ncluster_enabled:0\r\nupstream_cluster_state:{}\r\nupstream_masters:{}\r\nupstream_replicas:{}\r\nupstream_slots_covered:{}\r\ntopology_version:{}\r\nread_policy:{:?}\r\n\r\n",
+            "# Cluster\r\ncluster_enabled:1\r\nupstream_cluster_state:{}\r\nupstream_masters:{}\r\nupstream_replicas:{}\r\nupstream_slots_covered:{}\r\ntopology_version:{}\r\nread_policy:{:?}\r\n\r\n",
             if covered == slot::SLOTS { "ok" } else { "fail" },
             view.shards().len(),
             replicas,

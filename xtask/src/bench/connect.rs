@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: what steering costs.
+//! What steering costs.
 //!
 //! connect() latency from a pod namespace, with and without the programs
 //! attached, in alternating rounds (without, with, without, ...), medians
@@ -29,25 +29,18 @@ const CONNECTS_PER_RUN: usize = 4000;
 const WARMUP: usize = 200;
 const OTHER_PORT: u16 = 9000;
 
-pub fn run(bin: &Path, rounds: usize) -> Result<()> {
-    testbed::require::missing().map_or(Ok(()), |why| Err(anyhow::anyhow!(why)))?;
-    // SAFETY: single-threaded here; the testbed reads it to find the daemon.
-    unsafe { std::env::set_var("REDIRECTOR_BIN", bin) };
-    connect_latency(rounds.max(1))
-}
-
 #[derive(Default)]
 struct Samples {
     without: Vec<Duration>,
     with: Vec<Duration>,
 }
 
-fn connect_latency(rounds: usize) -> Result<()> {
+pub fn connect_latency(rounds: usize) -> Result<()> {
     let mut topo = Topology::build(1);
     for netns in [&topo.node, &topo.pod(0).netns] {
         netns.sysctl("net.ipv4.tcp_max_tw_buckets", "0");
     }
-    topo.start_service_redis();
+    topo.start_service_cluster();
     let other = SocketAddr::from((SERVICE_VIP, OTHER_PORT));
     spawn_sink(&topo.node.path(), other)?;
     let redis = SocketAddr::from((SERVICE_VIP, REDIS_PORT));

@@ -1,0 +1,125 @@
+//! The real `redirector` binary as a plain proxy (`--steering off`) on
+//! 127.0.0.1, in front of a real cluster.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::Stdio,
+    time::Duration,
+};
+
+use crate::{
+    TempDir,
+    daemon::binary,
+    ports::free_port,
+    process::{Child, Place, wait_for},
+};
+
+pub struct Proxy {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    log: PathBuf,
+    child: Option<Child>,
+    _dir: TempDir,
+}
+
+impl Proxy {
+    /// Starts a proxy for the cluster reachable at `seeds`, with `extra`
+    /// `redirector run` arguments, and waits until it is ready.
+    pub fn start(seeds: &[SocketAddr], extra: &[&str]) -> Self {
+        let dir = TempDir::new("rdr-proxy-");
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = dir.path().join("redirector.log");
+        let seeds: Vec<String> = seeds.iter().map(ToString::to_string).collect();
+        let mut cmd = Place::default().command(binary());
+        cmd.args([
+            "run",
+            "--steering",
+            "off",
+            "--proxy-addr",
+            &addr.to_string(),
+        ])
+        .args(["--cluster-seed", &seeds.join(",")])
+        .args(["--admin-addr", &admin.to_string()])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("proxy log"));
+        let mut child = Child::spawn("redirector (proxy)", cmd);
+        wait_for("the proxy to be ready", Duration::from_secs(30), || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(
+                child.is_running(),
+                "redirector exited during start-up:\n{text}"
+            );
+            text.contains("redirector ready").then_some(())
+        });
+        Self {
+            addr,
+            admin,
+            log,
+            child: Some(child),
+            _dir: dir,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::pid)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The Prometheus exposition from the admin endpoint.
+    pub fn metrics(&self) -> String {
+        self.get("/metrics")
+    }
+
+    pub fn get(&self, path: &str) -> String {
+        let mut stream = TcpStream::connect(self.admin).expect("admin endpoint");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        response
+    }
+
+    /// The value of one sample in the metrics (`name{labels}` exactly as
+    /// exposed, or `name` alone); 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| {
+                let (key, value) = l.rsplit_once(' ')?;
+                (key == sample).then(|| value.parse().ok()).flatten()
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Resident memory of the proxy, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proxy status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// CPU time (user + system) used so far, in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        crate::process::cpu_ticks(self.pid())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(Child::is_running)
+    }
+}

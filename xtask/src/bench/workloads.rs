@@ -1,0 +1,330 @@
+//! W1-W4: the proxy against direct Redis Cluster access, as
+//! `../shared/notes/bench-method.md` prescribes.
+//!
+//! Everything runs inside a private network namespace (removed afterwards)
+//! with `tcp_max_tw_buckets=0` set there only, so short-connection runs
+//! measure the proxy and not TIME_WAIT. A 3+3 cluster listens on
+//! 127.0.0.1:7000-7005 in it, the proxy (release build, one worker thread)
+//! on 127.0.0.1:7379. Targets alternate (direct, proxy, direct, ...) for
+//! every round and medians are reported; a missed target is printed as such.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use testbed::{
+    TempDir,
+    cluster::RedisCluster,
+    netns::Netns,
+    process::{Child, Place, cpu_ticks, wait_for},
+    unique,
+};
+
+const PROXY_PORT: u16 = 7379;
+const WORKERS: &str = "1";
+
+struct Workload {
+    name: &'static str,
+    args: &'static [&'static str],
+    requests: u64,
+    /// (test, target ratio to direct)
+    targets: &'static [(&'static str, f64)],
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "W1 -c 50 -P 1",
+        args: &["-c", "50", "-P", "1", "--threads", "3", "-t", "set,get"],
+        requests: 200_000,
+        targets: &[("SET", 0.75), ("GET", 0.75)],
+    },
+    Workload {
+        name: "W2 -c 50 -P 16",
+        args: &["-c", "50", "-P", "16", "--threads", "3", "-t", "set,get"],
+        requests: 1_000_000,
+        targets: &[("SET", 0.85), ("GET", 0.60)],
+    },
+    Workload {
+        name: "W3 -c 20 -k 0",
+        args: &["-c", "20", "-k", "0", "--threads", "1", "-t", "get"],
+        requests: 60_000,
+        targets: &[("GET", 0.95)],
+    },
+];
+
+/// Proxy CPU seconds per 100k requests of the best peer (predixy), W1 / W2.
+const PEER_CPU: [(&str, f64); 2] = [("W1 -c 50 -P 1", 0.62), ("W2 -c 50 -P 16", 0.11)];
+
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+#[derive(Default)]
+struct Series {
+    direct: Vec<Sample>,
+    proxy: Vec<Sample>,
+}
+
+pub fn run(bin: &Path, rounds: usize) -> Result<()> {
+    let netns = Netns::create(&unique("rdr-bench"));
+    netns.sysctl("net.ipv4.tcp_max_tw_buckets", "0");
+    let place = netns.place();
+    let dir = TempDir::new("rdr-bench-");
+    let nodes: Vec<SocketAddr> = (7000..7006)
+        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+        .collect();
+    eprintln!(
+        "starting a 3+3 cluster and the proxy in netns {}",
+        netns.name()
+    );
+    let cluster = RedisCluster::start(&place, &nodes, 1, dir.path());
+    let proxy = start_proxy(bin, &place, dir.path())?;
+
+    let mut series: BTreeMap<(&str, String), Series> = BTreeMap::new();
+    let mut cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for round in 1..=rounds {
+        for w in WORKLOADS {
+            eprintln!("round {round}/{rounds}: {} direct", w.name);
+            for (test, sample) in benchmark(&place, w, true)? {
+                series
+                    .entry((w.name, test))
+                    .or_default()
+                    .direct
+                    .push(sample);
+            }
+            eprintln!("round {round}/{rounds}: {} proxy", w.name);
+            let before = cpu_ticks(proxy.pid());
+            let results = benchmark(&place, w, false)?;
+            let ticks = cpu_ticks(proxy.pid()) - before;
+            let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
+            // Clock ticks are 10 ms.
+            cpu.entry(w.name)
+                .or_default()
+                .push(ticks as f64 * 0.01 / requests as f64 * 100_000.0);
+            for (test, sample) in results {
+                series.entry((w.name, test)).or_default().proxy.push(sample);
+            }
+        }
+    }
+    let w4 = php_w4(&place, dir.path(), rounds)?;
+    drop(cluster);
+
+    println!();
+    println!(
+        "Redis Cluster proxy vs direct, medians of {rounds} alternating rounds; 3+3 cluster on loopback, redis-benchmark -r 100000 -d 32, proxy with {WORKERS} worker thread"
+    );
+    println!(
+        "{:<16} {:<4} {:>12} {:>12} {:>7} {:>8}  {:>15}  {:>15}  result",
+        "workload",
+        "test",
+        "direct rps",
+        "proxy rps",
+        "ratio",
+        "target",
+        "p50/p99 direct",
+        "p50/p99 proxy"
+    );
+    for w in WORKLOADS {
+        for &(test, target) in w.targets {
+            let Some(s) = series.get(&(w.name, test.to_string())) else {
+                continue;
+            };
+            let (direct, proxied) = (median(&s.direct), median(&s.proxy));
+            let ratio = proxied.rps / direct.rps;
+            println!(
+                "{:<16} {:<4} {:>12.0} {:>12.0} {:>7.2} {:>7.2}+  {:>6.2}/{:<6.2} ms  {:>6.2}/{:<6.2} ms  {}",
+                w.name,
+                test,
+                direct.rps,
+                proxied.rps,
+                ratio,
+                target,
+                direct.p50,
+                direct.p99,
+                proxied.p50,
+                proxied.p99,
+                if ratio >= target { "ok" } else { "MISSED" }
+            );
+        }
+    }
+    println!();
+    for w in WORKLOADS {
+        let spent = median_f(cpu.get(w.name).map(Vec::as_slice).unwrap_or(&[]));
+        match PEER_CPU.iter().find(|(name, _)| *name == w.name) {
+            Some((_, peer)) => println!(
+                "proxy CPU per 100k requests, {:<16} {spent:.3} s (best peer {peer:.2} s): {}",
+                w.name,
+                if spent < *peer { "ok" } else { "MISSED" }
+            ),
+            None => println!("proxy CPU per 100k requests, {:<16} {spent:.3} s", w.name),
+        }
+    }
+    if let Some((proxied, direct)) = w4 {
+        let ratio = proxied / direct;
+        println!();
+        println!(
+            "W4 PHP, phpredis, a fresh connection per request (SET+GET), 4 processes: proxy (Redis class) {proxied:.0} req/s, direct (RedisCluster) {direct:.0} req/s, ratio {ratio:.2} (target 2.00+): {}",
+            if ratio >= 2.0 { "ok" } else { "MISSED" }
+        );
+    }
+    Ok(())
+}
+
+fn start_proxy(bin: &Path, place: &Place, dir: &Path) -> Result<Child> {
+    let log = dir.join("proxy.log");
+    let mut cmd = place.command(bin);
+    cmd.args(["run", "--steering", "off", "--admin-addr", "none"])
+        .args(["--proxy-addr", &format!("127.0.0.1:{PROXY_PORT}")])
+        .args(["--cluster-seed", "127.0.0.1:7000", "--workers", WORKERS])
+        .env("RUST_LOG", "warn,redirector::app=info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?);
+    let mut child = Child::spawn("redirector (bench proxy)", cmd);
+    wait_for("the proxy to be ready", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(child.is_running(), "proxy exited:\n{text}");
+        text.contains("redirector ready").then_some(())
+    });
+    Ok(child)
+}
+
+/// One redis-benchmark run; (test, sample) per CSV row.
+fn benchmark(place: &Place, w: &Workload, direct: bool) -> Result<Vec<(String, Sample)>> {
+    let mut cmd = place.command("redis-benchmark");
+    cmd.args(["-h", "127.0.0.1", "--csv", "-r", "100000", "-d", "32"])
+        .args(["-n", &w.requests.to_string()])
+        .args(w.args);
+    if direct {
+        cmd.args(["-p", "7000", "--cluster"]);
+    } else {
+        cmd.args(["-p", &PROXY_PORT.to_string()]);
+    }
+    let out = cmd.output().context("redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut rows = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with("\"test\"")) {
+        let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
+        if fields.len() < 7 {
+            continue;
+        }
+        let num = |i: usize| fields[i].parse::<f64>().unwrap_or(0.0);
+        rows.push((
+            fields[0].to_string(),
+            Sample {
+                rps: num(1),
+                p50: num(4),
+                p99: num(6),
+            },
+        ));
+    }
+    if rows.is_empty() {
+        bail!(
+            "redis-benchmark ({}) printed no results: {}{}",
+            if direct { "direct" } else { "proxy" },
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(rows)
+}
+
+const PHP_W4: &str = r#"<?php
+// A PHP-FPM request: connect, SET, GET, close. argv: mode host port seconds
+[$_, $mode, $host, $port, $seconds] = $argv;
+$end = microtime(true) + (float)$seconds;
+$n = 0;
+while (microtime(true) < $end) {
+    if ($mode === 'proxy') {
+        $r = new Redis();
+        $r->connect($host, (int)$port);
+    } else {
+        $r = new RedisCluster(NULL, ["$host:$port"]);
+    }
+    $key = 'w4:' . getmypid() . ':' . ($n % 1000);
+    $r->set($key, "v$n");
+    if ($r->get($key) !== "v$n") {
+        fwrite(STDERR, "wrong value for $key\n");
+        exit(1);
+    }
+    $r->close();
+    $n++;
+}
+echo $n, "\n";
+"#;
+
+/// W4, medians over rounds: (proxy req/s, direct req/s); `None` when PHP
+/// with phpredis is not installed.
+fn php_w4(place: &Place, dir: &Path, rounds: usize) -> Result<Option<(f64, f64)>> {
+    let has_phpredis = Command::new("php")
+        .args(["-r", "exit(extension_loaded('redis') ? 0 : 1);"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_phpredis {
+        println!(
+            "W4 not measured: php with the redis extension is missing (cargo xtask setup installs it)"
+        );
+        return Ok(None);
+    }
+    let script = dir.join("w4.php");
+    std::fs::write(&script, PHP_W4)?;
+    let seconds = 4.0;
+    let run = |mode: &str, port: u16| -> Result<f64> {
+        let started = Instant::now();
+        let children: Vec<_> = (0..4)
+            .map(|_| {
+                place
+                    .command("php")
+                    .arg(&script)
+                    .args([mode, "127.0.0.1", &port.to_string(), &seconds.to_string()])
+                    .stdout(Stdio::piped())
+                    .spawn()
+            })
+            .collect::<Result<_, _>>()?;
+        let mut total = 0.0;
+        for child in children {
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!("php W4 ({mode}) failed");
+            }
+            total += String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<f64>()
+                .unwrap_or(0.0);
+        }
+        Ok(total / started.elapsed().as_secs_f64())
+    };
+    let (mut proxied, mut direct) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        eprintln!("round {round}/{rounds}: W4 php direct");
+        direct.push(run("cluster", 7000)?);
+        eprintln!("round {round}/{rounds}: W4 php proxy");
+        proxied.push(run("proxy", PROXY_PORT)?);
+    }
+    Ok(Some((median_f(&proxied), median_f(&direct))))
+}
+
+fn median(samples: &[Sample]) -> Sample {
+    let pick = |f: fn(&Sample) -> f64| median_f(&samples.iter().map(f).collect::<Vec<_>>());
+    Sample {
+        rps: pick(|s| s.rps),
+        p50: pick(|s| s.p50),
+        p99: pick(|s| s.p99),
+    }
+}
+
+fn median_f(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
