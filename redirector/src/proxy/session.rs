@@ -87,6 +87,8 @@ pub async fn serve(
         closing: false,
         view: shared.topology.view(),
         conns: Vec::new(),
+        metric_cache: Vec::new(),
+        read_at: Instant::now(),
     };
     session.run(stream).await;
     shared.metrics.client_closed();
@@ -95,8 +97,10 @@ pub async fn serve(
 
 /// Per-command bookkeeping for metrics.
 struct Meta {
+    /// When the read carrying the command returned.
     started: Instant,
-    counters: CommandCounters,
+    /// Index into the session's metric cache.
+    metric: usize,
 }
 
 enum Pending {
@@ -137,6 +141,8 @@ struct Session {
     /// Shared upstream connections this client used, by node: saves the
     /// pool lookups on the hot path.
     conns: Vec<(SocketAddr, Conn)>,
+    metric_cache: Vec<(Box<[u8]>, CommandCounters)>,
+    read_at: Instant,
 }
 
 enum Event {
@@ -159,9 +165,10 @@ impl Session {
         let mut out = BytesMut::with_capacity(16 * 1024);
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut eof = false;
+        let mut backlog = false;
         loop {
             if !self.closing && !inbuf.is_empty() && pending.len() < settings.max_pipeline {
-                self.parse_and_dispatch(&mut inbuf, &mut pending, &settings);
+                backlog = self.parse_and_dispatch(&mut inbuf, &mut pending, &settings);
             }
             let close_now = self.drain(&mut pending, &mut out);
             if !out.is_empty() {
@@ -173,7 +180,15 @@ impl Session {
                     out = BytesMut::with_capacity(16 * 1024);
                 }
             }
-            if close_now || (eof && pending.is_empty()) {
+            if close_now {
+                return;
+            }
+            // Requests already buffered wait only for room in the pipeline,
+            // never for more input (the client may be done sending).
+            if backlog && !self.closing && pending.len() < settings.max_pipeline {
+                continue;
+            }
+            if eof && pending.is_empty() && !backlog {
                 return;
             }
 
@@ -212,6 +227,8 @@ impl Session {
     /// Writes every resolved reply at the head of the queue into `out`.
     /// Returns true when the connection must close now.
     fn drain(&mut self, pending: &mut VecDeque<Pending>, out: &mut BytesMut) -> bool {
+        // One clock read for every reply this drain writes.
+        let mut now: Option<Instant> = None;
         loop {
             let resolution = match pending.front_mut() {
                 None => return false,
@@ -238,7 +255,10 @@ impl Session {
             }
             if let Some(Pending::Ready(raw, meta)) = pending.pop_front() {
                 if let Some(meta) = meta {
-                    record(&self.shared, &raw, meta);
+                    let now = *now.get_or_insert_with(Instant::now);
+                    let ok = !matches!(raw.first(), Some(b'-' | b'!'));
+                    self.metric_cache[meta.metric].1.record(ok);
+                    self.shared.metrics.latency(now - meta.started);
                 }
                 out.extend_from_slice(&raw);
             }
@@ -276,12 +296,16 @@ impl Session {
         pending.push_front(resolved);
     }
 
+    /// Parses and dispatches buffered requests until none is complete or
+    /// the pipeline is full. Returns true when it stopped at the limit with
+    /// bytes left, which the caller parses as soon as there is room.
     fn parse_and_dispatch(
         &mut self,
         inbuf: &mut BytesMut,
         pending: &mut VecDeque<Pending>,
         settings: &super::Settings,
-    ) {
+    ) -> bool {
+        self.read_at = Instant::now();
         while pending.len() < settings.max_pipeline && !self.closing {
             match request::parse(inbuf, &settings.limits) {
                 Ok(Parsed::Request(req)) => self.dispatch(req, pending),
@@ -289,7 +313,7 @@ impl Session {
                     if needed > 0 {
                         inbuf.reserve(needed);
                     }
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     // As Redis: reply with the protocol error, then close.
@@ -299,10 +323,23 @@ impl Session {
                     pending.push_back(Pending::Close);
                     self.closing = true;
                     inbuf.clear();
-                    return;
+                    return false;
                 }
             }
         }
+        // Stopped at the pipeline limit: complete requests may remain.
+        !self.closing && !inbuf.is_empty()
+    }
+
+    /// This session's counters for a command name (few distinct names per
+    /// client: a short scan beats the shared map and its locking).
+    fn metric_index(&mut self, name: &[u8]) -> usize {
+        if let Some(i) = self.metric_cache.iter().position(|(n, _)| &n[..] == name) {
+            return i;
+        }
+        self.metric_cache
+            .push((name.into(), self.shared.metrics.command(name)));
+        self.metric_cache.len() - 1
     }
 
     fn caller(&self) -> Caller<'_> {
@@ -336,20 +373,19 @@ impl Session {
             UNKNOWN_COMMAND
         };
         let meta = Meta {
-            started: Instant::now(),
-            counters: self.shared.metrics.command(metric_name),
+            started: self.read_at,
+            metric: self.metric_index(metric_name),
         };
-        let name = name.to_vec();
         let ready = |pending: &mut VecDeque<Pending>, raw: Bytes, meta: Meta| {
             pending.push_back(Pending::Ready(raw, Some(meta)));
         };
 
-        if !self.authed && !matches!(name.as_slice(), b"auth" | b"hello" | b"quit" | b"reset") {
+        if !self.authed && !matches!(name, b"auth" | b"hello" | b"quit" | b"reset") {
             return ready(pending, reply::error(NOAUTH), meta);
         }
         if self.multi.is_some()
             && !matches!(
-                name.as_slice(),
+                name,
                 b"exec" | b"discard" | b"multi" | b"watch" | b"quit" | b"reset"
             )
         {
@@ -359,17 +395,17 @@ impl Session {
         let subscribed = self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active);
         if subscribed
             && self.protocol == Protocol::Resp2
-            && !pubsub::handles(&name)
-            && !matches!(name.as_slice(), b"ping" | b"quit" | b"reset")
+            && !pubsub::handles(name)
+            && !matches!(name, b"ping" | b"quit" | b"reset")
         {
             let raw = reply::error(&format!(
                 "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
-                String::from_utf8_lossy(&name)
+                String::from_utf8_lossy(name)
             ));
             return ready(pending, raw, meta);
         }
 
-        match name.as_slice() {
+        match name {
             b"ping" => ready(pending, local::ping(&req, self.protocol, subscribed), meta),
             b"echo" => ready(pending, local::echo(&req, self.protocol), meta),
             b"time" => ready(pending, local::time(self.protocol), meta),
@@ -465,7 +501,7 @@ impl Session {
                     .get_or_insert_with(|| pubsub::start(Arc::clone(&self.shared), self.protocol));
                 handle.send(req);
                 // Replies come from the subscription connections.
-                meta.counters.record(true);
+                self.metric_cache[meta.metric].1.record(true);
             }
             b"dbsize" => self.fan_out(req, exec::FanOut::SumIntegers, pending, meta),
             b"keys" => self.fan_out(req, exec::FanOut::ConcatArrays, pending, meta),
@@ -503,7 +539,7 @@ impl Session {
             }
             b"monitor" | b"sync" | b"psync" | b"replicaof" | b"slaveof" | b"shutdown"
             | b"swapdb" | b"move" | b"failover" | b"debug" => {
-                let what = String::from_utf8_lossy(&name).to_uppercase();
+                let what = String::from_utf8_lossy(name).to_uppercase();
                 ready(pending, local::unsupported(&what), meta);
             }
             _ => self.keyed(req, info, pending, meta),
@@ -908,12 +944,6 @@ fn may_block(req: &Request) -> bool {
         .iter()
         .take_while(|a| !a.eq_ignore_ascii_case(b"streams"))
         .any(|a| a.eq_ignore_ascii_case(b"block"))
-}
-
-fn record(shared: &Shared, raw: &Bytes, meta: Meta) {
-    let ok = !matches!(raw.first(), Some(b'-' | b'!'));
-    meta.counters.record(ok);
-    shared.metrics.latency(meta.started.elapsed());
 }
 
 fn spawn_raw(work: impl Future<Output = Bytes> + Send + 'static) -> oneshot::Receiver<Bytes> {
