@@ -88,6 +88,37 @@ fn enrolled_pod_is_steered_and_others_go_direct() {
         )
     );
 
+    // Slot-routed: keys written by the cluster-unaware pod land on their
+    // owners across the shards, and come back in one MGET.
+    let keys = [
+        "user:1",
+        "user:2",
+        "user:3",
+        "cart:7",
+        "session:abc",
+        "page:home",
+    ];
+    let mut mset = vec!["MSET"];
+    for key in keys {
+        mset.extend([key, key]);
+    }
+    assert_eq!(pod_a.redis(&mset), "OK");
+    let mut owners = std::collections::BTreeSet::new();
+    for key in keys {
+        let owner = topo
+            .cluster()
+            .owner_of_slot(testbed::cluster::slot_of(key.as_bytes()));
+        assert_eq!(topo.cluster().cli(owner, &["GET", key]).trim(), key);
+        owners.insert(owner);
+    }
+    assert!(
+        owners.len() >= 2,
+        "keys did not spread over shards: {owners:?}"
+    );
+    let mut mget = vec!["MGET"];
+    mget.extend(keys);
+    assert_eq!(pod_a.redis(&mget), keys.join("\n"));
+
     // aya-log records from the connect program reached the daemon's tracing.
     let log_line = wait_for("an eBPF log record", Duration::from_secs(5), || {
         let log = topo.daemon.as_ref().expect("daemon").log();

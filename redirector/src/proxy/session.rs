@@ -62,8 +62,8 @@ pub async fn serve(
     id: u64,
     _slot: ClientSlot,
 ) {
+    // TCP_NODELAY is inherited from the listener.
     let local = stream.local_addr().unwrap_or(peer);
-    let _ = stream.set_nodelay(true);
     // A steered client believes it talks to the address it dialled.
     let advertised = shared
         .orig_dst
@@ -161,8 +161,10 @@ impl Session {
     async fn run(&mut self, stream: TcpStream) {
         let (mut reader, mut writer) = stream.into_split();
         let settings = self.shared.settings.clone();
-        let mut inbuf = BytesMut::with_capacity(16 * 1024);
-        let mut out = BytesMut::with_capacity(16 * 1024);
+        // Small to start: a client that connects for one command (PHP-FPM)
+        // should cost little; busy clients grow them.
+        let mut inbuf = BytesMut::with_capacity(4 * 1024);
+        let mut out = BytesMut::with_capacity(4 * 1024);
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut eof = false;
         let mut backlog = false;
@@ -197,7 +199,7 @@ impl Session {
             let idle = settings
                 .idle_timeout
                 .filter(|_| pending.is_empty() && !subscribed);
-            if inbuf.capacity() - inbuf.len() < 4096 {
+            if inbuf.capacity() - inbuf.len() < 1024 {
                 inbuf.reserve(16 * 1024);
             }
             let event = tokio::select! {
@@ -694,6 +696,29 @@ fn keys_slot(req: &Request, info: Option<&CommandInfo>) -> Result<Option<u16>, B
         };
         if !info.arity_ok(req.args.len()) {
             return Err(local::wrong_arity(&info.name));
+        }
+        // Fixed key positions (most commands): walk them without building
+        // an index list. Movable keys need the key specs.
+        let fixed = !info.flags.contains(Flags::MOVABLEKEYS) && info.first_key > 0;
+        if fixed {
+            let argc = req.args.len() as i64;
+            let last = if info.last_key < 0 {
+                argc + info.last_key
+            } else {
+                info.last_key
+            };
+            let step = info.step.max(1) as usize;
+            let (first, last) = (info.first_key as usize, last.min(argc - 1).max(0) as usize);
+            let mut slots = (first..=last)
+                .step_by(step)
+                .map(|i| slot::slot(&req.args[i]));
+            let Some(head) = slots.next() else {
+                return Ok(None);
+            };
+            if slots.any(|s| s != head) {
+                return Err(reply::error(CROSSSLOT));
+            }
+            return Ok(Some(head));
         }
         let keys = info
             .key_indices(&req.args)
