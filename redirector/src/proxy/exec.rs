@@ -95,10 +95,7 @@ pub fn send(
 ) -> oneshot::Receiver<JobResult> {
     let (job, rx) = Job::new(payload, replies);
     if let Err(job) = shared.pools.node(node, protocol).conn().send(job) {
-        let _ = job.tx.send(Err(UpstreamError::NotSent(
-            node,
-            "connection closed".into(),
-        )));
+        job.fail(UpstreamError::NotSent(node, "connection closed".into()));
     }
     rx
 }
@@ -129,11 +126,19 @@ impl Verdict {
 /// Judges an attempt. A command whose connection died after it was sent
 /// is only retried when it is read-only: a write may already have run.
 pub fn judge(result: JobResult, readonly: bool) -> Verdict {
-    let reply = match result {
+    match result {
         Ok(mut replies) => match replies.pop() {
-            Some(reply) => reply,
-            None => return Verdict::Done(Reply::local(reply::error("ERR empty reply"))),
+            Some(reply) => judge_one(Ok(reply), readonly),
+            None => Verdict::Done(Reply::local(reply::error("ERR empty reply"))),
         },
+        Err(e) => judge_one(Err(e), readonly),
+    }
+}
+
+/// [`judge`] for a single reply.
+pub fn judge_one(result: Result<Reply, UpstreamError>, readonly: bool) -> Verdict {
+    let reply = match result {
+        Ok(reply) => reply,
         Err(e) if e.maybe_ran() && !readonly => {
             return Verdict::Done(Reply::local(reply::error(&format!(
                 "ERR redirector: {e}; the command may or may not have been applied"

@@ -28,7 +28,7 @@ use super::{
     exec::{self, Merge, Routed, Target},
     local::{self, Caller},
     pubsub, txn,
-    upstream::{Conn, Job, JobResult},
+    upstream::{Conn, Inbox, Job, Sink},
 };
 use crate::{
     cluster::{
@@ -87,6 +87,8 @@ pub async fn serve(
         closing: false,
         view: shared.topology.view(),
         conns: Vec::new(),
+        inbox: Arc::new(Inbox::default()),
+        batch: Vec::new(),
         metric_cache: Vec::new(),
         read_at: Instant::now(),
     };
@@ -105,10 +107,10 @@ struct Meta {
 
 enum Pending {
     Ready(Bytes, Option<Meta>),
-    /// First attempt on a shared connection.
-    Job {
-        rx: oneshot::Receiver<JobResult>,
-        node: SocketAddr,
+    /// First attempt on a shared connection; the reply arrives in the
+    /// session's inbox under `seq`.
+    Upstream {
+        seq: u64,
         routed: Routed,
         meta: Meta,
     },
@@ -141,6 +143,10 @@ struct Session {
     /// Shared upstream connections this client used, by node: saves the
     /// pool lookups on the hot path.
     conns: Vec<(SocketAddr, Conn)>,
+    /// Where shared connections deliver this client's replies.
+    inbox: Arc<Inbox>,
+    /// Commands routed by the current read, per node, not yet sent.
+    batch: Vec<(SocketAddr, BytesMut, Vec<u64>)>,
     metric_cache: Vec<(Box<[u8]>, CommandCounters)>,
     read_at: Instant,
 }
@@ -153,8 +159,10 @@ enum Event {
 }
 
 enum Resolution {
-    Job(JobResult),
+    Upstream(Result<Reply, super::UpstreamError>),
     Task(Bytes),
+    /// The inbox got a reply: look again.
+    Wake,
 }
 
 impl Session {
@@ -168,6 +176,7 @@ impl Session {
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut eof = false;
         let mut backlog = false;
+        let inbox = Arc::clone(&self.inbox);
         loop {
             if !self.closing && !inbuf.is_empty() && pending.len() < settings.max_pipeline {
                 backlog = self.parse_and_dispatch(&mut inbuf, &mut pending, &settings);
@@ -204,12 +213,13 @@ impl Session {
             }
             let event = tokio::select! {
                 biased;
-                resolution = head(pending.front_mut()) => Event::Resolved(resolution),
+                resolution = head(pending.front_mut(), &inbox) => Event::Resolved(resolution),
                 out = next_pubsub(self.pubsub.as_mut()) => Event::PubSub(out),
                 read = reader.read_buf(&mut inbuf), if can_read => Event::Read(read),
                 () = sleep_opt(idle) => Event::Idle,
             };
             match event {
+                Event::Resolved(Resolution::Wake) => {}
                 Event::Resolved(resolution) => self.resolve_head(&mut pending, resolution),
                 Event::Read(Ok(0) | Err(_)) => eof = true,
                 Event::Read(Ok(_)) => {}
@@ -236,12 +246,9 @@ impl Session {
                 None => return false,
                 Some(Pending::Close) => return true,
                 Some(Pending::Ready(..)) => None,
-                Some(Pending::Job { rx, .. }) => match rx.try_recv() {
-                    Ok(result) => Some(Resolution::Job(result)),
-                    Err(oneshot::error::TryRecvError::Empty) => return false,
-                    Err(oneshot::error::TryRecvError::Closed) => Some(Resolution::Job(Err(
-                        super::UpstreamError::NotSent(self.local, "connection task ended".into()),
-                    ))),
+                Some(Pending::Upstream { seq, .. }) => match self.inbox.take(*seq) {
+                    Some(result) => Some(Resolution::Upstream(result)),
+                    None => return false,
                 },
                 Some(Pending::Task(rx, _)) => match rx.try_recv() {
                     Ok(raw) => Some(Resolution::Task(raw)),
@@ -272,14 +279,8 @@ impl Session {
             return;
         };
         let resolved = match (front, resolution) {
-            (
-                Pending::Job {
-                    routed, meta, node, ..
-                },
-                Resolution::Job(result),
-            ) => {
-                let _ = node;
-                match exec::judge(result, routed.target.readonly) {
+            (Pending::Upstream { routed, meta, .. }, Resolution::Upstream(result)) => {
+                match exec::judge_one(result, routed.target.readonly) {
                     exec::Verdict::Done(reply) => Pending::Ready(reply.raw, Some(meta)),
                     verdict => {
                         let shared = Arc::clone(&self.shared);
@@ -302,6 +303,17 @@ impl Session {
     /// the pipeline is full. Returns true when it stopped at the limit with
     /// bytes left, which the caller parses as soon as there is room.
     fn parse_and_dispatch(
+        &mut self,
+        inbuf: &mut BytesMut,
+        pending: &mut VecDeque<Pending>,
+        settings: &super::Settings,
+    ) -> bool {
+        let backlog = self.parse_requests(inbuf, pending, settings);
+        self.flush_batch();
+        backlog
+    }
+
+    fn parse_requests(
         &mut self,
         inbuf: &mut BytesMut,
         pending: &mut VecDeque<Pending>,
@@ -755,13 +767,18 @@ impl Session {
         }
         match exec::pick(&self.shared, &self.view, routed.target) {
             Ok(node) => {
-                let rx = self.send(node, routed.payload.clone());
-                pending.push_back(Pending::Job {
-                    rx,
-                    node,
-                    routed,
-                    meta,
-                });
+                let seq = self.inbox.reserve();
+                match self.batch.iter_mut().find(|(n, ..)| *n == node) {
+                    Some((_, payload, seqs)) => {
+                        payload.extend_from_slice(&routed.payload);
+                        seqs.push(seq);
+                    }
+                    None => {
+                        let payload = BytesMut::from(&routed.payload[..]);
+                        self.batch.push((node, payload, vec![seq]));
+                    }
+                }
+                pending.push_back(Pending::Upstream { seq, routed, meta });
             }
             Err(e) => {
                 // No owner right now: wait for the topology like a retry.
@@ -775,31 +792,40 @@ impl Session {
         }
     }
 
-    /// Queues one command on this client's cached shared connection to
-    /// `node`.
-    fn send(&mut self, node: SocketAddr, payload: Bytes) -> oneshot::Receiver<JobResult> {
-        let (job, rx) = Job::new(payload, 1);
-        let cached = self
-            .conns
-            .iter()
-            .position(|(addr, conn)| *addr == node && !conn.is_closed());
-        let conn = match cached {
-            Some(i) => &self.conns[i].1,
-            None => {
-                self.conns
-                    .retain(|(addr, conn)| *addr != node && !conn.is_closed());
-                let conn = self.shared.pools.node(node, self.protocol).conn();
-                self.conns.push((node, conn));
-                &self.conns[self.conns.len() - 1].1
+    /// Sends what this read routed: one job per node, carrying every
+    /// command for that node in request order, on this client's cached
+    /// shared connection to it.
+    fn flush_batch(&mut self) {
+        for (node, payload, seqs) in std::mem::take(&mut self.batch) {
+            let job = Job {
+                payload: payload.freeze(),
+                replies: seqs.len(),
+                sink: Sink::Inbox {
+                    inbox: Arc::clone(&self.inbox),
+                    seqs,
+                },
+            };
+            let cached = self
+                .conns
+                .iter()
+                .position(|(addr, conn)| *addr == node && !conn.is_closed());
+            let conn = match cached {
+                Some(i) => &self.conns[i].1,
+                None => {
+                    self.conns
+                        .retain(|(addr, conn)| *addr != node && !conn.is_closed());
+                    let conn = self.shared.pools.node(node, self.protocol).conn();
+                    self.conns.push((node, conn));
+                    &self.conns[self.conns.len() - 1].1
+                }
+            };
+            if let Err(job) = conn.send(job) {
+                job.fail(super::UpstreamError::NotSent(
+                    node,
+                    "connection closed".into(),
+                ));
             }
-        };
-        if let Err(job) = conn.send(job) {
-            let _ = job.tx.send(Err(super::UpstreamError::NotSent(
-                node,
-                "connection closed".into(),
-            )));
         }
-        rx
     }
 
     fn fan_out(
@@ -983,14 +1009,12 @@ fn spawn_reply(work: impl Future<Output = Reply> + Send + 'static) -> oneshot::R
     spawn_raw(async move { work.await.raw })
 }
 
-async fn head(front: Option<&mut Pending>) -> Resolution {
+async fn head(front: Option<&mut Pending>, inbox: &Inbox) -> Resolution {
     match front {
-        Some(Pending::Job { rx, node, .. }) => Resolution::Job(rx.await.unwrap_or_else(|_| {
-            Err(super::UpstreamError::NotSent(
-                *node,
-                "connection task ended".into(),
-            ))
-        })),
+        Some(Pending::Upstream { .. }) => {
+            inbox.wait().await;
+            Resolution::Wake
+        }
         Some(Pending::Task(rx, _)) => Resolution::Task(
             rx.await
                 .unwrap_or_else(|_| reply::error("ERR redirector: internal task failed")),

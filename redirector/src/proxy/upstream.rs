@@ -38,12 +38,37 @@ const MAX_BATCH: usize = 256 * 1024;
 /// What a job resolves to: its reply frames, in order.
 pub type JobResult = Result<Vec<Reply>, UpstreamError>;
 
+/// Where a job's replies go.
+pub enum Sink {
+    /// All of them, together, to one waiter (tasks: retries, fan-outs).
+    Oneshot(oneshot::Sender<JobResult>),
+    /// One reply per sequence number, into a session's inbox: a client's
+    /// whole pipeline to a node travels as one job and is answered with one
+    /// wake-up, not one channel per command.
+    Inbox { inbox: Arc<Inbox>, seqs: Vec<u64> },
+}
+
+impl Sink {
+    fn fail(self, error: UpstreamError, delivered: usize) {
+        match self {
+            Self::Oneshot(tx) => {
+                let _ = tx.send(Err(error));
+            }
+            Self::Inbox { inbox, seqs } => {
+                for &seq in &seqs[delivered..] {
+                    inbox.put(seq, Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
 pub struct Job {
     /// One or more encoded commands.
     pub payload: Bytes,
     /// How many reply frames the payload produces.
     pub replies: usize,
-    pub tx: oneshot::Sender<JobResult>,
+    pub sink: Sink,
 }
 
 impl Job {
@@ -53,17 +78,74 @@ impl Job {
             Self {
                 payload,
                 replies,
-                tx,
+                sink: Sink::Oneshot(tx),
             },
             rx,
         )
+    }
+
+    /// Fails a job that could not be queued.
+    pub fn fail(self, error: UpstreamError) {
+        self.sink.fail(error, 0);
+    }
+}
+
+/// A session's reply slots, filled by upstream readers in any order and
+/// taken by the session in request order.
+#[derive(Default)]
+pub struct Inbox {
+    state: Mutex<InboxState>,
+    ready: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct InboxState {
+    /// Sequence number of `slots[0]`.
+    base: u64,
+    slots: VecDeque<Option<Result<Reply, UpstreamError>>>,
+}
+
+impl Inbox {
+    /// A new slot; replies for it are `put` under the returned number.
+    pub fn reserve(&self) -> u64 {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.slots.push_back(None);
+        state.base + state.slots.len() as u64 - 1
+    }
+
+    pub fn put(&self, seq: u64, reply: Result<Reply, UpstreamError>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(index) = seq.checked_sub(state.base) else {
+            return;
+        };
+        if let Some(slot) = state.slots.get_mut(index as usize) {
+            *slot = Some(reply);
+            drop(state);
+            self.ready.notify_one();
+        }
+    }
+
+    /// The reply for `seq` (the oldest slot) if it has arrived.
+    pub fn take(&self, seq: u64) -> Option<Result<Reply, UpstreamError>> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.base != seq || state.slots.front().is_none_or(Option::is_none) {
+            return None;
+        }
+        state.base += 1;
+        state.slots.pop_front().flatten()
+    }
+
+    /// Resolves after a `put` (possibly one already taken: check again).
+    pub async fn wait(&self) {
+        self.ready.notified().await;
     }
 }
 
 struct InFlight {
     remaining: usize,
+    delivered: usize,
     replies: Vec<Reply>,
-    tx: oneshot::Sender<JobResult>,
+    sink: Sink,
 }
 
 /// A handle to a running connection; cheap to clone.
@@ -126,9 +208,7 @@ async fn run(
             closed.store(true, Ordering::Relaxed);
             rx.close();
             while let Ok(job) = rx.try_recv() {
-                let _ = job
-                    .tx
-                    .send(Err(UpstreamError::NotSent(addr, e.to_string())));
+                job.fail(UpstreamError::NotSent(addr, e.to_string()));
             }
             return;
         }
@@ -149,13 +229,12 @@ async fn run(
     tracing::debug!(%addr, reason, "upstream connection ended");
     // Sent jobs may or may not have run; queued ones surely did not.
     for job in inflight.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-        let _ = job.tx.send(Err(UpstreamError::Lost(addr, reason.clone())));
+        job.sink
+            .fail(UpstreamError::Lost(addr, reason.clone()), job.delivered);
     }
     rx.close();
     while let Ok(job) = rx.try_recv() {
-        let _ = job
-            .tx
-            .send(Err(UpstreamError::NotSent(addr, reason.clone())));
+        job.fail(UpstreamError::NotSent(addr, reason.clone()));
     }
 }
 
@@ -184,10 +263,12 @@ async fn write_jobs(
             let mut job = first;
             loop {
                 batch.extend_from_slice(&job.payload);
+                let collect = matches!(job.sink, Sink::Oneshot(_));
                 queue.push_back(InFlight {
                     remaining: job.replies,
-                    replies: Vec::with_capacity(job.replies),
-                    tx: job.tx,
+                    delivered: 0,
+                    replies: Vec::with_capacity(if collect { job.replies } else { 0 }),
+                    sink: job.sink,
                 });
                 if batch.len() >= MAX_BATCH {
                     break;
@@ -222,13 +303,19 @@ async fn read_replies(
             let Some(front) = queue.front_mut() else {
                 return Err("reply with no request outstanding".into());
             };
-            front.replies.push(reply);
+            match &front.sink {
+                Sink::Oneshot(_) => front.replies.push(reply),
+                Sink::Inbox { inbox, seqs } => inbox.put(seqs[front.delivered], Ok(reply)),
+            }
+            front.delivered += 1;
             front.remaining -= 1;
             if front.remaining == 0 {
                 let done = queue.pop_front().expect("front exists");
                 drop(queue);
                 // The client may have gone; its reply is simply dropped.
-                let _ = done.tx.send(Ok(done.replies));
+                if let Sink::Oneshot(tx) = done.sink {
+                    let _ = tx.send(Ok(done.replies));
+                }
             }
         }
         if buf.capacity() - buf.len() < 8 * 1024 {
