@@ -4,11 +4,7 @@
 //! name and cached, so recording a command costs a map read and two atomic
 //! adds, not a label allocation.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::RwLock, time::Duration};
 
 use crate::fasthash::FnvHashMap;
 use prometheus_client::{
@@ -188,10 +184,6 @@ impl Metrics {
         out
     }
 
-    pub fn registry_mut(&mut self) -> &mut Registry {
-        &mut self.registry
-    }
-
     pub fn client_opened(&self) {
         self.clients_opened.inc();
         self.clients_active.inc();
@@ -291,6 +283,3 @@ impl Default for Metrics {
         Self::new()
     }
 }
-
-/// Shared handle.
-pub type SharedMetrics = Arc<Metrics>;

@@ -620,6 +620,19 @@ impl RedisCluster {
     }
 
     /// The last lines of every node's log, for failure messages.
+    /// Keys held by the masters (DBSIZE summed).
+    pub fn total_keys(&self) -> u64 {
+        self.masters()
+            .iter()
+            .map(|m| {
+                let n = self.cli(*m, &["DBSIZE"]);
+                n.trim()
+                    .parse::<u64>()
+                    .unwrap_or_else(|_| panic!("DBSIZE on {m}: {n:?}"))
+            })
+            .sum()
+    }
+
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for node in &self.nodes {

@@ -240,16 +240,7 @@ fn redis_cli_through_the_proxy() {
     }
 
     // Nothing else was written: every key counted once across the masters.
-    let dbsize: u64 = cluster
-        .masters()
-        .iter()
-        .map(|m| {
-            let n = cluster.cli(*m, &["DBSIZE"]);
-            n.trim()
-                .parse::<u64>()
-                .unwrap_or_else(|_| panic!("DBSIZE on {m}: {n:?}"))
-        })
-        .sum();
+    let dbsize = cluster.total_keys();
     assert_eq!(
         dbsize,
         (PIPED + keys.len() + 1) as u64,
@@ -308,17 +299,7 @@ fn redis_benchmark_through_the_proxy() {
     assert!(commands >= 80_000, "the proxy counted {commands} commands");
 
     // -r 10000 writes keys `key:000000000000`..: they landed in the cluster.
-    let dbsize: u64 = cluster
-        .masters()
-        .iter()
-        .map(|m| {
-            cluster
-                .cli(*m, &["DBSIZE"])
-                .trim()
-                .parse::<u64>()
-                .unwrap_or(0)
-        })
-        .sum();
+    let dbsize = cluster.total_keys();
     assert!(
         (1000..=10_000).contains(&dbsize),
         "{dbsize} keys in the cluster after redis-benchmark"

@@ -324,16 +324,7 @@ pub async fn split(
         return error.raw.clone();
     }
     match merge {
-        Merge::Sum => {
-            let total: i64 = replies
-                .iter()
-                .map(|r| match r.kind {
-                    ReplyKind::Integer(n) => n,
-                    _ => 0,
-                })
-                .sum();
-            reply::build(protocol, |e| e.integer(total))
-        }
+        Merge::Sum => reply::build(protocol, |e| e.integer(sum_integers(&replies))),
         Merge::AllOk => reply::ok(),
         Merge::Values => {
             let key_count = req.args.len() - 1;
@@ -361,6 +352,17 @@ pub async fn split(
             out.freeze()
         }
     }
+}
+
+/// The sum of integer replies (DEL, EXISTS, DBSIZE, ... parts).
+fn sum_integers(replies: &[Reply]) -> i64 {
+    replies
+        .iter()
+        .map(|r| match r.kind {
+            ReplyKind::Integer(n) => n,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Runs commands concurrently (all first attempts go out before any reply
@@ -454,16 +456,7 @@ pub async fn fan_out(shared: Arc<Shared>, protocol: Protocol, req: Request, how:
     }
     match how {
         FanOut::First => replies[0].raw.clone(),
-        FanOut::SumIntegers => {
-            let total: i64 = replies
-                .iter()
-                .map(|r| match r.kind {
-                    ReplyKind::Integer(n) => n,
-                    _ => 0,
-                })
-                .sum();
-            reply::build(protocol, |e| e.integer(total))
-        }
+        FanOut::SumIntegers => reply::build(protocol, |e| e.integer(sum_integers(&replies))),
         FanOut::ConcatArrays => {
             let mut all = Vec::new();
             for r in &replies {

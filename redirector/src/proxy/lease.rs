@@ -7,7 +7,7 @@ use std::{io, net::SocketAddr};
 
 use bytes::BytesMut;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _},
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -69,21 +69,7 @@ impl Leased {
     }
 
     async fn read_reply(&mut self) -> Result<Reply, UpstreamError> {
-        loop {
-            match reply::decode(&mut self.buf, self.protocol) {
-                Ok(Some(reply)) => return Ok(reply),
-                Ok(None) => {}
-                Err(e) => return Err(UpstreamError::Protocol(self.addr, e.to_string())),
-            }
-            let n = self
-                .stream
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| UpstreamError::Lost(self.addr, e.to_string()))?;
-            if n == 0 {
-                return Err(UpstreamError::Lost(self.addr, "closed by Redis".into()));
-            }
-        }
+        read_reply(&mut self.stream, &mut self.buf, self.protocol, self.addr).await
     }
 
     /// Whether it can go back to the pool: nothing half-read, and Redis has
@@ -120,20 +106,29 @@ pub struct LeasedReader {
 
 impl LeasedReader {
     pub async fn next(&mut self) -> Result<Reply, UpstreamError> {
-        loop {
-            match reply::decode(&mut self.buf, self.protocol) {
-                Ok(Some(reply)) => return Ok(reply),
-                Ok(None) => {}
-                Err(e) => return Err(UpstreamError::Protocol(self.addr, e.to_string())),
-            }
-            let n = self
-                .read
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| UpstreamError::Lost(self.addr, e.to_string()))?;
-            if n == 0 {
-                return Err(UpstreamError::Lost(self.addr, "closed by Redis".into()));
-            }
+        read_reply(&mut self.read, &mut self.buf, self.protocol, self.addr).await
+    }
+}
+
+/// One reply frame from `read`, buffering in `buf`.
+async fn read_reply(
+    read: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    protocol: Protocol,
+    addr: SocketAddr,
+) -> Result<Reply, UpstreamError> {
+    loop {
+        match reply::decode(buf, protocol) {
+            Ok(Some(reply)) => return Ok(reply),
+            Ok(None) => {}
+            Err(e) => return Err(UpstreamError::Protocol(addr, e.to_string())),
+        }
+        let n = read
+            .read_buf(buf)
+            .await
+            .map_err(|e| UpstreamError::Lost(addr, e.to_string()))?;
+        if n == 0 {
+            return Err(UpstreamError::Lost(addr, "closed by Redis".into()));
         }
     }
 }

@@ -109,8 +109,9 @@ impl Layout {
         self.links_dir().join(program)
     }
 
-    /// Whether an installation exists (the proxy map is pinned last-to-go
-    /// and first-to-come, so it stands for the whole set).
+    /// Whether an installation exists: the proxy map stands for the set
+    /// (every map is created by the same load, and uninstall removes them
+    /// all).
     pub fn is_installed(&self) -> bool {
         Path::new(&self.map(redirector_ebpf::map_names::PROXY)).exists()
     }
