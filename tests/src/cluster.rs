@@ -253,21 +253,7 @@ impl RedisCluster {
         let mut args = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
         args.extend(["--cluster-replicas", &replicas, "--cluster-yes"]);
-        let out = cluster
-            .place
-            .output("timeout", &with_timeout("redis-cli", &args));
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if !out.status.success() || text.contains("[ERR]") {
-            panic!(
-                "redis-cli --cluster create failed ({}):\n{text}\n{}",
-                out.status,
-                cluster.logs()
-            );
-        }
+        cluster.cluster_tool(&args);
         for i in 0..cluster.nodes.len() {
             let addr = cluster.nodes[i].addr;
             cluster.nodes[i].id = cluster.cli(addr, &["CLUSTER", "MYID"]).trim().to_string();
@@ -601,9 +587,17 @@ impl RedisCluster {
             &count_s,
             "--cluster-yes",
         ];
+        self.cluster_tool(&args);
+        self.wait_healthy();
+        owned(to).difference(&before).copied().collect()
+    }
+
+    /// `redis-cli --cluster ...` where the nodes run; panics with its output
+    /// and the node logs unless it succeeds without `[ERR]`.
+    fn cluster_tool(&self, args: &[&str]) {
         let out = self
             .place
-            .output("timeout", &with_timeout("redis-cli", &args));
+            .output("timeout", &with_timeout("redis-cli", args));
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -611,15 +605,13 @@ impl RedisCluster {
         );
         assert!(
             out.status.success() && !text.contains("[ERR]"),
-            "redis-cli --cluster reshard failed ({}):\n{text}\n{}",
+            "redis-cli {} failed ({}):\n{text}\n{}",
+            args.get(..2).unwrap_or_default().join(" "),
             out.status,
             self.logs()
         );
-        self.wait_healthy();
-        owned(to).difference(&before).copied().collect()
     }
 
-    /// The last lines of every node's log, for failure messages.
     /// Keys held by the masters (DBSIZE summed).
     pub fn total_keys(&self) -> u64 {
         self.masters()
@@ -633,6 +625,7 @@ impl RedisCluster {
             .sum()
     }
 
+    /// The last lines of every node's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for node in &self.nodes {

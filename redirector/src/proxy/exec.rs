@@ -172,7 +172,7 @@ pub fn judge_one(result: Result<Reply, UpstreamError>, readonly: bool) -> Verdic
 }
 
 /// `MOVED 3999 127.0.0.1:6381` / `ASK 3999 127.0.0.1:6381`.
-fn parse_redirect(message: &[u8]) -> Option<(u16, SocketAddr, bool)> {
+pub(super) fn parse_redirect(message: &[u8]) -> Option<(u16, SocketAddr, bool)> {
     let text = std::str::from_utf8(message).ok()?;
     let mut words = text.split_ascii_whitespace();
     let asking = match words.next()? {

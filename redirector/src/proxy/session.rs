@@ -962,7 +962,7 @@ async fn blocking_call(
                 let Some(reply) = replies.pop() else {
                     return reply::error("ERR empty reply");
                 };
-                match exec::judge(Ok(vec![reply.clone()]), false) {
+                match exec::judge_one(Ok(reply), false) {
                     exec::Verdict::Redirect {
                         slot,
                         addr,
@@ -972,7 +972,9 @@ async fn blocking_call(
                         shared.topology.moved(slot, addr);
                         continue;
                     }
-                    _ => return reply.raw,
+                    exec::Verdict::Done(reply)
+                    | exec::Verdict::Retry { reply }
+                    | exec::Verdict::Redirect { reply, .. } => return reply.raw,
                 }
             }
             Err(e) => {

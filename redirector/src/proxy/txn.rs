@@ -16,7 +16,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
-use super::{Shared, lease::Leased, pool::NodePool};
+use super::{Shared, exec, lease::Leased, pool::NodePool};
 use crate::resp::{
     Protocol,
     reply::{self, Reply},
@@ -91,12 +91,8 @@ fn master_pool(
 
 fn redirect_in(replies: &[Reply]) -> Option<(u16, std::net::SocketAddr)> {
     replies.iter().find_map(|r| {
-        let message = std::str::from_utf8(r.error_message()?).ok()?;
-        let mut words = message.split_ascii_whitespace();
-        match words.next()? {
-            "MOVED" | "ASK" => Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?)),
-            _ => None,
-        }
+        let (slot, addr, _asking) = exec::parse_redirect(r.error_message()?)?;
+        Some((slot, addr))
     })
 }
 
