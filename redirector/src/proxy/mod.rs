@@ -284,6 +284,12 @@ fn listener_socket(addr: SocketAddr) -> io::Result<StdTcpListener> {
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    // A listener on a specific address accepts only connections to that
+    // address: no getsockname per client then.
+    let bound = listener
+        .local_addr()
+        .ok()
+        .filter(|addr| !addr.ip().is_unspecified());
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -305,7 +311,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
         shared.metrics.client_opened();
         let span = debug_span!("client", id, %peer);
-        tokio::spawn(session::serve(Arc::clone(&shared), client, peer, id, guard).instrument(span));
+        let local = bound.or_else(|| client.local_addr().ok()).unwrap_or(peer);
+        let session = session::serve(Arc::clone(&shared), client, peer, local, id, guard);
+        tokio::spawn(session.instrument(span));
     }
 }
 

@@ -59,11 +59,11 @@ pub async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
+    local: SocketAddr,
     id: u64,
     _slot: ClientSlot,
 ) {
     // TCP_NODELAY is inherited from the listener.
-    let local = stream.local_addr().unwrap_or(peer);
     // A steered client believes it talks to the address it dialled.
     let advertised = shared
         .orig_dst
@@ -166,8 +166,10 @@ enum Resolution {
 }
 
 impl Session {
-    async fn run(&mut self, stream: TcpStream) {
-        let (mut reader, mut writer) = stream.into_split();
+    async fn run(&mut self, mut stream: TcpStream) {
+        // Borrowed halves: dropping the stream just closes it, where an
+        // owned write half would cost a shutdown() syscall first.
+        let (mut reader, mut writer) = stream.split();
         let settings = self.shared.settings.clone();
         // Small to start: a client that connects for one command (PHP-FPM)
         // should cost little; busy clients grow them.

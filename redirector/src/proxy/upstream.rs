@@ -114,15 +114,29 @@ impl Inbox {
     }
 
     pub fn put(&self, seq: u64, reply: Result<Reply, UpstreamError>) {
+        if self.fill(seq, reply) {
+            self.wake();
+        }
+    }
+
+    /// Stores a reply without waking the session: an upstream reader fills
+    /// every reply of one read, then wakes each session once.
+    fn fill(&self, seq: u64, reply: Result<Reply, UpstreamError>) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let Some(index) = seq.checked_sub(state.base) else {
-            return;
+            return false;
         };
-        if let Some(slot) = state.slots.get_mut(index as usize) {
-            *slot = Some(reply);
-            drop(state);
-            self.ready.notify_one();
+        match state.slots.get_mut(index as usize) {
+            Some(slot) => {
+                *slot = Some(reply);
+                true
+            }
+            None => false,
         }
+    }
+
+    fn wake(&self) {
+        self.ready.notify_one();
     }
 
     /// The reply for `seq` (the oldest slot) if it has arrived.
@@ -292,32 +306,14 @@ async fn read_replies(
     protocol: Protocol,
     inflight: &Mutex<VecDeque<InFlight>>,
 ) -> Result<(), String> {
+    // Sessions that got replies from the current read, woken once each.
+    let mut to_wake: Vec<Arc<Inbox>> = Vec::new();
     loop {
-        while let Some(reply) = reply::decode(&mut buf, protocol).map_err(|e| e.to_string())? {
-            if reply.kind == reply::ReplyKind::Push {
-                // Shared connections never subscribe; a stray push (e.g.
-                // client tracking invalidation) belongs to no job.
-                continue;
-            }
-            let mut queue = inflight.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(front) = queue.front_mut() else {
-                return Err("reply with no request outstanding".into());
-            };
-            match &front.sink {
-                Sink::Oneshot(_) => front.replies.push(reply),
-                Sink::Inbox { inbox, seqs } => inbox.put(seqs[front.delivered], Ok(reply)),
-            }
-            front.delivered += 1;
-            front.remaining -= 1;
-            if front.remaining == 0 {
-                let done = queue.pop_front().expect("front exists");
-                drop(queue);
-                // The client may have gone; its reply is simply dropped.
-                if let Sink::Oneshot(tx) = done.sink {
-                    let _ = tx.send(Ok(done.replies));
-                }
-            }
+        let decoded = deliver(&mut buf, protocol, inflight, &mut to_wake);
+        for inbox in to_wake.drain(..) {
+            inbox.wake();
         }
+        decoded?;
         if buf.capacity() - buf.len() < 8 * 1024 {
             buf.reserve(32 * 1024);
         }
@@ -330,4 +326,45 @@ async fn read_replies(
             return Err("closed by Redis".into());
         }
     }
+}
+
+/// Hands every complete reply in `buf` to its job, in order.
+fn deliver(
+    buf: &mut BytesMut,
+    protocol: Protocol,
+    inflight: &Mutex<VecDeque<InFlight>>,
+    to_wake: &mut Vec<Arc<Inbox>>,
+) -> Result<(), String> {
+    while let Some(reply) = reply::decode(buf, protocol).map_err(|e| e.to_string())? {
+        if reply.kind == reply::ReplyKind::Push {
+            // Shared connections never subscribe; a stray push (e.g.
+            // client tracking invalidation) belongs to no job.
+            continue;
+        }
+        let mut queue = inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(front) = queue.front_mut() else {
+            return Err("reply with no request outstanding".into());
+        };
+        match &front.sink {
+            Sink::Oneshot(_) => front.replies.push(reply),
+            Sink::Inbox { inbox, seqs } => {
+                if inbox.fill(seqs[front.delivered], Ok(reply))
+                    && !to_wake.last().is_some_and(|last| Arc::ptr_eq(last, inbox))
+                {
+                    to_wake.push(Arc::clone(inbox));
+                }
+            }
+        }
+        front.delivered += 1;
+        front.remaining -= 1;
+        if front.remaining == 0 {
+            let done = queue.pop_front().expect("front exists");
+            drop(queue);
+            // The client may have gone; its reply is simply dropped.
+            if let Sink::Oneshot(tx) = done.sink {
+                let _ = tx.send(Ok(done.replies));
+            }
+        }
+    }
+    Ok(())
 }
