@@ -88,6 +88,7 @@ pub async fn serve(
         view: shared.topology.view(),
         conns: Vec::new(),
         inbox: Arc::new(Inbox::default()),
+        next_seq: 0,
         batch: Vec::new(),
         metric_cache: Vec::new(),
         read_at: Instant::now(),
@@ -145,6 +146,8 @@ struct Session {
     conns: Vec<(SocketAddr, Conn)>,
     /// Where shared connections deliver this client's replies.
     inbox: Arc<Inbox>,
+    /// Sequence number of the next command sent through the inbox.
+    next_seq: u64,
     /// Commands routed by the current read, per node, not yet sent.
     batch: Vec<(SocketAddr, BytesMut, Vec<u64>)>,
     metric_cache: Vec<(Box<[u8]>, CommandCounters)>,
@@ -769,7 +772,8 @@ impl Session {
         }
         match exec::pick(&self.shared, &self.view, routed.target) {
             Ok(node) => {
-                let seq = self.inbox.reserve();
+                let seq = self.next_seq;
+                self.next_seq += 1;
                 match self.batch.iter_mut().find(|(n, ..)| *n == node) {
                     Some((_, payload, seqs)) => {
                         payload.extend_from_slice(&routed.payload);
@@ -798,6 +802,10 @@ impl Session {
     /// command for that node in request order, on this client's cached
     /// shared connection to it.
     fn flush_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        self.inbox.open_until(self.next_seq);
         for (node, payload, seqs) in std::mem::take(&mut self.batch) {
             let job = Job {
                 payload: payload.freeze(),

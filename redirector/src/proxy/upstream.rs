@@ -106,11 +106,15 @@ struct InboxState {
 }
 
 impl Inbox {
-    /// A new slot; replies for it are `put` under the returned number.
-    pub fn reserve(&self) -> u64 {
+    /// Opens slots up to sequence number `end` (exclusive). A session
+    /// numbers a read's commands itself and opens their slots with one call,
+    /// before any of them is sent.
+    pub fn open_until(&self, end: u64) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.slots.push_back(None);
-        state.base + state.slots.len() as u64 - 1
+        let open = state.base + state.slots.len() as u64;
+        for _ in open..end {
+            state.slots.push_back(None);
+        }
     }
 
     pub fn put(&self, seq: u64, reply: Result<Reply, UpstreamError>) {

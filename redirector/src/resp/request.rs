@@ -3,11 +3,11 @@
 //! A request is a RESP array of bulk strings (or an inline command line).
 //! Before anything is buffered or decoded, the frame's headers are checked
 //! against [`Limits`]: a hostile client cannot make the proxy buffer a 2 GB
-//! bulk or recurse into a 10,000-deep array. Only a complete, well-formed
-//! frame is handed to redis-protocol, which then decodes it without copying.
+//! bulk or recurse into a 10,000-deep array. A complete, well-formed frame
+//! is then sliced into its arguments without copying (the unit tests check
+//! every split against redis-protocol's decoder).
 
 use bytes::{Bytes, BytesMut};
-use redis_protocol::resp2::{decode::decode_bytes_mut, types::BytesFrame};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -216,23 +216,27 @@ fn parse_multibulk(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, Protoc
         }
         at = end;
     }
-    // The frame is complete and flat: redis-protocol decodes it in place.
-    let decoded = decode_bytes_mut(buf).map_err(|e| ProtocolError(e.to_string()))?;
-    let Some((frame, consumed, raw)) = decoded else {
-        return Err(ProtocolError("incomplete frame after validation".into()));
-    };
-    debug_assert_eq!(consumed, at);
-    let BytesFrame::Array(items) = frame else {
-        return Err(ProtocolError("expected an array".into()));
-    };
-    let args = items
-        .into_iter()
-        .map(|item| match item {
-            BytesFrame::BulkString(b) => Ok(b),
-            _ => Err(ProtocolError("expected a bulk string".into())),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    // The frame is complete and valid: take it, and slice each argument
+    // out of it (no copy). The headers were just checked, so a second walk
+    // is a handful of byte scans; it replaces a general decoder's pass,
+    // which cost about a tenth of the proxy's CPU on pipelined traffic.
+    let raw = buf.split_to(at).freeze();
+    let mut args = Vec::with_capacity(count);
+    let mut at = first_header_end(&raw);
+    for _ in 0..count {
+        let (len, data) = header(&raw, at).ok().flatten().expect("validated above");
+        let end = data + len as usize;
+        args.push(raw.slice(data..end));
+        at = end + 2;
+    }
     Ok(Parsed::Request(Request { args, raw }))
+}
+
+/// Where the `*<count>\r\n` line of a validated frame ends.
+fn first_header_end(raw: &[u8]) -> usize {
+    raw.iter()
+        .position(|&b| b == b'\n')
+        .map_or(raw.len(), |nl| nl + 1)
 }
 
 /// An inline command (`PING\r\n`, as typed into telnet): space-separated,
@@ -385,6 +389,38 @@ mod tests {
             rest,
             Err(ProtocolError("unbalanced quotes in request".into()))
         );
+    }
+
+    #[test]
+    fn arguments_match_redis_protocols_decoder() {
+        use redis_protocol::resp2::{decode::decode_bytes_mut, types::BytesFrame};
+        let frames: [&[u8]; 4] = [
+            b"*1\r\n$4\r\nPING\r\n",
+            b"*3\r\n$3\r\nSET\r\n$0\r\n\r\n$5\r\na\r\nb!\r\n",
+            b"*2\r\n$4\r\nECHO\r\n$12\r\n\x00\xff\r\n*1\r\n$0\r\n\r\n",
+            b"*4\r\n$4\r\nMGET\r\n$1\r\na\r\n$2\r\nbb\r\n$3\r\nccc\r\n",
+        ];
+        for frame in frames {
+            let Ok(Parsed::Request(ours)) = parse(&mut BytesMut::from(frame), &Limits::default())
+            else {
+                panic!("no request from {frame:?}");
+            };
+            let (theirs, consumed, _) = decode_bytes_mut(&mut BytesMut::from(frame))
+                .expect("valid")
+                .expect("complete");
+            let BytesFrame::Array(items) = theirs else {
+                panic!("not an array");
+            };
+            let theirs: Vec<Bytes> = items
+                .into_iter()
+                .map(|item| match item {
+                    BytesFrame::BulkString(b) => b,
+                    other => panic!("not a bulk string: {other:?}"),
+                })
+                .collect();
+            assert_eq!(ours.args, theirs);
+            assert_eq!(ours.raw.len(), consumed);
+        }
     }
 
     #[test]
