@@ -20,7 +20,23 @@ pub mod map_names {
     /// aya-log's ring buffer. Pinned too, so programs loaded by different
     /// daemon runs (adopted ones, upgraded ones) all log into one buffer.
     pub const LOGS: &str = "AYA_LOGS";
-    pub const ALL: [&str; 7] = [ENROLLED, TARGETS, PROXY, PENDING, ORIG_DST, COUNTERS, LOGS];
+    /// Sockhash of steered pods' sockets, by connection.
+    pub const POD_SOCKS: &str = "rdr_pod_socks";
+    /// Sockhash of the proxy's sockets of steered connections.
+    pub const PROXY_SOCKS: &str = "rdr_proxy_socks";
+    pub const ACCEL: &str = "rdr_accel";
+    pub const ALL: [&str; 10] = [
+        ENROLLED,
+        TARGETS,
+        PROXY,
+        PENDING,
+        ORIG_DST,
+        COUNTERS,
+        LOGS,
+        POD_SOCKS,
+        PROXY_SOCKS,
+        ACCEL,
+    ];
 }
 
 /// Names of the programs (ELF symbols and kernel program names).
@@ -28,7 +44,11 @@ pub mod program_names {
     pub const CONNECT4: &str = "redir_connect4";
     pub const CONNECT6: &str = "redir_connect6";
     pub const SOCK_OPS: &str = "redir_sockops";
+    /// Cgroup programs, each held by a pinned link.
     pub const ALL: [&str; 3] = [CONNECT4, CONNECT6, SOCK_OPS];
+    /// Attached to `rdr_proxy_socks` by the running daemon (not pinned: it
+    /// only matters while the proxy's sockets exist).
+    pub const SK_MSG: &str = "redir_sk_msg";
 }
 
 /// Capacities. `PENDING` only holds connects between `connect()` and the
@@ -39,6 +59,13 @@ pub const MAX_ENROLLED: u32 = 16_384;
 pub const MAX_TARGETS: u32 = 1_024;
 pub const MAX_PENDING: u32 = 65_536;
 pub const MAX_ORIG_DST: u32 = 65_536;
+/// Open steered connections that can be accelerated; beyond this they
+/// simply use TCP.
+pub const MAX_SOCKS: u32 = 65_536;
+
+/// `ProxyConfig::flags`: hand the proxy's replies to steered pods with
+/// `sk_msg` instead of the node's TCP stack.
+pub const FLAG_ACCELERATE: u32 = 1;
 
 /// Key of `rdr_enrolled`: a network namespace that opted in.
 ///
@@ -101,7 +128,8 @@ pub struct ProxyConfig {
     pub socket_mark: u32,
     pub port4: u16,
     pub port6: u16,
-    pub _pad: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
 }
 
 /// The original destination of a steered connection.
@@ -156,6 +184,26 @@ impl Counters {
     }
 }
 
+/// The only entry (index 0) of the per-CPU `rdr_accel` array: what the
+/// `sk_msg` program did with the proxy's writes to steered pods.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccelCounters {
+    /// Writes put straight into the pod socket's receive queue.
+    pub replies_forwarded: u64,
+    pub reply_bytes: u64,
+    /// Writes that went through TCP (the pod's socket was not tracked).
+    pub replies_tcp: u64,
+}
+
+impl AccelCounters {
+    pub fn add(&mut self, other: &Self) {
+        self.replies_forwarded += other.replies_forwarded;
+        self.reply_bytes += other.reply_bytes;
+        self.replies_tcp += other.replies_tcp;
+    }
+}
+
 /// `[u8; 16]` form of an IPv4 address, as stored in every key here.
 pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
     [
@@ -187,6 +235,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockTuple {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AccelCounters {}
 }
 
 #[cfg(test)]
@@ -207,6 +257,7 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<SockTuple>(), 36);
         assert_eq!(size_of::<Counters>(), 40);
+        assert_eq!(size_of::<AccelCounters>(), 24);
     }
 
     #[test]

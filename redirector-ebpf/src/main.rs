@@ -1,7 +1,20 @@
 //! redirector's kernel side: cgroup `connect4`/`connect6` programs that steer
-//! an enrolled namespace's connects to Redis onto the node proxy, and a
+//! an enrolled namespace's connects to Redis onto the node proxy, a
 //! `sock_ops` program that re-keys each steered connection's original
-//! destination by 4-tuple so the proxy can find it on accept.
+//! destination by 4-tuple so the proxy can find it on accept, and an `sk_msg`
+//! program that hands the proxy's replies straight to the pod's socket.
+//!
+//! Reply acceleration: `sock_ops` puts both ends of a steered connection in
+//! sockhashes (the pod's socket when its handshake completes, the proxy's
+//! when the proxy's side completes, which is always later). The proxy's
+//! writes then run `sk_msg`, which queues them on the pod socket's receive
+//! side, skipping the TCP/IP path of the node (most of the cost of a small
+//! reply). Only that direction is accelerated: the pod's requests still
+//! travel over TCP, so the proxy keeps TCP's flow control over what pods
+//! send it; what it queues for a pod is charged to the pod's own socket
+//! memory. A pod socket is in its map before the proxy can even accept, so
+//! either all of a connection's replies take the shortcut or none do, and
+//! they are never reordered.
 //!
 //! Every program returns "allow": redirector rewrites connects, it never
 //! refuses one. When in doubt (no proxy heartbeat, a map full) the connect
@@ -13,16 +26,20 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr, bpf_sock_ops},
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock_addr, bpf_sock_ops, sk_action::SK_PASS,
+    },
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
-    macros::{btf_map, cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{btf_map, cgroup_sock_addr, sk_msg, sock_ops},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use redirector_ebpf::{
-    Counters, Enrollment, MAX_ENROLLED, MAX_ORIG_DST, MAX_PENDING, MAX_TARGETS, NetnsKey, OrigDst,
-    ProxyConfig, SockTuple, Target, TargetKey, ipv4_mapped, is_ipv4_mapped,
+    AccelCounters, Counters, Enrollment, FLAG_ACCELERATE, MAX_ENROLLED, MAX_ORIG_DST, MAX_PENDING,
+    MAX_SOCKS, MAX_TARGETS, NetnsKey, OrigDst, ProxyConfig, SockTuple, Target, TargetKey,
+    ipv4_mapped, is_ipv4_mapped,
 };
 
 /// cgroup sock_addr verdict: let the (possibly rewritten) connect proceed.
@@ -52,6 +69,18 @@ static ORIG_DST: LruHashMap<SockTuple, OrigDst, { MAX_ORIG_DST as usize }> = Lru
 #[btf_map(name = "rdr_counters")]
 static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 
+/// Steered pods' sockets, by connection: where replies are forwarded to.
+#[btf_map(name = "rdr_pod_socks")]
+static POD_SOCKS: SockHash<SockTuple, { MAX_SOCKS as usize }> = SockHash::new();
+
+/// The proxy's sockets of steered connections, by connection; the daemon
+/// attaches `redir_sk_msg` to this map.
+#[btf_map(name = "rdr_proxy_socks")]
+static PROXY_SOCKS: SockHash<SockTuple, { MAX_SOCKS as usize }> = SockHash::new();
+
+#[btf_map(name = "rdr_accel")]
+static ACCEL: PerCpuArray<AccelCounters, 1> = PerCpuArray::new();
+
 #[cgroup_sock_addr(connect4)]
 pub fn redir_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands a valid `bpf_sock_addr` for this hook.
@@ -68,13 +97,25 @@ pub fn redir_connect6(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn redir_sockops(ctx: SockOpsContext) -> u32 {
-    // Runs on the client side, in softirq, when the SYN-ACK arrives: before
-    // the proxy can accept, so the proxy never races this insert.
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    match ctx.op() {
+        // The client side, in softirq, when the SYN-ACK arrives: before the
+        // proxy can accept, so the proxy never races this insert.
         // SAFETY: the kernel hands a valid `bpf_sock_ops` for this hook.
-        unsafe { rekey_by_tuple(&ctx) };
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => unsafe { rekey_by_tuple(&ctx) },
+        // The proxy's side, when the client's ACK arrives.
+        // SAFETY: as above.
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => unsafe { track_proxy_socket(&ctx) },
+        _ => {}
     }
     0
+}
+
+#[sk_msg]
+pub fn redir_sk_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the kernel hands a valid `sk_msg_md` for this hook.
+    unsafe { forward_reply(&ctx) };
+    // Never drop: a write that is not forwarded goes through TCP.
+    SK_PASS
 }
 
 // The verifier only accepts full 4-byte loads and stores of these context
@@ -231,6 +272,63 @@ unsafe fn steer(ctx: &SockAddrContext, addr: [u8; 16], port: u16) -> Option<Prox
     }
 }
 
+/// A TCP socket's own addresses, IPv4 as IPv4-mapped.
+struct Ends {
+    local: [u8; 16],
+    remote: [u8; 16],
+    local_port: u16,
+    remote_port: u16,
+}
+
+/// Reads a socket's addresses from a `bpf_sock_ops` or `sk_msg_md` context
+/// (the two lay these fields out alike).
+///
+/// Every field is read at its fixed offset before branching: otherwise LLVM
+/// selects between the IPv4 and IPv6 field pointers, and the verifier
+/// refuses a load through a computed ctx offset. `local_port` is host order;
+/// `remote_port` holds the network-order port in its upper 16 bits on
+/// little-endian hosts.
+macro_rules! read_ends {
+    ($ctx:expr) => {{
+        let c = $ctx;
+        let family = read_volatile(addr_of!((*c).family));
+        let local4 = read_volatile(addr_of!((*c).local_ip4)).to_ne_bytes();
+        let remote4 = read_volatile(addr_of!((*c).remote_ip4)).to_ne_bytes();
+        let mut local6 = [0u8; 16];
+        let mut remote6 = [0u8; 16];
+        for i in 0..4 {
+            let l = read_volatile(addr_of!((*c).local_ip6[i])).to_ne_bytes();
+            let r = read_volatile(addr_of!((*c).remote_ip6[i])).to_ne_bytes();
+            local6[i * 4..i * 4 + 4].copy_from_slice(&l);
+            remote6[i * 4..i * 4 + 4].copy_from_slice(&r);
+        }
+        let local_port = read_volatile(addr_of!((*c).local_port)) as u16;
+        let remote_port = u16::from_be((read_volatile(addr_of!((*c).remote_port)) >> 16) as u16);
+        match family {
+            AF_INET => Some(Ends {
+                local: ipv4_mapped(local4),
+                remote: ipv4_mapped(remote4),
+                local_port,
+                remote_port,
+            }),
+            AF_INET6 => Some(Ends {
+                local: local6,
+                remote: remote6,
+                local_port,
+                remote_port,
+            }),
+            _ => None,
+        }
+    }};
+}
+
+fn accelerating() -> bool {
+    // SAFETY: a map value, valid for the program's run.
+    PROXY
+        .get_ptr(0)
+        .is_some_and(|proxy| unsafe { (*proxy).flags } & FLAG_ACCELERATE != 0)
+}
+
 /// # Safety
 /// `ctx.ops` must point to the hook's context.
 #[inline(always)]
@@ -244,34 +342,15 @@ unsafe fn rekey_by_tuple(ctx: &SockOpsContext) {
     // SAFETY: `orig` is a live map value; `ops` is the live context.
     unsafe {
         let orig = *orig;
-        // Read every address field at its fixed offset before branching:
-        // otherwise LLVM selects between the IPv4 and IPv6 field pointers,
-        // and the verifier refuses a load through a computed ctx offset.
-        let family = read_volatile(addr_of!((*ops).family));
-        let local4 = read_volatile(addr_of!((*ops).local_ip4)).to_ne_bytes();
-        let remote4 = read_volatile(addr_of!((*ops).remote_ip4)).to_ne_bytes();
-        let mut local6 = [0u8; 16];
-        let mut remote6 = [0u8; 16];
-        for i in 0..4 {
-            let l = read_volatile(addr_of!((*ops).local_ip6[i])).to_ne_bytes();
-            let r = read_volatile(addr_of!((*ops).remote_ip6[i])).to_ne_bytes();
-            local6[i * 4..i * 4 + 4].copy_from_slice(&l);
-            remote6[i * 4..i * 4 + 4].copy_from_slice(&r);
-        }
-        let (client_addr, proxy_addr) = match family {
-            AF_INET => (ipv4_mapped(local4), ipv4_mapped(remote4)),
-            AF_INET6 => (local6, remote6),
-            _ => return,
+        let Some(ends) = read_ends!(ops) else {
+            return;
         };
-        // local_port is host order; remote_port holds the network-order port
-        // in its upper 16 bits on little-endian hosts.
-        let client_port = read_volatile(addr_of!((*ops).local_port)) as u16;
-        let proxy_port = u16::from_be((read_volatile(addr_of!((*ops).remote_port)) >> 16) as u16);
+        // The client's side: local is the pod, remote the proxy.
         let key = SockTuple {
-            client_addr,
-            proxy_addr,
-            client_port,
-            proxy_port,
+            client_addr: ends.local,
+            proxy_addr: ends.remote,
+            client_port: ends.local_port,
+            proxy_port: ends.remote_port,
         };
         if ORIG_DST.insert(key, orig, 0).is_err()
             && let Some(counters) = COUNTERS.get_ptr_mut(0)
@@ -279,6 +358,71 @@ unsafe fn rekey_by_tuple(ctx: &SockOpsContext) {
             (*counters).errors += 1;
         }
         let _ = PENDING.remove(cookie);
+        // A full map only means this connection's replies use TCP.
+        if accelerating() {
+            let _ = POD_SOCKS.update(key, &mut *ops, u64::from(BPF_ANY));
+        }
+    }
+}
+
+/// The proxy's socket of a steered connection: tracked so its writes run
+/// `redir_sk_msg`. Other connections to the proxy are left alone.
+///
+/// # Safety
+/// `ctx.ops` must point to the hook's context.
+#[inline(always)]
+unsafe fn track_proxy_socket(ctx: &SockOpsContext) {
+    if !accelerating() {
+        return;
+    }
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: `ops` is the live context.
+    unsafe {
+        let Some(ends) = read_ends!(ops) else {
+            return;
+        };
+        // The proxy's side: local is the proxy, remote the pod.
+        let key = SockTuple {
+            client_addr: ends.remote,
+            proxy_addr: ends.local,
+            client_port: ends.remote_port,
+            proxy_port: ends.local_port,
+        };
+        // Steered (not yet accepted, so its original destination is still
+        // recorded) and its pod's socket is tracked.
+        if ORIG_DST.get_ptr(key).is_some() {
+            let _ = PROXY_SOCKS.update(key, &mut *ops, u64::from(BPF_ANY));
+        }
+    }
+}
+
+/// # Safety
+/// `ctx.msg` must point to the hook's context.
+#[inline(always)]
+unsafe fn forward_reply(ctx: &SkMsgContext) {
+    let md = ctx.msg;
+    // SAFETY: `md` is the live context; the per-CPU entry is only touched by
+    // this CPU, and `sk_msg` runs in process context, never nested.
+    unsafe {
+        let Some(ends) = read_ends!(md) else {
+            return;
+        };
+        let key = SockTuple {
+            client_addr: ends.remote,
+            proxy_addr: ends.local,
+            client_port: ends.remote_port,
+            proxy_port: ends.local_port,
+        };
+        let forwarded =
+            POD_SOCKS.redirect_msg(ctx, key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS);
+        if let Some(counters) = ACCEL.get_ptr_mut(0) {
+            if forwarded {
+                (*counters).replies_forwarded += 1;
+                (*counters).reply_bytes += u64::from(ctx.size());
+            } else {
+                (*counters).replies_tcp += 1;
+            }
+        }
     }
 }
 

@@ -66,10 +66,14 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     let layout = Layout::new(&config.pin_dir);
     let mut maps = None;
     let mut orig_dst = None;
+    // Held until run() returns: the sk_msg attachment lives with it.
+    let mut _shortcut = None;
     if config.steering {
         let cgroup_root = steering::fs::resolve_cgroup_root(config.cgroup_root.as_deref())?;
-        let installed = steering::install(&layout, &cgroup_root, kernel_log_level())?;
+        let installed =
+            steering::install(&layout, &cgroup_root, kernel_log_level(), config.accelerate)?;
         tokio::spawn(forward_kernel_logs(installed.log_program_id()));
+        _shortcut = installed.shortcut;
         let mut opened = Maps::open(&layout)?;
         let targets: Vec<_> = config.targets.iter().map(|t| (*t, 0)).collect();
         opened.set_targets(&targets)?;

@@ -91,6 +91,10 @@ struct RunArgs {
     /// `off` runs only the proxy, which clients then dial themselves.
     #[arg(long, default_value = "on")]
     steering: OnOff,
+    /// Hand the proxy's replies to steered pods on this node with sk_msg,
+    /// past the TCP stack (requests still arrive over TCP).
+    #[arg(long, env = "REDIRECTOR_ACCELERATE", default_value = "on")]
+    accelerate: OnOff,
     /// Redis Cluster nodes to discover the cluster from [default: the IP:PORT redis targets].
     #[arg(
         long = "cluster-seed",
@@ -344,6 +348,7 @@ fn run(pin_dir: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
         targets: args.targets,
         socket_mark: args.socket_mark,
         liveness: args.liveness,
+        accelerate: args.accelerate == OnOff::On,
         connect_timeout: args.connect_timeout,
     };
     // One worker: a current-thread runtime. Its run queue is FIFO, so the

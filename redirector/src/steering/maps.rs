@@ -11,8 +11,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use redirector_ebpf::{
-    Counters, Enrollment, NetnsKey, OrigDst, ProxyConfig, SockTuple, Target, TargetKey,
-    ipv4_mapped, map_names,
+    AccelCounters, Counters, Enrollment, NetnsKey, OrigDst, ProxyConfig, SockTuple, Target,
+    TargetKey, ipv4_mapped, map_names,
 };
 
 use super::{Error, Layout};
@@ -121,6 +121,7 @@ pub struct Maps {
     targets: HashMap<MapData, TargetKey, Target>,
     proxy: Array<MapData, ProxyConfig>,
     counters: PerCpuArray<MapData, Counters>,
+    accel: PerCpuArray<MapData, AccelCounters>,
 }
 
 impl Maps {
@@ -130,6 +131,7 @@ impl Maps {
             targets: typed(layout, map_names::TARGETS)?,
             proxy: typed(layout, map_names::PROXY)?,
             counters: typed(layout, map_names::COUNTERS)?,
+            accel: typed(layout, map_names::ACCEL)?,
         })
     }
 
@@ -247,6 +249,19 @@ impl Maps {
             source,
         })?;
         let mut total = Counters::default();
+        for cpu in per_cpu.iter() {
+            total.add(cpu);
+        }
+        Ok(total)
+    }
+
+    /// Reply acceleration's counters, summed over CPUs.
+    pub fn accel_counters(&self) -> Result<AccelCounters, Error> {
+        let per_cpu = self.accel.get(&0, 0).map_err(|source| Error::Map {
+            map: map_names::ACCEL,
+            source,
+        })?;
+        let mut total = AccelCounters::default();
         for cpu in per_cpu.iter() {
             total.add(cpu);
         }
