@@ -4,21 +4,25 @@
 //! destination by 4-tuple so the proxy can find it on accept, and an `sk_msg`
 //! program that hands the proxy's replies straight to the pod's socket.
 //!
-//! Reply acceleration: `sock_ops` puts both ends of a steered connection in
+//! Acceleration: `sock_ops` puts both ends of a steered connection in
 //! sockhashes (the pod's socket when its handshake completes, the proxy's
-//! when the proxy's side completes, which is always later). The proxy's
-//! writes then run `sk_msg`, which queues them on the pod socket's receive
-//! side, skipping the TCP/IP path of the node (most of the cost of a small
-//! reply). Only that direction is accelerated: the pod's requests still
-//! travel over TCP, so the proxy keeps TCP's flow control over what pods
-//! send it; what it queues for a pod is charged to the pod's own socket
-//! memory. A pod socket is in its map before the proxy can even accept, so
-//! either all of a connection's replies take the shortcut or none do, and
-//! they are never reordered.
+//! when the proxy's side completes, which is always later). Writes on either
+//! socket then run `sk_msg`, which queues them on the other socket's receive
+//! side, skipping the node's TCP/IP path (most of the cost of a small
+//! message). A connection never mixes paths in a way that could reorder it:
+//! - proxy to pod: the pod's socket is tracked before the proxy can even
+//!   accept, so either all replies take the shortcut or none do;
+//! - pod to proxy: the first write that cannot take the shortcut (the
+//!   proxy's socket not tracked yet) turns the direction to TCP for good;
+//!   queued shortcut data is always read before later TCP data.
 //!
-//! Every program returns "allow": redirector rewrites connects, it never
-//! refuses one. When in doubt (no proxy heartbeat, a map full) the connect
-//! goes where the application asked (fail open).
+//! A shortcut queue has no receive-buffer limit, so the pod-to-proxy
+//! direction carries a budget (`FLOW_BUDGET` bytes since the proxy's last
+//! reply; the proxy also turns it off when it stops reading a client):
+//! past it, that direction is TCP again and TCP's flow control bounds what a
+//! pod can queue on the shared proxy. What the proxy queues for a pod is
+//! charged to the pod's own socket memory.
+//!
 #![no_std]
 #![no_main]
 
@@ -37,9 +41,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use redirector_ebpf::{
-    AccelCounters, Counters, Enrollment, FLAG_ACCELERATE, MAX_ENROLLED, MAX_ORIG_DST, MAX_PENDING,
-    MAX_SOCKS, MAX_TARGETS, NetnsKey, OrigDst, ProxyConfig, SockTuple, Target, TargetKey,
-    ipv4_mapped, is_ipv4_mapped,
+    AccelCounters, Counters, Enrollment, FLAG_ACCELERATE, FLOW_BUDGET, FlowState, MAX_ENROLLED,
+    MAX_ORIG_DST, MAX_PENDING, MAX_SOCKS, MAX_TARGETS, NetnsKey, OrigDst, ProxyConfig, SockTuple,
+    Target, TargetKey, ipv4_mapped, is_ipv4_mapped,
 };
 
 /// cgroup sock_addr verdict: let the (possibly rewritten) connect proceed.
@@ -69,14 +73,18 @@ static ORIG_DST: LruHashMap<SockTuple, OrigDst, { MAX_ORIG_DST as usize }> = Lru
 #[btf_map(name = "rdr_counters")]
 static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 
-/// Steered pods' sockets, by connection: where replies are forwarded to.
+/// Steered pods' sockets, by connection. The daemon attaches
+/// `redir_sk_msg` to this map and the next.
 #[btf_map(name = "rdr_pod_socks")]
 static POD_SOCKS: SockHash<SockTuple, { MAX_SOCKS as usize }> = SockHash::new();
 
-/// The proxy's sockets of steered connections, by connection; the daemon
-/// attaches `redir_sk_msg` to this map.
+/// The proxy's sockets of steered connections, by connection.
 #[btf_map(name = "rdr_proxy_socks")]
 static PROXY_SOCKS: SockHash<SockTuple, { MAX_SOCKS as usize }> = SockHash::new();
+
+/// The pod-to-proxy direction of each tracked connection.
+#[btf_map(name = "rdr_flows")]
+static FLOWS: LruHashMap<SockTuple, FlowState, { MAX_SOCKS as usize }> = LruHashMap::new();
 
 #[btf_map(name = "rdr_accel")]
 static ACCEL: PerCpuArray<AccelCounters, 1> = PerCpuArray::new();
@@ -113,7 +121,7 @@ pub fn redir_sockops(ctx: SockOpsContext) -> u32 {
 #[sk_msg]
 pub fn redir_sk_msg(ctx: SkMsgContext) -> u32 {
     // SAFETY: the kernel hands a valid `sk_msg_md` for this hook.
-    unsafe { forward_reply(&ctx) };
+    unsafe { shortcut(&ctx) };
     // Never drop: a write that is not forwarded goes through TCP.
     SK_PASS
 }
@@ -329,6 +337,15 @@ fn accelerating() -> bool {
         .is_some_and(|proxy| unsafe { (*proxy).flags } & FLAG_ACCELERATE != 0)
 }
 
+/// Whether `addr:port` is one of the proxy's listeners.
+fn is_proxy(proxy: &ProxyConfig, addr: &[u8; 16], port: u16) -> bool {
+    if is_ipv4_mapped(addr) {
+        proxy.port4 == port && addr[12..] == proxy.addr4
+    } else {
+        proxy.port6 == port && *addr == proxy.addr6
+    }
+}
+
 /// # Safety
 /// `ctx.ops` must point to the hook's context.
 #[inline(always)]
@@ -358,9 +375,16 @@ unsafe fn rekey_by_tuple(ctx: &SockOpsContext) {
             (*counters).errors += 1;
         }
         let _ = PENDING.remove(cookie);
-        // A full map only means this connection's replies use TCP.
-        if accelerating() {
-            let _ = POD_SOCKS.update(key, &mut *ops, u64::from(BPF_ANY));
+        // A full map only means this connection keeps TCP. A fresh flow
+        // entry replaces whatever an earlier connection with the same
+        // tuple left.
+        if accelerating()
+            && FLOWS.insert(key, FlowState::default(), 0).is_ok()
+            && POD_SOCKS
+                .update(key, &mut *ops, u64::from(BPF_ANY))
+                .is_err()
+        {
+            let _ = FLOWS.remove(key);
         }
     }
 }
@@ -388,9 +412,10 @@ unsafe fn track_proxy_socket(ctx: &SockOpsContext) {
             client_port: ends.remote_port,
             proxy_port: ends.local_port,
         };
-        // Steered (not yet accepted, so its original destination is still
-        // recorded) and its pod's socket is tracked.
-        if ORIG_DST.get_ptr(key).is_some() {
+        // A steered connection (its original destination is recorded until
+        // the proxy accepts it) whose pod side is tracked. Flow entries
+        // outlive their connections (LRU), so the first test matters.
+        if ORIG_DST.get_ptr(key).is_some() && FLOWS.get_ptr(key).is_some() {
             let _ = PROXY_SOCKS.update(key, &mut *ops, u64::from(BPF_ANY));
         }
     }
@@ -399,29 +424,67 @@ unsafe fn track_proxy_socket(ctx: &SockOpsContext) {
 /// # Safety
 /// `ctx.msg` must point to the hook's context.
 #[inline(always)]
-unsafe fn forward_reply(ctx: &SkMsgContext) {
+unsafe fn shortcut(ctx: &SkMsgContext) {
     let md = ctx.msg;
-    // SAFETY: `md` is the live context; the per-CPU entry is only touched by
-    // this CPU, and `sk_msg` runs in process context, never nested.
+    let Some(proxy) = PROXY.get_ptr(0) else {
+        return;
+    };
+    let Some(counters) = ACCEL.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: `md` is the live context; map values are valid for the run;
+    // the per-CPU entry is only touched by this CPU, and `sk_msg` runs in
+    // process context, never nested.
     unsafe {
         let Some(ends) = read_ends!(md) else {
             return;
         };
-        let key = SockTuple {
-            client_addr: ends.remote,
-            proxy_addr: ends.local,
-            client_port: ends.remote_port,
-            proxy_port: ends.local_port,
-        };
-        let forwarded =
-            POD_SOCKS.redirect_msg(ctx, key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS);
-        if let Some(counters) = ACCEL.get_ptr_mut(0) {
-            if forwarded {
+        let size = u64::from(ctx.size());
+        if is_proxy(&*proxy, &ends.local, ends.local_port) {
+            let key = SockTuple {
+                client_addr: ends.remote,
+                proxy_addr: ends.local,
+                client_port: ends.remote_port,
+                proxy_port: ends.local_port,
+            };
+            // The proxy answered: the pod may send another budget's worth.
+            if let Some(flow) = FLOWS.get_ptr_mut(key) {
+                (*flow).unanswered = 0;
+            }
+            if POD_SOCKS.redirect_msg(ctx, key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
                 (*counters).replies_forwarded += 1;
-                (*counters).reply_bytes += u64::from(ctx.size());
+                (*counters).reply_bytes += size;
             } else {
                 (*counters).replies_tcp += 1;
             }
+            return;
+        }
+        let key = SockTuple {
+            client_addr: ends.local,
+            proxy_addr: ends.remote,
+            client_port: ends.local_port,
+            proxy_port: ends.remote_port,
+        };
+        let Some(flow) = FLOWS.get_ptr_mut(key) else {
+            (*counters).requests_tcp += 1;
+            return;
+        };
+        if (*flow).tcp_only != 0 {
+            (*counters).requests_tcp += 1;
+            return;
+        }
+        let within_budget = (*flow).unanswered + size <= FLOW_BUDGET;
+        if within_budget
+            && PROXY_SOCKS.redirect_msg(ctx, key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)
+        {
+            (*flow).unanswered += size;
+            (*counters).requests_forwarded += 1;
+            (*counters).request_bytes += size;
+        } else {
+            // For good: later shortcut data could overtake this write.
+            (*flow).tcp_only = 1;
+            (*counters).flows_to_tcp += 1;
+            (*counters).requests_tcp += 1;
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::{
     config::RunConfig,
     metrics::Metrics,
     proxy::{self, Dialer, Proxy, Shared, discovery, pool::Pools},
-    steering::{self, Layout, Maps, OrigDstTable},
+    steering::{self, Layout, Maps, SteeredConns},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +65,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
 
     let layout = Layout::new(&config.pin_dir);
     let mut maps = None;
-    let mut orig_dst = None;
+    let mut steered = None;
     // Held until run() returns: the sk_msg attachment lives with it.
     let mut _shortcut = None;
     if config.steering {
@@ -80,7 +80,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         // Until the proxy is ready, steered namespaces go direct.
         opened.set_proxy(&config.proxy_entry(0))?;
         maps = Some(opened);
-        orig_dst = Some(OrigDstTable::open(&layout)?);
+        steered = Some(SteeredConns::open(&layout, config.accelerate)?);
         info!(cgroup = %cgroup_root.display(), pins = %layout.pin_dir.display(), "steering installed");
     }
 
@@ -136,7 +136,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         pools,
         commands,
         Arc::clone(&metrics),
-        orig_dst,
+        steered,
         redis_version,
     ));
     let refresher_shared = Arc::clone(&shared);

@@ -24,14 +24,18 @@ pub struct Status {
     pub acceleration: AccelStatus,
 }
 
-/// Reply acceleration (`sk_msg`): whether the proxy asked for it, and what
-/// it did with the proxy's writes to steered pods.
+/// Acceleration (`sk_msg`): whether the proxy asked for it, and what it
+/// did with writes on steered connections.
 #[derive(Debug, Default, Serialize)]
 pub struct AccelStatus {
     pub enabled: bool,
     pub replies_forwarded: u64,
     pub reply_bytes: u64,
     pub replies_tcp: u64,
+    pub requests_forwarded: u64,
+    pub request_bytes: u64,
+    pub requests_tcp: u64,
+    pub flows_to_tcp: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -155,12 +159,20 @@ pub fn read(layout: &Layout) -> Result<Status, Error> {
                 replies_forwarded,
                 reply_bytes,
                 replies_tcp,
+                requests_forwarded,
+                request_bytes,
+                requests_tcp,
+                flows_to_tcp,
             } = maps.accel_counters()?;
             AccelStatus {
                 enabled: proxy_flags & FLAG_ACCELERATE != 0,
                 replies_forwarded,
                 reply_bytes,
                 replies_tcp,
+                requests_forwarded,
+                request_bytes,
+                requests_tcp,
+                flows_to_tcp,
             }
         },
     })
@@ -259,11 +271,16 @@ impl fmt::Display for Status {
         let a = &self.acceleration;
         write!(
             f,
-            "reply acceleration: {}  forwarded {} writes ({} bytes)  via TCP {}",
+            "acceleration: {}  replies: {} writes ({} bytes) past TCP, {} via TCP  \
+             requests: {} writes ({} bytes) past TCP, {} via TCP, {} connections back to TCP",
             if a.enabled { "on" } else { "off" },
             a.replies_forwarded,
             a.reply_bytes,
-            a.replies_tcp
+            a.replies_tcp,
+            a.requests_forwarded,
+            a.request_bytes,
+            a.requests_tcp,
+            a.flows_to_tcp,
         )
     }
 }

@@ -194,9 +194,18 @@ fn enrolled_pod_is_steered_and_others_go_direct() {
     assert_eq!(status["proxy"]["steering"], true);
 }
 
-/// Reply acceleration's counters from `redirector status --json`:
-/// (forwarded writes, forwarded bytes, writes that took TCP).
-fn accel(topo: &Topology) -> (u64, u64, u64) {
+/// Acceleration counters from `redirector status --json`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Accel {
+    replies_forwarded: u64,
+    reply_bytes: u64,
+    replies_tcp: u64,
+    requests_forwarded: u64,
+    request_bytes: u64,
+    flows_to_tcp: u64,
+}
+
+fn accel(topo: &Topology) -> Accel {
     let status = topo.status();
     let a = &status["acceleration"];
     let get = |name: &str| {
@@ -204,11 +213,25 @@ fn accel(topo: &Topology) -> (u64, u64, u64) {
             .as_u64()
             .unwrap_or_else(|| panic!("{name}: {status}"))
     };
-    (
-        get("replies_forwarded"),
-        get("reply_bytes"),
-        get("replies_tcp"),
-    )
+    Accel {
+        replies_forwarded: get("replies_forwarded"),
+        reply_bytes: get("reply_bytes"),
+        replies_tcp: get("replies_tcp"),
+        requests_forwarded: get("requests_forwarded"),
+        request_bytes: get("request_bytes"),
+        flows_to_tcp: get("flows_to_tcp"),
+    }
+}
+
+/// RESP for one command.
+fn resp(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
 }
 
 /// Runs `redis-cli -h VIP -p 6379 <args>` in the pod with `input` on stdin.
@@ -239,11 +262,12 @@ fn redis_cli_stdin(topo: &Topology, args: &[&str], input: &[u8]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// The proxy's replies reach a steered pod through `sk_msg`, past the TCP
-/// stack, byte for byte: single values up to 4 MiB, a 20,000-command
-/// pipeline, and concurrent pipelined clients.
+/// Steered traffic takes the `sk_msg` shortcut both ways, byte for byte and
+/// in order: values up to 4 MiB, a 20,000-command pipeline, concurrent
+/// pipelined clients, and a pipeline whose requests outgrow the shortcut's
+/// budget mid-command and finish over TCP.
 #[test]
-fn replies_reach_steered_pods_past_tcp_intact() {
+fn shortcut_carries_steered_traffic_intact_and_in_order() {
     require_kernel!();
     let _kernel = exclusive();
     let topo = running(1, &[]);
@@ -274,23 +298,63 @@ fn replies_reach_steered_pods_past_tcp_intact() {
         );
         value_bytes += len as u64;
     }
+    let after_values = accel(&topo);
+    assert!(
+        after_values.replies_forwarded > before.replies_forwarded + 5
+            && after_values.reply_bytes >= before.reply_bytes + value_bytes,
+        "replies were not forwarded: {before:?} -> {after_values:?}"
+    );
+    assert!(
+        after_values.requests_forwarded > before.requests_forwarded + 5,
+        "requests were not forwarded: {before:?} -> {after_values:?}"
+    );
+    // The 4 MiB SET is one write over the budget: that connection's
+    // requests went over TCP.
+    assert!(
+        after_values.flows_to_tcp > before.flows_to_tcp,
+        "{before:?} -> {after_values:?}"
+    );
 
     // One stream of 20,000 commands: every reply arrives, none is an error.
     let mut pipeline = Vec::new();
     for i in 0..20_000 {
         let (key, value) = (format!("pipe:{i}"), i.to_string());
-        pipeline.extend_from_slice(
-            format!(
-                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
-                key.len(),
-                value.len()
-            )
-            .as_bytes(),
-        );
+        pipeline.extend(resp(&[b"SET", key.as_bytes(), value.as_bytes()]));
     }
     let out = redis_cli_stdin(&topo, &["--pipe"], &pipeline);
     assert!(out.contains("errors: 0, replies: 20000"), "{out}");
     assert_eq!(pod.redis(&["GET", "pipe:19999"]), "19999");
+
+    // Order across the switch: small commands (shortcut), a 3 MiB SET
+    // written in pieces with no reply in between (the budget runs out in
+    // its middle: the rest takes TCP), then more small commands. The list
+    // must come out in exactly the order it was pushed.
+    let big: Vec<u8> = (0..3 << 20).map(|i| b'A' + (i % 23) as u8).collect();
+    let mut mixed = Vec::new();
+    for i in 0..100 {
+        mixed.extend(resp(&[b"RPUSH", b"{order}l", i.to_string().as_bytes()]));
+    }
+    mixed.extend(resp(&[b"SET", b"{order}big", &big]));
+    for i in 100..200 {
+        mixed.extend(resp(&[b"RPUSH", b"{order}l", i.to_string().as_bytes()]));
+    }
+    let before_mixed = accel(&topo);
+    let out = redis_cli_stdin(&topo, &["--pipe"], &mixed);
+    assert!(out.contains("errors: 0, replies: 201"), "{out}");
+    let after_mixed = accel(&topo);
+    assert!(
+        after_mixed.flows_to_tcp > before_mixed.flows_to_tcp
+            && after_mixed.requests_forwarded > before_mixed.requests_forwarded,
+        "the pipeline did not start on the shortcut and finish on TCP: {before_mixed:?} -> {after_mixed:?}"
+    );
+    let list = pod.redis(&["LRANGE", "{order}l", "0", "-1"]);
+    let expected: Vec<String> = (0..200).map(|i| i.to_string()).collect();
+    assert_eq!(list, expected.join("\n"), "requests were reordered");
+    assert_eq!(pod.redis(&["STRLEN", "{order}big"]), big.len().to_string());
+    assert_eq!(
+        pod.redis(&["GETRANGE", "{order}big", "3145700", "3145727"]),
+        String::from_utf8_lossy(&big[3_145_700..]).to_string()
+    );
 
     // Concurrent pipelined clients.
     let out = pod.place().output(
@@ -320,17 +384,13 @@ fn replies_reach_steered_pods_past_tcp_intact() {
     );
 
     let after = accel(&topo);
-    assert!(
-        after.0 > before.0 + 5 && after.1 >= before.1 + value_bytes,
-        "replies were not forwarded: {before:?} -> {after:?}"
-    );
     assert_eq!(
-        after.2, before.2,
+        after.replies_tcp, before.replies_tcp,
         "some replies to the steered pod took TCP: {before:?} -> {after:?}"
     );
 }
 
-/// `--accelerate off`: steered as before, every reply over TCP.
+/// `--accelerate off`: steered as before, everything over TCP.
 #[test]
 fn accelerate_off_keeps_replies_on_tcp() {
     require_kernel!();
@@ -473,7 +533,7 @@ fn uninstall_leaves_nothing_behind() {
         .filter(|m| m["name"].as_str().is_some_and(|n| n.starts_with("rdr_")))
         .filter_map(|m| m["id"].as_u64())
         .collect();
-    assert_eq!(map_ids.len(), 9, "{map_ids:?}");
+    assert_eq!(map_ids.len(), 10, "{map_ids:?}");
 
     // uninstall while the daemon runs: it notices and exits.
     let out = topo.cli(&["uninstall"]);
@@ -568,6 +628,9 @@ fn readme_bpftool_commands_show_cookie_and_fields() {
         "redir_connect4".to_string(),
         "redir_sockops".to_string(),
         "multi".to_string(),
+        "\"flags\": 1".to_string(),
+        "\"replies_forwarded\"".to_string(),
+        "sk_msg  name redir_sk_msg".to_string(),
     ] {
         assert!(outputs.contains(&expected), "no {expected} in:\n{outputs}");
     }

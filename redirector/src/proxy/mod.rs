@@ -38,7 +38,7 @@ use crate::{
     cluster::{commands::CommandTable, topology::Topology},
     metrics::Metrics,
     resp::request::Limits,
-    steering::OrigDstTable,
+    steering::SteeredConns,
 };
 pub use dial::{Dialer, UpstreamAuth};
 use pool::Pools;
@@ -155,7 +155,8 @@ pub struct Shared {
     pub pools: Pools,
     pub commands: CommandTable,
     pub metrics: Arc<Metrics>,
-    pub orig_dst: Option<OrigDstTable>,
+    /// Steered connections' kernel state (none without steering).
+    pub steered: Option<SteeredConns>,
     /// Version of the Redis servers behind the proxy, for HELLO and INFO.
     pub redis_version: String,
     pub started: Instant,
@@ -173,7 +174,7 @@ impl Shared {
         pools: Pools,
         commands: CommandTable,
         metrics: Arc<Metrics>,
-        orig_dst: Option<OrigDstTable>,
+        steered: Option<SteeredConns>,
         redis_version: String,
     ) -> Self {
         Self {
@@ -182,7 +183,7 @@ impl Shared {
             pools,
             commands,
             metrics,
-            orig_dst,
+            steered,
             redis_version,
             started: Instant::now(),
             clients: AtomicUsize::new(0),

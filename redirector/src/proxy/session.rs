@@ -46,6 +46,9 @@ use crate::{
 };
 
 const NOAUTH: &str = "NOAUTH Authentication required.";
+/// Bytes of consecutive full reads after which a steered client is taken
+/// to be outrunning the proxy (see `Session::run`).
+const SHORTCUT_AHEAD: usize = 1024 * 1024;
 const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the same slot";
 
 /// Refuses a client over the limit, as Redis does.
@@ -65,11 +68,12 @@ pub async fn serve(
 ) {
     // TCP_NODELAY is inherited from the listener.
     // A steered client believes it talks to the address it dialled.
-    let advertised = shared
-        .orig_dst
+    let orig_dst = shared
+        .steered
         .as_ref()
-        .and_then(|table| table.take(peer, local))
-        .map_or(local, |orig| orig_dst_addr(&orig));
+        .and_then(|table| table.take_orig_dst(peer, local));
+    let advertised = orig_dst.as_ref().map_or(local, orig_dst_addr);
+    let shortcut = orig_dst.is_some() && shared.steered.as_ref().is_some_and(|t| t.shortcut);
     let mut session = Session {
         authed: !shared.settings.auth.required(),
         shared: Arc::clone(&shared),
@@ -92,6 +96,7 @@ pub async fn serve(
         batch: Vec::new(),
         metric_cache: Vec::new(),
         read_at: Instant::now(),
+        shortcut,
     };
     session.run(stream).await;
     shared.metrics.client_closed();
@@ -152,6 +157,9 @@ struct Session {
     batch: Vec<(SocketAddr, BytesMut, Vec<u64>)>,
     metric_cache: Vec<(Box<[u8]>, CommandCounters)>,
     read_at: Instant,
+    /// Steered with the `sk_msg` shortcut on: this client's requests may
+    /// arrive past TCP until they are switched back to it.
+    shortcut: bool,
 }
 
 enum Event {
@@ -182,6 +190,11 @@ impl Session {
         let mut eof = false;
         let mut backlog = false;
         let inbox = Arc::clone(&self.inbox);
+        // A steered client's requests may bypass TCP (sk_msg), and with it
+        // TCP's flow control. When the proxy stops reading such a client, or
+        // the client keeps filling every read, its requests go back to TCP.
+        let mut shortcut = self.shortcut;
+        let mut ahead = 0usize;
         loop {
             if !self.closing && !inbuf.is_empty() && pending.len() < settings.max_pipeline {
                 backlog = self.parse_and_dispatch(&mut inbuf, &mut pending, &settings);
@@ -209,6 +222,13 @@ impl Session {
             }
 
             let can_read = !eof && !self.closing && pending.len() < settings.max_pipeline;
+            if shortcut && (!can_read && !eof || ahead >= SHORTCUT_AHEAD) {
+                shortcut = false;
+                tracing::debug!("requests back to TCP");
+                if let Some(steered) = &self.shared.steered {
+                    steered.requests_over_tcp(self.peer, self.local);
+                }
+            }
             let subscribed = self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active);
             let idle = settings
                 .idle_timeout
@@ -216,18 +236,21 @@ impl Session {
             if inbuf.capacity() - inbuf.len() < 1024 {
                 inbuf.reserve(16 * 1024);
             }
+            let spare = inbuf.capacity() - inbuf.len();
             let event = tokio::select! {
                 biased;
                 resolution = head(pending.front_mut(), &inbox) => Event::Resolved(resolution),
                 out = next_pubsub(self.pubsub.as_mut()) => Event::PubSub(out),
-                read = reader.read_buf(&mut inbuf), if can_read => Event::Read(read),
+                read = read_some(&mut reader, &mut inbuf, self.shortcut), if can_read => Event::Read(read),
                 () = sleep_opt(idle) => Event::Idle,
             };
             match event {
                 Event::Resolved(Resolution::Wake) => {}
                 Event::Resolved(resolution) => self.resolve_head(&mut pending, resolution),
                 Event::Read(Ok(0) | Err(_)) => eof = true,
-                Event::Read(Ok(_)) => {}
+                // A read that fills the buffer left more behind.
+                Event::Read(Ok(n)) if n >= spare => ahead += n,
+                Event::Read(Ok(_)) => ahead = 0,
                 Event::PubSub(Some(pubsub::Out::Frame(frame))) => out.extend_from_slice(&frame),
                 Event::PubSub(Some(pubsub::Out::Close) | None) => {
                     pending.push_back(Pending::Close);
@@ -1039,6 +1062,31 @@ async fn next_pubsub(handle: Option<&mut pubsub::Handle>) -> Option<pubsub::Out>
     match handle {
         Some(handle) => handle.out.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Reads what is there into `buf`.
+///
+/// A socket on the `sk_msg` shortcut has two receive queues, the shortcut's
+/// and TCP's, and a read returns from one only: a short read does not mean
+/// the socket is drained (when requests switch to TCP, TCP data can sit
+/// behind shortcut data that is read first). tokio's `read_buf` takes a
+/// short read as "drained" and waits for the next wake-up, which may never
+/// come; for such sockets, read until the kernel says `WouldBlock`.
+async fn read_some(
+    reader: &mut tokio::net::tcp::ReadHalf<'_>,
+    buf: &mut BytesMut,
+    two_queues: bool,
+) -> std::io::Result<usize> {
+    if !two_queues {
+        return reader.read_buf(buf).await;
+    }
+    loop {
+        reader.readable().await?;
+        match reader.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            result => return result,
+        }
     }
 }
 

@@ -9,10 +9,9 @@
 //!
 //! The daemon keeps no cgroup program or link file descriptors: the pins own
 //! the attachment, so removing the pins (`uninstall`) is all it takes to
-//! detach. The one exception is reply acceleration's `sk_msg` program: the
-//! running daemon holds its attachment to `rdr_proxy_socks` (see
-//! [`ReplyShortcut`]), because it only matters while the proxy's own sockets
-//! exist.
+//! detach. The one exception is the `sk_msg` shortcut: the running daemon
+//! holds its attachment to the socket maps (see [`Shortcut`]), because it
+//! only matters while the proxy's own sockets exist.
 
 use std::{
     fs::{self, File},
@@ -27,9 +26,9 @@ use aya::{
     programs::{CgroupAttachMode, Program, SkMsg, links::FdLink, loaded_programs},
 };
 use redirector_ebpf::{
-    AccelCounters, Counters, Enrollment, MAX_ENROLLED, MAX_ORIG_DST, MAX_PENDING, MAX_SOCKS,
-    MAX_TARGETS, NetnsKey, OrigDst, ProxyConfig, SockTuple, Target, TargetKey, map_names,
-    program_names,
+    AccelCounters, Counters, Enrollment, FlowState, MAX_ENROLLED, MAX_ORIG_DST, MAX_PENDING,
+    MAX_SOCKS, MAX_TARGETS, NetnsKey, OrigDst, ProxyConfig, SockTuple, Target, TargetKey,
+    map_names, program_names,
 };
 
 use super::{Error, Layout, fs as kfs, sys};
@@ -54,20 +53,21 @@ pub struct Installed {
     /// (program, outcome, kernel program id), in `program_names::ALL` order.
     pub programs: Vec<(&'static str, ProgramOutcome, u32)>,
     /// Held while the proxy serves: dropping it detaches `redir_sk_msg`.
-    pub shortcut: Option<ReplyShortcut>,
+    pub shortcut: Option<Shortcut>,
 }
 
-/// The `sk_msg` program attached to `rdr_proxy_socks`, for as long as this
-/// value lives. Attaching replaces whatever an earlier daemon attached.
-pub struct ReplyShortcut {
+/// The `sk_msg` program attached to `rdr_pod_socks` and `rdr_proxy_socks`,
+/// for as long as this value lives. Attaching replaces whatever an earlier
+/// daemon attached.
+pub struct Shortcut {
     // The program (and its attachment) belongs to this object.
     _ebpf: Ebpf,
     pub program_id: u32,
 }
 
-impl std::fmt::Debug for ReplyShortcut {
+impl std::fmt::Debug for Shortcut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplyShortcut")
+        f.debug_struct("Shortcut")
             .field("program_id", &self.program_id)
             .finish()
     }
@@ -81,7 +81,7 @@ impl Installed {
 }
 
 /// Installs or adopts the programs and maps; with `accelerate`, also
-/// attaches the reply shortcut.
+/// attaches the `sk_msg` shortcut.
 pub fn install(
     layout: &Layout,
     cgroup_root: &Path,
@@ -135,7 +135,7 @@ pub fn install(
     })
 }
 
-fn attach_shortcut(mut ebpf: Ebpf) -> Result<ReplyShortcut, Error> {
+fn attach_shortcut(mut ebpf: Ebpf) -> Result<Shortcut, Error> {
     // This object lives as long as the daemon: let go of the cgroup
     // programs it loaded (their pinned links hold the attached ones; an
     // adopted program's fresh copy must not linger in `bpftool prog list`).
@@ -157,31 +157,30 @@ fn attach_shortcut(mut ebpf: Ebpf) -> Result<ReplyShortcut, Error> {
         program: name,
         source,
     };
-    let map = ebpf
-        .map(map_names::PROXY_SOCKS)
-        .ok_or(Error::MissingProgram { program: name })?;
-    let sockets: SockHash<_, SockTuple> = SockHash::try_from(map).map_err(|source| Error::Map {
-        map: map_names::PROXY_SOCKS,
-        source,
-    })?;
-    let fd = sockets.fd().try_clone().map_err(|source| Error::Map {
-        map: map_names::PROXY_SOCKS,
-        source: source.into(),
-    })?;
+    let mut fds = Vec::new();
+    for map_name in [map_names::POD_SOCKS, map_names::PROXY_SOCKS] {
+        let map_err = |source| Error::Map {
+            map: map_name,
+            source,
+        };
+        let map = ebpf
+            .map(map_name)
+            .ok_or(Error::MissingProgram { program: name })?;
+        let sockets: SockHash<_, SockTuple> = SockHash::try_from(map).map_err(map_err)?;
+        fds.push(sockets.fd().try_clone().map_err(|e| map_err(e.into()))?);
+    }
     let program: &mut SkMsg = ebpf
         .program_mut(name)
         .ok_or(Error::MissingProgram { program: name })?
         .try_into()
         .map_err(program_err)?;
     program.load().map_err(program_err)?;
-    program.attach(&fd).map_err(program_err)?;
+    for fd in &fds {
+        program.attach(fd).map_err(program_err)?;
+    }
     let program_id = program.info().map_err(program_err)?.id();
-    tracing::info!(
-        program = name,
-        id = program_id,
-        "reply acceleration attached"
-    );
-    Ok(ReplyShortcut {
+    tracing::info!(program = name, id = program_id, "sk_msg shortcut attached");
+    Ok(Shortcut {
         _ebpf: ebpf,
         program_id,
     })
@@ -304,7 +303,7 @@ fn remove_stale_links(layout: &Layout) -> Result<(), Error> {
 /// kernel would accept them and the programs would misread every entry.
 fn check_pinned_maps(layout: &Layout) -> Result<(), Error> {
     use std::mem::size_of;
-    let expected: [(&str, usize, usize, u32); 9] = [
+    let expected: [(&str, usize, usize, u32); 10] = [
         (
             map_names::ENROLLED,
             size_of::<NetnsKey>(),
@@ -341,6 +340,12 @@ fn check_pinned_maps(layout: &Layout) -> Result<(), Error> {
             map_names::PROXY_SOCKS,
             size_of::<SockTuple>(),
             size_of::<u32>(),
+            MAX_SOCKS,
+        ),
+        (
+            map_names::FLOWS,
+            size_of::<SockTuple>(),
+            size_of::<FlowState>(),
             MAX_SOCKS,
         ),
         (map_names::ACCEL, 4, size_of::<AccelCounters>(), 1),
