@@ -222,7 +222,8 @@ impl Session {
             }
 
             let can_read = !eof && !self.closing && pending.len() < settings.max_pipeline;
-            if shortcut && (!can_read && !eof || ahead >= SHORTCUT_AHEAD) {
+            let stalled = pending.len() >= settings.max_pipeline && !eof && !self.closing;
+            if shortcut && (stalled || ahead >= SHORTCUT_AHEAD) {
                 shortcut = false;
                 tracing::debug!("requests back to TCP");
                 if let Some(steered) = &self.shared.steered {
