@@ -91,9 +91,10 @@ struct RunArgs {
     /// `off` runs only the proxy, which clients then dial themselves.
     #[arg(long, default_value = "on")]
     steering: OnOff,
-    /// Hand the proxy's replies to steered pods on this node with sk_msg,
-    /// past the TCP stack (requests still arrive over TCP).
-    #[arg(long, env = "REDIRECTOR_ACCELERATE", default_value = "on")]
+    /// Carry steered pods' data to and from the proxy with sk_msg, past the
+    /// node's TCP stack. Off by default: a pod that never reads its replies
+    /// is then bounded by the kernel's memory limits, not by TCP's windows.
+    #[arg(long, env = "REDIRECTOR_ACCELERATE", default_value = "off")]
     accelerate: OnOff,
     /// Redis Cluster nodes to discover the cluster from [default: the IP:PORT redis targets].
     #[arg(

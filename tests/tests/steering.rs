@@ -270,7 +270,7 @@ fn redis_cli_stdin(topo: &Topology, args: &[&str], input: &[u8]) -> String {
 fn shortcut_carries_steered_traffic_intact_and_in_order() {
     require_kernel!();
     let _kernel = exclusive();
-    let topo = running(1, &[]);
+    let topo = running(1, &["--accelerate", "on"]);
     let pod = topo.pod(0);
     topo.enroll(&pod.netns);
     assert!(pod.through_proxy(VIP));
@@ -390,12 +390,13 @@ fn shortcut_carries_steered_traffic_intact_and_in_order() {
     );
 }
 
-/// `--accelerate off`: steered as before, everything over TCP.
+/// Without `--accelerate on` (the default): steered as before, everything
+/// over TCP, and no sk_msg program.
 #[test]
 fn accelerate_off_keeps_replies_on_tcp() {
     require_kernel!();
     let _kernel = exclusive();
-    let topo = running(1, &["--accelerate", "off"]);
+    let topo = running(1, &[]);
     let pod = topo.pod(0);
     topo.enroll(&pod.netns);
     assert_eq!(topo.status()["acceleration"]["enabled"], false);
@@ -496,11 +497,10 @@ fn restart_readopts_pins_and_fails_open_while_down() {
     topo.daemon().start_again();
     assert!(topo.daemon().log().contains("outcome=Adopted"));
     assert_eq!(attached(&topo), programs);
-    // Three cgroup programs, plus the running daemon's sk_msg program.
     let ours: Vec<_> = bpftool::programs_named("redir_");
     assert_eq!(
         ours.len(),
-        4,
+        3,
         "bpftool prog list shows more than one set: {ours:?}"
     );
     assert!(topo.pod(0).through_proxy(VIP), "not steered after restart");
@@ -526,14 +526,21 @@ fn uninstall_leaves_nothing_behind() {
     let mut topo = running(1, &[]);
     topo.enroll(&topo.pod(0).netns);
     let prog_ids: Vec<u64> = attached(&topo).into_iter().map(|(_, id)| id).collect();
-    let map_ids: Vec<u64> = bpftool::json(&["map", "list"])
-        .as_array()
-        .expect("map list")
-        .iter()
-        .filter(|m| m["name"].as_str().is_some_and(|n| n.starts_with("rdr_")))
-        .filter_map(|m| m["id"].as_u64())
+    // This installation's maps, by their pins (other installations on the
+    // host have maps of the same names).
+    let map_ids: Vec<u64> = std::fs::read_dir(topo.pin_dir())
+        .expect("pin dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| {
+            let pin = e.path();
+            bpftool::json(&["map", "show", "pinned", path_str(&pin)])["id"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no map id for {}", pin.display()))
+        })
         .collect();
-    assert_eq!(map_ids.len(), 10, "{map_ids:?}");
+    // Ten rdr_ maps and aya-log's ring buffer.
+    assert_eq!(map_ids.len(), 11, "{map_ids:?}");
 
     // uninstall while the daemon runs: it notices and exits.
     let out = topo.cli(&["uninstall"]);
@@ -583,7 +590,8 @@ fn uninstall_leaves_nothing_behind() {
 fn readme_bpftool_commands_show_cookie_and_fields() {
     require_kernel!();
     let _kernel = exclusive();
-    let topo = running(1, &[]);
+    // The section shows the sk_msg shortcut too.
+    let topo = running(1, &["--accelerate", "on"]);
     topo.enroll(&topo.pod(0).netns);
     assert_eq!(topo.pod(0).redis(&["PING"]), "PONG");
     let cookie = topo.status()["enrolled"][0]["netns_cookie"]
