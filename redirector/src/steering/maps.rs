@@ -255,7 +255,7 @@ impl Maps {
         Ok(total)
     }
 
-    /// Reply acceleration's counters, summed over CPUs.
+    /// The sk_msg shortcut's counters, summed over CPUs.
     pub fn accel_counters(&self) -> Result<AccelCounters, Error> {
         let per_cpu = self.accel.get(&0, 0).map_err(|source| Error::Map {
             map: map_names::ACCEL,
