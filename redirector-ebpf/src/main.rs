@@ -288,6 +288,28 @@ struct Ends {
     remote_port: u16,
 }
 
+impl Ends {
+    /// The connection's key, for a socket on the pod's side.
+    fn pod_side(&self) -> SockTuple {
+        SockTuple {
+            client_addr: self.local,
+            proxy_addr: self.remote,
+            client_port: self.local_port,
+            proxy_port: self.remote_port,
+        }
+    }
+
+    /// The connection's key, for a socket on the proxy's side.
+    fn proxy_side(&self) -> SockTuple {
+        SockTuple {
+            client_addr: self.remote,
+            proxy_addr: self.local,
+            client_port: self.remote_port,
+            proxy_port: self.local_port,
+        }
+    }
+}
+
 /// Reads a socket's addresses from a `bpf_sock_ops` or `sk_msg_md` context
 /// (the two lay these fields out alike).
 ///
@@ -362,13 +384,7 @@ unsafe fn rekey_by_tuple(ctx: &SockOpsContext) {
         let Some(ends) = read_ends!(ops) else {
             return;
         };
-        // The client's side: local is the pod, remote the proxy.
-        let key = SockTuple {
-            client_addr: ends.local,
-            proxy_addr: ends.remote,
-            client_port: ends.local_port,
-            proxy_port: ends.remote_port,
-        };
+        let key = ends.pod_side();
         if ORIG_DST.insert(key, orig, 0).is_err()
             && let Some(counters) = COUNTERS.get_ptr_mut(0)
         {
@@ -405,13 +421,7 @@ unsafe fn track_proxy_socket(ctx: &SockOpsContext) {
         let Some(ends) = read_ends!(ops) else {
             return;
         };
-        // The proxy's side: local is the proxy, remote the pod.
-        let key = SockTuple {
-            client_addr: ends.remote,
-            proxy_addr: ends.local,
-            client_port: ends.remote_port,
-            proxy_port: ends.local_port,
-        };
+        let key = ends.proxy_side();
         // A steered connection (its original destination is recorded until
         // the proxy accepts it) whose pod side is tracked. Flow entries
         // outlive their connections (LRU), so the first test matters.
@@ -441,12 +451,7 @@ unsafe fn shortcut(ctx: &SkMsgContext) {
         };
         let size = u64::from(ctx.size());
         if is_proxy(&*proxy, &ends.local, ends.local_port) {
-            let key = SockTuple {
-                client_addr: ends.remote,
-                proxy_addr: ends.local,
-                client_port: ends.remote_port,
-                proxy_port: ends.local_port,
-            };
+            let key = ends.proxy_side();
             // The proxy answered: the pod may send another budget's worth.
             if let Some(flow) = FLOWS.get_ptr_mut(key) {
                 (*flow).unanswered = 0;
@@ -459,12 +464,7 @@ unsafe fn shortcut(ctx: &SkMsgContext) {
             }
             return;
         }
-        let key = SockTuple {
-            client_addr: ends.local,
-            proxy_addr: ends.remote,
-            client_port: ends.local_port,
-            proxy_port: ends.remote_port,
-        };
+        let key = ends.pod_side();
         let Some(flow) = FLOWS.get_ptr_mut(key) else {
             (*counters).requests_tcp += 1;
             return;

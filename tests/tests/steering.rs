@@ -223,17 +223,6 @@ fn accel(topo: &Topology) -> Accel {
     }
 }
 
-/// RESP for one command.
-fn resp(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for arg in args {
-        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-        out.extend_from_slice(arg);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
 /// Runs `redis-cli -h VIP -p 6379 <args>` in the pod with `input` on stdin.
 fn redis_cli_stdin(topo: &Topology, args: &[&str], input: &[u8]) -> String {
     use std::io::Write as _;
@@ -319,7 +308,11 @@ fn shortcut_carries_steered_traffic_intact_and_in_order() {
     let mut pipeline = Vec::new();
     for i in 0..20_000 {
         let (key, value) = (format!("pipe:{i}"), i.to_string());
-        pipeline.extend(resp(&[b"SET", key.as_bytes(), value.as_bytes()]));
+        pipeline.extend(testbed::resp::encode(&[
+            b"SET",
+            key.as_bytes(),
+            value.as_bytes(),
+        ]));
     }
     let out = redis_cli_stdin(&topo, &["--pipe"], &pipeline);
     assert!(out.contains("errors: 0, replies: 20000"), "{out}");
@@ -332,11 +325,19 @@ fn shortcut_carries_steered_traffic_intact_and_in_order() {
     let big: Vec<u8> = (0..3 << 20).map(|i| b'A' + (i % 23) as u8).collect();
     let mut mixed = Vec::new();
     for i in 0..100 {
-        mixed.extend(resp(&[b"RPUSH", b"{order}l", i.to_string().as_bytes()]));
+        mixed.extend(testbed::resp::encode(&[
+            b"RPUSH",
+            b"{order}l",
+            i.to_string().as_bytes(),
+        ]));
     }
-    mixed.extend(resp(&[b"SET", b"{order}big", &big]));
+    mixed.extend(testbed::resp::encode(&[b"SET", b"{order}big", &big]));
     for i in 100..200 {
-        mixed.extend(resp(&[b"RPUSH", b"{order}l", i.to_string().as_bytes()]));
+        mixed.extend(testbed::resp::encode(&[
+            b"RPUSH",
+            b"{order}l",
+            i.to_string().as_bytes(),
+        ]));
     }
     let before_mixed = accel(&topo);
     let out = redis_cli_stdin(&topo, &["--pipe"], &mixed);
