@@ -20,26 +20,7 @@ pub mod map_names {
     /// aya-log's ring buffer. Pinned too, so programs loaded by different
     /// daemon runs (adopted ones, upgraded ones) all log into one buffer.
     pub const LOGS: &str = "AYA_LOGS";
-    /// Sockhash of steered pods' sockets, by connection.
-    pub const POD_SOCKS: &str = "rdr_pod_socks";
-    /// Sockhash of the proxy's sockets of steered connections.
-    pub const PROXY_SOCKS: &str = "rdr_proxy_socks";
-    /// Per-connection state of the pod-to-proxy direction.
-    pub const FLOWS: &str = "rdr_flows";
-    pub const ACCEL: &str = "rdr_accel";
-    pub const ALL: [&str; 11] = [
-        ENROLLED,
-        TARGETS,
-        PROXY,
-        PENDING,
-        ORIG_DST,
-        COUNTERS,
-        LOGS,
-        POD_SOCKS,
-        PROXY_SOCKS,
-        FLOWS,
-        ACCEL,
-    ];
+    pub const ALL: [&str; 7] = [ENROLLED, TARGETS, PROXY, PENDING, ORIG_DST, COUNTERS, LOGS];
 }
 
 /// Names of the programs (ELF symbols and kernel program names).
@@ -47,11 +28,7 @@ pub mod program_names {
     pub const CONNECT4: &str = "redir_connect4";
     pub const CONNECT6: &str = "redir_connect6";
     pub const SOCK_OPS: &str = "redir_sockops";
-    /// Cgroup programs, each held by a pinned link.
     pub const ALL: [&str; 3] = [CONNECT4, CONNECT6, SOCK_OPS];
-    /// Attached to `rdr_pod_socks` and `rdr_proxy_socks` by the running
-    /// daemon (not pinned: it only matters while the proxy's sockets exist).
-    pub const SK_MSG: &str = "redir_sk_msg";
 }
 
 /// Capacities. `PENDING` only holds connects between `connect()` and the
@@ -62,18 +39,6 @@ pub const MAX_ENROLLED: u32 = 16_384;
 pub const MAX_TARGETS: u32 = 1_024;
 pub const MAX_PENDING: u32 = 65_536;
 pub const MAX_ORIG_DST: u32 = 65_536;
-/// Open steered connections that can be accelerated; beyond this they
-/// simply use TCP.
-pub const MAX_SOCKS: u32 = 65_536;
-
-/// `ProxyConfig::flags`: carry steered connections' data between the pod's
-/// socket and the proxy's with `sk_msg` instead of the node's TCP stack.
-pub const FLAG_ACCELERATE: u32 = 1;
-/// How many bytes a pod may hand the proxy through `sk_msg` since the
-/// proxy's last reply. A shortcut queue has no receive-buffer limit of its
-/// own: past this, the connection's requests take TCP for good, and TCP's
-/// flow control bounds what the pod can queue on the proxy again.
-pub const FLOW_BUDGET: u64 = 1024 * 1024;
 
 /// Key of `rdr_enrolled`: a network namespace that opted in.
 ///
@@ -136,8 +101,7 @@ pub struct ProxyConfig {
     pub socket_mark: u32,
     pub port4: u16,
     pub port6: u16,
-    /// `FLAG_*` bits.
-    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// The original destination of a steered connection.
@@ -192,51 +156,6 @@ impl Counters {
     }
 }
 
-/// Value of `rdr_flows`: the pod-to-proxy direction of one connection.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowState {
-    /// Bytes forwarded to the proxy since its last reply.
-    pub unanswered: u64,
-    /// Non-zero once the requests take TCP (set by the program, or by the
-    /// proxy when it stops reading); never cleared, so TCP data can never
-    /// overtake data queued before it.
-    pub tcp_only: u32,
-    pub _pad: u32,
-}
-
-/// The only entry (index 0) of the per-CPU `rdr_accel` array: what the
-/// `sk_msg` program did with writes on steered connections.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AccelCounters {
-    /// Proxy-to-pod writes put straight into the pod socket's queue.
-    pub replies_forwarded: u64,
-    pub reply_bytes: u64,
-    /// Proxy-to-pod writes that went through TCP (pod socket not tracked).
-    pub replies_tcp: u64,
-    /// Pod-to-proxy writes put straight into the proxy socket's queue.
-    pub requests_forwarded: u64,
-    pub request_bytes: u64,
-    /// Pod-to-proxy writes that went through TCP.
-    pub requests_tcp: u64,
-    /// Connections whose requests switched to TCP: budget spent, or the
-    /// proxy's socket not tracked yet at the first write.
-    pub flows_to_tcp: u64,
-}
-
-impl AccelCounters {
-    pub fn add(&mut self, other: &Self) {
-        self.replies_forwarded += other.replies_forwarded;
-        self.reply_bytes += other.reply_bytes;
-        self.replies_tcp += other.replies_tcp;
-        self.requests_forwarded += other.requests_forwarded;
-        self.request_bytes += other.request_bytes;
-        self.requests_tcp += other.requests_tcp;
-        self.flows_to_tcp += other.flows_to_tcp;
-    }
-}
-
 /// `[u8; 16]` form of an IPv4 address, as stored in every key here.
 pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
     [
@@ -268,10 +187,6 @@ mod pod {
     unsafe impl aya::Pod for super::SockTuple {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counters {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::AccelCounters {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::FlowState {}
 }
 
 #[cfg(test)]
@@ -292,8 +207,6 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<SockTuple>(), 36);
         assert_eq!(size_of::<Counters>(), 40);
-        assert_eq!(size_of::<AccelCounters>(), 56);
-        assert_eq!(size_of::<FlowState>(), 16);
     }
 
     #[test]

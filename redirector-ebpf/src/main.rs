@@ -1,28 +1,11 @@
 //! redirector's kernel side: cgroup `connect4`/`connect6` programs that steer
-//! an enrolled namespace's connects to Redis onto the node proxy, a
+//! an enrolled namespace's connects to Redis onto the node proxy, and a
 //! `sock_ops` program that re-keys each steered connection's original
-//! destination by 4-tuple so the proxy can find it on accept, and an `sk_msg`
-//! program that hands the proxy's replies straight to the pod's socket.
+//! destination by 4-tuple so the proxy can find it on accept.
 //!
-//! Acceleration: `sock_ops` puts both ends of a steered connection in
-//! sockhashes (the pod's socket when its handshake completes, the proxy's
-//! when the proxy's side completes, which is always later). Writes on either
-//! socket then run `sk_msg`, which queues them on the other socket's receive
-//! side, skipping the node's TCP/IP path (most of the cost of a small
-//! message). A connection never mixes paths in a way that could reorder it:
-//! - proxy to pod: the pod's socket is tracked before the proxy can even
-//!   accept, so either all replies take the shortcut or none do;
-//! - pod to proxy: the first write that cannot take the shortcut (the
-//!   proxy's socket not tracked yet) turns the direction to TCP for good;
-//!   queued shortcut data is always read before later TCP data.
-//!
-//! A shortcut queue has no receive-buffer limit, so the pod-to-proxy
-//! direction carries a budget (`FLOW_BUDGET` bytes since the proxy's last
-//! reply; the proxy also turns it off when it stops reading a client):
-//! past it, that direction is TCP again and TCP's flow control bounds what a
-//! pod can queue on the shared proxy. What the proxy queues for a pod is
-//! charged to the pod's own socket memory.
-//!
+//! Every program returns "allow": redirector rewrites connects, it never
+//! refuses one. When in doubt (no proxy heartbeat, a map full) the connect
+//! goes where the application asked (fail open).
 #![no_std]
 #![no_main]
 
@@ -30,20 +13,16 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{
-        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock_addr, bpf_sock_ops, sk_action::SK_PASS,
-    },
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr, bpf_sock_ops},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
-    macros::{btf_map, cgroup_sock_addr, sk_msg, sock_ops},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    macros::{btf_map, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use redirector_ebpf::{
-    AccelCounters, Counters, Enrollment, FLAG_ACCELERATE, FLOW_BUDGET, FlowState, MAX_ENROLLED,
-    MAX_ORIG_DST, MAX_PENDING, MAX_SOCKS, MAX_TARGETS, NetnsKey, OrigDst, ProxyConfig, SockTuple,
-    Target, TargetKey, ipv4_mapped, is_ipv4_mapped,
+    Counters, Enrollment, MAX_ENROLLED, MAX_ORIG_DST, MAX_PENDING, MAX_TARGETS, NetnsKey, OrigDst,
+    ProxyConfig, SockTuple, Target, TargetKey, ipv4_mapped, is_ipv4_mapped,
 };
 
 /// cgroup sock_addr verdict: let the (possibly rewritten) connect proceed.
@@ -73,22 +52,6 @@ static ORIG_DST: LruHashMap<SockTuple, OrigDst, { MAX_ORIG_DST as usize }> = Lru
 #[btf_map(name = "rdr_counters")]
 static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 
-/// Steered pods' sockets, by connection. The daemon attaches
-/// `redir_sk_msg` to this map and the next.
-#[btf_map(name = "rdr_pod_socks")]
-static POD_SOCKS: SockHash<SockTuple, { MAX_SOCKS as usize }> = SockHash::new();
-
-/// The proxy's sockets of steered connections, by connection.
-#[btf_map(name = "rdr_proxy_socks")]
-static PROXY_SOCKS: SockHash<SockTuple, { MAX_SOCKS as usize }> = SockHash::new();
-
-/// The pod-to-proxy direction of each tracked connection.
-#[btf_map(name = "rdr_flows")]
-static FLOWS: LruHashMap<SockTuple, FlowState, { MAX_SOCKS as usize }> = LruHashMap::new();
-
-#[btf_map(name = "rdr_accel")]
-static ACCEL: PerCpuArray<AccelCounters, 1> = PerCpuArray::new();
-
 #[cgroup_sock_addr(connect4)]
 pub fn redir_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands a valid `bpf_sock_addr` for this hook.
@@ -105,25 +68,13 @@ pub fn redir_connect6(ctx: SockAddrContext) -> i32 {
 
 #[sock_ops]
 pub fn redir_sockops(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        // The client side, in softirq, when the SYN-ACK arrives: before the
-        // proxy can accept, so the proxy never races this insert.
+    // Runs on the client side, in softirq, when the SYN-ACK arrives: before
+    // the proxy can accept, so the proxy never races this insert.
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // SAFETY: the kernel hands a valid `bpf_sock_ops` for this hook.
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => unsafe { rekey_by_tuple(&ctx) },
-        // The proxy's side, when the client's ACK arrives.
-        // SAFETY: as above.
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => unsafe { track_proxy_socket(&ctx) },
-        _ => {}
+        unsafe { rekey_by_tuple(&ctx) };
     }
     0
-}
-
-#[sk_msg]
-pub fn redir_sk_msg(ctx: SkMsgContext) -> u32 {
-    // SAFETY: the kernel hands a valid `sk_msg_md` for this hook.
-    unsafe { shortcut(&ctx) };
-    // Never drop: a write that is not forwarded goes through TCP.
-    SK_PASS
 }
 
 // The verifier only accepts full 4-byte loads and stores of these context
@@ -280,94 +231,6 @@ unsafe fn steer(ctx: &SockAddrContext, addr: [u8; 16], port: u16) -> Option<Prox
     }
 }
 
-/// A TCP socket's own addresses, IPv4 as IPv4-mapped.
-struct Ends {
-    local: [u8; 16],
-    remote: [u8; 16],
-    local_port: u16,
-    remote_port: u16,
-}
-
-impl Ends {
-    /// The connection's key, for a socket on the pod's side.
-    fn pod_side(&self) -> SockTuple {
-        SockTuple {
-            client_addr: self.local,
-            proxy_addr: self.remote,
-            client_port: self.local_port,
-            proxy_port: self.remote_port,
-        }
-    }
-
-    /// The connection's key, for a socket on the proxy's side.
-    fn proxy_side(&self) -> SockTuple {
-        SockTuple {
-            client_addr: self.remote,
-            proxy_addr: self.local,
-            client_port: self.remote_port,
-            proxy_port: self.local_port,
-        }
-    }
-}
-
-/// Reads a socket's addresses from a `bpf_sock_ops` or `sk_msg_md` context
-/// (the two lay these fields out alike).
-///
-/// Every field is read at its fixed offset before branching: otherwise LLVM
-/// selects between the IPv4 and IPv6 field pointers, and the verifier
-/// refuses a load through a computed ctx offset. `local_port` is host order;
-/// `remote_port` holds the network-order port in its upper 16 bits on
-/// little-endian hosts.
-macro_rules! read_ends {
-    ($ctx:expr) => {{
-        let c = $ctx;
-        let family = read_volatile(addr_of!((*c).family));
-        let local4 = read_volatile(addr_of!((*c).local_ip4)).to_ne_bytes();
-        let remote4 = read_volatile(addr_of!((*c).remote_ip4)).to_ne_bytes();
-        let mut local6 = [0u8; 16];
-        let mut remote6 = [0u8; 16];
-        for i in 0..4 {
-            let l = read_volatile(addr_of!((*c).local_ip6[i])).to_ne_bytes();
-            let r = read_volatile(addr_of!((*c).remote_ip6[i])).to_ne_bytes();
-            local6[i * 4..i * 4 + 4].copy_from_slice(&l);
-            remote6[i * 4..i * 4 + 4].copy_from_slice(&r);
-        }
-        let local_port = read_volatile(addr_of!((*c).local_port)) as u16;
-        let remote_port = u16::from_be((read_volatile(addr_of!((*c).remote_port)) >> 16) as u16);
-        match family {
-            AF_INET => Some(Ends {
-                local: ipv4_mapped(local4),
-                remote: ipv4_mapped(remote4),
-                local_port,
-                remote_port,
-            }),
-            AF_INET6 => Some(Ends {
-                local: local6,
-                remote: remote6,
-                local_port,
-                remote_port,
-            }),
-            _ => None,
-        }
-    }};
-}
-
-fn accelerating() -> bool {
-    // SAFETY: a map value, valid for the program's run.
-    PROXY
-        .get_ptr(0)
-        .is_some_and(|proxy| unsafe { (*proxy).flags } & FLAG_ACCELERATE != 0)
-}
-
-/// Whether `addr:port` is one of the proxy's listeners.
-fn is_proxy(proxy: &ProxyConfig, addr: &[u8; 16], port: u16) -> bool {
-    if is_ipv4_mapped(addr) {
-        proxy.port4 == port && addr[12..] == proxy.addr4
-    } else {
-        proxy.port6 == port && *addr == proxy.addr6
-    }
-}
-
 /// # Safety
 /// `ctx.ops` must point to the hook's context.
 #[inline(always)]
@@ -381,111 +244,41 @@ unsafe fn rekey_by_tuple(ctx: &SockOpsContext) {
     // SAFETY: `orig` is a live map value; `ops` is the live context.
     unsafe {
         let orig = *orig;
-        let Some(ends) = read_ends!(ops) else {
-            return;
+        // Read every address field at its fixed offset before branching:
+        // otherwise LLVM selects between the IPv4 and IPv6 field pointers,
+        // and the verifier refuses a load through a computed ctx offset.
+        let family = read_volatile(addr_of!((*ops).family));
+        let local4 = read_volatile(addr_of!((*ops).local_ip4)).to_ne_bytes();
+        let remote4 = read_volatile(addr_of!((*ops).remote_ip4)).to_ne_bytes();
+        let mut local6 = [0u8; 16];
+        let mut remote6 = [0u8; 16];
+        for i in 0..4 {
+            let l = read_volatile(addr_of!((*ops).local_ip6[i])).to_ne_bytes();
+            let r = read_volatile(addr_of!((*ops).remote_ip6[i])).to_ne_bytes();
+            local6[i * 4..i * 4 + 4].copy_from_slice(&l);
+            remote6[i * 4..i * 4 + 4].copy_from_slice(&r);
+        }
+        let (client_addr, proxy_addr) = match family {
+            AF_INET => (ipv4_mapped(local4), ipv4_mapped(remote4)),
+            AF_INET6 => (local6, remote6),
+            _ => return,
         };
-        let key = ends.pod_side();
+        // local_port is host order; remote_port holds the network-order port
+        // in its upper 16 bits on little-endian hosts.
+        let client_port = read_volatile(addr_of!((*ops).local_port)) as u16;
+        let proxy_port = u16::from_be((read_volatile(addr_of!((*ops).remote_port)) >> 16) as u16);
+        let key = SockTuple {
+            client_addr,
+            proxy_addr,
+            client_port,
+            proxy_port,
+        };
         if ORIG_DST.insert(key, orig, 0).is_err()
             && let Some(counters) = COUNTERS.get_ptr_mut(0)
         {
             (*counters).errors += 1;
         }
         let _ = PENDING.remove(cookie);
-        // A full map only means this connection keeps TCP. A fresh flow
-        // entry replaces whatever an earlier connection with the same
-        // tuple left.
-        if accelerating()
-            && FLOWS.insert(key, FlowState::default(), 0).is_ok()
-            && POD_SOCKS
-                .update(key, &mut *ops, u64::from(BPF_ANY))
-                .is_err()
-        {
-            let _ = FLOWS.remove(key);
-        }
-    }
-}
-
-/// The proxy's socket of a steered connection: tracked so its writes run
-/// `redir_sk_msg`. Other connections to the proxy are left alone.
-///
-/// # Safety
-/// `ctx.ops` must point to the hook's context.
-#[inline(always)]
-unsafe fn track_proxy_socket(ctx: &SockOpsContext) {
-    if !accelerating() {
-        return;
-    }
-    let ops: *mut bpf_sock_ops = ctx.ops;
-    // SAFETY: `ops` is the live context.
-    unsafe {
-        let Some(ends) = read_ends!(ops) else {
-            return;
-        };
-        let key = ends.proxy_side();
-        // A steered connection (its original destination is recorded until
-        // the proxy accepts it) whose pod side is tracked. Flow entries
-        // outlive their connections (LRU), so the first test matters.
-        if ORIG_DST.get_ptr(key).is_some() && FLOWS.get_ptr(key).is_some() {
-            let _ = PROXY_SOCKS.update(key, &mut *ops, u64::from(BPF_ANY));
-        }
-    }
-}
-
-/// # Safety
-/// `ctx.msg` must point to the hook's context.
-#[inline(always)]
-unsafe fn shortcut(ctx: &SkMsgContext) {
-    let md = ctx.msg;
-    let Some(proxy) = PROXY.get_ptr(0) else {
-        return;
-    };
-    let Some(counters) = ACCEL.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: `md` is the live context; map values are valid for the run;
-    // the per-CPU entry is only touched by this CPU, and `sk_msg` runs in
-    // process context, never nested.
-    unsafe {
-        let Some(ends) = read_ends!(md) else {
-            return;
-        };
-        let size = u64::from(ctx.size());
-        if is_proxy(&*proxy, &ends.local, ends.local_port) {
-            let key = ends.proxy_side();
-            // The proxy answered: the pod may send another budget's worth.
-            if let Some(flow) = FLOWS.get_ptr_mut(key) {
-                (*flow).unanswered = 0;
-            }
-            if POD_SOCKS.redirect_msg(ctx, key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
-                (*counters).replies_forwarded += 1;
-                (*counters).reply_bytes += size;
-            } else {
-                (*counters).replies_tcp += 1;
-            }
-            return;
-        }
-        let key = ends.pod_side();
-        let Some(flow) = FLOWS.get_ptr_mut(key) else {
-            (*counters).requests_tcp += 1;
-            return;
-        };
-        if (*flow).tcp_only != 0 {
-            (*counters).requests_tcp += 1;
-            return;
-        }
-        let within_budget = (*flow).unanswered + size <= FLOW_BUDGET;
-        if within_budget
-            && PROXY_SOCKS.redirect_msg(ctx, key, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)
-        {
-            (*flow).unanswered += size;
-            (*counters).requests_forwarded += 1;
-            (*counters).request_bytes += size;
-        } else {
-            // For good: later shortcut data could overtake this write.
-            (*flow).tcp_only = 1;
-            (*counters).flows_to_tcp += 1;
-            (*counters).requests_tcp += 1;
-        }
     }
 }
 

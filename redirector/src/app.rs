@@ -23,7 +23,7 @@ use crate::{
     config::RunConfig,
     metrics::Metrics,
     proxy::{self, Dialer, Proxy, Shared, discovery, pool::Pools},
-    steering::{self, Layout, Maps, SteeredConns},
+    steering::{self, Layout, Maps, OrigDstTable},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -65,22 +65,18 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
 
     let layout = Layout::new(&config.pin_dir);
     let mut maps = None;
-    let mut steered = None;
-    // Held until run() returns: the sk_msg attachment lives with it.
-    let mut _shortcut = None;
+    let mut orig_dst = None;
     if config.steering {
         let cgroup_root = steering::fs::resolve_cgroup_root(config.cgroup_root.as_deref())?;
-        let installed =
-            steering::install(&layout, &cgroup_root, kernel_log_level(), config.accelerate)?;
+        let installed = steering::install(&layout, &cgroup_root, kernel_log_level())?;
         tokio::spawn(forward_kernel_logs(installed.log_program_id()));
-        _shortcut = installed.shortcut;
         let mut opened = Maps::open(&layout)?;
         let targets: Vec<_> = config.targets.iter().map(|t| (*t, 0)).collect();
         opened.set_targets(&targets)?;
         // Until the proxy is ready, steered namespaces go direct.
         opened.set_proxy(&config.proxy_entry(0))?;
         maps = Some(opened);
-        steered = Some(SteeredConns::open(&layout, config.accelerate)?);
+        orig_dst = Some(OrigDstTable::open(&layout)?);
         info!(cgroup = %cgroup_root.display(), pins = %layout.pin_dir.display(), "steering installed");
     }
 
@@ -136,7 +132,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         pools,
         commands,
         Arc::clone(&metrics),
-        steered,
+        orig_dst,
         redis_version,
     ));
     let refresher_shared = Arc::clone(&shared);

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use redirector_ebpf::{FLAG_ACCELERATE, ProxyConfig};
+use redirector_ebpf::ProxyConfig;
 
 use crate::{
     proxy::{Settings, UpstreamAuth, pool::PoolConfig},
@@ -56,9 +56,6 @@ pub struct RunConfig {
     pub socket_mark: u32,
     /// Zero: always steer, even while the proxy is down (fail closed).
     pub liveness: Duration,
-    /// Hand the proxy's replies to steered pods with `sk_msg`, past the
-    /// node's TCP stack.
-    pub accelerate: bool,
     pub connect_timeout: Duration,
     /// Redis Cluster nodes to discover the cluster from.
     pub seeds: Vec<SocketAddr>,
@@ -119,7 +116,7 @@ impl RunConfig {
             socket_mark: self.socket_mark,
             port4: 0,
             port6: 0,
-            flags: if self.accelerate { FLAG_ACCELERATE } else { 0 },
+            _pad: 0,
         };
         for addr in &self.proxy_addrs {
             match addr.ip() {
@@ -185,7 +182,6 @@ mod tests {
             targets: vec![DEFAULT_REDIS_TARGET.parse().unwrap()],
             socket_mark: 0x6379,
             liveness: DEFAULT_LIVENESS,
-            accelerate: true,
             connect_timeout: Duration::from_secs(5),
         }
     }

@@ -91,11 +91,6 @@ struct RunArgs {
     /// `off` runs only the proxy, which clients then dial themselves.
     #[arg(long, default_value = "on")]
     steering: OnOff,
-    /// Carry steered pods' data to and from the proxy with sk_msg, past the
-    /// node's TCP stack. Off by default: a pod that never reads its replies
-    /// is then bounded by the kernel's memory limits, not by TCP's windows.
-    #[arg(long, env = "REDIRECTOR_ACCELERATE", default_value = "off")]
-    accelerate: OnOff,
     /// Redis Cluster nodes to discover the cluster from [default: the IP:PORT redis targets].
     #[arg(
         long = "cluster-seed",
@@ -349,7 +344,6 @@ fn run(pin_dir: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
         targets: args.targets,
         socket_mark: args.socket_mark,
         liveness: args.liveness,
-        accelerate: args.accelerate == OnOff::On,
         connect_timeout: args.connect_timeout,
     };
     // One worker: a current-thread runtime. Its run queue is FIFO, so the

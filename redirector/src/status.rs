@@ -8,7 +8,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use redirector_ebpf::{AccelCounters, Counters, FLAG_ACCELERATE, program_names};
+use redirector_ebpf::{Counters, program_names};
 use serde::Serialize;
 
 use crate::steering::{self, Error, Layout, Maps, bytes_to_ip, sys};
@@ -21,21 +21,6 @@ pub struct Status {
     pub targets: Vec<TargetStatus>,
     pub enrolled: Vec<EnrolledStatus>,
     pub counters: CounterStatus,
-    pub acceleration: AccelStatus,
-}
-
-/// Acceleration (`sk_msg`): whether the proxy asked for it, and what it
-/// did with writes on steered connections.
-#[derive(Debug, Default, Serialize)]
-pub struct AccelStatus {
-    pub enabled: bool,
-    pub replies_forwarded: u64,
-    pub reply_bytes: u64,
-    pub replies_tcp: u64,
-    pub requests_forwarded: u64,
-    pub request_bytes: u64,
-    pub requests_tcp: u64,
-    pub flows_to_tcp: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -114,7 +99,6 @@ pub fn read(layout: &Layout) -> Result<Status, Error> {
         .collect();
 
     let proxy = maps.proxy()?;
-    let proxy_flags = proxy.flags;
     let heartbeat_age_ms = (proxy.heartbeat_ns != 0)
         .then(|| steering::boottime_ns().saturating_sub(proxy.heartbeat_ns) / 1_000_000);
     let liveness_ms = proxy.liveness_ns / 1_000_000;
@@ -154,27 +138,6 @@ pub fn read(layout: &Layout) -> Result<Status, Error> {
             })
             .collect(),
         counters: maps.counters()?.into(),
-        acceleration: {
-            let AccelCounters {
-                replies_forwarded,
-                reply_bytes,
-                replies_tcp,
-                requests_forwarded,
-                request_bytes,
-                requests_tcp,
-                flows_to_tcp,
-            } = maps.accel_counters()?;
-            AccelStatus {
-                enabled: proxy_flags & FLAG_ACCELERATE != 0,
-                replies_forwarded,
-                reply_bytes,
-                replies_tcp,
-                requests_forwarded,
-                request_bytes,
-                requests_tcp,
-                flows_to_tcp,
-            }
-        },
     })
 }
 
@@ -263,24 +226,10 @@ impl fmt::Display for Status {
             )?;
         }
         let c = &self.counters;
-        writeln!(
+        write!(
             f,
             "counters: steered {}  passed {}  proxy_own {}  proxy_down {}  errors {}",
             c.steered, c.passed, c.proxy_own, c.proxy_down, c.errors
-        )?;
-        let a = &self.acceleration;
-        write!(
-            f,
-            "acceleration: {}  replies: {} writes ({} bytes) past TCP, {} via TCP  \
-             requests: {} writes ({} bytes) past TCP, {} via TCP, {} connections back to TCP",
-            if a.enabled { "on" } else { "off" },
-            a.replies_forwarded,
-            a.reply_bytes,
-            a.replies_tcp,
-            a.requests_forwarded,
-            a.request_bytes,
-            a.requests_tcp,
-            a.flows_to_tcp,
         )
     }
 }

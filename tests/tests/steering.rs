@@ -194,222 +194,6 @@ fn enrolled_pod_is_steered_and_others_go_direct() {
     assert_eq!(status["proxy"]["steering"], true);
 }
 
-/// Acceleration counters from `redirector status --json`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Accel {
-    replies_forwarded: u64,
-    reply_bytes: u64,
-    replies_tcp: u64,
-    requests_forwarded: u64,
-    request_bytes: u64,
-    flows_to_tcp: u64,
-}
-
-fn accel(topo: &Topology) -> Accel {
-    let status = topo.status();
-    let a = &status["acceleration"];
-    let get = |name: &str| {
-        a[name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{name}: {status}"))
-    };
-    Accel {
-        replies_forwarded: get("replies_forwarded"),
-        reply_bytes: get("reply_bytes"),
-        replies_tcp: get("replies_tcp"),
-        requests_forwarded: get("requests_forwarded"),
-        request_bytes: get("request_bytes"),
-        flows_to_tcp: get("flows_to_tcp"),
-    }
-}
-
-/// Runs `redis-cli -h VIP -p 6379 <args>` in the pod with `input` on stdin.
-fn redis_cli_stdin(topo: &Topology, args: &[&str], input: &[u8]) -> String {
-    use std::io::Write as _;
-    let mut cmd = topo.pod(0).place().command("timeout");
-    cmd.args([
-        "20",
-        "redis-cli",
-        "-h",
-        &SERVICE_VIP.to_string(),
-        "-p",
-        "6379",
-    ])
-    .args(args)
-    .stdin(std::process::Stdio::piped())
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn redis-cli");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input)
-        .expect("write to redis-cli");
-    let out = child.wait_with_output().expect("redis-cli");
-    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Steered traffic takes the `sk_msg` shortcut both ways, byte for byte and
-/// in order: values up to 4 MiB, a 20,000-command pipeline, concurrent
-/// pipelined clients, and a pipeline whose requests outgrow the shortcut's
-/// budget mid-command and finish over TCP.
-#[test]
-fn shortcut_carries_steered_traffic_intact_and_in_order() {
-    require_kernel!();
-    let _kernel = exclusive();
-    let topo = running(1, &["--accelerate", "on"]);
-    let pod = topo.pod(0);
-    topo.enroll(&pod.netns);
-    assert!(pod.through_proxy(VIP));
-    assert_eq!(topo.status()["acceleration"]["enabled"], true);
-    let before = accel(&topo);
-
-    let mut value_bytes = 0u64;
-    for (i, len) in [1usize, 100, 16 << 10, 300 << 10, 4 << 20]
-        .into_iter()
-        .enumerate()
-    {
-        let value: String = (0..len)
-            .map(|j| char::from(b'a' + ((i * 7 + j * 13) % 26) as u8))
-            .collect();
-        let key = format!("accel:{i}");
-        assert_eq!(
-            redis_cli_stdin(&topo, &["-x", "SET", &key], value.as_bytes()),
-            "OK"
-        );
-        let got = pod.redis(&["GET", &key]);
-        assert!(
-            got == value,
-            "a {len}-byte value came back as {} different bytes",
-            got.len()
-        );
-        value_bytes += len as u64;
-    }
-    let after_values = accel(&topo);
-    assert!(
-        after_values.replies_forwarded > before.replies_forwarded + 5
-            && after_values.reply_bytes >= before.reply_bytes + value_bytes,
-        "replies were not forwarded: {before:?} -> {after_values:?}"
-    );
-    assert!(
-        after_values.requests_forwarded > before.requests_forwarded + 5,
-        "requests were not forwarded: {before:?} -> {after_values:?}"
-    );
-    // The 4 MiB SET is one write over the budget: that connection's
-    // requests went over TCP.
-    assert!(
-        after_values.flows_to_tcp > before.flows_to_tcp,
-        "{before:?} -> {after_values:?}"
-    );
-
-    // One stream of 20,000 commands: every reply arrives, none is an error.
-    let mut pipeline = Vec::new();
-    for i in 0..20_000 {
-        let (key, value) = (format!("pipe:{i}"), i.to_string());
-        pipeline.extend(testbed::resp::encode(&[
-            b"SET",
-            key.as_bytes(),
-            value.as_bytes(),
-        ]));
-    }
-    let out = redis_cli_stdin(&topo, &["--pipe"], &pipeline);
-    assert!(out.contains("errors: 0, replies: 20000"), "{out}");
-    assert_eq!(pod.redis(&["GET", "pipe:19999"]), "19999");
-
-    // Order across the switch: small commands (shortcut), a 3 MiB SET
-    // written in pieces with no reply in between (the budget runs out in
-    // its middle: the rest takes TCP), then more small commands. The list
-    // must come out in exactly the order it was pushed.
-    let big: Vec<u8> = (0..3 << 20).map(|i| b'A' + (i % 23) as u8).collect();
-    let mut mixed = Vec::new();
-    for i in 0..100 {
-        mixed.extend(testbed::resp::encode(&[
-            b"RPUSH",
-            b"{order}l",
-            i.to_string().as_bytes(),
-        ]));
-    }
-    mixed.extend(testbed::resp::encode(&[b"SET", b"{order}big", &big]));
-    for i in 100..200 {
-        mixed.extend(testbed::resp::encode(&[
-            b"RPUSH",
-            b"{order}l",
-            i.to_string().as_bytes(),
-        ]));
-    }
-    let before_mixed = accel(&topo);
-    let out = redis_cli_stdin(&topo, &["--pipe"], &mixed);
-    assert!(out.contains("errors: 0, replies: 201"), "{out}");
-    let after_mixed = accel(&topo);
-    assert!(
-        after_mixed.flows_to_tcp > before_mixed.flows_to_tcp
-            && after_mixed.requests_forwarded > before_mixed.requests_forwarded,
-        "the pipeline did not start on the shortcut and finish on TCP: {before_mixed:?} -> {after_mixed:?}"
-    );
-    let list = pod.redis(&["LRANGE", "{order}l", "0", "-1"]);
-    let expected: Vec<String> = (0..200).map(|i| i.to_string()).collect();
-    assert_eq!(list, expected.join("\n"), "requests were reordered");
-    assert_eq!(pod.redis(&["STRLEN", "{order}big"]), big.len().to_string());
-    assert_eq!(
-        pod.redis(&["GETRANGE", "{order}big", "3145700", "3145727"]),
-        String::from_utf8_lossy(&big[3_145_700..]).to_string()
-    );
-
-    // Concurrent pipelined clients.
-    let out = pod.place().output(
-        "timeout",
-        &[
-            "60",
-            "redis-benchmark",
-            "-h",
-            &SERVICE_VIP.to_string(),
-            "-p",
-            "6379",
-            "-c",
-            "20",
-            "-P",
-            "16",
-            "-n",
-            "20000",
-            "-t",
-            "set,get",
-            "-q",
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("GET:") && !text.contains("ERR"),
-        "{out:?}"
-    );
-
-    let after = accel(&topo);
-    assert_eq!(
-        after.replies_tcp, before.replies_tcp,
-        "some replies to the steered pod took TCP: {before:?} -> {after:?}"
-    );
-}
-
-/// Without `--accelerate on` (the default): steered as before, everything
-/// over TCP, and no sk_msg program.
-#[test]
-fn accelerate_off_keeps_replies_on_tcp() {
-    require_kernel!();
-    let _kernel = exclusive();
-    let topo = running(1, &[]);
-    let pod = topo.pod(0);
-    topo.enroll(&pod.netns);
-    assert_eq!(topo.status()["acceleration"]["enabled"], false);
-    let before = accel(&topo);
-    assert_eq!(pod.redis(&["SET", "k", "v"]), "OK");
-    assert!(pod.through_proxy(VIP));
-    assert_eq!(pod.redis(&["GET", "k"]), "v");
-    assert_eq!(accel(&topo), before);
-    let ours: Vec<_> = bpftool::programs_named("redir_sk_msg");
-    assert!(ours.is_empty(), "sk_msg loaded although off: {ours:?}");
-}
-
 #[test]
 fn ipv6_connects_are_steered_by_connect6() {
     require_kernel!();
@@ -540,8 +324,8 @@ fn uninstall_leaves_nothing_behind() {
                 .unwrap_or_else(|| panic!("no map id for {}", pin.display()))
         })
         .collect();
-    // Ten rdr_ maps and aya-log's ring buffer.
-    assert_eq!(map_ids.len(), 11, "{map_ids:?}");
+    // Six rdr_ maps and aya-log's ring buffer.
+    assert_eq!(map_ids.len(), 7, "{map_ids:?}");
 
     // uninstall while the daemon runs: it notices and exits.
     let out = topo.cli(&["uninstall"]);
@@ -563,20 +347,14 @@ fn uninstall_leaves_nothing_behind() {
         .cloned()
         .collect();
     assert!(still_loaded.is_empty(), "programs left: {still_loaded:?}");
-    // The kernel frees maps in the background (sockhashes after an RCU
-    // grace period), so give it a moment.
-    let maps_left = || -> Vec<u64> {
-        bpftool::json(&["map", "list"])
-            .as_array()
-            .expect("map list")
-            .iter()
-            .filter_map(|m| m["id"].as_u64())
-            .filter(|id| map_ids.contains(id))
-            .collect()
-    };
-    wait_for("the maps to be freed", Duration::from_secs(5), || {
-        maps_left().is_empty().then_some(())
-    });
+    let maps_left: Vec<_> = bpftool::json(&["map", "list"])
+        .as_array()
+        .expect("map list")
+        .iter()
+        .filter_map(|m| m["id"].as_u64())
+        .filter(|id| map_ids.contains(id))
+        .collect();
+    assert!(maps_left.is_empty(), "maps left: {maps_left:?}");
     assert!(!topo.pin_dir().exists(), "pin dir left behind");
 
     // The pod now simply goes direct, and a second uninstall is a no-op.
@@ -591,8 +369,7 @@ fn uninstall_leaves_nothing_behind() {
 fn readme_bpftool_commands_show_cookie_and_fields() {
     require_kernel!();
     let _kernel = exclusive();
-    // The section shows the sk_msg shortcut too.
-    let topo = running(1, &["--accelerate", "on"]);
+    let topo = running(1, &[]);
     topo.enroll(&topo.pod(0).netns);
     assert_eq!(topo.pod(0).redis(&["PING"]), "PONG");
     let cookie = topo.status()["enrolled"][0]["netns_cookie"]
@@ -637,9 +414,6 @@ fn readme_bpftool_commands_show_cookie_and_fields() {
         "redir_connect4".to_string(),
         "redir_sockops".to_string(),
         "multi".to_string(),
-        "\"flags\": 1".to_string(),
-        "\"replies_forwarded\"".to_string(),
-        "sk_msg  name redir_sk_msg".to_string(),
     ] {
         assert!(outputs.contains(&expected), "no {expected} in:\n{outputs}");
     }

@@ -38,7 +38,7 @@ use crate::{
     cluster::{commands::CommandTable, topology::Topology},
     metrics::Metrics,
     resp::request::Limits,
-    steering::SteeredConns,
+    steering::OrigDstTable,
 };
 pub use dial::{Dialer, UpstreamAuth};
 use pool::Pools;
@@ -155,8 +155,7 @@ pub struct Shared {
     pub pools: Pools,
     pub commands: CommandTable,
     pub metrics: Arc<Metrics>,
-    /// Steered connections' kernel state (none without steering).
-    pub steered: Option<SteeredConns>,
+    pub orig_dst: Option<OrigDstTable>,
     /// Version of the Redis servers behind the proxy, for HELLO and INFO.
     pub redis_version: String,
     pub started: Instant,
@@ -174,7 +173,7 @@ impl Shared {
         pools: Pools,
         commands: CommandTable,
         metrics: Arc<Metrics>,
-        steered: Option<SteeredConns>,
+        orig_dst: Option<OrigDstTable>,
         redis_version: String,
     ) -> Self {
         Self {
@@ -183,7 +182,7 @@ impl Shared {
             pools,
             commands,
             metrics,
-            steered,
+            orig_dst,
             redis_version,
             started: Instant::now(),
             clients: AtomicUsize::new(0),

@@ -46,9 +46,6 @@ use crate::{
 };
 
 const NOAUTH: &str = "NOAUTH Authentication required.";
-/// Bytes of consecutive full reads after which a steered client is taken
-/// to be outrunning the proxy (see `Session::run`).
-const SHORTCUT_AHEAD: usize = 1024 * 1024;
 const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the same slot";
 
 /// Refuses a client over the limit, as Redis does.
@@ -68,12 +65,11 @@ pub async fn serve(
 ) {
     // TCP_NODELAY is inherited from the listener.
     // A steered client believes it talks to the address it dialled.
-    let orig_dst = shared
-        .steered
+    let advertised = shared
+        .orig_dst
         .as_ref()
-        .and_then(|table| table.take_orig_dst(peer, local));
-    let advertised = orig_dst.as_ref().map_or(local, orig_dst_addr);
-    let shortcut = orig_dst.is_some() && shared.steered.as_ref().is_some_and(|t| t.shortcut);
+        .and_then(|table| table.take(peer, local))
+        .map_or(local, |orig| orig_dst_addr(&orig));
     let mut session = Session {
         authed: !shared.settings.auth.required(),
         shared: Arc::clone(&shared),
@@ -96,7 +92,6 @@ pub async fn serve(
         batch: Vec::new(),
         metric_cache: Vec::new(),
         read_at: Instant::now(),
-        shortcut,
     };
     session.run(stream).await;
     shared.metrics.client_closed();
@@ -157,9 +152,6 @@ struct Session {
     batch: Vec<(SocketAddr, BytesMut, Vec<u64>)>,
     metric_cache: Vec<(Box<[u8]>, CommandCounters)>,
     read_at: Instant,
-    /// Steered with the `sk_msg` shortcut on: this client's requests may
-    /// arrive past TCP until they are switched back to it.
-    shortcut: bool,
 }
 
 enum Event {
@@ -190,11 +182,6 @@ impl Session {
         let mut eof = false;
         let mut backlog = false;
         let inbox = Arc::clone(&self.inbox);
-        // A steered client's requests may bypass TCP (sk_msg), and with it
-        // TCP's flow control. When the proxy stops reading such a client, or
-        // the client keeps filling every read, its requests go back to TCP.
-        let mut shortcut = self.shortcut;
-        let mut ahead = 0usize;
         loop {
             if !self.closing && !inbuf.is_empty() && pending.len() < settings.max_pipeline {
                 backlog = self.parse_and_dispatch(&mut inbuf, &mut pending, &settings);
@@ -222,14 +209,6 @@ impl Session {
             }
 
             let can_read = !eof && !self.closing && pending.len() < settings.max_pipeline;
-            let stalled = pending.len() >= settings.max_pipeline && !eof && !self.closing;
-            if shortcut && (stalled || ahead >= SHORTCUT_AHEAD) {
-                shortcut = false;
-                tracing::debug!("requests back to TCP");
-                if let Some(steered) = &self.shared.steered {
-                    steered.requests_over_tcp(self.peer, self.local);
-                }
-            }
             let subscribed = self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active);
             let idle = settings
                 .idle_timeout
@@ -237,21 +216,18 @@ impl Session {
             if inbuf.capacity() - inbuf.len() < 1024 {
                 inbuf.reserve(16 * 1024);
             }
-            let spare = inbuf.capacity() - inbuf.len();
             let event = tokio::select! {
                 biased;
                 resolution = head(pending.front_mut(), &inbox) => Event::Resolved(resolution),
                 out = next_pubsub(self.pubsub.as_mut()) => Event::PubSub(out),
-                read = read_some(&mut reader, &mut inbuf, self.shortcut), if can_read => Event::Read(read),
+                read = reader.read_buf(&mut inbuf), if can_read => Event::Read(read),
                 () = sleep_opt(idle) => Event::Idle,
             };
             match event {
                 Event::Resolved(Resolution::Wake) => {}
                 Event::Resolved(resolution) => self.resolve_head(&mut pending, resolution),
                 Event::Read(Ok(0) | Err(_)) => eof = true,
-                // A read that fills the buffer left more behind.
-                Event::Read(Ok(n)) if n >= spare => ahead += n,
-                Event::Read(Ok(_)) => ahead = 0,
+                Event::Read(Ok(_)) => {}
                 Event::PubSub(Some(pubsub::Out::Frame(frame))) => out.extend_from_slice(&frame),
                 Event::PubSub(Some(pubsub::Out::Close) | None) => {
                     pending.push_back(Pending::Close);
@@ -1063,31 +1039,6 @@ async fn next_pubsub(handle: Option<&mut pubsub::Handle>) -> Option<pubsub::Out>
     match handle {
         Some(handle) => handle.out.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Reads what is there into `buf`.
-///
-/// A socket on the `sk_msg` shortcut has two receive queues, the shortcut's
-/// and TCP's, and a read returns from one only: a short read does not mean
-/// the socket is drained (when requests switch to TCP, TCP data can sit
-/// behind shortcut data that is read first). tokio's `read_buf` takes a
-/// short read as "drained" and waits for the next wake-up, which may never
-/// come; for such sockets, read until the kernel says `WouldBlock`.
-async fn read_some(
-    reader: &mut tokio::net::tcp::ReadHalf<'_>,
-    buf: &mut BytesMut,
-    two_queues: bool,
-) -> std::io::Result<usize> {
-    if !two_queues {
-        return reader.read_buf(buf).await;
-    }
-    loop {
-        reader.readable().await?;
-        match reader.try_read_buf(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            result => return result,
-        }
     }
 }
 

@@ -7,11 +7,8 @@
 //! cgroup changed is attached anew first and then swapped in by renaming its
 //! pin over the old one, which detaches the old link: steering never has a gap.
 //!
-//! The daemon keeps no cgroup program or link file descriptors: the pins own
-//! the attachment, so removing the pins (`uninstall`) is all it takes to
-//! detach. The one exception is the `sk_msg` shortcut: the running daemon
-//! holds its attachment to the socket maps (see [`Shortcut`]), because it
-//! only matters while the proxy's own sockets exist.
+//! The daemon keeps no program or link file descriptors: the pins own the
+//! attachment, so removing the pins (`uninstall`) is all it takes to detach.
 
 use std::{
     fs::{self, File},
@@ -22,13 +19,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapInfo, SockHash},
-    programs::{CgroupAttachMode, Program, SkMsg, links::FdLink, loaded_programs},
+    maps::MapInfo,
+    programs::{CgroupAttachMode, Program, links::FdLink, loaded_programs},
 };
 use redirector_ebpf::{
-    AccelCounters, Counters, Enrollment, FlowState, MAX_ENROLLED, MAX_ORIG_DST, MAX_PENDING,
-    MAX_SOCKS, MAX_TARGETS, NetnsKey, OrigDst, ProxyConfig, SockTuple, Target, TargetKey,
-    map_names, program_names,
+    Counters, Enrollment, MAX_ENROLLED, MAX_ORIG_DST, MAX_PENDING, MAX_TARGETS, NetnsKey, OrigDst,
+    ProxyConfig, SockTuple, Target, TargetKey, map_names, program_names,
 };
 
 use super::{Error, Layout, fs as kfs, sys};
@@ -52,25 +48,6 @@ pub struct Installed {
     pub cgroup_root: PathBuf,
     /// (program, outcome, kernel program id), in `program_names::ALL` order.
     pub programs: Vec<(&'static str, ProgramOutcome, u32)>,
-    /// Held while the proxy serves: dropping it detaches `redir_sk_msg`.
-    pub shortcut: Option<Shortcut>,
-}
-
-/// The `sk_msg` program attached to `rdr_pod_socks` and `rdr_proxy_socks`,
-/// for as long as this value lives. Attaching replaces whatever an earlier
-/// daemon attached.
-pub struct Shortcut {
-    // The program (and its attachment) belongs to this object.
-    _ebpf: Ebpf,
-    pub program_id: u32,
-}
-
-impl std::fmt::Debug for Shortcut {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shortcut")
-            .field("program_id", &self.program_id)
-            .finish()
-    }
 }
 
 impl Installed {
@@ -80,13 +57,11 @@ impl Installed {
     }
 }
 
-/// Installs or adopts the programs and maps; with `accelerate`, also
-/// attaches the `sk_msg` shortcut.
+/// Installs or adopts the programs and maps.
 pub fn install(
     layout: &Layout,
     cgroup_root: &Path,
     kernel_log_level: aya_log::Level,
-    accelerate: bool,
 ) -> Result<Installed, Error> {
     kfs::ensure_bpffs(&layout.pin_dir)?;
     fs::create_dir_all(layout.links_dir()).map_err(Error::io(format!(
@@ -123,66 +98,9 @@ pub fn install(
         programs.push((name, outcome, id));
     }
     remove_stale_links(layout)?;
-    let shortcut = if accelerate {
-        Some(attach_shortcut(ebpf)?)
-    } else {
-        None
-    };
     Ok(Installed {
         cgroup_root: cgroup_root.into(),
         programs,
-        shortcut,
-    })
-}
-
-fn attach_shortcut(mut ebpf: Ebpf) -> Result<Shortcut, Error> {
-    // This object lives as long as the daemon: let go of the cgroup
-    // programs it loaded (their pinned links hold the attached ones; an
-    // adopted program's fresh copy must not linger in `bpftool prog list`).
-    for cgroup_program in program_names::ALL {
-        if let Some(program) = ebpf.program_mut(cgroup_program) {
-            let unloaded = match program {
-                Program::CgroupSockAddr(p) => p.unload(),
-                Program::SockOps(p) => p.unload(),
-                _ => Ok(()),
-            };
-            unloaded.map_err(|source| Error::Program {
-                program: cgroup_program,
-                source,
-            })?;
-        }
-    }
-    let name = program_names::SK_MSG;
-    let program_err = |source| Error::Program {
-        program: name,
-        source,
-    };
-    let mut fds = Vec::new();
-    for map_name in [map_names::POD_SOCKS, map_names::PROXY_SOCKS] {
-        let map_err = |source| Error::Map {
-            map: map_name,
-            source,
-        };
-        let map = ebpf
-            .map(map_name)
-            .ok_or(Error::MissingProgram { program: name })?;
-        let sockets: SockHash<_, SockTuple> = SockHash::try_from(map).map_err(map_err)?;
-        fds.push(sockets.fd().try_clone().map_err(|e| map_err(e.into()))?);
-    }
-    let program: &mut SkMsg = ebpf
-        .program_mut(name)
-        .ok_or(Error::MissingProgram { program: name })?
-        .try_into()
-        .map_err(program_err)?;
-    program.load().map_err(program_err)?;
-    for fd in &fds {
-        program.attach(fd).map_err(program_err)?;
-    }
-    let program_id = program.info().map_err(program_err)?.id();
-    tracing::info!(program = name, id = program_id, "sk_msg shortcut attached");
-    Ok(Shortcut {
-        _ebpf: ebpf,
-        program_id,
     })
 }
 
@@ -303,7 +221,7 @@ fn remove_stale_links(layout: &Layout) -> Result<(), Error> {
 /// kernel would accept them and the programs would misread every entry.
 fn check_pinned_maps(layout: &Layout) -> Result<(), Error> {
     use std::mem::size_of;
-    let expected: [(&str, usize, usize, u32); 10] = [
+    let expected: [(&str, usize, usize, u32); 6] = [
         (
             map_names::ENROLLED,
             size_of::<NetnsKey>(),
@@ -330,25 +248,6 @@ fn check_pinned_maps(layout: &Layout) -> Result<(), Error> {
             MAX_ORIG_DST,
         ),
         (map_names::COUNTERS, 4, size_of::<Counters>(), 1),
-        (
-            map_names::POD_SOCKS,
-            size_of::<SockTuple>(),
-            size_of::<u32>(),
-            MAX_SOCKS,
-        ),
-        (
-            map_names::PROXY_SOCKS,
-            size_of::<SockTuple>(),
-            size_of::<u32>(),
-            MAX_SOCKS,
-        ),
-        (
-            map_names::FLOWS,
-            size_of::<SockTuple>(),
-            size_of::<FlowState>(),
-            MAX_SOCKS,
-        ),
-        (map_names::ACCEL, 4, size_of::<AccelCounters>(), 1),
     ];
     for (name, key_size, value_size, max_entries) in expected {
         let path = layout.map(name);

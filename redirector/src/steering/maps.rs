@@ -11,8 +11,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use redirector_ebpf::{
-    AccelCounters, Counters, Enrollment, FlowState, NetnsKey, OrigDst, ProxyConfig, SockTuple,
-    Target, TargetKey, ipv4_mapped, map_names,
+    Counters, Enrollment, NetnsKey, OrigDst, ProxyConfig, SockTuple, Target, TargetKey,
+    ipv4_mapped, map_names,
 };
 
 use super::{Error, Layout};
@@ -121,7 +121,6 @@ pub struct Maps {
     targets: HashMap<MapData, TargetKey, Target>,
     proxy: Array<MapData, ProxyConfig>,
     counters: PerCpuArray<MapData, Counters>,
-    accel: PerCpuArray<MapData, AccelCounters>,
 }
 
 impl Maps {
@@ -131,7 +130,6 @@ impl Maps {
             targets: typed(layout, map_names::TARGETS)?,
             proxy: typed(layout, map_names::PROXY)?,
             counters: typed(layout, map_names::COUNTERS)?,
-            accel: typed(layout, map_names::ACCEL)?,
         })
     }
 
@@ -254,72 +252,31 @@ impl Maps {
         }
         Ok(total)
     }
-
-    /// The sk_msg shortcut's counters, summed over CPUs.
-    pub fn accel_counters(&self) -> Result<AccelCounters, Error> {
-        let per_cpu = self.accel.get(&0, 0).map_err(|source| Error::Map {
-            map: map_names::ACCEL,
-            source,
-        })?;
-        let mut total = AccelCounters::default();
-        for cpu in per_cpu.iter() {
-            total.add(cpu);
-        }
-        Ok(total)
-    }
 }
 
-/// What the kernel knows about steered connections, for the proxy: their
-/// original destinations (read on accept) and their request shortcut.
-pub struct SteeredConns {
-    orig_dst: Mutex<HashMap<MapData, SockTuple, OrigDst>>,
-    flows: Mutex<HashMap<MapData, SockTuple, FlowState>>,
-    /// Whether steered connections take the `sk_msg` shortcut.
-    pub shortcut: bool,
+/// Original destinations of steered connections, for the proxy's accept path.
+pub struct OrigDstTable {
+    map: Mutex<HashMap<MapData, SockTuple, OrigDst>>,
 }
 
-fn conn_key(client: SocketAddr, proxy: SocketAddr) -> SockTuple {
-    SockTuple {
-        client_addr: ip_to_bytes(client.ip()),
-        proxy_addr: ip_to_bytes(proxy.ip()),
-        client_port: client.port(),
-        proxy_port: proxy.port(),
-    }
-}
-
-impl SteeredConns {
-    pub fn open(layout: &Layout, shortcut: bool) -> Result<Self, Error> {
+impl OrigDstTable {
+    pub fn open(layout: &Layout) -> Result<Self, Error> {
         Ok(Self {
-            orig_dst: Mutex::new(typed(layout, map_names::ORIG_DST)?),
-            flows: Mutex::new(typed(layout, map_names::FLOWS)?),
-            shortcut,
+            map: Mutex::new(typed(layout, map_names::ORIG_DST)?),
         })
-    }
-
-    /// Sends the rest of a connection's requests over TCP (for good), so
-    /// TCP's flow control holds the client back: for when the proxy stops
-    /// reading it. A no-op for connections without a shortcut.
-    pub fn requests_over_tcp(&self, client: SocketAddr, proxy: SocketAddr) {
-        const BPF_EXIST: u64 = 2;
-        let key = conn_key(client, proxy);
-        let mut flows = self.flows.lock().unwrap_or_else(|e| e.into_inner());
-        if let Ok(flow) = flows.get(&key, 0)
-            && flow.tcp_only == 0
-        {
-            let tcp_only = FlowState {
-                tcp_only: 1,
-                ..flow
-            };
-            let _ = flows.insert(key, tcp_only, BPF_EXIST);
-        }
     }
 
     /// Takes the original destination of an accepted connection: `client` is
     /// its peer address, `proxy` its local address. `None` when the client
     /// was not steered (it dialled the proxy itself).
-    pub fn take_orig_dst(&self, client: SocketAddr, proxy: SocketAddr) -> Option<OrigDst> {
-        let key = conn_key(client, proxy);
-        let mut map = self.orig_dst.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn take(&self, client: SocketAddr, proxy: SocketAddr) -> Option<OrigDst> {
+        let key = SockTuple {
+            client_addr: ip_to_bytes(client.ip()),
+            proxy_addr: ip_to_bytes(proxy.ip()),
+            client_port: client.port(),
+            proxy_port: proxy.port(),
+        };
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let orig = map.get(&key, 0).ok()?;
         // The 4-tuple may be reused by a later connection; never let a stale
         // entry answer for it.

@@ -22,7 +22,7 @@ use std::{
 };
 
 pub use install::{Installed, ProgramOutcome, Removed, install, uninstall};
-pub use maps::{Maps, SteeredConns, TargetSpec, bytes_to_ip, ip_to_bytes, orig_dst_addr};
+pub use maps::{Maps, OrigDstTable, TargetSpec, bytes_to_ip, ip_to_bytes, orig_dst_addr};
 
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirector";

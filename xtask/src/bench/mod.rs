@@ -16,6 +16,6 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
     // SAFETY: single-threaded here; the testbed reads it to find the daemon.
     unsafe { std::env::set_var("REDIRECTOR_BIN", bin) };
     let rounds = rounds.max(1);
-    workloads::run(rounds)?;
+    workloads::run(bin, rounds)?;
     connect::connect_latency(rounds)
 }

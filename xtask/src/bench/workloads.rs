@@ -4,97 +4,29 @@
 //! Everything runs inside a private network namespace (removed afterwards)
 //! with `tcp_max_tw_buckets=0` set there only, so short-connection runs
 //! measure the proxy and not TIME_WAIT. A 3+3 cluster listens on
-//! 127.0.0.1:7000-7005 in it. The daemon (release build, one worker thread,
-//! steering on, attached at a private cgroup v2 mount, the namespace
-//! enrolled) listens on 10.200.0.1:7379 and steers 10.96.0.10:6379; both
-//! addresses are on the namespace's loopback, which has no route out. Each
-//! workload runs three ways:
-//! - direct: `redis-benchmark --cluster` (or phpredis' `RedisCluster`);
-//! - proxy over TCP: the client dials the proxy's address itself (the data
-//!   path a steered pod has with the default `--accelerate off`);
-//! - proxy, steered with the shortcut: the client dials the service address
-//!   and the kernel steers it, and with `--accelerate on` its data takes the
-//!   `sk_msg` shortcut both ways.
-//!
-//! Each is judged against the targets. Modes alternate (direct, TCP, steered, direct, ...) in every round and
-//! medians are reported; a missed target is printed as such.
+//! 127.0.0.1:7000-7005 in it, the proxy (release build, one worker thread)
+//! on 127.0.0.1:7379. Targets alternate (direct, proxy, direct, ...) for
+//! every round and medians are reported; a missed target is printed as such.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::Path,
     process::{Command, Stdio},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use testbed::{
     TempDir,
-    cgroup::Cgroup2Mount,
     cluster::RedisCluster,
-    daemon::{self, Daemon},
     netns::Netns,
-    process::{Place, cpu_ticks},
+    process::{Child, Place, cpu_ticks, wait_for},
     unique,
 };
 
-const PROXY: &str = "10.200.0.1:7379";
-const SERVICE: &str = "10.96.0.10:6379";
+const PROXY_PORT: u16 = 7379;
 const WORKERS: &str = "1";
-
-/// How a client reaches Redis.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Direct,
-    /// Dials the proxy's address: plain TCP both ways.
-    Tcp,
-    /// Dials the service address and is steered, with the sk_msg shortcut.
-    Steered,
-}
-
-impl Mode {
-    const ALL: [Mode; 3] = [Mode::Direct, Mode::Tcp, Mode::Steered];
-
-    fn name(self) -> &'static str {
-        match self {
-            Mode::Direct => "direct",
-            Mode::Tcp => "proxy over TCP",
-            Mode::Steered => "proxy, steered with the shortcut",
-        }
-    }
-
-    /// Where redis-benchmark and PHP connect.
-    fn endpoint(self) -> (&'static str, &'static str) {
-        let split = |addr: &'static str| addr.split_once(':').expect("host:port");
-        match self {
-            Mode::Direct => ("127.0.0.1", "7000"),
-            Mode::Tcp => split(PROXY),
-            Mode::Steered => split(SERVICE),
-        }
-    }
-}
-
-/// The daemon with steering on, uninstalled (pins, links) on drop.
-struct SteeringDaemon {
-    daemon: Option<Daemon>,
-    pin_dir: std::path::PathBuf,
-    _cgroup2: Cgroup2Mount,
-}
-
-impl Drop for SteeringDaemon {
-    fn drop(&mut self) {
-        if let Some(mut daemon) = self.daemon.take() {
-            daemon.stop();
-        }
-        let out = daemon::cli(&self.pin_dir, &["uninstall"]);
-        if !out.status.success() {
-            eprintln!(
-                "warning: uninstall of {} failed: {out:?}",
-                self.pin_dir.display()
-            );
-        }
-    }
-}
 
 struct Workload {
     name: &'static str,
@@ -138,70 +70,51 @@ struct Sample {
 #[derive(Default)]
 struct Series {
     direct: Vec<Sample>,
-    tcp: Vec<Sample>,
-    steered: Vec<Sample>,
+    proxy: Vec<Sample>,
 }
 
-impl Series {
-    fn of(&mut self, mode: Mode) -> &mut Vec<Sample> {
-        match mode {
-            Mode::Direct => &mut self.direct,
-            Mode::Tcp => &mut self.tcp,
-            Mode::Steered => &mut self.steered,
-        }
-    }
-}
-
-/// Runs W1-W4; the daemon binary comes from `REDIRECTOR_BIN` (set by the
-/// caller).
-pub fn run(rounds: usize) -> Result<()> {
+pub fn run(bin: &Path, rounds: usize) -> Result<()> {
     let netns = Netns::create(&unique("rdr-bench"));
     netns.sysctl("net.ipv4.tcp_max_tw_buckets", "0");
-    for addr in ["10.200.0.1/32", "10.96.0.10/32"] {
-        netns.ip(&["addr", "add", addr, "dev", "lo"]);
-    }
     let place = netns.place();
     let dir = TempDir::new("rdr-bench-");
     let nodes: Vec<SocketAddr> = (7000..7006)
         .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
         .collect();
     eprintln!(
-        "starting a 3+3 cluster and the daemon in netns {}",
+        "starting a 3+3 cluster and the proxy in netns {}",
         netns.name()
     );
     let cluster = RedisCluster::start(&place, &nodes, 1, dir.path());
-    let steering = start_daemon(&place, &netns, dir.path())?;
-    let proxy_pid = steering.daemon.as_ref().map_or(0, Daemon::pid);
+    let proxy = start_proxy(bin, &place, dir.path())?;
 
     let mut series: BTreeMap<(&str, String), Series> = BTreeMap::new();
-    // Proxy CPU seconds per 100k requests, per workload and mode.
-    let mut cpu: BTreeMap<(&str, bool), Vec<f64>> = BTreeMap::new();
+    let mut cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for round in 1..=rounds {
         for w in WORKLOADS {
-            for mode in Mode::ALL {
-                eprintln!("round {round}/{rounds}: {} {}", w.name, mode.name());
-                let before = cpu_ticks(proxy_pid);
-                let results = benchmark(&place, w, mode)?;
-                let ticks = cpu_ticks(proxy_pid) - before;
-                if mode != Mode::Direct {
-                    let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
-                    // Clock ticks are 10 ms.
-                    cpu.entry((w.name, mode == Mode::Steered))
-                        .or_default()
-                        .push(ticks as f64 * 0.01 / requests as f64 * 100_000.0);
-                }
-                for (test, sample) in results {
-                    series
-                        .entry((w.name, test))
-                        .or_default()
-                        .of(mode)
-                        .push(sample);
-                }
+            eprintln!("round {round}/{rounds}: {} direct", w.name);
+            for (test, sample) in benchmark(&place, w, true)? {
+                series
+                    .entry((w.name, test))
+                    .or_default()
+                    .direct
+                    .push(sample);
+            }
+            eprintln!("round {round}/{rounds}: {} proxy", w.name);
+            let before = cpu_ticks(proxy.pid());
+            let results = benchmark(&place, w, false)?;
+            let ticks = cpu_ticks(proxy.pid()) - before;
+            let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
+            // Clock ticks are 10 ms.
+            cpu.entry(w.name)
+                .or_default()
+                .push(ticks as f64 * 0.01 / requests as f64 * 100_000.0);
+            for (test, sample) in results {
+                series.entry((w.name, test)).or_default().proxy.push(sample);
             }
         }
     }
     let w4 = php_w4(&place, dir.path(), rounds)?;
-    drop(steering);
     drop(cluster);
 
     println!();
@@ -209,134 +122,90 @@ pub fn run(rounds: usize) -> Result<()> {
         "Redis Cluster proxy vs direct, medians of {rounds} alternating rounds; 3+3 cluster on loopback, redis-benchmark -r 100000 -d 32, proxy with {WORKERS} worker thread"
     );
     println!(
-        "TCP: the client dials the proxy (the default data path); shortcut: it dials the service, is steered, and its data takes sk_msg (--accelerate on)"
-    );
-    println!(
-        "{:<16} {:<4} {:>10} {:>10} {:>6} {:>10} {:>6} {:>7}  {:>15}  {:>15}  result TCP / shortcut",
+        "{:<16} {:<4} {:>12} {:>12} {:>7} {:>8}  {:>15}  {:>15}  result",
         "workload",
         "test",
-        "direct",
-        "TCP",
-        "ratio",
-        "shortcut",
+        "direct rps",
+        "proxy rps",
         "ratio",
         "target",
         "p50/p99 direct",
-        "p50/p99 shortcut"
+        "p50/p99 proxy"
     );
     for w in WORKLOADS {
         for &(test, target) in w.targets {
             let Some(s) = series.get(&(w.name, test.to_string())) else {
                 continue;
             };
-            let (direct, tcp, steered) = (median(&s.direct), median(&s.tcp), median(&s.steered));
-            let (tcp_ratio, ratio) = (tcp.rps / direct.rps, steered.rps / direct.rps);
-            let verdict = |r: f64| if r >= target { "ok" } else { "MISSED" };
+            let (direct, proxied) = (median(&s.direct), median(&s.proxy));
+            let ratio = proxied.rps / direct.rps;
             println!(
-                "{:<16} {:<4} {:>10.0} {:>10.0} {:>6.2} {:>10.0} {:>6.2} {:>6.2}+  {:>6.2}/{:<6.2} ms  {:>6.2}/{:<6.2} ms  {} / {}",
+                "{:<16} {:<4} {:>12.0} {:>12.0} {:>7.2} {:>7.2}+  {:>6.2}/{:<6.2} ms  {:>6.2}/{:<6.2} ms  {}",
                 w.name,
                 test,
                 direct.rps,
-                tcp.rps,
-                tcp_ratio,
-                steered.rps,
+                proxied.rps,
                 ratio,
                 target,
                 direct.p50,
                 direct.p99,
-                steered.p50,
-                steered.p99,
-                verdict(tcp_ratio),
-                verdict(ratio)
+                proxied.p50,
+                proxied.p99,
+                if ratio >= target { "ok" } else { "MISSED" }
             );
         }
     }
     println!();
     for w in WORKLOADS {
-        let spent = |steered: bool| {
-            median_f(
-                cpu.get(&(w.name, steered))
-                    .map(Vec::as_slice)
-                    .unwrap_or(&[]),
-            )
-        };
-        let (tcp, steered) = (spent(false), spent(true));
+        let spent = median_f(cpu.get(w.name).map(Vec::as_slice).unwrap_or(&[]));
         match PEER_CPU.iter().find(|(name, _)| *name == w.name) {
             Some((_, peer)) => println!(
-                "proxy CPU per 100k requests, {:<16} TCP {tcp:.3} s, shortcut {steered:.3} s (best peer {peer:.2} s): {} / {}",
+                "proxy CPU per 100k requests, {:<16} {spent:.3} s (best peer {peer:.2} s): {}",
                 w.name,
-                if tcp < *peer { "ok" } else { "MISSED" },
-                if steered < *peer { "ok" } else { "MISSED" }
+                if spent < *peer { "ok" } else { "MISSED" }
             ),
-            None => println!(
-                "proxy CPU per 100k requests, {:<16} TCP {tcp:.3} s, shortcut {steered:.3} s",
-                w.name
-            ),
+            None => println!("proxy CPU per 100k requests, {:<16} {spent:.3} s", w.name),
         }
     }
-    if let Some([direct, tcp, steered]) = w4 {
-        let ratio = steered / direct;
+    if let Some((proxied, direct)) = w4 {
+        let ratio = proxied / direct;
         println!();
         println!(
-            "W4 PHP, phpredis, a fresh connection per request (SET+GET), 4 processes: direct (RedisCluster) {direct:.0} req/s; proxy (Redis class) over TCP {tcp:.0} req/s ({:.2}x), steered with the shortcut {steered:.0} req/s ({ratio:.2}x) (target 2.00x): {} / {}",
-            tcp / direct,
-            if tcp / direct >= 2.0 { "ok" } else { "MISSED" },
+            "W4 PHP, phpredis, a fresh connection per request (SET+GET), 4 processes: proxy (Redis class) {proxied:.0} req/s, direct (RedisCluster) {direct:.0} req/s, ratio {ratio:.2} (target 2.00+): {}",
             if ratio >= 2.0 { "ok" } else { "MISSED" }
         );
     }
     Ok(())
 }
 
-fn start_daemon(place: &Place, netns: &Netns, dir: &Path) -> Result<SteeringDaemon> {
-    let cgroup2 = Cgroup2Mount::new(dir.join("cgroup2"));
-    let pin_dir = Path::new("/sys/fs/bpf").join(unique("rdr-bench"));
-    let args: Vec<String> = [
-        "--proxy-addr",
-        PROXY,
-        "--redis-target",
-        SERVICE,
-        "--cluster-seed",
-        "127.0.0.1:7000",
-        "--admin-addr",
-        "none",
-        "--workers",
-        WORKERS,
-        "--accelerate",
-        "on",
-        "--cgroup-root",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .chain([cgroup2.path().display().to_string()])
-    .collect();
-    let mut steering = SteeringDaemon {
-        daemon: None,
-        pin_dir: pin_dir.clone(),
-        _cgroup2: cgroup2,
-    };
-    steering.daemon = Some(Daemon::start(
-        place,
-        &pin_dir,
-        args,
-        vec![("RUST_LOG".into(), "warn,redirector::app=info".into())],
-        dir.join("redirector.log"),
-    ));
-    daemon::cli_ok(
-        &pin_dir,
-        &["enroll", "--netns", &netns.path().display().to_string()],
-    );
-    Ok(steering)
+fn start_proxy(bin: &Path, place: &Place, dir: &Path) -> Result<Child> {
+    let log = dir.join("proxy.log");
+    let mut cmd = place.command(bin);
+    cmd.args(["run", "--steering", "off", "--admin-addr", "none"])
+        .args(["--proxy-addr", &format!("127.0.0.1:{PROXY_PORT}")])
+        .args(["--cluster-seed", "127.0.0.1:7000", "--workers", WORKERS])
+        .env("RUST_LOG", "warn,redirector::app=info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?);
+    let mut child = Child::spawn("redirector (bench proxy)", cmd);
+    wait_for("the proxy to be ready", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(child.is_running(), "proxy exited:\n{text}");
+        text.contains("redirector ready").then_some(())
+    });
+    Ok(child)
 }
 
 /// One redis-benchmark run; (test, sample) per CSV row.
-fn benchmark(place: &Place, w: &Workload, mode: Mode) -> Result<Vec<(String, Sample)>> {
-    let (host, port) = mode.endpoint();
+fn benchmark(place: &Place, w: &Workload, direct: bool) -> Result<Vec<(String, Sample)>> {
     let mut cmd = place.command("redis-benchmark");
-    cmd.args(["-h", host, "-p", port, "--csv", "-r", "100000", "-d", "32"])
+    cmd.args(["-h", "127.0.0.1", "--csv", "-r", "100000", "-d", "32"])
         .args(["-n", &w.requests.to_string()])
         .args(w.args);
-    if mode == Mode::Direct {
-        cmd.arg("--cluster");
+    if direct {
+        cmd.args(["-p", "7000", "--cluster"]);
+    } else {
+        cmd.args(["-p", &PROXY_PORT.to_string()]);
     }
     let out = cmd.output().context("redis-benchmark")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -359,7 +228,7 @@ fn benchmark(place: &Place, w: &Workload, mode: Mode) -> Result<Vec<(String, Sam
     if rows.is_empty() {
         bail!(
             "redis-benchmark ({}) printed no results: {}{}",
-            mode.name(),
+            if direct { "direct" } else { "proxy" },
             text,
             String::from_utf8_lossy(&out.stderr)
         );
@@ -391,9 +260,9 @@ while (microtime(true) < $end) {
 echo $n, "\n";
 "#;
 
-/// W4, medians over rounds: req/s direct, over TCP, steered; `None` when
-/// PHP with phpredis is not installed.
-fn php_w4(place: &Place, dir: &Path, rounds: usize) -> Result<Option<[f64; 3]>> {
+/// W4, medians over rounds: (proxy req/s, direct req/s); `None` when PHP
+/// with phpredis is not installed.
+fn php_w4(place: &Place, dir: &Path, rounds: usize) -> Result<Option<(f64, f64)>> {
     let has_phpredis = Command::new("php")
         .args(["-r", "exit(extension_loaded('redis') ? 0 : 1);"])
         .status()
@@ -407,20 +276,14 @@ fn php_w4(place: &Place, dir: &Path, rounds: usize) -> Result<Option<[f64; 3]>> 
     let script = dir.join("w4.php");
     std::fs::write(&script, PHP_W4)?;
     let seconds = 4.0;
-    let run = |mode: Mode| -> Result<f64> {
-        let (host, port) = mode.endpoint();
-        let class = if mode == Mode::Direct {
-            "cluster"
-        } else {
-            "proxy"
-        };
+    let run = |mode: &str, port: u16| -> Result<f64> {
         let started = Instant::now();
         let children: Vec<_> = (0..4)
             .map(|_| {
                 place
                     .command("php")
                     .arg(&script)
-                    .args([class, host, port, &seconds.to_string()])
+                    .args([mode, "127.0.0.1", &port.to_string(), &seconds.to_string()])
                     .stdout(Stdio::piped())
                     .spawn()
             })
@@ -429,7 +292,7 @@ fn php_w4(place: &Place, dir: &Path, rounds: usize) -> Result<Option<[f64; 3]>> 
         for child in children {
             let out = child.wait_with_output()?;
             if !out.status.success() {
-                bail!("php W4 ({}) failed", mode.name());
+                bail!("php W4 ({mode}) failed");
             }
             total += String::from_utf8_lossy(&out.stdout)
                 .trim()
@@ -438,14 +301,14 @@ fn php_w4(place: &Place, dir: &Path, rounds: usize) -> Result<Option<[f64; 3]>> 
         }
         Ok(total / started.elapsed().as_secs_f64())
     };
-    let mut samples: [Vec<f64>; 3] = Default::default();
+    let (mut proxied, mut direct) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
-        for (i, mode) in Mode::ALL.into_iter().enumerate() {
-            eprintln!("round {round}/{rounds}: W4 php {}", mode.name());
-            samples[i].push(run(mode)?);
-        }
+        eprintln!("round {round}/{rounds}: W4 php direct");
+        direct.push(run("cluster", 7000)?);
+        eprintln!("round {round}/{rounds}: W4 php proxy");
+        proxied.push(run("proxy", PROXY_PORT)?);
     }
-    Ok(Some(samples.map(|s| median_f(&s))))
+    Ok(Some((median_f(&proxied), median_f(&direct))))
 }
 
 fn median(samples: &[Sample]) -> Sample {
