@@ -20,7 +20,12 @@ use tracing::{info, warn};
 use crate::{
     admin,
     cluster::topology::Topology,
-    config::RunConfig,
+    config::{HboneConfig, RunConfig},
+    hbone::{Mesh, inbound::Inbound, outbound::Outbound},
+    identity::{
+        Policy,
+        tls::{CertFiles, Tls},
+    },
     metrics::Metrics,
     proxy::{self, Dialer, Proxy, Shared, discovery, pool::Pools},
     steering::{self, Layout, Maps, OrigDstTable},
@@ -43,6 +48,13 @@ pub enum Error {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("HBONE certificates: {0}")]
+    HboneCerts(#[from] crate::identity::tls::Error),
+    #[error("cannot listen for HBONE tunnels on {addr}: {source}")]
+    HboneListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Why `run` returned.
@@ -81,7 +93,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     }
 
     let metrics = Arc::new(Metrics::new());
-    let dialer = Dialer {
+    let mut dialer = Dialer {
         // Marks exist only for the steering programs (and need CAP_NET_ADMIN).
         socket_mark: if config.steering {
             config.socket_mark
@@ -90,7 +102,11 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         },
         connect_timeout: config.connect_timeout,
         auth: config.upstream_auth.clone(),
+        mesh: None,
     };
+    if let Some(hbone) = &config.hbone {
+        dialer.mesh = start_hbone(hbone, &dialer, &metrics).await?;
+    }
     if let Some(addr) = config.admin_addr {
         let listener = admin::bind(addr)
             .await
@@ -189,6 +205,55 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     serving.abort();
     info!(?exit, "redirector stopped");
     Ok(exit)
+}
+
+/// Loads the node's certificates (and watches them), starts the inbound
+/// listener, and returns the outbound side when endpoints are meshed.
+async fn start_hbone(
+    config: &HboneConfig,
+    dialer: &Dialer,
+    metrics: &Metrics,
+) -> Result<Option<Arc<Mesh>>, Error> {
+    let tls = Tls::load(CertFiles::in_dir(&config.certs))?;
+    tls.spawn_reloader(config.reload_interval);
+    let own = tls.current().identity.clone();
+    if let Some(addr) = config.listen {
+        let policy = Policy {
+            trust_domain: config
+                .allow_trust_domain
+                .clone()
+                .unwrap_or_else(|| own.trust_domain.clone()),
+            namespaces: config.allow_namespaces.clone(),
+        };
+        let inbound = Inbound::bind(
+            addr,
+            Arc::clone(&tls),
+            policy,
+            metrics.tunnels(),
+            dialer.socket_mark,
+            dialer.connect_timeout,
+        )
+        .await
+        .map_err(|source| Error::HboneListen { addr, source })?;
+        info!(%addr, identity = %own, "HBONE listener up");
+        tokio::spawn(inbound.run());
+    }
+    if config.meshed.is_empty() {
+        return Ok(None);
+    }
+    let outbound = Outbound::new(
+        tls,
+        config.peer_port,
+        config.peer_identity.clone().unwrap_or(own),
+        metrics.tunnels(),
+        dialer.socket_mark,
+        dialer.connect_timeout,
+        config.idle_timeout,
+    );
+    Ok(Some(Arc::new(Mesh {
+        outbound,
+        meshed: config.meshed.clone(),
+    })))
 }
 
 /// The eBPF log level is fixed when the programs load; follow the daemon's

@@ -65,6 +65,33 @@ pub struct RunConfig {
     /// `/metrics` and `/healthz/ready`; none to disable.
     pub admin_addr: Option<SocketAddr>,
     pub refresh_interval: Duration,
+    /// HBONE tunnels between nodes; `None`: every node is dialled directly.
+    pub hbone: Option<HboneConfig>,
+}
+
+/// HBONE: who this node is, where it listens, and which endpoints are
+/// reached through their node's tunnel listener.
+#[derive(Clone, Debug)]
+pub struct HboneConfig {
+    /// The node's `ca.pem`, `cert.pem` and `key.pem`.
+    pub certs: PathBuf,
+    /// The inbound listener; `None`: this node accepts no tunnels.
+    pub listen: Option<SocketAddr>,
+    /// The port peers' listeners use.
+    pub peer_port: u16,
+    /// Redis endpoints on meshed nodes.
+    pub meshed: Vec<crate::hbone::Cidr>,
+    /// The identity peer nodes must prove [default: this node's own, as
+    /// every node of the DaemonSet runs as the same service account].
+    pub peer_identity: Option<crate::identity::Identity>,
+    /// Inbound: the trust domain allowed [default: this node's].
+    pub allow_trust_domain: Option<String>,
+    /// Inbound: the namespaces allowed; empty: all of the trust domain.
+    pub allow_namespaces: Vec<String>,
+    /// Outbound tunnels without streams this long are closed.
+    pub idle_timeout: Duration,
+    /// How often the certificate files are checked for changes.
+    pub reload_interval: Duration,
 }
 
 impl RunConfig {
@@ -176,6 +203,7 @@ mod tests {
             upstream_auth: None,
             admin_addr: None,
             refresh_interval: Duration::from_secs(5),
+            hbone: None,
             pin_dir: "/sys/fs/bpf/redirector".into(),
             cgroup_root: None,
             proxy_addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),

@@ -6,6 +6,8 @@ pub mod app;
 pub mod cluster;
 pub mod config;
 pub mod fasthash;
+pub mod hbone;
+pub mod identity;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;

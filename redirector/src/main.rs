@@ -6,6 +6,8 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use redirector::{
     app,
+    hbone::Cidr,
+    identity::{Identity, mint},
     config::{self, RunConfig},
     netns::{self, NetnsRef},
     proxy::{DownstreamAuth, ReadPolicy, Settings, UpstreamAuth, pool::PoolConfig},
@@ -56,6 +58,33 @@ enum Command {
     },
     /// Detach every program and remove every pin.
     Uninstall,
+    /// Mint a local CA and node certificates for HBONE (demo and tests;
+    /// production nodes get theirs from the mesh's CA).
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a CA: writes ca.pem and ca-key.pem into DIR.
+    Ca {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Issue a node certificate: writes ca.pem, cert.pem and key.pem into OUT,
+    /// the directory `run --hbone-certs` takes.
+    Issue {
+        /// The CA directory (`certs ca --dir`).
+        #[arg(long)]
+        ca: PathBuf,
+        /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>
+        #[arg(long)]
+        identity: Identity,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -173,6 +202,71 @@ struct RunArgs {
     /// Proxy worker threads.
     #[arg(long, env = "REDIRECTOR_WORKERS", default_value_t = 1)]
     workers: usize,
+    #[command(flatten)]
+    hbone: HboneArgs,
+}
+
+/// HBONE tunnels between nodes (off unless --hbone-certs is given).
+#[derive(Args)]
+struct HboneArgs {
+    /// Directory with this node's ca.pem, cert.pem and key.pem; enables HBONE.
+    /// Files are reloaded when they change.
+    #[arg(long, env = "REDIRECTOR_HBONE_CERTS")]
+    hbone_certs: Option<PathBuf>,
+    /// Inbound tunnel listener; `none` accepts no tunnels.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    hbone_listen: String,
+    /// Port of the peers' tunnel listeners.
+    #[arg(long, default_value_t = redirector::hbone::DEFAULT_PORT)]
+    hbone_peer_port: u16,
+    /// Redis endpoints on meshed nodes, reached through their node's
+    /// listener: addresses or CIDRs. Everything else is dialled directly.
+    #[arg(long = "mesh-endpoints", value_delimiter = ',')]
+    mesh_endpoints: Vec<Cidr>,
+    /// Identity peer nodes must prove [default: this node's own].
+    #[arg(long)]
+    hbone_peer_identity: Option<Identity>,
+    /// Trust domain allowed to open tunnels here [default: this node's].
+    #[arg(long)]
+    hbone_allow_trust_domain: Option<String>,
+    /// Namespaces allowed to open tunnels here [default: all of the trust domain].
+    #[arg(long = "hbone-allow-namespace", value_delimiter = ',')]
+    hbone_allow_namespaces: Vec<String>,
+    /// Outbound tunnels with no streams for this long are closed.
+    #[arg(long, default_value = "60s", value_parser = config::parse_duration)]
+    hbone_idle_timeout: Duration,
+    /// How often the certificate files are checked for changes.
+    #[arg(long, default_value = "2s", value_parser = config::parse_duration)]
+    hbone_reload_interval: Duration,
+}
+
+impl HboneArgs {
+    fn into_config(self) -> anyhow::Result<Option<config::HboneConfig>> {
+        let Some(certs) = self.hbone_certs else {
+            if !self.mesh_endpoints.is_empty() {
+                bail!("--mesh-endpoints needs --hbone-certs: tunnels need this node's certificates");
+            }
+            return Ok(None);
+        };
+        let listen = match self.hbone_listen.as_str() {
+            "none" | "" => None,
+            addr => Some(
+                addr.parse()
+                    .with_context(|| format!("--hbone-listen `{addr}`"))?,
+            ),
+        };
+        Ok(Some(config::HboneConfig {
+            certs,
+            listen,
+            peer_port: self.hbone_peer_port,
+            meshed: self.mesh_endpoints,
+            peer_identity: self.hbone_peer_identity,
+            allow_trust_domain: self.hbone_allow_trust_domain,
+            allow_namespaces: self.hbone_allow_namespaces,
+            idle_timeout: self.hbone_idle_timeout,
+            reload_interval: self.hbone_reload_interval.max(Duration::from_millis(100)),
+        }))
+    }
 }
 
 fn main() -> ExitCode {
@@ -265,6 +359,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Certs(CertsCommand::Ca { dir, trust_domain }) => {
+            let ca = mint::Ca::new(&trust_domain)?;
+            ca.save(&dir)?;
+            println!("CA for {trust_domain} written to {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(CertsCommand::Issue { ca, identity, out }) => {
+            let ca = mint::Ca::load(&ca)?;
+            ca.issue_into(&identity, &out)?;
+            println!("certificate for {identity} written to {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Uninstall => {
             let removed = steering::uninstall(&layout)?;
             if removed == steering::Removed::default() {
@@ -345,6 +451,7 @@ fn run(pin_dir: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
         socket_mark: args.socket_mark,
         liveness: args.liveness,
         connect_timeout: args.connect_timeout,
+        hbone: args.hbone.into_config()?,
     };
     // One worker: a current-thread runtime. Its run queue is FIFO, so the
     // upstream writers run after every client that queued work for them,

@@ -53,6 +53,7 @@ impl CommandCounters {
 
 pub struct Metrics {
     registry: Registry,
+    tunnels: std::sync::Arc<TunnelMetrics>,
     clients_opened: Counter,
     clients_closed: Counter,
     clients_active: Gauge,
@@ -92,6 +93,9 @@ impl Metrics {
         let upstream_failed = Family::<NodeLabels, Counter>::default();
         let leases_reused = Counter::default();
         let protocol_errors = Counter::default();
+        let tunnels = std::sync::Arc::new(TunnelMetrics::register(
+            registry.sub_registry_with_prefix("hbone"),
+        ));
 
         registry.register(
             "client_connections_opened",
@@ -160,6 +164,7 @@ impl Metrics {
         );
         Self {
             registry,
+            tunnels,
             clients_opened,
             clients_closed,
             clients_active,
@@ -178,6 +183,11 @@ impl Metrics {
     }
 
     /// Prometheus text exposition.
+    /// The HBONE tunnels' metrics (`redirector_hbone_*`).
+    pub fn tunnels(&self) -> std::sync::Arc<TunnelMetrics> {
+        std::sync::Arc::clone(&self.tunnels)
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -281,5 +291,134 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// HBONE tunnel metrics: connections (tunnels) by direction, CONNECT
+/// streams, their answers and bytes, and TLS handshake failures by reason.
+pub struct TunnelMetrics {
+    opened: Family<DirectionLabels, Counter>,
+    closed: Family<DirectionLabels, Counter>,
+    active: Family<DirectionLabels, Gauge>,
+    streams_active: Gauge,
+    connect_status: Family<StatusLabels, Counter>,
+    bytes_in: Counter,
+    bytes_out: Counter,
+    handshake_failures: Family<ReasonLabels, Counter>,
+}
+
+impl TunnelMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let this = Self {
+            opened: Family::default(),
+            closed: Family::default(),
+            active: Family::default(),
+            streams_active: Gauge::default(),
+            connect_status: Family::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            handshake_failures: Family::default(),
+        };
+        registry.register(
+            "tunnels_opened",
+            "mTLS HTTP/2 tunnel connections established, by direction",
+            this.opened.clone(),
+        );
+        registry.register(
+            "tunnels_closed",
+            "Tunnel connections ended, by direction",
+            this.closed.clone(),
+        );
+        registry.register(
+            "tunnels_active",
+            "Tunnel connections open now, by direction",
+            this.active.clone(),
+        );
+        registry.register(
+            "streams_active",
+            "CONNECT streams open now (both directions)",
+            this.streams_active.clone(),
+        );
+        registry.register(
+            "connect_responses",
+            "CONNECT requests answered by this node, by status code",
+            this.connect_status.clone(),
+        );
+        registry.register(
+            "received_bytes",
+            "Stream bytes received through tunnels",
+            this.bytes_in.clone(),
+        );
+        registry.register(
+            "sent_bytes",
+            "Stream bytes sent through tunnels",
+            this.bytes_out.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "Failed tunnel TLS handshakes, by reason",
+            this.handshake_failures.clone(),
+        );
+        this
+    }
+
+    /// Unregistered, for tests of the tunnel code alone.
+    pub fn detached() -> Self {
+        Self::register(&mut Registry::default())
+    }
+
+    pub fn tunnel_opened(&self, direction: &'static str) {
+        let labels = DirectionLabels { direction };
+        self.opened.get_or_create(&labels).inc();
+        self.active.get_or_create(&labels).inc();
+    }
+
+    pub fn tunnel_closed(&self, direction: &'static str) {
+        let labels = DirectionLabels { direction };
+        self.closed.get_or_create(&labels).inc();
+        self.active.get_or_create(&labels).dec();
+    }
+
+    pub fn stream_opened(&self) {
+        self.streams_active.inc();
+    }
+
+    pub fn stream_closed(&self) {
+        self.streams_active.dec();
+    }
+
+    pub fn connect_status(&self, status: u16) {
+        self.connect_status
+            .get_or_create(&StatusLabels { status })
+            .inc();
+    }
+
+    pub fn bytes_in(&self, n: usize) {
+        self.bytes_in.inc_by(n as u64);
+    }
+
+    pub fn bytes_out(&self, n: usize) {
+        self.bytes_out.inc_by(n as u64);
+    }
+
+    pub fn handshake_failed(&self, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 }

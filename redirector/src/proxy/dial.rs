@@ -6,20 +6,33 @@
 //! the same handshake: `HELLO 3` for RESP3 connections (with AUTH inside),
 //! else `AUTH`, then `READONLY` so replicas serve reads (masters ignore it).
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::{Bytes, BytesMut};
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpSocket, TcpStream},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
+    net::{
+        TcpSocket, TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
 };
 
 use super::UpstreamError;
-use crate::resp::{
+use crate::{
+    hbone,
+    resp::{
     Protocol,
     reply::{self, Reply},
     request,
+    },
 };
 
 /// Credentials the proxy presents to Redis.
@@ -29,31 +42,54 @@ pub struct UpstreamAuth {
     pub password: String,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Dialer {
     /// 0 disables marking (proxy-only mode, where nothing steers).
     pub socket_mark: u32,
     pub connect_timeout: Duration,
     pub auth: Option<UpstreamAuth>,
+    /// Meshed nodes are reached through HBONE tunnels, the rest directly.
+    pub mesh: Option<Arc<hbone::Mesh>>,
+}
+
+/// A TCP connection carrying the proxy's mark, so steering leaves it alone.
+pub async fn connect_marked(
+    addr: SocketAddr,
+    socket_mark: u32,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if socket_mark != 0 {
+        setsockopt(&socket, sockopt::Mark, &socket_mark)?;
+    }
+    socket.set_nodelay(true)?;
+    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+        Ok(stream) => stream,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect timed out after {timeout:?}"),
+        )),
+    }
 }
 
 impl Dialer {
-    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let socket = match addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        if self.socket_mark != 0 {
-            setsockopt(&socket, sockopt::Mark, &self.socket_mark)?;
+    /// A byte stream to a Redis node: a long-lived HBONE stream when the
+    /// node is meshed, else plain TCP.
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<Upstream> {
+        if let Some(mesh) = self.mesh.as_ref().filter(|m| m.is_meshed(addr.ip())) {
+            let stream = mesh
+                .outbound
+                .connect(addr, hbone::outbound::Origin::default())
+                .await
+                .map_err(io::Error::other)?;
+            return Ok(Upstream::Tunnel(Box::new(stream)));
         }
-        socket.set_nodelay(true)?;
-        match tokio::time::timeout(self.connect_timeout, socket.connect(addr)).await {
-            Ok(stream) => stream,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect timed out after {:?}", self.connect_timeout),
-            )),
-        }
+        connect_marked(addr, self.socket_mark, self.connect_timeout)
+            .await
+            .map(Upstream::Tcp)
     }
 
     /// Connects and runs the handshake. Returns the stream and any bytes
@@ -62,7 +98,7 @@ impl Dialer {
         &self,
         addr: SocketAddr,
         protocol: Protocol,
-    ) -> Result<(TcpStream, BytesMut), UpstreamError> {
+    ) -> Result<(Upstream, BytesMut), UpstreamError> {
         let mut stream = self
             .connect(addr)
             .await
@@ -129,3 +165,103 @@ impl Dialer {
         Ok((stream, buf))
     }
 }
+
+/// A connection to a Redis node, direct or tunnelled; the rest of the
+/// proxy does not care which.
+pub enum Upstream {
+    Tcp(TcpStream),
+    Tunnel(Box<hbone::Stream>),
+}
+
+pub enum UpstreamRead {
+    Tcp(OwnedReadHalf),
+    Tunnel(hbone::ReadHalf),
+}
+
+pub enum UpstreamWrite {
+    Tcp(OwnedWriteHalf),
+    Tunnel(hbone::WriteHalf),
+}
+
+impl Upstream {
+    /// Open, with nothing to read: probed once, without waiting.
+    pub fn is_quiet(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        match self {
+            Self::Tcp(stream) => {
+                matches!(stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            Self::Tunnel(stream) => {
+                let mut buf = ReadBuf::new(&mut probe);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                Pin::new(&mut **stream).poll_read(&mut cx, &mut buf).is_pending()
+            }
+        }
+    }
+
+    pub fn into_split(self) -> (UpstreamRead, UpstreamWrite) {
+        match self {
+            Self::Tcp(stream) => {
+                let (read, write) = stream.into_split();
+                (UpstreamRead::Tcp(read), UpstreamWrite::Tcp(write))
+            }
+            Self::Tunnel(stream) => {
+                let (read, write) = stream.into_split();
+                (UpstreamRead::Tunnel(read), UpstreamWrite::Tunnel(write))
+            }
+        }
+    }
+}
+
+macro_rules! delegate_read {
+    ($ty:ident) => {
+        impl AsyncRead for $ty {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Tunnel(s) => Pin::new(s).poll_read(cx, buf),
+                }
+            }
+        }
+    };
+}
+
+macro_rules! delegate_write {
+    ($ty:ident) => {
+        impl AsyncWrite for $ty {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Tunnel(s) => Pin::new(s).poll_write(cx, buf),
+                }
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Tcp(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Tunnel(s) => Pin::new(s).poll_flush(cx),
+                }
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Tunnel(s) => Pin::new(s).poll_shutdown(cx),
+                }
+            }
+        }
+    };
+}
+
+delegate_read!(Upstream);
+delegate_write!(Upstream);
+delegate_read!(UpstreamRead);
+delegate_write!(UpstreamWrite);

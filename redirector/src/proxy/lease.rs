@@ -3,18 +3,17 @@
 //! (which would stall a shared connection) and pub/sub. Returned leases are
 //! kept warm in the node's pool, so a transaction never costs a connect.
 
-use std::{io, net::SocketAddr};
+use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _},
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
 };
 
-use super::{UpstreamError, dial::Dialer};
+use super::{
+    UpstreamError,
+    dial::{Dialer, Upstream, UpstreamRead, UpstreamWrite},
+};
 use crate::resp::{
     Protocol,
     reply::{self, Reply},
@@ -23,7 +22,7 @@ use crate::resp::{
 pub struct Leased {
     pub addr: SocketAddr,
     pub protocol: Protocol,
-    stream: TcpStream,
+    stream: Upstream,
     buf: BytesMut,
     broken: bool,
 }
@@ -78,12 +77,11 @@ impl Leased {
         if self.broken || !self.buf.is_empty() {
             return false;
         }
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        self.stream.is_quiet()
     }
 
     /// For pub/sub: a reader that streams frames, and a writer.
-    pub fn split(self) -> (LeasedReader, OwnedWriteHalf) {
+    pub fn split(self) -> (LeasedReader, UpstreamWrite) {
         let (read, write) = self.stream.into_split();
         (
             LeasedReader {
@@ -100,7 +98,7 @@ impl Leased {
 pub struct LeasedReader {
     pub addr: SocketAddr,
     protocol: Protocol,
-    read: OwnedReadHalf,
+    read: UpstreamRead,
     buf: BytesMut,
 }
 

@@ -21,9 +21,9 @@ use std::{
 
 use bytes::Bytes;
 use redis_protocol::{resp2, resp3};
-use tokio::{io::AsyncWriteExt as _, net::tcp::OwnedWriteHalf, sync::mpsc};
+use tokio::{io::AsyncWriteExt as _, sync::mpsc};
 
-use super::{Shared, UpstreamError, local};
+use super::{Shared, UpstreamError, dial::UpstreamWrite, local};
 use crate::{
     cluster::slot,
     resp::{
@@ -110,7 +110,7 @@ pub fn start(shared: Arc<Shared>, protocol: Protocol) -> Handle {
 }
 
 struct SubConn {
-    writer: OwnedWriteHalf,
+    writer: UpstreamWrite,
     count: i64,
 }
 

@@ -19,11 +19,14 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::tcp::{OwnedReadHalf, OwnedWriteHalf},
     sync::{mpsc, oneshot},
 };
 
-use super::{UpstreamError, dial::Dialer, pool::Health};
+use super::{
+    UpstreamError,
+    dial::{Dialer, UpstreamRead, UpstreamWrite},
+    pool::Health,
+};
 use crate::{
     metrics::Metrics,
     resp::{
@@ -257,7 +260,7 @@ async fn run(
 }
 
 async fn write_jobs(
-    mut writer: OwnedWriteHalf,
+    mut writer: UpstreamWrite,
     rx: &mut mpsc::UnboundedReceiver<Job>,
     inflight: &Mutex<VecDeque<InFlight>>,
 ) -> Result<(), String> {
@@ -305,7 +308,7 @@ async fn write_jobs(
 }
 
 async fn read_replies(
-    mut reader: OwnedReadHalf,
+    mut reader: UpstreamRead,
     mut buf: BytesMut,
     protocol: Protocol,
     inflight: &Mutex<VecDeque<InFlight>>,

@@ -1,0 +1,248 @@
+//! The HBONE listener (15008): terminates mTLS and HTTP/2, and connects
+//! each allowed `CONNECT` to its local endpoint.
+//!
+//! Per stream, in this order:
+//! - 400 unless the method is `CONNECT`;
+//! - 401 unless the peer's SPIFFE identity is allowed by the [`Policy`];
+//! - 400 unless the authority is an `ip:port` assigned in this network
+//!   namespace (not loopback, not the HBONE port itself): a tunnel reaches
+//!   this node's endpoints and nothing else;
+//! - 503 when the endpoint does not accept;
+//! - 200, then bytes flow both ways until either side ends.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, MAX_STREAMS, STREAM_WINDOW, Stream,
+    StreamGuard, handshake_failure, keepalive,
+};
+use crate::{
+    identity::{Identity, Policy, peer_identity, tls::Tls},
+    metrics::TunnelMetrics,
+};
+
+pub struct Inbound {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    tls: Arc<Tls>,
+    policy: Policy,
+    metrics: Arc<TunnelMetrics>,
+    /// Marks the sockets to local endpoints, so steering leaves them alone.
+    socket_mark: u32,
+    connect_timeout: Duration,
+    /// The listener's port, never a valid target.
+    port: u16,
+}
+
+impl Inbound {
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: Arc<Tls>,
+        policy: Policy,
+        metrics: Arc<TunnelMetrics>,
+        socket_mark: u32,
+        connect_timeout: Duration,
+    ) -> io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let port = listener.local_addr()?.port();
+        Ok(Self {
+            listener,
+            shared: Arc::new(Shared {
+                tls,
+                policy,
+                metrics,
+                socket_mark,
+                connect_timeout,
+                port,
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts tunnels until the task is dropped.
+    pub async fn run(self) {
+        loop {
+            match self.listener.accept().await {
+                Ok((tcp, peer)) => {
+                    let shared = Arc::clone(&self.shared);
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_connection(shared, tcp, peer).await {
+                            tracing::debug!(%peer, error = %e, "inbound tunnel ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "HBONE accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> io::Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let acceptor = TlsAcceptor::from(Arc::clone(&shared.tls.current().server));
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            shared.metrics.handshake_failed(handshake_failure(&e));
+            return Err(e);
+        }
+        Err(_) => {
+            shared.metrics.handshake_failed("timeout");
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+    };
+    // The chain was verified in the handshake; what is left is its name.
+    let identity = peer_identity(tls.get_ref().1.peer_certificates());
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_concurrent_streams(MAX_STREAMS)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .map_err(|e| io::Error::other(format!("HTTP/2 handshake from {peer}: {e}")))?;
+    shared.metrics.tunnel_opened("inbound");
+    let _closed = TunnelClosed(Arc::clone(&shared.metrics), "inbound");
+    let mut pinger = conn.ping_pong().map(|p| tokio::spawn(keepalive(p)));
+    let result = loop {
+        let dead_peer = async {
+            match pinger.as_mut() {
+                Some(pinger) => {
+                    let _ = pinger.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        // accept() also drives the connection for the streams under way.
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            () = dead_peer => break Err(io::Error::other("keepalive: no pong in time")),
+        };
+        match next {
+            None => break Ok(()),
+            Some(Err(e)) => break Err(io::Error::other(e)),
+            Some(Ok((request, respond))) => {
+                let shared = Arc::clone(&shared);
+                let identity = identity.clone();
+                tokio::spawn(async move {
+                    serve_stream(shared, identity, peer, request, respond).await;
+                });
+            }
+        }
+    };
+    if let Some(pinger) = pinger {
+        pinger.abort();
+    }
+    result
+}
+
+struct TunnelClosed(Arc<TunnelMetrics>, &'static str);
+
+impl Drop for TunnelClosed {
+    fn drop(&mut self) {
+        self.0.tunnel_closed(self.1);
+    }
+}
+
+fn respond_with(metrics: &TunnelMetrics, respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    metrics.connect_status(status.as_u16());
+    let response = Response::builder()
+        .status(status)
+        .body(())
+        .expect("a status-only response is valid");
+    let _ = respond.send_response(response, true);
+}
+
+async fn serve_stream(
+    shared: Arc<Shared>,
+    identity: Result<Identity, crate::identity::Error>,
+    peer: SocketAddr,
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let metrics = &shared.metrics;
+    if request.method() != Method::CONNECT {
+        return respond_with(metrics, &mut respond, StatusCode::BAD_REQUEST);
+    }
+    match &identity {
+        Ok(id) if shared.policy.allows(id) => {}
+        Ok(id) => {
+            tracing::info!(%peer, identity = %id, "tunnel refused: identity not allowed");
+            return respond_with(metrics, &mut respond, StatusCode::UNAUTHORIZED);
+        }
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "tunnel refused: no usable identity");
+            return respond_with(metrics, &mut respond, StatusCode::UNAUTHORIZED);
+        }
+    }
+    let target = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    let Some(target) = target.filter(|t| is_local_endpoint(*t, shared.port)) else {
+        tracing::debug!(%peer, uri = %request.uri(), "tunnel refused: not a local endpoint");
+        return respond_with(metrics, &mut respond, StatusCode::BAD_REQUEST);
+    };
+    let upstream = crate::proxy::dial::connect_marked(
+        target,
+        shared.socket_mark,
+        shared.connect_timeout,
+    )
+    .await;
+    let mut upstream = match upstream {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(%peer, %target, error = %e, "tunnel target unreachable");
+            return respond_with(metrics, &mut respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    metrics.connect_status(200);
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .body(())
+        .expect("a status-only response is valid");
+    let send = match respond.send_response(response, false) {
+        Ok(send) => send,
+        Err(_) => return,
+    };
+    let guard = StreamGuard::new(Arc::clone(metrics), None);
+    let mut stream = Stream::new(send, request.into_body(), guard);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
+        tracing::debug!(%peer, %target, error = %e, "tunnel stream ended with an error");
+    }
+}
+
+/// An address this node serves: assigned to an interface of this network
+/// namespace (binding to it succeeds), and neither loopback nor
+/// unspecified. Not the HBONE port: a tunnel into a tunnel goes nowhere.
+fn is_local_endpoint(target: SocketAddr, hbone_port: u16) -> bool {
+    let ip = target.ip();
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+        return false;
+    }
+    if target.port() == 0 || target.port() == hbone_port {
+        return false;
+    }
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
