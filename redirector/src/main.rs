@@ -6,9 +6,16 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use redirector::{
     app,
-    hbone::Cidr,
-    identity::{Identity, mint},
     config::{self, RunConfig},
+    hbone::{
+        Cidr,
+        outbound::{Origin, Outbound},
+    },
+    identity::{
+        Identity, mint,
+        tls::{CertFiles, Tls},
+    },
+    metrics::TunnelMetrics,
     netns::{self, NetnsRef},
     proxy::{DownstreamAuth, ReadPolicy, Settings, UpstreamAuth, pool::PoolConfig},
     resp::request::Limits,
@@ -62,6 +69,26 @@ enum Command {
     /// production nodes get theirs from the mesh's CA).
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Open one HBONE tunnel stream to TARGET through the listener on
+    /// TARGET's address, print the answer, and optionally exchange bytes:
+    /// checks a peer node's certificates, policy and endpoint by hand.
+    TunnelCheck {
+        /// Directory with ca.pem, cert.pem and key.pem to dial with.
+        #[arg(long)]
+        hbone_certs: PathBuf,
+        /// Identity the peer must prove [default: the dialling certificate's].
+        #[arg(long)]
+        hbone_peer_identity: Option<Identity>,
+        #[arg(long, default_value_t = redirector::hbone::DEFAULT_PORT)]
+        hbone_peer_port: u16,
+        /// The listener to go through [default: TARGET's IP, --hbone-peer-port].
+        #[arg(long)]
+        via: Option<SocketAddr>,
+        /// Bytes to send once connected (C escapes such as \r\n work); the reply is printed.
+        #[arg(long)]
+        send: Option<String>,
+        target: SocketAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -244,7 +271,9 @@ impl HboneArgs {
     fn into_config(self) -> anyhow::Result<Option<config::HboneConfig>> {
         let Some(certs) = self.hbone_certs else {
             if !self.mesh_endpoints.is_empty() {
-                bail!("--mesh-endpoints needs --hbone-certs: tunnels need this node's certificates");
+                bail!(
+                    "--mesh-endpoints needs --hbone-certs: tunnels need this node's certificates"
+                );
             }
             return Ok(None);
         };
@@ -371,6 +400,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("certificate for {identity} written to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::TunnelCheck {
+            hbone_certs,
+            hbone_peer_identity,
+            hbone_peer_port,
+            via,
+            send,
+            target,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let via = via.unwrap_or(SocketAddr::new(target.ip(), hbone_peer_port));
+            runtime.block_on(tunnel_check(
+                hbone_certs,
+                hbone_peer_identity,
+                via,
+                send,
+                target,
+            ))
+        }
         Command::Uninstall => {
             let removed = steering::uninstall(&layout)?;
             if removed == steering::Removed::default() {
@@ -386,6 +436,63 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn tunnel_check(
+    certs: PathBuf,
+    peer_identity: Option<Identity>,
+    via: SocketAddr,
+    send: Option<String>,
+    target: SocketAddr,
+) -> anyhow::Result<ExitCode> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let tls = Tls::load(CertFiles::in_dir(&certs))?;
+    let peer = peer_identity.unwrap_or_else(|| tls.current().identity.clone());
+    let outbound = Outbound::new(
+        tls,
+        via.port(),
+        peer,
+        std::sync::Arc::new(TunnelMetrics::detached()),
+        0,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    let mut stream = outbound
+        .connect_via(via, target, Origin::default())
+        .await
+        .with_context(|| format!("tunnel to {target} via {via}"))?;
+    println!("200 OK: tunnel to {target} via {via} open");
+    if let Some(text) = send {
+        stream.write_all(&unescape(&text)).await?;
+        let mut reply = vec![0u8; 64 * 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut reply))
+            .await
+            .context("no reply within 5 s")??;
+        print!("{}", String::from_utf8_lossy(&reply[..n]));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `\r`, `\n`, `\t` and `\\` escapes, for protocol text on a command line.
+fn unescape(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        let c = if c == '\\' {
+            match chars.next() {
+                Some('r') => '\r',
+                Some('n') => '\n',
+                Some('t') => '\t',
+                Some(other) => other,
+                None => '\\',
+            }
+        } else {
+            c
+        };
+        let mut utf8 = [0u8; 4];
+        out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+    }
+    out
 }
 
 fn run(pin_dir: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {

@@ -165,6 +165,8 @@ type RoleTable = BTreeMap<String, (bool, Option<String>, Vec<(u16, u16)>)>;
 
 struct Node {
     addr: SocketAddr,
+    /// Where it runs (a spread cluster's nodes live in several namespaces).
+    place: Place,
     id: String,
     child: Child,
     killed: bool,
@@ -222,6 +224,35 @@ impl RedisCluster {
         Self::create(
             started,
             place.clone(),
+            dir.to_path_buf(),
+            None,
+            nodes.len() / per_shard,
+            replicas_per_master,
+        )
+    }
+
+    /// Nodes spread over several namespaces (one "node" each, say), each
+    /// started in its own `place`; cluster tools run from `control`, which
+    /// must reach every address.
+    pub fn start_across(
+        control: &Place,
+        nodes: &[(Place, SocketAddr)],
+        replicas_per_master: usize,
+        dir: &Path,
+    ) -> Self {
+        let per_shard = 1 + replicas_per_master;
+        assert!(
+            !nodes.is_empty() && nodes.len().is_multiple_of(per_shard),
+            "{} nodes do not split into shards of {per_shard}",
+            nodes.len()
+        );
+        let mut started = Vec::with_capacity(nodes.len());
+        for (place, addr) in nodes {
+            started.push(launch(place, dir, *addr).unwrap_or_else(|e| panic!("{e}")));
+        }
+        Self::create(
+            started,
+            control.clone(),
             dir.to_path_buf(),
             None,
             nodes.len() / per_shard,
@@ -364,7 +395,8 @@ impl RedisCluster {
     /// cluster: call [`Self::wait_healthy`].
     pub fn restart(&mut self, addr: SocketAddr) {
         assert!(self.node(addr).killed, "{addr} is running");
-        let node = launch(&self.place, &self.dir, addr)
+        let place = self.node(addr).place.clone();
+        let node = launch(&place, &self.dir, addr)
             .unwrap_or_else(|e| panic!("restart {addr}: {e}\n{}", self.logs()));
         let slot = self.node_mut(addr);
         slot.child = node.child;
@@ -745,6 +777,7 @@ fn launch(place: &Place, dir: &Path, addr: SocketAddr) -> Result<Node, String> {
         if String::from_utf8_lossy(&out.stdout).trim() == "PONG" {
             return Ok(Node {
                 addr,
+                place: place.clone(),
                 id: String::new(),
                 child,
                 killed: false,

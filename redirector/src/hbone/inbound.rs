@@ -10,12 +10,7 @@
 //! - 503 when the endpoint does not accept;
 //! - 200, then bytes flow both ways until either side ends.
 
-use std::{
-    io,
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -204,12 +199,9 @@ async fn serve_stream(
         tracing::debug!(%peer, uri = %request.uri(), "tunnel refused: not a local endpoint");
         return respond_with(metrics, &mut respond, StatusCode::BAD_REQUEST);
     };
-    let upstream = crate::proxy::dial::connect_marked(
-        target,
-        shared.socket_mark,
-        shared.connect_timeout,
-    )
-    .await;
+    let upstream =
+        crate::proxy::dial::connect_marked(target, shared.socket_mark, shared.connect_timeout)
+            .await;
     let mut upstream = match upstream {
         Ok(stream) => stream,
         Err(e) => {

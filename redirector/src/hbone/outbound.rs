@@ -167,13 +167,25 @@ impl Outbound {
     }
 
     /// Opens a stream to `target` through the HBONE listener on the
-    /// target's address.
+    /// target's address (Istio's convention: a meshed endpoint's node
+    /// answers on the endpoint's IP).
     pub async fn connect(&self, target: SocketAddr, origin: Origin) -> Result<Stream, Error> {
+        let peer = SocketAddr::new(target.ip(), self.shared.port);
+        self.connect_via(peer, target, origin).await
+    }
+
+    /// Opens a stream to `target` through the HBONE listener at `peer`.
+    pub async fn connect_via(
+        &self,
+        peer: SocketAddr,
+        target: SocketAddr,
+        origin: Origin,
+    ) -> Result<Stream, Error> {
         let configs = self.shared.tls.current();
         let key = Key {
             local: configs.identity.clone(),
             peer: self.shared.peer_identity.clone(),
-            addr: SocketAddr::new(target.ip(), self.shared.port),
+            addr: peer,
         };
         let mut fresh_tried = false;
         loop {
@@ -197,10 +209,7 @@ impl Outbound {
     /// Open connections to peers (for tests and status).
     pub fn connections(&self) -> usize {
         let pool = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner());
-        pool.values()
-            .flatten()
-            .filter(|t| !t.is_closed())
-            .count()
+        pool.values().flatten().filter(|t| !t.is_closed()).count()
     }
 }
 
@@ -377,9 +386,7 @@ impl Shared {
         let request = request
             .body(())
             .expect("an ip:port authority and ASCII headers make a valid request");
-        let (response, send_stream) = send
-            .send_request(request, false)
-            .map_err(Attempt::Stale)?;
+        let (response, send_stream) = send.send_request(request, false).map_err(Attempt::Stale)?;
         let response = response.await.map_err(Attempt::Stale)?;
         let status = response.status();
         if status != StatusCode::OK {

@@ -55,7 +55,13 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
         name.push(DnType::OrganizationName, trust_domain);
-        name.push(DnType::CommonName, format!("redirector CA for {trust_domain}"));
+        // A CA's name is how certificates find their issuer: two CAs of one
+        // trust domain (a rotation, a test's foreign CA) must not share it.
+        let minted = OffsetDateTime::now_utc().unix_timestamp_nanos();
+        name.push(
+            DnType::CommonName,
+            format!("redirector CA for {trust_domain} ({minted:x})"),
+        );
         params.distinguished_name = name;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];

@@ -38,10 +38,7 @@ pub enum Error {
     #[error("{0}: no certificate in the file")]
     NoCertificate(PathBuf),
     #[error("{path}: the certificate names no usable identity: {source}")]
-    Identity {
-        path: PathBuf,
-        source: super::Error,
-    },
+    Identity { path: PathBuf, source: super::Error },
     #[error("TLS configuration: {0}")]
     Config(String),
 }
@@ -193,9 +190,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             self.provider.signature_verification_algorithms.all,
         )?;
         cert_identity(end_entity).map_err(|e| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                rustls::OtherError(Arc::new(e)),
-            ))
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
         })?;
         Ok(ServerCertVerified::assertion())
     }

@@ -29,9 +29,9 @@ use super::UpstreamError;
 use crate::{
     hbone,
     resp::{
-    Protocol,
-    reply::{self, Reply},
-    request,
+        Protocol,
+        reply::{self, Reply},
+        request,
     },
 };
 
@@ -194,7 +194,9 @@ impl Upstream {
             Self::Tunnel(stream) => {
                 let mut buf = ReadBuf::new(&mut probe);
                 let mut cx = Context::from_waker(std::task::Waker::noop());
-                Pin::new(&mut **stream).poll_read(&mut cx, &mut buf).is_pending()
+                Pin::new(&mut **stream)
+                    .poll_read(&mut cx, &mut buf)
+                    .is_pending()
             }
         }
     }

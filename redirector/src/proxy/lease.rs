@@ -6,9 +6,7 @@
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
-use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _},
-};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{
     UpstreamError,

@@ -1,0 +1,507 @@
+//! HBONE between two "nodes" (network namespaces joined by a veth pair),
+//! each running a redirector, with one real Redis Cluster spread over both:
+//! the proxy on node A reaches node B's shards only through B's 15008
+//! listener, over mTLS HTTP/2 CONNECT, and B refuses what it must refuse.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Output,
+    time::Duration,
+};
+
+use testbed::{
+    TempDir,
+    cluster::{RedisCluster, key_in_slot},
+    daemon::{self, Daemon},
+    exclusive,
+    netns::Netns,
+    process::{Place, path_str, run_ok, wait_for},
+    require_kernel,
+    resp::RespClient,
+    unique,
+};
+
+const NODE_A: &str = "10.77.0.1";
+const NODE_B: &str = "10.77.0.2";
+const PROXY_PORT: u16 = 7379;
+const ADMIN_PORT: u16 = 15020;
+const NODE_IDENTITY: &str = "spiffe://cluster.local/ns/redirector/sa/node";
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("ip"), port)
+}
+
+/// Two node namespaces, a 3-master cluster (one master on A, two on B),
+/// certificates from one CA, and a redirector on each node. A dials B's
+/// shards through tunnels; B accepts tunnels from namespace `redirector`
+/// only.
+struct TwoNodes {
+    // Field order is drop order: daemons, then Redis, then namespaces.
+    _daemon_a: Daemon,
+    _daemon_b: Daemon,
+    cluster: RedisCluster,
+    a: Netns,
+    b: Netns,
+    dir: TempDir,
+}
+
+impl TwoNodes {
+    fn start() -> Self {
+        let dir = TempDir::new("rdr-hbone");
+        let a = Netns::create(&unique("rdr-na"));
+        let b = Netns::create(&unique("rdr-nb"));
+        // A veth pair straight between the nodes, no default route: nothing
+        // leaves the two namespaces.
+        let (va, vb) = (unique("rva"), unique("rvb"));
+        let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
+        run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                va,
+                "netns",
+                a.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                vb,
+                "netns",
+                b.name(),
+            ],
+        );
+        a.ip(&["addr", "add", &format!("{NODE_A}/24"), "dev", va]);
+        b.ip(&["addr", "add", &format!("{NODE_B}/24"), "dev", vb]);
+        a.ip(&["link", "set", va, "up"]);
+        b.ip(&["link", "set", vb, "up"]);
+
+        let nodes = [
+            (a.place(), addr(NODE_A, 7001)),
+            (b.place(), addr(NODE_B, 7002)),
+            (b.place(), addr(NODE_B, 7003)),
+        ];
+        let cluster = RedisCluster::start_across(&a.place(), &nodes, 0, dir.path());
+
+        let ca = dir.path().join("ca");
+        certs(&["ca", "--dir", path_str(&ca)]);
+        for node in ["a", "b"] {
+            let out = dir.path().join(node);
+            certs(&[
+                "issue",
+                "--ca",
+                path_str(&ca),
+                "--identity",
+                NODE_IDENTITY,
+                "--out",
+                path_str(&out),
+            ]);
+        }
+        let args = |ip: &str, seed: u16, extra: &[&str]| -> Vec<String> {
+            let mut args: Vec<String> = [
+                "--steering",
+                "off",
+                "--proxy-addr",
+                &format!("{ip}:{PROXY_PORT}"),
+                "--cluster-seed",
+                &format!("{ip}:{seed}"),
+                "--admin-addr",
+                &format!("{ip}:{ADMIN_PORT}"),
+                "--hbone-listen",
+                &format!("{ip}:15008"),
+            ]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+            args.extend(extra.iter().map(ToString::to_string));
+            args
+        };
+        let pins = dir.path().join("pins");
+        let daemon_b = Daemon::start(
+            &b.place(),
+            &pins,
+            args(
+                NODE_B,
+                7002,
+                &[
+                    "--hbone-certs",
+                    path_str(&dir.path().join("b")),
+                    "--hbone-allow-namespace",
+                    "redirector",
+                ],
+            ),
+            vec![],
+            dir.path().join("b.log"),
+        );
+        let daemon_a = Daemon::start(
+            &a.place(),
+            &pins,
+            args(
+                NODE_A,
+                7001,
+                &[
+                    "--hbone-certs",
+                    path_str(&dir.path().join("a")),
+                    "--mesh-endpoints",
+                    &format!("{NODE_B}/32"),
+                ],
+            ),
+            vec![],
+            dir.path().join("a.log"),
+        );
+        Self {
+            _daemon_a: daemon_a,
+            _daemon_b: daemon_b,
+            cluster,
+            a,
+            b,
+            dir,
+        }
+    }
+
+    fn certs_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `redirector tunnel-check` run in node A's namespace.
+    fn tunnel_check(&self, certs: &Path, args: &[&str]) -> Output {
+        let mut cmd = self.a.place().command(daemon::binary());
+        cmd.arg("tunnel-check")
+            .arg("--hbone-certs")
+            .arg(certs)
+            .args(args);
+        cmd.output().expect("run redirector tunnel-check")
+    }
+
+    fn metrics_b(&self) -> String {
+        http_get(&self.b.place(), addr(NODE_B, ADMIN_PORT), "/metrics")
+    }
+
+    /// Established TCP connections in node B's namespace: (local, peer).
+    fn connections_b(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        let out = self
+            .b
+            .place()
+            .output("ss", &["-Htn", "state", "established"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let local = fields.get(fields.len().checked_sub(2)?)?.parse().ok()?;
+                let peer = fields.last()?.parse().ok()?;
+                Some((local, peer))
+            })
+            .collect()
+    }
+}
+
+fn certs(args: &[&str]) {
+    let out = std::process::Command::new(daemon::binary())
+        .arg("certs")
+        .args(args)
+        .output()
+        .expect("run redirector certs");
+    assert!(out.status.success(), "redirector certs {args:?}: {out:?}");
+}
+
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == sample).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A plain HTTP/1.0 GET from inside `place`'s namespace.
+fn http_get(place: &Place, to: SocketAddr, path: &str) -> String {
+    let mut stream = connect_in(place, to).expect("connect to the admin endpoint");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n").expect("send");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("read");
+    body
+}
+
+fn connect_in(place: &Place, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let netns = std::fs::File::open(place.netns.as_ref().expect("a namespace"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)?;
+            let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            Ok(stream)
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("connect thread panicked"))?
+    })
+}
+
+/// Keys whose slots node B's masters own.
+fn keys_on_b(cluster: &RedisCluster, count: usize) -> Vec<String> {
+    let b_masters: Vec<SocketAddr> = cluster
+        .masters()
+        .into_iter()
+        .filter(|m| m.ip().to_string() == NODE_B)
+        .collect();
+    assert_eq!(b_masters.len(), 2, "node B runs two masters");
+    // A coarse stride over all slots, so both of B's masters get keys.
+    let keys: Vec<String> = (0..16384u16)
+        .step_by(211)
+        .filter(|slot| b_masters.contains(&cluster.owner_of_slot(*slot)))
+        .take(count)
+        .map(key_in_slot)
+        .collect();
+    assert_eq!(keys.len(), count, "slots on node B");
+    keys
+}
+
+#[test]
+fn shards_on_another_node_are_reached_only_through_the_tunnel() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let nodes = TwoNodes::start();
+    let keys = keys_on_b(&nodes.cluster, 40);
+    let proxy = addr(NODE_A, PROXY_PORT);
+
+    let mut client = RespClient::connect_in(&nodes.a.place(), proxy).expect("connect to A's proxy");
+    for (i, key) in keys.iter().enumerate() {
+        let reply = client
+            .call_str(&["SET", key, &format!("v{i}")])
+            .expect("SET");
+        assert_eq!(reply, "+OK\r\n", "SET {key} through A");
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let value = format!("v{i}");
+        let reply = client.call_str(&["GET", key]).expect("GET");
+        assert_eq!(
+            reply,
+            format!("${}\r\n{value}\r\n", value.len()),
+            "GET {key} through A"
+        );
+    }
+    // Read back on B itself: the writes landed on B's shards.
+    for (i, key) in keys.iter().enumerate().take(5) {
+        let owner = nodes
+            .cluster
+            .owner_of_slot(testbed::cluster::slot_of(key.as_bytes()));
+        assert_eq!(owner.ip().to_string(), NODE_B);
+        assert_eq!(
+            nodes.cluster.cli(owner, &["GET", key]).trim(),
+            format!("v{i}")
+        );
+    }
+
+    // On B: the proxy's traffic arrives on 15008 from A, and nothing from A
+    // reaches B's Redis client ports directly (the cluster bus, port+10000,
+    // is Redis' own and not proxied).
+    let connections = nodes.connections_b();
+    let from_a = |(local, peer): &&(SocketAddr, SocketAddr)| {
+        peer.ip().to_string() == NODE_A && local.ip().to_string() == NODE_B
+    };
+    let tunnels: Vec<_> = connections
+        .iter()
+        .filter(from_a)
+        .filter(|(l, _)| l.port() == 15008)
+        .collect();
+    let direct: Vec<_> = connections
+        .iter()
+        .filter(from_a)
+        .filter(|(l, _)| [7002, 7003].contains(&l.port()))
+        .collect();
+    println!("B's connections from A: tunnels {tunnels:?}, direct to Redis {direct:?}");
+    assert_eq!(
+        tunnels.len(),
+        1,
+        "one TLS connection carries A's streams to B"
+    );
+    assert!(
+        direct.is_empty(),
+        "A reached B's Redis ports directly: {direct:?}"
+    );
+
+    let metrics = nodes.metrics_b();
+    let opened = metric(
+        &metrics,
+        "redirector_hbone_tunnels_opened_total{direction=\"inbound\"}",
+    );
+    let ok = metric(
+        &metrics,
+        "redirector_hbone_connect_responses_total{status=\"200\"}",
+    );
+    let bytes_in = metric(&metrics, "redirector_hbone_received_bytes_total");
+    println!("B: tunnels opened {opened}, CONNECT 200s {ok}, bytes received {bytes_in}");
+    assert!(opened >= 1.0 && ok >= 2.0, "B's tunnel metrics: {metrics}");
+    // 40 SETs with their keys and values crossed as stream bytes.
+    assert!(
+        bytes_in > 40.0 * 20.0,
+        "bytes received through tunnels: {bytes_in}"
+    );
+    // The TLS really is TLS: a plaintext HTTP/2 preface is refused.
+    let mut plain = connect_in(&nodes.a.place(), addr(NODE_B, 15008)).expect("connect 15008");
+    plain
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .expect("send preface");
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    // An HTTP/2 server would answer with a SETTINGS frame (type 4 at byte 3).
+    assert!(
+        answer.get(3) != Some(&4) || answer.first() == Some(&0x15),
+        "plaintext HTTP/2 got an HTTP/2 answer: {answer:x?}"
+    );
+    wait_for(
+        "B to count the plaintext attempt",
+        Duration::from_secs(5),
+        || {
+            let failures = metric(
+                &nodes.metrics_b(),
+                "redirector_hbone_tls_handshake_failures_total{reason=\"not_tls\"}",
+            );
+            (failures >= 1.0).then_some(())
+        },
+    );
+}
+
+#[test]
+fn many_clients_share_a_handful_of_tls_connections() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let nodes = TwoNodes::start();
+    let keys = keys_on_b(&nodes.cluster, 20);
+    let proxy = addr(NODE_A, PROXY_PORT);
+    // 500 client connections open at once, each with a command in flight to
+    // one of B's shards.
+    let mut clients: Vec<RespClient> = (0..500)
+        .map(|_| RespClient::connect_in(&nodes.a.place(), proxy).expect("connect to A's proxy"))
+        .collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let key = &keys[i % keys.len()];
+        client.send(&[b"INCR", key.as_bytes()]).expect("send INCR");
+    }
+    for client in &mut clients {
+        client.read_reply().expect("INCR reply");
+    }
+    let total: i64 = keys
+        .iter()
+        .map(|k| {
+            let owner = nodes
+                .cluster
+                .owner_of_slot(testbed::cluster::slot_of(k.as_bytes()));
+            nodes
+                .cluster
+                .cli(owner, &["GET", k])
+                .trim()
+                .parse::<i64>()
+                .expect("counter")
+        })
+        .sum();
+    assert_eq!(total, 500, "every INCR landed once");
+    let tls = nodes
+        .connections_b()
+        .iter()
+        .filter(|(l, p)| l.port() == 15008 && p.ip().to_string() == NODE_A)
+        .count();
+    println!("500 clients through A: {tls} TLS connection(s) to B");
+    // The proxy multiplexes all clients onto one shared upstream connection
+    // per shard (two streams here), and the pool puts every stream to one
+    // peer on one h2 connection: exactly one, and never one per client.
+    assert_eq!(tls, 1, "TLS connections from A to B for 500 clients");
+    drop(clients);
+}
+
+#[test]
+fn the_listener_refuses_what_it_must() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let nodes = TwoNodes::start();
+    let own = nodes.certs_dir("a");
+    let ca = nodes.certs_dir("ca");
+    let check = |certs: &Path, args: &[&str]| {
+        let out = nodes.tunnel_check(certs, args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+
+    // Accepted: a PING crosses and PONG comes back.
+    let (ok, text) = check(
+        &own,
+        &[
+            "--send",
+            "*1\\r\\n$4\\r\\nPING\\r\\n",
+            &format!("{NODE_B}:7002"),
+        ],
+    );
+    assert!(ok && text.contains("+PONG"), "{text}");
+
+    // 400: an address that is not B's own, asked of B.
+    let (ok, text) = check(
+        &own,
+        &["--via", &format!("{NODE_B}:15008"), "10.77.0.9:7002"],
+    );
+    assert!(!ok && text.contains("400"), "{text}");
+    // 503: B's address, but nothing listens there.
+    let (ok, text) = check(&own, &[&format!("{NODE_B}:7999")]);
+    assert!(!ok && text.contains("503"), "{text}");
+
+    // 401: the right CA, a namespace B does not allow.
+    let intruder = nodes.certs_dir("intruder");
+    certs(&[
+        "issue",
+        "--ca",
+        path_str(&ca),
+        "--identity",
+        "spiffe://cluster.local/ns/intruder/sa/app",
+        "--out",
+        path_str(&intruder),
+    ]);
+    let (ok, text) = check(
+        &intruder,
+        &[
+            "--hbone-peer-identity",
+            NODE_IDENTITY,
+            &format!("{NODE_B}:7002"),
+        ],
+    );
+    assert!(!ok && text.contains("401"), "{text}");
+
+    // Another CA: the client trusts B (both CAs in its bundle), B does not
+    // trust the client, and says why in its metrics.
+    let other_ca = nodes.certs_dir("other-ca");
+    let other = nodes.certs_dir("other");
+    certs(&["ca", "--dir", path_str(&other_ca)]);
+    certs(&[
+        "issue",
+        "--ca",
+        path_str(&other_ca),
+        "--identity",
+        NODE_IDENTITY,
+        "--out",
+        path_str(&other),
+    ]);
+    let mut bundle = std::fs::read_to_string(other.join("ca.pem")).expect("bundle");
+    bundle.push_str(&std::fs::read_to_string(ca.join("ca.pem")).expect("ca"));
+    std::fs::write(other.join("ca.pem"), bundle).expect("write bundle");
+    let (ok, text) = check(&other, &[&format!("{NODE_B}:7002")]);
+    assert!(!ok, "a certificate from another CA was accepted: {text}");
+    let metrics = nodes.metrics_b();
+    assert!(
+        metric(
+            &metrics,
+            "redirector_hbone_tls_handshake_failures_total{reason=\"unknown_ca\"}"
+        ) >= 1.0,
+        "B did not count the foreign CA: {metrics}"
+    );
+    for (status, at_least) in [("200", 1.0), ("400", 1.0), ("401", 1.0), ("503", 1.0)] {
+        let seen = metric(
+            &metrics,
+            &format!("redirector_hbone_connect_responses_total{{status=\"{status}\"}}"),
+        );
+        assert!(seen >= at_least, "CONNECT {status} answers: {seen}");
+    }
+}
