@@ -237,6 +237,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 pub struct Tls {
     files: CertFiles,
     current: RwLock<Arc<Configs>>,
+    /// The files as last looked at (loaded, or refused).
     stamp: Mutex<Vec<Option<(SystemTime, u64)>>>,
 }
 
@@ -256,16 +257,16 @@ impl Tls {
     }
 
     /// Reloads if any file changed since the last look. A set that does not
-    /// load (a rotation caught half-way) leaves the old one in place and is
-    /// tried again on the next change or call.
+    /// load (a rotation caught half-way) leaves the old one in place, is
+    /// reported once, and is tried again when the files change again.
     pub fn reload_if_changed(&self) -> Result<bool, Error> {
         let stamp = self.files.stamp();
         let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
         if *last == stamp {
             return Ok(false);
         }
-        let configs = Configs::load(&self.files)?;
         *last = stamp;
+        let configs = Configs::load(&self.files)?;
         tracing::info!(identity = %configs.identity, "mTLS certificates reloaded");
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(configs);
         Ok(true)
@@ -284,5 +285,64 @@ impl Tls {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::mint::Ca;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("rdr-tls-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn rotation_swaps_the_set_and_a_broken_one_keeps_the_old() {
+        let dir = temp_dir("rotate");
+        let ca = Ca::new("cluster.local").expect("ca");
+        let first = Identity::new("cluster.local", "redis", "first");
+        ca.issue_into(&first, &dir).expect("issue");
+        let tls = Tls::load(CertFiles::in_dir(&dir)).expect("load");
+        assert_eq!(tls.current().identity, first);
+        assert!(!tls.reload_if_changed().expect("unchanged"));
+
+        // A new certificate (another identity, so the swap shows).
+        let second = Identity::new("cluster.local", "redis", "second");
+        ca.issue_into(&second, &dir).expect("reissue");
+        assert!(tls.reload_if_changed().expect("reload"));
+        assert_eq!(tls.current().identity, second);
+
+        // Half a rotation: the key does not match the certificate any more.
+        let stray = Ca::new("cluster.local")
+            .expect("ca")
+            .issue(&first)
+            .expect("issue");
+        std::fs::write(dir.join(mint::KEY_FILE), stray.key_pem).expect("write key");
+        assert!(tls.reload_if_changed().is_err(), "a mismatched key loaded");
+        assert_eq!(tls.current().identity, second, "the old set stays");
+        // Reported once, not on every look.
+        assert!(!tls.reload_if_changed().expect("same broken files"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn missing_or_empty_files_are_named_in_the_error() {
+        let dir = temp_dir("missing");
+        let error = Configs::load(&CertFiles::in_dir(&dir))
+            .err()
+            .expect("no files");
+        assert!(error.to_string().contains("ca.pem"), "{error}");
+        let ca = Ca::new("cluster.local").expect("ca");
+        ca.issue_into(&Identity::new("cluster.local", "a", "b"), &dir)
+            .expect("issue");
+        std::fs::write(dir.join(mint::CERT_FILE), "").expect("empty cert");
+        let error = Configs::load(&CertFiles::in_dir(&dir))
+            .err()
+            .expect("empty cert");
+        assert!(matches!(error, Error::NoCertificate(_)), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
