@@ -40,7 +40,7 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
 struct TwoNodes {
     // Field order is drop order: daemons, then Redis, then namespaces.
     _daemon_a: Daemon,
-    _daemon_b: Daemon,
+    daemon_b: Daemon,
     cluster: RedisCluster,
     a: Netns,
     b: Netns,
@@ -153,7 +153,7 @@ impl TwoNodes {
         );
         Self {
             _daemon_a: daemon_a,
-            _daemon_b: daemon_b,
+            daemon_b,
             cluster,
             a,
             b,
@@ -504,4 +504,264 @@ fn the_listener_refuses_what_it_must() {
         );
         assert!(seen >= at_least, "CONNECT {status} answers: {seen}");
     }
+}
+
+/// Writes and reads B's keys through A's proxy from a thread until told to
+/// stop; records when each operation failed.
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<TrafficReport>>,
+}
+
+#[derive(Debug, Default)]
+struct TrafficReport {
+    ok: u64,
+    /// When each failed operation ended, and why.
+    errors: Vec<(std::time::Instant, String)>,
+    last_ok: Option<std::time::Instant>,
+    /// Keys written (value = key), to read back afterwards.
+    written: Vec<String>,
+}
+
+impl Traffic {
+    fn start(place: Place, proxy: SocketAddr, keys: Vec<String>) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let mut report = TrafficReport::default();
+            let mut client: Option<RespClient> = None;
+            let mut i = 0usize;
+            while !flag.load(Ordering::Relaxed) {
+                // The hash tag keeps each key in its base key's slot (on B).
+                let key = format!("{{{}}}:{i}", keys[i % keys.len()]);
+                i += 1;
+                let result = (|| -> Result<(), String> {
+                    if client.is_none() {
+                        client =
+                            Some(RespClient::connect_in(&place, proxy).map_err(|e| e.to_string())?);
+                    }
+                    let c = client.as_mut().expect("connected");
+                    let set = c
+                        .call_str(&["SET", &key, &key])
+                        .map_err(|e| e.to_string())?;
+                    if set != "+OK\r\n" {
+                        return Err(format!("SET {key}: {set:?}"));
+                    }
+                    let got = c.call_str(&["GET", &key]).map_err(|e| e.to_string())?;
+                    if got != format!("${}\r\n{key}\r\n", key.len()) {
+                        return Err(format!("GET {key}: {got:?}"));
+                    }
+                    Ok(())
+                })();
+                match result {
+                    Ok(()) => {
+                        report.ok += 1;
+                        report.last_ok = Some(std::time::Instant::now());
+                        report.written.push(key);
+                    }
+                    Err(e) => {
+                        // A client whose connection broke reconnects, as apps do.
+                        client = None;
+                        report.errors.push((std::time::Instant::now(), e));
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+            report
+        });
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops the traffic and returns what it saw.
+    fn finish(mut self) -> TrafficReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .take()
+            .expect("running")
+            .join()
+            .expect("traffic thread")
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The serial number of the certificate B serves on 15008, read with
+/// openssl's TLS client (presenting A's certificate, as B requires).
+fn served_serial(nodes: &TwoNodes) -> String {
+    let a = nodes.certs_dir("a");
+    let out = nodes.a.place().output(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "openssl s_client -connect {NODE_B}:15008 -alpn h2 -cert {cert} -key {key} \
+                 -CAfile {ca} </dev/null 2>/dev/null | openssl x509 -noout -serial",
+                cert = path_str(&a.join("cert.pem")),
+                key = path_str(&a.join("key.pem")),
+                ca = path_str(&a.join("ca.pem")),
+            ),
+        ],
+    );
+    let serial = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        serial.starts_with("serial="),
+        "openssl read no certificate from B: {out:?}"
+    );
+    serial
+}
+
+fn file_serial(cert: &Path) -> String {
+    let out = Place::default().output(
+        "openssl",
+        &["x509", "-noout", "-serial", "-in", path_str(cert)],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn certificate_rotation_needs_no_restart_and_drops_no_stream() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let nodes = TwoNodes::start();
+    let b_certs = nodes.certs_dir("b");
+    let before = file_serial(&b_certs.join("cert.pem"));
+    assert_eq!(served_serial(&nodes), before, "B serves its certificate");
+
+    let traffic = Traffic::start(
+        nodes.a.place(),
+        addr(NODE_A, PROXY_PORT),
+        keys_on_b(&nodes.cluster, 10),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let tunnels_before = metric(
+        &nodes.metrics_b(),
+        "redirector_hbone_tunnels_opened_total{direction=\"inbound\"}",
+    );
+    // Rotate: a new certificate for the same identity, from the same CA.
+    certs(&[
+        "issue",
+        "--ca",
+        path_str(&nodes.certs_dir("ca")),
+        "--identity",
+        NODE_IDENTITY,
+        "--out",
+        path_str(&b_certs),
+    ]);
+    let after = file_serial(&b_certs.join("cert.pem"));
+    assert_ne!(before, after, "the rotation issued a new certificate");
+    wait_for(
+        "B to serve the new certificate",
+        Duration::from_secs(10),
+        || (served_serial(&nodes) == after).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let report = traffic.finish();
+    let tunnels_after = metric(
+        &nodes.metrics_b(),
+        "redirector_hbone_tunnels_opened_total{direction=\"inbound\"}",
+    );
+    println!(
+        "rotation: {} operations ok, {} errors; B's inbound tunnels opened {tunnels_before} -> {tunnels_after} \
+         (the openssl probes count as TLS handshakes, not tunnels)",
+        report.ok,
+        report.errors.len()
+    );
+    assert!(
+        report.errors.is_empty(),
+        "errors during rotation: {:?}",
+        report.errors
+    );
+    assert!(
+        report.ok > 20,
+        "traffic ran through the rotation: {}",
+        report.ok
+    );
+    // The proxy's tunnel from before the rotation carried on: no new one.
+    assert_eq!(
+        tunnels_before, tunnels_after,
+        "the existing tunnel was replaced"
+    );
+    // New tunnels are made with the new certificate and still admitted.
+    let out = nodes.tunnel_check(
+        &nodes.certs_dir("a"),
+        &[
+            "--send",
+            "*1\\r\\n$4\\r\\nPING\\r\\n",
+            &format!("{NODE_B}:7002"),
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("+PONG"),
+        "a new tunnel after rotation: {out:?}"
+    );
+}
+
+#[test]
+fn a_peer_restart_is_recovered_without_help() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let mut nodes = TwoNodes::start();
+    let traffic = Traffic::start(
+        nodes.a.place(),
+        addr(NODE_A, PROXY_PORT),
+        keys_on_b(&nodes.cluster, 10),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let killed = std::time::Instant::now();
+    nodes.daemon_b.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    nodes.daemon_b.start_again();
+    let restarted = std::time::Instant::now();
+    // Recovered: operations succeed again, through a new tunnel.
+    std::thread::sleep(Duration::from_secs(3));
+    let report = traffic.finish();
+    let last_error = report.errors.last().map(|(at, _)| *at);
+    let recovered = last_error.map_or(Duration::ZERO, |at| at.saturating_duration_since(restarted));
+    println!(
+        "B killed for {:?}: {} operations ok, {} errors, recovered {:?} after B's restart; first errors: {:?}",
+        restarted - killed,
+        report.ok,
+        report.errors.len(),
+        recovered,
+        report
+            .errors
+            .iter()
+            .take(3)
+            .map(|(_, e)| e)
+            .collect::<Vec<_>>()
+    );
+    let last_ok = report.last_ok.expect("some operations succeeded");
+    assert!(
+        last_error.is_none_or(|e| last_ok > e),
+        "operations still failing at the end: {:?}",
+        report.errors.last()
+    );
+    assert!(
+        recovered < Duration::from_secs(2),
+        "recovery took {recovered:?} after the restart"
+    );
+    // Nothing acknowledged was lost: every key written reads back on B.
+    for key in report.written.iter().rev().take(50) {
+        let owner = nodes
+            .cluster
+            .owner_of_slot(testbed::cluster::slot_of(key.as_bytes()));
+        assert_eq!(
+            nodes.cluster.cli(owner, &["GET", key]).trim(),
+            key.as_str(),
+            "{key}"
+        );
+    }
+    let opened = metric(
+        &nodes.metrics_b(),
+        "redirector_hbone_tunnels_opened_total{direction=\"inbound\"}",
+    );
+    assert!(opened >= 1.0, "the restarted B took a new tunnel: {opened}");
 }

@@ -41,6 +41,8 @@ const PACKAGES: &[(Check, &[&str])] = &[
     (Check::OnPath("ip"), &["iproute2"]),
     (Check::OnPath("sysctl"), &["procps"]),
     (Check::OnPath("timeout"), &["coreutils"]),
+    // A real TLS client: the HBONE tests read the certificate a node serves.
+    (Check::OnPath("openssl"), &["openssl"]),
     (Check::OnPath("php"), &["php-cli"]),
     (
         Check::Succeeds(&["php", "-r", "exit(extension_loaded('redis') ? 0 : 1);"]),
