@@ -20,6 +20,7 @@ use testbed::{
     process::{Place, path_str, run_ok, wait_for},
     require_kernel,
     resp::RespClient,
+    topology::{REDIS_PORT, SERVICE_VIP, Topology},
     unique,
 };
 
@@ -764,4 +765,172 @@ fn a_peer_restart_is_recovered_without_help() {
         "redirector_hbone_tunnels_opened_total{direction=\"inbound\"}",
     );
     assert!(opened >= 1.0, "the restarted B took a new tunnel: {opened}");
+}
+
+/// A steered pod on node A (the eBPF path of the foundation), a cluster
+/// whose service address is on A and whose other two masters are on B.
+/// The pod has no route to B at all: keys on B's shards can only come back
+/// through A's proxy and the tunnel.
+#[test]
+fn a_steered_pod_reaches_shards_on_another_node_through_the_tunnel() {
+    require_kernel!();
+    let _kernel = exclusive();
+    // Drop order: B's daemon, the cluster, B's namespace, then node A's
+    // topology (its daemon, pods, cgroups, namespace).
+    struct Rig {
+        _daemon_b: Daemon,
+        cluster: RedisCluster,
+        b: Netns,
+        topo: Topology,
+        _dir: TempDir,
+    }
+    let dir = TempDir::new("rdr-hbone-pod");
+    let mut topo = Topology::build(1);
+    let b = Netns::create(&unique("rdr-nb"));
+    let (va, vb) = (unique("rva"), unique("rvb"));
+    let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
+    run_ok(
+        "ip",
+        &[
+            "link",
+            "add",
+            va,
+            "netns",
+            topo.node.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            vb,
+            "netns",
+            b.name(),
+        ],
+    );
+    topo.node
+        .ip(&["addr", "add", &format!("{NODE_A}/24"), "dev", va]);
+    b.ip(&["addr", "add", &format!("{NODE_B}/24"), "dev", vb]);
+    topo.node.ip(&["link", "set", va, "up"]);
+    b.ip(&["link", "set", vb, "up"]);
+    // The cluster bus: B's nodes reach the service node on A's loopback.
+    b.ip(&["route", "add", "10.96.0.0/16", "via", NODE_A]);
+    let service = SocketAddr::new(SERVICE_VIP.into(), REDIS_PORT);
+    let nodes = [
+        (topo.node_place(), service),
+        (b.place(), addr(NODE_B, 7002)),
+        (b.place(), addr(NODE_B, 7003)),
+    ];
+    let cluster = RedisCluster::start_across(&topo.node_place(), &nodes, 0, dir.path());
+    let ca = dir.path().join("ca");
+    certs(&["ca", "--dir", path_str(&ca)]);
+    for node in ["a", "b"] {
+        let out = dir.path().join(node);
+        certs(&[
+            "issue",
+            "--ca",
+            path_str(&ca),
+            "--identity",
+            NODE_IDENTITY,
+            "--out",
+            path_str(&out),
+        ]);
+    }
+    let daemon_b = Daemon::start(
+        &b.place(),
+        &dir.path().join("pins-b"),
+        [
+            "--steering",
+            "off",
+            "--proxy-addr",
+            &format!("{NODE_B}:{PROXY_PORT}"),
+            "--cluster-seed",
+            &format!("{NODE_B}:7002"),
+            "--admin-addr",
+            &format!("{NODE_B}:{ADMIN_PORT}"),
+            "--hbone-listen",
+            &format!("{NODE_B}:15008"),
+            "--hbone-certs",
+            path_str(&dir.path().join("b")),
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect(),
+        vec![],
+        dir.path().join("b.log"),
+    );
+    let mut args = topo.daemon_args();
+    args.extend(
+        [
+            "--hbone-listen",
+            &format!("{NODE_A}:15008"),
+            "--hbone-certs",
+            path_str(&dir.path().join("a")),
+            "--mesh-endpoints",
+            NODE_B,
+        ]
+        .iter()
+        .map(ToString::to_string),
+    );
+    topo.start_daemon(args);
+    let rig = Rig {
+        _daemon_b: daemon_b,
+        cluster,
+        b,
+        topo,
+        _dir: dir,
+    };
+    let pod = rig.topo.pod(0);
+    rig.topo.enroll(&pod.netns);
+
+    // The pod cannot reach node B by itself.
+    let unreachable = pod.redis_cli(NODE_B.parse().expect("ip"), 7002, &["PING"]);
+    assert!(
+        !String::from_utf8_lossy(&unreachable.stdout).contains("PONG"),
+        "the pod reached B directly: {unreachable:?}"
+    );
+
+    let keys = keys_on_b(&rig.cluster, 20);
+    for key in &keys {
+        assert_eq!(
+            pod.redis(&["SET", key, &format!("pod-{key}")]),
+            "OK",
+            "SET {key} from the pod"
+        );
+    }
+    for key in &keys {
+        assert_eq!(
+            pod.redis(&["GET", key]),
+            format!("pod-{key}"),
+            "GET {key} from the pod"
+        );
+        let owner = rig
+            .cluster
+            .owner_of_slot(testbed::cluster::slot_of(key.as_bytes()));
+        assert_eq!(owner.ip().to_string(), NODE_B);
+        assert_eq!(
+            rig.cluster.cli(owner, &["GET", key]).trim(),
+            format!("pod-{key}")
+        );
+    }
+    let metrics = http_get(&rig.b.place(), addr(NODE_B, ADMIN_PORT), "/metrics");
+    let bytes_in = metric(&metrics, "redirector_hbone_received_bytes_total");
+    println!("B received {bytes_in} bytes through tunnels from the steered pod's proxy");
+    assert!(bytes_in > 20.0 * 20.0, "B's tunnel bytes: {metrics}");
+    // From B's side: A's traffic came in on 15008, never to the Redis ports.
+    let out = rig
+        .b
+        .place()
+        .output("ss", &["-Htn", "state", "established"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let direct: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(&format!("{NODE_B}:700")) && l.contains(&format!("{NODE_A}:")))
+        .collect();
+    assert!(
+        direct.is_empty(),
+        "A reached B's Redis ports directly: {direct:?}"
+    );
+    assert!(
+        text.contains(&format!("{NODE_B}:15008")),
+        "no tunnel on B: {text}"
+    );
 }
