@@ -5,7 +5,8 @@
 //! - 400 unless the method is `CONNECT`;
 //! - 401 unless the peer's SPIFFE identity is allowed by the [`Policy`];
 //! - 400 unless the authority is an `ip:port` assigned in this network
-//!   namespace (not loopback, not the HBONE port itself): a tunnel reaches
+//!   namespace (not the HBONE port itself; loopback only when the listener
+//!   itself is on loopback, so no other host can use it): a tunnel reaches
 //!   this node's endpoints and nothing else;
 //! - 503 when the endpoint does not accept;
 //! - 200, then bytes flow both ways until either side ends.
@@ -39,8 +40,9 @@ struct Shared {
     /// Marks the sockets to local endpoints, so steering leaves them alone.
     socket_mark: u32,
     connect_timeout: Duration,
-    /// The listener's port, never a valid target.
-    port: u16,
+    /// The listener's address: its port is never a valid target, and
+    /// only a loopback listener may lead to loopback endpoints.
+    listen: SocketAddr,
 }
 
 impl Inbound {
@@ -53,7 +55,7 @@ impl Inbound {
         connect_timeout: Duration,
     ) -> io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
-        let port = listener.local_addr()?.port();
+        let listen = listener.local_addr()?;
         Ok(Self {
             listener,
             shared: Arc::new(Shared {
@@ -62,7 +64,7 @@ impl Inbound {
                 metrics,
                 socket_mark,
                 connect_timeout,
-                port,
+                listen,
             }),
         })
     }
@@ -195,7 +197,7 @@ async fn serve_stream(
         .uri()
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-    let Some(target) = target.filter(|t| is_local_endpoint(*t, shared.port)) else {
+    let Some(target) = target.filter(|t| is_local_endpoint(*t, shared.listen)) else {
         tracing::debug!(%peer, uri = %request.uri(), "tunnel refused: not a local endpoint");
         return respond_with(metrics, &mut respond, StatusCode::BAD_REQUEST);
     };
@@ -210,6 +212,7 @@ async fn serve_stream(
         }
     };
     metrics.connect_status(200);
+    tracing::debug!(%peer, %target, forwarded = ?request.headers().get("forwarded"), "tunnel stream open");
     let response = Response::builder()
         .status(StatusCode::OK)
         .body(())
@@ -226,15 +229,48 @@ async fn serve_stream(
 }
 
 /// An address this node serves: assigned to an interface of this network
-/// namespace (binding to it succeeds), and neither loopback nor
-/// unspecified. Not the HBONE port: a tunnel into a tunnel goes nowhere.
-fn is_local_endpoint(target: SocketAddr, hbone_port: u16) -> bool {
+/// namespace (binding to it succeeds), not unspecified, and loopback only
+/// for a listener on loopback (which no other host reaches). Not the HBONE
+/// port: a tunnel into a tunnel goes nowhere.
+fn is_local_endpoint(target: SocketAddr, listen: SocketAddr) -> bool {
     let ip = target.ip();
-    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+    if ip.is_unspecified() || ip.is_multicast() {
         return false;
     }
-    if target.port() == 0 || target.port() == hbone_port {
+    if ip.is_loopback() && !listen.ip().is_loopback() {
+        return false;
+    }
+    if target.port() == 0 || target.port() == listen.port() {
         return false;
     }
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_hosts_endpoints_are_targets() {
+        let node: SocketAddr = "0.0.0.0:15008".parse().expect("addr");
+        let on_loopback: SocketAddr = "127.0.0.1:15008".parse().expect("addr");
+        let redis: SocketAddr = "127.0.0.1:6379".parse().expect("addr");
+        // Loopback endpoints only through a loopback listener.
+        assert!(!is_local_endpoint(redis, node));
+        assert!(is_local_endpoint(redis, on_loopback));
+        // Never the listener's own port, never unspecified.
+        assert!(!is_local_endpoint(
+            "127.0.0.1:15008".parse().expect("addr"),
+            on_loopback
+        ));
+        assert!(!is_local_endpoint(
+            "0.0.0.0:6379".parse().expect("addr"),
+            node
+        ));
+        // An address no interface here has (TEST-NET-3).
+        assert!(!is_local_endpoint(
+            "203.0.113.9:6379".parse().expect("addr"),
+            node
+        ));
+    }
 }

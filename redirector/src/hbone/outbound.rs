@@ -77,6 +77,9 @@ struct Tunnel {
     closed: Arc<AtomicBool>,
     /// When it last had no streams (ms since the pool started).
     idle_since: Arc<AtomicU64>,
+    /// This end of the TCP connection: the origin of streams that serve no
+    /// single client (the proxy's shared upstream connections).
+    local: SocketAddr,
 }
 
 impl Tunnel {
@@ -125,7 +128,8 @@ struct Shared {
 /// What the `CONNECT` tells the far side about the stream's origin.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Origin {
-    /// The client the stream serves (the `forwarded: for=` header).
+    /// The client the stream serves (the `forwarded: for=` header);
+    /// `None`: this node itself (the tunnel's own source address).
     pub client: Option<SocketAddr>,
 }
 
@@ -286,6 +290,7 @@ impl Shared {
         let tcp = crate::proxy::dial::connect_marked(addr, self.socket_mark, self.connect_timeout)
             .await
             .map_err(|e| Error::Connect(addr, e))?;
+        let local = tcp.local_addr().map_err(|e| Error::Connect(addr, e))?;
         let connector = TlsConnector::from(Arc::clone(client));
         let name = ServerName::IpAddress(addr.ip().into());
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await
@@ -351,6 +356,7 @@ impl Shared {
             streams: Arc::new(AtomicUsize::new(0)),
             closed,
             idle_since: Arc::new(AtomicU64::new(self.now_ms())),
+            local,
         })
     }
 
@@ -369,7 +375,8 @@ impl Shared {
             armed: true,
         };
         let mut send = tunnel.send.clone().ready().await.map_err(Attempt::Stale)?;
-        let mut request = Request::builder()
+        let client = origin.client.unwrap_or(tunnel.local);
+        let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .header(
@@ -379,11 +386,8 @@ impl Shared {
                     key.local.namespace
                 ),
             )
-            .header("traceparent", traceparent());
-        if let Some(client) = origin.client {
-            request = request.header("forwarded", format!("for=\"{client}\""));
-        }
-        let request = request
+            .header("traceparent", traceparent())
+            .header("forwarded", format!("for=\"{client}\""))
             .body(())
             .expect("an ip:port authority and ASCII headers make a valid request");
         let (response, send_stream) = send.send_request(request, false).map_err(Attempt::Stale)?;

@@ -7,6 +7,11 @@
 //! 127.0.0.1:7000-7005 in it, the proxy (release build, one worker thread)
 //! on 127.0.0.1:7379. Targets alternate (direct, proxy, direct, ...) for
 //! every round and medians are reported; a missed target is printed as such.
+//!
+//! The tunnel figure: a second proxy (127.0.0.1:7380) reaches the same
+//! cluster through an HBONE tunnel to a second redirector's listener
+//! (127.0.0.1:15008, mTLS HTTP/2), and W1/W2 through it are compared with
+//! the plain proxy in the same round.
 
 use std::{
     collections::BTreeMap,
@@ -26,6 +31,10 @@ use testbed::{
 };
 
 const PROXY_PORT: u16 = 7379;
+/// The proxy whose upstream connections run through an HBONE tunnel.
+const TUNNEL_PROXY_PORT: u16 = 7380;
+/// The workloads measured through the tunnel too.
+const TUNNEL_WORKLOADS: [&str; 2] = ["W1 -c 50 -P 1", "W2 -c 50 -P 16"];
 const WORKERS: &str = "1";
 
 struct Workload {
@@ -71,6 +80,7 @@ struct Sample {
 struct Series {
     direct: Vec<Sample>,
     proxy: Vec<Sample>,
+    tunnel: Vec<Sample>,
 }
 
 pub fn run(bin: &Path, rounds: usize) -> Result<()> {
@@ -86,7 +96,10 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
         netns.name()
     );
     let cluster = RedisCluster::start(&place, &nodes, 1, dir.path());
-    let proxy = start_proxy(bin, &place, dir.path())?;
+    let proxy = start_proxy(bin, &place, dir.path(), "proxy", &plain_proxy_args())?;
+    let tunnel_args = tunnel_args(bin, dir.path())?;
+    let _tunnel_end = start_proxy(bin, &place, dir.path(), "tunnel-end", &tunnel_args.0)?;
+    let _tunnel_proxy = start_proxy(bin, &place, dir.path(), "tunnel-proxy", &tunnel_args.1)?;
 
     let mut series: BTreeMap<(&str, String), Series> = BTreeMap::new();
     let mut cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
@@ -111,6 +124,19 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
                 .push(ticks as f64 * 0.01 / requests as f64 * 100_000.0);
             for (test, sample) in results {
                 series.entry((w.name, test)).or_default().proxy.push(sample);
+            }
+            if TUNNEL_WORKLOADS.contains(&w.name) {
+                eprintln!(
+                    "round {round}/{rounds}: {} proxy through an HBONE tunnel",
+                    w.name
+                );
+                for (test, sample) in benchmark_port(&place, w, TUNNEL_PROXY_PORT)? {
+                    series
+                        .entry((w.name, test))
+                        .or_default()
+                        .tunnel
+                        .push(sample);
+                }
             }
         }
     }
@@ -167,6 +193,27 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
             None => println!("proxy CPU per 100k requests, {:<16} {spent:.3} s", w.name),
         }
     }
+    println!();
+    println!(
+        "Through an HBONE tunnel (mTLS HTTP/2 CONNECT to a second redirector) vs the same proxy without it, same rounds:"
+    );
+    for name in TUNNEL_WORKLOADS {
+        for test in ["SET", "GET"] {
+            let Some(s) = series.get(&(name, test.to_string())) else {
+                continue;
+            };
+            if s.tunnel.is_empty() {
+                continue;
+            }
+            let (plain, tunnelled) = (median(&s.proxy), median(&s.tunnel));
+            println!(
+                "{name:<16} {test:<4} proxy {:>10.0} rps, through the tunnel {:>10.0} rps, ratio {:.2}",
+                plain.rps,
+                tunnelled.rps,
+                tunnelled.rps / plain.rps
+            );
+        }
+    }
     if let Some((proxied, direct)) = w4 {
         let ratio = proxied / direct;
         println!();
@@ -178,19 +225,78 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
     Ok(())
 }
 
-fn start_proxy(bin: &Path, place: &Place, dir: &Path) -> Result<Child> {
-    let log = dir.join("proxy.log");
+fn plain_proxy_args() -> Vec<String> {
+    vec!["--proxy-addr".into(), format!("127.0.0.1:{PROXY_PORT}")]
+}
+
+/// Certificates from a fresh CA, and the arguments of the tunnel's far end
+/// (a listener on loopback, which may lead to loopback endpoints) and of
+/// the proxy that dials the cluster through it.
+fn tunnel_args(bin: &Path, dir: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    let certs = |args: &[&str]| -> Result<()> {
+        let status = Command::new(bin)
+            .arg("certs")
+            .args(args)
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("redirector certs {args:?} failed");
+        }
+        Ok(())
+    };
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    certs(&["ca", "--dir", &path("ca")])?;
+    for node in ["a", "b"] {
+        certs(&[
+            "issue",
+            "--ca",
+            &path("ca"),
+            "--identity",
+            "spiffe://cluster.local/ns/redirector/sa/node",
+            "--out",
+            &path(node),
+        ])?;
+    }
+    let end = vec![
+        "--proxy-addr".into(),
+        "127.0.0.1:7381".into(),
+        "--hbone-certs".into(),
+        path("b"),
+        "--hbone-listen".into(),
+        "127.0.0.1:15008".into(),
+    ];
+    let proxy = vec![
+        "--proxy-addr".into(),
+        format!("127.0.0.1:{TUNNEL_PROXY_PORT}"),
+        "--hbone-certs".into(),
+        path("a"),
+        "--hbone-listen".into(),
+        "none".into(),
+        "--mesh-endpoints".into(),
+        "127.0.0.1".into(),
+    ];
+    Ok((end, proxy))
+}
+
+fn start_proxy(
+    bin: &Path,
+    place: &Place,
+    dir: &Path,
+    name: &str,
+    args: &[String],
+) -> Result<Child> {
+    let log = dir.join(format!("{name}.log"));
     let mut cmd = place.command(bin);
     cmd.args(["run", "--steering", "off", "--admin-addr", "none"])
-        .args(["--proxy-addr", &format!("127.0.0.1:{PROXY_PORT}")])
+        .args(args)
         .args(["--cluster-seed", "127.0.0.1:7000", "--workers", WORKERS])
         .env("RUST_LOG", "warn,redirector::app=info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?);
-    let mut child = Child::spawn("redirector (bench proxy)", cmd);
+    let mut child = Child::spawn(format!("redirector (bench {name})"), cmd);
     wait_for("the proxy to be ready", Duration::from_secs(30), || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        assert!(child.is_running(), "proxy exited:\n{text}");
+        assert!(child.is_running(), "{name} exited:\n{text}");
         text.contains("redirector ready").then_some(())
     });
     Ok(child)
@@ -198,15 +304,29 @@ fn start_proxy(bin: &Path, place: &Place, dir: &Path) -> Result<Child> {
 
 /// One redis-benchmark run; (test, sample) per CSV row.
 fn benchmark(place: &Place, w: &Workload, direct: bool) -> Result<Vec<(String, Sample)>> {
+    if direct {
+        run_benchmark(place, w, &["-p", "7000", "--cluster"], true)
+    } else {
+        benchmark_port(place, w, PROXY_PORT)
+    }
+}
+
+/// One redis-benchmark run against a proxy on `port`.
+fn benchmark_port(place: &Place, w: &Workload, port: u16) -> Result<Vec<(String, Sample)>> {
+    run_benchmark(place, w, &["-p", &port.to_string()], false)
+}
+
+fn run_benchmark(
+    place: &Place,
+    w: &Workload,
+    target: &[&str],
+    direct: bool,
+) -> Result<Vec<(String, Sample)>> {
     let mut cmd = place.command("redis-benchmark");
     cmd.args(["-h", "127.0.0.1", "--csv", "-r", "100000", "-d", "32"])
         .args(["-n", &w.requests.to_string()])
-        .args(w.args);
-    if direct {
-        cmd.args(["-p", "7000", "--cluster"]);
-    } else {
-        cmd.args(["-p", &PROXY_PORT.to_string()]);
-    }
+        .args(w.args)
+        .args(target);
     let out = cmd.output().context("redis-benchmark")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut rows = Vec::new();
