@@ -408,6 +408,13 @@ impl TunnelMetrics {
             .inc();
     }
 
+    /// CONNECT requests answered with `status` so far.
+    pub fn connect_status_count(&self, status: u16) -> u64 {
+        self.connect_status
+            .get_or_create(&StatusLabels { status })
+            .get()
+    }
+
     pub fn bytes_in(&self, n: usize) {
         self.bytes_in.inc_by(n as u64);
     }

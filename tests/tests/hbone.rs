@@ -520,6 +520,9 @@ struct TrafficReport {
     /// When each failed operation ended, and why.
     errors: Vec<(std::time::Instant, String)>,
     last_ok: Option<std::time::Instant>,
+    /// The longest time between two successful operations: how long
+    /// clients went without service.
+    longest_stall: Duration,
     /// Keys written (value = key), to read back afterwards.
     written: Vec<String>,
 }
@@ -558,7 +561,11 @@ impl Traffic {
                 match result {
                     Ok(()) => {
                         report.ok += 1;
-                        report.last_ok = Some(std::time::Instant::now());
+                        let now = std::time::Instant::now();
+                        if let Some(previous) = report.last_ok {
+                            report.longest_stall = report.longest_stall.max(now - previous);
+                        }
+                        report.last_ok = Some(now);
                         report.written.push(key);
                     }
                     Err(e) => {
@@ -724,14 +731,13 @@ fn a_peer_restart_is_recovered_without_help() {
     // Recovered: operations succeed again, through a new tunnel.
     std::thread::sleep(Duration::from_secs(3));
     let report = traffic.finish();
-    let last_error = report.errors.last().map(|(at, _)| *at);
-    let recovered = last_error.map_or(Duration::ZERO, |at| at.saturating_duration_since(restarted));
+    let down = restarted - killed;
     println!(
-        "B killed for {:?}: {} operations ok, {} errors, recovered {:?} after B's restart; first errors: {:?}",
-        restarted - killed,
+        "B killed and restarted after {down:?}: {} operations ok, {} errors, clients went at most {:?} \
+         without a reply; errors: {:?}",
         report.ok,
         report.errors.len(),
-        recovered,
+        report.longest_stall,
         report
             .errors
             .iter()
@@ -741,14 +747,18 @@ fn a_peer_restart_is_recovered_without_help() {
     );
     let last_ok = report.last_ok.expect("some operations succeeded");
     assert!(
-        last_error.is_none_or(|e| last_ok > e),
+        report.errors.last().is_none_or(|(at, _)| last_ok > *at),
         "operations still failing at the end: {:?}",
         report.errors.last()
     );
+    // Service came back within 3 s of B's return, with no help.
     assert!(
-        recovered < Duration::from_secs(2),
-        "recovery took {recovered:?} after the restart"
+        report.longest_stall < down + Duration::from_secs(3),
+        "clients waited {:?} for B (down {down:?})",
+        report.longest_stall
     );
+    // Only commands in flight at the kill may fail (their outcome is unknown).
+    assert!(report.errors.len() <= 5, "errors: {:?}", report.errors);
     // Nothing acknowledged was lost: every key written reads back on B.
     for key in report.written.iter().rev().take(50) {
         let owner = nodes

@@ -330,3 +330,198 @@ mod tests {
         }
     }
 }
+
+/// The tunnel end to end in one process: both sides on loopback (a loopback
+/// listener may lead to loopback endpoints), certificates minted here.
+#[cfg(test)]
+mod tunnel_tests {
+    use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    use super::{
+        inbound::Inbound,
+        outbound::{Origin, Outbound},
+    };
+    use crate::{
+        identity::{
+            Identity, Policy,
+            mint::Ca,
+            tls::{CertFiles, Tls},
+        },
+        metrics::TunnelMetrics,
+    };
+
+    fn issue(ca: &Ca, identity: &Identity, name: &str) -> Arc<Tls> {
+        // Tests run in parallel threads of one process: one directory each.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir: PathBuf =
+            std::env::temp_dir().join(format!("rdr-hbone-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        ca.issue_into(identity, &dir).expect("issue");
+        let tls = Tls::load(CertFiles::in_dir(&dir)).expect("load");
+        let _ = std::fs::remove_dir_all(&dir);
+        tls
+    }
+
+    async fn echo_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tcp.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    struct Rig {
+        node: Identity,
+        ca: Ca,
+        listener: SocketAddr,
+        echo: SocketAddr,
+        server_metrics: Arc<TunnelMetrics>,
+    }
+
+    async fn rig() -> Rig {
+        let ca = Ca::new("cluster.local").expect("ca");
+        let node = Identity::new("cluster.local", "redirector", "node");
+        let server_metrics = Arc::new(TunnelMetrics::detached());
+        let inbound = Inbound::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            issue(&ca, &node, "server"),
+            Policy {
+                trust_domain: "cluster.local".into(),
+                namespaces: vec!["redirector".into()],
+            },
+            Arc::clone(&server_metrics),
+            0,
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("bind");
+        let listener = inbound.local_addr().expect("addr");
+        tokio::spawn(inbound.run());
+        Rig {
+            echo: echo_server().await,
+            node,
+            ca,
+            listener,
+            server_metrics,
+        }
+    }
+
+    fn outbound(rig: &Rig, identity: &Identity, name: &str, idle: Duration) -> Outbound {
+        Outbound::new(
+            issue(&rig.ca, identity, name),
+            rig.listener.port(),
+            rig.node.clone(),
+            Arc::new(TunnelMetrics::detached()),
+            0,
+            Duration::from_secs(1),
+            idle,
+        )
+    }
+
+    #[tokio::test]
+    async fn streams_share_one_connection_which_idles_out() {
+        let rig = rig().await;
+        let out = outbound(&rig, &rig.node, "client", Duration::from_millis(300));
+        let mut streams = Vec::new();
+        for i in 0..5u8 {
+            let mut stream = out
+                .connect_via(rig.listener, rig.echo, Origin::default())
+                .await
+                .expect("CONNECT");
+            stream.write_all(&[b'a' + i; 3]).await.expect("write");
+            let mut back = [0u8; 3];
+            stream.read_exact(&mut back).await.expect("echo");
+            assert_eq!(back, [b'a' + i; 3]);
+            streams.push(stream);
+        }
+        assert_eq!(out.connections(), 1, "five streams, one connection");
+        // A large write crosses flow control windows both ways.
+        let big = vec![7u8; 9 * 1024 * 1024];
+        let (mut r, mut w) = streams.pop().expect("stream").into_split();
+        let writer = tokio::spawn(async move {
+            w.write_all(&big).await.expect("write 9 MiB");
+            w.shutdown().await.expect("end stream");
+        });
+        let mut echoed = Vec::new();
+        r.read_to_end(&mut echoed).await.expect("read 9 MiB back");
+        writer.await.expect("writer");
+        assert_eq!(echoed.len(), 9 * 1024 * 1024);
+        assert!(echoed.iter().all(|&b| b == 7));
+        drop(streams);
+        drop(r);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while out.connections() > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("an idle connection is closed");
+        // And a new stream opens a new one.
+        out.connect_via(rig.listener, rig.echo, Origin::default())
+            .await
+            .expect("CONNECT after idling out");
+        assert_eq!(out.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_is_not_connect_gets_400() {
+        let rig = rig().await;
+        let tls = issue(&rig.ca, &rig.node, "raw");
+        let tcp = tokio::net::TcpStream::connect(rig.listener)
+            .await
+            .expect("tcp");
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.current().client));
+        let name = rustls::pki_types::ServerName::IpAddress(rig.listener.ip().into());
+        let stream = connector.connect(name, tcp).await.expect("tls");
+        let (send, conn) = h2::client::handshake(stream).await.expect("h2");
+        tokio::spawn(conn);
+        let mut send = send.ready().await.expect("ready");
+        let request = http::Request::builder()
+            .method(http::Method::GET)
+            .uri(format!("https://{}/", rig.echo))
+            .body(())
+            .expect("request");
+        let (response, _) = send.send_request(request, true).expect("send");
+        let response = response.await.expect("response");
+        assert_eq!(response.status(), http::StatusCode::BAD_REQUEST);
+        assert_eq!(rig.server_metrics.connect_status_count(400), 1);
+    }
+
+    #[tokio::test]
+    async fn the_wrong_peer_identity_is_refused_before_any_request() {
+        let rig = rig().await;
+        // The client expects another identity than the server proves.
+        let out = Outbound::new(
+            issue(&rig.ca, &rig.node, "expecting"),
+            rig.listener.port(),
+            Identity::new("cluster.local", "redirector", "someone-else"),
+            Arc::new(TunnelMetrics::detached()),
+            0,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        );
+        let error = out
+            .connect_via(rig.listener, rig.echo, Origin::default())
+            .await
+            .err()
+            .expect("refused");
+        assert!(error.to_string().contains("expected identity"), "{error}");
+        assert_eq!(
+            rig.server_metrics.connect_status_count(200),
+            0,
+            "no request was sent"
+        );
+    }
+}
