@@ -415,6 +415,13 @@ impl TunnelMetrics {
             .get()
     }
 
+    /// TLS handshakes refused for `reason` so far.
+    pub fn handshake_failure_count(&self, reason: &'static str) -> u64 {
+        self.handshake_failures
+            .get_or_create(&ReasonLabels { reason })
+            .get()
+    }
+
     pub fn bytes_in(&self, n: usize) {
         self.bytes_in.inc_by(n as u64);
     }

@@ -24,7 +24,10 @@ use super::{
     StreamGuard, handshake_failure, keepalive,
 };
 use crate::{
-    identity::{Identity, Policy, peer_identity, tls::Tls},
+    identity::{
+        Identity, Policy, peer_identity,
+        tls::{ALPN_H2, Tls},
+    },
     metrics::TunnelMetrics,
 };
 
@@ -109,6 +112,12 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             return Err(io::ErrorKind::TimedOut.into());
         }
     };
+    // A client that offered no ALPN at all still completes the handshake
+    // in rustls; HBONE is HTTP/2 only.
+    if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+        shared.metrics.handshake_failed("no_alpn");
+        return Err(io::Error::other("the client did not negotiate ALPN h2"));
+    }
     // The chain was verified in the handshake; what is left is its name.
     let identity = peer_identity(tls.get_ref().1.peer_certificates());
     let mut conn = h2::server::Builder::new()

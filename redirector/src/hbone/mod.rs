@@ -500,6 +500,47 @@ mod tunnel_tests {
     }
 
     #[tokio::test]
+    async fn a_client_without_alpn_h2_is_refused() {
+        let rig = rig().await;
+        let tls = issue(&rig.ca, &rig.node, "no-alpn");
+        let mut config = (*tls.current().client).clone();
+        config.alpn_protocols.clear();
+        let tcp = tokio::net::TcpStream::connect(rig.listener)
+            .await
+            .expect("tcp");
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = rustls::pki_types::ServerName::IpAddress(rig.listener.ip().into());
+        // TLS 1.3: the client finishes first; the refusal shows as the
+        // server closing instead of speaking HTTP/2.
+        if let Ok(stream) = connector.connect(name, tcp).await
+            && let Ok((send, conn)) = h2::client::handshake(stream).await
+        {
+            tokio::spawn(conn);
+            let request = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(rig.echo.to_string())
+                .body(())
+                .expect("request");
+            let answered = async {
+                let mut send = send.ready().await.ok()?;
+                let (response, _) = send.send_request(request, false).ok()?;
+                response.await.ok()
+            };
+            assert!(
+                answered.await.is_none(),
+                "HTTP/2 without ALPN h2 was served"
+            );
+        }
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while rig.server_metrics.handshake_failure_count("no_alpn") == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the listener counted the refusal");
+    }
+
+    #[tokio::test]
     async fn the_wrong_peer_identity_is_refused_before_any_request() {
         let rig = rig().await;
         // The client expects another identity than the server proves.

@@ -34,7 +34,10 @@ use super::{
     StreamGuard, handshake_failure, keepalive,
 };
 use crate::{
-    identity::{Identity, peer_identity, tls::Tls},
+    identity::{
+        Identity, peer_identity,
+        tls::{ALPN_H2, Tls},
+    },
     metrics::TunnelMetrics,
 };
 
@@ -305,6 +308,13 @@ impl Shared {
                 return Err(Error::Handshake(addr, io::ErrorKind::TimedOut.into()));
             }
         };
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+            self.metrics.handshake_failed("no_alpn");
+            return Err(Error::Handshake(
+                addr,
+                io::Error::other("the peer did not negotiate ALPN h2"),
+            ));
+        }
         // The chain is verified; now the name: is this the peer we meant?
         match peer_identity(tls.get_ref().1.peer_certificates()) {
             Ok(found) if found == key.peer => {}
