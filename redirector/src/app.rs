@@ -26,7 +26,7 @@ use crate::{
         Policy,
         tls::{CertFiles, Tls},
     },
-    metrics::Metrics,
+    metrics::{Metrics, SteeringSnapshot},
     proxy::{self, Dialer, Proxy, Shared, discovery, pool::Pools},
     steering::{self, Layout, Maps, OrigDstTable},
 };
@@ -92,7 +92,25 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         info!(cgroup = %cgroup_root.display(), pins = %layout.pin_dir.display(), "steering installed");
     }
 
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    if config.steering {
+        // A handle of its own: scrapes never wait on the heartbeat's.
+        let reader = std::sync::Mutex::new(Maps::open(&layout)?);
+        metrics.register_steering(move || {
+            let maps = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let c = maps.counters().ok()?;
+            let enrolled = maps.enrolled().ok()?.len() as u64;
+            Some(SteeringSnapshot {
+                steered: c.steered,
+                passed: c.passed,
+                proxy_own: c.proxy_own,
+                proxy_down: c.proxy_down,
+                errors: c.errors,
+                enrolled,
+            })
+        });
+    }
+    let metrics = Arc::new(metrics);
     let mut dialer = Dialer {
         // Marks exist only for the steering programs (and need CAP_NET_ADMIN).
         socket_mark: if config.steering {

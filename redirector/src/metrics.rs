@@ -87,6 +87,11 @@ impl Metrics {
             25e-6, 2.0, 16,
         ));
         let redirections = Family::<KindLabels, Counter>::default();
+        // Series with a fixed label set exist from the start at zero, so a
+        // dashboard shows 0 rather than "no data" before the first event.
+        for kind in ["moved", "ask"] {
+            let _ = redirections.get_or_create(&KindLabels { kind });
+        }
         let topology_refreshes = Family::<ResultLabels, Counter>::default();
         let upstream_active = Family::<NodeLabels, Gauge>::default();
         let upstream_opened = Family::<NodeLabels, Counter>::default();
@@ -188,6 +193,18 @@ impl Metrics {
         std::sync::Arc::clone(&self.tunnels)
     }
 
+    /// Exports the eBPF programs' counters, read from their maps at each
+    /// scrape (they live in the kernel, not here).
+    pub fn register_steering(
+        &mut self,
+        source: impl Fn() -> Option<SteeringSnapshot> + Send + Sync + 'static,
+    ) {
+        self.registry
+            .register_collector(Box::new(SteeringCollector {
+                source: Box::new(source),
+            }));
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -273,6 +290,8 @@ impl Metrics {
         let labels = Self::node(addr);
         self.upstream_opened.get_or_create(&labels).inc();
         self.upstream_active.get_or_create(&labels).inc();
+        // Zero until it happens, so dashboards see a series, not nothing.
+        let _ = self.upstream_failed.get_or_create(&labels);
     }
 
     pub fn upstream_closed(&self, addr: SocketAddr) {
@@ -334,6 +353,20 @@ impl TunnelMetrics {
             bytes_out: Counter::default(),
             handshake_failures: Family::default(),
         };
+        for direction in ["inbound", "outbound"] {
+            let labels = DirectionLabels { direction };
+            let _ = this.opened.get_or_create(&labels);
+            let _ = this.closed.get_or_create(&labels);
+            let _ = this.active.get_or_create(&labels);
+        }
+        for status in [200, 400, 401, 503] {
+            let _ = this.connect_status.get_or_create(&StatusLabels { status });
+        }
+        for reason in crate::hbone::HANDSHAKE_FAILURE_REASONS {
+            let _ = this
+                .handshake_failures
+                .get_or_create(&ReasonLabels { reason });
+        }
         registry.register(
             "tunnels_opened",
             "mTLS HTTP/2 tunnel connections established, by direction",
@@ -434,5 +467,110 @@ impl TunnelMetrics {
         self.handshake_failures
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+}
+
+/// What the connect programs counted, summed over CPUs, and how many
+/// network namespaces are enrolled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteeringSnapshot {
+    pub steered: u64,
+    pub passed: u64,
+    pub proxy_own: u64,
+    pub proxy_down: u64,
+    pub errors: u64,
+    pub enrolled: u64,
+}
+
+type SnapshotSource = Box<dyn Fn() -> Option<SteeringSnapshot> + Send + Sync>;
+
+struct SteeringCollector {
+    source: SnapshotSource,
+}
+
+impl std::fmt::Debug for SteeringCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SteeringCollector")
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+impl prometheus_client::collector::Collector for SteeringCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{encoding::EncodeMetric as _, metrics::MetricType};
+        // Maps unreadable (uninstalled under us): export nothing rather
+        // than zeros that would read as resets.
+        let Some(snapshot) = (self.source)() else {
+            return Ok(());
+        };
+        let mut connects = encoder.encode_descriptor(
+            "steering_connects",
+            "Connects seen by the eBPF programs, by outcome: steered (to the proxy), passed \
+             (namespace not enrolled), proxy_own (the proxy's own), proxy_down (enrolled, proxy \
+             not alive: sent direct), error (sent direct)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, value) in [
+            ("steered", snapshot.steered),
+            ("passed", snapshot.passed),
+            ("proxy_own", snapshot.proxy_own),
+            ("proxy_down", snapshot.proxy_down),
+            ("error", snapshot.errors),
+        ] {
+            let counter = prometheus_client::metrics::counter::ConstCounter::new(value);
+            counter.encode(connects.encode_family(&OutcomeLabels { outcome })?)?;
+        }
+        let enrolled = prometheus_client::metrics::gauge::ConstGauge::new(
+            i64::try_from(snapshot.enrolled).unwrap_or(i64::MAX),
+        );
+        enrolled.encode(encoder.encode_descriptor(
+            "steering_enrolled_namespaces",
+            "Network namespaces enrolled for steering",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steering_counters_are_exported_when_readable() {
+        let mut metrics = Metrics::new();
+        metrics.register_steering(|| {
+            Some(SteeringSnapshot {
+                steered: 7,
+                passed: 3,
+                enrolled: 2,
+                ..SteeringSnapshot::default()
+            })
+        });
+        let text = metrics.encode();
+        assert!(
+            text.contains("redirector_steering_connects_total{outcome=\"steered\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("redirector_steering_connects_total{outcome=\"passed\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("redirector_steering_enrolled_namespaces 2"),
+            "{text}"
+        );
+        let mut unreadable = Metrics::new();
+        unreadable.register_steering(|| None);
+        assert!(!unreadable.encode().contains("steering_"));
     }
 }

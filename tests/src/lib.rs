@@ -10,6 +10,7 @@ pub mod bpftool;
 pub mod cgroup;
 pub mod cluster;
 pub mod daemon;
+pub mod http;
 pub mod netns;
 pub mod ports;
 pub mod process;

@@ -317,6 +317,15 @@ impl Topology {
         }
     }
 
+    /// The daemon's `/metrics`, from its default admin address in the node.
+    pub fn metrics(&self) -> String {
+        crate::http::get_in(
+            &self.node_place(),
+            SocketAddr::from(([127, 0, 0, 1], 15020)),
+            "/metrics",
+        )
+    }
+
     pub fn enroll(&self, netns: &Netns) {
         self.cli(&["enroll", "--netns", path_str(&netns.path())]);
     }

@@ -5,7 +5,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Output,
     time::Duration,
@@ -177,7 +177,7 @@ impl TwoNodes {
     }
 
     fn metrics_b(&self) -> String {
-        http_get(&self.b.place(), addr(NODE_B, ADMIN_PORT), "/metrics")
+        testbed::http::get_in(&self.b.place(), addr(NODE_B, ADMIN_PORT), "/metrics")
     }
 
     /// Established TCP connections in node B's namespace: (local, peer).
@@ -208,36 +208,7 @@ fn certs(args: &[&str]) {
 }
 
 fn metric(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            (key == sample).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
-}
-
-/// A plain HTTP/1.0 GET from inside `place`'s namespace.
-fn http_get(place: &Place, to: SocketAddr, path: &str) -> String {
-    let mut stream = connect_in(place, to).expect("connect to the admin endpoint");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n").expect("send");
-    let mut body = String::new();
-    stream.read_to_string(&mut body).expect("read");
-    body
-}
-
-fn connect_in(place: &Place, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let netns = std::fs::File::open(place.netns.as_ref().expect("a namespace"))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)?;
-            let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            Ok(stream)
-        })
-        .join()
-        .map_err(|_| std::io::Error::other("connect thread panicked"))?
-    })
+    testbed::http::sample(text, sample)
 }
 
 /// Keys whose slots node B's masters own.
@@ -341,7 +312,8 @@ fn shards_on_another_node_are_reached_only_through_the_tunnel() {
         "bytes received through tunnels: {bytes_in}"
     );
     // The TLS really is TLS: a plaintext HTTP/2 preface is refused.
-    let mut plain = connect_in(&nodes.a.place(), addr(NODE_B, 15008)).expect("connect 15008");
+    let mut plain =
+        testbed::http::connect_in(&nodes.a.place(), addr(NODE_B, 15008)).expect("connect 15008");
     plain
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         .expect("send preface");
@@ -921,7 +893,7 @@ fn a_steered_pod_reaches_shards_on_another_node_through_the_tunnel() {
             format!("pod-{key}")
         );
     }
-    let metrics = http_get(&rig.b.place(), addr(NODE_B, ADMIN_PORT), "/metrics");
+    let metrics = testbed::http::get_in(&rig.b.place(), addr(NODE_B, ADMIN_PORT), "/metrics");
     let bytes_in = metric(&metrics, "redirector_hbone_received_bytes_total");
     println!("B received {bytes_in} bytes through tunnels from the steered pod's proxy");
     assert!(bytes_in > 20.0 * 20.0, "B's tunnel bytes: {metrics}");

@@ -76,6 +76,19 @@ fn enrolled_pod_is_steered_and_others_go_direct() {
     let after = topo.counters();
     assert_eq!(after.steered, before.steered + 2, "{before:?} -> {after:?}");
     assert_eq!(after.errors, 0);
+    // The same counters, read from the maps at scrape time, in /metrics.
+    let metrics = topo.metrics();
+    let sample = |name: &str| testbed::http::sample(&metrics, name);
+    assert_eq!(
+        sample("redirector_steering_connects_total{outcome=\"steered\"}"),
+        after.steered as f64,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample("redirector_steering_connects_total{outcome=\"proxy_own\"}"),
+        after.proxy_own as f64
+    );
+    assert_eq!(sample("redirector_steering_enrolled_namespaces"), 1.0);
     assert_eq!(
         topo.status()["enrolled"][0]["netns_inode"].as_u64(),
         Some(
@@ -481,4 +494,85 @@ fn cluster_views_advertise_the_address_the_client_dialled() {
     assert!(direct.contains(&proxy.ip().to_string()), "{direct}");
     assert!(direct.contains(&proxy.port().to_string()), "{direct}");
     assert!(direct.contains("16383"), "{direct}");
+}
+
+/// Every metric the Grafana dashboard queries is one the running daemon
+/// (steering on, after some traffic) really exports.
+#[test]
+fn dashboard_queries_name_exported_metrics() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let topo = running(1, &[]);
+    let pod = topo.pod(0);
+    topo.enroll(&pod.netns);
+    assert_eq!(pod.redis(&["SET", "dash", "board"]), "OK");
+    let scrape = topo.metrics();
+
+    // Names a query may use: every sample's name, and for each family its
+    // base name with the suffixes its type implies (a family without
+    // samples yet still declares its TYPE).
+    let mut exported = std::collections::BTreeSet::new();
+    for line in scrape.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut words = rest.split_whitespace();
+            let (Some(base), Some(kind)) = (words.next(), words.next()) else {
+                continue;
+            };
+            exported.insert(base.to_string());
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[],
+            };
+            exported.extend(suffixes.iter().map(|s| format!("{base}{s}")));
+        } else if !line.starts_with('#') {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            exported.insert(name.to_string());
+        }
+    }
+
+    let path = testbed::workspace_root().join("deploy/grafana/redirector-node.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard JSON"))
+            .expect("the dashboard parses");
+    let mut queried = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let names: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|word| word.starts_with("redirector_"))
+                .collect();
+            assert!(
+                !names.is_empty(),
+                "panel {} queries no redirector metric: {expr}",
+                panel["title"]
+            );
+            queried.extend(
+                names
+                    .into_iter()
+                    .map(|n| (panel["title"].to_string(), n.to_string())),
+            );
+        }
+    }
+    let missing: Vec<_> = queried
+        .iter()
+        .filter(|(_, name)| !exported.contains(name))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "dashboard queries metrics the daemon does not export: {missing:?}\n{scrape}"
+    );
+    // The steering panels show real figures: the pod's connects counted.
+    assert!(
+        testbed::http::sample(
+            &scrape,
+            "redirector_steering_connects_total{outcome=\"steered\"}"
+        ) >= 1.0
+    );
+    println!(
+        "{} dashboard queries, all {} metric names exported",
+        queried.len(),
+        queried.len()
+    );
 }

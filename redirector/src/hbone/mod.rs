@@ -287,6 +287,23 @@ async fn keepalive(mut ping_pong: h2::PingPong) {
     }
 }
 
+/// Every label [`handshake_failure`] (and the dialer) may give.
+pub const HANDSHAKE_FAILURE_REASONS: [&str; 13] = [
+    "timeout",
+    "unknown_ca",
+    "expired",
+    "bad_certificate",
+    "no_client_certificate",
+    "no_alpn",
+    "incompatible",
+    "peer_unknown_ca",
+    "alert",
+    "not_tls",
+    "tls",
+    "io",
+    "wrong_identity",
+];
+
 /// Why a TLS handshake failed, as a metric label.
 fn handshake_failure(e: &io::Error) -> &'static str {
     use rustls::{AlertDescription, CertificateError, Error};

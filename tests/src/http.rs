@@ -1,0 +1,56 @@
+//! A plain HTTP/1.0 GET, from inside a network namespace: enough for the
+//! admin endpoint (`/metrics`).
+
+use std::{
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use crate::process::Place;
+
+/// Connects from inside `place`'s network namespace (the host's when it
+/// has none); a dedicated thread enters it, so the caller's stays put.
+pub fn connect_in(place: &Place, to: SocketAddr) -> io::Result<TcpStream> {
+    let connect = || {
+        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(stream)
+    };
+    let Some(netns) = &place.netns else {
+        return connect();
+    };
+    let netns = std::fs::File::open(netns)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(io::Error::from)?;
+            connect()
+        })
+        .join()
+        .map_err(|_| io::Error::other("connect thread panicked"))?
+    })
+}
+
+/// The whole response (status line, headers and body) to `GET path`.
+pub fn get_in(place: &Place, to: SocketAddr, path: &str) -> String {
+    let mut stream =
+        connect_in(place, to).unwrap_or_else(|e| panic!("connect to {to} for GET {path}: {e}"));
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n").expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .unwrap_or_else(|e| panic!("GET {path} from {to}: {e}"));
+    response
+}
+
+/// The value of one sample (`name{labels}` exactly as exported), 0 when absent.
+pub fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
