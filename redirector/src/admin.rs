@@ -1,4 +1,5 @@
-//! The admin endpoint: `/metrics` (Prometheus text) and `/healthz/ready`.
+//! The admin endpoint: `/metrics` (Prometheus text), `/dashboard` (a live
+//! page of the same figures, with no external assets) and `/healthz/ready`.
 //! A few lines of HTTP/1.1 (one request per connection) on their own task,
 //! so a scrape never sits in the data path.
 
@@ -10,6 +11,9 @@ use tokio::{
 };
 
 use crate::metrics::Metrics;
+
+/// The node dashboard: one HTML file whose script reads `/metrics`.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
@@ -47,6 +51,9 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
         ),
+        ("GET", "/dashboard" | "/dashboard/") => {
+            ("200 OK", "text/html; charset=utf-8", DASHBOARD.to_string())
+        }
         ("GET", "/healthz/ready") => ("200 OK", "text/plain", "ready\n".to_string()),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (

@@ -576,3 +576,113 @@ fn dashboard_queries_name_exported_metrics() {
         queried.len()
     );
 }
+
+/// The built-in `/dashboard` page, loaded in headless Chromium against a
+/// daemon under steered traffic, shows non-zero live figures. The
+/// screenshot stays under `target/dashboard/` (a CI artifact).
+#[test]
+fn dashboard_page_renders_live_figures_in_chromium() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let found = std::process::Command::new("sh")
+        .args(["-c", "command -v chromium"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "chromium is not installed (cargo xtask setup installs it)"
+    );
+    let topo = running(1, &[]);
+    let pod = topo.pod(0);
+    topo.enroll(&pod.netns);
+    // Steered traffic for as long as the page is watched.
+    let mut traffic = testbed::process::Child::spawn("redis-benchmark", {
+        let mut cmd = pod.place().command("redis-benchmark");
+        cmd.args([
+            "-h",
+            &VIP.to_string(),
+            "-p",
+            "6379",
+            "-c",
+            "4",
+            "-n",
+            "50000000",
+        ])
+        .args(["-r", "1000", "-t", "set,get", "-q"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        cmd
+    });
+    std::thread::sleep(Duration::from_secs(1));
+
+    let out_dir = testbed::workspace_root().join("target/dashboard");
+    std::fs::create_dir_all(&out_dir).expect("target/dashboard");
+    let screenshot = out_dir.join("dashboard.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let profile = testbed::TempDir::new("rdr-chromium-");
+    // The node namespace has no route out: Chromium reaches only the
+    // daemon, whatever it tries in the background.
+    let chromium = |extra: &[&str]| {
+        let mut cmd = topo.node_place().command("timeout");
+        cmd.args([
+            "60",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+        ])
+        .args([
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+        ])
+        .args([
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1280,900",
+        ])
+        .arg(format!("--user-data-dir={}", path_str(profile.path())))
+        // Virtual time runs the page's 1 s refresh timer several times.
+        .arg("--virtual-time-budget=6000")
+        .args(extra)
+        .arg("http://127.0.0.1:15020/dashboard");
+        cmd.output().expect("run chromium")
+    };
+    let dom = chromium(&["--dump-dom"]);
+    let shot = chromium(&[&format!("--screenshot={}", path_str(&screenshot))]);
+    traffic.kill();
+    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
+    assert!(
+        dom.contains("data-refreshed"),
+        "the page never read /metrics:\n{dom}"
+    );
+    let value = |id: &str| -> f64 {
+        let at = dom
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no #{id} in the page:\n{dom}"));
+        let rest = &dom[at..];
+        let start = rest.find("data-value=\"").expect("data-value") + "data-value=\"".len();
+        let end = rest[start..].find('"').expect("closing quote");
+        rest[start..start + end].parse().unwrap_or(f64::NAN)
+    };
+    let figures: Vec<(&str, f64)> = [
+        "steered",
+        "enrolled",
+        "clients",
+        "clients-opened",
+        "commands-total",
+        "p50",
+        "p99",
+    ]
+    .iter()
+    .map(|id| (*id, value(id)))
+    .collect();
+    println!("dashboard figures: {figures:?}");
+    for (id, v) in &figures {
+        assert!(*v > 0.0, "#{id} shows {v}, not a live non-zero figure");
+    }
+    assert!(
+        std::fs::metadata(&screenshot).is_ok_and(|m| m.len() > 10_000),
+        "no screenshot: {shot:?}"
+    );
+}

@@ -43,6 +43,8 @@ const PACKAGES: &[(Check, &[&str])] = &[
     (Check::OnPath("timeout"), &["coreutils"]),
     // A real TLS client: the HBONE tests read the certificate a node serves.
     (Check::OnPath("openssl"), &["openssl"]),
+    // Loads the built-in /dashboard page in a test (headless, no network).
+    (Check::OnPath("chromium"), &["chromium"]),
     (Check::OnPath("php"), &["php-cli"]),
     (
         Check::Succeeds(&["php", "-r", "exit(extension_loaded('redis') ? 0 : 1);"]),
