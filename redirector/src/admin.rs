@@ -32,6 +32,14 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     }
 }
 
+fn accepts_openmetrics(request: &str) -> bool {
+    request.lines().any(|header| {
+        header.split_once(':').is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case("accept") && value.contains("application/openmetrics-text")
+        })
+    })
+}
+
 async fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
     let mut request = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -46,10 +54,17 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
     let mut words = line.split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => (
+        // Prometheus asks for OpenMetrics; everyone else gets the classic
+        // text format.
+        ("GET", "/metrics") if accepts_openmetrics(&line) => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.encode(),
+        ),
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.encode_prometheus_text(),
         ),
         ("GET", "/dashboard" | "/dashboard/") => {
             ("200 OK", "text/html; charset=utf-8", DASHBOARD.to_string())

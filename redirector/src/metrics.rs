@@ -205,6 +205,13 @@ impl Metrics {
             }));
     }
 
+    /// The classic Prometheus text format (0.0.4), for scrapers that do not
+    /// ask for OpenMetrics (curl, promtool, older agents): counters' HELP
+    /// and TYPE lines name the `_total` samples, and there is no `# EOF`.
+    pub fn encode_prometheus_text(&self) -> String {
+        to_prometheus_text(&self.encode())
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -470,6 +477,41 @@ impl TunnelMetrics {
     }
 }
 
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            // Written once the TYPE line tells whether names change.
+            help = Some(line);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let renamed = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            if let Some(help) = help.take() {
+                let text = help
+                    .strip_prefix("# HELP ")
+                    .and_then(|h| h.split_once(' '))
+                    .map_or("", |(_, text)| text);
+                out.push_str(&format!("# HELP {renamed} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {renamed} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// What the connect programs counted, summed over CPUs, and how many
 /// network namespaces are enrolled.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -569,6 +611,17 @@ mod tests {
             text.contains("redirector_steering_enrolled_namespaces 2"),
             "{text}"
         );
+        let classic = metrics.encode_prometheus_text();
+        assert!(
+            classic.contains("# TYPE redirector_steering_connects_total counter\n"),
+            "{classic}"
+        );
+        assert!(
+            classic
+                .contains("# HELP redirector_client_connections_opened_total Client connections"),
+            "{classic}"
+        );
+        assert!(!classic.contains("# EOF"));
         let mut unreadable = Metrics::new();
         unreadable.register_steering(|| None);
         assert!(!unreadable.encode().contains("steering_"));

@@ -563,6 +563,29 @@ fn dashboard_queries_name_exported_metrics() {
         missing.is_empty(),
         "dashboard queries metrics the daemon does not export: {missing:?}\n{scrape}"
     );
+    // The scrape itself passes Prometheus' own linter.
+    let body = scrape
+        .split_once("\r\n\r\n")
+        .map_or(scrape.as_str(), |(_, b)| b);
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs Debian's prometheus)");
+    {
+        use std::io::Write as _;
+        let mut stdin = promtool.stdin.take().expect("stdin");
+        stdin.write_all(body.as_bytes()).expect("feed promtool");
+    }
+    let checked = promtool.wait_with_output().expect("promtool");
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
     // The steering panels show real figures: the pod's connects counted.
     assert!(
         testbed::http::sample(

@@ -45,6 +45,8 @@ const PACKAGES: &[(Check, &[&str])] = &[
     (Check::OnPath("openssl"), &["openssl"]),
     // Loads the built-in /dashboard page in a test (headless, no network).
     (Check::OnPath("chromium"), &["chromium"]),
+    // promtool lints a live /metrics scrape in a test.
+    (Check::OnPath("promtool"), &["prometheus"]),
     (Check::OnPath("php"), &["php-cli"]),
     (
         Check::Succeeds(&["php", "-r", "exit(extension_loaded('redis') ? 0 : 1);"]),
