@@ -10,6 +10,7 @@ pub mod hbone;
 pub mod identity;
 pub mod metrics;
 pub mod netns;
+pub mod pods;
 pub mod proxy;
 pub mod resp;
 pub mod status;

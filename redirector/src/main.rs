@@ -54,7 +54,7 @@ enum Command {
         #[command(flatten)]
         netns: NetnsArgs,
         /// The namespace's cookie, as `status` shows it (for a namespace that no longer exists).
-        #[arg(long, conflicts_with_all = ["netns", "pid"], required_unless_present_any = ["netns", "pid"])]
+        #[arg(long, conflicts_with_all = ["netns", "pid", "pod_uid"], required_unless_present_any = ["netns", "pid", "pod_uid"])]
         cookie: Option<u64>,
     },
     /// Show attached programs, the proxy, targets, enrolled namespaces and counters.
@@ -123,15 +123,24 @@ struct NetnsArgs {
     /// A process whose network namespace to use.
     #[arg(long)]
     pid: Option<u32>,
+    /// A Kubernetes pod on this node, by UID: its namespace is found through
+    /// the pod's cgroup under /proc (needs the host's PID namespace).
+    #[arg(long)]
+    pod_uid: Option<String>,
 }
 
 impl NetnsArgs {
-    fn reference(&self) -> Option<NetnsRef> {
-        match (&self.netns, self.pid) {
-            (Some(path), _) => Some(NetnsRef::Path(path.clone())),
-            (None, Some(pid)) => Some(NetnsRef::Pid(pid)),
-            (None, None) => None,
-        }
+    fn reference(&self) -> anyhow::Result<Option<NetnsRef>> {
+        Ok(match (&self.netns, self.pid, &self.pod_uid) {
+            (Some(path), ..) => Some(NetnsRef::Path(path.clone())),
+            (None, Some(pid), _) => Some(NetnsRef::Pid(pid)),
+            (None, None, Some(uid)) => {
+                let pid = redirector::pods::find_process(std::path::Path::new("/proc"), uid)?
+                    .with_context(|| format!("no process of pod {uid} runs on this node"))?;
+                Some(NetnsRef::Pid(pid))
+            }
+            (None, None, None) => None,
+        })
     }
 }
 
@@ -342,7 +351,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             netns,
             allow_host_netns,
         } => {
-            let reference = netns.reference().context("--netns or --pid is required")?;
+            let reference = netns
+                .reference()?
+                .context("--netns, --pid or --pod-uid is required")?;
             let resolved = netns::resolve(&reference)?;
             // Where PID 1's namespace cannot be read (a sandbox), there is
             // nothing to compare with and the check is skipped.
@@ -366,10 +377,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Unenroll { netns, cookie } => {
-            let (cookie, what) = match (netns.reference(), cookie) {
+            let (cookie, what) = match (netns.reference()?, cookie) {
                 (Some(reference), _) => (netns::resolve(&reference)?.cookie, reference.to_string()),
                 (None, Some(cookie)) => (cookie, format!("netns cookie {cookie}")),
-                (None, None) => bail!("--netns, --pid or --cookie is required"),
+                (None, None) => bail!("--netns, --pid, --pod-uid or --cookie is required"),
             };
             let mut maps = Maps::open(&layout)?;
             if maps.unenroll(cookie)? {

@@ -709,3 +709,56 @@ fn dashboard_page_renders_live_figures_in_chromium() {
         "no screenshot: {shot:?}"
     );
 }
+
+/// `enroll --pod-uid`: a pod's namespace is found through the kubelet-style
+/// cgroup its processes run in (cgroupfs driver layout), as the node agent
+/// will find pods it learns of from the API.
+#[test]
+fn a_pod_is_enrolled_by_its_uid_through_its_cgroup() {
+    require_kernel!();
+    let _kernel = exclusive();
+    const UID: &str = "0c9e4d52-7a1b-4f3e-9d2c-5b6a7e8f9012";
+    let topo = running(1, &[]);
+    let pod = topo.pod(0);
+    // One guard per level, dropped leaf first.
+    let kubepods = testbed::cgroup::Cgroup::create(topo.attach_root().join("kubepods"));
+    let qos = testbed::cgroup::Cgroup::create(kubepods.path().join("besteffort"));
+    let pod_cgroup = testbed::cgroup::Cgroup::create(qos.path().join(format!("pod{UID}")));
+    let container = testbed::cgroup::Cgroup::create(pod_cgroup.path().join("0f1e2d3c4b5a"));
+    let place = testbed::process::Place {
+        netns: Some(pod.netns.path()),
+        cgroup: Some(container.path().to_path_buf()),
+    };
+    let mut app = testbed::process::Child::spawn("sleep (the pod's app)", {
+        let mut cmd = place.command("sleep");
+        cmd.arg("60");
+        cmd
+    });
+
+    assert!(
+        !pod.through_proxy(VIP),
+        "the pod is steered before it is enrolled"
+    );
+    let out = topo.cli(&["enroll", "--pod-uid", UID]);
+    assert!(out.contains(&format!("pid {}", app.pid())), "{out}");
+    assert!(
+        pod.through_proxy(VIP),
+        "the pod enrolled by UID is not steered"
+    );
+
+    // A pod with no process here is a clear error, not a silent no-op.
+    let other = testbed::daemon::cli(
+        topo.pin_dir(),
+        &[
+            "enroll",
+            "--pod-uid",
+            "11111111-2222-3333-4444-555555555555",
+        ],
+    );
+    assert!(!other.status.success());
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("no process of pod"),
+        "{other:?}"
+    );
+    app.kill();
+}

@@ -1,0 +1,131 @@
+//! Finding a Kubernetes pod's network namespace from its UID, as a node
+//! agent with the host's PID namespace can: kubelet puts each container of
+//! a pod in a cgroup whose path names the pod UID, and every process of the
+//! pod (hostNetwork pods aside, which callers exclude) lives in the pod's
+//! network namespace.
+//!
+//! The two cgroup drivers spell the UID differently:
+//! - cgroupfs: `/kubepods/besteffort/pod<uid>/<container>`;
+//! - systemd: `/kubepods.slice/kubepods-besteffort.slice/
+//!   kubepods-besteffort-pod<uid with '_' for '-'>.slice/cri-containerd-<id>.scope`.
+
+use std::{io, path::Path};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0:?} is not a pod UID (expected 36 characters of hex digits and dashes)")]
+    BadUid(String),
+    #[error("cannot list processes in {path}: {source}")]
+    Proc {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+}
+
+/// A pod UID as the API server gives it (a UUID), checked so it can be
+/// matched inside cgroup paths without surprises.
+pub fn check_uid(uid: &str) -> Result<&str, Error> {
+    let well_formed = uid.len() == 36
+        && uid.char_indices().all(|(i, c)| {
+            if [8, 13, 18, 23].contains(&i) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        });
+    if well_formed {
+        Ok(uid)
+    } else {
+        Err(Error::BadUid(uid.to_string()))
+    }
+}
+
+/// Whether a cgroup path (a line of `/proc/<pid>/cgroup`, after its second
+/// colon) belongs to the pod `uid`, under either cgroup driver.
+pub fn cgroup_is_pods(path: &str, uid: &str) -> bool {
+    let underscored = uid.replace('-', "_");
+    path.split('/').any(|part| {
+        part.strip_prefix("pod")
+            .is_some_and(|rest| rest.eq_ignore_ascii_case(uid))
+            || part
+                .strip_suffix(".slice")
+                .and_then(|slice| slice.rsplit_once("-pod"))
+                .is_some_and(|(_, id)| id.eq_ignore_ascii_case(&underscored))
+    })
+}
+
+/// A process of the pod `uid`, found through `/proc` (`proc_root`), if
+/// any runs yet.
+pub fn find_process(proc_root: &Path, uid: &str) -> Result<Option<u32>, Error> {
+    let uid = check_uid(uid)?;
+    let entries = std::fs::read_dir(proc_root).map_err(|source| Error::Proc {
+        path: proc_root.to_owned(),
+        source,
+    })?;
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    // The oldest process first: a pod's sandbox ("pause") starts first.
+    pids.sort_unstable();
+    for pid in pids {
+        // Processes come and go while we look: a vanished one is skipped.
+        let Ok(cgroups) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
+        else {
+            continue;
+        };
+        let in_pod = cgroups
+            .lines()
+            .filter_map(|line| line.splitn(3, ':').nth(2))
+            .any(|path| cgroup_is_pods(path, uid));
+        if in_pod {
+            return Ok(Some(pid));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "5f3c2a1e-9b7d-4c4e-8f00-0123456789ab";
+
+    #[test]
+    fn both_cgroup_drivers_name_the_pod() {
+        assert!(cgroup_is_pods(
+            "/kubepods/besteffort/pod5f3c2a1e-9b7d-4c4e-8f00-0123456789ab/0f1e2d",
+            UID
+        ));
+        assert!(cgroup_is_pods(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod5f3c2a1e_9b7d_4c4e_8f00_0123456789ab.slice/cri-containerd-0f1e.scope",
+            UID
+        ));
+        assert!(cgroup_is_pods(
+            "/kubepods.slice/kubepods-pod5f3c2a1e_9b7d_4c4e_8f00_0123456789ab.slice",
+            UID
+        ));
+        // Another pod, a prefix of the UID, or the UID elsewhere in a name.
+        assert!(!cgroup_is_pods(
+            "/kubepods/besteffort/pod5f3c2a1e-9b7d-4c4e-8f00-0123456789ac/x",
+            UID
+        ));
+        assert!(!cgroup_is_pods("/kubepods/besteffort/pod5f3c2a1e/x", UID));
+        assert!(!cgroup_is_pods(
+            "/user.slice/session-5f3c2a1e-9b7d-4c4e-8f00-0123456789ab.scope",
+            UID
+        ));
+    }
+
+    #[test]
+    fn uids_are_checked() {
+        assert!(check_uid(UID).is_ok());
+        for bad in [
+            "",
+            "pod",
+            "5f3c2a1e-9b7d-4c4e-8f00-0123456789a",
+            "../../etc/passwd-aaaaaaaaaaaaaaaaaaaaaaaaaa",
+        ] {
+            assert!(check_uid(bad).is_err(), "{bad}");
+        }
+    }
+}
