@@ -80,12 +80,24 @@ impl Dialer {
     /// node is meshed, else plain TCP.
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<Upstream> {
         if let Some(mesh) = self.mesh.as_ref().filter(|m| m.is_meshed(addr.ip())) {
-            let stream = mesh
-                .outbound
-                .connect(addr, hbone::outbound::Origin::default())
-                .await
-                .map_err(io::Error::other)?;
-            return Ok(Upstream::Tunnel(Box::new(stream)));
+            // TLS, HTTP/2 and the peer's own connect to the endpoint: a
+            // peer that takes longer than both timeouts is treated as down.
+            let limit = self.connect_timeout + hbone::HANDSHAKE_TIMEOUT;
+            let opened = tokio::time::timeout(
+                limit,
+                mesh.outbound
+                    .connect(addr, hbone::outbound::Origin::default()),
+            )
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("tunnel to {addr} not open after {limit:?}"),
+                )
+            })?;
+            return Ok(Upstream::Tunnel(Box::new(
+                opened.map_err(io::Error::other)?,
+            )));
         }
         connect_marked(addr, self.socket_mark, self.connect_timeout)
             .await
