@@ -20,8 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, MAX_STREAMS, STREAM_WINDOW, Stream,
-    StreamGuard, handshake_failure, keepalive,
+    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS, STREAM_WINDOW, Stream, StreamGuard, keepalive,
+    tls_handshake,
 };
 use crate::{
     identity::{
@@ -101,23 +101,10 @@ impl Inbound {
 async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> io::Result<()> {
     let _ = tcp.set_nodelay(true);
     let acceptor = TlsAcceptor::from(Arc::clone(&shared.tls.current().server));
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            shared.metrics.handshake_failed(handshake_failure(&e));
-            return Err(e);
-        }
-        Err(_) => {
-            shared.metrics.handshake_failed("timeout");
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-    };
-    // A client that offered no ALPN at all still completes the handshake
-    // in rustls; HBONE is HTTP/2 only.
-    if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
-        shared.metrics.handshake_failed("no_alpn");
-        return Err(io::Error::other("the client did not negotiate ALPN h2"));
-    }
+    let tls = tls_handshake(&shared.metrics, acceptor.accept(tcp), |tls| {
+        tls.get_ref().1.alpn_protocol() == Some(ALPN_H2)
+    })
+    .await?;
     // The chain was verified in the handshake; what is left is its name.
     let identity = peer_identity(tls.get_ref().1.peer_certificates());
     let mut conn = h2::server::Builder::new()

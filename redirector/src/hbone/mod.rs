@@ -13,6 +13,7 @@ pub mod inbound;
 pub mod outbound;
 
 use std::{
+    future::Future,
     io,
     net::IpAddr,
     pin::Pin,
@@ -285,6 +286,32 @@ async fn keepalive(mut ping_pong: h2::PingPong) {
             Ok(Err(_)) | Err(_) => return,
         }
     }
+}
+
+/// Runs one end of a TLS handshake within [`HANDSHAKE_TIMEOUT`] and checks
+/// that it negotiated ALPN h2 (rustls lets a peer that offers no ALPN at
+/// all complete the handshake); counts every failure by reason.
+async fn tls_handshake<T>(
+    metrics: &TunnelMetrics,
+    handshake: impl Future<Output = io::Result<T>>,
+    negotiated_h2: impl FnOnce(&T) -> bool,
+) -> io::Result<T> {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            metrics.handshake_failed(handshake_failure(&e));
+            return Err(e);
+        }
+        Err(_) => {
+            metrics.handshake_failed("timeout");
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+    };
+    if !negotiated_h2(&tls) {
+        metrics.handshake_failed("no_alpn");
+        return Err(io::Error::other("ALPN h2 was not negotiated"));
+    }
+    Ok(tls)
 }
 
 /// Every label [`handshake_failure`] (and the dialer) may give.

@@ -30,8 +30,8 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::{
-    CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME_SIZE, MAX_STREAMS, STREAM_WINDOW, Stream,
-    StreamGuard, handshake_failure, keepalive,
+    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS, STREAM_WINDOW, Stream, StreamGuard, keepalive,
+    tls_handshake,
 };
 use crate::{
     identity::{
@@ -296,25 +296,11 @@ impl Shared {
         let local = tcp.local_addr().map_err(|e| Error::Connect(addr, e))?;
         let connector = TlsConnector::from(Arc::clone(client));
         let name = ServerName::IpAddress(addr.ip().into());
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                self.metrics.handshake_failed(handshake_failure(&e));
-                return Err(Error::Handshake(addr, e));
-            }
-            Err(_) => {
-                self.metrics.handshake_failed("timeout");
-                return Err(Error::Handshake(addr, io::ErrorKind::TimedOut.into()));
-            }
-        };
-        if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
-            self.metrics.handshake_failed("no_alpn");
-            return Err(Error::Handshake(
-                addr,
-                io::Error::other("the peer did not negotiate ALPN h2"),
-            ));
-        }
+        let tls = tls_handshake(&self.metrics, connector.connect(name, tcp), |tls| {
+            tls.get_ref().1.alpn_protocol() == Some(ALPN_H2)
+        })
+        .await
+        .map_err(|e| Error::Handshake(addr, e))?;
         // The chain is verified; now the name: is this the peer we meant?
         match peer_identity(tls.get_ref().1.peer_certificates()) {
             Ok(found) if found == key.peer => {}
