@@ -211,24 +211,9 @@ impl RedisCluster {
         replicas_per_master: usize,
         dir: &Path,
     ) -> Self {
-        let per_shard = 1 + replicas_per_master;
-        assert!(
-            !nodes.is_empty() && nodes.len().is_multiple_of(per_shard),
-            "{} nodes do not split into shards of {per_shard}",
-            nodes.len()
-        );
-        let mut started = Vec::with_capacity(nodes.len());
-        for addr in nodes {
-            started.push(launch(place, dir, *addr).unwrap_or_else(|e| panic!("{e}")));
-        }
-        Self::create(
-            started,
-            place.clone(),
-            dir.to_path_buf(),
-            None,
-            nodes.len() / per_shard,
-            replicas_per_master,
-        )
+        let spread: Vec<(Place, SocketAddr)> =
+            nodes.iter().map(|addr| (place.clone(), *addr)).collect();
+        Self::start_across(place, &spread, replicas_per_master, dir)
     }
 
     /// Nodes spread over several namespaces (one "node" each, say), each

@@ -34,6 +34,90 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().expect("ip"), port)
 }
 
+/// A veth pair straight between two node namespaces, `NODE_A` on `a` and
+/// `NODE_B` on `b`, and no default route: nothing leaves the two.
+fn link_nodes(a: &Netns, b: &Netns) {
+    let (va, vb) = (unique("rva"), unique("rvb"));
+    let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
+    run_ok(
+        "ip",
+        &[
+            "link",
+            "add",
+            va,
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            vb,
+            "netns",
+            b.name(),
+        ],
+    );
+    a.ip(&["addr", "add", &format!("{NODE_A}/24"), "dev", va]);
+    b.ip(&["addr", "add", &format!("{NODE_B}/24"), "dev", vb]);
+    a.ip(&["link", "set", va, "up"]);
+    b.ip(&["link", "set", vb, "up"]);
+}
+
+/// A CA in `dir/ca`, and certificates for `NODE_IDENTITY` in `dir/a` and
+/// `dir/b` (one per node).
+fn mint_node_certs(dir: &Path) {
+    let ca = dir.join("ca");
+    certs(&["ca", "--dir", path_str(&ca)]);
+    for node in ["a", "b"] {
+        let out = dir.join(node);
+        certs(&[
+            "issue",
+            "--ca",
+            path_str(&ca),
+            "--identity",
+            NODE_IDENTITY,
+            "--out",
+            path_str(&out),
+        ]);
+    }
+}
+
+/// `redirector run` arguments for a node at `ip`: proxy only (no
+/// steering), discovering the cluster from `ip:seed`, admin and HBONE
+/// listeners on `ip`, then `extra`.
+fn node_args(ip: &str, seed: u16, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--steering",
+        "off",
+        "--proxy-addr",
+        &format!("{ip}:{PROXY_PORT}"),
+        "--cluster-seed",
+        &format!("{ip}:{seed}"),
+        "--admin-addr",
+        &format!("{ip}:{ADMIN_PORT}"),
+        "--hbone-listen",
+        &format!("{ip}:15008"),
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    args.extend(extra.iter().map(ToString::to_string));
+    args
+}
+
+/// Established TCP connections in `place`'s namespace: (local, peer).
+fn established(place: &Place) -> Vec<(SocketAddr, SocketAddr)> {
+    let out = place.output("ss", &["-Htn", "state", "established"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local = fields.get(fields.len().checked_sub(2)?)?.parse().ok()?;
+            let peer = fields.last()?.parse().ok()?;
+            Some((local, peer))
+        })
+        .collect()
+}
+
 /// Two node namespaces, a 3-master cluster (one master on A, two on B),
 /// certificates from one CA, and a redirector on each node. A dials B's
 /// shards through tunnels; B accepts tunnels from namespace `redirector`
@@ -53,31 +137,7 @@ impl TwoNodes {
         let dir = TempDir::new("rdr-hbone");
         let a = Netns::create(&unique("rdr-na"));
         let b = Netns::create(&unique("rdr-nb"));
-        // A veth pair straight between the nodes, no default route: nothing
-        // leaves the two namespaces.
-        let (va, vb) = (unique("rva"), unique("rvb"));
-        let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
-        run_ok(
-            "ip",
-            &[
-                "link",
-                "add",
-                va,
-                "netns",
-                a.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                vb,
-                "netns",
-                b.name(),
-            ],
-        );
-        a.ip(&["addr", "add", &format!("{NODE_A}/24"), "dev", va]);
-        b.ip(&["addr", "add", &format!("{NODE_B}/24"), "dev", vb]);
-        a.ip(&["link", "set", va, "up"]);
-        b.ip(&["link", "set", vb, "up"]);
+        link_nodes(&a, &b);
 
         let nodes = [
             (a.place(), addr(NODE_A, 7001)),
@@ -86,44 +146,12 @@ impl TwoNodes {
         ];
         let cluster = RedisCluster::start_across(&a.place(), &nodes, 0, dir.path());
 
-        let ca = dir.path().join("ca");
-        certs(&["ca", "--dir", path_str(&ca)]);
-        for node in ["a", "b"] {
-            let out = dir.path().join(node);
-            certs(&[
-                "issue",
-                "--ca",
-                path_str(&ca),
-                "--identity",
-                NODE_IDENTITY,
-                "--out",
-                path_str(&out),
-            ]);
-        }
-        let args = |ip: &str, seed: u16, extra: &[&str]| -> Vec<String> {
-            let mut args: Vec<String> = [
-                "--steering",
-                "off",
-                "--proxy-addr",
-                &format!("{ip}:{PROXY_PORT}"),
-                "--cluster-seed",
-                &format!("{ip}:{seed}"),
-                "--admin-addr",
-                &format!("{ip}:{ADMIN_PORT}"),
-                "--hbone-listen",
-                &format!("{ip}:15008"),
-            ]
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-            args.extend(extra.iter().map(ToString::to_string));
-            args
-        };
+        mint_node_certs(dir.path());
         let pins = dir.path().join("pins");
         let daemon_b = Daemon::start(
             &b.place(),
             &pins,
-            args(
+            node_args(
                 NODE_B,
                 7002,
                 &[
@@ -139,7 +167,7 @@ impl TwoNodes {
         let daemon_a = Daemon::start(
             &a.place(),
             &pins,
-            args(
+            node_args(
                 NODE_A,
                 7001,
                 &[
@@ -178,23 +206,6 @@ impl TwoNodes {
 
     fn metrics_b(&self) -> String {
         testbed::http::get_in(&self.b.place(), addr(NODE_B, ADMIN_PORT), "/metrics")
-    }
-
-    /// Established TCP connections in node B's namespace: (local, peer).
-    fn connections_b(&self) -> Vec<(SocketAddr, SocketAddr)> {
-        let out = self
-            .b
-            .place()
-            .output("ss", &["-Htn", "state", "established"]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                let local = fields.get(fields.len().checked_sub(2)?)?.parse().ok()?;
-                let peer = fields.last()?.parse().ok()?;
-                Some((local, peer))
-            })
-            .collect()
     }
 }
 
@@ -269,7 +280,7 @@ fn shards_on_another_node_are_reached_only_through_the_tunnel() {
     // On B: the proxy's traffic arrives on 15008 from A, and nothing from A
     // reaches B's Redis client ports directly (the cluster bus, port+10000,
     // is Redis' own and not proxied).
-    let connections = nodes.connections_b();
+    let connections = established(&nodes.b.place());
     let from_a = |(local, peer): &&(SocketAddr, SocketAddr)| {
         peer.ip().to_string() == NODE_A && local.ip().to_string() == NODE_B
     };
@@ -371,8 +382,7 @@ fn many_clients_share_a_handful_of_tls_connections() {
         })
         .sum();
     assert_eq!(total, 500, "every INCR landed once");
-    let tls = nodes
-        .connections_b()
+    let tls = established(&nodes.b.place())
         .iter()
         .filter(|(l, p)| l.port() == 15008 && p.ip().to_string() == NODE_A)
         .count();
@@ -769,30 +779,7 @@ fn a_steered_pod_reaches_shards_on_another_node_through_the_tunnel() {
     let dir = TempDir::new("rdr-hbone-pod");
     let mut topo = Topology::build(1);
     let b = Netns::create(&unique("rdr-nb"));
-    let (va, vb) = (unique("rva"), unique("rvb"));
-    let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
-    run_ok(
-        "ip",
-        &[
-            "link",
-            "add",
-            va,
-            "netns",
-            topo.node.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            vb,
-            "netns",
-            b.name(),
-        ],
-    );
-    topo.node
-        .ip(&["addr", "add", &format!("{NODE_A}/24"), "dev", va]);
-    b.ip(&["addr", "add", &format!("{NODE_B}/24"), "dev", vb]);
-    topo.node.ip(&["link", "set", va, "up"]);
-    b.ip(&["link", "set", vb, "up"]);
+    link_nodes(&topo.node, &b);
     // The cluster bus: B's nodes reach the service node on A's loopback.
     b.ip(&["route", "add", "10.96.0.0/16", "via", NODE_A]);
     let service = SocketAddr::new(SERVICE_VIP.into(), REDIS_PORT);
@@ -802,40 +789,15 @@ fn a_steered_pod_reaches_shards_on_another_node_through_the_tunnel() {
         (b.place(), addr(NODE_B, 7003)),
     ];
     let cluster = RedisCluster::start_across(&topo.node_place(), &nodes, 0, dir.path());
-    let ca = dir.path().join("ca");
-    certs(&["ca", "--dir", path_str(&ca)]);
-    for node in ["a", "b"] {
-        let out = dir.path().join(node);
-        certs(&[
-            "issue",
-            "--ca",
-            path_str(&ca),
-            "--identity",
-            NODE_IDENTITY,
-            "--out",
-            path_str(&out),
-        ]);
-    }
+    mint_node_certs(dir.path());
     let daemon_b = Daemon::start(
         &b.place(),
         &dir.path().join("pins-b"),
-        [
-            "--steering",
-            "off",
-            "--proxy-addr",
-            &format!("{NODE_B}:{PROXY_PORT}"),
-            "--cluster-seed",
-            &format!("{NODE_B}:7002"),
-            "--admin-addr",
-            &format!("{NODE_B}:{ADMIN_PORT}"),
-            "--hbone-listen",
-            &format!("{NODE_B}:15008"),
-            "--hbone-certs",
-            path_str(&dir.path().join("b")),
-        ]
-        .iter()
-        .map(ToString::to_string)
-        .collect(),
+        node_args(
+            NODE_B,
+            7002,
+            &["--hbone-certs", path_str(&dir.path().join("b"))],
+        ),
         vec![],
         dir.path().join("b.log"),
     );
@@ -898,21 +860,23 @@ fn a_steered_pod_reaches_shards_on_another_node_through_the_tunnel() {
     println!("B received {bytes_in} bytes through tunnels from the steered pod's proxy");
     assert!(bytes_in > 20.0 * 20.0, "B's tunnel bytes: {metrics}");
     // From B's side: A's traffic came in on 15008, never to the Redis ports.
-    let out = rig
-        .b
-        .place()
-        .output("ss", &["-Htn", "state", "established"]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    let direct: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains(&format!("{NODE_B}:700")) && l.contains(&format!("{NODE_A}:")))
+    let connections = established(&rig.b.place());
+    let direct: Vec<_> = connections
+        .iter()
+        .filter(|(local, peer)| {
+            local.ip().to_string() == NODE_B
+                && (7000..7010).contains(&local.port())
+                && peer.ip().to_string() == NODE_A
+        })
         .collect();
     assert!(
         direct.is_empty(),
         "A reached B's Redis ports directly: {direct:?}"
     );
     assert!(
-        text.contains(&format!("{NODE_B}:15008")),
-        "no tunnel on B: {text}"
+        connections
+            .iter()
+            .any(|(local, _)| *local == addr(NODE_B, 15008)),
+        "no tunnel on B: {connections:?}"
     );
 }
