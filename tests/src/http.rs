@@ -9,27 +9,11 @@ use std::{
 
 use crate::process::Place;
 
-/// Connects from inside `place`'s network namespace (the host's when it
-/// has none); a dedicated thread enters it, so the caller's stays put.
+/// Connects from inside `place`'s network namespace, with a read timeout.
 pub fn connect_in(place: &Place, to: SocketAddr) -> io::Result<TcpStream> {
-    let connect = || {
-        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        Ok(stream)
-    };
-    let Some(netns) = &place.netns else {
-        return connect();
-    };
-    let netns = std::fs::File::open(netns)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(io::Error::from)?;
-            connect()
-        })
-        .join()
-        .map_err(|_| io::Error::other("connect thread panicked"))?
-    })
+    let stream = place.connect(to, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(stream)
 }
 
 /// The whole response (status line, headers and body) to `GET path`.

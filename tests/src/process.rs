@@ -59,6 +59,30 @@ impl Place {
         cmd
     }
 
+    /// A TCP connection made from inside this place's network namespace
+    /// (the caller's own when it has none; entering one needs root). A
+    /// dedicated thread enters the namespace, so the caller's stays put;
+    /// the socket keeps the namespace it was made in.
+    pub fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<std::net::TcpStream> {
+        let connect = || std::net::TcpStream::connect_timeout(&addr, timeout);
+        let Some(netns) = &self.netns else {
+            return connect();
+        };
+        let netns = File::open(netns)?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                connect()
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("connect thread panicked"))?
+        })
+    }
+
     /// Runs to completion and returns the output.
     pub fn output(&self, program: &str, args: &[&str]) -> Output {
         self.command(program)

@@ -1,13 +1,7 @@
 //! The real `redirector` binary as a plain proxy (`--steering off`) on
 //! 127.0.0.1, in front of a real cluster.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    path::PathBuf,
-    process::Stdio,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
 
 use crate::{
     TempDir,
@@ -84,23 +78,13 @@ impl Proxy {
     }
 
     pub fn get(&self, path: &str) -> String {
-        let mut stream = TcpStream::connect(self.admin).expect("admin endpoint");
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        response
+        crate::http::get_in(&crate::process::Place::default(), self.admin, path)
     }
 
     /// The value of one sample in the metrics (`name{labels}` exactly as
     /// exposed, or `name` alone); 0 when absent.
     pub fn metric(&self, sample: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .find_map(|l| {
-                let (key, value) = l.rsplit_once(' ')?;
-                (key == sample).then(|| value.parse().ok()).flatten()
-            })
-            .unwrap_or(0.0)
+        crate::http::sample(&self.metrics(), sample)
     }
 
     /// Resident memory of the proxy, in KiB.

@@ -9,7 +9,6 @@
 
 use std::{
     collections::VecDeque,
-    fs::File,
     io::{self, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     time::Duration,
@@ -46,21 +45,7 @@ impl RespClient {
     /// Connects from inside `place`'s network namespace (needs root). The
     /// socket keeps that namespace; the cgroup of `place` is not used.
     pub fn connect_in(place: &Place, addr: SocketAddr) -> io::Result<Self> {
-        let Some(netns) = &place.netns else {
-            return Self::connect(addr);
-        };
-        let netns = File::open(netns)?;
-        // A dedicated thread enters the namespace so the caller's stays put.
-        let stream = std::thread::scope(|s| {
-            s.spawn(|| {
-                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(io::Error::from)?;
-                TcpStream::connect_timeout(&addr, READ_TIMEOUT)
-            })
-            .join()
-            .map_err(|_| io::Error::other("connect thread panicked"))?
-        })?;
-        Self::from_stream(stream)
+        Self::from_stream(place.connect(addr, READ_TIMEOUT)?)
     }
 
     pub fn from_stream(stream: TcpStream) -> io::Result<Self> {
