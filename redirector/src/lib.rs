@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod cluster;
+pub mod cni;
 pub mod config;
 pub mod fasthash;
 pub mod hbone;

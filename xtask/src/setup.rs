@@ -47,6 +47,14 @@ const PACKAGES: &[(Check, &[&str])] = &[
     (Check::OnPath("chromium"), &["chromium"]),
     // promtool lints a live /metrics scrape in a test.
     (Check::OnPath("promtool"), &["prometheus"]),
+    // Renders deploy/ offline (`kubectl kustomize`) in a test; a machine
+    // with another kubectl on PATH keeps it.
+    (Check::OnPath("kubectl"), &["kubernetes-client"]),
+    // Real CNI plugins (bridge, host-local) that redirector-cni chains after.
+    (
+        Check::Succeeds(&["test", "-x", "/usr/lib/cni/bridge"]),
+        &["containernetworking-plugins"],
+    ),
     (Check::OnPath("php"), &["php-cli"]),
     (
         Check::Succeeds(&["php", "-r", "exit(extension_loaded('redis') ? 0 : 1);"]),

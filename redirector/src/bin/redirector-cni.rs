@@ -1,0 +1,5 @@
+//! The `redirector-cni` CNI plugin (placeholder until the plugin lands).
+
+fn main() -> std::process::ExitCode {
+    std::process::ExitCode::FAILURE
+}
