@@ -65,6 +65,9 @@ enum Command {
     },
     /// Detach every program and remove every pin.
     Uninstall,
+    /// Install or remove the CNI plugin that enrolls pods before they start.
+    #[command(subcommand)]
+    Cni(redirector::cni::CniCommand),
     /// Mint a local CA and node certificates for HBONE (demo and tests;
     /// production nodes get theirs from the mesh's CA).
     #[command(subcommand)]
@@ -431,6 +434,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 send,
                 target,
             ))
+        }
+        Command::Cni(command) => {
+            let said = redirector::cni::run_command(command)?;
+            if !said.is_empty() {
+                println!("{said}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Uninstall => {
             let removed = steering::uninstall(&layout)?;
