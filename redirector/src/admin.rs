@@ -1,9 +1,19 @@
 //! The admin endpoint: `/metrics` (Prometheus text), `/dashboard` (a live
-//! page of the same figures, with no external assets) and `/healthz/ready`.
+//! page of the same figures, with no external assets), `/healthz/ready`,
+//! `/healthz/live`, and `POST /drain` (from this host only) for a preStop
+//! hook.
 //! A few lines of HTTP/1.1 (one request per connection) on their own task,
 //! so a scrape never sits in the data path.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -19,15 +29,47 @@ pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+/// What the probes report.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The proxy serves (the cluster was discovered, listeners bound).
+    ready: AtomicBool,
+    /// `POST /drain` came: steering of new connects stops for good.
+    draining: AtomicBool,
+}
+
+impl Health {
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && !self.is_draining()
+    }
+
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let metrics = Arc::clone(&metrics);
+        let health = Arc::clone(&health);
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics)).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                answer(stream, peer, &metrics, &health),
+            )
+            .await;
         });
     }
 }
@@ -40,7 +82,12 @@ fn accepts_openmetrics(request: &str) -> bool {
     })
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    metrics: &Metrics,
+    health: &Health,
+) -> io::Result<()> {
     let mut request = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -69,12 +116,36 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
         ("GET", "/dashboard" | "/dashboard/") => {
             ("200 OK", "text/html; charset=utf-8", DASHBOARD.to_string())
         }
-        ("GET", "/healthz/ready") => ("200 OK", "text/plain", "ready\n".to_string()),
+        ("GET", "/healthz/ready") if health.is_ready() => {
+            ("200 OK", "text/plain", "ready\n".to_string())
+        }
+        ("GET", "/healthz/ready") if health.is_draining() => (
+            "503 Service Unavailable",
+            "text/plain",
+            "draining\n".to_string(),
+        ),
+        ("GET", "/healthz/ready") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready: discovering the cluster\n".to_string(),
+        ),
+        ("GET", "/healthz/live") => ("200 OK", "text/plain", "live\n".to_string()),
+        // Only this host (a preStop hook) may drain the node's proxy.
+        ("POST", "/drain") if peer.ip().is_loopback() => {
+            health.drain();
+            tracing::info!("draining: new connects go direct from now on");
+            ("200 OK", "text/plain", "draining\n".to_string())
+        }
+        ("POST", "/drain") => (
+            "403 Forbidden",
+            "text/plain",
+            "drain is allowed from this host only\n".to_string(),
+        ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (
             "405 Method Not Allowed",
             "text/plain",
-            "GET only\n".to_string(),
+            "GET, or POST /drain\n".to_string(),
         ),
     };
     let head = format!(

@@ -50,6 +50,8 @@ pub enum Error {
     Signals(std::io::Error),
     #[error("HBONE certificates: {0}")]
     HboneCerts(#[from] crate::identity::tls::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::k8s::Error),
     #[error("cannot listen for HBONE tunnels on {addr}: {source}")]
     HboneListen {
         addr: std::net::SocketAddr,
@@ -92,6 +94,19 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         info!(cgroup = %cgroup_root.display(), pins = %layout.pin_dir.display(), "steering installed");
     }
 
+    // The node agent: enrollment and targets from the API server.
+    let mut agent = None;
+    if let Some(k8s) = &config.kubernetes {
+        agent = Some(
+            crate::k8s::agent::Agent::start(
+                k8s.clone(),
+                Maps::open(&layout)?,
+                config.targets.clone(),
+            )
+            .await?,
+        );
+    }
+
     let mut metrics = Metrics::new();
     if config.steering {
         // A handle of its own: scrapes never wait on the heartbeat's.
@@ -125,26 +140,45 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     if let Some(hbone) = &config.hbone {
         dialer.mesh = start_hbone(hbone, &dialer, &metrics).await?;
     }
+    let health = Arc::new(admin::Health::default());
     if let Some(addr) = config.admin_addr {
         let listener = admin::bind(addr)
             .await
             .map_err(|source| Error::Admin { addr, source })?;
-        tokio::spawn(admin::serve(listener, Arc::clone(&metrics)));
+        tokio::spawn(admin::serve(
+            listener,
+            Arc::clone(&metrics),
+            Arc::clone(&health),
+        ));
     }
 
+    // Seeds: given, or (node agent) from the targets ConfigMap once it
+    // names a cluster.
+    let seeds = match &agent {
+        Some(agent) if config.seeds.is_empty() => {
+            info!(configmap = %config.kubernetes.as_ref().map(|k| k.targets_configmap.to_string()).unwrap_or_default(), "waiting for the targets ConfigMap to name the cluster");
+            tokio::select! {
+                seeds = agent.seeds() => seeds,
+                _ = sigterm.recv() => return Ok(Exit::Signal),
+                _ = sigint.recv() => return Ok(Exit::Signal),
+            }
+        }
+        _ => config.seeds.clone(),
+    };
+
     // Learn the cluster; a cluster that is not up yet is waited for.
-    let topology = Arc::new(Topology::new(config.seeds.clone()));
+    let topology = Arc::new(Topology::new(seeds.clone()));
     let (commands, redis_version) = loop {
         let discovered = async {
             discovery::refresh(&topology, &dialer, &metrics).await?;
-            let master = topology.view().masters().next().unwrap_or(config.seeds[0]);
+            let master = topology.view().masters().next().unwrap_or(seeds[0]);
             discovery::fetch_commands(&dialer, master).await
         };
         tokio::select! {
             result = discovered => match result {
                 Ok(found) => break found,
                 Err(e) => {
-                    warn!(error = %e, seeds = ?config.seeds, "cannot discover the cluster yet; retrying");
+                    warn!(error = %e, seeds = ?seeds, "cannot discover the cluster yet; retrying");
                     tokio::time::sleep(DISCOVERY_RETRY).await;
                 }
             },
@@ -186,6 +220,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     if let Some(maps) = maps.as_mut() {
         maps.set_proxy(&config.proxy_entry(steering::boottime_ns()))?;
     }
+    health.set_ready();
     info!(
         listeners = ?listeners,
         steering = config.steering,
@@ -204,8 +239,11 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
                     warn!("pins removed (redirector uninstall): shutting down");
                     break Exit::Uninstalled;
                 }
+                // Draining: no heartbeat, so new connects go direct while
+                // the clients already here finish.
+                let beat = if health.is_draining() { 0 } else { steering::boottime_ns() };
                 if let Some(maps) = maps.as_mut()
-                    && let Err(e) = maps.set_proxy(&config.proxy_entry(steering::boottime_ns()))
+                    && let Err(e) = maps.set_proxy(&config.proxy_entry(beat))
                 {
                     warn!(error = %e, "heartbeat failed");
                 }

@@ -42,6 +42,8 @@ pub enum Error {
          (redis targets given as IP:PORT are used as seeds when it is absent)"
     )]
     NoSeeds,
+    #[error("--kubernetes enrolls pods into steering: it cannot run with --steering off")]
+    KubernetesNeedsSteering,
 }
 
 #[derive(Clone, Debug)]
@@ -67,6 +69,8 @@ pub struct RunConfig {
     pub refresh_interval: Duration,
     /// HBONE tunnels between nodes; `None`: every node is dialled directly.
     pub hbone: Option<HboneConfig>,
+    /// The Kubernetes node agent: pods and targets from the API server.
+    pub kubernetes: Option<crate::k8s::K8sConfig>,
 }
 
 /// HBONE: who this node is, where it listens, and which endpoints are
@@ -107,7 +111,9 @@ impl RunConfig {
                 return Err(Error::UnroutableProxyAddr(*addr));
             }
         }
-        if self.seeds.is_empty() {
+        // The node agent finds seeds and targets in the targets ConfigMap.
+        let from_api = self.kubernetes.is_some();
+        if self.seeds.is_empty() && !from_api {
             return Err(Error::NoSeeds);
         }
         if let [a, b, ..] = self.proxy_addrs[..]
@@ -115,7 +121,10 @@ impl RunConfig {
         {
             return Err(Error::DuplicateFamily(a, b));
         }
-        if self.steering && self.targets.is_empty() {
+        if from_api && !self.steering {
+            return Err(Error::KubernetesNeedsSteering);
+        }
+        if self.steering && self.targets.is_empty() && !from_api {
             return Err(Error::NoTargets);
         }
         if self.socket_mark == 0 {
@@ -204,6 +213,7 @@ mod tests {
             admin_addr: None,
             refresh_interval: Duration::from_secs(5),
             hbone: None,
+            kubernetes: None,
             pin_dir: "/sys/fs/bpf/redirector".into(),
             cgroup_root: None,
             proxy_addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),

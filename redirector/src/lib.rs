@@ -9,6 +9,7 @@ pub mod config;
 pub mod fasthash;
 pub mod hbone;
 pub mod identity;
+pub mod k8s;
 pub mod metrics;
 pub mod netns;
 pub mod pods;

@@ -65,6 +65,16 @@ enum Command {
     },
     /// Detach every program and remove every pin.
     Uninstall,
+    /// Drain the running proxy (a preStop hook): new connects go direct,
+    /// readiness fails, and this waits for its clients to leave.
+    Drain {
+        /// The running proxy's admin endpoint.
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin_addr: SocketAddr,
+        /// Longest wait for client connections to close.
+        #[arg(long, default_value = "20s", value_parser = config::parse_duration)]
+        timeout: Duration,
+    },
     /// Install or remove the CNI plugin that enrolls pods before they start.
     #[command(subcommand)]
     Cni(redirector::cni::CniCommand),
@@ -223,8 +233,13 @@ struct RunArgs {
         required = true
     )]
     proxy_addrs: Vec<SocketAddr>,
-    /// Redis service to steer: IP:PORT, [IPv6]:PORT, or :PORT for any address.
-    #[arg(long = "redis-target", env = "REDIRECTOR_REDIS_TARGETS", value_delimiter = ',', default_value = config::DEFAULT_REDIS_TARGET)]
+    /// Redis service to steer: IP:PORT, [IPv6]:PORT, or :PORT for any address
+    /// [default: :6379; with --kubernetes, none beyond the targets ConfigMap].
+    #[arg(
+        long = "redis-target",
+        env = "REDIRECTOR_REDIS_TARGETS",
+        value_delimiter = ','
+    )]
     targets: Vec<TargetSpec>,
     /// cgroup v2 directory to attach to [default: the host's cgroup v2 root, mounted if needed].
     #[arg(long, env = "REDIRECTOR_CGROUP_ROOT")]
@@ -243,6 +258,83 @@ struct RunArgs {
     workers: usize,
     #[command(flatten)]
     hbone: HboneArgs,
+    #[command(flatten)]
+    kubernetes: KubernetesArgs,
+}
+
+/// The Kubernetes node agent (off unless --kubernetes is given).
+#[derive(Args)]
+struct KubernetesArgs {
+    /// Enroll pods from the API server: those on this node in namespaces
+    /// with the opt-in label; targets and seeds from the targets ConfigMap.
+    #[arg(long, env = "REDIRECTOR_KUBERNETES")]
+    kubernetes: bool,
+    /// This node's name (`spec.nodeName` of its pods).
+    #[arg(long, env = "NODE_NAME", required_if_eq("kubernetes", "true"))]
+    node_name: Option<String>,
+    /// API server URL [default: in-cluster service account, else kubeconfig].
+    #[arg(long)]
+    kube_api: Option<String>,
+    /// Namespace label (KEY=VALUE) that opts every pod of the namespace in.
+    #[arg(long = "namespace-label", value_delimiter = ',', default_value = redirector::k8s::DEFAULT_NAMESPACE_LABEL)]
+    namespace_labels: Vec<redirector::k8s::Label>,
+    /// Pod label (KEY=VALUE) that opts one pod out.
+    #[arg(long = "pod-opt-out-label", value_delimiter = ',', default_value = redirector::k8s::DEFAULT_POD_OPT_OUT_LABEL)]
+    pod_opt_out_labels: Vec<redirector::k8s::Label>,
+    /// Also honour Istio ambient's labels: namespaces with
+    /// istio.io/dataplane-mode=ambient, pods opting out with
+    /// istio.io/dataplane-mode=none.
+    #[arg(long)]
+    ambient_label: bool,
+    /// The ConfigMap (NAMESPACE/NAME) declaring Redis targets and seeds.
+    #[arg(long, default_value = redirector::k8s::DEFAULT_TARGETS_CONFIGMAP)]
+    targets_configmap: redirector::k8s::ObjectRef,
+    /// Unix socket the CNI plugin asks for enrollment on; `none` disables.
+    #[arg(long, default_value = redirector::cni::wire::DEFAULT_SOCKET)]
+    cni_socket: String,
+    /// The host's /proc (hostPID), to find pods' processes.
+    #[arg(long, default_value = "/proc")]
+    proc_root: PathBuf,
+}
+
+impl KubernetesArgs {
+    fn into_config(self) -> anyhow::Result<Option<redirector::k8s::K8sConfig>> {
+        use redirector::k8s::{
+            AMBIENT_NAMESPACE_LABEL, AMBIENT_POD_OPT_OUT_LABEL, K8sConfig, Selection,
+        };
+        if !self.kubernetes {
+            return Ok(None);
+        }
+        let mut selection = Selection {
+            namespace_labels: self.namespace_labels,
+            pod_opt_out_labels: self.pod_opt_out_labels,
+        };
+        if self.ambient_label {
+            selection.namespace_labels.push(
+                AMBIENT_NAMESPACE_LABEL
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+            );
+            selection.pod_opt_out_labels.push(
+                AMBIENT_POD_OPT_OUT_LABEL
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+            );
+        }
+        Ok(Some(K8sConfig {
+            node_name: self
+                .node_name
+                .context("--node-name (or NODE_NAME) is required with --kubernetes")?,
+            api_server: self.kube_api,
+            selection,
+            targets_configmap: self.targets_configmap,
+            cni_socket: match self.cni_socket.as_str() {
+                "none" | "" => None,
+                path => Some(PathBuf::from(path)),
+            },
+            proc_root: self.proc_root,
+        }))
+    }
 }
 
 /// HBONE tunnels between nodes (off unless --hbone-certs is given).
@@ -435,6 +527,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 target,
             ))
         }
+        Command::Drain {
+            admin_addr,
+            timeout,
+        } => drain(admin_addr, timeout),
         Command::Cni(command) => {
             let said = redirector::cni::run_command(command)?;
             if !said.is_empty() {
@@ -494,6 +590,62 @@ async fn tunnel_check(
     Ok(ExitCode::SUCCESS)
 }
 
+/// One HTTP/1.1 exchange with the admin endpoint: (status line, body).
+fn admin_request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(String, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("cannot reach the admin endpoint {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.lines().next().unwrap_or_default().to_string();
+    Ok((status, body.to_string()))
+}
+
+/// `redirector drain`: stop steering new connects to this node's proxy,
+/// then wait (up to `timeout`) for its client connections to close.
+fn drain(admin: SocketAddr, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let (status, body) = admin_request(admin, "POST", "/drain")?;
+    if !status.contains(" 200 ") {
+        bail!("{admin} refused to drain: {status}: {}", body.trim());
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let active = admin_request(admin, "GET", "/metrics")
+            .ok()
+            .and_then(|(_, metrics)| {
+                metrics.lines().find_map(|line| {
+                    line.strip_prefix("redirector_client_connections_active ")
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                })
+            });
+        match active {
+            Some(n) if n < 1.0 => {
+                println!(
+                    "drained: no client connections left after {:.1?}",
+                    started.elapsed()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            // Gone already: nothing left to wait for.
+            None => {
+                println!("drained: the proxy no longer answers");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some(n) if started.elapsed() >= timeout => {
+                println!("drain timed out after {timeout:?} with {n} client connections open");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 /// `\r`, `\n`, `\t` and `\\` escapes, for protocol text on a command line.
 fn unescape(text: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len());
@@ -516,8 +668,16 @@ fn unescape(text: &str) -> Vec<u8> {
     out
 }
 
-fn run(pin_dir: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
+fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
     let steering = args.steering == OnOff::On;
+    let kubernetes = args.kubernetes.into_config()?;
+    if args.targets.is_empty() && kubernetes.is_none() {
+        args.targets = vec![
+            config::DEFAULT_REDIS_TARGET
+                .parse()
+                .map_err(anyhow::Error::msg)?,
+        ];
+    }
     // Service addresses given exactly are cluster endpoints too.
     let seeds = if args.seeds.is_empty() {
         args.targets
@@ -580,6 +740,7 @@ fn run(pin_dir: PathBuf, args: RunArgs) -> anyhow::Result<ExitCode> {
         liveness: args.liveness,
         connect_timeout: args.connect_timeout,
         hbone: args.hbone.into_config()?,
+        kubernetes,
     };
     // One worker: a current-thread runtime. Its run queue is FIFO, so the
     // upstream writers run after every client that queued work for them,

@@ -84,6 +84,50 @@ pub fn find_process(proc_root: &Path, uid: &str) -> Result<Option<u32>, Error> {
     Ok(None)
 }
 
+/// The pod UID a cgroup path names, under either driver, lower-cased
+/// with dashes (as the API server writes it).
+pub fn pod_uid_of_cgroup(path: &str) -> Option<String> {
+    path.split('/').find_map(|part| {
+        let candidate = part.strip_prefix("pod").map(str::to_string).or_else(|| {
+            part.strip_suffix(".slice")
+                .and_then(|slice| slice.rsplit_once("-pod"))
+                .map(|(_, id)| id.replace('_', "-"))
+        })?;
+        let candidate = candidate.to_ascii_lowercase();
+        check_uid(&candidate).ok()?;
+        Some(candidate)
+    })
+}
+
+/// One pass over `/proc` (`proc_root`): the oldest process of every pod
+/// that has one here, by pod UID. The node agent looks up many pods at
+/// once, so it reads each process's cgroup once, not once per pod.
+pub fn scan(proc_root: &Path) -> Result<std::collections::HashMap<String, u32>, Error> {
+    let entries = std::fs::read_dir(proc_root).map_err(|source| Error::Proc {
+        path: proc_root.to_owned(),
+        source,
+    })?;
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    let mut pods = std::collections::HashMap::new();
+    for pid in pids {
+        let Ok(cgroups) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
+        else {
+            continue;
+        };
+        if let Some(uid) = cgroups
+            .lines()
+            .filter_map(|line| line.splitn(3, ':').nth(2))
+            .find_map(pod_uid_of_cgroup)
+        {
+            pods.entry(uid).or_insert(pid);
+        }
+    }
+    Ok(pods)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +158,26 @@ mod tests {
             "/user.slice/session-5f3c2a1e-9b7d-4c4e-8f00-0123456789ab.scope",
             UID
         ));
+    }
+
+    #[test]
+    fn a_cgroup_path_names_its_pod() {
+        assert_eq!(
+            pod_uid_of_cgroup(
+                "/kubepods/besteffort/pod5F3C2A1E-9b7d-4c4e-8f00-0123456789ab/0f1e2d"
+            )
+            .as_deref(),
+            Some(UID)
+        );
+        assert_eq!(
+            pod_uid_of_cgroup(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod5f3c2a1e_9b7d_4c4e_8f00_0123456789ab.slice/cri-containerd-0f1e.scope"
+            )
+            .as_deref(),
+            Some(UID)
+        );
+        assert_eq!(pod_uid_of_cgroup("/kubepods/besteffort/podnotauid/x"), None);
+        assert_eq!(pod_uid_of_cgroup("/user.slice/session-3.scope"), None);
     }
 
     #[test]

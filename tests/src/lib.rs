@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod daemon;
 pub mod http;
+pub mod kubeapi;
 pub mod netns;
 pub mod ports;
 pub mod process;

@@ -83,6 +83,25 @@ impl Place {
         })
     }
 
+    /// A TCP listener bound inside this place's network namespace (see
+    /// [`Self::connect`]): a server the test runs in-process, reachable
+    /// from processes in the namespace.
+    pub fn listen(&self, addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+        let bind = || std::net::TcpListener::bind(addr);
+        let Some(netns) = &self.netns else {
+            return bind();
+        };
+        let netns = File::open(netns)?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                bind()
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("listen thread panicked"))?
+        })
+    }
+
     /// Runs to completion and returns the output.
     pub fn output(&self, program: &str, args: &[&str]) -> Output {
         self.command(program)

@@ -1,0 +1,364 @@
+//! The Kubernetes node agent (`redirector run --kubernetes`) against an
+//! API endpoint speaking the list/watch protocol (`testbed::kubeapi`), on a
+//! real node: pods are network namespaces with processes in kubelet-style
+//! cgroups, steering is the real eBPF programs, and "steered" means a
+//! redis-cli in the pod reached the node proxy.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use testbed::{
+    cgroup::Cgroup,
+    exclusive,
+    kubeapi::{ApiServer, Kind},
+    process::{Child, Place, path_str, wait_for},
+    require_kernel,
+    topology::{SERVICE_VIP, SERVICE_VIP6, Topology},
+};
+
+const VIP: IpAddr = IpAddr::V4(SERVICE_VIP);
+const NODE: &str = "node-a";
+const OPT_IN: (&str, &str) = ("redirector.io/steering", "enabled");
+const OPT_OUT: (&str, &str) = ("redirector.io/steering", "disabled");
+
+fn labels(pairs: &[(&str, &str)]) -> Value {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), json!(v)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn namespace(name: &str, pairs: &[(&str, &str)]) -> Value {
+    json!({"kind": "Namespace", "metadata": {"name": name, "labels": labels(pairs)}})
+}
+
+fn pod(namespace: &str, name: &str, uid: &str, node: &str, pairs: &[(&str, &str)]) -> Value {
+    json!({
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels(pairs)},
+        "spec": {"nodeName": node, "containers": [{"name": "app", "image": "php:fpm"}]},
+        "status": {"phase": "Running"},
+    })
+}
+
+fn service(namespace: &str, name: &str, ips: &[&str], port: u16) -> Value {
+    json!({
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"clusterIP": ips[0], "clusterIPs": ips, "ports": [{"port": port, "protocol": "TCP"}]},
+    })
+}
+
+fn targets(text: &str) -> Value {
+    json!({
+        "kind": "ConfigMap",
+        "metadata": {"name": "redirector-targets", "namespace": "redirector-system"},
+        "data": {"targets": text},
+    })
+}
+
+/// A pod's process as kubelet places it: in the pod's network namespace
+/// and in `kubepods/besteffort/pod<uid>/<container>`.
+struct KubeletPod {
+    // Dropped first: the cgroups can only go once the process has.
+    _app: Child,
+    _container: Cgroup,
+    _pod: Cgroup,
+}
+
+fn kubelet_pod(qos: &Cgroup, topo: &Topology, index: usize, uid: &str) -> KubeletPod {
+    let pod = Cgroup::create(qos.path().join(format!("pod{uid}")));
+    let container = Cgroup::create(pod.path().join("c0ffee"));
+    let place = Place {
+        netns: Some(topo.pod(index).netns.path()),
+        cgroup: Some(container.path().to_path_buf()),
+    };
+    let app = Child::spawn(format!("pod {uid}"), {
+        let mut cmd = place.command("sleep");
+        cmd.arg("600");
+        cmd
+    });
+    KubeletPod {
+        _app: app,
+        _container: container,
+        _pod: pod,
+    }
+}
+
+/// A node with `pods` pod namespaces, the service cluster, and the API
+/// endpoint (in the node, where the agent reaches it on loopback) holding
+/// the Redis Service, the targets ConfigMap and the `shop` namespace.
+fn node(pods: usize) -> (Topology, ApiServer) {
+    let mut topo = Topology::build(pods);
+    topo.start_service_cluster();
+    let listener = topo
+        .node_place()
+        .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("API listener in the node");
+    let api = ApiServer::serve(listener);
+    api.apply(namespace("redis", &[]));
+    api.apply(namespace("redirector-system", &[]));
+    api.apply(service(
+        "redis",
+        "redis-cluster",
+        &[&SERVICE_VIP.to_string(), &SERVICE_VIP6.to_string()],
+        6379,
+    ));
+    api.apply(targets(
+        "# the cluster the shop dials\nservice redis/redis-cluster:6379\n",
+    ));
+    (topo, api)
+}
+
+fn agent_args(topo: &Topology, api: &ApiServer, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--proxy-addr".into(),
+        format!(
+            "{},{}",
+            testbed::topology::proxy_addr(),
+            testbed::topology::proxy_addr6()
+        ),
+        "--cgroup-root".into(),
+        path_str(topo.attach_root()).into(),
+        "--kubernetes".into(),
+        "--node-name".into(),
+        NODE.into(),
+        "--kube-api".into(),
+        api.url(),
+        "--cni-socket".into(),
+        "none".into(),
+    ];
+    args.extend(extra.iter().map(ToString::to_string));
+    args
+}
+
+fn steered(topo: &Topology, index: usize) -> bool {
+    topo.pod(index).through_proxy(VIP)
+}
+
+fn wait_steered(topo: &Topology, index: usize, want: bool, why: &str) {
+    wait_for(why, Duration::from_secs(15), || {
+        (steered(topo, index) == want).then_some(())
+    });
+}
+
+fn enrolled_count(topo: &Topology) -> usize {
+    topo.status()["enrolled"].as_array().map_or(0, Vec::len)
+}
+
+const UID_WEB0: &str = "0a1b2c3d-0000-4000-8000-000000000001";
+const UID_HOSTNET: &str = "0a1b2c3d-0000-4000-8000-000000000002";
+const UID_ELSEWHERE: &str = "0a1b2c3d-0000-4000-8000-000000000003";
+const UID_WEB1: &str = "0a1b2c3d-0000-4000-8000-000000000004";
+
+#[test]
+fn namespace_label_steers_its_pods_and_enrollment_follows_the_api() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let (mut topo, api) = node(4);
+    let kubepods = Cgroup::create(topo.attach_root().join("kubepods"));
+    let qos = Cgroup::create(kubepods.path().join("besteffort"));
+
+    api.apply(namespace("shop", &[]));
+    api.apply(pod("shop", "web-0", UID_WEB0, NODE, &[("app", "web")]));
+    // A hostNetwork pod: its process is put in a namespace of its own here
+    // so that enrolling it by mistake would show.
+    let mut host_net = pod("shop", "node-exporter", UID_HOSTNET, NODE, &[]);
+    host_net["spec"]["hostNetwork"] = json!(true);
+    api.apply(host_net);
+    api.apply(pod("shop", "web-elsewhere", UID_ELSEWHERE, "node-b", &[]));
+    let _web0 = kubelet_pod(&qos, &topo, 0, UID_WEB0);
+    let _host_net = kubelet_pod(&qos, &topo, 1, UID_HOSTNET);
+    let _elsewhere = kubelet_pod(&qos, &topo, 2, UID_ELSEWHERE);
+
+    let args = agent_args(&topo, &api, &[]);
+    topo.start_daemon(args);
+    // Targets came from the ConfigMap, resolved through the Service.
+    let targets: Vec<String> = topo.status()["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .map(|t| t["target"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        targets.contains(&format!("{SERVICE_VIP}:6379"))
+            && targets.contains(&format!("[{SERVICE_VIP6}]:6379")),
+        "the Service's ClusterIPs are not targets: {targets:?}"
+    );
+    assert!(
+        !steered(&topo, 0),
+        "a pod is steered before its namespace opts in"
+    );
+    assert_eq!(enrolled_count(&topo), 0);
+
+    // Opting the namespace in steers its pod that is already running.
+    api.apply(namespace("shop", &[OPT_IN]));
+    wait_steered(
+        &topo,
+        0,
+        true,
+        "the running pod steered after the namespace label",
+    );
+    assert!(!steered(&topo, 1), "a hostNetwork pod was enrolled");
+    assert!(!steered(&topo, 2), "a pod of another node was enrolled");
+    assert_eq!(enrolled_count(&topo), 1, "{}", topo.status());
+
+    // The pod-level opt-out, and back.
+    api.apply(pod("shop", "web-0", UID_WEB0, NODE, &[OPT_OUT]));
+    wait_steered(&topo, 0, false, "the opted-out pod goes direct");
+    api.apply(pod("shop", "web-0", UID_WEB0, NODE, &[("app", "web")]));
+    wait_steered(&topo, 0, true, "the pod steered again without its opt-out");
+
+    // A new pod: in the API first, its process a moment later.
+    api.apply(pod("shop", "web-1", UID_WEB1, NODE, &[]));
+    std::thread::sleep(Duration::from_millis(300));
+    let _web1 = kubelet_pod(&qos, &topo, 3, UID_WEB1);
+    wait_steered(&topo, 3, true, "the new pod steered once its process runs");
+
+    // History compacted (410 Gone on every watch), and a change made then
+    // is only in the next list: the agent must relist to see it.
+    let lists_before = api.lists_of("pods");
+    api.expire();
+    api.apply(pod("shop", "web-1", UID_WEB1, NODE, &[OPT_OUT]));
+    wait_steered(
+        &topo,
+        3,
+        false,
+        "the opt-out made during the 410 seen by a relist",
+    );
+    assert!(
+        api.lists_of("pods") > lists_before,
+        "no relist of pods after 410: {:?}",
+        api.requests()
+    );
+    assert!(
+        steered(&topo, 0),
+        "web-0 lost its enrollment over the relist"
+    );
+
+    // The agent dies; the API changes meanwhile; a new agent converges:
+    // the deleted pod's namespace is unenrolled (its process lingers, as a
+    // terminating pod's may), the other pod's opt-out lifted.
+    topo.daemon().kill();
+    assert!(api.delete(Kind::Pod, "shop", "web-0"));
+    api.apply(pod("shop", "web-1", UID_WEB1, NODE, &[]));
+    topo.daemon().start_again();
+    wait_steered(&topo, 3, true, "web-1 steered by the restarted agent");
+    wait_steered(
+        &topo,
+        0,
+        false,
+        "the deleted pod unenrolled by the restarted agent",
+    );
+    assert_eq!(enrolled_count(&topo), 1, "{}", topo.status());
+
+    // Unlabelling the namespace takes every pod out.
+    api.apply(namespace("shop", &[]));
+    wait_steered(
+        &topo,
+        3,
+        false,
+        "pods go direct once the namespace label is gone",
+    );
+    assert_eq!(enrolled_count(&topo), 0, "{}", topo.status());
+    let log = topo.daemon().log();
+    assert!(log.contains("enrolled"), "{log}");
+}
+
+#[test]
+fn ambient_label_and_targets_follow_the_configmap_and_services() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let (mut topo, api) = node(1);
+    let kubepods = Cgroup::create(topo.attach_root().join("kubepods"));
+    let qos = Cgroup::create(kubepods.path().join("besteffort"));
+    api.apply(namespace("mesh", &[("istio.io/dataplane-mode", "ambient")]));
+    api.apply(pod("mesh", "api-0", UID_WEB0, NODE, &[]));
+    let _api0 = kubelet_pod(&qos, &topo, 0, UID_WEB0);
+
+    let args = agent_args(&topo, &api, &["--ambient-label"]);
+    topo.start_daemon(args);
+    wait_steered(&topo, 0, true, "a pod of an ambient namespace steered");
+    // Ambient's own pod opt-out is honoured too.
+    api.apply(pod(
+        "mesh",
+        "api-0",
+        UID_WEB0,
+        NODE,
+        &[("istio.io/dataplane-mode", "none")],
+    ));
+    wait_steered(&topo, 0, false, "ambient's pod opt-out honoured");
+    api.apply(pod("mesh", "api-0", UID_WEB0, NODE, &[]));
+    wait_steered(&topo, 0, true, "steered again");
+
+    let target_list = |topo: &Topology| -> Vec<String> {
+        let mut list: Vec<String> = topo.status()["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .map(|t| t["target"].as_str().unwrap_or_default().to_string())
+            .collect();
+        list.sort();
+        list
+    };
+    // A port directive added to the ConfigMap reaches the map live.
+    api.apply(targets(
+        "service redis/redis-cluster:6379\nport 7000\naddress 10.96.0.77:6380\n",
+    ));
+    wait_for(
+        "the ConfigMap's new targets loaded",
+        Duration::from_secs(10),
+        || {
+            let list = target_list(&topo);
+            (list.contains(&"*:7000".to_string()) && list.contains(&"10.96.0.77:6380".to_string()))
+                .then_some(())
+        },
+    );
+    // The Service's ClusterIP changes (re-created): the old one is dropped.
+    api.apply(service("redis", "redis-cluster", &["10.96.0.11"], 6379));
+    wait_for(
+        "the Service's new ClusterIP loaded",
+        Duration::from_secs(10),
+        || {
+            let list = target_list(&topo);
+            (list.contains(&"10.96.0.11:6379".to_string())
+                && !list.contains(&format!("{SERVICE_VIP}:6379")))
+            .then_some(())
+        },
+    );
+    assert!(
+        !steered(&topo, 0),
+        "the old ClusterIP is still steered after the Service moved"
+    );
+    // A broken ConfigMap is reported and the targets in force are kept.
+    let before = target_list(&topo);
+    api.apply(targets("service redis/redis-cluster:6379\nredis 1.2.3.4\n"));
+    wait_for(
+        "the broken ConfigMap reported",
+        Duration::from_secs(10),
+        || {
+            topo.daemon
+                .as_ref()
+                .expect("daemon")
+                .log()
+                .contains("unknown directive `redis`")
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        target_list(&topo),
+        before,
+        "a broken ConfigMap changed the targets"
+    );
+    // Deleting the ConfigMap leaves only command-line targets (none here).
+    assert!(api.delete(Kind::ConfigMap, "redirector-system", "redirector-targets"));
+    wait_for(
+        "targets cleared with the ConfigMap",
+        Duration::from_secs(10),
+        || target_list(&topo).is_empty().then_some(()),
+    );
+}
