@@ -775,3 +775,93 @@ fn a_pod_is_enrolled_by_its_uid_through_its_cgroup() {
     );
     app.kill();
 }
+
+#[test]
+fn drain_sends_new_connects_direct_and_waits_for_clients() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let topo = running(1, &[]);
+    let pod = topo.pod(0);
+    topo.enroll(&pod.netns);
+    assert!(pod.through_proxy(VIP));
+    let admin = SocketAddr::from(([127, 0, 0, 1], 15020));
+    let ready = || testbed::http::get_in(&topo.node_place(), admin, "/healthz/ready");
+    assert!(ready().starts_with("HTTP/1.1 200"), "{}", ready());
+    let active = || testbed::http::sample(&topo.metrics(), "redirector_client_connections_active");
+
+    // A client of the proxy that stays while the node drains: blocked in
+    // BLPOP until a value arrives.
+    let key = "{drain}queue";
+    let blocked_out = topo.workdir().join("blpop.out");
+    let mut blocked = testbed::process::Child::spawn("redis-cli BLPOP", {
+        let mut cmd = pod.place().command("redis-cli");
+        cmd.args([
+            "-h",
+            &SERVICE_VIP.to_string(),
+            "-p",
+            &REDIS_PORT.to_string(),
+        ])
+        .args(["BLPOP", key, "0"])
+        .stdout(std::fs::File::create(&blocked_out).expect("BLPOP output"));
+        cmd
+    });
+    wait_for(
+        "the blocked client at the proxy",
+        Duration::from_secs(5),
+        || (active() >= 1.0).then_some(()),
+    );
+
+    let out = topo.workdir().join("drain.out");
+    let mut drain = testbed::process::Child::spawn("redirector drain", {
+        let mut cmd = topo.node_place().command(testbed::daemon::binary());
+        cmd.args(["drain", "--timeout", "60s"])
+            .stdout(std::fs::File::create(&out).expect("drain output"));
+        cmd
+    });
+    wait_for(
+        "readiness fails while draining",
+        Duration::from_secs(5),
+        || ready().starts_with("HTTP/1.1 503").then_some(()),
+    );
+    wait_for("new connects go direct", Duration::from_secs(5), || {
+        (!pod.through_proxy(VIP)).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        drain.is_running(),
+        "drain returned with a client still connected: {}",
+        std::fs::read_to_string(&out).unwrap_or_default()
+    );
+    // The client already at the proxy is still served: its BLPOP gets the
+    // value pushed through the proxy, and it leaves.
+    let pushed = topo.node_place().output(
+        "redis-cli",
+        &[
+            "-h",
+            &testbed::topology::NODE_ADDR.to_string(),
+            "-p",
+            &testbed::topology::PROXY_PORT.to_string(),
+            "LPUSH",
+            key,
+            "done",
+        ],
+    );
+    assert!(pushed.status.success(), "{pushed:?}");
+    wait_for(
+        "the blocked client served and gone",
+        Duration::from_secs(10),
+        || (!blocked.is_running()).then_some(()),
+    );
+    let served = std::fs::read_to_string(&blocked_out).unwrap_or_default();
+    assert!(served.contains("done"), "BLPOP said {served:?}");
+    wait_for(
+        "drain returns once the client left",
+        Duration::from_secs(10),
+        || (!drain.is_running()).then_some(()),
+    );
+    let said = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(
+        said.contains("drained: no client connections left"),
+        "{said}"
+    );
+}
