@@ -1,5 +1,6 @@
-//! The `redirector-cni` CNI plugin (placeholder until the plugin lands).
+//! `redirector-cni`: the CNI plugin the container runtime runs, chained
+//! last, on pod sandbox ADD/DEL (see `redirector::cni::plugin`).
 
 fn main() -> std::process::ExitCode {
-    std::process::ExitCode::FAILURE
+    redirector::cni::plugin::main()
 }
