@@ -9,6 +9,7 @@
 pub mod bpftool;
 pub mod cgroup;
 pub mod cluster;
+pub mod cni;
 pub mod daemon;
 pub mod http;
 pub mod kubeapi;
