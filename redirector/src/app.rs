@@ -94,20 +94,39 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         info!(cgroup = %cgroup_root.display(), pins = %layout.pin_dir.display(), "steering installed");
     }
 
+    let mut metrics = Metrics::new();
     // The node agent: enrollment and targets from the API server.
-    let mut agent = None;
-    if let Some(k8s) = &config.kubernetes {
-        agent = Some(
+    let agent = match &config.kubernetes {
+        Some(k8s) => Some(
             crate::k8s::agent::Agent::start(
                 k8s.clone(),
                 Maps::open(&layout)?,
                 config.targets.clone(),
+                metrics.register_agent(),
             )
             .await?,
-        );
+        ),
+        None => None,
+    };
+    if let (Some(agent), Some(path)) = (
+        &agent,
+        config
+            .kubernetes
+            .as_ref()
+            .and_then(|k| k.cni_socket.as_ref()),
+    ) {
+        let listener = crate::cni::server::bind(path).await.map_err(|source| {
+            crate::k8s::Error::CniSocket {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let agent = Arc::clone(agent);
+        let handler: crate::cni::server::Handler =
+            Arc::new(move |request| Box::pin(Arc::clone(&agent).on_cni(request)));
+        tokio::spawn(crate::cni::server::serve(listener, handler));
+        info!(socket = %path.display(), "serving the CNI plugin");
     }
-
-    let mut metrics = Metrics::new();
     if config.steering {
         // A handle of its own: scrapes never wait on the heartbeat's.
         let reader = std::sync::Mutex::new(Maps::open(&layout)?);

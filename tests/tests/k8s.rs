@@ -239,6 +239,18 @@ fn namespace_label_steers_its_pods_and_enrollment_follows_the_api() {
         steered(&topo, 0),
         "web-0 lost its enrollment over the relist"
     );
+    let metrics = topo.metrics();
+    let sample = |name: &str| testbed::http::sample(&metrics, name);
+    assert_eq!(
+        sample("redirector_k8s_pods{state=\"enrolled\"}"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(sample("redirector_k8s_pods{state=\"waiting\"}"), 0.0);
+    assert!(
+        sample("redirector_k8s_lists_total{resource=\"pods\"}") >= 2.0,
+        "{metrics}"
+    );
 
     // The agent dies; the API changes meanwhile; a new agent converges:
     // the deleted pod's namespace is unenrolled (its process lingers, as a

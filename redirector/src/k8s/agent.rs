@@ -33,6 +33,7 @@ use super::{
 };
 use crate::{
     cni::wire::{Command, Reply, Request},
+    metrics::AgentMetrics,
     netns::{self, NetnsRef},
     pods,
     steering::{Maps, TargetSpec},
@@ -118,6 +119,7 @@ pub struct Agent {
     resolved: watch::Sender<Resolved>,
     /// The host's own namespace, never enrolled whatever a lookup says.
     host_netns: Option<u64>,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl Agent {
@@ -127,6 +129,7 @@ impl Agent {
         config: K8sConfig,
         maps: Maps,
         static_targets: Vec<TargetSpec>,
+        metrics: Arc<AgentMetrics>,
     ) -> Result<Arc<Self>, Error> {
         let client = super::client(config.api_server.as_deref()).await?;
         let host_netns = netns::resolve(&NetnsRef::Path(config.proc_root.join("1/ns/net")))
@@ -141,6 +144,7 @@ impl Agent {
             static_targets,
             resolved: watch::Sender::new(Resolved::default()),
             host_netns,
+            metrics,
         });
         let node_pods =
             watcher::Config::default().fields(&format!("spec.nodeName={}", agent.config.node_name));
@@ -200,6 +204,7 @@ impl Agent {
                 Err(e) => {
                     // The watcher relists by itself (410 Gone included).
                     warn!(resource = K::KIND, error = %e, "watch failed; retrying");
+                    self.metrics.watch_error(K::KIND);
                     continue;
                 }
             };
@@ -210,6 +215,7 @@ impl Agent {
                     watcher::Event::InitApply(object) => listing.push(object),
                     watcher::Event::InitDone => {
                         debug!(resource = K::KIND, objects = listing.len(), "listed");
+                        self.metrics.listed(K::KIND);
                         K::replace_all(&mut state, std::mem::take(&mut listing));
                     }
                     watcher::Event::Apply(object) => object.upsert(&mut state),
@@ -234,6 +240,7 @@ impl Agent {
     /// One pass; returns whether some wanted pod is still without a
     /// namespace (so the next pass comes soon).
     fn reconcile(&self) -> bool {
+        self.metrics.reconciled();
         let mut state = self.lock();
         if state.synced.services && state.synced.configmap {
             self.apply_targets(&mut state);
@@ -348,6 +355,7 @@ impl Agent {
                 Err(e) => warn!(error = %e, "cannot read the enrollment map"),
             }
         }
+        self.metrics.pods(state.enrolled.len(), pending);
         pending > 0
     }
 
@@ -424,10 +432,18 @@ impl Agent {
             namespace: request.pod_namespace.clone(),
             name: request.pod_name.clone(),
         };
-        match request.command {
-            Command::Add => self.cni_add(pod, request).await,
-            Command::Del => self.cni_del(&pod, &request),
-        }
+        let (command, reply) = match request.command {
+            Command::Add => ("ADD", self.cni_add(pod, request).await),
+            Command::Del => ("DEL", self.cni_del(&pod, &request)),
+        };
+        let outcome = match &reply {
+            Reply::Enrolled { .. } => "enrolled",
+            Reply::Skipped { .. } => "skipped",
+            Reply::Unenrolled { .. } => "unenrolled",
+            Reply::Failed { .. } => "failed",
+        };
+        self.metrics.cni_request(command, outcome);
+        reply
     }
 
     async fn cni_add(&self, pod: ObjectRef, request: Request) -> Reply {
@@ -435,7 +451,8 @@ impl Agent {
         while !self.synced() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let namespace_labels = match self.lock().namespaces.get(&pod.namespace).cloned() {
+        let cached = self.lock().namespaces.get(&pod.namespace).cloned();
+        let namespace_labels = match cached {
             Some(labels) => Some(labels),
             None => Api::<Namespace>::all(self.client.clone())
                 .get_opt(&pod.namespace)
