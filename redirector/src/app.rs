@@ -69,6 +69,9 @@ pub enum Exit {
 
 /// How often to retry discovering the cluster while it is unreachable.
 const DISCOVERY_RETRY: Duration = Duration::from_secs(1);
+/// How often the node's CNI config is checked for a rewrite that dropped
+/// redirector-cni (a stat; the file is read only when it changed).
+const CNI_CHAIN_CHECK: Duration = Duration::from_secs(2);
 /// Topology refreshes never come closer than this, however many MOVEDs.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
 
@@ -126,6 +129,9 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
             Arc::new(move |request| Box::pin(Arc::clone(&agent).on_cni(request)));
         tokio::spawn(crate::cni::server::serve(listener, handler));
         info!(socket = %path.display(), "serving the CNI plugin");
+    }
+    if let Some(chain) = config.kubernetes.as_ref().and_then(|k| k.cni_chain.clone()) {
+        tokio::spawn(crate::cni::keeper::keep_chained(chain, CNI_CHAIN_CHECK));
     }
     if config.steering {
         // A handle of its own: scrapes never wait on the heartbeat's.

@@ -295,6 +295,18 @@ struct KubernetesArgs {
     /// The host's /proc (hostPID), to find pods' processes.
     #[arg(long, default_value = "/proc")]
     proc_root: PathBuf,
+    /// Keep redirector-cni chained in this CNI config dir (the node's
+    /// /etc/cni/net.d), re-adding it when the network plugin rewrites its
+    /// config; unset: only `redirector cni install` chains it.
+    #[arg(long)]
+    cni_conf_dir: Option<PathBuf>,
+    /// The node's CNI plugin dir, where redirector-cni is (re)installed.
+    #[arg(long, default_value = redirector::cni::conf::DEFAULT_BIN_DIR)]
+    cni_bin_dir: PathBuf,
+    /// The chained plugin fails sandbox setup when the agent cannot enroll
+    /// (as `cni install --fail-closed`).
+    #[arg(long)]
+    cni_fail_closed: bool,
 }
 
 impl KubernetesArgs {
@@ -321,7 +333,28 @@ impl KubernetesArgs {
                     .map_err(anyhow::Error::msg)?,
             );
         }
+        let cni_chain = match (&self.cni_conf_dir, &self.cni_socket) {
+            (Some(conf_dir), socket) if socket != "none" && !socket.is_empty() => {
+                Some(redirector::cni::conf::InstallOptions {
+                    conf_dir: conf_dir.clone(),
+                    bin_dir: self.cni_bin_dir.clone(),
+                    plugin_bin: std::env::current_exe()
+                        .context("cannot find this executable")?
+                        .with_file_name(redirector::cni::PLUGIN_TYPE),
+                    settings: redirector::cni::conf::PluginSettings {
+                        agent_socket: PathBuf::from(socket),
+                        fail_closed: self.cni_fail_closed,
+                    },
+                    wait: Duration::ZERO,
+                })
+            }
+            (Some(_), _) => {
+                bail!("--cni-conf-dir needs --cni-socket: the plugin asks the agent there")
+            }
+            (None, _) => None,
+        };
         Ok(Some(K8sConfig {
+            cni_chain,
             node_name: self
                 .node_name
                 .context("--node-name (or NODE_NAME) is required with --kubernetes")?,

@@ -44,6 +44,8 @@ const AGENT_ARGS: &[&str] = &[
     "--pin-dir=/sys/fs/bpf/redirector",
     "--proc-root=/host/proc",
     "--cni-socket=/var/run/redirector/cni.sock",
+    "--cni-conf-dir=/host/etc/cni/net.d",
+    "--cni-bin-dir=/host/opt/cni/bin",
     "--targets-configmap=redirector-system/redirector-targets",
     "--namespace-label=redirector.io/steering=enabled",
     "--pod-opt-out-label=redirector.io/steering=disabled",
@@ -54,6 +56,7 @@ const CNI_INSTALL_ARGS: &[&str] = &[
     "--conf-dir=/host/etc/cni/net.d",
     "--bin-dir=/host/opt/cni/bin",
     "--socket=/var/run/redirector/cni.sock",
+    "--wait=300",
 ];
 const DRAIN: &[&str] = &[
     BINARY,

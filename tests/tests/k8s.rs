@@ -115,6 +115,15 @@ fn node(pods: usize) -> (Topology, ApiServer) {
 }
 
 fn agent_args(topo: &Topology, api: &ApiServer, extra: &[&str]) -> Vec<String> {
+    agent_args_with_cni(topo, api, "none", extra)
+}
+
+fn agent_args_with_cni(
+    topo: &Topology,
+    api: &ApiServer,
+    cni_socket: &str,
+    extra: &[&str],
+) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--proxy-addr".into(),
         format!(
@@ -130,7 +139,7 @@ fn agent_args(topo: &Topology, api: &ApiServer, extra: &[&str]) -> Vec<String> {
         "--kube-api".into(),
         api.url(),
         "--cni-socket".into(),
-        "none".into(),
+        cni_socket.into(),
     ];
     args.extend(extra.iter().map(ToString::to_string));
     args
@@ -373,4 +382,166 @@ fn ambient_label_and_targets_follow_the_configmap_and_services() {
         Duration::from_secs(10),
         || target_list(&topo).is_empty().then_some(()),
     );
+}
+
+/// The CNI path: the runtime runs the real bridge plugin (host-local IPAM)
+/// and then redirector-cni for a pod sandbox; the agent enrolls the pod's
+/// namespace before any process of the pod exists, so even an init
+/// container's first connect is steered. No kubelet-style cgroup is made
+/// here, so the agent cannot have found the pod through /proc.
+#[test]
+fn cni_add_enrolls_the_sandbox_before_any_container_runs() {
+    use testbed::cni::{Sandbox, compact, inject, plugin_dir, redirector_cni};
+    require_kernel!();
+    let _kernel = exclusive();
+    let (mut topo, api) = node(2);
+    api.apply(namespace("shop", &[OPT_IN]));
+    api.apply(namespace("batch", &[]));
+    api.apply(pod("shop", "web-0", UID_WEB0, NODE, &[]));
+    api.apply(pod("shop", "cron-0", UID_WEB1, NODE, &[OPT_OUT]));
+    api.apply(pod("batch", "job-0", UID_ELSEWHERE, NODE, &[]));
+    let socket = topo.workdir().join("run/cni.sock");
+    // The node's CNI config, as a network plugin (flannel here) wrote it.
+    let conf_dir = topo.workdir().join("net.d");
+    let bin_dir = topo.workdir().join("cni-bin");
+    std::fs::create_dir_all(&conf_dir).expect("conf dir");
+    let conflist = conf_dir.join("10-flannel.conflist");
+    let flannel = "{\n  \"name\": \"cbr0\",\n  \"cniVersion\": \"0.3.1\",\n  \"plugins\": [\n    {\"type\": \"flannel\", \"delegate\": {\"hairpinMode\": true, \"isDefaultGateway\": true}},\n    {\"type\": \"portmap\", \"capabilities\": {\"portMappings\": true}}\n  ]\n}\n";
+    std::fs::write(&conflist, flannel).expect("write the flannel conflist");
+    let args = agent_args_with_cni(
+        &topo,
+        &api,
+        path_str(&socket),
+        &[
+            "--cni-conf-dir",
+            path_str(&conf_dir),
+            "--cni-bin-dir",
+            path_str(&bin_dir),
+        ],
+    );
+    topo.start_daemon(args);
+    assert!(!steered(&topo, 0), "steered before the sandbox was set up");
+    let chained = |why: &str| {
+        wait_for(why, Duration::from_secs(10), || {
+            let text = std::fs::read_to_string(&conflist).unwrap_or_default();
+            let list: Value = serde_json::from_str(&text).ok()?;
+            let types: Vec<&str> = list["plugins"]
+                .as_array()?
+                .iter()
+                .filter_map(|p| p["type"].as_str())
+                .collect();
+            (types == ["flannel", "portmap", "redirector-cni"]).then_some(())
+        });
+    };
+    chained("the agent chains redirector-cni last");
+    assert!(
+        bin_dir.join("redirector-cni").exists(),
+        "the plugin binary was not installed"
+    );
+
+    const NETWORK: &str = "k8s-pod-network";
+    let ipam = topo.workdir().join("ipam");
+    // A second interface, so the topology's own eth0 stays as it is.
+    let bridge_conf = json!({
+        "type": "bridge", "bridge": "rdrk8s0",
+        "ipam": {"type": "host-local", "subnet": "10.79.0.0/24", "dataDir": path_str(&ipam)},
+    });
+    let ours = json!({"type": "redirector-cni", "agentSocket": path_str(&socket)});
+    let sandbox = |index: usize, namespace: &str, name: &str, uid: &str| Sandbox {
+        container_id: format!("sandbox-{name}"),
+        netns: Some(topo.pod(index).netns.path()),
+        ifname: "net1".into(),
+        args: format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID={uid}"
+        ),
+    };
+    let node_place = topo.node_place();
+    let chain_add = |sandbox: &Sandbox| -> String {
+        let added = sandbox.run(
+            &node_place,
+            &plugin_dir().join("bridge"),
+            "ADD",
+            &inject(&bridge_conf, NETWORK, "1.0.0", None),
+        );
+        assert!(added.status.success(), "bridge ADD: {added:?}");
+        let prev = compact(&String::from_utf8_lossy(&added.stdout));
+        let ours_out = sandbox.run(
+            &node_place,
+            &redirector_cni(),
+            "ADD",
+            &inject(&ours, NETWORK, "1.0.0", Some(&prev)),
+        );
+        assert!(
+            ours_out.status.success(),
+            "redirector-cni ADD: {ours_out:?}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&ours_out.stdout),
+            prev,
+            "prevResult not passed through byte for byte"
+        );
+        prev
+    };
+    let chain_del = |sandbox: &Sandbox, prev: &str| {
+        for plugin in [redirector_cni(), plugin_dir().join("bridge")] {
+            let config = if plugin.ends_with("bridge") {
+                inject(&bridge_conf, NETWORK, "1.0.0", Some(prev))
+            } else {
+                inject(&ours, NETWORK, "1.0.0", Some(prev))
+            };
+            let out = sandbox.run(&node_place, &plugin, "DEL", &config);
+            assert!(out.status.success(), "{} DEL: {out:?}", plugin.display());
+        }
+    };
+
+    let web = sandbox(0, "shop", "web-0", UID_WEB0);
+    let prev = chain_add(&web);
+    // Enrolled when ADD returned: no waiting, no process needed.
+    assert!(
+        steered(&topo, 0),
+        "the pod is not steered right after CNI ADD"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        steered(&topo, 0),
+        "the reconcile loop dropped the CNI enrollment"
+    );
+
+    // An opted-out pod and a pod of a namespace not opted in: the chain
+    // succeeds, nothing is enrolled.
+    let before = enrolled_count(&topo);
+    let cron = sandbox(1, "shop", "cron-0", UID_WEB1);
+    let cron_prev = chain_add(&cron);
+    chain_del(&cron, &cron_prev);
+    let job = sandbox(1, "batch", "job-0", UID_ELSEWHERE);
+    let job_prev = chain_add(&job);
+    assert!(
+        !steered(&topo, 1),
+        "an opted-out or not-opted-in pod was enrolled"
+    );
+    assert_eq!(enrolled_count(&topo), before);
+    chain_del(&job, &job_prev);
+
+    let metrics = topo.metrics();
+    let sample = |name: &str| testbed::http::sample(&metrics, name);
+    assert_eq!(
+        sample("redirector_k8s_cni_requests_total{command=\"ADD\",outcome=\"enrolled\"}"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample("redirector_k8s_cni_requests_total{command=\"ADD\",outcome=\"skipped\"}"),
+        2.0,
+        "{metrics}"
+    );
+
+    // Sandbox teardown unenrolls.
+    chain_del(&web, &prev);
+    assert!(!steered(&topo, 0), "the pod is still steered after CNI DEL");
+    assert_eq!(enrolled_count(&topo), 0, "{}", topo.status());
+
+    // flannel restarts and writes its config again, without our entry:
+    // the agent puts it back.
+    std::fs::write(&conflist, flannel).expect("rewrite the flannel conflist");
+    chained("the agent re-chains redirector-cni after the rewrite");
 }

@@ -128,7 +128,16 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Builds the daemon (and, through its build script, the eBPF programs).
 fn build(profile: Profile) -> Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "redirector", "--bin", "redirector"]);
+    // Both binaries: the daemon and the CNI plugin it installs on nodes.
+    cmd.args([
+        "build",
+        "--package",
+        "redirector",
+        "--bin",
+        "redirector",
+        "--bin",
+        "redirector-cni",
+    ]);
     if profile == Profile::Release {
         cmd.arg("--release");
     }

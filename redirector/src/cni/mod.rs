@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod conf;
+pub mod keeper;
 pub mod plugin;
 pub mod server;
 pub mod wire;

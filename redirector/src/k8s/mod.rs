@@ -136,6 +136,8 @@ pub struct K8sConfig {
     pub cni_socket: Option<PathBuf>,
     /// The host's `/proc` (hostPID), to map pod UIDs to processes.
     pub proc_root: PathBuf,
+    /// Keep redirector-cni chained in the node's CNI config.
+    pub cni_chain: Option<crate::cni::conf::InstallOptions>,
 }
 
 /// A client for the configured API server.
