@@ -193,6 +193,11 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
 
     // Learn the cluster; a cluster that is not up yet is waited for.
     let topology = Arc::new(Topology::new(seeds.clone()));
+    if let Some(agent) = &agent
+        && config.seeds.is_empty()
+    {
+        tokio::spawn(follow_seeds(agent.resolved(), Arc::clone(&topology)));
+    }
     let (commands, redis_version) = loop {
         let discovered = async {
             discovery::refresh(&topology, &dialer, &metrics).await?;
@@ -286,6 +291,21 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     serving.abort();
     info!(?exit, "redirector stopped");
     Ok(exit)
+}
+
+/// Keeps the topology's seeds equal to the targets ConfigMap's (node
+/// agent): they matter when no known node of the cluster answers.
+async fn follow_seeds(
+    mut resolved: tokio::sync::watch::Receiver<crate::k8s::targets::Resolved>,
+    topology: Arc<Topology>,
+) {
+    while resolved.changed().await.is_ok() {
+        let seeds = resolved.borrow_and_update().seeds.clone();
+        if !seeds.is_empty() && seeds != topology.seeds() {
+            info!(?seeds, "cluster seeds changed (targets ConfigMap)");
+            topology.set_seeds(seeds);
+        }
+    }
 }
 
 /// Loads the node's certificates (and watches them), starts the inbound

@@ -355,6 +355,17 @@ fn ambient_label_and_targets_follow_the_configmap_and_services() {
         !steered(&topo, 0),
         "the old ClusterIP is still steered after the Service moved"
     );
+    // The Service's addresses are the cluster's seeds too.
+    wait_for(
+        "the seeds follow the Service",
+        Duration::from_secs(10),
+        || {
+            let log = topo.daemon.as_ref().expect("daemon").log();
+            log.lines()
+                .any(|l| l.contains("cluster seeds changed") && l.contains("10.96.0.11:6379"))
+                .then_some(())
+        },
+    );
     // A broken ConfigMap is reported and the targets in force are kept.
     let before = target_list(&topo);
     api.apply(targets("service redis/redis-cluster:6379\nredis 1.2.3.4\n"));

@@ -249,7 +249,9 @@ pub struct Topology {
     current: RwLock<Arc<View>>,
     version: AtomicU64,
     refresh: Notify,
-    pub seeds: Vec<SocketAddr>,
+    /// Where discovery starts when no known node answers; the node agent
+    /// replaces them when the targets ConfigMap changes.
+    seeds: RwLock<Vec<SocketAddr>>,
 }
 
 impl Topology {
@@ -258,8 +260,16 @@ impl Topology {
             current: RwLock::new(Arc::new(View::empty())),
             version: AtomicU64::new(0),
             refresh: Notify::new(),
-            seeds,
+            seeds: RwLock::new(seeds),
         }
+    }
+
+    pub fn seeds(&self) -> Vec<SocketAddr> {
+        self.seeds.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_seeds(&self, seeds: Vec<SocketAddr>) {
+        *self.seeds.write().unwrap_or_else(|e| e.into_inner()) = seeds;
     }
 
     pub fn version(&self) -> u64 {
@@ -328,9 +338,9 @@ impl Topology {
                 out.push(node);
             }
         }
-        for seed in &self.seeds {
-            if !out.contains(seed) {
-                out.push(*seed);
+        for seed in self.seeds() {
+            if !out.contains(&seed) {
+                out.push(seed);
             }
         }
         out
