@@ -168,7 +168,7 @@ const UID_WEB1: &str = "0a1b2c3d-0000-4000-8000-000000000004";
 fn namespace_label_steers_its_pods_and_enrollment_follows_the_api() {
     require_kernel!();
     let _kernel = exclusive();
-    let (mut topo, api) = node(4);
+    let (mut topo, api) = node(5);
     let kubepods = Cgroup::create(topo.attach_root().join("kubepods"));
     let qos = Cgroup::create(kubepods.path().join("besteffort"));
 
@@ -225,7 +225,7 @@ fn namespace_label_steers_its_pods_and_enrollment_follows_the_api() {
     // A new pod: in the API first, its process a moment later.
     api.apply(pod("shop", "web-1", UID_WEB1, NODE, &[]));
     std::thread::sleep(Duration::from_millis(300));
-    let _web1 = kubelet_pod(&qos, &topo, 3, UID_WEB1);
+    let web1 = kubelet_pod(&qos, &topo, 3, UID_WEB1);
     wait_steered(&topo, 3, true, "the new pod steered once its process runs");
 
     // History compacted (410 Gone on every watch), and a change made then
@@ -277,11 +277,28 @@ fn namespace_label_steers_its_pods_and_enrollment_follows_the_api() {
     );
     assert_eq!(enrolled_count(&topo), 1, "{}", topo.status());
 
+    // web-1's sandbox is re-created (its processes died; the kubelet made a
+    // new sandbox in a new network namespace) with no event from the API:
+    // the agent's periodic look at the pods' processes follows it.
+    drop(web1);
+    let _web1 = kubelet_pod(&qos, &topo, 4, UID_WEB1);
+    // Within one resync (10 s).
+    wait_for(
+        "the re-created sandbox's namespace enrolled",
+        Duration::from_secs(25),
+        || steered(&topo, 4).then_some(()),
+    );
+    assert!(
+        !steered(&topo, 3),
+        "the old sandbox's namespace is still enrolled"
+    );
+    assert_eq!(enrolled_count(&topo), 1, "{}", topo.status());
+
     // Unlabelling the namespace takes every pod out.
     api.apply(namespace("shop", &[]));
     wait_steered(
         &topo,
-        3,
+        4,
         false,
         "pods go direct once the namespace label is gone",
     );

@@ -12,6 +12,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt::Debug,
     net::SocketAddr,
+    os::unix::fs::MetadataExt as _,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -34,7 +35,7 @@ use super::{
 use crate::{
     cni::wire::{Command, Reply, Request},
     metrics::AgentMetrics,
-    netns::{self, NetnsRef},
+    netns::{self, Netns, NetnsRef},
     pods,
     steering::{Maps, TargetSpec},
 };
@@ -97,8 +98,11 @@ struct State {
     /// The ConfigMap's `targets` text; `None` while it does not exist.
     targets_text: Option<String>,
     synced: Synced,
-    /// Pods this agent enrolled, by UID: their namespace's cookie.
-    enrolled: HashMap<String, u64>,
+    /// Pods this agent enrolled, by UID: their network namespace.
+    enrolled: HashMap<String, Netns>,
+    /// When the enrolled pods' namespaces were last checked against their
+    /// processes.
+    last_verified: Option<Instant>,
     /// Network namespaces the CNI plugin named, by pod UID.
     cni_netns: HashMap<String, PathBuf>,
     /// Since when some wanted pod has had no namespace found.
@@ -271,7 +275,7 @@ impl Agent {
             .enrolled
             .iter()
             .filter(|(uid, _)| !wanted_uids.contains(uid.as_str()))
-            .map(|(uid, cookie)| (uid.clone(), *cookie))
+            .map(|(uid, netns)| (uid.clone(), netns.cookie))
             .collect();
         for (uid, cookie) in leaving {
             state.enrolled.remove(&uid);
@@ -291,16 +295,14 @@ impl Agent {
             .cni_netns
             .retain(|uid, _| wanted_uids.contains(uid.as_str()));
 
-        // Wanted pods not enrolled yet: by the CNI's namespace, else by a
-        // process of the pod.
-        let missing: Vec<&(String, ObjectRef)> = wanted
-            .iter()
-            .filter(|(uid, _)| !state.enrolled.contains_key(uid))
-            .collect();
-        let processes = if missing
-            .iter()
-            .any(|(uid, _)| !state.cni_netns.contains_key(uid))
-        {
+        // Every RESYNC, the enrolled pods' processes are looked at again:
+        // a sandbox re-created without a CNI ADD to say so (its pause
+        // process died) lives in a new network namespace.
+        let verify = state.last_verified.is_none_or(|t| t.elapsed() >= RESYNC);
+        let unresolved = wanted.iter().any(|(uid, _)| {
+            !state.enrolled.contains_key(uid) && !state.cni_netns.contains_key(uid)
+        });
+        let processes = if verify || unresolved {
             match pods::scan(&self.config.proc_root) {
                 Ok(found) => found,
                 Err(e) => {
@@ -311,6 +313,33 @@ impl Agent {
         } else {
             HashMap::new()
         };
+        if verify {
+            state.last_verified = Some(Instant::now());
+            let moved: Vec<String> = state
+                .enrolled
+                .iter()
+                .filter(|(uid, netns)| {
+                    !state.cni_netns.contains_key(*uid)
+                        && processes.get(*uid).is_some_and(|pid| {
+                            std::fs::metadata(self.config.proc_root.join(format!("{pid}/ns/net")))
+                                .is_ok_and(|m| m.ino() != netns.inode)
+                        })
+                })
+                .map(|(uid, _)| uid.clone())
+                .collect();
+            for uid in moved {
+                if let Some(old) = state.enrolled.remove(&uid) {
+                    let _ = maps.unenroll(old.cookie);
+                    info!(pod = %uid, netns_cookie = old.cookie, "the pod's network namespace changed; enrolling the new one");
+                }
+            }
+        }
+        // Wanted pods not enrolled yet: by the CNI's namespace, else by a
+        // process of the pod.
+        let missing: Vec<&(String, ObjectRef)> = wanted
+            .iter()
+            .filter(|(uid, _)| !state.enrolled.contains_key(uid))
+            .collect();
         let mut pending = 0;
         for (uid, key) in missing {
             let reference = match (state.cni_netns.get(uid), processes.get(uid)) {
@@ -324,9 +353,9 @@ impl Agent {
                 }
             };
             match self.enroll(&mut maps, &reference) {
-                Ok(cookie) => {
-                    info!(pod = %key, netns = %reference, netns_cookie = cookie, "enrolled");
-                    state.enrolled.insert(uid.clone(), cookie);
+                Ok(netns) => {
+                    info!(pod = %key, netns = %reference, netns_cookie = netns.cookie, "enrolled");
+                    state.enrolled.insert(uid.clone(), netns);
                 }
                 Err(e) => {
                     pending += 1;
@@ -343,7 +372,7 @@ impl Agent {
             state.pending_since = None;
         }
         if pending == 0 || now.duration_since(since) >= STALE_GRACE {
-            let claimed: HashSet<u64> = state.enrolled.values().copied().collect();
+            let claimed: HashSet<u64> = state.enrolled.values().map(|n| n.cookie).collect();
             match maps.enrolled() {
                 Ok(entries) => {
                     for (cookie, _) in entries {
@@ -359,7 +388,7 @@ impl Agent {
         pending > 0
     }
 
-    fn enroll(&self, maps: &mut Maps, reference: &NetnsRef) -> Result<u64, String> {
+    fn enroll(&self, maps: &mut Maps, reference: &NetnsRef) -> Result<Netns, String> {
         let netns = netns::resolve(reference).map_err(|e| e.to_string())?;
         if Some(netns.cookie) == self.host_netns {
             return Err(format!(
@@ -367,7 +396,7 @@ impl Agent {
             ));
         }
         maps.enroll(netns).map_err(|e| e.to_string())?;
-        Ok(netns.cookie)
+        Ok(netns)
     }
 
     fn apply_targets(&self, state: &mut State) {
@@ -512,13 +541,13 @@ impl Agent {
         let mut state = self.lock();
         let result = self.enroll(&mut self.maps(), &NetnsRef::Path(path.clone()));
         match result {
-            Ok(cookie) => {
-                info!(pod = %pod, netns = %path.display(), netns_cookie = cookie, "enrolled at sandbox setup (CNI)");
+            Ok(netns) => {
+                info!(pod = %pod, netns = %path.display(), netns_cookie = netns.cookie, "enrolled at sandbox setup (CNI)");
                 state.pods.entry(uid.clone()).or_insert(info);
-                state.enrolled.insert(uid.clone(), cookie);
+                state.enrolled.insert(uid.clone(), netns);
                 state.cni_netns.insert(uid, path);
                 Reply::Enrolled {
-                    netns_cookie: cookie,
+                    netns_cookie: netns.cookie,
                 }
             }
             Err(error) => Reply::Failed { error },
@@ -540,7 +569,7 @@ impl Agent {
             });
         let mut cookies = Vec::new();
         if let Some(uid) = &uid {
-            cookies.extend(state.enrolled.remove(uid));
+            cookies.extend(state.enrolled.remove(uid).map(|n| n.cookie));
             state.cni_netns.remove(uid);
         }
         if let Some(path) = &request.netns
