@@ -1,20 +1,13 @@
 //! CNI plugins run as a container runtime runs them: the reference plugins
-//! Debian ships (`bridge`, `host-local`), the built `redirector-cni`, and an
-//! in-process agent socket that records what the plugin asks.
+//! Debian ships (`bridge`, `host-local`) and the built `redirector-cni`.
 
 use std::{
     collections::BTreeMap,
     io::Write as _,
     path::{Path, PathBuf},
     process::{Output, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
 };
 
-use redirector::cni::{
-    server,
-    wire::{Reply, Request},
-};
 use serde_json::{Value, value::RawValue};
 
 use crate::process::Place;
@@ -132,62 +125,4 @@ pub fn compact(json: &str) -> String {
         }
     }
     out
-}
-
-/// The agent's CNI socket served in-process by the library's own server,
-/// recording each request and answering with `reply`. Stopped, and its
-/// socket removed, on drop.
-pub struct Agent {
-    runtime: Option<tokio::runtime::Runtime>,
-    socket: PathBuf,
-    requests: Arc<Mutex<Vec<Request>>>,
-}
-
-impl Agent {
-    pub fn start(socket: &Path, reply: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let listener = runtime
-            .block_on(server::bind(socket))
-            .unwrap_or_else(|e| panic!("bind {}: {e}", socket.display()));
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let handler: server::Handler = {
-            let requests = requests.clone();
-            let reply = Arc::new(reply);
-            Arc::new(move |request: Request| {
-                let answer = reply(&request);
-                requests
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(request);
-                Box::pin(async move { answer })
-            })
-        };
-        runtime.spawn(server::serve(listener, handler));
-        Self {
-            runtime: Some(runtime),
-            socket: socket.to_path_buf(),
-            requests,
-        }
-    }
-
-    /// Every request so far, oldest first.
-    pub fn requests(&self) -> Vec<Request> {
-        self.requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_timeout(Duration::from_secs(2));
-        }
-        let _ = std::fs::remove_file(&self.socket);
-    }
 }

@@ -3,13 +3,22 @@
 //! namespace, talking to an agent socket served by the library's server;
 //! and `redirector cni install|uninstall` on a node-like CNI config dir.
 
-use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Output};
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Output,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use redirector::cni::wire::{Command, Reply, Request};
+use redirector::cni::{
+    server,
+    wire::{Command, Reply, Request},
+};
 use serde_json::{Value, json};
 use testbed::{
     TempDir,
-    cni::{Agent, Sandbox, compact, inject, plugin_dir, redirector_cni},
+    cni::{Sandbox, compact, inject, plugin_dir, redirector_cni},
     netns::Netns,
     process::path_str,
     unique,
@@ -533,4 +542,62 @@ fn install_and_uninstall_on_a_node_conf_dir() {
     writer.join().expect("writer");
     assert_ok("install --wait", &out);
     assert!(stdout(&out).contains("chained last in"), "{}", stdout(&out));
+}
+
+/// The agent's CNI socket served in-process by the library's own server,
+/// recording each request and answering with `reply`. Stopped, and its
+/// socket removed, on drop.
+pub struct Agent {
+    runtime: Option<tokio::runtime::Runtime>,
+    socket: PathBuf,
+    requests: Arc<Mutex<Vec<Request>>>,
+}
+
+impl Agent {
+    pub fn start(socket: &Path, reply: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let listener = runtime
+            .block_on(server::bind(socket))
+            .unwrap_or_else(|e| panic!("bind {}: {e}", socket.display()));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let handler: server::Handler = {
+            let requests = requests.clone();
+            let reply = Arc::new(reply);
+            Arc::new(move |request: Request| {
+                let answer = reply(&request);
+                requests
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(request);
+                Box::pin(async move { answer })
+            })
+        };
+        runtime.spawn(server::serve(listener, handler));
+        Self {
+            runtime: Some(runtime),
+            socket: socket.to_path_buf(),
+            requests,
+        }
+    }
+
+    /// Every request so far, oldest first.
+    pub fn requests(&self) -> Vec<Request> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(2));
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
 }
