@@ -21,7 +21,9 @@ struct Cli {
 enum Cmd {
     /// Install what building and testing need (idempotent).
     Setup,
-    /// Set up, then build the eBPF programs and the daemon.
+    /// Set up the toolchain, then build the eBPF programs, the daemon and
+    /// redirector-cni (the test packages are not needed to build: the
+    /// container image build uses this).
     Build {
         #[arg(long)]
         release: bool,
@@ -49,7 +51,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Setup => setup::all(),
         Cmd::Build { release } => {
-            setup::all()?;
+            setup::toolchain()?;
             build(Profile::from_release(release)).map(drop)
         }
         Cmd::Lint => {
