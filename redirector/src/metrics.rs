@@ -554,6 +554,13 @@ impl AgentMetrics {
         for state in ["enrolled", "waiting"] {
             let _ = this.pods.get_or_create(&PodStateLabels { state });
         }
+        for command in ["ADD", "DEL"] {
+            for outcome in ["enrolled", "skipped", "unenrolled", "failed"] {
+                let _ = this
+                    .cni_requests
+                    .get_or_create(&CniLabels { command, outcome });
+            }
+        }
         for resource in Self::RESOURCES {
             let _ = this.lists.get_or_create(&ResourceLabels { resource });
             let _ = this

@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod cni;
 pub mod daemon;
+pub mod grafana;
 pub mod http;
 pub mod kubeapi;
 pub mod netns;

@@ -248,6 +248,8 @@ fn namespace_label_steers_its_pods_and_enrollment_follows_the_api() {
         steered(&topo, 0),
         "web-0 lost its enrollment over the relist"
     );
+    // A command through the proxy, so its upstream series exist too.
+    assert_eq!(topo.pod(0).redis(&["SET", "k8s", "agent"]), "OK");
     let metrics = topo.metrics();
     let sample = |name: &str| testbed::http::sample(&metrics, name);
     assert_eq!(
@@ -259,6 +261,12 @@ fn namespace_label_steers_its_pods_and_enrollment_follows_the_api() {
     assert!(
         sample("redirector_k8s_lists_total{resource=\"pods\"}") >= 2.0,
         "{metrics}"
+    );
+    // Every Grafana panel, the agent's included, has its metrics here.
+    let missing = testbed::grafana::missing_from(&metrics, |_| true);
+    assert!(
+        missing.is_empty(),
+        "dashboard metrics the agent does not export: {missing:?}"
     );
 
     // The agent dies; the API changes meanwhile; a new agent converges:
