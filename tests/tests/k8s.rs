@@ -571,6 +571,19 @@ fn cni_add_enrolls_the_sandbox_before_any_container_runs() {
         "{metrics}"
     );
 
+    // The node's /dashboard page shows the agent's figures.
+    let dom = testbed::browser::Chromium::new()
+        .dom(&topo.node_place(), "http://127.0.0.1:15020/dashboard");
+    assert!(
+        dom.contains("data-refreshed") && !dom.contains("id=\"agent\" hidden"),
+        "the page hides the agent's figures:\n{dom}"
+    );
+    assert_eq!(
+        testbed::browser::data_value(&dom, "agent-cni"),
+        3.0,
+        "{dom}"
+    );
+
     // Sandbox teardown unenrolls.
     chain_del(&web, &prev);
     assert!(!steered(&topo, 0), "the pod is still steered after CNI DEL");

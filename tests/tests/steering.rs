@@ -568,14 +568,7 @@ fn dashboard_queries_name_exported_metrics() {
 fn dashboard_page_renders_live_figures_in_chromium() {
     require_kernel!();
     let _kernel = exclusive();
-    let found = std::process::Command::new("sh")
-        .args(["-c", "command -v chromium"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "chromium is not installed (cargo xtask setup installs it)"
-    );
+    let browser = testbed::browser::Chromium::new();
     let topo = running(1, &[]);
     let pod = topo.pod(0);
     topo.enroll(&pod.netns);
@@ -603,52 +596,23 @@ fn dashboard_page_renders_live_figures_in_chromium() {
     std::fs::create_dir_all(&out_dir).expect("target/dashboard");
     let screenshot = out_dir.join("dashboard.png");
     let _ = std::fs::remove_file(&screenshot);
-    let profile = testbed::TempDir::new("rdr-chromium-");
     // The node namespace has no route out: Chromium reaches only the
     // daemon, whatever it tries in the background.
-    let chromium = |extra: &[&str]| {
-        let mut cmd = topo.node_place().command("timeout");
-        cmd.args([
-            "60",
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-        ])
-        .args([
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-        ])
-        .args([
-            "--disable-component-update",
-            "--disable-sync",
-            "--window-size=1280,900",
-        ])
-        .arg(format!("--user-data-dir={}", path_str(profile.path())))
-        // Virtual time runs the page's 1 s refresh timer several times.
-        .arg("--virtual-time-budget=6000")
-        .args(extra)
-        .arg("http://127.0.0.1:15020/dashboard");
-        cmd.output().expect("run chromium")
-    };
-    let dom = chromium(&["--dump-dom"]);
-    let shot = chromium(&[&format!("--screenshot={}", path_str(&screenshot))]);
+    let url = "http://127.0.0.1:15020/dashboard";
+    let dom = browser.dom(&topo.node_place(), url);
+    let shot = browser.load(
+        &topo.node_place(),
+        url,
+        &[&format!("--screenshot={}", path_str(&screenshot))],
+    );
     traffic.kill();
-    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
     assert!(
         dom.contains("data-refreshed"),
         "the page never read /metrics:\n{dom}"
     );
-    let value = |id: &str| -> f64 {
-        let at = dom
-            .find(&format!("id=\"{id}\""))
-            .unwrap_or_else(|| panic!("no #{id} in the page:\n{dom}"));
-        let rest = &dom[at..];
-        let start = rest.find("data-value=\"").expect("data-value") + "data-value=\"".len();
-        let end = rest[start..].find('"').expect("closing quote");
-        rest[start..start + end].parse().unwrap_or(f64::NAN)
-    };
+    // No agent on this node: its figures stay hidden.
+    assert!(dom.contains("id=\"agent\" hidden"), "{dom}");
+    let value = |id: &str| testbed::browser::data_value(&dom, id);
     let figures: Vec<(&str, f64)> = [
         "steered",
         "enrolled",
