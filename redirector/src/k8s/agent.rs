@@ -232,7 +232,12 @@ impl Agent {
 
     async fn reconcile_loop(self: Arc<Self>) {
         loop {
-            let pending = self.reconcile();
+            // Off the proxy's thread: a pass reads /proc and enters
+            // namespaces, milliseconds the proxy's clients must not wait.
+            let agent = Arc::clone(&self);
+            let pending = tokio::task::spawn_blocking(move || agent.reconcile())
+                .await
+                .unwrap_or(true);
             let wait = if pending { PENDING_RETRY } else { RESYNC };
             tokio::select! {
                 _ = self.changed.notified() => {}
