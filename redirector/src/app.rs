@@ -26,9 +26,10 @@ use crate::{
         Policy,
         tls::{CertFiles, Tls},
     },
+    k8s::{K8sConfig, agent::Agent},
     metrics::{Metrics, SteeringSnapshot},
     proxy::{self, Dialer, Proxy, Shared, discovery, pool::Pools},
-    steering::{self, Layout, Maps, OrigDstTable},
+    steering::{self, Layout, Maps, OrigDstTable, TargetSpec},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -100,39 +101,9 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     let mut metrics = Metrics::new();
     // The node agent: enrollment and targets from the API server.
     let agent = match &config.kubernetes {
-        Some(k8s) => Some(
-            crate::k8s::agent::Agent::start(
-                k8s.clone(),
-                Maps::open(&layout)?,
-                config.targets.clone(),
-                metrics.register_agent(),
-            )
-            .await?,
-        ),
+        Some(k8s) => Some(start_agent(k8s, &layout, &config.targets, &mut metrics).await?),
         None => None,
     };
-    if let (Some(agent), Some(path)) = (
-        &agent,
-        config
-            .kubernetes
-            .as_ref()
-            .and_then(|k| k.cni_socket.as_ref()),
-    ) {
-        let listener = crate::cni::server::bind(path).await.map_err(|source| {
-            crate::k8s::Error::CniSocket {
-                path: path.clone(),
-                source,
-            }
-        })?;
-        let agent = Arc::clone(agent);
-        let handler: crate::cni::server::Handler =
-            Arc::new(move |request| Box::pin(Arc::clone(&agent).on_cni(request)));
-        tokio::spawn(crate::cni::server::serve(listener, handler));
-        info!(socket = %path.display(), "serving the CNI plugin");
-    }
-    if let Some(chain) = config.kubernetes.as_ref().and_then(|k| k.cni_chain.clone()) {
-        tokio::spawn(crate::cni::keeper::keep_chained(chain, CNI_CHAIN_CHECK));
-    }
     if config.steering {
         // A handle of its own: scrapes never wait on the heartbeat's.
         let reader = std::sync::Mutex::new(Maps::open(&layout)?);
@@ -181,7 +152,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     // names a cluster.
     let seeds = match &agent {
         Some(agent) if config.seeds.is_empty() => {
-            info!(configmap = %config.kubernetes.as_ref().map(|k| k.targets_configmap.to_string()).unwrap_or_default(), "waiting for the targets ConfigMap to name the cluster");
+            info!("waiting for the targets ConfigMap to name the cluster");
             tokio::select! {
                 seeds = agent.seeds() => seeds,
                 _ = sigterm.recv() => return Ok(Exit::Signal),
@@ -291,6 +262,41 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     serving.abort();
     info!(?exit, "redirector stopped");
     Ok(exit)
+}
+
+/// Starts the node agent, the socket the CNI plugin asks it on, and the
+/// keeper of the plugin's place in the node's CNI config.
+async fn start_agent(
+    k8s: &K8sConfig,
+    layout: &Layout,
+    targets: &[TargetSpec],
+    metrics: &mut Metrics,
+) -> Result<Arc<Agent>, Error> {
+    let agent = Agent::start(
+        k8s.clone(),
+        Maps::open(layout)?,
+        targets.to_vec(),
+        metrics.register_agent(),
+    )
+    .await?;
+    if let Some(path) = &k8s.cni_socket {
+        let listener = crate::cni::server::bind(path).await.map_err(|source| {
+            crate::k8s::Error::CniSocket {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let handler: crate::cni::server::Handler = {
+            let agent = Arc::clone(&agent);
+            Arc::new(move |request| Box::pin(Arc::clone(&agent).on_cni(request)))
+        };
+        tokio::spawn(crate::cni::server::serve(listener, handler));
+        info!(socket = %path.display(), "serving the CNI plugin");
+    }
+    if let Some(chain) = k8s.cni_chain.clone() {
+        tokio::spawn(crate::cni::keeper::keep_chained(chain, CNI_CHAIN_CHECK));
+    }
+    Ok(agent)
 }
 
 /// Keeps the topology's seeds equal to the targets ConfigMap's (node

@@ -333,22 +333,24 @@ impl KubernetesArgs {
                     .map_err(anyhow::Error::msg)?,
             );
         }
-        let cni_chain = match (&self.cni_conf_dir, &self.cni_socket) {
-            (Some(conf_dir), socket) if socket != "none" && !socket.is_empty() => {
-                Some(redirector::cni::conf::InstallOptions {
-                    conf_dir: conf_dir.clone(),
-                    bin_dir: self.cni_bin_dir.clone(),
-                    plugin_bin: std::env::current_exe()
-                        .context("cannot find this executable")?
-                        .with_file_name(redirector::cni::PLUGIN_TYPE),
-                    settings: redirector::cni::conf::PluginSettings {
-                        agent_socket: PathBuf::from(socket),
-                        fail_closed: self.cni_fail_closed,
-                    },
-                    wait: Duration::ZERO,
-                })
-            }
-            (Some(_), _) => {
+        let cni_socket = match self.cni_socket.as_str() {
+            "none" | "" => None,
+            path => Some(PathBuf::from(path)),
+        };
+        let cni_chain = match (self.cni_conf_dir, &cni_socket) {
+            (Some(conf_dir), Some(socket)) => Some(redirector::cni::conf::InstallOptions {
+                conf_dir,
+                bin_dir: self.cni_bin_dir,
+                plugin_bin: std::env::current_exe()
+                    .context("cannot find this executable")?
+                    .with_file_name(redirector::cni::PLUGIN_TYPE),
+                settings: redirector::cni::conf::PluginSettings {
+                    agent_socket: socket.clone(),
+                    fail_closed: self.cni_fail_closed,
+                },
+                wait: Duration::ZERO,
+            }),
+            (Some(_), None) => {
                 bail!("--cni-conf-dir needs --cni-socket: the plugin asks the agent there")
             }
             (None, _) => None,
@@ -361,10 +363,7 @@ impl KubernetesArgs {
             api_server: self.kube_api,
             selection,
             targets_configmap: self.targets_configmap,
-            cni_socket: match self.cni_socket.as_str() {
-                "none" | "" => None,
-                path => Some(PathBuf::from(path)),
-            },
+            cni_socket,
             proc_root: self.proc_root,
         }))
     }
