@@ -40,48 +40,11 @@ pub fn check_uid(uid: &str) -> Result<&str, Error> {
     }
 }
 
-/// Whether a cgroup path (a line of `/proc/<pid>/cgroup`, after its second
-/// colon) belongs to the pod `uid`, under either cgroup driver.
-pub fn cgroup_is_pods(path: &str, uid: &str) -> bool {
-    let underscored = uid.replace('-', "_");
-    path.split('/').any(|part| {
-        part.strip_prefix("pod")
-            .is_some_and(|rest| rest.eq_ignore_ascii_case(uid))
-            || part
-                .strip_suffix(".slice")
-                .and_then(|slice| slice.rsplit_once("-pod"))
-                .is_some_and(|(_, id)| id.eq_ignore_ascii_case(&underscored))
-    })
-}
-
-/// A process of the pod `uid`, found through `/proc` (`proc_root`), if
-/// any runs yet.
+/// A process of the pod `uid` (the oldest: a pod's sandbox, "pause",
+/// starts first), found through `/proc` (`proc_root`), if any runs yet.
 pub fn find_process(proc_root: &Path, uid: &str) -> Result<Option<u32>, Error> {
-    let uid = check_uid(uid)?;
-    let entries = std::fs::read_dir(proc_root).map_err(|source| Error::Proc {
-        path: proc_root.to_owned(),
-        source,
-    })?;
-    let mut pids: Vec<u32> = entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    // The oldest process first: a pod's sandbox ("pause") starts first.
-    pids.sort_unstable();
-    for pid in pids {
-        // Processes come and go while we look: a vanished one is skipped.
-        let Ok(cgroups) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
-        else {
-            continue;
-        };
-        let in_pod = cgroups
-            .lines()
-            .filter_map(|line| line.splitn(3, ':').nth(2))
-            .any(|path| cgroup_is_pods(path, uid));
-        if in_pod {
-            return Ok(Some(pid));
-        }
-    }
-    Ok(None)
+    let uid = check_uid(uid)?.to_ascii_lowercase();
+    Ok(scan(proc_root)?.get(&uid).copied())
 }
 
 /// The pod UID a cgroup path names, under either driver, lower-cased
@@ -110,9 +73,11 @@ pub fn scan(proc_root: &Path) -> Result<std::collections::HashMap<String, u32>, 
     let mut pids: Vec<u32> = entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
+    // The oldest process first: a pod's sandbox ("pause") starts first.
     pids.sort_unstable();
     let mut pods = std::collections::HashMap::new();
     for pid in pids {
+        // Processes come and go while we look: a vanished one is skipped.
         let Ok(cgroups) = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
         else {
             continue;
@@ -136,27 +101,23 @@ mod tests {
 
     #[test]
     fn both_cgroup_drivers_name_the_pod() {
-        assert!(cgroup_is_pods(
-            "/kubepods/besteffort/pod5f3c2a1e-9b7d-4c4e-8f00-0123456789ab/0f1e2d",
-            UID
+        let names = |path: &str| pod_uid_of_cgroup(path).as_deref() == Some(UID);
+        assert!(names(
+            "/kubepods/besteffort/pod5f3c2a1e-9b7d-4c4e-8f00-0123456789ab/0f1e2d"
         ));
-        assert!(cgroup_is_pods(
-            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod5f3c2a1e_9b7d_4c4e_8f00_0123456789ab.slice/cri-containerd-0f1e.scope",
-            UID
+        assert!(names(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod5f3c2a1e_9b7d_4c4e_8f00_0123456789ab.slice/cri-containerd-0f1e.scope"
         ));
-        assert!(cgroup_is_pods(
-            "/kubepods.slice/kubepods-pod5f3c2a1e_9b7d_4c4e_8f00_0123456789ab.slice",
-            UID
+        assert!(names(
+            "/kubepods.slice/kubepods-pod5f3c2a1e_9b7d_4c4e_8f00_0123456789ab.slice"
         ));
         // Another pod, a prefix of the UID, or the UID elsewhere in a name.
-        assert!(!cgroup_is_pods(
-            "/kubepods/besteffort/pod5f3c2a1e-9b7d-4c4e-8f00-0123456789ac/x",
-            UID
+        assert!(!names(
+            "/kubepods/besteffort/pod5f3c2a1e-9b7d-4c4e-8f00-0123456789ac/x"
         ));
-        assert!(!cgroup_is_pods("/kubepods/besteffort/pod5f3c2a1e/x", UID));
-        assert!(!cgroup_is_pods(
-            "/user.slice/session-5f3c2a1e-9b7d-4c4e-8f00-0123456789ab.scope",
-            UID
+        assert!(!names("/kubepods/besteffort/pod5f3c2a1e/x"));
+        assert!(!names(
+            "/user.slice/session-5f3c2a1e-9b7d-4c4e-8f00-0123456789ab.scope"
         ));
     }
 
