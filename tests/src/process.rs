@@ -59,47 +59,40 @@ impl Place {
         cmd
     }
 
-    /// A TCP connection made from inside this place's network namespace
-    /// (the caller's own when it has none; entering one needs root). A
-    /// dedicated thread enters the namespace, so the caller's stays put;
-    /// the socket keeps the namespace it was made in.
+    /// Runs `make` inside this place's network namespace (the caller's own
+    /// when it has none; entering one needs root), on a dedicated thread so
+    /// the caller's stays put. Sockets keep the namespace they were made in.
+    fn in_netns<T: Send>(
+        &self,
+        make: impl FnOnce() -> std::io::Result<T> + Send,
+    ) -> std::io::Result<T> {
+        let Some(netns) = &self.netns else {
+            return make();
+        };
+        let netns = File::open(netns)?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                make()
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("namespace thread panicked"))?
+        })
+    }
+
+    /// A TCP connection made from inside this place's network namespace.
     pub fn connect(
         &self,
         addr: std::net::SocketAddr,
         timeout: std::time::Duration,
     ) -> std::io::Result<std::net::TcpStream> {
-        let connect = || std::net::TcpStream::connect_timeout(&addr, timeout);
-        let Some(netns) = &self.netns else {
-            return connect();
-        };
-        let netns = File::open(netns)?;
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-                connect()
-            })
-            .join()
-            .map_err(|_| std::io::Error::other("connect thread panicked"))?
-        })
+        self.in_netns(|| std::net::TcpStream::connect_timeout(&addr, timeout))
     }
 
-    /// A TCP listener bound inside this place's network namespace (see
-    /// [`Self::connect`]): a server the test runs in-process, reachable
-    /// from processes in the namespace.
+    /// A TCP listener bound inside this place's network namespace: a
+    /// server the test runs in-process, reachable from processes there.
     pub fn listen(&self, addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
-        let bind = || std::net::TcpListener::bind(addr);
-        let Some(netns) = &self.netns else {
-            return bind();
-        };
-        let netns = File::open(netns)?;
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                setns(&netns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-                bind()
-            })
-            .join()
-            .map_err(|_| std::io::Error::other("listen thread panicked"))?
-        })
+        self.in_netns(|| std::net::TcpListener::bind(addr))
     }
 
     /// Runs to completion and returns the output.
