@@ -27,7 +27,7 @@ use crate::{
     cluster::RedisCluster,
     daemon::{self, Daemon},
     netns::Netns,
-    process::{Place, path_str},
+    process::{Child, Place, path_str},
     unique,
 };
 
@@ -361,5 +361,61 @@ impl Drop for Topology {
                 );
             }
         }
+    }
+}
+
+/// kubelet's cgroup layout under a topology's attach root (cgroupfs
+/// driver): `kubepods/besteffort/pod<uid>/<container>`, where the node
+/// agent and `enroll --pod-uid` look for a pod's processes.
+pub struct Kubelet {
+    // Dropped leaf first: the pods' guards before these.
+    qos: Cgroup,
+    _kubepods: Cgroup,
+}
+
+impl Kubelet {
+    pub fn new(topo: &Topology) -> Self {
+        let kubepods = Cgroup::create(topo.attach_root().join("kubepods"));
+        let qos = Cgroup::create(kubepods.path().join("besteffort"));
+        Self {
+            qos,
+            _kubepods: kubepods,
+        }
+    }
+
+    /// A process of pod `uid` as kubelet places it: in the network
+    /// namespace of the topology's pod `index`, and in the pod's container
+    /// cgroup.
+    pub fn start_pod(&self, topo: &Topology, index: usize, uid: &str) -> KubeletPod {
+        let pod = Cgroup::create(self.qos.path().join(format!("pod{uid}")));
+        let container = Cgroup::create(pod.path().join("c0ffee"));
+        let place = Place {
+            netns: Some(topo.pod(index).netns.path()),
+            cgroup: Some(container.path().to_path_buf()),
+        };
+        let app = Child::spawn(format!("pod {uid}"), {
+            let mut cmd = place.command("sleep");
+            cmd.arg("600");
+            cmd
+        });
+        KubeletPod {
+            app,
+            _container: container,
+            _pod: pod,
+        }
+    }
+}
+
+/// A pod's process and its cgroups, ended and removed on drop.
+pub struct KubeletPod {
+    // Dropped first: the cgroups can only go once the process has.
+    app: Child,
+    _container: Cgroup,
+    _pod: Cgroup,
+}
+
+impl KubeletPod {
+    pub fn pid(&self) -> u32 {
+        self.app.pid()
     }
 }

@@ -11,12 +11,11 @@ use std::{
 
 use serde_json::{Value, json};
 use testbed::{
-    cgroup::Cgroup,
     exclusive,
     kubeapi::{ApiServer, Kind},
-    process::{Child, Place, path_str, wait_for},
+    process::{path_str, wait_for},
     require_kernel,
-    topology::{SERVICE_VIP, SERVICE_VIP6, Topology},
+    topology::{Kubelet, SERVICE_VIP, SERVICE_VIP6, Topology},
 };
 
 const VIP: IpAddr = IpAddr::V4(SERVICE_VIP);
@@ -59,34 +58,6 @@ fn targets(text: &str) -> Value {
         "metadata": {"name": "redirector-targets", "namespace": "redirector-system"},
         "data": {"targets": text},
     })
-}
-
-/// A pod's process as kubelet places it: in the pod's network namespace
-/// and in `kubepods/besteffort/pod<uid>/<container>`.
-struct KubeletPod {
-    // Dropped first: the cgroups can only go once the process has.
-    _app: Child,
-    _container: Cgroup,
-    _pod: Cgroup,
-}
-
-fn kubelet_pod(qos: &Cgroup, topo: &Topology, index: usize, uid: &str) -> KubeletPod {
-    let pod = Cgroup::create(qos.path().join(format!("pod{uid}")));
-    let container = Cgroup::create(pod.path().join("c0ffee"));
-    let place = Place {
-        netns: Some(topo.pod(index).netns.path()),
-        cgroup: Some(container.path().to_path_buf()),
-    };
-    let app = Child::spawn(format!("pod {uid}"), {
-        let mut cmd = place.command("sleep");
-        cmd.arg("600");
-        cmd
-    });
-    KubeletPod {
-        _app: app,
-        _container: container,
-        _pod: pod,
-    }
 }
 
 /// A node with `pods` pod namespaces, the service cluster, and the API
@@ -169,8 +140,7 @@ fn namespace_label_steers_its_pods_and_enrollment_follows_the_api() {
     require_kernel!();
     let _kernel = exclusive();
     let (mut topo, api) = node(5);
-    let kubepods = Cgroup::create(topo.attach_root().join("kubepods"));
-    let qos = Cgroup::create(kubepods.path().join("besteffort"));
+    let kubelet = Kubelet::new(&topo);
 
     api.apply(namespace("shop", &[]));
     api.apply(pod("shop", "web-0", UID_WEB0, NODE, &[("app", "web")]));
@@ -180,9 +150,9 @@ fn namespace_label_steers_its_pods_and_enrollment_follows_the_api() {
     host_net["spec"]["hostNetwork"] = json!(true);
     api.apply(host_net);
     api.apply(pod("shop", "web-elsewhere", UID_ELSEWHERE, "node-b", &[]));
-    let _web0 = kubelet_pod(&qos, &topo, 0, UID_WEB0);
-    let _host_net = kubelet_pod(&qos, &topo, 1, UID_HOSTNET);
-    let _elsewhere = kubelet_pod(&qos, &topo, 2, UID_ELSEWHERE);
+    let _web0 = kubelet.start_pod(&topo, 0, UID_WEB0);
+    let _host_net = kubelet.start_pod(&topo, 1, UID_HOSTNET);
+    let _elsewhere = kubelet.start_pod(&topo, 2, UID_ELSEWHERE);
 
     let args = agent_args(&topo, &api, &[]);
     topo.start_daemon(args);
@@ -225,7 +195,7 @@ fn namespace_label_steers_its_pods_and_enrollment_follows_the_api() {
     // A new pod: in the API first, its process a moment later.
     api.apply(pod("shop", "web-1", UID_WEB1, NODE, &[]));
     std::thread::sleep(Duration::from_millis(300));
-    let web1 = kubelet_pod(&qos, &topo, 3, UID_WEB1);
+    let web1 = kubelet.start_pod(&topo, 3, UID_WEB1);
     wait_steered(&topo, 3, true, "the new pod steered once its process runs");
 
     // History compacted (410 Gone on every watch), and a change made then
@@ -289,7 +259,7 @@ fn namespace_label_steers_its_pods_and_enrollment_follows_the_api() {
     // new sandbox in a new network namespace) with no event from the API:
     // the agent's periodic look at the pods' processes follows it.
     drop(web1);
-    let _web1 = kubelet_pod(&qos, &topo, 4, UID_WEB1);
+    let _web1 = kubelet.start_pod(&topo, 4, UID_WEB1);
     // Within one resync (10 s).
     wait_for(
         "the re-created sandbox's namespace enrolled",
@@ -320,11 +290,10 @@ fn ambient_label_and_targets_follow_the_configmap_and_services() {
     require_kernel!();
     let _kernel = exclusive();
     let (mut topo, api) = node(1);
-    let kubepods = Cgroup::create(topo.attach_root().join("kubepods"));
-    let qos = Cgroup::create(kubepods.path().join("besteffort"));
+    let kubelet = Kubelet::new(&topo);
     api.apply(namespace("mesh", &[("istio.io/dataplane-mode", "ambient")]));
     api.apply(pod("mesh", "api-0", UID_WEB0, NODE, &[]));
-    let _api0 = kubelet_pod(&qos, &topo, 0, UID_WEB0);
+    let _api0 = kubelet.start_pod(&topo, 0, UID_WEB0);
 
     let args = agent_args(&topo, &api, &["--ambient-label"]);
     topo.start_daemon(args);

@@ -645,20 +645,8 @@ fn a_pod_is_enrolled_by_its_uid_through_its_cgroup() {
     const UID: &str = "0c9e4d52-7a1b-4f3e-9d2c-5b6a7e8f9012";
     let topo = running(1, &[]);
     let pod = topo.pod(0);
-    // One guard per level, dropped leaf first.
-    let kubepods = testbed::cgroup::Cgroup::create(topo.attach_root().join("kubepods"));
-    let qos = testbed::cgroup::Cgroup::create(kubepods.path().join("besteffort"));
-    let pod_cgroup = testbed::cgroup::Cgroup::create(qos.path().join(format!("pod{UID}")));
-    let container = testbed::cgroup::Cgroup::create(pod_cgroup.path().join("0f1e2d3c4b5a"));
-    let place = testbed::process::Place {
-        netns: Some(pod.netns.path()),
-        cgroup: Some(container.path().to_path_buf()),
-    };
-    let mut app = testbed::process::Child::spawn("sleep (the pod's app)", {
-        let mut cmd = place.command("sleep");
-        cmd.arg("60");
-        cmd
-    });
+    let kubelet = testbed::topology::Kubelet::new(&topo);
+    let app = kubelet.start_pod(&topo, 0, UID);
 
     assert!(
         !pod.through_proxy(VIP),
@@ -685,7 +673,6 @@ fn a_pod_is_enrolled_by_its_uid_through_its_cgroup() {
         String::from_utf8_lossy(&other.stderr).contains("no process of pod"),
         "{other:?}"
     );
-    app.kill();
 }
 
 #[test]
