@@ -319,26 +319,7 @@ fn plugin_binary_speaks_the_cni_protocol() {
 }
 
 /// A node's config as flannel's DaemonSet writes it.
-const FLANNEL: &str = r#"{
-  "name": "cbr0",
-  "cniVersion": "0.3.1",
-  "plugins": [
-    {
-      "type": "flannel",
-      "delegate": {
-        "hairpinMode": true,
-        "isDefaultGateway": true
-      }
-    },
-    {
-      "type": "portmap",
-      "capabilities": {
-        "portMappings": true
-      }
-    }
-  ]
-}
-"#;
+const FLANNEL: &str = include_str!("../../redirector/src/cni/testdata/10-flannel.conflist");
 
 /// A single-plugin config, as kubeadm-era guides write it.
 const BRIDGE_CONF: &str = r#"{

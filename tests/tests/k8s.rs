@@ -411,7 +411,7 @@ fn cni_add_enrolls_the_sandbox_before_any_container_runs() {
     let bin_dir = topo.workdir().join("cni-bin");
     std::fs::create_dir_all(&conf_dir).expect("conf dir");
     let conflist = conf_dir.join("10-flannel.conflist");
-    let flannel = "{\n  \"name\": \"cbr0\",\n  \"cniVersion\": \"0.3.1\",\n  \"plugins\": [\n    {\"type\": \"flannel\", \"delegate\": {\"hairpinMode\": true, \"isDefaultGateway\": true}},\n    {\"type\": \"portmap\", \"capabilities\": {\"portMappings\": true}}\n  ]\n}\n";
+    let flannel = include_str!("../../redirector/src/cni/testdata/10-flannel.conflist");
     std::fs::write(&conflist, flannel).expect("write the flannel conflist");
     let args = agent_args_with_cni(
         &topo,

@@ -630,26 +630,8 @@ fn restorable(file_name: &str) -> bool {
 mod tests {
     use super::*;
 
-    const FLANNEL: &str = r#"{
-  "name": "cbr0",
-  "cniVersion": "0.3.1",
-  "plugins": [
-    {
-      "type": "flannel",
-      "delegate": {
-        "hairpinMode": true,
-        "isDefaultGateway": true
-      }
-    },
-    {
-      "type": "portmap",
-      "capabilities": {
-        "portMappings": true
-      }
-    }
-  ]
-}
-"#;
+    /// A node's config as flannel's DaemonSet writes it.
+    const FLANNEL: &str = include_str!("testdata/10-flannel.conflist");
 
     const BRIDGE_CONF: &str = r#"{
     "cniVersion": "1.0.0",
