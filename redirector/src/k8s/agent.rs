@@ -112,6 +112,13 @@ struct State {
     targets_error: Option<String>,
 }
 
+impl State {
+    /// This node's pod `key`, by namespace and name, with its UID.
+    fn pod_named(&self, key: &ObjectRef) -> Option<(&String, &PodInfo)> {
+        self.pods.iter().find(|(_, p)| &p.key == key)
+    }
+}
+
 pub struct Agent {
     config: K8sConfig,
     client: kube::Client,
@@ -511,14 +518,10 @@ impl Agent {
         }
         // The pod as the API has it: from the watch, else asked directly
         // (the watch may lag the kubelet by a moment).
-        let cached = {
-            let state = self.lock();
-            state
-                .pods
-                .iter()
-                .find(|(_, p)| p.key == pod)
-                .map(|(uid, p)| (uid.clone(), p.clone()))
-        };
+        let cached = self
+            .lock()
+            .pod_named(&pod)
+            .map(|(uid, p)| (uid.clone(), p.clone()));
         let found = match cached {
             Some(found) => Some(found),
             None => Api::<Pod>::namespaced(self.client.clone(), &pod.namespace)
@@ -565,13 +568,7 @@ impl Agent {
             .pod_uid
             .as_ref()
             .map(|u| u.to_ascii_lowercase())
-            .or_else(|| {
-                state
-                    .pods
-                    .iter()
-                    .find(|(_, p)| &p.key == pod)
-                    .map(|(uid, _)| uid.clone())
-            });
+            .or_else(|| state.pod_named(pod).map(|(uid, _)| uid.clone()));
         let mut cookies = Vec::new();
         if let Some(uid) = &uid {
             cookies.extend(state.enrolled.remove(uid).map(|n| n.cookie));
