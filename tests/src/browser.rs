@@ -13,12 +13,8 @@ pub struct Chromium {
 impl Chromium {
     /// Panics when Chromium is missing (`cargo xtask setup` installs it).
     pub fn new() -> Self {
-        let found = std::process::Command::new("sh")
-            .args(["-c", "command -v chromium"])
-            .output()
-            .is_ok_and(|o| o.status.success());
         assert!(
-            found,
+            crate::require::on_path("chromium"),
             "chromium is not installed (cargo xtask setup installs it)"
         );
         Self {

@@ -10,17 +10,21 @@ pub fn missing() -> Option<String> {
         return Some("must run as root (netns, cgroup v2, BPF)".into());
     }
     for tool in ["ip", "bpftool", "redis-server", "redis-cli"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
+        if !on_path(tool) {
             return Some(format!(
                 "`{tool}` is not installed (run `cargo xtask setup`)"
             ));
         }
     }
     None
+}
+
+/// Whether a command named `tool` is on PATH.
+pub fn on_path(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Whether to run: `true` to run, `false` to skip. Panics in CI.
