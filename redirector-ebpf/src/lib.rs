@@ -8,19 +8,33 @@
 //! host byte order, so `bpftool map dump` shows them as people write them.
 #![no_std]
 
+/// Version of the map layouts below. Maps are pinned under
+/// `<pin-dir>/maps-v<ABI_VERSION>/`, so a release that changes a layout
+/// creates a fresh set beside the old one instead of refusing to start, and
+/// removes the old set once its own programs are attached (see
+/// `steering::install`). Bump it with every change to a type here, a map
+/// type or a capacity.
+pub const ABI_VERSION: u32 = 2;
+
 /// Names of the pinned maps, as they appear under the pin directory and in
 /// `bpftool map list`. The kernel keeps at most 15 characters of a map name.
 pub mod map_names {
     pub const ENROLLED: &str = "rdr_enrolled";
     pub const TARGETS: &str = "rdr_targets";
     pub const PROXY: &str = "rdr_proxy";
+    /// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`): freed with its socket.
     pub const PENDING: &str = "rdr_pending";
     pub const ORIG_DST: &str = "rdr_orig_dst";
     pub const COUNTERS: &str = "rdr_counters";
+    /// The proxy's listening sockets (`BPF_MAP_TYPE_SOCKMAP`); the kernel
+    /// removes a socket when it closes, so a crashed proxy is seen at once.
+    pub const LISTENER: &str = "rdr_listener";
     /// aya-log's ring buffer. Pinned too, so programs loaded by different
     /// daemon runs (adopted ones, upgraded ones) all log into one buffer.
     pub const LOGS: &str = "AYA_LOGS";
-    pub const ALL: [&str; 7] = [ENROLLED, TARGETS, PROXY, PENDING, ORIG_DST, COUNTERS, LOGS];
+    pub const ALL: [&str; 8] = [
+        ENROLLED, TARGETS, PROXY, PENDING, ORIG_DST, COUNTERS, LISTENER, LOGS,
+    ];
 }
 
 /// Names of the programs (ELF symbols and kernel program names).
@@ -31,14 +45,18 @@ pub mod program_names {
     pub const ALL: [&str; 3] = [CONNECT4, CONNECT6, SOCK_OPS];
 }
 
-/// Capacities. `PENDING` only holds connects between `connect()` and the
-/// handshake; `ORIG_DST` holds established connections not yet accepted by the
-/// proxy. Both are LRU maps, so a burst degrades to evicting the oldest entry
-/// rather than failing to steer.
+/// Capacities. `ORIG_DST` holds established steered connections the proxy
+/// has not accepted yet: entries leave when the proxy takes them, when the
+/// proxy's socket closes, and when the client's socket closes before the
+/// proxy had one. It is an LRU map only as a last resort. (Pending connects
+/// live in socket storage, which has no capacity: it goes with the socket.)
 pub const MAX_ENROLLED: u32 = 16_384;
 pub const MAX_TARGETS: u32 = 1_024;
-pub const MAX_PENDING: u32 = 65_536;
 pub const MAX_ORIG_DST: u32 = 65_536;
+/// `rdr_listener` slots: the proxy's IPv4 and IPv6 listeners.
+pub const LISTENER_IPV4: u32 = 0;
+pub const LISTENER_IPV6: u32 = 1;
+pub const MAX_LISTENERS: u32 = 2;
 
 /// Key of `rdr_enrolled`: a network namespace that opted in.
 ///
@@ -76,9 +94,9 @@ pub struct TargetKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Target {
-    /// Which configured Redis cluster this service fronts (index in the
-    /// daemon's configuration); lets the proxy label and route by service.
-    pub cluster_id: u32,
+    /// Which configured backend this service leads to (its index in the
+    /// daemon's configuration); carried to the proxy in `OrigDst`.
+    pub backend_id: u32,
 }
 
 /// The only entry (index 0) of the `rdr_proxy` array: where steered connects
@@ -88,10 +106,14 @@ pub struct Target {
 pub struct ProxyConfig {
     /// CLOCK_BOOTTIME (ns) of the proxy's last heartbeat; 0 when it is down.
     pub heartbeat_ns: u64,
-    /// Steer only while the heartbeat is younger than this. When it is older
-    /// the proxy is presumed dead and connects go direct (fail open).
-    /// 0 disables the check: always steer (fail closed).
+    /// Steer only while the heartbeat is younger than this and the proxy's
+    /// listener is in `rdr_listener`; otherwise the proxy is presumed dead
+    /// or wedged and connects go direct (fail open). 0 disables both checks:
+    /// always steer (fail closed).
     pub liveness_ns: u64,
+    /// Network namespace of the proxy: the socket mark means "the proxy's
+    /// own socket" only there, so a pod cannot opt out by setting it.
+    pub netns_cookie: u64,
     /// The proxy's IPv6 listener address; used when `port6 != 0`.
     pub addr6: [u8; 16],
     /// The proxy's IPv4 listener address; used when `port4 != 0`.
@@ -101,8 +123,13 @@ pub struct ProxyConfig {
     pub socket_mark: u32,
     pub port4: u16,
     pub port6: u16,
-    pub _pad: u32,
+    /// `PROXY_FULL`: the proxy is at its node-wide client limit; new connects
+    /// go direct instead of being refused.
+    pub flags: u32,
 }
+
+/// `ProxyConfig::flags`: at the node-wide client limit.
+pub const PROXY_FULL: u32 = 1;
 
 /// The original destination of a steered connection.
 #[repr(C)]
@@ -112,10 +139,16 @@ pub struct OrigDst {
     pub netns_cookie: u64,
     pub addr: [u8; 16],
     pub port: u16,
-    pub _pad: u16,
-    /// `Target::cluster_id` of the service that matched.
-    pub cluster_id: u32,
+    /// `ORIG_CLAIMED` once the proxy's side of the connection exists: from
+    /// then on the proxy's socket owns the entry (it is taken on accept, or
+    /// deleted when that socket closes), not the client's.
+    pub state: u16,
+    /// `Target::backend_id` of the service that matched.
+    pub backend_id: u32,
 }
+
+/// `OrigDst::state`: the proxy's socket for the connection exists.
+pub const ORIG_CLAIMED: u16 = 1;
 
 /// Key of `rdr_orig_dst`: a steered connection as the client sees it, which
 /// is also how the proxy sees it on accept (peer and local address swapped).
@@ -140,9 +173,20 @@ pub struct Counters {
     pub passed: u64,
     /// The proxy's own upstream connects (marked): left alone.
     pub proxy_own: u64,
-    /// Enrolled, but the proxy's heartbeat was stale: sent direct (fail open).
+    /// Enrolled, but the proxy's heartbeat was stale or its listener gone:
+    /// sent direct (fail open).
     pub proxy_down: u64,
-    /// Could not record the original destination: sent direct.
+    /// Enrolled, but the proxy was at its node-wide client limit: sent
+    /// direct instead of being refused.
+    pub proxy_full: u64,
+    /// A loopback destination (127/8, ::1) matching a wildcard target: the
+    /// pod's own Redis, never steered.
+    pub loopback: u64,
+    /// A socket carrying the proxy's mark outside the proxy's network
+    /// namespace (a pod trying to opt out): steered as any other.
+    pub foreign_mark: u64,
+    /// Could not record the original destination: sent direct. Also counts
+    /// established steered connections whose entry could not be written.
     pub errors: u64,
 }
 
@@ -152,6 +196,9 @@ impl Counters {
         self.passed += other.passed;
         self.proxy_own += other.proxy_own;
         self.proxy_down += other.proxy_down;
+        self.proxy_full += other.proxy_full;
+        self.loopback += other.loopback;
+        self.foreign_mark += other.foreign_mark;
         self.errors += other.errors;
     }
 }
@@ -166,6 +213,16 @@ pub const fn ipv4_mapped(octets: [u8; 4]) -> [u8; 16] {
 /// Whether a 16-byte address is IPv4-mapped.
 pub const fn is_ipv4_mapped(addr: &[u8; 16]) -> bool {
     matches!(addr, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, _, _, _, _])
+}
+
+/// Whether a 16-byte address is loopback: 127/8 (IPv4-mapped) or `::1`.
+/// Such a destination is the pod's own, never a Service.
+pub const fn is_loopback(addr: &[u8; 16]) -> bool {
+    matches!(
+        addr,
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, _, _, _]
+            | [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    )
 }
 
 #[cfg(feature = "user")]
@@ -203,10 +260,22 @@ mod tests {
         assert_eq!(size_of::<Enrollment>(), 16);
         assert_eq!(size_of::<TargetKey>(), 20);
         assert_eq!(size_of::<Target>(), 4);
-        assert_eq!(size_of::<ProxyConfig>(), 8 + 8 + 16 + 4 + 4 + 2 + 2 + 4);
+        assert_eq!(size_of::<ProxyConfig>(), 8 + 8 + 8 + 16 + 4 + 4 + 2 + 2 + 4);
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<SockTuple>(), 36);
-        assert_eq!(size_of::<Counters>(), 40);
+        assert_eq!(size_of::<Counters>(), 64);
+    }
+
+    #[test]
+    fn loopback_is_127_slash_8_and_ipv6_one() {
+        assert!(is_loopback(&ipv4_mapped([127, 0, 0, 1])));
+        assert!(is_loopback(&ipv4_mapped([127, 200, 3, 4])));
+        let mut v6_one = [0u8; 16];
+        v6_one[15] = 1;
+        assert!(is_loopback(&v6_one));
+        assert!(!is_loopback(&ipv4_mapped([10, 96, 0, 10])));
+        assert!(!is_loopback(&ipv4_mapped([128, 0, 0, 1])));
+        assert!(!is_loopback(&[0; 16]));
     }
 
     #[test]

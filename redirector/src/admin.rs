@@ -1,7 +1,9 @@
 //! The admin endpoint: `/metrics` (Prometheus text), `/dashboard` (a live
 //! page of the same figures, with no external assets), `/healthz/ready`,
-//! `/healthz/live`, and `POST /drain` (from this host only) for a preStop
-//! hook.
+//! `/healthz/live`, `/status` (JSON, for `redirector status`), and
+//! `POST /drain` (from this host only) for a preStop hook. A second,
+//! metrics-only listener can face the network (`--metrics-addr`) while the
+//! full one stays on loopback.
 //! A few lines of HTTP/1.1 (one request per connection) on their own task,
 //! so a scrape never sits in the data path.
 
@@ -29,10 +31,18 @@ pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Full,
+    /// `/metrics` only: for a listener other hosts reach (Prometheus).
+    MetricsOnly,
+}
+
 /// What the probes report.
 #[derive(Debug, Default)]
 pub struct Health {
-    /// The proxy serves (the cluster was discovered, listeners bound).
+    /// Programs attached and listeners bound (not: Redis reachable).
     ready: AtomicBool,
     /// `POST /drain` came: steering of new connects stops for good.
     draining: AtomicBool,
@@ -56,7 +66,12 @@ impl Health {
     }
 }
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
+pub async fn serve(
+    listener: TcpListener,
+    scope: Scope,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -67,7 +82,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Hea
         tokio::spawn(async move {
             let _ = tokio::time::timeout(
                 Duration::from_secs(10),
-                answer(stream, peer, &metrics, &health),
+                answer(stream, peer, scope, &metrics, &health),
             )
             .await;
         });
@@ -85,6 +100,7 @@ fn accepts_openmetrics(request: &str) -> bool {
 async fn answer(
     mut stream: TcpStream,
     peer: SocketAddr,
+    scope: Scope,
     metrics: &Metrics,
     health: &Health,
 ) -> io::Result<()> {
@@ -113,6 +129,21 @@ async fn answer(
             "text/plain; version=0.0.4; charset=utf-8",
             metrics.encode_prometheus_text(),
         ),
+        (_, _) if scope == Scope::MetricsOnly => (
+            "404 Not Found",
+            "text/plain",
+            "this listener serves /metrics only\n".to_string(),
+        ),
+        ("GET", "/status") => (
+            "200 OK",
+            "application/json",
+            serde_json::json!({
+                "ready": health.is_ready(),
+                "draining": health.is_draining(),
+                "backend_up": metrics.backend_up(),
+            })
+            .to_string(),
+        ),
         ("GET", "/dashboard" | "/dashboard/") => {
             ("200 OK", "text/html; charset=utf-8", DASHBOARD.to_string())
         }
@@ -127,7 +158,7 @@ async fn answer(
         ("GET", "/healthz/ready") => (
             "503 Service Unavailable",
             "text/plain",
-            "not ready: discovering the cluster\n".to_string(),
+            "not ready: installing\n".to_string(),
         ),
         ("GET", "/healthz/live") => ("200 OK", "text/plain", "live\n".to_string()),
         // Only this host (a preStop hook) may drain the node's proxy.

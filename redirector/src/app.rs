@@ -29,7 +29,7 @@ use crate::{
     k8s::{K8sConfig, agent::Agent},
     metrics::{Metrics, SteeringSnapshot},
     proxy::{self, Dialer, Proxy, Shared, discovery, pool::Pools},
-    steering::{self, Layout, Maps, OrigDstTable, TargetSpec},
+    steering::{self, Layout, Listeners, Maps, OrigDstTable, TargetSpec},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,8 @@ pub enum Error {
     HboneCerts(#[from] crate::identity::tls::Error),
     #[error(transparent)]
     Kubernetes(#[from] crate::k8s::Error),
+    #[error("cannot read this process's network namespace cookie: {0}")]
+    OwnNetns(std::io::Error),
     #[error("cannot listen for HBONE tunnels on {addr}: {source}")]
     HboneListen {
         addr: std::net::SocketAddr,
@@ -76,24 +78,33 @@ const CNI_CHAIN_CHECK: Duration = Duration::from_secs(2);
 /// Topology refreshes never come closer than this, however many MOVEDs.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
 
+/// What `run` keeps of the kernel side.
+struct Kernel {
+    maps: Maps,
+    /// The daemon's own network namespace: its mark counts only there.
+    netns_cookie: u64,
+}
+
 pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     config.validate()?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
 
     let layout = Layout::new(&config.pin_dir);
-    let mut maps = None;
+    let mut kernel = None;
     let mut orig_dst = None;
     if config.steering {
         let cgroup_root = steering::fs::resolve_cgroup_root(config.cgroup_root.as_deref())?;
         let installed = steering::install(&layout, &cgroup_root, kernel_log_level())?;
+        warn_about_programs_ahead(&cgroup_root, &installed);
         tokio::spawn(forward_kernel_logs(installed.log_program_id()));
-        let mut opened = Maps::open(&layout)?;
+        let mut maps = Maps::open(&layout)?;
         let targets: Vec<_> = config.targets.iter().map(|t| (*t, 0)).collect();
-        opened.set_targets(&targets)?;
+        maps.set_targets(&targets)?;
+        let netns_cookie = crate::netns::current_cookie().map_err(Error::OwnNetns)?;
         // Until the proxy is ready, steered namespaces go direct.
-        opened.set_proxy(&config.proxy_entry(0))?;
-        maps = Some(opened);
+        maps.set_proxy(&config.proxy_entry(0, netns_cookie, false))?;
+        kernel = Some(Kernel { maps, netns_cookie });
         orig_dst = Some(OrigDstTable::open(&layout)?);
         info!(cgroup = %cgroup_root.display(), pins = %layout.pin_dir.display(), "steering installed");
     }
@@ -105,19 +116,15 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         None => None,
     };
     if config.steering {
-        // A handle of its own: scrapes never wait on the heartbeat's.
+        // Handles of its own: scrapes never wait on the heartbeat's.
         let reader = std::sync::Mutex::new(Maps::open(&layout)?);
+        let awaiting = OrigDstTable::open(&layout)?;
         metrics.register_steering(move || {
             let maps = reader.lock().unwrap_or_else(|e| e.into_inner());
-            let c = maps.counters().ok()?;
-            let enrolled = maps.enrolled().ok()?.len() as u64;
             Some(SteeringSnapshot {
-                steered: c.steered,
-                passed: c.passed,
-                proxy_own: c.proxy_own,
-                proxy_down: c.proxy_down,
-                errors: c.errors,
-                enrolled,
+                counters: maps.counters().ok()?,
+                enrolled: maps.enrolled().ok()?.len() as u64,
+                awaiting_accept: awaiting.len() as u64,
             })
         });
     }
@@ -137,16 +144,36 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         dialer.mesh = start_hbone(hbone, &dialer, &metrics).await?;
     }
     let health = Arc::new(admin::Health::default());
-    if let Some(addr) = config.admin_addr {
+    for (addr, scope) in [
+        (config.admin_addr, admin::Scope::Full),
+        (config.metrics_addr, admin::Scope::MetricsOnly),
+    ] {
+        let Some(addr) = addr else { continue };
         let listener = admin::bind(addr)
             .await
             .map_err(|source| Error::Admin { addr, source })?;
         tokio::spawn(admin::serve(
             listener,
+            scope,
             Arc::clone(&metrics),
             Arc::clone(&health),
         ));
     }
+
+    // Listeners first, then ready: the DaemonSet's readiness means "programs
+    // attached and listener up", not "Redis reachable" (a Redis outage
+    // must not stall a rolling upgrade). Steering itself waits for the
+    // heartbeat, which waits for the backend.
+    let proxy = Proxy::bind(&config.proxy_addrs)?;
+    let listeners = proxy.local_addrs();
+    if config.steering {
+        let mut slots = Listeners::open(&layout)?;
+        for (addr, socket) in proxy.sockets() {
+            slots.register(addr, socket)?;
+        }
+    }
+    health.set_ready();
+    info!(listeners = ?listeners, steering = config.steering, "listening; waiting for the backend");
 
     // Seeds: given, or (node agent) from the targets ConfigMap once it
     // names a cluster.
@@ -213,15 +240,20 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         MIN_REFRESH_GAP,
         move |view| refresher_shared.pools.retain(&view.nodes()),
     ));
+    let serving = tokio::spawn(proxy.serve(Arc::clone(&shared)));
 
-    let proxy = Proxy::bind(&config.proxy_addrs, shared)?;
-    let listeners = proxy.local_addrs();
-    let serving = tokio::spawn(proxy.serve());
-
-    if let Some(maps) = maps.as_mut() {
-        maps.set_proxy(&config.proxy_entry(steering::boottime_ns()))?;
+    // The heartbeat: proven by a round trip through the proxy's own accept
+    // path, so a proxy that is alive but wedged stops steering too.
+    let probe_timeout = config.heartbeat_interval().min(Duration::from_secs(1));
+    let mut beat = 0;
+    if let Some(kernel) = kernel.as_mut() {
+        if let Err(e) = proxy::probe(&shared, listeners[0], probe_timeout).await {
+            warn!(error = %e, "the proxy does not answer its own probe");
+        } else {
+            beat = steering::boottime_ns();
+        }
+        kernel.beat(&config, beat, shared.is_full());
     }
-    health.set_ready();
     info!(
         listeners = ?listeners,
         steering = config.steering,
@@ -235,33 +267,78 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         tokio::select! {
             _ = sigterm.recv() => break Exit::Signal,
             _ = sigint.recv() => break Exit::Signal,
-            _ = heartbeat.tick(), if maps.is_some() => {
+            // The node-wide limit was reached or left: tell the kernel now.
+            () = shared.full_changed.notified(), if kernel.is_some() => {
+                if let Some(kernel) = kernel.as_mut() {
+                    kernel.beat(&config, beat, shared.is_full());
+                }
+            }
+            _ = heartbeat.tick(), if kernel.is_some() => {
                 if !layout.is_installed() {
                     warn!("pins removed (redirector uninstall): shutting down");
                     break Exit::Uninstalled;
                 }
                 // Draining: no heartbeat, so new connects go direct while
-                // the clients already here finish.
-                let beat = if health.is_draining() { 0 } else { steering::boottime_ns() };
-                if let Some(maps) = maps.as_mut()
-                    && let Err(e) = maps.set_proxy(&config.proxy_entry(beat))
-                {
-                    warn!(error = %e, "heartbeat failed");
+                // the clients already here finish. A failed probe leaves the
+                // last beat to age out.
+                if health.is_draining() {
+                    beat = 0;
+                } else {
+                    match proxy::probe(&shared, listeners[0], probe_timeout).await {
+                        Ok(()) => beat = steering::boottime_ns(),
+                        Err(e) => warn!(error = %e, "the proxy does not answer its own probe; not beating"),
+                    }
+                }
+                if let Some(kernel) = kernel.as_mut() {
+                    kernel.beat(&config, beat, shared.is_full());
                 }
             }
         }
     };
 
     if exit == Exit::Signal
-        && let Some(maps) = maps.as_mut()
-        // Connects go direct from now on instead of to a closing listener.
-        && let Err(e) = maps.set_proxy(&config.proxy_entry(0))
+        && let Some(kernel) = kernel.as_mut()
     {
-        warn!(error = %e, "could not clear the heartbeat");
+        // Connects go direct from now on instead of to a closing listener.
+        kernel.beat(&config, 0, false);
     }
     serving.abort();
     info!(?exit, "redirector stopped");
     Ok(exit)
+}
+
+impl Kernel {
+    /// Writes the proxy's entry: its liveness (`beat`, 0 = down) and whether
+    /// it is full.
+    fn beat(&mut self, config: &RunConfig, beat: u64, full: bool) {
+        if let Err(e) = self
+            .maps
+            .set_proxy(&config.proxy_entry(beat, self.netns_cookie, full))
+        {
+            warn!(error = %e, "cannot update the proxy entry (heartbeat)");
+        }
+    }
+}
+
+/// Warns about programs that run on the connect hooks before ours: they may
+/// rewrite a Service address before our target match sees it.
+fn warn_about_programs_ahead(cgroup_root: &std::path::Path, installed: &steering::Installed) {
+    let ours = installed.connect_program_ids();
+    match steering::coexist::foreign_connect_programs(cgroup_root, &ours) {
+        Ok(found) => {
+            for program in found {
+                warn!(
+                    hook = program.hook,
+                    prog_id = program.prog_id,
+                    name = %program.name,
+                    "a program attached before redirector's runs first on this hook; if it \
+                     rewrites Service addresses (Cilium's socket LB), steering never matches: \
+                     see deploy/README.md, \"Cilium\""
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot list the programs on the connect hooks"),
+    }
 }
 
 /// Starts the node agent, the socket the CNI plugin asks it on, and the

@@ -64,8 +64,11 @@ pub struct RunConfig {
     pub proxy: Settings,
     pub pool: PoolConfig,
     pub upstream_auth: Option<UpstreamAuth>,
-    /// `/metrics` and `/healthz/ready`; none to disable.
+    /// The full admin endpoint (`/metrics`, `/healthz/*`, `/status`,
+    /// `/dashboard`, `POST /drain`); none to disable.
     pub admin_addr: Option<SocketAddr>,
+    /// A `/metrics`-only listener, e.g. on the node address for Prometheus.
+    pub metrics_addr: Option<SocketAddr>,
     pub refresh_interval: Duration,
     /// HBONE tunnels between nodes; `None`: every node is dialled directly.
     pub hbone: Option<HboneConfig>,
@@ -142,17 +145,20 @@ impl RunConfig {
         }
     }
 
-    /// The `rdr_proxy` map entry for this configuration.
-    pub fn proxy_entry(&self, heartbeat_ns: u64) -> ProxyConfig {
+    /// The `rdr_proxy` map entry for this configuration: the proxy in
+    /// network namespace `netns_cookie`, last alive at `heartbeat_ns` (0:
+    /// down), and whether it is at its client limit.
+    pub fn proxy_entry(&self, heartbeat_ns: u64, netns_cookie: u64, full: bool) -> ProxyConfig {
         let mut entry = ProxyConfig {
             heartbeat_ns,
             liveness_ns: u64::try_from(self.liveness.as_nanos()).unwrap_or(u64::MAX),
+            netns_cookie,
             addr6: [0; 16],
             addr4: [0; 4],
             socket_mark: self.socket_mark,
             port4: 0,
             port6: 0,
-            _pad: 0,
+            flags: if full { redirector_ebpf::PROXY_FULL } else { 0 },
         };
         for addr in &self.proxy_addrs {
             match addr.ip() {
@@ -168,6 +174,30 @@ impl RunConfig {
         }
         entry
     }
+}
+
+/// Default port of the metrics-only listener.
+pub const DEFAULT_METRICS_PORT: u16 = 15020;
+
+/// `IP`, `IP:PORT` or `[IPv6]:PORT`; a bare IP (either family, as the
+/// downward API's `status.hostIPs` gives it) takes `default_port`.
+pub fn parse_addr_or_ip(s: &str, default_port: u16) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, default_port))
+        .map_err(|_| format!("`{s}`: expected IP, IP:PORT or [IPv6]:PORT"))
+}
+
+/// A `--proxy-addr` entry (default port 15379).
+pub fn parse_proxy_addr(s: &str) -> Result<SocketAddr, String> {
+    parse_addr_or_ip(s, DEFAULT_PROXY_PORT)
+}
+
+/// A `--metrics-addr` (default port 15020).
+pub fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    parse_addr_or_ip(s, DEFAULT_METRICS_PORT)
 }
 
 /// Parses `0`, `250ms`, `3s` or `2m`.
@@ -211,6 +241,7 @@ mod tests {
             },
             upstream_auth: None,
             admin_addr: None,
+            metrics_addr: None,
             refresh_interval: Duration::from_secs(5),
             hbone: None,
             kubernetes: None,
@@ -218,7 +249,7 @@ mod tests {
             cgroup_root: None,
             proxy_addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
             targets: vec![DEFAULT_REDIS_TARGET.parse().unwrap()],
-            socket_mark: 0x6379,
+            socket_mark: crate::steering::DEFAULT_SOCKET_MARK,
             liveness: DEFAULT_LIVENESS,
             connect_timeout: Duration::from_secs(5),
         }
@@ -260,13 +291,37 @@ mod tests {
 
     #[test]
     fn proxy_entry_carries_both_families() {
-        let entry = config(&["10.0.0.5:15379", "[fd00::5]:15380"]).proxy_entry(42);
+        let entry = config(&["10.0.0.5:15379", "[fd00::5]:15380"]).proxy_entry(42, 4096, true);
         assert_eq!(entry.addr4, [10, 0, 0, 5]);
+        assert_eq!(entry.netns_cookie, 4096);
+        assert_eq!(entry.flags, redirector_ebpf::PROXY_FULL);
         assert_eq!(entry.port4, 15379);
         assert_eq!(entry.port6, 15380);
         assert_eq!(entry.addr6[0], 0xfd);
         assert_eq!(entry.heartbeat_ns, 42);
         assert_eq!(entry.liveness_ns, 3_000_000_000);
+    }
+
+    #[test]
+    fn node_addresses_parse_with_or_without_a_port() {
+        assert_eq!(
+            parse_proxy_addr("10.0.0.5"),
+            Ok("10.0.0.5:15379".parse().unwrap())
+        );
+        // What $(NODE_IP) gives on an IPv6-only node: no brackets.
+        assert_eq!(
+            parse_proxy_addr("fd00::5"),
+            Ok("[fd00::5]:15379".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proxy_addr("[fd00::5]:7000"),
+            Ok("[fd00::5]:7000".parse().unwrap())
+        );
+        assert_eq!(
+            parse_metrics_addr("10.0.0.5"),
+            Ok("10.0.0.5:15020".parse().unwrap())
+        );
+        assert!(parse_proxy_addr("node-1:15379").is_err());
     }
 
     #[test]

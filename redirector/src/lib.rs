@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod cidr;
 pub mod cluster;
 pub mod cni;
 pub mod config;

@@ -62,9 +62,20 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// The running daemon's admin endpoint, asked for its readiness and
+        /// backend health (best effort: the pins alone are read otherwise).
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin_addr: SocketAddr,
     },
     /// Detach every program and remove every pin.
     Uninstall,
+    /// Mount bpffs (mode 0700) on DIR unless it is bpffs already: run on the
+    /// host by the DaemonSet's opt-in init container, so pins survive the
+    /// agent's restarts on nodes whose OS does not mount it (kind, k3d).
+    MountBpffs {
+        #[arg(default_value = "/sys/fs/bpf")]
+        dir: PathBuf,
+    },
     /// Drain the running proxy (a preStop hook): new connects go direct,
     /// readiness fails, and this waits for its clients to leave.
     Drain {
@@ -203,9 +214,27 @@ struct RunArgs {
     /// Warm dedicated connections kept per node for transactions, blocking commands and pub/sub.
     #[arg(long, default_value_t = 8)]
     idle_leases: usize,
-    /// Most client connections; more are refused with Redis' error.
+    /// Most client connections on this node; at the limit new steered
+    /// connects go direct (fail open), others are refused with Redis' error.
     #[arg(long, default_value_t = 10_000)]
     max_clients: usize,
+    /// Most connections one pod (network namespace) may hold; 0: no limit
+    /// beyond --max-clients.
+    #[arg(long, default_value_t = 1_000)]
+    max_clients_per_pod: usize,
+    /// Most connections one direct (unsteered) source address may hold; 0:
+    /// no limit beyond --max-clients.
+    #[arg(long, default_value_t = 0)]
+    max_clients_per_source: usize,
+    /// Sources that may dial the proxy without being steered (CIDRs or
+    /// addresses); every other unsteered connection is refused.
+    #[arg(
+        long,
+        env = "REDIRECTOR_ALLOW_DIRECT_FROM",
+        value_delimiter = ',',
+        default_value = "127.0.0.0/8,::1"
+    )]
+    allow_direct_from: Vec<redirector::cidr::Cidr>,
     /// Close clients idle this long (0: never).
     #[arg(long, default_value = "0", value_parser = config::parse_duration)]
     idle_timeout: Duration,
@@ -221,16 +250,23 @@ struct RunArgs {
     /// Periodic topology refresh (MOVED and failures also trigger one).
     #[arg(long, default_value = "5s", value_parser = config::parse_duration)]
     topology_refresh: Duration,
-    /// /metrics and /healthz/ready; `none` disables.
+    /// The admin endpoint: /metrics, /healthz/*, /status, /dashboard and
+    /// POST /drain; keep it on loopback. `none` disables.
     #[arg(long, env = "REDIRECTOR_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     admin_addr: String,
+    /// A /metrics-only listener for Prometheus, e.g. the node address: IP
+    /// (port 15020) or IP:PORT.
+    #[arg(long, env = "REDIRECTOR_METRICS_ADDR", value_parser = config::parse_metrics_addr)]
+    metrics_addr: Option<SocketAddr>,
     /// Node address the proxy listens on and steered connects are rewritten
-    /// to; one per address family. Pods must be able to reach it.
+    /// to, one per address family: IP (port 15379), IP:PORT or [IPv6]:PORT.
+    /// Pods must be able to reach it.
     #[arg(
         long = "proxy-addr",
         env = "REDIRECTOR_PROXY_ADDR",
         value_delimiter = ',',
-        required = true
+        required = true,
+        value_parser = config::parse_proxy_addr
     )]
     proxy_addrs: Vec<SocketAddr>,
     /// Redis service to steer: IP:PORT, [IPv6]:PORT, or :PORT for any address
@@ -245,7 +281,7 @@ struct RunArgs {
     #[arg(long, env = "REDIRECTOR_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
     /// SO_MARK of the proxy's own sockets, which are never steered.
-    #[arg(long, default_value = "0x6379", value_parser = config::parse_u32)]
+    #[arg(long, default_value = "0x1000", value_parser = config::parse_u32)]
     socket_mark: u32,
     /// Connects go direct when the proxy's heartbeat is older than this (fail open); 0 always steers (fail closed).
     #[arg(long, default_value = "3s", value_parser = config::parse_duration)]
@@ -517,8 +553,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { json } => {
-            let status = status::read(&layout)?;
+        Command::Status { json, admin_addr } => {
+            let mut status = status::read(&layout)?;
+            status.daemon = admin_request(admin_addr, "GET", "/status")
+                .ok()
+                .filter(|(line, _)| line.contains(" 200 "))
+                .and_then(|(_, body)| serde_json::from_str(&body).ok());
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -567,6 +607,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let said = redirector::cni::run_command(command)?;
             if !said.is_empty() {
                 println!("{said}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::MountBpffs { dir } => {
+            if steering::fs::mount_bpffs(&dir)? {
+                println!(
+                    "mounted bpffs on {} ({})",
+                    dir.display(),
+                    steering::fs::BPFFS_MODE
+                );
+            } else {
+                println!("{} is bpffs already", dir.display());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -743,7 +795,12 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
                 max_bulk_len: args.max_bulk_len,
                 ..Limits::default()
             },
-            max_clients: args.max_clients,
+            admission: redirector::proxy::admission::Policy {
+                allow_direct: args.allow_direct_from,
+                max_clients: args.max_clients,
+                max_per_pod: args.max_clients_per_pod,
+                max_per_source: args.max_clients_per_source,
+            },
             idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
             max_pipeline: args.max_pipeline.max(1),
             read_policy: args.read_policy,
@@ -763,6 +820,7 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
             password,
         }),
         admin_addr,
+        metrics_addr: args.metrics_addr,
         refresh_interval: args.topology_refresh.max(Duration::from_millis(100)),
         pin_dir,
         cgroup_root: args.cgroup_root,

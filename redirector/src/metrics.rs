@@ -34,6 +34,11 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 /// Counters of one command name.
 #[derive(Clone)]
 pub struct CommandCounters {
@@ -57,7 +62,8 @@ pub struct Metrics {
     clients_opened: Counter,
     clients_closed: Counter,
     clients_active: Gauge,
-    clients_rejected: Counter,
+    clients_rejected: Family<ReasonLabels, Counter>,
+    backend_up: Gauge,
     commands: Family<CommandLabels, Counter>,
     command_cache: RwLock<FnvHashMap<Vec<u8>, CommandCounters>>,
     latency: Histogram,
@@ -80,7 +86,13 @@ impl Metrics {
         let clients_opened = Counter::default();
         let clients_closed = Counter::default();
         let clients_active = Gauge::default();
-        let clients_rejected = Counter::default();
+        let clients_rejected = Family::<ReasonLabels, Counter>::default();
+        for refusal in crate::proxy::admission::Refusal::ALL {
+            let _ = clients_rejected.get_or_create(&ReasonLabels {
+                reason: refusal.reason(),
+            });
+        }
+        let backend_up = Gauge::default();
         let commands = Family::<CommandLabels, Counter>::default();
         // 25 µs .. ~0.8 s
         let latency = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -119,8 +131,16 @@ impl Metrics {
         );
         registry.register(
             "client_connections_rejected",
-            "Client connections refused at the client limit",
+            "Client connections refused at accept, by reason: not_steered (dialled the proxy \
+             directly from a source not allowed), max_clients (node-wide limit), pod_quota, \
+             source_quota",
             clients_rejected.clone(),
+        );
+        registry.register(
+            "backend_up",
+            "1 while the Redis backend answers (its topology was refreshed recently), else 0; \
+             readiness does not wait for it",
+            backend_up.clone(),
         );
         registry.register(
             "commands",
@@ -174,6 +194,7 @@ impl Metrics {
             clients_closed,
             clients_active,
             clients_rejected,
+            backend_up,
             commands,
             command_cache: RwLock::new(FnvHashMap::default()),
             latency,
@@ -234,8 +255,18 @@ impl Metrics {
         self.clients_active.dec();
     }
 
-    pub fn client_rejected(&self) {
-        self.clients_rejected.inc();
+    pub fn client_rejected(&self, reason: &'static str) {
+        self.clients_rejected
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn set_backend_up(&self, up: bool) {
+        self.backend_up.set(i64::from(up));
+    }
+
+    pub fn backend_up(&self) -> bool {
+        self.backend_up.get() == 1
     }
 
     pub fn protocol_error(&self) {
@@ -286,7 +317,9 @@ impl Metrics {
             .inc();
     }
 
+    /// A topology refresh's result, which is also the backend's health.
     pub fn topology_refresh(&self, ok: bool) {
+        self.set_backend_up(ok);
         let result = if ok { "ok" } else { "error" };
         self.topology_refreshes
             .get_or_create(&ResultLabels { result })
@@ -334,11 +367,6 @@ struct DirectionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
     status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: &'static str,
 }
 
 /// HBONE tunnel metrics: connections (tunnels) by direction, CONNECT
@@ -634,12 +662,10 @@ impl AgentMetrics {
 /// network namespaces are enrolled.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SteeringSnapshot {
-    pub steered: u64,
-    pub passed: u64,
-    pub proxy_own: u64,
-    pub proxy_down: u64,
-    pub errors: u64,
+    pub counters: redirector_ebpf::Counters,
     pub enrolled: u64,
+    /// Established steered connections the proxy has not accepted yet.
+    pub awaiting_accept: u64,
 }
 
 type SnapshotSource = Box<dyn Fn() -> Option<SteeringSnapshot> + Send + Sync>;
@@ -672,18 +698,24 @@ impl prometheus_client::collector::Collector for SteeringCollector {
         };
         let mut connects = encoder.encode_descriptor(
             "steering_connects",
-            "Connects seen by the eBPF programs, by outcome: steered (to the proxy), passed \
-             (namespace not enrolled), proxy_own (the proxy's own), proxy_down (enrolled, proxy \
-             not alive: sent direct), error (sent direct)",
+            "Connects to Redis targets seen by the eBPF programs, by outcome: steered (to the \
+             proxy), passed (namespace not enrolled), proxy_own (the proxy's own), proxy_down \
+             (enrolled, proxy not alive: sent direct), proxy_full (enrolled, proxy at its client \
+             limit: sent direct), loopback (a pod's own Redis: left alone), foreign_mark (the \
+             proxy's mark set outside its namespace: ignored), error (sent direct)",
             None,
             MetricType::Counter,
         )?;
+        let c = &snapshot.counters;
         for (outcome, value) in [
-            ("steered", snapshot.steered),
-            ("passed", snapshot.passed),
-            ("proxy_own", snapshot.proxy_own),
-            ("proxy_down", snapshot.proxy_down),
-            ("error", snapshot.errors),
+            ("steered", c.steered),
+            ("passed", c.passed),
+            ("proxy_own", c.proxy_own),
+            ("proxy_down", c.proxy_down),
+            ("proxy_full", c.proxy_full),
+            ("loopback", c.loopback),
+            ("foreign_mark", c.foreign_mark),
+            ("error", c.errors),
         ] {
             let counter = prometheus_client::metrics::counter::ConstCounter::new(value);
             counter.encode(connects.encode_family(&OutcomeLabels { outcome })?)?;
@@ -694,6 +726,16 @@ impl prometheus_client::collector::Collector for SteeringCollector {
         enrolled.encode(encoder.encode_descriptor(
             "steering_enrolled_namespaces",
             "Network namespaces enrolled for steering",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let awaiting = prometheus_client::metrics::gauge::ConstGauge::new(
+            i64::try_from(snapshot.awaiting_accept).unwrap_or(i64::MAX),
+        );
+        awaiting.encode(encoder.encode_descriptor(
+            "steering_awaiting_accept",
+            "Steered connections established but not yet accepted by the proxy (entries of \
+             rdr_orig_dst); near 0 when healthy",
             None,
             MetricType::Gauge,
         )?)?;
@@ -710,8 +752,11 @@ mod tests {
         let mut metrics = Metrics::new();
         metrics.register_steering(|| {
             Some(SteeringSnapshot {
-                steered: 7,
-                passed: 3,
+                counters: redirector_ebpf::Counters {
+                    steered: 7,
+                    passed: 3,
+                    ..Default::default()
+                },
                 enrolled: 2,
                 ..SteeringSnapshot::default()
             })

@@ -11,16 +11,28 @@ use std::{
 use redirector_ebpf::{Counters, program_names};
 use serde::Serialize;
 
-use crate::steering::{self, Error, Layout, Maps, bytes_to_ip, sys};
+use crate::steering::{
+    self, Error, Layout, Maps, OrigDstTable, bytes_to_ip,
+    coexist::{self, ForeignProgram},
+    sys,
+};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub pin_dir: PathBuf,
     pub programs: Vec<ProgramStatus>,
+    /// Programs that run on our connect hooks before ours (they may rewrite
+    /// a Service address before we see it).
+    pub programs_ahead: Vec<ForeignProgram>,
     pub proxy: ProxyStatus,
     pub targets: Vec<TargetStatus>,
     pub enrolled: Vec<EnrolledStatus>,
     pub counters: CounterStatus,
+    /// Established steered connections not yet accepted by the proxy.
+    pub awaiting_accept: usize,
+    /// The running daemon's own report (`/status` on its admin endpoint):
+    /// readiness and backend health; `None` when it does not answer.
+    pub daemon: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -49,14 +61,17 @@ pub struct ProxyStatus {
     pub heartbeat_age_ms: Option<u64>,
     /// 0: always steer (fail closed).
     pub liveness_ms: u64,
-    /// Whether connects are being steered right now.
+    /// At its node-wide client limit: new connects go direct.
+    pub full: bool,
+    /// Whether connects are being steered right now (as far as the
+    /// heartbeat tells: the kernel also checks the listener is open).
     pub steering: bool,
 }
 
 #[derive(Debug, Serialize)]
 pub struct TargetStatus {
     pub target: String,
-    pub cluster_id: u32,
+    pub backend_id: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -72,6 +87,9 @@ pub struct CounterStatus {
     pub passed: u64,
     pub proxy_own: u64,
     pub proxy_down: u64,
+    pub proxy_full: u64,
+    pub loopback: u64,
+    pub foreign_mark: u64,
     pub errors: u64,
 }
 
@@ -82,6 +100,9 @@ impl From<Counters> for CounterStatus {
             passed: c.passed,
             proxy_own: c.proxy_own,
             proxy_down: c.proxy_down,
+            proxy_full: c.proxy_full,
+            loopback: c.loopback,
+            foreign_mark: c.foreign_mark,
             errors: c.errors,
         }
     }
@@ -90,13 +111,14 @@ impl From<Counters> for CounterStatus {
 /// Reads the installation under `layout`.
 pub fn read(layout: &Layout) -> Result<Status, Error> {
     let maps = Maps::open(layout)?;
-    let programs = program_names::ALL
+    let programs: Vec<ProgramStatus> = program_names::ALL
         .iter()
         .map(|name| ProgramStatus {
             name,
             attached: attachment(layout, name),
         })
         .collect();
+    let programs_ahead = programs_ahead(&programs);
 
     let proxy = maps.proxy()?;
     let heartbeat_age_ms = (proxy.heartbeat_ns != 0)
@@ -113,19 +135,21 @@ pub fn read(layout: &Layout) -> Result<Status, Error> {
         socket_mark: proxy.socket_mark,
         heartbeat_age_ms,
         liveness_ms,
+        full: proxy.flags & redirector_ebpf::PROXY_FULL != 0,
         steering,
     };
 
     Ok(Status {
         pin_dir: layout.pin_dir.clone(),
         programs,
+        programs_ahead,
         proxy,
         targets: maps
             .targets()?
             .into_iter()
-            .map(|(target, cluster_id)| TargetStatus {
+            .map(|(target, backend_id)| TargetStatus {
                 target: target.to_string(),
-                cluster_id,
+                backend_id,
             })
             .collect(),
         enrolled: maps
@@ -138,7 +162,31 @@ pub fn read(layout: &Layout) -> Result<Status, Error> {
             })
             .collect(),
         counters: maps.counters()?.into(),
+        awaiting_accept: OrigDstTable::open(layout)?.len(),
+        daemon: None,
     })
+}
+
+/// Foreign programs ahead of ours on the connect hooks, at the cgroup our
+/// connect4 program is attached to.
+fn programs_ahead(programs: &[ProgramStatus]) -> Vec<ForeignProgram> {
+    let ours: Vec<(u32, u32)> = programs
+        .iter()
+        .filter_map(|p| p.attached.as_ref())
+        .filter_map(|a| match a.attach_type {
+            "cgroup_inet4_connect" => Some((sys::ATTACH_INET4_CONNECT, a.prog_id)),
+            "cgroup_inet6_connect" => Some((sys::ATTACH_INET6_CONNECT, a.prog_id)),
+            _ => None,
+        })
+        .collect();
+    let Some(root) = programs
+        .iter()
+        .filter_map(|p| p.attached.as_ref())
+        .find_map(|a| a.cgroup_path.clone())
+    else {
+        return Vec::new();
+    };
+    coexist::foreign_connect_programs(&root, &ours).unwrap_or_default()
 }
 
 fn attachment(layout: &Layout, program: &str) -> Option<Attachment> {
@@ -181,6 +229,15 @@ impl fmt::Display for Status {
                 None => writeln!(f, "  {:<15} NOT ATTACHED", p.name)?,
             }
         }
+        for p in &self.programs_ahead {
+            writeln!(
+                f,
+                "WARNING: program {} (id {}) runs on {} before redirector's: if it rewrites \
+                 Service addresses (Cilium's socket LB), steering never matches; see \
+                 deploy/README.md, \"Cilium\"",
+                p.name, p.prog_id, p.hook
+            )?;
+        }
         let listeners: Vec<String> = [self.proxy.ipv4, self.proxy.ipv6]
             .into_iter()
             .flatten()
@@ -192,6 +249,7 @@ impl fmt::Display for Status {
         };
         let mode = match (self.proxy.liveness_ms, self.proxy.steering) {
             (0, _) => "steering (fail closed)".to_string(),
+            _ if self.proxy.full => "FULL: new connects go direct (fail open)".to_string(),
             (ms, true) => format!("steering (fails open after {:.1}s)", ms as f64 / 1000.0),
             (_, false) => "NOT steering: connects go direct (fail open)".to_string(),
         };
@@ -205,9 +263,28 @@ impl fmt::Display for Status {
             },
             self.proxy.socket_mark,
         )?;
+        match &self.daemon {
+            Some(d) => writeln!(
+                f,
+                "daemon: {}, backend {}",
+                if d["draining"] == true {
+                    "draining"
+                } else if d["ready"] == true {
+                    "ready"
+                } else {
+                    "not ready"
+                },
+                if d["backend_up"] == true {
+                    "up"
+                } else {
+                    "DOWN (steered connects go direct until it answers)"
+                },
+            )?,
+            None => writeln!(f, "daemon: not answering on its admin address")?,
+        }
         writeln!(f, "redis targets ({}):", self.targets.len())?;
         for t in &self.targets {
-            writeln!(f, "  {:<24} cluster {}", t.target, t.cluster_id)?;
+            writeln!(f, "  {:<24} backend {}", t.target, t.backend_id)?;
         }
         writeln!(f, "enrolled namespaces ({}):", self.enrolled.len())?;
         let now = SystemTime::now()
@@ -228,8 +305,17 @@ impl fmt::Display for Status {
         let c = &self.counters;
         write!(
             f,
-            "counters: steered {}  passed {}  proxy_own {}  proxy_down {}  errors {}",
-            c.steered, c.passed, c.proxy_own, c.proxy_down, c.errors
+            "counters: steered {}  passed {}  proxy_own {}  proxy_down {}  proxy_full {}  \
+             loopback {}  foreign_mark {}  errors {}\nawaiting accept: {}",
+            c.steered,
+            c.passed,
+            c.proxy_own,
+            c.proxy_down,
+            c.proxy_full,
+            c.loopback,
+            c.foreign_mark,
+            c.errors,
+            self.awaiting_accept
         )
     }
 }

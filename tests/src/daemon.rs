@@ -59,6 +59,13 @@ pub fn status(pin_dir: &Path) -> Value {
     serde_json::from_str(&cli_ok(pin_dir, &["status", "--json"])).expect("status --json")
 }
 
+/// What `redirector run` logs once it serves (backend discovered, first
+/// heartbeat written).
+pub const READY: &str = "redirector ready";
+/// What it logs once its listeners are up and readiness passes, before the
+/// backend answers.
+pub const LISTENING: &str = "listening; waiting for the backend";
+
 /// `redirector run`, logging to a file, stopped by PID on drop.
 pub struct Daemon {
     place: Place,
@@ -66,6 +73,8 @@ pub struct Daemon {
     args: Vec<String>,
     env: Vec<(String, String)>,
     log: PathBuf,
+    /// The log line `start` and `start_again` wait for.
+    ready_line: &'static str,
     child: Option<Child>,
 }
 
@@ -77,12 +86,25 @@ impl Daemon {
         env: Vec<(String, String)>,
         log: PathBuf,
     ) -> Self {
+        Self::start_until(place, pin_dir, args, env, log, READY)
+    }
+
+    /// [`Self::start`], waiting for `ready_line` in the log instead.
+    pub fn start_until(
+        place: &Place,
+        pin_dir: &Path,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        log: PathBuf,
+        ready_line: &'static str,
+    ) -> Self {
         let mut daemon = Self {
             place: place.clone(),
             pin_dir: pin_dir.into(),
             args,
             env,
             log,
+            ready_line,
             child: None,
         };
         daemon.spawn();
@@ -107,7 +129,8 @@ impl Daemon {
             .stderr(log);
         let mut child = Child::spawn("redirector run", cmd);
         let log_path = self.log.clone();
-        wait_for("redirector ready", Duration::from_secs(20), || {
+        let ready_line = self.ready_line;
+        wait_for(ready_line, Duration::from_secs(20), || {
             let text = std::fs::read_to_string(&log_path).unwrap_or_default();
             let fresh = text
                 .get(usize::try_from(log_offset).unwrap_or(0)..)
@@ -116,7 +139,7 @@ impl Daemon {
                 child.is_running(),
                 "redirector run exited during start-up:\n{fresh}"
             );
-            fresh.contains("redirector ready").then_some(())
+            fresh.contains(ready_line).then_some(())
         });
         self.child = Some(child);
     }

@@ -6,6 +6,7 @@
 //! Network rule: every address used lives inside namespaces built here, with
 //! no default route, so nothing can leave the machine even if steering fails.
 
+pub mod bpfprog;
 pub mod bpftool;
 pub mod browser;
 pub mod cgroup;

@@ -219,6 +219,12 @@ impl Topology {
         &self.pin_dir
     }
 
+    /// Where this build's maps are pinned (`<pin dir>/maps-v<ABI>`).
+    pub fn maps_dir(&self) -> PathBuf {
+        self.pin_dir
+            .join(format!("maps-v{}", redirector_ebpf::ABI_VERSION))
+    }
+
     /// Where this topology mounted cgroup v2: the root of the hierarchy,
     /// above every process on the machine.
     pub fn cgroup2_root(&self) -> &Path {
@@ -279,15 +285,38 @@ impl Topology {
 
     /// [`Self::start_daemon`] with a given `RUST_LOG`.
     pub fn start_daemon_logging(&mut self, args: Vec<String>, rust_log: &str) -> &mut Daemon {
+        self.start_daemon_until(args, rust_log, daemon::READY)
+    }
+
+    /// Starts the daemon and waits for `ready_line` in its log (e.g.
+    /// [`daemon::LISTENING`] when no backend will answer).
+    pub fn start_daemon_until(
+        &mut self,
+        args: Vec<String>,
+        rust_log: &str,
+        ready_line: &'static str,
+    ) -> &mut Daemon {
         assert!(self.daemon.is_none(), "daemon already started");
-        let daemon = Daemon::start(
+        let daemon = Daemon::start_until(
             &self.node_place(),
             &self.pin_dir,
             args,
             vec![("RUST_LOG".into(), rust_log.into())],
             self.workdir().join("redirector.log"),
+            ready_line,
         );
         self.daemon.insert(daemon)
+    }
+
+    /// A topology with the Redis Cluster behind the service address and the
+    /// daemon running with [`Self::daemon_args`] plus `extra_args`.
+    pub fn running(pods: usize, extra_args: &[&str]) -> Self {
+        let mut topo = Self::build(pods);
+        topo.start_service_cluster();
+        let mut args = topo.daemon_args();
+        args.extend(extra_args.iter().map(ToString::to_string));
+        topo.start_daemon(args);
+        topo
     }
 
     pub fn daemon(&mut self) -> &mut Daemon {
@@ -303,7 +332,7 @@ impl Topology {
         daemon::status(&self.pin_dir)
     }
 
-    /// Summed steering counters.
+    /// Summed steering counters, as `redirector status` reports them.
     pub fn counters(&self) -> Counters {
         let status = self.status();
         let c = &status["counters"];
@@ -313,6 +342,9 @@ impl Topology {
             passed: get("passed"),
             proxy_own: get("proxy_own"),
             proxy_down: get("proxy_down"),
+            proxy_full: get("proxy_full"),
+            loopback: get("loopback"),
+            foreign_mark: get("foreign_mark"),
             errors: get("errors"),
         }
     }
@@ -335,14 +367,7 @@ impl Topology {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Counters {
-    pub steered: u64,
-    pub passed: u64,
-    pub proxy_own: u64,
-    pub proxy_down: u64,
-    pub errors: u64,
-}
+pub use redirector_ebpf::Counters;
 
 impl Drop for Topology {
     fn drop(&mut self) {

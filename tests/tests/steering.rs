@@ -23,15 +23,8 @@ fn direct_key() -> String {
 }
 const PROGRAMS: [&str; 3] = ["redir_connect4", "redir_connect6", "redir_sockops"];
 
-/// A topology with the Redis Cluster behind the service address and the
-/// daemon running.
 fn running(pods: usize, extra_args: &[&str]) -> Topology {
-    let mut topo = Topology::build(pods);
-    topo.start_service_cluster();
-    let mut args = topo.daemon_args();
-    args.extend(extra_args.iter().map(ToString::to_string));
-    topo.start_daemon(args);
-    topo
+    Topology::running(pods, extra_args)
 }
 
 /// Program ids attached at the topology's cgroup, by name.
@@ -275,7 +268,7 @@ fn proxy_own_connects_are_never_steered() {
 fn restart_readopts_pins_and_fails_open_while_down() {
     require_kernel!();
     let _kernel = exclusive();
-    let mut topo = running(1, &["--liveness", "1s"]);
+    let mut topo = running(1, &[]);
     topo.enroll(&topo.pod(0).netns);
     let key = direct_key();
     assert!(topo.pod(0).through_proxy(VIP));
@@ -304,14 +297,26 @@ fn restart_readopts_pins_and_fails_open_while_down() {
     assert!(topo.pod(0).through_proxy(VIP), "not steered after restart");
     assert_eq!(topo.pod(0).redis(&["GET", &key]), "direct");
 
-    // Crash: without a heartbeat the programs fail open after the liveness
-    // window, and steer again once a new daemon is up.
+    // Crash: the kernel drops the dead listener from rdr_listener when the
+    // process goes, so the very next connect goes direct (no ECONNREFUSED),
+    // while the last heartbeat is still fresh (3 s liveness). Steering
+    // resumes with a new daemon.
     topo.daemon().kill();
-    // Until the liveness window passes, connects still go to the dead
-    // listener and are refused.
-    wait_for("fail-open after a crash", Duration::from_secs(5), || {
-        (topo.pod(0).try_through_proxy(VIP) == Ok(false)).then_some(())
-    });
+    let killed = std::time::Instant::now();
+    let before = topo.counters();
+    for attempt in 0..5 {
+        assert_eq!(
+            topo.pod(0).try_through_proxy(VIP),
+            Ok(false),
+            "connect {attempt} after the crash"
+        );
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "too slow to prove anything: {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(topo.counters().proxy_down, before.proxy_down + 5);
     topo.daemon().start_again();
     assert!(topo.pod(0).through_proxy(VIP));
     assert_eq!(attached(&topo), programs);
@@ -326,8 +331,8 @@ fn uninstall_leaves_nothing_behind() {
     let prog_ids: Vec<u64> = attached(&topo).into_iter().map(|(_, id)| id).collect();
     // This installation's maps, by their pins (other installations on the
     // host have maps of the same names).
-    let map_ids: Vec<u64> = std::fs::read_dir(topo.pin_dir())
-        .expect("pin dir")
+    let map_ids: Vec<u64> = std::fs::read_dir(topo.maps_dir())
+        .expect("maps dir")
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .map(|e| {
@@ -337,8 +342,8 @@ fn uninstall_leaves_nothing_behind() {
                 .unwrap_or_else(|| panic!("no map id for {}", pin.display()))
         })
         .collect();
-    // Six rdr_ maps and aya-log's ring buffer.
-    assert_eq!(map_ids.len(), 7, "{map_ids:?}");
+    // Seven rdr_ maps and aya-log's ring buffer.
+    assert_eq!(map_ids.len(), 8, "{map_ids:?}");
 
     // uninstall while the daemon runs: it notices and exits.
     let out = topo.cli(&["uninstall"]);
@@ -483,12 +488,16 @@ fn mounts_cgroup2_and_attaches_at_the_real_root() {
 
 /// A steered client is shown the cluster at the address it dialled (its
 /// original destination), so a cluster-aware client keeps being steered; a
-/// client that dials the proxy itself is shown the proxy's address.
+/// client that dials the proxy itself is served only from an allowed
+/// source, and is shown the proxy's address. Any other unsteered client is
+/// refused: steering, not reachability, decides who uses the proxy's
+/// upstream credentials.
 #[test]
-fn cluster_views_advertise_the_address_the_client_dialled() {
+fn only_steered_and_allowed_clients_are_served() {
     require_kernel!();
     let _kernel = exclusive();
-    let topo = running(2, &[]);
+    // Pod 1's subnet may dial the proxy; pod 2's may not.
+    let topo = running(3, &["--allow-direct-from", "127.0.0.0/8,10.200.2.0/24"]);
     topo.enroll(&topo.pod(0).netns);
     let slots = |out: std::process::Output| String::from_utf8_lossy(&out.stdout).to_string();
 
@@ -507,6 +516,39 @@ fn cluster_views_advertise_the_address_the_client_dialled() {
     assert!(direct.contains(&proxy.ip().to_string()), "{direct}");
     assert!(direct.contains(&proxy.port().to_string()), "{direct}");
     assert!(direct.contains("16383"), "{direct}");
+
+    let rejected = |topo: &Topology| {
+        testbed::http::sample(
+            &topo.metrics(),
+            "redirector_client_connections_rejected_total{reason=\"not_steered\"}",
+        )
+    };
+    assert_eq!(rejected(&topo), 0.0);
+    // Not enrolled, not allowed: refused, with Redis-style words, and
+    // counted. The node's own address is not an allowed source either (a
+    // hostNetwork pod would dial from it).
+    let refused = slots(topo.pod(2).redis_cli(proxy.ip(), proxy.port(), &["PING"]));
+    assert!(refused.contains("DENIED"), "{refused}");
+    assert!(!refused.contains("PONG"), "{refused}");
+    let from_node = topo.node_place().output(
+        "timeout",
+        &[
+            "10",
+            "redis-cli",
+            "-h",
+            &proxy.ip().to_string(),
+            "-p",
+            &proxy.port().to_string(),
+            "PING",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&from_node.stdout).contains("DENIED"),
+        "{from_node:?}"
+    );
+    assert_eq!(rejected(&topo), 2.0);
+    // The steered pod still gets through.
+    assert_eq!(topo.pod(0).redis(&["PING"]), "PONG");
 }
 
 /// Every metric the Grafana dashboard queries is one the running daemon
@@ -732,20 +774,14 @@ fn drain_sends_new_connects_direct_and_waits_for_clients() {
         std::fs::read_to_string(&out).unwrap_or_default()
     );
     // The client already at the proxy is still served: its BLPOP gets the
-    // value pushed through the proxy, and it leaves.
-    let pushed = topo.node_place().output(
-        "redis-cli",
-        &[
-            "-h",
-            &testbed::topology::NODE_ADDR.to_string(),
-            "-p",
-            &testbed::topology::PROXY_PORT.to_string(),
-            "LPUSH",
-            key,
-            "done",
-        ],
+    // value pushed to the key's master, and it leaves.
+    let owner = topo
+        .cluster()
+        .owner_of_slot(testbed::cluster::slot_of(key.as_bytes()));
+    assert_eq!(
+        topo.cluster().cli(owner, &["LPUSH", key, "done"]).trim(),
+        "1"
     );
-    assert!(pushed.status.success(), "{pushed:?}");
     wait_for(
         "the blocked client served and gone",
         Duration::from_secs(10),

@@ -41,6 +41,12 @@ const PACKAGES: &[(Check, &[&str])] = &[
     (Check::OnPath("ip"), &["iproute2"]),
     (Check::OnPath("sysctl"), &["procps"]),
     (Check::OnPath("timeout"), &["coreutils"]),
+    // A second sock_ops program's effect is read off a captured SYN.
+    (Check::OnPath("tcpdump"), &["tcpdump"]),
+    // Drops a test pod's SYNs (connects that never establish), in its netns.
+    (Check::OnPath("iptables"), &["iptables"]),
+    // Runs a pod process with CAP_NET_RAW only (util-linux).
+    (Check::OnPath("setpriv"), &["util-linux"]),
     // A real TLS client: the HBONE tests read the certificate a node serves.
     (Check::OnPath("openssl"), &["openssl"]),
     // Loads the built-in /dashboard page in a test (headless, no network).

@@ -300,7 +300,7 @@ pub async fn info(shared: Arc<Shared>, protocol: Protocol, section: Option<Strin
         text.push_str(&format!(
             "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\n\r\n",
             shared.connected_clients(),
-            shared.settings.max_clients
+            shared.settings.admission.max_clients
         ));
     }
     if wanted("stats") {

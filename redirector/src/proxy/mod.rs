@@ -10,6 +10,7 @@
 //!               └ PING, HELLO, INFO, CLUSTER SLOTS, ... answered locally
 //! ```
 
+pub mod admission;
 pub mod dial;
 pub mod discovery;
 pub mod exec;
@@ -25,21 +26,22 @@ use std::{
     io,
     net::{SocketAddr, TcpListener as StdTcpListener},
     sync::{
-        Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use tokio::net::TcpListener;
+use tokio::{io::AsyncWriteExt as _, net::TcpListener, sync::Notify};
 use tracing::{Instrument as _, debug_span};
 
 use crate::{
     cluster::{commands::CommandTable, topology::Topology},
     metrics::Metrics,
     resp::request::Limits,
-    steering::OrigDstTable,
+    steering::{OrigDstTable, orig_dst_addr},
 };
+use admission::{Origin, Refusal, Tally};
 pub use dial::{Dialer, UpstreamAuth};
 use pool::Pools;
 
@@ -118,7 +120,8 @@ impl DownstreamAuth {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub limits: Limits,
-    pub max_clients: usize,
+    /// Who may connect, and how many connections each may hold.
+    pub admission: admission::Policy,
     /// Close clients idle this long (none: never). Subscribers and blocked
     /// clients are not idle.
     pub idle_timeout: Option<Duration>,
@@ -137,7 +140,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             limits: Limits::default(),
-            max_clients: 10_000,
+            admission: admission::Policy::default(),
             idle_timeout: None,
             max_pipeline: 1024,
             read_policy: ReadPolicy::Master,
@@ -159,7 +162,14 @@ pub struct Shared {
     /// Version of the Redis servers behind the proxy, for HELLO and INFO.
     pub redis_version: String,
     pub started: Instant,
-    clients: AtomicUsize,
+    /// Connections held, in total and per origin (admission quotas).
+    clients: Mutex<Tally>,
+    /// At the node-wide limit: the kernel should send new connects direct.
+    full: AtomicBool,
+    /// Woken when `full` flips, so the flag reaches the kernel at once.
+    pub full_changed: Notify,
+    /// The heartbeat's own probe connection, admitted without being steered.
+    probe_peer: Mutex<Option<SocketAddr>>,
     next_client_id: AtomicU64,
     total_connections: AtomicU64,
     total_commands: AtomicU64,
@@ -185,7 +195,10 @@ impl Shared {
             orig_dst,
             redis_version,
             started: Instant::now(),
-            clients: AtomicUsize::new(0),
+            clients: Mutex::new(Tally::default()),
+            full: AtomicBool::new(false),
+            full_changed: Notify::new(),
+            probe_peer: Mutex::new(None),
             next_client_id: AtomicU64::new(1),
             total_connections: AtomicU64::new(0),
             total_commands: AtomicU64::new(0),
@@ -194,7 +207,57 @@ impl Shared {
     }
 
     pub fn connected_clients(&self) -> usize {
-        self.clients.load(Ordering::Relaxed)
+        self.tally().total()
+    }
+
+    fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the proxy is at its node-wide client limit (the kernel then
+    /// sends new connects direct).
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
+
+    /// The local address of the heartbeat's probe connection, so that the
+    /// accept path serves it without an original destination.
+    pub fn set_probe_peer(&self, peer: Option<SocketAddr>) {
+        *self.probe_peer.lock().unwrap_or_else(|e| e.into_inner()) = peer;
+    }
+
+    fn is_probe(&self, peer: SocketAddr) -> bool {
+        *self.probe_peer.lock().unwrap_or_else(|e| e.into_inner()) == Some(peer)
+    }
+
+    /// Admits a connection from `origin` (or says why not), holding its
+    /// place until the returned slot drops.
+    fn admit(self: &Arc<Self>, origin: Origin, probe: bool) -> Result<ClientSlot, Refusal> {
+        let mut tally = self.tally();
+        if !probe {
+            admission::decide(&self.settings.admission, &tally, origin)?;
+        }
+        tally.add(origin);
+        self.update_full(&tally);
+        // The heartbeat's probe is not a client anyone should see in the
+        // connection figures (it comes every heartbeat).
+        if !probe {
+            self.metrics.client_opened();
+        }
+        Ok(ClientSlot {
+            shared: Arc::clone(self),
+            origin,
+            counted: !probe,
+        })
+    }
+
+    fn update_full(&self, tally: &Tally) {
+        let was = self.full.load(Ordering::Relaxed);
+        let now = admission::node_full(&self.settings.admission, tally.total(), was);
+        if now != was {
+            self.full.store(now, Ordering::Relaxed);
+            self.full_changed.notify_one();
+        }
     }
 
     pub fn total_connections(&self) -> u64 {
@@ -215,15 +278,16 @@ impl Shared {
     }
 }
 
+/// The proxy's listeners, bound: connections wait in their backlog until
+/// [`Proxy::serve`] runs.
 pub struct Proxy {
     listeners: Vec<TcpListener>,
-    shared: Arc<Shared>,
 }
 
 impl Proxy {
     /// Binds every listener now, so a bind error surfaces before the daemon
     /// reports itself ready (and before the heartbeat turns steering on).
-    pub fn bind(addrs: &[SocketAddr], shared: Arc<Shared>) -> Result<Self, Error> {
+    pub fn bind(addrs: &[SocketAddr]) -> Result<Self, Error> {
         let listeners = addrs
             .iter()
             .map(|&addr| {
@@ -232,7 +296,14 @@ impl Proxy {
                 bind().map_err(|source| Error::Bind { addr, source })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { listeners, shared })
+        Ok(Self { listeners })
+    }
+
+    /// The listening sockets, with their addresses, for `rdr_listener`.
+    pub fn sockets(&self) -> impl Iterator<Item = (SocketAddr, &TcpListener)> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok().map(|addr| (addr, l)))
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
@@ -243,10 +314,10 @@ impl Proxy {
     }
 
     /// Accepts until the task is dropped.
-    pub async fn serve(self) {
+    pub async fn serve(self, shared: Arc<Shared>) {
         let mut tasks = tokio::task::JoinSet::new();
         for listener in self.listeners {
-            tasks.spawn(accept_loop(listener, Arc::clone(&self.shared)));
+            tasks.spawn(accept_loop(listener, Arc::clone(&shared)));
         }
         while tasks.join_next().await.is_some() {}
     }
@@ -301,27 +372,112 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
         };
         shared.total_connections.fetch_add(1, Ordering::Relaxed);
-        let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
-        let clients = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
-        let guard = ClientSlot(Arc::clone(&shared));
-        if clients > shared.settings.max_clients {
-            shared.metrics.client_rejected();
-            tokio::spawn(session::reject(client, guard));
-            continue;
-        }
-        shared.metrics.client_opened();
-        let span = debug_span!("client", id, %peer);
         let local = bound.or_else(|| client.local_addr().ok()).unwrap_or(peer);
-        let session = session::serve(Arc::clone(&shared), client, peer, local, id, guard);
+        // Taken here, once: the entry is the proof that the kernel steered
+        // this connection from an enrolled pod.
+        let steered = shared
+            .orig_dst
+            .as_ref()
+            .and_then(|table| table.take(peer, local));
+        let origin = match &steered {
+            Some(orig) => Origin::Steered {
+                pod: orig.netns_cookie,
+            },
+            None => Origin::Direct { source: peer.ip() },
+        };
+        let slot = match shared.admit(origin, steered.is_none() && shared.is_probe(peer)) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                shared.metrics.client_rejected(refusal.reason());
+                tracing::debug!(%peer, reason = refusal.reason(), "client refused");
+                tokio::spawn(refuse(client, refusal));
+                continue;
+            }
+        };
+        let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
+        let span = debug_span!("client", id, %peer);
+        // A steered client believes it talks to the address it dialled.
+        let advertised = steered.as_ref().map_or(local, orig_dst_addr);
+        let session = session::serve(
+            Arc::clone(&shared),
+            client,
+            session::Addresses {
+                peer,
+                local,
+                advertised,
+            },
+            id,
+            slot,
+        );
         tokio::spawn(session.instrument(span));
     }
 }
 
-/// Holds a client's place in the client count until dropped.
-pub struct ClientSlot(Arc<Shared>);
+/// Tells a refused client why, as Redis does, and closes.
+async fn refuse(mut client: tokio::net::TcpStream, refusal: Refusal) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(refusal.reply())).await;
+}
+
+/// Holds a client's place in the admission tally (and the connection
+/// metrics) until dropped.
+pub struct ClientSlot {
+    shared: Arc<Shared>,
+    origin: Origin,
+    counted: bool,
+}
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+        let mut tally = self.shared.tally();
+        tally.remove(self.origin);
+        self.shared.update_full(&tally);
+        drop(tally);
+        if self.counted {
+            self.shared.metrics.client_closed();
+        }
     }
+}
+
+/// The heartbeat's liveness probe: one connection through the proxy's own
+/// listener and accept path, answered by a session. A proxy whose accept
+/// loop or sessions no longer run fails it, and then stops beating, so the
+/// kernel sends connects direct. `shared` learns the probe's address first,
+/// so the accept path admits it without an original destination.
+pub async fn probe(shared: &Shared, listener: SocketAddr, timeout: Duration) -> io::Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    // A wildcard listener (no steering) is reached on loopback.
+    let listener = match listener.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, listener.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, listener.port()))
+        }
+        _ => listener,
+    };
+    let exchange = async {
+        let socket = match listener {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(listener.ip(), 0))?;
+        shared.set_probe_peer(Some(socket.local_addr()?));
+        let mut stream = socket.connect(listener).await?;
+        stream.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
+        let mut reply = [0u8; 64];
+        let n = stream.read(&mut reply).await?;
+        // Any reply proves a session ran (NOAUTH too, with client auth on).
+        match reply[..n].first() {
+            Some(b'+' | b'-') => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no RESP reply to the probe's PING",
+            )),
+        }
+    };
+    let result = tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time")));
+    shared.set_probe_peer(None);
+    result
 }

@@ -42,34 +42,32 @@ use crate::{
         reply::{self, Reply},
         request::{self, Parsed, Request},
     },
-    steering::orig_dst_addr,
 };
 
 const NOAUTH: &str = "NOAUTH Authentication required.";
 const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the same slot";
 
-/// Refuses a client over the limit, as Redis does.
-pub async fn reject(mut client: TcpStream, _slot: ClientSlot) {
-    let _ = client
-        .write_all(b"-ERR max number of clients reached\r\n")
-        .await;
+/// A client connection's addresses.
+pub struct Addresses {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// Where the client believes it is connected: the address it dialled
+    /// (its original destination when steered), shown in cluster views.
+    pub advertised: SocketAddr,
 }
 
 pub async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
+    Addresses {
+        peer,
+        local,
+        advertised,
+    }: Addresses,
     id: u64,
     _slot: ClientSlot,
 ) {
     // TCP_NODELAY is inherited from the listener.
-    // A steered client believes it talks to the address it dialled.
-    let advertised = shared
-        .orig_dst
-        .as_ref()
-        .and_then(|table| table.take(peer, local))
-        .map_or(local, |orig| orig_dst_addr(&orig));
     let mut session = Session {
         authed: !shared.settings.auth.required(),
         shared: Arc::clone(&shared),
@@ -94,7 +92,6 @@ pub async fn serve(
         read_at: Instant::now(),
     };
     session.run(stream).await;
-    shared.metrics.client_closed();
     tracing::debug!("client closed");
 }
 

@@ -59,7 +59,7 @@ pub fn is_bpffs(path: &Path) -> bool {
 pub fn resolve_cgroup_root(requested: Option<&Path>) -> Result<PathBuf, Error> {
     if let Some(path) = requested {
         if !is_cgroup2(path) {
-            mount_on_empty_dir(path, "cgroup2", "none")
+            mount_on_empty_dir(path, "cgroup2", "none", None)
                 .map_err(|e| e.unwrap_or_else(|| Error::NotCgroup2 { path: path.into() }))?;
         }
         return Ok(path.into());
@@ -71,7 +71,7 @@ pub fn resolve_cgroup_root(requested: Option<&Path>) -> Result<PathBuf, Error> {
     }
     let fallback = Path::new(FALLBACK_CGROUP2_MOUNT);
     if !is_cgroup2(fallback) {
-        mount_on_empty_dir(fallback, "cgroup2", "none").map_err(|e| {
+        mount_on_empty_dir(fallback, "cgroup2", "none", None).map_err(|e| {
             e.unwrap_or_else(|| Error::NotCgroup2 {
                 path: fallback.into(),
             })
@@ -79,6 +79,10 @@ pub fn resolve_cgroup_root(requested: Option<&Path>) -> Result<PathBuf, Error> {
     }
     Ok(fallback.into())
 }
+
+/// Mode of a bpffs the daemon mounts: root only, as systemd and Cilium mount
+/// it. (The kernel's default is 1777: any user could pin there.)
+pub const BPFFS_MODE: &str = "mode=0700";
 
 /// Makes sure `pin_dir` can hold pins: its parent must be on bpffs, and is
 /// mounted as bpffs when it is a missing or empty directory (the usual case
@@ -88,14 +92,18 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
         return Ok(());
     }
     let parent = pin_dir.parent().unwrap_or(Path::new("/"));
-    if !is_bpffs(parent) {
-        mount_on_empty_dir(parent, "bpf", "bpf").map_err(|e| {
-            e.unwrap_or_else(|| Error::NotBpffs {
-                path: parent.into(),
-            })
-        })?;
+    mount_bpffs(parent).map(drop)
+}
+
+/// Mounts bpffs (mode 0700) on `dir` unless it is bpffs already; returns
+/// whether it mounted. `redirector mount-bpffs` runs this on the host.
+pub fn mount_bpffs(dir: &Path) -> Result<bool, Error> {
+    if is_bpffs(dir) {
+        return Ok(false);
     }
-    Ok(())
+    mount_on_empty_dir(dir, "bpf", "bpf", Some(BPFFS_MODE))
+        .map_err(|e| e.unwrap_or_else(|| Error::NotBpffs { path: dir.into() }))?;
+    Ok(true)
 }
 
 /// Mounts `fstype` on `path` if it is a missing or empty directory. `Err(None)`
@@ -104,6 +112,7 @@ fn mount_on_empty_dir(
     path: &Path,
     fstype: &'static str,
     source: &str,
+    data: Option<&str>,
 ) -> Result<(), Option<Error>> {
     fs::create_dir_all(path).map_err(|source| {
         Some(Error::CreateDir {
@@ -120,7 +129,7 @@ fn mount_on_empty_dir(
         path,
         Some(fstype),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
+        data,
     )
     .map_err(|source| {
         Some(Error::Mount {

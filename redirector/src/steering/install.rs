@@ -9,6 +9,11 @@
 //!
 //! The daemon keeps no program or link file descriptors: the pins own the
 //! attachment, so removing the pins (`uninstall`) is all it takes to detach.
+//!
+//! Maps of another layout version (an upgrade across an ABI change) are
+//! never refused: the new set is created beside them, enrollments and
+//! targets are copied over while the old programs still steer, the new
+//! programs are swapped in, and then the old set's pins are removed.
 
 use std::{
     fs::{self, File},
@@ -19,12 +24,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapInfo,
+    maps::{HashMap, Map, MapData, MapInfo},
     programs::{CgroupAttachMode, Program, links::FdLink, loaded_programs},
 };
 use redirector_ebpf::{
-    Counters, Enrollment, MAX_ENROLLED, MAX_ORIG_DST, MAX_PENDING, MAX_TARGETS, NetnsKey, OrigDst,
-    ProxyConfig, SockTuple, Target, TargetKey, map_names, program_names,
+    Counters, Enrollment, MAX_ENROLLED, MAX_LISTENERS, MAX_ORIG_DST, MAX_TARGETS, NetnsKey,
+    OrigDst, ProxyConfig, SockTuple, Target, TargetKey, map_names, program_names,
 };
 
 use super::{Error, Layout, fs as kfs, sys};
@@ -55,6 +60,18 @@ impl Installed {
     pub fn log_program_id(&self) -> u32 {
         self.programs[0].2
     }
+
+    /// (attach type, program id) of the connect4/connect6 programs.
+    pub fn connect_program_ids(&self) -> Vec<(u32, u32)> {
+        self.programs
+            .iter()
+            .filter_map(|(name, _, id)| match *name {
+                program_names::CONNECT4 => Some((sys::ATTACH_INET4_CONNECT, *id)),
+                program_names::CONNECT6 => Some((sys::ATTACH_INET6_CONNECT, *id)),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// Installs or adopts the programs and maps.
@@ -64,11 +81,11 @@ pub fn install(
     kernel_log_level: aya_log::Level,
 ) -> Result<Installed, Error> {
     kfs::ensure_bpffs(&layout.pin_dir)?;
-    fs::create_dir_all(layout.links_dir()).map_err(Error::io(format!(
-        "cannot create {}",
-        layout.links_dir().display()
-    )))?;
+    for dir in [layout.links_dir(), layout.maps_dir()] {
+        fs::create_dir_all(&dir).map_err(Error::io(format!("cannot create {}", dir.display())))?;
+    }
     check_pinned_maps(layout)?;
+    let old_sets = layout.other_map_sets();
 
     let cgroup = File::open(cgroup_root).map_err(Error::io(format!(
         "cannot open cgroup {}",
@@ -90,14 +107,33 @@ pub fn install(
     let level = kernel_log_level as u8;
     loader.override_global(aya_log::LEVEL, &level, true);
     let mut ebpf = loader.load(EBPF_OBJECT)?;
+    // While the old programs still steer, carry their state over, so the
+    // swap below changes nothing for enrolled pods.
+    for (version, dir) in &old_sets {
+        carry_over(layout, dir).map_err(Error::io(format!(
+            "cannot copy enrollments and targets from map layout v{version} ({})",
+            dir.display()
+        )))?;
+    }
+    let own_maps = pinned_map_ids(layout);
 
     let mut programs = Vec::with_capacity(program_names::ALL.len());
     for name in program_names::ALL {
-        let (outcome, id) = install_program(&mut ebpf, name, layout, &cgroup, cgroup_id)?;
+        let (outcome, id) =
+            install_program(&mut ebpf, name, layout, &cgroup, cgroup_id, &own_maps)?;
         tracing::info!(program = name, id, ?outcome, cgroup = %cgroup_root.display(), "program");
         programs.push((name, outcome, id));
     }
     remove_stale_links(layout)?;
+    for (version, dir) in &old_sets {
+        let removed = remove_map_set(dir)?;
+        tracing::info!(
+            version,
+            dir = %dir.display(),
+            removed,
+            "removed the map pins of an older layout"
+        );
+    }
     Ok(Installed {
         cgroup_root: cgroup_root.into(),
         programs,
@@ -110,6 +146,7 @@ fn install_program(
     layout: &Layout,
     cgroup: &File,
     cgroup_id: u64,
+    own_maps: &[u32],
 ) -> Result<(ProgramOutcome, u32), Error> {
     let program_err = |source| Error::Program {
         program: name,
@@ -138,7 +175,16 @@ fn install_program(
 
     if let Some(existing) = existing {
         let same_cgroup = existing.cgroup_id == Some(cgroup_id);
-        if same_cgroup && program_tag(existing.prog_id) == Some(tag) {
+        // A program's tag ignores which maps it uses: the same code bound to
+        // another layout's maps is not ours to adopt. (Its unpinned maps,
+        // such as .rodata, are its own either way.)
+        if same_cgroup
+            && let Some((old_tag, old_maps)) = program_tag_and_maps(existing.prog_id)
+            && old_tag == tag
+            && old_maps
+                .iter()
+                .all(|id| own_maps.contains(id) || !is_pinned_kind(*id))
+        {
             return Ok((ProgramOutcome::Adopted, existing.prog_id));
         }
     }
@@ -192,11 +238,96 @@ fn install_program(
     Ok((outcome, id))
 }
 
-fn program_tag(id: u32) -> Option<u64> {
-    loaded_programs()
+fn program_tag_and_maps(id: u32) -> Option<(u64, Vec<u32>)> {
+    let info = loaded_programs()
         .filter_map(Result::ok)
-        .find(|info| info.id() == id)
-        .map(|info| info.tag())
+        .find(|info| info.id() == id)?;
+    let maps = info.map_ids().ok().flatten().unwrap_or_default();
+    Some((info.tag(), maps))
+}
+
+/// Whether map `id` is one of the kinds redirector pins (by its name).
+fn is_pinned_kind(id: u32) -> bool {
+    MapInfo::from_id(id)
+        .ok()
+        .and_then(|info| info.name_as_str().map(|n| map_names::ALL.contains(&n)))
+        .unwrap_or(false)
+}
+
+/// Kernel ids of the maps pinned for this build's layout.
+fn pinned_map_ids(layout: &Layout) -> Vec<u32> {
+    map_names::ALL
+        .iter()
+        .filter_map(|name| MapInfo::from_pin(layout.map(name)).ok())
+        .map(|info| info.id())
+        .collect()
+}
+
+/// Copies enrollments and targets from an older layout's maps into this
+/// build's, where their key and value layouts are the same (they have not
+/// changed since v1); anything else starts empty and is refilled by the
+/// daemon and the node agent.
+fn carry_over(layout: &Layout, old_dir: &Path) -> io::Result<()> {
+    fn copy<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path) -> io::Result<usize> {
+        let open = |path: &Path| -> io::Result<HashMap<MapData, K, V>> {
+            let data = MapData::from_pin(path).map_err(io::Error::other)?;
+            HashMap::try_from(Map::HashMap(data)).map_err(io::Error::other)
+        };
+        if !from.exists() {
+            return Ok(0);
+        }
+        let info = MapInfo::from_pin(from).map_err(io::Error::other)?;
+        if (info.key_size() as usize, info.value_size() as usize)
+            != (std::mem::size_of::<K>(), std::mem::size_of::<V>())
+        {
+            return Ok(0);
+        }
+        let old = open(from)?;
+        let mut new = open(to)?;
+        let mut copied = 0;
+        for entry in old.iter() {
+            let (key, value) = entry.map_err(io::Error::other)?;
+            new.insert(key, value, 0).map_err(io::Error::other)?;
+            copied += 1;
+        }
+        Ok(copied)
+    }
+    let enrolled = copy::<NetnsKey, Enrollment>(
+        &old_dir.join(map_names::ENROLLED),
+        &layout.map(map_names::ENROLLED),
+    )?;
+    let targets = copy::<TargetKey, Target>(
+        &old_dir.join(map_names::TARGETS),
+        &layout.map(map_names::TARGETS),
+    )?;
+    tracing::info!(from = %old_dir.display(), enrolled, targets, "carried over from an older map layout");
+    Ok(())
+}
+
+/// Removes the map pins of another layout version (and its directory, when
+/// it is one of its own); returns how many pins went.
+fn remove_map_set(dir: &Path) -> Result<usize, Error> {
+    let mut removed = 0;
+    for name in map_names::ALL {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("cannot remove {}", path.display()))(e)),
+        }
+    }
+    if dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("maps-v"))
+    {
+        match fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("cannot remove {}", dir.display()))(e)),
+        }
+    }
+    Ok(removed)
 }
 
 /// Link pins of programs this build no longer has.
@@ -221,7 +352,7 @@ fn remove_stale_links(layout: &Layout) -> Result<(), Error> {
 /// kernel would accept them and the programs would misread every entry.
 fn check_pinned_maps(layout: &Layout) -> Result<(), Error> {
     use std::mem::size_of;
-    let expected: [(&str, usize, usize, u32); 6] = [
+    let expected: [(&str, usize, usize, u32); 7] = [
         (
             map_names::ENROLLED,
             size_of::<NetnsKey>(),
@@ -235,12 +366,8 @@ fn check_pinned_maps(layout: &Layout) -> Result<(), Error> {
             MAX_TARGETS,
         ),
         (map_names::PROXY, 4, size_of::<ProxyConfig>(), 1),
-        (
-            map_names::PENDING,
-            size_of::<u64>(),
-            size_of::<OrigDst>(),
-            MAX_PENDING,
-        ),
+        // Socket storage: keyed by a socket fd, no capacity.
+        (map_names::PENDING, 4, size_of::<OrigDst>(), 0),
         (
             map_names::ORIG_DST,
             size_of::<SockTuple>(),
@@ -248,6 +375,7 @@ fn check_pinned_maps(layout: &Layout) -> Result<(), Error> {
             MAX_ORIG_DST,
         ),
         (map_names::COUNTERS, 4, size_of::<Counters>(), 1),
+        (map_names::LISTENER, 4, 4, MAX_LISTENERS),
     ];
     for (name, key_size, value_size, max_entries) in expected {
         let path = layout.map(name);
@@ -284,7 +412,8 @@ pub struct Removed {
 }
 
 /// Detaches every program (by removing its link pin: the daemon holds no
-/// link fds) and removes every map pin and the pin directory. Idempotent.
+/// link fds) and removes every map pin, of every layout version, and the pin
+/// directory. Idempotent.
 pub fn uninstall(layout: &Layout) -> Result<Removed, Error> {
     let mut removed = Removed::default();
     let links_dir = layout.links_dir();
@@ -299,13 +428,10 @@ pub fn uninstall(layout: &Layout) -> Result<Removed, Error> {
         fs::remove_dir(&links_dir)
             .map_err(Error::io(format!("cannot remove {}", links_dir.display())))?;
     }
-    for name in map_names::ALL {
-        let path = layout.map(name);
-        match fs::remove_file(&path) {
-            Ok(()) => removed.maps += 1,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("cannot remove {}", path.display()))(e)),
-        }
+    let mut sets = layout.other_map_sets();
+    sets.push((redirector_ebpf::ABI_VERSION, layout.maps_dir()));
+    for (_, dir) in sets {
+        removed.maps += remove_map_set(&dir)?;
     }
     match fs::remove_dir(&layout.pin_dir) {
         Ok(()) => {}

@@ -9,10 +9,10 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockMap};
 use redirector_ebpf::{
-    Counters, Enrollment, NetnsKey, OrigDst, ProxyConfig, SockTuple, Target, TargetKey,
-    ipv4_mapped, map_names,
+    Counters, Enrollment, LISTENER_IPV4, LISTENER_IPV6, NetnsKey, OrigDst, ProxyConfig, SockTuple,
+    Target, TargetKey, ipv4_mapped, map_names,
 };
 
 use super::{Error, Layout};
@@ -200,9 +200,9 @@ impl Maps {
             .filter_map(Result::ok)
             .filter(|key| !wanted.contains(key))
             .collect();
-        for (spec, cluster_id) in targets {
+        for (spec, backend_id) in targets {
             let value = Target {
-                cluster_id: *cluster_id,
+                backend_id: *backend_id,
             };
             self.targets.insert(spec.key(), value, 0).map_err(map_err)?;
         }
@@ -216,7 +216,7 @@ impl Maps {
         let mut out = self
             .targets
             .iter()
-            .map(|entry| entry.map(|(key, value)| (TargetSpec::from_key(&key), value.cluster_id)))
+            .map(|entry| entry.map(|(key, value)| (TargetSpec::from_key(&key), value.backend_id)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| Error::Map {
                 map: map_names::TARGETS,
@@ -266,6 +266,17 @@ impl OrigDstTable {
         })
     }
 
+    /// Entries waiting for the proxy to accept their connection (normally
+    /// none for more than an instant).
+    pub fn len(&self) -> usize {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.keys().filter(Result::is_ok).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Takes the original destination of an accepted connection: `client` is
     /// its peer address, `proxy` its local address. `None` when the client
     /// was not steered (it dialled the proxy itself).
@@ -282,6 +293,38 @@ impl OrigDstTable {
         // entry answer for it.
         let _ = map.remove(&key);
         Some(orig)
+    }
+}
+
+/// The proxy's listening sockets in `rdr_listener`: while one is there (and
+/// the heartbeat is fresh) the programs steer to it; the kernel removes it
+/// when the socket closes, so a dead proxy is passed by at once.
+pub struct Listeners {
+    map: SockMap<MapData>,
+}
+
+impl Listeners {
+    pub fn open(layout: &Layout) -> Result<Self, Error> {
+        Ok(Self {
+            map: typed(layout, map_names::LISTENER)?,
+        })
+    }
+
+    /// Registers the listener of `addr`'s family.
+    pub fn register(
+        &mut self,
+        addr: SocketAddr,
+        socket: &impl std::os::fd::AsRawFd,
+    ) -> Result<(), Error> {
+        let slot = if addr.is_ipv4() {
+            LISTENER_IPV4
+        } else {
+            LISTENER_IPV6
+        };
+        self.map.set(slot, socket, 0).map_err(|source| Error::Map {
+            map: map_names::LISTENER,
+            source,
+        })
     }
 }
 

@@ -6,11 +6,18 @@
 //! daemon restart changes nothing for the kernel:
 //!
 //! ```text
-//! <pin-dir>/rdr_enrolled, rdr_targets, rdr_proxy, rdr_pending,
-//!           rdr_orig_dst, rdr_counters       maps (see ARCHITECTURE.md)
+//! <pin-dir>/maps-v2/rdr_enrolled, rdr_targets, rdr_proxy, rdr_pending,
+//!                   rdr_orig_dst, rdr_counters, rdr_listener
+//!                                            maps of map ABI v2 (see ARCHITECTURE.md)
 //! <pin-dir>/links/redir_connect4, ...        cgroup links, one per program
 //! ```
+//!
+//! Maps live in a directory named for their layout version
+//! (`redirector_ebpf::ABI_VERSION`), so an upgrade across a layout change
+//! builds a new set beside the old one, swaps the programs over, and then
+//! removes the old set.
 
+pub mod coexist;
 pub mod fs;
 mod install;
 mod maps;
@@ -22,13 +29,20 @@ use std::{
 };
 
 pub use install::{Installed, ProgramOutcome, Removed, install, uninstall};
-pub use maps::{Maps, OrigDstTable, TargetSpec, bytes_to_ip, ip_to_bytes, orig_dst_addr};
+pub use maps::{
+    Listeners, Maps, OrigDstTable, TargetSpec, bytes_to_ip, ip_to_bytes, orig_dst_addr,
+};
 
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirector";
 
-/// Default `SO_MARK` of the proxy's own sockets ("6379" read as hex).
-pub const DEFAULT_SOCKET_MARK: u32 = 0x6379;
+/// Default `SO_MARK` of the proxy's own sockets: bit 12 alone. It stays
+/// clear of kube-proxy's masquerade and drop bits (0x4000, 0x8000, also
+/// used by flannel), Cilium's magic nibble (0x0F00) and identity bits
+/// (0xFFFF0000), Calico's default mask (0xFFFF0000), and Istio ambient's
+/// marks (0x539/0x111 under mask 0xFFF), so no other component's rule
+/// matches the proxy's upstream packets.
+pub const DEFAULT_SOCKET_MARK: u32 = 0x1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -97,8 +111,48 @@ impl Layout {
         }
     }
 
+    /// The directory of this build's maps.
+    pub fn maps_dir(&self) -> PathBuf {
+        self.maps_dir_of(redirector_ebpf::ABI_VERSION)
+    }
+
+    fn maps_dir_of(&self, abi_version: u32) -> PathBuf {
+        self.pin_dir.join(format!("maps-v{abi_version}"))
+    }
+
     pub fn map(&self, name: &str) -> PathBuf {
-        self.pin_dir.join(name)
+        self.maps_dir().join(name)
+    }
+
+    /// Map directories of other layout versions found under the pin
+    /// directory, with the version; version 1 kept its maps in the pin
+    /// directory itself.
+    pub fn other_map_sets(&self) -> Vec<(u32, PathBuf)> {
+        let mut found = Vec::new();
+        if self
+            .pin_dir
+            .join(redirector_ebpf::map_names::PROXY)
+            .exists()
+        {
+            found.push((1, self.pin_dir.clone()));
+        }
+        let Ok(entries) = std::fs::read_dir(&self.pin_dir) else {
+            return found;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let version = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("maps-v"))
+                .and_then(|v| v.parse::<u32>().ok());
+            if let Some(version) = version
+                && version != redirector_ebpf::ABI_VERSION
+            {
+                found.push((version, entry.path()));
+            }
+        }
+        found.sort();
+        found
     }
 
     pub fn links_dir(&self) -> PathBuf {

@@ -107,3 +107,50 @@ pub fn attach_type_name(attach_type: u32) -> &'static str {
         _ => "other",
     }
 }
+
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+/// `enum bpf_attach_type` values of the connect hooks.
+pub const ATTACH_INET4_CONNECT: u32 = 10;
+pub const ATTACH_INET6_CONNECT: u32 = 11;
+
+/// `union bpf_attr` for BPF_PROG_QUERY (the fields up to `prog_cnt`).
+#[repr(C)]
+struct ProgQueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+}
+
+/// Ids of the programs that run for `attach_type` on sockets of `cgroup`,
+/// in the order the kernel runs them (its effective array: the cgroup's own
+/// programs in attach order, then its ancestors').
+pub fn effective_programs(cgroup: &std::fs::File, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    loop {
+        let mut attr = ProgQueryAttr {
+            target_fd: cgroup.as_raw_fd() as u32,
+            attach_type,
+            query_flags: BPF_F_QUERY_EFFECTIVE,
+            attach_flags: 0,
+            prog_ids: ids.as_mut_ptr() as u64,
+            prog_cnt: ids.len() as u32,
+            _pad: 0,
+        };
+        match bpf(BPF_PROG_QUERY, &mut attr) {
+            Ok(_) => {
+                ids.truncate(attr.prog_cnt as usize);
+                return Ok(ids);
+            }
+            // The kernel says how many there are: ask again with room.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                ids = vec![0u32; attr.prog_cnt as usize + 8];
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
