@@ -328,7 +328,8 @@ struct KubernetesArgs {
     /// Unix socket the CNI plugin asks for enrollment on; `none` disables.
     #[arg(long, default_value = redirector::cni::wire::DEFAULT_SOCKET)]
     cni_socket: String,
-    /// The host's /proc (hostPID), to find pods' processes.
+    /// The host's /proc (a mount of it: a procfs shows the PID namespace that
+    /// mounted it), to find pods' processes and their network namespaces.
     #[arg(long, default_value = "/proc")]
     proc_root: PathBuf,
     /// Keep redirector-cni chained in this CNI config dir (the node's

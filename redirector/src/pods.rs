@@ -9,7 +9,10 @@
 //! - systemd: `/kubepods.slice/kubepods-besteffort.slice/
 //!   kubepods-besteffort-pod<uid with '_' for '-'>.slice/cri-containerd-<id>.scope`.
 
-use std::{io, path::Path};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -62,6 +65,19 @@ pub fn pod_uid_of_cgroup(path: &str) -> Option<String> {
     })
 }
 
+/// A host path as the agent can open it: runtimes that name a sandbox's
+/// network namespace by process (`/proc/<pid>/ns/net`, as cri-dockerd does)
+/// mean the host's /proc, which the agent sees at `proc_root` (the
+/// DaemonSet mounts it at /host/proc; its own /proc is its own PID
+/// namespace's). Every other path (containerd's `/var/run/netns/cni-…`) is
+/// the same inside.
+pub fn host_proc_path(proc_root: &Path, path: &Path) -> PathBuf {
+    match path.strip_prefix("/proc") {
+        Ok(rest) if proc_root != Path::new("/proc") => proc_root.join(rest),
+        _ => path.to_path_buf(),
+    }
+}
+
 /// One pass over `/proc` (`proc_root`): the oldest process of every pod
 /// that has one here, by pod UID. The node agent looks up many pods at
 /// once, so it reads each process's cgroup once, not once per pod.
@@ -96,6 +112,28 @@ pub fn scan(proc_root: &Path) -> Result<std::collections::HashMap<String, u32>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_netns_paths_are_the_hosts_through_proc_root() {
+        let root = Path::new("/host/proc");
+        assert_eq!(
+            host_proc_path(root, Path::new("/proc/4242/ns/net")),
+            Path::new("/host/proc/4242/ns/net")
+        );
+        assert_eq!(
+            host_proc_path(root, Path::new("/var/run/netns/cni-1")),
+            Path::new("/var/run/netns/cni-1")
+        );
+        assert_eq!(
+            host_proc_path(Path::new("/proc"), Path::new("/proc/1/ns/net")),
+            Path::new("/proc/1/ns/net")
+        );
+        assert_eq!(
+            host_proc_path(root, Path::new("/processes/1")),
+            Path::new("/processes/1"),
+            "a path component, not a string prefix"
+        );
+    }
 
     const UID: &str = "5f3c2a1e-9b7d-4c4e-8f00-0123456789ab";
 

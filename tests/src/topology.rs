@@ -328,6 +328,21 @@ impl Topology {
         daemon::cli_ok(&self.pin_dir, args)
     }
 
+    /// `redirector --pin-dir <this topology's> <args>` run in the node,
+    /// where the daemon's admin endpoint is (so `status` shows the
+    /// daemon's own report); returns stdout, asserting success.
+    pub fn node_cli(&self, args: &[&str]) -> String {
+        let mut full = vec!["--pin-dir", path_str(&self.pin_dir)];
+        full.extend_from_slice(args);
+        let binary = daemon::binary();
+        let out = self.node_place().output(path_str(&binary), &full);
+        assert!(
+            out.status.success(),
+            "redirector {args:?} in the node: {out:?}"
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn status(&self) -> serde_json::Value {
         daemon::status(&self.pin_dir)
     }

@@ -5,8 +5,12 @@
 //! properties are checked on the typed objects, and every `--flag` the
 //! manifests pass to `redirector` is checked against the real binary's help.
 
+#[path = "support/kustomize.rs"]
+mod kustomize;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
     path::Path,
     process::Command,
 };
@@ -17,6 +21,7 @@ use k8s_openapi::{
         apps::v1::DaemonSet,
         core::v1::{
             ConfigMap, Container, Namespace, PodSpec, ResourceQuota, Service, ServiceAccount,
+            VolumeMount,
         },
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
@@ -32,14 +37,20 @@ const NAMESPACE: &str = "redirector-system";
 const IMAGE: &str = "ghcr.io/redirector-dev/redirector:0.1.0";
 const BINARY: &str = "/usr/local/bin/redirector";
 const ADMIN_PORT: i32 = 15020;
+/// The port a bare IP in `--metrics-addr` takes (`redirector run --help`).
+const METRICS_PORT: i32 = 15020;
+/// The port a bare IP in `--proxy-addr` takes (`redirector run --help`).
+const PROXY_PORT: i32 = 15379;
+const AGENT_DS: &str = "DaemonSet redirector-system/redirector";
 
 /// The agent's command line, as the README documents it.
 const AGENT_ARGS: &[&str] = &[
     "run",
     "--kubernetes",
     "--node-name=$(NODE_NAME)",
-    "--proxy-addr=$(NODE_IP):15379",
-    "--admin-addr=0.0.0.0:15020",
+    "--proxy-addr=$(NODE_IPS)",
+    "--admin-addr=127.0.0.1:15020",
+    "--metrics-addr=$(NODE_IP)",
     "--cgroup-root=/host/sys/fs/cgroup",
     "--pin-dir=/sys/fs/bpf/redirector",
     "--proc-root=/host/proc",
@@ -71,6 +82,11 @@ const CNI_UNINSTALL_ARGS: &[&str] = &[
     "--conf-dir=/host/etc/cni/net.d",
     "--bin-dir=/host/opt/cni/bin",
 ];
+/// The mount-bpffs overlay's init container.
+const MOUNT_BPFFS_ARGS: &[&str] = &["mount-bpffs", "/sys/fs/bpf"];
+/// Where k3s keeps the CNI configuration and plugins (deploy/overlays/k3s).
+const K3S_CNI_CONF: &str = "/var/lib/rancher/k3s/agent/etc/cni/net.d";
+const K3S_CNI_BIN: &str = "/var/lib/rancher/k3s/data/cni";
 /// The agent's capabilities, each justified in deploy/base/daemonset.yaml
 /// and deploy/README.md.
 const AGENT_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"];
@@ -111,28 +127,7 @@ struct Rendered {
 }
 
 fn render(dir: &'static str) -> Rendered {
-    let path = testbed::workspace_root().join(dir);
-    let out = match Command::new("kubectl").arg("kustomize").arg(&path).output() {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "kubectl is not on PATH: these tests render deploy/ with `kubectl kustomize` \
-             (`cargo xtask setup` installs Debian's kubernetes-client)"
-        ),
-        Err(e) => panic!("cannot run kubectl: {e}"),
-    };
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {dir} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let yaml = String::from_utf8(out.stdout).expect("kubectl prints UTF-8");
-    let docs: Vec<Value> = serde_saphyr::from_multiple::<Value>(&yaml)
-        .unwrap_or_else(|e| panic!("{dir}: the render is not YAML: {e}\n{yaml}"))
-        .into_iter()
-        .filter(|doc| !doc.is_null())
-        .collect();
-    assert!(!docs.is_empty(), "{dir} rendered nothing");
-
+    let docs = kustomize::render_docs(dir);
     let mut rendered = Rendered {
         dir,
         ..Rendered::default()
@@ -361,6 +356,48 @@ fn flag<'a>(args: &[&'a str], name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {name}= in {args:?}"))
 }
 
+/// What `c` mounts at exactly `path`.
+fn volume_mount<'a>(c: &'a Container, path: &str) -> &'a VolumeMount {
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == path)
+        .unwrap_or_else(|| panic!("{}: nothing is mounted at {path}", c.name))
+}
+
+/// Where an environment variable's value comes from.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum EnvSource {
+    Value(String),
+    /// The downward API (`fieldRef.fieldPath`).
+    Field(String),
+    /// A Secret, a ConfigMap, a resource (none here).
+    Other,
+}
+
+fn env(c: &Container) -> BTreeMap<String, EnvSource> {
+    c.env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let field = e
+                .value_from
+                .as_ref()
+                .and_then(|from| from.field_ref.as_ref());
+            let source = match (&e.value, field) {
+                (_, Some(f)) => EnvSource::Field(f.field_path.clone()),
+                (Some(value), None) => EnvSource::Value(value.clone()),
+                (None, None) => EnvSource::Other,
+            };
+            (e.name.clone(), source)
+        })
+        .collect()
+}
+
+fn field(path: &str) -> EnvSource {
+    EnvSource::Field(path.to_string())
+}
+
 /// The host path that `path` inside container `c` is, through its hostPath
 /// mounts (the longest mount path that is a prefix of it), and whether that
 /// mount is read-only.
@@ -452,6 +489,11 @@ fn assert_hardened(pod: &PodSpec, c: &Container) {
         .map(|p| p.type_.as_str())
         .or(pod_seccomp);
     assert_eq!(seccomp, Some("RuntimeDefault"), "{}: seccomp", c.name);
+    assert_resources(c);
+}
+
+/// CPU and memory requests and limits.
+fn assert_resources(c: &Container) {
     let resources = c
         .resources
         .as_ref()
@@ -498,6 +540,54 @@ fn assert_tolerates_everything(ds: &DaemonSet) {
     );
 }
 
+/// install-cni and the agent's keeper (`--cni-conf-dir`, `--cni-bin-dir`)
+/// both write the node's CNI directories `conf` and `bin`.
+fn assert_cni_dirs(pod: &PodSpec, conf: &str, bin: &str) {
+    for (name, conf_flag, bin_flag) in [
+        ("install-cni", "--conf-dir", "--bin-dir"),
+        ("redirector", "--cni-conf-dir", "--cni-bin-dir"),
+    ] {
+        let c = container(pod, name);
+        let a = args(c);
+        for (dir, host) in [(flag(&a, conf_flag), conf), (flag(&a, bin_flag), bin)] {
+            assert!(
+                !assert_host_path(pod, c, dir, host),
+                "{name}: {dir} is written"
+            );
+        }
+    }
+}
+
+/// `--flag`'s value as a listen address: its host (an IP or a `$(VAR)`),
+/// and its port, or `default_port` when it has none (as the binary reads a
+/// bare IP).
+fn listen_addr(value: &str, default_port: i32) -> (String, i32) {
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return (addr.ip().to_string(), i32::from(addr.port()));
+    }
+    if value.parse::<std::net::IpAddr>().is_ok() {
+        return (value.to_string(), default_port);
+    }
+    match value.rsplit_once(':') {
+        Some((host, port)) if host.starts_with("$(") && host.ends_with(')') => (
+            host.to_string(),
+            port.parse().unwrap_or_else(|_| panic!("{value}: bad port")),
+        ),
+        _ if value.starts_with("$(") && value.ends_with(')') => (value.to_string(), default_port),
+        _ => panic!("{value}: not IP, IP:PORT, $(VAR) or $(VAR):PORT"),
+    }
+}
+
+/// The agent container's port named `name`.
+fn container_port(c: &Container, name: &str) -> i32 {
+    c.ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("{}: no port {name}", c.name))
+        .container_port
+}
+
 // ---------------------------------------------------------------------------
 // The base
 
@@ -524,7 +614,6 @@ fn agent_daemonset_is_a_host_agent_with_exact_capabilities() {
     let ds = base.daemon_set("redirector");
     let pod = pod_spec(ds);
     assert_eq!(pod.host_network, Some(true), "hostNetwork");
-    assert_eq!(pod.host_pid, Some(true), "hostPID");
     assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
     assert_eq!(
         pod.priority_class_name.as_deref(),
@@ -577,23 +666,12 @@ fn agent_daemonset_is_a_host_agent_with_exact_capabilities() {
         "install-cni's command line"
     );
 
-    // The downward API: every $(VAR) the args use is defined, and the two
-    // node facts come from the right fields.
-    let env: BTreeMap<&str, Option<&str>> = agent
-        .env
-        .iter()
-        .flatten()
-        .map(|e| {
-            let field = e
-                .value_from
-                .as_ref()
-                .and_then(|from| from.field_ref.as_ref())
-                .map(|f| f.field_path.as_str());
-            (e.name.as_str(), field)
-        })
-        .collect();
-    assert_eq!(env.get("NODE_NAME"), Some(&Some("spec.nodeName")));
-    assert_eq!(env.get("NODE_IP"), Some(&Some("status.hostIP")));
+    // The downward API: every $(VAR) the args use is defined, and the node
+    // facts come from the right fields.
+    let env = env(agent);
+    assert_eq!(env.get("NODE_NAME"), Some(&field("spec.nodeName")));
+    assert_eq!(env.get("NODE_IP"), Some(&field("status.hostIP")));
+    assert_eq!(env.get("NODE_IPS"), Some(&field("status.hostIPs")));
     for arg in args(agent) {
         if let Some((_, rest)) = arg.split_once("$(") {
             let var = rest.split(')').next().unwrap_or_default();
@@ -603,36 +681,63 @@ fn agent_daemonset_is_a_host_agent_with_exact_capabilities() {
 }
 
 #[test]
+fn agent_and_its_uninstaller_run_on_linux_nodes_only() {
+    let linux = Some(BTreeMap::from([(
+        "kubernetes.io/os".to_string(),
+        "linux".to_string(),
+    )]));
+    let base = render("deploy");
+    let agent = pod_spec(base.daemon_set("redirector"));
+    assert_eq!(agent.node_selector, linux, "the agent's nodeSelector");
+    let uninstall = render("deploy/uninstall");
+    let cleaner = pod_spec(uninstall.daemon_set("redirector-uninstall"));
+    assert_eq!(
+        cleaner.node_selector, linux,
+        "the uninstaller's nodeSelector: on other nodes it never becomes ready"
+    );
+}
+
+#[test]
+fn agent_sees_host_processes_through_proc_root_without_host_pid() {
+    let base = render("deploy");
+    let pod = pod_spec(base.daemon_set("redirector"));
+    assert_ne!(pod.host_pid, Some(true), "no hostPID");
+    // A procfs shows the PID namespace that mounted it: the host's /proc,
+    // bind-mounted, lists every process on the node.
+    let agent = container(pod, "redirector");
+    assert!(
+        assert_host_path(pod, agent, flag(&args(agent), "--proc-root"), "/proc"),
+        "/proc is read-only"
+    );
+}
+
+#[test]
 fn agent_mounts_the_host_paths_its_flags_name() {
     let base = render("deploy");
     let pod = pod_spec(base.daemon_set("redirector"));
     let agent = container(pod, "redirector");
     let a = args(agent);
-    assert_host_path(pod, agent, flag(&a, "--pin-dir"), "/sys/fs/bpf/redirector");
+    let pin_dir = flag(&a, "--pin-dir");
+    assert_host_path(pod, agent, pin_dir, "/sys/fs/bpf/redirector");
     assert!(
         assert_host_path(pod, agent, flag(&a, "--cgroup-root"), "/sys/fs/cgroup"),
         "the host cgroup mount is read-only (attaching opens the directory only)"
     );
-    assert!(
-        assert_host_path(pod, agent, flag(&a, "--proc-root"), "/proc"),
-        "/proc is read-only"
-    );
     let socket = flag(&a, "--cni-socket");
     assert_host_path(pod, agent, socket, "/var/run/redirector/cni.sock");
-    let bpffs = agent
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| m.mount_path == "/sys/fs/bpf")
-        .expect("bpffs mounted at /sys/fs/bpf");
+    let bpffs = volume_mount(agent, "/sys/fs/bpf");
+    assert!(Path::new(pin_dir).starts_with(&bpffs.mount_path));
     assert_ne!(bpffs.read_only, Some(true), "pins are written");
-
-    let install = container(pod, "install-cni");
-    let i = args(install);
-    assert_host_path(pod, install, flag(&i, "--conf-dir"), "/etc/cni/net.d");
-    assert_host_path(pod, install, flag(&i, "--bin-dir"), "/opt/cni/bin");
     assert_eq!(
-        flag(&i, "--socket"),
+        bpffs.mount_propagation.as_deref(),
+        Some("HostToContainer"),
+        "a bpffs the host mounts later is seen (Bidirectional needs privileged)"
+    );
+
+    assert_cni_dirs(pod, "/etc/cni/net.d", "/opt/cni/bin");
+    let install = container(pod, "install-cni");
+    assert_eq!(
+        flag(&args(install), "--socket"),
         socket,
         "plugin and agent share a socket"
     );
@@ -640,17 +745,58 @@ fn agent_mounts_the_host_paths_its_flags_name() {
 }
 
 #[test]
-fn agent_probes_and_drain_use_the_admin_port() {
+fn agent_opens_runtime_netns_paths_as_the_host_sees_them() {
+    let base = render("deploy");
+    let pod = pod_spec(base.daemon_set("redirector"));
+    let agent = container(pod, "redirector");
+    // containerd and CRI-O bind each sandbox's netns there, and CNI_NETNS
+    // names that path; the agent opens it in its own mount namespace.
+    let netns = "/var/run/netns";
+    let sandbox = format!("{netns}/cni-0c9e4d52-7a1b-4f3e-9d2c-5b6a7e8f9012");
+    assert_host_path(pod, agent, &sandbox, &sandbox);
+    assert_eq!(
+        volume_mount(agent, netns).mount_propagation.as_deref(),
+        Some("HostToContainer"),
+        "sandboxes bound after the agent started must appear in its mount"
+    );
+}
+
+#[test]
+fn proxy_listens_on_every_node_address() {
+    let base = render("deploy");
+    let agent = container(pod_spec(base.daemon_set("redirector")), "redirector");
+    let (host, port) = listen_addr(flag(&args(agent), "--proxy-addr"), PROXY_PORT);
+    assert_eq!(host, "$(NODE_IPS)", "one listener per node address");
+    assert_eq!(env(agent).get("NODE_IPS"), Some(&field("status.hostIPs")));
+    assert_eq!(container_port(agent, "redis-proxy"), port);
+}
+
+#[test]
+fn only_metrics_face_the_network_and_admin_stays_on_loopback() {
+    let base = render("deploy");
+    let agent = container(pod_spec(base.daemon_set("redirector")), "redirector");
+    let a = args(agent);
+    let admin: SocketAddr = flag(&a, "--admin-addr")
+        .parse()
+        .expect("--admin-addr is IP:PORT");
+    assert!(admin.ip().is_loopback(), "admin endpoint on {admin}");
+    assert_eq!(i32::from(admin.port()), ADMIN_PORT);
+
+    let (host, port) = listen_addr(flag(&a, "--metrics-addr"), METRICS_PORT);
+    assert_eq!(host, "$(NODE_IP)", "/metrics on the node address");
+    assert_eq!(env(agent).get("NODE_IP"), Some(&field("status.hostIP")));
+    assert_eq!(container_port(agent, "http-metrics"), port);
+}
+
+#[test]
+fn agent_probes_and_drain_use_the_loopback_admin_port() {
     let base = render("deploy");
     let ds = base.daemon_set("redirector");
     let pod = pod_spec(ds);
     let agent = container(pod, "redirector");
     let a = args(agent);
-    let admin_port = flag(&a, "--admin-addr")
-        .rsplit(':')
-        .next()
-        .unwrap_or_default();
-    assert_eq!(admin_port, ADMIN_PORT.to_string());
+    let admin_addr = flag(&a, "--admin-addr");
+    let admin: SocketAddr = admin_addr.parse().expect("--admin-addr is IP:PORT");
 
     for (what, probe, path) in [
         ("readiness", &agent.readiness_probe, "/healthz/ready"),
@@ -661,16 +807,17 @@ fn agent_probes_and_drain_use_the_admin_port() {
             .and_then(|p| p.http_get.as_ref())
             .unwrap_or_else(|| panic!("no HTTP {what} probe"));
         assert_eq!(get.path.as_deref(), Some(path), "{what} probe path");
-        assert_eq!(get.port, IntOrString::Int(ADMIN_PORT), "{what} probe port");
+        assert_eq!(
+            get.host,
+            Some(admin.ip().to_string()),
+            "{what} probe host: the kubelet is on the node (hostNetwork)"
+        );
+        assert_eq!(
+            get.port,
+            IntOrString::Int(admin.port().into()),
+            "{what} probe port"
+        );
     }
-    let ports: BTreeMap<i32, Option<&str>> = agent
-        .ports
-        .iter()
-        .flatten()
-        .map(|p| (p.container_port, p.name.as_deref()))
-        .collect();
-    assert_eq!(ports.get(&ADMIN_PORT), Some(&Some("http-metrics")));
-    assert!(ports.contains_key(&15379), "the proxy port: {ports:?}");
 
     let drain = agent
         .lifecycle
@@ -680,13 +827,16 @@ fn agent_probes_and_drain_use_the_admin_port() {
         .and_then(|e| e.command.as_deref())
         .expect("an exec preStop hook");
     assert_eq!(drain, DRAIN, "preStop drains");
-    let timeout: i64 = flag(
-        &drain.iter().map(String::as_str).collect::<Vec<_>>(),
-        "--timeout",
-    )
-    .trim_end_matches('s')
-    .parse()
-    .expect("--timeout in seconds");
+    let drain: Vec<&str> = drain.iter().map(String::as_str).collect();
+    assert_eq!(
+        flag(&drain, "--admin-addr"),
+        admin_addr,
+        "drain asks the agent's admin endpoint"
+    );
+    let timeout: i64 = flag(&drain, "--timeout")
+        .trim_end_matches('s')
+        .parse()
+        .expect("--timeout in seconds");
     let grace = pod.termination_grace_period_seconds.expect("grace period");
     assert!(
         grace > timeout,
@@ -710,14 +860,11 @@ fn rbac_is_read_only_and_least_privilege() {
             }
         }
     }
+    // Nothing watches EndpointSlices: Services are resolved to their
+    // ClusterIPs only.
     assert_eq!(
         granted,
-        BTreeSet::from([
-            ("", "namespaces"),
-            ("", "pods"),
-            ("", "services"),
-            ("discovery.k8s.io", "endpointslices"),
-        ]),
+        BTreeSet::from([("", "namespaces"), ("", "pods"), ("", "services")]),
         "the ClusterRole grants exactly these"
     );
 
@@ -790,14 +937,24 @@ fn metrics_service_selects_the_agent_pods() {
             .and_then(|s| s.selector.match_labels.as_ref()),
         "the Service selects exactly the DaemonSet's pods"
     );
+    // The metrics-only listener (`--metrics-addr`), not the admin
+    // endpoint, which is on the node's loopback.
+    let agent = container(pod_spec(ds), "redirector");
+    let (_, metrics_port) = listen_addr(flag(&args(agent), "--metrics-addr"), METRICS_PORT);
     let ports = spec.ports.as_deref().unwrap_or_default();
     assert_eq!(ports.len(), 1);
     assert_eq!(ports[0].name.as_deref(), Some("http-metrics"));
-    assert_eq!(ports[0].port, ADMIN_PORT);
-    assert!(matches!(
-        &ports[0].target_port,
-        None | Some(IntOrString::Int(ADMIN_PORT))
-    ));
+    assert_eq!(ports[0].port, metrics_port);
+    // targetPort defaults to port.
+    let target = ports[0]
+        .target_port
+        .clone()
+        .unwrap_or(IntOrString::Int(ports[0].port));
+    assert_eq!(
+        target,
+        IntOrString::Int(metrics_port),
+        "the Service targets the metrics listener"
+    );
 }
 
 #[test]
@@ -937,30 +1094,130 @@ fn servicemonitor_overlay_scrapes_the_metrics_service() {
     }
 }
 
+/// The base and the overlay in `dir`, which changes only the agent's
+/// DaemonSet: the same objects, every other one as the base has it.
+fn render_agent_overlay(dir: &'static str) -> (Rendered, Rendered) {
+    let base = render("deploy");
+    let overlay = render(dir);
+    assert_eq!(overlay.ids(), BASE_OBJECTS, "{dir}: the base's objects");
+    assert_eq!(
+        others(&overlay, &[AGENT_DS]),
+        others(&base, &[AGENT_DS]),
+        "{dir}: the rest unchanged"
+    );
+    (base, overlay)
+}
+
+/// The pod spec of a rendered DaemonSet document, as JSON.
+fn pod_doc(ds: &mut Value) -> &mut Value {
+    &mut ds["spec"]["template"]["spec"]
+}
+
 #[test]
 fn ambient_overlay_only_appends_ambient_label() {
-    let base = render("deploy");
-    let overlay = render("deploy/overlays/ambient");
-    assert_eq!(overlay.ids(), BASE_OBJECTS);
-    let id = "DaemonSet redirector-system/redirector";
-    assert_eq!(
-        others(&overlay, &[id]),
-        others(&base, &[id]),
-        "the rest unchanged"
-    );
-
+    let (base, overlay) = render_agent_overlay("deploy/overlays/ambient");
     let agent = container(pod_spec(overlay.daemon_set("redirector")), "redirector");
     let mut expected = AGENT_ARGS.to_vec();
     expected.push("--ambient-label");
     assert_eq!(args(agent), expected, "the base's args and --ambient-label");
 
     // Nothing but that one argument differs.
-    let mut patched = base.doc(id).clone();
-    patched["spec"]["template"]["spec"]["containers"][0]["args"]
+    let mut patched = base.doc(AGENT_DS).clone();
+    pod_doc(&mut patched)["containers"][0]["args"]
         .as_array_mut()
         .expect("args")
         .push("--ambient-label".into());
-    assert_eq!(&patched, overlay.doc(id));
+    assert_eq!(&patched, overlay.doc(AGENT_DS));
+}
+
+#[test]
+fn k3s_overlay_only_moves_the_cni_directories_to_k3s_paths() {
+    let (base, overlay) = render_agent_overlay("deploy/overlays/k3s");
+    let mut patched = base.doc(AGENT_DS).clone();
+    let volumes = pod_doc(&mut patched)["volumes"]
+        .as_array_mut()
+        .expect("volumes");
+    for (name, path) in [("cni-conf", K3S_CNI_CONF), ("cni-bin", K3S_CNI_BIN)] {
+        let volume = volumes
+            .iter_mut()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name}"));
+        volume["hostPath"]["path"] = path.into();
+    }
+    assert_eq!(
+        &patched,
+        overlay.doc(AGENT_DS),
+        "only the cni-conf and cni-bin hostPaths differ"
+    );
+    // The installer's and the keeper's flags land there.
+    assert_cni_dirs(
+        pod_spec(overlay.daemon_set("redirector")),
+        K3S_CNI_CONF,
+        K3S_CNI_BIN,
+    );
+}
+
+#[test]
+fn mount_bpffs_overlay_adds_one_privileged_init_container_first() {
+    let (base, overlay) = render_agent_overlay("deploy/overlays/mount-bpffs");
+    let mut unpatched = overlay.doc(AGENT_DS).clone();
+    pod_doc(&mut unpatched)["initContainers"]
+        .as_array_mut()
+        .expect("initContainers")
+        .remove(0);
+    assert_eq!(
+        &unpatched,
+        base.doc(AGENT_DS),
+        "the base's DaemonSet and one init container"
+    );
+
+    let pod = pod_spec(overlay.daemon_set("redirector"));
+    let names: Vec<&str> = init_containers(pod)
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["mount-bpffs", "install-cni"], "mount-bpffs first");
+    let mount = container(pod, "mount-bpffs");
+    assert_eq!(mount.image.as_deref(), Some(IMAGE));
+    assert_eq!(mount.command.as_deref(), Some(&[BINARY.to_string()][..]));
+    assert_eq!(args(mount), MOUNT_BPFFS_ARGS, "its command line");
+    let sc = mount.security_context.as_ref().expect("securityContext");
+    assert_eq!(
+        sc.privileged,
+        Some(true),
+        "a Bidirectional mount needs privileged"
+    );
+    assert_eq!(sc.run_as_user, Some(0));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_resources(mount);
+    let dir = MOUNT_BPFFS_ARGS[1];
+    let bpffs = volume_mount(mount, dir);
+    assert_eq!(bpffs.name, "bpffs");
+    assert_eq!(
+        bpffs.mount_propagation.as_deref(),
+        Some("Bidirectional"),
+        "its mount reaches the host"
+    );
+    assert!(
+        !assert_host_path(pod, mount, dir, "/sys/fs/bpf"),
+        "mounts onto the host's /sys/fs/bpf, read-write"
+    );
+
+    // The agent sees that bpffs, and stays as unprivileged as in the base.
+    let agent = container(pod, "redirector");
+    assert!(Path::new(flag(&args(agent), "--pin-dir")).starts_with(dir));
+    assert_eq!(
+        volume_mount(agent, dir).mount_propagation.as_deref(),
+        Some("HostToContainer")
+    );
+    for c in all_containers(pod).filter(|c| c.name != "mount-bpffs") {
+        assert_hardened(pod, c);
+    }
+    assert_eq!(
+        capabilities(agent).0,
+        AGENT_CAPABILITIES.iter().copied().collect(),
+        "the agent's capabilities"
+    );
 }
 
 #[test]
@@ -1054,20 +1311,34 @@ fn uninstall_daemonset_cleans_every_node() {
 // ---------------------------------------------------------------------------
 // The flags exist
 
-/// Every `--flag` the manifests pass to `redirector`, by subcommand.
-fn command_lines() -> Vec<Vec<String>> {
-    let base = render("deploy");
-    let ambient = render("deploy/overlays/ambient");
-    let uninstall = render("deploy/uninstall");
-    let mut lines = Vec::new();
-    for ds in [
-        base.daemon_set("redirector"),
-        ambient.daemon_set("redirector"),
-        uninstall.daemon_set("redirector-uninstall"),
+/// One command line the manifests run `redirector` with, and the
+/// environment its `$(VAR)`s expand from (none for a preStop hook: the
+/// kubelet expands only a container's command and args).
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct CommandLine {
+    args: Vec<String>,
+    env: BTreeMap<String, EnvSource>,
+}
+
+/// Every `redirector` command line in the base, the overlays and
+/// `uninstall/`, each once.
+fn command_lines() -> Vec<CommandLine> {
+    let mut lines = BTreeSet::new();
+    for (dir, name) in [
+        ("deploy", "redirector"),
+        ("deploy/overlays/ambient", "redirector"),
+        ("deploy/overlays/k3s", "redirector"),
+        ("deploy/overlays/mount-bpffs", "redirector"),
+        ("deploy/overlays/servicemonitor", "redirector"),
+        ("deploy/uninstall", "redirector-uninstall"),
     ] {
-        for c in all_containers(pod_spec(ds)) {
+        let rendered = render(dir);
+        for c in all_containers(pod_spec(rendered.daemon_set(name))) {
             if c.command.as_deref() == Some(&[BINARY.to_string()][..]) {
-                lines.push(c.args.clone().unwrap_or_default());
+                lines.insert(CommandLine {
+                    args: c.args.clone().unwrap_or_default(),
+                    env: env(c),
+                });
             }
             let pre_stop = c
                 .lifecycle
@@ -1077,65 +1348,82 @@ fn command_lines() -> Vec<Vec<String>> {
                 .and_then(|e| e.command.as_deref());
             if let Some([binary, rest @ ..]) = pre_stop {
                 assert_eq!(binary, BINARY, "preStop runs the image's redirector");
-                lines.push(rest.to_vec());
+                lines.insert(CommandLine {
+                    args: rest.to_vec(),
+                    env: BTreeMap::new(),
+                });
             }
         }
     }
-    // The ambient overlay repeats the base's lines.
-    lines.sort();
-    lines.dedup();
-    lines
+    lines.into_iter().collect()
+}
+
+/// `redirector WORDS --help`, or why it failed.
+fn help(words: &[&str]) -> Result<String, String> {
+    let binary = testbed::daemon::binary();
+    let out = Command::new(&binary)
+        .args(words)
+        .arg("--help")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// The subcommand words a command line starts with (`cni install`), as the
+/// binary's help lists its commands; what follows are arguments.
+fn subcommand(line: &[String]) -> Vec<&str> {
+    let mut words = Vec::new();
+    for word in line {
+        let listed = help(&words).is_ok_and(|help| {
+            help.lines()
+                .skip_while(|l| *l != "Commands:")
+                .skip(1)
+                .take_while(|l| !l.is_empty())
+                .any(|l| l.split_whitespace().next() == Some(word.as_str()))
+        });
+        if !listed {
+            break;
+        }
+        words.push(word.as_str());
+    }
+    words
 }
 
 #[test]
 fn every_flag_in_the_manifests_exists_in_the_binary() {
     let lines = command_lines();
-    let subcommands: BTreeSet<Vec<&str>> = lines
-        .iter()
-        .map(|line| {
-            line.iter()
-                .map(String::as_str)
-                .take_while(|a| !a.starts_with('-'))
-                .collect()
-        })
-        .collect();
+    let subcommands: BTreeSet<Vec<&str>> = lines.iter().map(|l| subcommand(&l.args)).collect();
     for expected in [
         vec!["run"],
         vec!["cni", "install"],
         vec!["cni", "uninstall"],
         vec!["drain"],
         vec!["uninstall"],
+        vec!["mount-bpffs"],
     ] {
         assert!(subcommands.contains(&expected), "no {expected:?} line");
     }
 
-    let binary = testbed::daemon::binary();
     let mut missing = Vec::new();
     for line in &lines {
-        let words: Vec<&str> = line
-            .iter()
-            .map(String::as_str)
-            .take_while(|a| !a.starts_with('-'))
-            .collect();
-        let out = Command::new(&binary)
-            .args(&words)
-            .arg("--help")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+        let words = subcommand(&line.args);
         let shown = format!("redirector {} --help", words.join(" "));
-        if !out.status.success() {
-            missing.push(format!(
-                "{shown} fails: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-            continue;
-        }
-        let help = String::from_utf8_lossy(&out.stdout);
+        let help = match help(&words) {
+            Ok(help) => help,
+            Err(e) => {
+                missing.push(format!("{shown} fails: {e}"));
+                continue;
+            }
+        };
         let known: BTreeSet<&str> = help
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
             .filter(|w| w.starts_with("--"))
             .collect();
-        for arg in line.iter().filter(|a| a.starts_with("--")) {
+        for arg in line.args.iter().filter(|a| a.starts_with("--")) {
             let name = arg.split('=').next().unwrap_or_default();
             if !known.contains(name) {
                 missing.push(format!("{shown} has no {name} (used as {arg})"));
@@ -1145,7 +1433,116 @@ fn every_flag_in_the_manifests_exists_in_the_binary() {
     assert!(
         missing.is_empty(),
         "{} does not take what deploy/ passes it:\n  {}",
-        binary.display(),
+        testbed::daemon::binary().display(),
         missing.join("\n  ")
     );
+}
+
+/// A node as the downward API describes it.
+struct Node {
+    kind: &'static str,
+    host_ip: &'static str,
+    host_ips: &'static str,
+}
+
+const NODES: &[Node] = &[
+    Node {
+        kind: "IPv4",
+        host_ip: "10.0.0.5",
+        host_ips: "10.0.0.5",
+    },
+    Node {
+        kind: "dual-stack",
+        host_ip: "10.0.0.5",
+        host_ips: "10.0.0.5,fd00:10::5",
+    },
+    Node {
+        kind: "IPv6-only",
+        host_ip: "fd00:10::5",
+        host_ips: "fd00:10::5",
+    },
+];
+
+impl Node {
+    fn value(&self, source: &EnvSource) -> String {
+        match source {
+            EnvSource::Value(value) => value.clone(),
+            EnvSource::Field(path) => match path.as_str() {
+                "spec.nodeName" => "node-a".into(),
+                "status.hostIP" => self.host_ip.into(),
+                "status.hostIPs" => self.host_ips.into(),
+                other => panic!("no sample for the downward API's {other}"),
+            },
+            EnvSource::Other => panic!("no sample for a variable not from the downward API"),
+        }
+    }
+
+    /// `arg` with each defined `$(VAR)` replaced, as the kubelet does
+    /// (undefined ones stay as written).
+    fn expand(&self, arg: &str, env: &BTreeMap<String, EnvSource>) -> String {
+        let mut out = String::new();
+        let mut rest = arg;
+        while let Some((before, after)) = rest.split_once("$(") {
+            out.push_str(before);
+            match after.split_once(')') {
+                Some((var, tail)) if env.contains_key(var) => {
+                    out.push_str(&self.value(&env[var]));
+                    rest = tail;
+                }
+                _ => {
+                    out.push_str("$(");
+                    rest = after;
+                }
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+#[test]
+fn every_command_line_parses_on_ipv4_dual_stack_and_ipv6_nodes() {
+    // With --help last, the binary parses every argument before it (values
+    // included) and exits 0 only if all of them are valid.
+    let mut failed = Vec::new();
+    for line in command_lines() {
+        for node in NODES {
+            let args: Vec<String> = line
+                .args
+                .iter()
+                .map(|arg| node.expand(arg, &line.env))
+                .collect();
+            let words: Vec<&str> = args.iter().map(String::as_str).collect();
+            if let Err(e) = help(&words) {
+                failed.push(format!(
+                    "{} node: redirector {}: {e}",
+                    node.kind,
+                    args.join(" ")
+                ));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+#[test]
+fn bare_node_addresses_take_the_ports_the_pod_declares() {
+    // `--proxy-addr=$(NODE_IPS)` and `--metrics-addr=$(NODE_IP)` carry no
+    // port: the binary's defaults must be the container ports.
+    let help = help(&["run"]).expect("redirector run --help");
+    for (name, port) in [
+        ("--proxy-addr", PROXY_PORT),
+        ("--metrics-addr", METRICS_PORT),
+    ] {
+        let text: Vec<&str> = help
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with(&format!("{name} ")))
+            .take_while(|l| !l.trim_start().starts_with("--") || l.contains(name))
+            .collect();
+        assert!(
+            text.join(" ").contains(&format!("(port {port})")),
+            "`redirector run --help` does not give {name} a default port of {port}:\n{}",
+            text.join("\n")
+        );
+    }
 }

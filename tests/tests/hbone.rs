@@ -82,12 +82,15 @@ fn mint_node_certs(dir: &Path) {
 }
 
 /// `redirector run` arguments for a node at `ip`: proxy only (no
-/// steering), discovering the cluster from `ip:seed`, admin and HBONE
+/// steering; the tests dial it from the node itself, an allowed direct
+/// source), discovering the cluster from `ip:seed`, admin and HBONE
 /// listeners on `ip`, then `extra`.
 fn node_args(ip: &str, seed: u16, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = [
         "--steering",
         "off",
+        "--allow-direct-from",
+        ip,
         "--proxy-addr",
         &format!("{ip}:{PROXY_PORT}"),
         "--cluster-seed",

@@ -563,3 +563,272 @@ fn cni_add_enrolls_the_sandbox_before_any_container_runs() {
     std::fs::write(&conflist, flannel).expect("rewrite the flannel conflist");
     chained("the agent re-chains redirector-cni after the rewrite");
 }
+
+#[path = "support/kustomize.rs"]
+mod kustomize;
+
+/// The agent as the DaemonSet runs it: in a private mount namespace built
+/// from the rendered manifest's own hostPath volumes, mount propagation,
+/// read-only flags, command and arguments (read with k8s-openapi, not
+/// copied by hand), on the node's network. With no Redis Service in the
+/// API, its readiness probe passes. A CNI ADD naming a containerd-style
+/// `/var/run/netns/cni-…` (bound on the host after the agent started)
+/// enrolls the sandbox: the manifest must mount /var/run/netns with
+/// HostToContainer for the agent to open it.
+#[test]
+fn the_daemonsets_own_mounts_let_the_agent_enroll_a_containerd_sandbox() {
+    use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::HTTPGetAction};
+    use std::collections::BTreeMap;
+    use testbed::{
+        TempDir,
+        cni::{Sandbox, inject, redirector_cni},
+        container::{ContainerFs, HostMount, ImageFile, Propagation, VolumeMount},
+        process::Child,
+    };
+    require_kernel!();
+    let _kernel = exclusive();
+
+    let rendered = kustomize::render_docs("deploy");
+    let ds_doc = rendered
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "redirector")
+        .expect("the agent DaemonSet");
+    let ds: DaemonSet = serde_json::from_value(ds_doc.clone()).expect("a typed DaemonSet");
+    let pod_spec = ds
+        .spec
+        .and_then(|s| s.template.spec)
+        .expect("a pod template");
+    assert_eq!(
+        pod_spec.host_network,
+        Some(true),
+        "the test runs the agent on the node's network"
+    );
+    let agent = pod_spec
+        .containers
+        .iter()
+        .find(|c| c.name == "redirector")
+        .expect("the agent container");
+
+    // The node, its API (no Redis Service: only a ConfigMap naming one),
+    // and a pod of an opted-in namespace.
+    let topo = Topology::build(1);
+    let listener = topo
+        .node_place()
+        .listen(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("API listener in the node");
+    let api = ApiServer::serve(listener);
+    api.apply(namespace("redirector-system", &[]));
+    api.apply(targets("service redis/redis-cluster:6379\n"));
+    api.apply(namespace("shop", &[OPT_IN]));
+    api.apply(pod("shop", "web-0", UID_WEB0, NODE, &[]));
+
+    // The test's stand-in for the node's filesystem: every hostPath of the
+    // manifest under it, except the kernel's own (a fresh bpffs, the
+    // topology's cgroup, the real /proc).
+    let host = TempDir::new("rdr-host-");
+    let bpffs_dir = host.path().join("sys/fs/bpf");
+    std::fs::create_dir_all(&bpffs_dir).expect("bpffs dir");
+    let bpffs = HostMount::new(&["-t", "bpf", "bpf"], &bpffs_dir);
+    let netns_dir = host.path().join("var/run/netns");
+    std::fs::create_dir_all(&netns_dir).expect("netns dir");
+    // containerd binds sandboxes under a shared mount (as /run is on a
+    // systemd host), so they propagate to containers that follow it.
+    let netns_mount = HostMount::new(&["--bind", path_str(&netns_dir)], &netns_dir).shared();
+    let stand_in = |host_path: &str| -> std::path::PathBuf {
+        match host_path {
+            "/sys/fs/bpf" => bpffs.path().to_path_buf(),
+            "/sys/fs/cgroup" => topo.attach_root().to_path_buf(),
+            "/proc" => "/proc".into(),
+            other => {
+                let dir = host.path().join(other.trim_start_matches('/'));
+                std::fs::create_dir_all(&dir).expect("hostPath stand-in");
+                dir
+            }
+        }
+    };
+    let host_paths: BTreeMap<&str, &str> = pod_spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| Some((v.name.as_str(), v.host_path.as_ref()?.path.as_str())))
+        .collect();
+    let volumes: Vec<VolumeMount> = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| VolumeMount {
+            host: stand_in(host_paths[m.name.as_str()]),
+            container: m.mount_path.clone().into(),
+            propagation: Propagation::from_spec(m.mount_propagation.as_deref()),
+            read_only: m.read_only == Some(true),
+        })
+        .collect();
+    // The network plugin's config, for the agent's CNI keeper.
+    std::fs::write(
+        stand_in("/etc/cni/net.d").join("10-flannel.conflist"),
+        include_str!("../../redirector/src/cni/testdata/10-flannel.conflist"),
+    )
+    .expect("flannel conflist");
+    // The image: the two binaries, and the CA bundle deploy/Dockerfile
+    // installs (ca-certificates).
+    let image = vec![
+        ImageFile {
+            host: testbed::daemon::binary(),
+            container: "/usr/local/bin/redirector".into(),
+        },
+        ImageFile {
+            host: "/etc/ssl/certs".into(),
+            container: "/etc/ssl/certs".into(),
+        },
+        ImageFile {
+            host: redirector_cni(),
+            container: "/usr/local/bin/redirector-cni".into(),
+        },
+    ];
+    let fs = ContainerFs::new(image, volumes);
+
+    // The container's command line, with the downward API's values.
+    let node_ips = format!(
+        "{},{}",
+        testbed::topology::NODE_ADDR,
+        testbed::topology::NODE_ADDR6
+    );
+    let downward = |field: &str| match field {
+        "spec.nodeName" => NODE.to_string(),
+        "status.hostIP" => testbed::topology::NODE_ADDR.to_string(),
+        "status.hostIPs" => node_ips.clone(),
+        other => panic!("the test does not know downward API field {other}"),
+    };
+    let env: Vec<(String, String)> = agent
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let value = match (&e.value, &e.value_from) {
+                (Some(value), _) => value.clone(),
+                (None, Some(from)) => downward(
+                    &from
+                        .field_ref
+                        .as_ref()
+                        .expect("env from a pod field")
+                        .field_path,
+                ),
+                (None, None) => String::new(),
+            };
+            (e.name.clone(), value)
+        })
+        .collect();
+    let expand = |arg: &str| {
+        env.iter().fold(arg.to_string(), |arg, (name, value)| {
+            arg.replace(&format!("$({name})"), value)
+        })
+    };
+    let command = agent.command.as_ref().expect("the agent's command");
+    let mut args: Vec<String> = command[1..]
+        .iter()
+        .chain(agent.args.iter().flatten())
+        .map(|a| expand(a))
+        .collect();
+    // In-cluster config needs a service account token; the test's API is
+    // plain HTTP on the node's loopback.
+    args.extend(["--kube-api".into(), api.url()]);
+
+    let log = topo.workdir().join("agent-in-container.log");
+    let mut agent_process = Child::spawn("the agent in its DaemonSet mounts", {
+        let mut cmd = fs.command(&topo.node_place(), &command[0], &args);
+        cmd.env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log"));
+        cmd
+    });
+    wait_for("the agent listening", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            agent_process.is_running(),
+            "the agent exited in its DaemonSet mounts:\n{text}"
+        );
+        text.contains(testbed::daemon::LISTENING).then_some(())
+    });
+
+    // The manifest's probes, as kubelet runs them, pass without Redis.
+    for (what, probe) in [
+        ("readiness", &agent.readiness_probe),
+        ("liveness", &agent.liveness_probe),
+    ] {
+        let HTTPGetAction {
+            host, path, port, ..
+        } = probe
+            .as_ref()
+            .and_then(|p| p.http_get.clone())
+            .unwrap_or_else(|| panic!("an HTTP {what} probe"));
+        let port = match port {
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port) => {
+                u16::try_from(port).expect("a port")
+            }
+            named => panic!("{what} probe: named port {named:?}"),
+        };
+        let ip: IpAddr = host
+            .as_deref()
+            .unwrap_or(&testbed::topology::NODE_ADDR.to_string())
+            .parse()
+            .expect("probe host");
+        let answer = testbed::http::get_in(
+            &topo.node_place(),
+            SocketAddr::new(ip, port),
+            path.as_deref().unwrap_or("/"),
+        );
+        assert!(answer.starts_with("HTTP/1.1 200"), "{what}: {answer}");
+    }
+
+    // containerd sets up the sandbox: its netns, bound at
+    // /var/run/netns/cni-<id> on the host after the agent started.
+    let sandbox_name = "cni-3f0d29a1-7b64-4c55-9e1c-52b7e8a1d6f0";
+    let sandbox_file = netns_dir.join(sandbox_name);
+    std::fs::write(&sandbox_file, b"").expect("netns mount point");
+    let sandbox_mount = HostMount::new(
+        &["--bind", path_str(&topo.pod(0).netns.path())],
+        &sandbox_file,
+    );
+    let socket = stand_in("/var/run/redirector").join("cni.sock");
+    let ours = json!({"type": "redirector-cni", "agentSocket": path_str(&socket)});
+    let prev = r#"{"cniVersion":"1.0.0","interfaces":[{"name":"eth0"}],"ips":[]}"#;
+    let sandbox = Sandbox {
+        container_id: "3f0d29a17b64".into(),
+        netns: Some(std::path::PathBuf::from("/var/run/netns").join(sandbox_name)),
+        ifname: "eth0".into(),
+        args: format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_UID={UID_WEB0}"
+        ),
+    };
+    let added = sandbox.run(
+        &topo.node_place(),
+        &redirector_cni(),
+        "ADD",
+        &inject(&ours, "k8s-pod-network", "1.0.0", Some(prev)),
+    );
+    assert!(added.status.success(), "redirector-cni ADD: {added:?}");
+    let pin_dir = bpffs.path().join("redirector");
+    let status = testbed::daemon::status(&pin_dir);
+    let inode = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(topo.pod(0).netns.path())
+            .expect("pod netns")
+            .ino()
+    };
+    assert_eq!(
+        status["enrolled"][0]["netns_inode"].as_u64(),
+        Some(inode),
+        "the sandbox is not enrolled: {status}\n{}\nagent log:\n{}",
+        String::from_utf8_lossy(&added.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    agent_process.kill();
+    drop(sandbox_mount);
+    testbed::daemon::cli(&pin_dir, &["uninstall"]);
+    drop(netns_mount);
+    drop(bpffs);
+}

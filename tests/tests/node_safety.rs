@@ -386,11 +386,7 @@ fn readiness_does_not_wait_for_redis() {
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     assert_eq!(metric(&topo, "redirector_backend_up"), 0.0);
     // `status` from the node, where the daemon's admin endpoint is.
-    let status = topo.node_place().output(
-        path_str(&daemon::binary()),
-        &["--pin-dir", path_str(topo.pin_dir()), "status"],
-    );
-    let status = String::from_utf8_lossy(&status.stdout);
+    let status = topo.node_cli(&["status"]);
     assert!(status.contains("daemon: ready, backend DOWN"), "{status}");
     assert!(status.contains("NOT steering"), "{status}");
 

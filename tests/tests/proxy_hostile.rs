@@ -515,7 +515,7 @@ fn idle_timeout_and_max_clients() {
         );
     }
     assert!(
-        proxy.metric("redirector_client_connections_rejected_total") >= 3.0,
+        proxy.metric("redirector_client_connections_rejected_total{reason=\"max_clients\"}") >= 3.0,
         "{}",
         proxy.metrics()
     );

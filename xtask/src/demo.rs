@@ -111,7 +111,7 @@ pub fn run(bin: &Path, once: bool) -> Result<()> {
     );
     println!();
     println!("$ redirector status");
-    println!("{}", topo.cli(&["status"]));
+    println!("{}", topo.node_cli(&["status"]));
 
     let pin = path_str(topo.pin_dir()).to_string();
     println!("Try it yourself while the demo runs:");
@@ -123,8 +123,15 @@ pub fn run(bin: &Path, once: bool) -> Result<()> {
         "  ip netns exec {} redis-cli -h {SERVICE_VIP} GET user:2",
         pod_b.netns.name()
     );
-    println!("  {} --pin-dir {pin} status", bin.display());
-    println!("  bpftool map dump pinned {pin}/rdr_counters");
+    println!(
+        "  ip netns exec {} {} --pin-dir {pin} status",
+        topo.node.name(),
+        bin.display()
+    );
+    println!(
+        "  bpftool map dump pinned {}/rdr_counters",
+        path_str(&topo.maps_dir())
+    );
 
     if !once {
         println!();

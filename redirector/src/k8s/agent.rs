@@ -541,7 +541,7 @@ impl Agent {
                 reason: format!("pod {pod} opted out"),
             };
         }
-        let Some(path) = request.netns.clone() else {
+        let Some(path) = self.netns_path(&request) else {
             return Reply::Failed {
                 error: "the runtime gave no network namespace (CNI_NETNS)".into(),
             };
@@ -562,6 +562,12 @@ impl Agent {
         }
     }
 
+    /// The CNI request's network namespace, as this agent can open it.
+    fn netns_path(&self, request: &Request) -> Option<PathBuf> {
+        let path = request.netns.as_ref()?;
+        Some(crate::pods::host_proc_path(&self.config.proc_root, path))
+    }
+
     fn cni_del(&self, pod: &ObjectRef, request: &Request) -> Reply {
         let mut state = self.lock();
         let uid = request
@@ -574,8 +580,8 @@ impl Agent {
             cookies.extend(state.enrolled.remove(uid).map(|n| n.cookie));
             state.cni_netns.remove(uid);
         }
-        if let Some(path) = &request.netns
-            && let Ok(netns) = netns::resolve(&NetnsRef::Path(path.clone()))
+        if let Some(path) = self.netns_path(request)
+            && let Ok(netns) = netns::resolve(&NetnsRef::Path(path))
         {
             cookies.push(netns.cookie);
         }

@@ -134,7 +134,8 @@ pub struct K8sConfig {
     pub targets_configmap: ObjectRef,
     /// Where the CNI plugin reaches the agent; `None`: no CNI socket.
     pub cni_socket: Option<PathBuf>,
-    /// The host's `/proc` (hostPID), to map pod UIDs to processes.
+    /// The host's `/proc` (mounted from the host: no hostPID needed), to map
+    /// pod UIDs to processes.
     pub proc_root: PathBuf,
     /// Keep redirector-cni chained in the node's CNI config.
     pub cni_chain: Option<crate::cni::conf::InstallOptions>,
