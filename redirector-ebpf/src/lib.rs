@@ -126,6 +126,12 @@ pub struct ProxyConfig {
     /// `PROXY_FULL`: the proxy is at its node-wide client limit; new connects
     /// go direct instead of being refused.
     pub flags: u32,
+    /// Mark bits set on every steered socket (under `steered_mark_mask`;
+    /// none when the mask is 0), so that a pod's own redirection leaves it
+    /// alone: Istio ambient's in-pod rules send every TCP connect to
+    /// ztunnel unless it carries ztunnel's mark (0x539 under 0xfff).
+    pub steered_mark: u32,
+    pub steered_mark_mask: u32,
 }
 
 /// `ProxyConfig::flags`: at the node-wide client limit.
@@ -260,7 +266,10 @@ mod tests {
         assert_eq!(size_of::<Enrollment>(), 16);
         assert_eq!(size_of::<TargetKey>(), 20);
         assert_eq!(size_of::<Target>(), 4);
-        assert_eq!(size_of::<ProxyConfig>(), 8 + 8 + 8 + 16 + 4 + 4 + 2 + 2 + 4);
+        assert_eq!(
+            size_of::<ProxyConfig>(),
+            8 + 8 + 8 + 16 + 4 + 4 + 2 + 2 + 4 + 4 + 4
+        );
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<SockTuple>(), 36);
         assert_eq!(size_of::<Counters>(), 64);

@@ -27,7 +27,7 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage, SockMap},
     helpers::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_map_lookup_elem,
-        bpf_sk_release, bpf_sk_storage_delete, bpf_sk_storage_get,
+        bpf_setsockopt, bpf_sk_release, bpf_sk_storage_delete, bpf_sk_storage_get,
     },
     macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
@@ -48,6 +48,8 @@ const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const TCP_CLOSE: u32 = 7;
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
 
 #[btf_map(name = "rdr_enrolled")]
 static ENROLLED: HashMap<NetnsKey, Enrollment, { MAX_ENROLLED as usize }> = HashMap::new();
@@ -267,7 +269,7 @@ unsafe fn steer(ctx: &SockAddrContext, addr: [u8; 16], port: u16) -> Option<*con
             state: 0,
             backend_id,
         };
-        if !has_listener || !remember_pending(ctx, &mut orig) {
+        if !has_listener || !mark_steered(ctx, mark, &*proxy) || !remember_pending(ctx, &mut orig) {
             (*counters).errors += 1;
             return None;
         }
@@ -298,6 +300,33 @@ fn listener_up(slot: u32) -> bool {
         bpf_sk_release(sk);
     }
     true
+}
+
+/// Sets the configured mark bits on a steered socket (a no-op without a
+/// mask). A socket that cannot carry them is not steered: the pod's own
+/// redirection (ztunnel's) would take the connect past the proxy's
+/// original-destination check and have it refused.
+///
+/// # Safety
+/// `ctx.sock_addr` must point to the hook's context.
+#[inline(always)]
+unsafe fn mark_steered(ctx: &SockAddrContext, mark: u32, proxy: &ProxyConfig) -> bool {
+    let mask = proxy.steered_mark_mask;
+    if mask == 0 {
+        return true;
+    }
+    let mut marked = (mark & !mask) | (proxy.steered_mark & mask);
+    // SAFETY: setsockopt on the hook's own socket, with a 4-byte value.
+    let ret = unsafe {
+        bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            SO_MARK,
+            addr_of_mut!(marked).cast(),
+            4,
+        )
+    };
+    ret == 0
 }
 
 /// Stores `orig` in the connecting socket's storage.

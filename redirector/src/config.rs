@@ -46,6 +46,34 @@ pub enum Error {
     KubernetesNeedsSteering,
 }
 
+/// `VALUE/MASK` mark bits (`VALUE` alone: every bit of it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkBits {
+    pub value: u32,
+    pub mask: u32,
+}
+
+impl std::str::FromStr for MarkBits {
+    type Err = String;
+
+    /// `0x539/0xfff`, `1337/4095` or `0x539`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (value, mask) = match s.split_once('/') {
+            Some((value, mask)) => (parse_u32(value)?, parse_u32(mask)?),
+            None => {
+                let value = parse_u32(s)?;
+                (value, value)
+            }
+        };
+        if mask == 0 || value & !mask != 0 {
+            return Err(format!(
+                "`{s}`: the mask must be non-zero and cover every bit of the value"
+            ));
+        }
+        Ok(Self { value, mask })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     /// Load the eBPF programs and steer (else: only the proxy, no root).
@@ -56,6 +84,9 @@ pub struct RunConfig {
     pub proxy_addrs: Vec<SocketAddr>,
     pub targets: Vec<TargetSpec>,
     pub socket_mark: u32,
+    /// Mark bits set on steered sockets, as (value, mask): Istio ambient's
+    /// ztunnel mark (0x539/0xfff) keeps its in-pod capture off them.
+    pub steered_mark: Option<MarkBits>,
     /// Zero: always steer, even while the proxy is down (fail closed).
     pub liveness: Duration,
     pub connect_timeout: Duration,
@@ -159,6 +190,8 @@ impl RunConfig {
             port4: 0,
             port6: 0,
             flags: if full { redirector_ebpf::PROXY_FULL } else { 0 },
+            steered_mark: self.steered_mark.map_or(0, |m| m.value),
+            steered_mark_mask: self.steered_mark.map_or(0, |m| m.mask),
         };
         for addr in &self.proxy_addrs {
             match addr.ip() {
@@ -250,6 +283,7 @@ mod tests {
             proxy_addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
             targets: vec![DEFAULT_REDIS_TARGET.parse().unwrap()],
             socket_mark: crate::steering::DEFAULT_SOCKET_MARK,
+            steered_mark: Some("0x539/0xfff".parse().unwrap()),
             liveness: DEFAULT_LIVENESS,
             connect_timeout: Duration::from_secs(5),
         }
@@ -294,6 +328,10 @@ mod tests {
         let entry = config(&["10.0.0.5:15379", "[fd00::5]:15380"]).proxy_entry(42, 4096, true);
         assert_eq!(entry.addr4, [10, 0, 0, 5]);
         assert_eq!(entry.netns_cookie, 4096);
+        assert_eq!(
+            (entry.steered_mark, entry.steered_mark_mask),
+            (0x539, 0xfff)
+        );
         assert_eq!(entry.flags, redirector_ebpf::PROXY_FULL);
         assert_eq!(entry.port4, 15379);
         assert_eq!(entry.port6, 15380);
@@ -335,5 +373,24 @@ mod tests {
         assert_eq!(parse_u32("0x6379"), Ok(0x6379));
         assert_eq!(parse_u32("25465"), Ok(25465));
         assert!(parse_u32("0xzz").is_err());
+        assert_eq!(
+            "0x539/0xfff".parse(),
+            Ok(MarkBits {
+                value: 0x539,
+                mask: 0xfff
+            })
+        );
+        assert_eq!(
+            "0x1000".parse(),
+            Ok(MarkBits {
+                value: 0x1000,
+                mask: 0x1000
+            })
+        );
+        assert!(
+            "0x539/0xff".parse::<MarkBits>().is_err(),
+            "value outside the mask"
+        );
+        assert!("0/0".parse::<MarkBits>().is_err());
     }
 }

@@ -283,6 +283,11 @@ struct RunArgs {
     /// SO_MARK of the proxy's own sockets, which are never steered.
     #[arg(long, default_value = "0x1000", value_parser = config::parse_u32)]
     socket_mark: u32,
+    /// Mark bits (VALUE/MASK) set on every steered socket, so that a pod's
+    /// own redirection leaves it to the node proxy; for Istio ambient,
+    /// ztunnel's 0x539/0xfff (the ambient overlay sets it).
+    #[arg(long, env = "REDIRECTOR_STEERED_SOCKET_MARK")]
+    steered_socket_mark: Option<config::MarkBits>,
     /// Connects go direct when the proxy's heartbeat is older than this (fail open); 0 always steers (fail closed).
     #[arg(long, default_value = "3s", value_parser = config::parse_duration)]
     liveness: Duration,
@@ -828,6 +833,7 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
         proxy_addrs: args.proxy_addrs,
         targets: args.targets,
         socket_mark: args.socket_mark,
+        steered_mark: args.steered_socket_mark,
         liveness: args.liveness,
         connect_timeout: args.connect_timeout,
         hbone: args.hbone.into_config()?,

@@ -1113,20 +1113,29 @@ fn pod_doc(ds: &mut Value) -> &mut Value {
     &mut ds["spec"]["template"]["spec"]
 }
 
+/// Istio ambient's labels, and ztunnel's mark on steered sockets, so that
+/// istio-cni's in-pod capture leaves them to the node proxy (node_safety.rs
+/// checks the mark against that capture on the real kernel).
+const AMBIENT_ARGS: &[&str] = &["--ambient-label", "--steered-socket-mark=0x539/0xfff"];
+
 #[test]
-fn ambient_overlay_only_appends_ambient_label() {
+fn ambient_overlay_only_appends_ambient_labels_and_ztunnels_mark() {
     let (base, overlay) = render_agent_overlay("deploy/overlays/ambient");
     let agent = container(pod_spec(overlay.daemon_set("redirector")), "redirector");
     let mut expected = AGENT_ARGS.to_vec();
-    expected.push("--ambient-label");
-    assert_eq!(args(agent), expected, "the base's args and --ambient-label");
+    expected.extend(AMBIENT_ARGS);
+    assert_eq!(
+        args(agent),
+        expected,
+        "the base's args and the ambient flags"
+    );
 
-    // Nothing but that one argument differs.
+    // Nothing but those arguments differs.
     let mut patched = base.doc(AGENT_DS).clone();
     pod_doc(&mut patched)["containers"][0]["args"]
         .as_array_mut()
         .expect("args")
-        .push("--ambient-label".into());
+        .extend(AMBIENT_ARGS.iter().map(|a| Value::from(*a)));
     assert_eq!(&patched, overlay.doc(AGENT_DS));
 }
 

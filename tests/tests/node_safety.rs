@@ -470,3 +470,116 @@ fn an_upgrade_across_a_map_layout_change_recreates_the_pins() {
     assert_eq!(topo.status()["enrolled"][0]["netns_cookie"], cookie);
     assert!(topo.pod(0).through_proxy(VIP));
 }
+
+/// Istio ambient captures a pod's outbound TCP in the pod itself: istio-cni
+/// writes iptables rules that send every connect not to loopback, unless it
+/// carries ztunnel's own mark (0x539 under 0xfff), to ztunnel on port 15001.
+/// Those rules see a steered connect's new destination, the node proxy, so
+/// ztunnel would dial the proxy from a socket of its own, for which the
+/// kernel recorded no original destination: refused. With
+/// `--steered-socket-mark 0x539/0xfff` (the ambient overlay) the steered
+/// socket carries ztunnel's mark: Redis goes to the node proxy, everything
+/// else to ztunnel as before.
+#[test]
+fn ambient_capture_leaves_steered_connects_to_the_node_proxy() {
+    use std::{
+        io::Write as _,
+        sync::atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
+    require_kernel!();
+    let _kernel = exclusive();
+    let mut topo = Topology::build(1);
+    topo.start_service_cluster();
+    let pod = topo.pod(0);
+    // istio-cni's in-pod capture (its nat OUTPUT rule).
+    let captured = pod.place().output(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "!",
+            "-d",
+            "127.0.0.1/32",
+            "-p",
+            "tcp",
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            "0x539/0xfff",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+    );
+    assert!(captured.status.success(), "{captured:?}");
+    // A stand-in ztunnel: answers every connection it catches.
+    let ztunnel = pod
+        .place()
+        .listen(SocketAddr::from(([0, 0, 0, 0], 15001)))
+        .expect("ztunnel's port");
+    ztunnel.set_nonblocking(true).expect("nonblocking");
+    let (caught, stop) = (AtomicUsize::new(0), AtomicBool::new(false));
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                match ztunnel.accept() {
+                    Ok((mut stream, _)) => {
+                        caught.fetch_add(1, Ordering::Relaxed);
+                        let _ = stream.write_all(b"-ERR caught by ztunnel\r\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let ping = |topo: &Topology| {
+                let out = topo.pod(0).redis_cli(VIP, REDIS_PORT, &["PING"]);
+                String::from_utf8_lossy(&out.stdout).trim().to_string()
+            };
+            // Without the mark: steered by us, then caught by ztunnel.
+            let args = topo.daemon_args();
+            topo.start_daemon(args.clone());
+            topo.enroll(&topo.pod(0).netns);
+            assert_eq!(ping(&topo), "ERR caught by ztunnel");
+            assert_eq!(caught.load(Ordering::Relaxed), 1);
+            assert_eq!(topo.counters().steered, 1);
+            topo.daemon().stop();
+            topo.daemon = None;
+
+            // With ztunnel's mark on steered sockets: Redis reaches the node
+            // proxy, which knows where the pod meant to go.
+            let mut marked = args;
+            marked.extend(["--steered-socket-mark".into(), "0x539/0xfff".into()]);
+            topo.start_daemon(marked);
+            assert_eq!(ping(&topo), "PONG");
+            assert!(topo.pod(0).through_proxy(VIP));
+            let slots = topo
+                .pod(0)
+                .redis_cli(VIP, REDIS_PORT, &["CLUSTER", "SLOTS"]);
+            assert!(
+                String::from_utf8_lossy(&slots.stdout).contains(&SERVICE_VIP.to_string()),
+                "{slots:?}"
+            );
+            assert_eq!(
+                caught.load(Ordering::Relaxed),
+                1,
+                "a steered connect was captured"
+            );
+            // Everything else is still ztunnel's.
+            let other = topo.pod(0).redis_cli(VIP, 8080, &["PING"]);
+            assert_eq!(
+                String::from_utf8_lossy(&other.stdout).trim(),
+                "ERR caught by ztunnel"
+            );
+            assert_eq!(caught.load(Ordering::Relaxed), 2);
+        }));
+        stop.store(true, Ordering::Relaxed);
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
