@@ -22,7 +22,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::metrics::Metrics;
+use crate::metrics::MetricsRegistry;
 
 /// The node dashboard: one HTML file whose script reads `/metrics`.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -69,7 +69,7 @@ impl Health {
 pub async fn serve(
     listener: TcpListener,
     scope: Scope,
-    metrics: Arc<Metrics>,
+    metrics: Arc<MetricsRegistry>,
     health: Arc<Health>,
 ) {
     loop {
@@ -101,7 +101,7 @@ async fn answer(
     mut stream: TcpStream,
     peer: SocketAddr,
     scope: Scope,
-    metrics: &Metrics,
+    metrics: &MetricsRegistry,
     health: &Health,
 ) -> io::Result<()> {
     let mut request = Vec::with_capacity(1024);
@@ -140,7 +140,7 @@ async fn answer(
             serde_json::json!({
                 "ready": health.is_ready(),
                 "draining": health.is_draining(),
-                "backend_up": metrics.backend_up(),
+                "backend_up": metrics.proxy().backend_up(),
             })
             .to_string(),
         ),

@@ -27,9 +27,11 @@ use crate::{
         tls::{CertFiles, Tls},
     },
     k8s::{K8sConfig, agent::Agent},
-    metrics::{Metrics, SteeringSnapshot},
+    metrics::MetricsRegistry,
     proxy::{self, Dialer, Proxy, Shared, discovery, pool::Pools},
-    steering::{self, Layout, Listeners, Maps, OrigDstTable, TargetSpec},
+    steering::{
+        self, Layout, Listeners, Maps, OrigDstTable, TargetSpec, metrics::SteeringSnapshot,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +111,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         info!(cgroup = %cgroup_root.display(), pins = %layout.pin_dir.display(), "steering installed");
     }
 
-    let mut metrics = Metrics::new();
+    let mut metrics = MetricsRegistry::new();
     // The node agent: enrollment and targets from the API server.
     let agent = match &config.kubernetes {
         Some(k8s) => Some(start_agent(k8s, &layout, &config.targets, &mut metrics).await?),
@@ -129,6 +131,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         });
     }
     let metrics = Arc::new(metrics);
+    let proxy_metrics = metrics.proxy();
     let mut dialer = Dialer {
         // Marks exist only for the steering programs (and need CAP_NET_ADMIN).
         socket_mark: if config.steering {
@@ -198,7 +201,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     }
     let (commands, redis_version) = loop {
         let discovered = async {
-            discovery::refresh(&topology, &dialer, &metrics).await?;
+            discovery::refresh(&topology, &dialer, &proxy_metrics).await?;
             let master = topology.view().masters().next().unwrap_or(seeds[0]);
             discovery::fetch_commands(&dialer, master).await
         };
@@ -221,13 +224,13 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         "cluster discovered"
     );
 
-    let pools = Pools::new(dialer.clone(), Arc::clone(&metrics), config.pool);
+    let pools = Pools::new(dialer.clone(), Arc::clone(&proxy_metrics), config.pool);
     let shared = Arc::new(Shared::new(
         config.proxy.clone(),
         Arc::clone(&topology),
         pools,
         commands,
-        Arc::clone(&metrics),
+        Arc::clone(&proxy_metrics),
         orig_dst,
         redis_version,
     ));
@@ -235,7 +238,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     tokio::spawn(discovery::refresher(
         Arc::clone(&topology),
         Arc::new(dialer),
-        Arc::clone(&metrics),
+        proxy_metrics,
         config.refresh_interval,
         MIN_REFRESH_GAP,
         move |view| refresher_shared.pools.retain(&view.nodes()),
@@ -347,7 +350,7 @@ async fn start_agent(
     k8s: &K8sConfig,
     layout: &Layout,
     targets: &[TargetSpec],
-    metrics: &mut Metrics,
+    metrics: &mut MetricsRegistry,
 ) -> Result<Arc<Agent>, Error> {
     let agent = Agent::start(
         k8s.clone(),
@@ -396,7 +399,7 @@ async fn follow_seeds(
 async fn start_hbone(
     config: &HboneConfig,
     dialer: &Dialer,
-    metrics: &Metrics,
+    metrics: &MetricsRegistry,
 ) -> Result<Option<Arc<Mesh>>, Error> {
     let tls = Tls::load(CertFiles::in_dir(&config.certs))?;
     tls.spawn_reloader(config.reload_interval);

@@ -16,5 +16,6 @@ pub mod netns;
 pub mod pods;
 pub mod proxy;
 pub mod resp;
+pub mod socket;
 pub mod status;
 pub mod steering;

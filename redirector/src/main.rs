@@ -9,13 +9,13 @@ use redirector::{
     config::{self, RunConfig},
     hbone::{
         Cidr,
+        metrics::TunnelMetrics,
         outbound::{Origin, Outbound},
     },
     identity::{
         Identity, mint,
         tls::{CertFiles, Tls},
     },
-    metrics::TunnelMetrics,
     netns::{self, NetnsRef},
     proxy::{DownstreamAuth, ReadPolicy, Settings, UpstreamAuth, pool::PoolConfig},
     resp::request::Limits,

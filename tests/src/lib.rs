@@ -12,6 +12,7 @@ pub mod browser;
 pub mod cgroup;
 pub mod cluster;
 pub mod cni;
+pub mod conformance;
 pub mod container;
 pub mod daemon;
 pub mod grafana;

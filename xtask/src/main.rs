@@ -2,6 +2,7 @@
 //! setup first (idempotently), so each works on a fresh machine.
 
 mod bench;
+mod conformance;
 mod demo;
 mod setup;
 
@@ -38,6 +39,17 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
+    /// Redis's own test suite, direct and through redirector, unit by unit
+    /// (long: not part of `test`).
+    Conformance {
+        /// Only these units (e.g. unit/type/list); default: all.
+        #[arg(long = "unit")]
+        units: Vec<String>,
+        /// Reuse the direct results of an earlier run where they exist
+        /// (the baseline does not change with redirector's code).
+        #[arg(long)]
+        reuse_direct: bool,
+    },
     /// Benchmarks (release build); prints ratios against going direct.
     Bench {
         /// Alternating rounds per comparison (medians are reported).
@@ -63,6 +75,14 @@ fn main() -> Result<()> {
             setup::all()?;
             let bin = build(Profile::Debug)?;
             demo::run(&bin, once)
+        }
+        Cmd::Conformance {
+            units,
+            reuse_direct,
+        } => {
+            setup::all()?;
+            let bin = build(Profile::Release)?;
+            conformance::run(&bin, &units, reuse_direct)
         }
         Cmd::Bench { rounds } => {
             setup::all()?;

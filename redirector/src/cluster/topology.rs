@@ -52,6 +52,10 @@ pub struct View {
     /// Sorted by first slot, so shard order (used by SCAN cursors) is stable.
     shards: Vec<Shard>,
     slots: Box<[u16]>,
+    /// Replicas CLUSTER SLOTS leaves out until they have synced (Redis
+    /// 7 lists only replicas with a replication offset): never read from,
+    /// but reached by commands for every node (CONFIG SET, ACL SETUSER).
+    syncing: Vec<SocketAddr>,
 }
 
 impl View {
@@ -60,6 +64,7 @@ impl View {
             version: 0,
             shards: Vec::new(),
             slots: vec![UNASSIGNED; SLOTS].into_boxed_slice(),
+            syncing: Vec::new(),
         }
     }
 
@@ -156,7 +161,32 @@ impl View {
             version: 0,
             shards,
             slots,
+            syncing: Vec::new(),
         }
+    }
+
+    /// Records every replica the cluster knows (CLUSTER NODES): those the
+    /// slot map lacks are kept as syncing.
+    pub fn set_known_replicas(&mut self, replicas: &[SocketAddr]) {
+        let listed: Vec<SocketAddr> = self.nodes();
+        let mut syncing: Vec<SocketAddr> = replicas
+            .iter()
+            .copied()
+            .filter(|r| !listed.contains(r))
+            .collect();
+        syncing.sort_unstable();
+        syncing.dedup();
+        self.syncing = syncing;
+    }
+
+    /// Every node: masters, replicas, and replicas still syncing.
+    pub fn all_nodes(&self) -> Vec<SocketAddr> {
+        let mut nodes: Vec<SocketAddr> = self.masters().collect();
+        for shard in &self.shards {
+            nodes.extend(shard.replicas.iter().copied());
+        }
+        nodes.extend(self.syncing.iter().copied());
+        nodes
     }
 
     /// This view with `slot` moved to the node at `addr` (what a `MOVED`
@@ -175,11 +205,13 @@ impl View {
             }),
         }
         shards.retain(|s| !s.ranges.is_empty());
-        Self::from_shards(shards)
+        let mut view = Self::from_shards(shards);
+        view.syncing = self.syncing.clone();
+        view
     }
 
     fn same_layout(&self, other: &Self) -> bool {
-        self.shards == other.shards
+        self.shards == other.shards && self.syncing == other.syncing
     }
 }
 

@@ -21,14 +21,11 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS, STREAM_WINDOW, Stream, StreamGuard, keepalive,
-    tls_handshake,
+    metrics::TunnelMetrics, tls_handshake,
 };
-use crate::{
-    identity::{
-        Identity, Policy, peer_identity,
-        tls::{ALPN_H2, Tls},
-    },
-    metrics::TunnelMetrics,
+use crate::identity::{
+    Identity, Policy, peer_identity,
+    tls::{ALPN_H2, Tls},
 };
 
 pub struct Inbound {
@@ -198,8 +195,7 @@ async fn serve_stream(
         return respond_with(metrics, &mut respond, StatusCode::BAD_REQUEST);
     };
     let upstream =
-        crate::proxy::dial::connect_marked(target, shared.socket_mark, shared.connect_timeout)
-            .await;
+        crate::socket::connect_marked(target, shared.socket_mark, shared.connect_timeout).await;
     let mut upstream = match upstream {
         Ok(stream) => stream,
         Err(e) => {

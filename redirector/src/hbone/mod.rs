@@ -10,6 +10,7 @@
 //! the Redis proxy's upstream connections run over it unchanged.
 
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 
 use std::{
@@ -26,7 +27,7 @@ use bytes::{Buf as _, Bytes};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::metrics::TunnelMetrics;
+use metrics::TunnelMetrics;
 
 /// Istio's HBONE port.
 pub const DEFAULT_PORT: u16 = 15008;
@@ -328,15 +329,13 @@ mod tunnel_tests {
 
     use super::{
         inbound::Inbound,
+        metrics::TunnelMetrics,
         outbound::{Origin, Outbound},
     };
-    use crate::{
-        identity::{
-            Identity, Policy,
-            mint::Ca,
-            tls::{CertFiles, Tls},
-        },
-        metrics::TunnelMetrics,
+    use crate::identity::{
+        Identity, Policy,
+        mint::Ca,
+        tls::{CertFiles, Tls},
     };
 
     fn issue(ca: &Ca, identity: &Identity, name: &str) -> Arc<Tls> {

@@ -31,14 +31,11 @@ use tokio_rustls::TlsConnector;
 
 use super::{
     CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_STREAMS, STREAM_WINDOW, Stream, StreamGuard, keepalive,
-    tls_handshake,
+    metrics::TunnelMetrics, tls_handshake,
 };
-use crate::{
-    identity::{
-        Identity, peer_identity,
-        tls::{ALPN_H2, Tls},
-    },
-    metrics::TunnelMetrics,
+use crate::identity::{
+    Identity, peer_identity,
+    tls::{ALPN_H2, Tls},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -290,7 +287,7 @@ impl Shared {
         client: &Arc<rustls::ClientConfig>,
     ) -> Result<Tunnel, Error> {
         let addr = key.addr;
-        let tcp = crate::proxy::dial::connect_marked(addr, self.socket_mark, self.connect_timeout)
+        let tcp = crate::socket::connect_marked(addr, self.socket_mark, self.connect_timeout)
             .await
             .map_err(|e| Error::Connect(addr, e))?;
         let local = tcp.local_addr().map_err(|e| Error::Connect(addr, e))?;

@@ -30,11 +30,11 @@ use tracing::{debug, info, warn};
 
 use super::{
     Error, K8sConfig, ObjectRef,
+    metrics::AgentMetrics,
     targets::{self, Resolved, ServiceInfo},
 };
 use crate::{
     cni::wire::{Command, Reply, Request},
-    metrics::AgentMetrics,
     netns::{self, Netns, NetnsRef},
     pods,
     steering::{Maps, TargetSpec},

@@ -11,6 +11,7 @@
 //!   its containers start, so a pod's first connect is already steered.
 
 pub mod agent;
+pub mod metrics;
 pub mod targets;
 
 use std::{collections::BTreeMap, fmt, path::PathBuf, str::FromStr};

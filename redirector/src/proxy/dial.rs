@@ -1,10 +1,10 @@
 //! Opening upstream connections to Redis nodes.
 //!
-//! Every socket the proxy opens carries the proxy's `SO_MARK`, which the
-//! connect programs recognise and never steer: without it a proxy in an
-//! enrolled namespace would dial itself forever. Each connection then runs
-//! the same handshake: `HELLO 3` for RESP3 connections (with AUTH inside),
-//! else `AUTH`, then `READONLY` so replicas serve reads (masters ignore it).
+//! Direct connections come from [`crate::socket`], so they carry the
+//! proxy's `SO_MARK` and are never steered back to it. Each connection then
+//! runs the same handshake: `HELLO 3` for RESP3 connections (with AUTH
+//! inside), else `AUTH`, then `READONLY` so replicas serve reads (masters
+//! ignore it).
 
 use std::{
     io,
@@ -16,11 +16,10 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use nix::sys::socket::{setsockopt, sockopt};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::{
-        TcpSocket, TcpStream,
+        TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
 };
@@ -33,6 +32,7 @@ use crate::{
         reply::{self, Reply},
         request,
     },
+    socket,
 };
 
 /// Credentials the proxy presents to Redis.
@@ -50,29 +50,6 @@ pub struct Dialer {
     pub auth: Option<UpstreamAuth>,
     /// Meshed nodes are reached through HBONE tunnels, the rest directly.
     pub mesh: Option<Arc<hbone::Mesh>>,
-}
-
-/// A TCP connection carrying the proxy's mark, so steering leaves it alone.
-pub async fn connect_marked(
-    addr: SocketAddr,
-    socket_mark: u32,
-    timeout: Duration,
-) -> io::Result<TcpStream> {
-    let socket = match addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    if socket_mark != 0 {
-        setsockopt(&socket, sockopt::Mark, &socket_mark)?;
-    }
-    socket.set_nodelay(true)?;
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(stream) => stream,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("connect timed out after {timeout:?}"),
-        )),
-    }
 }
 
 impl Dialer {
@@ -99,7 +76,7 @@ impl Dialer {
                 opened.map_err(io::Error::other)?,
             )));
         }
-        connect_marked(addr, self.socket_mark, self.connect_timeout)
+        socket::connect_marked(addr, self.socket_mark, self.connect_timeout)
             .await
             .map(Upstream::Tcp)
     }

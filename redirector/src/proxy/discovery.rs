@@ -10,13 +10,12 @@ use std::{
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
-use super::{UpstreamError, dial::Dialer, lease::Leased};
+use super::{UpstreamError, dial::Dialer, lease::Leased, metrics::ProxyMetrics};
 use crate::{
     cluster::{
         commands::CommandTable,
         topology::{Topology, View},
     },
-    metrics::Metrics,
     resp::{Protocol, reply, request},
 };
 
@@ -52,10 +51,39 @@ pub async fn fetch_view(dialer: &Dialer, addr: SocketAddr) -> Result<View, Error
         addr,
         message: "undecodable CLUSTER SLOTS reply".into(),
     })?;
-    View::from_cluster_slots(&frame, addr).map_err(|e| Error::Reply {
+    let mut view = View::from_cluster_slots(&frame, addr).map_err(|e| Error::Reply {
         addr,
         message: e.to_string(),
-    })
+    })?;
+    // Best effort: without it, commands for every node miss only the
+    // replicas that have not synced yet.
+    if let Ok(raw) = call(dialer, addr, &[b"CLUSTER", b"NODES"]).await
+        && let Some(crate::resp::value::Value::Bulk(text)) =
+            crate::resp::value::Value::decode(&raw, Protocol::Resp2)
+    {
+        view.set_known_replicas(&replicas_in_cluster_nodes(&String::from_utf8_lossy(&text)));
+    }
+    Ok(view)
+}
+
+/// Replicas in a `CLUSTER NODES` text that are up: `<id> <ip:port@cport>
+/// <flags> ...` with `slave` among the flags and no failure.
+pub fn replicas_in_cluster_nodes(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_ascii_whitespace();
+            let addr = fields.nth(1)?;
+            let flags = fields.next()?;
+            let flags: Vec<&str> = flags.split(',').collect();
+            let down = ["fail", "fail?", "noaddr", "handshake"];
+            if !flags.contains(&"slave") || flags.iter().any(|f| down.contains(f)) {
+                return None;
+            }
+            // `ip:port@cport[,hostname]`
+            let endpoint = addr.split(['@', ',']).next()?;
+            endpoint.parse().ok()
+        })
+        .collect()
 }
 
 /// The command table and the server version, from `addr`.
@@ -87,7 +115,7 @@ pub async fn fetch_commands(
 pub async fn refresh(
     topology: &Topology,
     dialer: &Dialer,
-    metrics: &Metrics,
+    metrics: &ProxyMetrics,
 ) -> Result<bool, Error> {
     let mut last = None;
     for addr in topology.candidates() {
@@ -127,7 +155,7 @@ pub async fn refresh(
 pub async fn refresher(
     topology: Arc<Topology>,
     dialer: Arc<Dialer>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ProxyMetrics>,
     interval: Duration,
     min_gap: Duration,
     on_change: impl Fn(&View) + Send + 'static,
@@ -141,5 +169,28 @@ pub async fn refresher(
             Ok(false) => {}
             Err(e) => warn!(error = %e, "cluster topology refresh failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_that_are_up_are_read_from_cluster_nodes() {
+        let text = "\
+a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b 127.0.0.1:7003@17003 slave a 0 1 1 connected
+c 127.0.0.1:7004@17004,host4 slave a 0 1 1 connected
+d 127.0.0.1:7005@17005 slave,fail a 0 1 1 disconnected
+e :0@0 slave,noaddr a 0 1 1 disconnected
+";
+        assert_eq!(
+            replicas_in_cluster_nodes(text),
+            vec![
+                "127.0.0.1:7003".parse::<SocketAddr>().unwrap(),
+                "127.0.0.1:7004".parse().unwrap()
+            ]
+        );
     }
 }

@@ -8,6 +8,7 @@
 
 use std::{
     net::SocketAddr,
+    ops::Range,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -18,14 +19,20 @@ use tokio::sync::oneshot;
 
 use super::{
     ReadPolicy, Shared, UpstreamError,
+    clients::ClientEntry,
+    info,
+    merge::{self, Merge},
+    plan::Nodes,
+    tracking::PrivateConns,
     upstream::{Job, JobResult},
 };
 use crate::{
     cluster::topology::View,
     resp::{
         Protocol,
-        reply::{self, Encoder, Reply, ReplyKind},
+        reply::{self, Encoder, Reply},
         request::{self, Request},
+        value::Value,
     },
 };
 
@@ -40,14 +47,16 @@ pub struct Target {
     pub readonly: bool,
 }
 
-/// Picks the node for `target` under the read policy.
+/// Picks the node for `target` under the read policy. A keyless command
+/// goes to the master of slot 0: always the same node, so that such
+/// commands answer consistently (round-robin would not).
 pub fn pick(shared: &Shared, view: &View, target: Target) -> Result<SocketAddr, Bytes> {
     let Some(slot) = target.slot else {
-        let masters: Vec<SocketAddr> = view.masters().collect();
-        if masters.is_empty() {
-            return Err(reply::error(CLUSTERDOWN));
-        }
-        return Ok(masters[shared.next_index() % masters.len()]);
+        return view
+            .shard(0)
+            .map(|s| s.master)
+            .or_else(|| view.masters().next())
+            .ok_or_else(|| reply::error(CLUSTERDOWN));
     };
     let Some(shard) = view.shard(slot) else {
         return Err(reply::error(CLUSTERDOWN));
@@ -85,16 +94,22 @@ pub fn pick(shared: &Shared, view: &View, target: Target) -> Result<SocketAddr, 
     })
 }
 
-/// Queues one attempt on a shared connection to `node`.
+/// Queues one attempt on a shared connection to `node`, or on the
+/// client's private one (`via`: a tracking client's).
 pub fn send(
-    shared: &Shared,
+    shared: &Arc<Shared>,
+    via: Option<&Arc<PrivateConns>>,
     protocol: Protocol,
     node: SocketAddr,
     payload: Bytes,
     replies: usize,
 ) -> oneshot::Receiver<JobResult> {
     let (job, rx) = Job::new(payload, replies);
-    if let Err(job) = shared.pools.node(node, protocol).conn().send(job) {
+    let conn = match via {
+        Some(private) => private.conn(shared, node),
+        None => shared.pools.node(node, protocol).conn(),
+    };
+    if let Err(job) = conn.send(job) {
         job.fail(UpstreamError::NotSent(node, "connection closed".into()));
     }
     rx
@@ -192,6 +207,8 @@ pub struct Routed {
     pub payload: Bytes,
     pub target: Target,
     pub protocol: Protocol,
+    /// A tracking client's private connections (None: shared ones).
+    pub via: Option<Arc<PrivateConns>>,
 }
 
 /// Follows a first attempt's verdict to the end: redirects, retries while
@@ -225,7 +242,14 @@ pub async fn complete(shared: Arc<Shared>, routed: Routed, first: Verdict) -> Re
                     shared.topology.moved(slot, addr);
                     (routed.payload.clone(), 1)
                 };
-                let rx = send(&shared, routed.protocol, addr, payload, replies);
+                let rx = send(
+                    &shared,
+                    routed.via.as_ref(),
+                    routed.protocol,
+                    addr,
+                    payload,
+                    replies,
+                );
                 verdict = judge(await_job(rx, addr).await, routed.target.readonly);
             }
             Verdict::Retry { reply } => {
@@ -243,7 +267,14 @@ pub async fn complete(shared: Arc<Shared>, routed: Routed, first: Verdict) -> Re
                         continue;
                     }
                 };
-                let rx = send(&shared, routed.protocol, node, routed.payload.clone(), 1);
+                let rx = send(
+                    &shared,
+                    routed.via.as_ref(),
+                    routed.protocol,
+                    node,
+                    routed.payload.clone(),
+                    1,
+                );
                 verdict = judge(await_job(rx, node).await, routed.target.readonly);
             }
         }
@@ -253,6 +284,35 @@ pub async fn complete(shared: Arc<Shared>, routed: Routed, first: Verdict) -> Re
 pub async fn await_job(rx: oneshot::Receiver<JobResult>, node: SocketAddr) -> JobResult {
     rx.await
         .unwrap_or_else(|_| Err(UpstreamError::NotSent(node, "connection task ended".into())))
+}
+
+/// A tracking client's command after CLIENT CACHING: both in one job on
+/// its private connection (so nothing comes between them), the command's
+/// reply kept; then redirects and retries as usual.
+pub async fn with_caching(shared: Arc<Shared>, routed: Routed, caching: Bytes) -> Reply {
+    let view = shared.topology.view();
+    let node = match pick(&shared, &view, routed.target) {
+        Ok(node) => node,
+        Err(e) => {
+            let retry = Verdict::Retry {
+                reply: Reply::local(e),
+            };
+            return complete(shared, routed, retry).await;
+        }
+    };
+    let mut payload = BytesMut::with_capacity(caching.len() + routed.payload.len());
+    payload.extend_from_slice(&caching);
+    payload.extend_from_slice(&routed.payload);
+    let rx = send(
+        &shared,
+        routed.via.as_ref(),
+        routed.protocol,
+        node,
+        payload.freeze(),
+        2,
+    );
+    let verdict = judge(await_job(rx, node).await, routed.target.readonly);
+    complete(shared, routed, verdict).await
 }
 
 /// One command to one target, first attempt included.
@@ -267,102 +327,103 @@ pub async fn run(shared: Arc<Shared>, routed: Routed) -> Reply {
             return complete(shared, routed, retry).await;
         }
     };
-    let rx = send(&shared, routed.protocol, node, routed.payload.clone(), 1);
+    let rx = send(
+        &shared,
+        routed.via.as_ref(),
+        routed.protocol,
+        node,
+        routed.payload.clone(),
+        1,
+    );
     let verdict = judge(await_job(rx, node).await, routed.target.readonly);
     complete(shared, routed, verdict).await
-}
-
-/// How the replies of a command split per slot are put back together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Merge {
-    /// MGET: values back in the caller's key order.
-    Values,
-    /// DEL, UNLINK, EXISTS, TOUCH: the sum.
-    Sum,
-    /// MSET: OK when every part is.
-    AllOk,
 }
 
 /// Runs a multi-key command as one command per slot, concurrently, and
 /// merges the replies as a single Redis would have answered.
 ///
-/// `groups` holds, per slot, the argument indices of each key (MSET: the
-/// key; its value follows it).
+/// `groups` holds, per slot, the argument ranges it carries: a key and the
+/// arguments that belong to it (MSET: its value). Arguments before the
+/// first key (the command name) start every part.
 pub async fn split(
     shared: Arc<Shared>,
     protocol: Protocol,
     req: Request,
-    groups: Vec<(u16, Vec<usize>)>,
-    merge: Merge,
+    groups: Vec<(u16, Vec<Range<usize>>)>,
+    how: Merge,
     readonly: bool,
+    via: Option<Arc<PrivateConns>>,
 ) -> Bytes {
-    let name = req.args[0].clone();
-    let parts: Vec<(Routed, Vec<usize>)> = groups
-        .into_iter()
-        .map(|(slot, keys)| {
-            let mut args = Vec::with_capacity(keys.len() * 2 + 1);
-            args.push(name.clone());
-            for &i in &keys {
-                args.push(req.args[i].clone());
-                if merge == Merge::AllOk {
-                    args.push(req.args[i + 1].clone());
-                }
+    let head = groups
+        .iter()
+        .flat_map(|(_, ranges)| ranges.iter().map(|r| r.start))
+        .min()
+        .unwrap_or(1);
+    let parts: Vec<Routed> = groups
+        .iter()
+        .map(|(slot, ranges)| {
+            let mut args: Vec<Bytes> = req.args[..head].to_vec();
+            for range in ranges {
+                args.extend_from_slice(&req.args[range.clone()]);
             }
-            let routed = Routed {
+            Routed {
                 payload: request::encode(&args),
                 target: Target {
-                    slot: Some(slot),
+                    slot: Some(*slot),
                     readonly,
                 },
                 protocol,
-            };
-            (routed, keys)
+                via: via.clone(),
+            }
         })
         .collect();
-    let replies = run_all(&shared, parts.iter().map(|(r, _)| r.clone()).collect()).await;
-    if let Some(error) = replies.iter().find(|r| r.is_error()) {
+    let replies = run_all(&shared, parts).await;
+    if how != Merge::AllSucceeded
+        && let Some(error) = replies.iter().find(|r| r.is_error())
+    {
         return error.raw.clone();
     }
-    match merge {
-        Merge::Sum => reply::build(protocol, |e| e.integer(sum_integers(&replies))),
-        Merge::AllOk => reply::ok(),
-        Merge::Values => {
-            let key_count = req.args.len() - 1;
-            let mut values: Vec<Option<Bytes>> = vec![None; key_count];
-            for ((_, keys), reply) in parts.iter().zip(&replies) {
-                let Some(elements) = array_elements(&reply.raw, protocol) else {
-                    return reply::error("ERR redirector: unexpected MGET reply");
-                };
-                for (&i, element) in keys.iter().zip(elements) {
-                    values[i - 1] = Some(element);
-                }
-            }
-            let mut out = BytesMut::new();
-            let mut e = Encoder {
-                out: &mut out,
-                protocol,
-            };
-            e.array(key_count);
-            for value in values {
-                match value {
-                    Some(raw) => e.raw(&raw),
-                    None => e.null(),
-                }
-            }
-            out.freeze()
-        }
+    if how == Merge::Values {
+        return values_in_key_order(&groups, &replies, protocol);
     }
+    merge::merge(how, &req, &[], &replies, protocol)
 }
 
-/// The sum of integer replies (DEL, EXISTS, DBSIZE, ... parts).
-fn sum_integers(replies: &[Reply]) -> i64 {
-    replies
+/// MGET-like parts' values, back in the caller's key order.
+fn values_in_key_order(
+    groups: &[(u16, Vec<Range<usize>>)],
+    replies: &[Reply],
+    protocol: Protocol,
+) -> Bytes {
+    let mut starts: Vec<usize> = groups
         .iter()
-        .map(|r| match r.kind {
-            ReplyKind::Integer(n) => n,
-            _ => 0,
-        })
-        .sum()
+        .flat_map(|(_, ranges)| ranges.iter().map(|r| r.start))
+        .collect();
+    starts.sort_unstable();
+    let mut values: Vec<Option<Bytes>> = vec![None; starts.len()];
+    for ((_, ranges), reply) in groups.iter().zip(replies) {
+        let Some(elements) = array_elements(&reply.raw, protocol) else {
+            return reply::error("ERR redirector: unexpected reply to a split command");
+        };
+        for (range, element) in ranges.iter().zip(elements) {
+            if let Ok(at) = starts.binary_search(&range.start) {
+                values[at] = Some(element);
+            }
+        }
+    }
+    let mut out = BytesMut::new();
+    let mut e = Encoder {
+        out: &mut out,
+        protocol,
+    };
+    e.array(values.len());
+    for value in values {
+        match value {
+            Some(raw) => e.raw(&raw),
+            None => e.null(),
+        }
+    }
+    out.freeze()
 }
 
 /// Runs commands concurrently (all first attempts go out before any reply
@@ -373,7 +434,14 @@ pub async fn run_all(shared: &Arc<Shared>, commands: Vec<Routed>) -> Vec<Reply> 
     for routed in commands {
         let first = match pick(shared, &view, routed.target) {
             Ok(node) => Ok((
-                send(shared, routed.protocol, node, routed.payload.clone(), 1),
+                send(
+                    shared,
+                    routed.via.as_ref(),
+                    routed.protocol,
+                    node,
+                    routed.payload.clone(),
+                    1,
+                ),
                 node,
             )),
             Err(e) => Err(e),
@@ -412,7 +480,7 @@ pub async fn broadcast(
 ) -> Vec<Reply> {
     let receivers: Vec<_> = nodes
         .iter()
-        .map(|&node| (node, send(shared, protocol, node, payload.clone(), 1)))
+        .map(|&node| (node, send(shared, None, protocol, node, payload.clone(), 1)))
         .collect();
     let mut replies = Vec::with_capacity(receivers.len());
     for (node, rx) in receivers {
@@ -426,76 +494,139 @@ pub async fn broadcast(
     replies
 }
 
-/// How fan-out replies combine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FanOut {
-    /// DBSIZE.
-    SumIntegers,
-    /// KEYS.
-    ConcatArrays,
-    /// SCRIPT EXISTS: a script exists when it exists on every master.
-    AndArrays,
-    /// FLUSHALL, SCRIPT LOAD, FUNCTION LOAD, ...: the first reply when all
-    /// succeed.
-    First,
+/// The nodes a fan-out reaches: every master, or every node.
+pub fn fan_out_nodes(view: &View, nodes: Nodes) -> Vec<SocketAddr> {
+    match nodes {
+        Nodes::Masters => view.masters().collect(),
+        Nodes::All => view.all_nodes(),
+    }
 }
 
-/// A command for every master, combined.
-pub async fn fan_out(shared: Arc<Shared>, protocol: Protocol, req: Request, how: FanOut) -> Bytes {
-    let masters: Vec<SocketAddr> = shared.topology.view().masters().collect();
-    if masters.is_empty() {
+/// A command for every master (or every node), merged as the planner said.
+pub async fn fan_out(
+    shared: Arc<Shared>,
+    protocol: Protocol,
+    req: Request,
+    nodes: Nodes,
+    how: Merge,
+    readonly: bool,
+    client: Arc<ClientEntry>,
+) -> Bytes {
+    let view = shared.topology.view();
+    let targets = fan_out_nodes(&view, nodes);
+    if targets.is_empty() {
         return reply::error(CLUSTERDOWN);
     }
-    let readonly = matches!(
-        how,
-        FanOut::SumIntegers | FanOut::ConcatArrays | FanOut::AndArrays
-    );
-    let replies = broadcast(&shared, protocol, &masters, &req.raw, readonly).await;
-    if let Some(error) = replies.iter().find(|r| r.is_error()) {
-        return error.raw.clone();
+    if how == Merge::Info {
+        return info_reply(&shared, protocol, &req, &targets, &client).await;
     }
-    match how {
-        FanOut::First => replies[0].raw.clone(),
-        FanOut::SumIntegers => reply::build(protocol, |e| e.integer(sum_integers(&replies))),
-        FanOut::ConcatArrays => {
-            let mut all = Vec::new();
-            for r in &replies {
-                match array_elements(&r.raw, protocol) {
-                    Some(elements) => all.extend(elements),
-                    None => return reply::error("ERR redirector: unexpected reply to merge"),
-                }
-            }
-            let mut out = BytesMut::new();
-            let mut e = Encoder {
-                out: &mut out,
-                protocol,
-            };
-            e.array(all.len());
-            for element in all {
-                e.raw(&element);
-            }
-            out.freeze()
+    let replies = broadcast(&shared, protocol, &targets, &req.raw, readonly).await;
+    let merged = merge::merge(how, &req, &targets, &replies, protocol);
+    // A loaded script's flags, for EVALSHA under CLIENT PAUSE WRITE.
+    if req.arg_is(0, "script")
+        && req.arg_is(1, "load")
+        && let (Some(body), Some(Value::Bulk(sha))) =
+            (req.args.get(2), Value::decode(&merged, protocol))
+    {
+        shared
+            .functions
+            .script_loaded(&sha, super::plan::script_declares_no_writes(body));
+    }
+    // The functions changed: their flags are learnt again when needed.
+    if req.arg_is(0, "function")
+        && ["load", "delete", "flush", "restore"]
+            .iter()
+            .any(|sub| req.arg_is(1, sub))
+    {
+        shared.functions.forget();
+    }
+    // CONFIG RESETSTAT resets the proxy's own statistics too.
+    if req.arg_is(0, "config") && req.arg_is(1, "resetstat") && !merged.starts_with(b"-") {
+        shared.reset_stats();
+    }
+    merged
+}
+
+/// INFO: the masters' sections merged, with the proxy's own figures.
+async fn info_reply(
+    shared: &Arc<Shared>,
+    protocol: Protocol,
+    req: &Request,
+    masters: &[SocketAddr],
+    client: &ClientEntry,
+) -> Bytes {
+    let args: Vec<String> = req.args[1..]
+        .iter()
+        .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())
+        .collect();
+    let sections = info::requested(&args);
+    let node_sections = info::node_args(&sections);
+    let mut texts = Vec::new();
+    if !node_sections.is_empty() {
+        let mut node_req = vec![Bytes::from_static(b"INFO")];
+        node_req.extend(node_sections.iter().map(|s| Bytes::from(s.clone())));
+        let payload = request::encode(&node_req);
+        // Asked in RESP2: plain bulk text whatever the client speaks.
+        let replies = broadcast(shared, Protocol::Resp2, masters, &payload, true).await;
+        if let Some(error) = replies.iter().find(|r| r.is_error()) {
+            return error.raw.clone();
         }
-        FanOut::AndArrays => {
-            let mut flags: Option<Vec<bool>> = None;
-            for r in &replies {
-                let Some(elements) = array_elements(&r.raw, protocol) else {
-                    return reply::error("ERR redirector: unexpected reply to merge");
-                };
-                let these: Vec<bool> = elements.iter().map(|e| &e[..] == b":1\r\n").collect();
-                flags = Some(match flags {
-                    None => these,
-                    Some(prev) => prev.iter().zip(&these).map(|(a, b)| *a && *b).collect(),
-                });
+        for reply in &replies {
+            match Value::decode(&reply.raw, Protocol::Resp2) {
+                Some(Value::Bulk(text)) => texts.push(String::from_utf8_lossy(&text).into_owned()),
+                _ => return reply::error("ERR redirector: unexpected INFO reply"),
             }
-            let flags = flags.unwrap_or_default();
-            reply::build(protocol, |e| {
-                e.array(flags.len());
-                for f in flags {
-                    e.integer(i64::from(f));
-                }
-            })
         }
+    }
+    let figures = figures(shared, client);
+    let text = info::merge(&sections, &texts, &figures);
+    reply::build(protocol, |e| e.verbatim(&text))
+}
+
+/// The proxy's own figures for INFO.
+fn figures(shared: &Shared, client: &ClientEntry) -> info::ProxyFigures {
+    let (connected, blocked, tracking, pubsub) = shared.clients.counts();
+    let view = shared.topology.view();
+    let replicas: usize = view.shards().iter().map(|s| s.replicas.len()).sum();
+    let covered = view.covered_slots();
+    info::ProxyFigures {
+        process_id: std::process::id(),
+        tcp_port: client.laddr.port(),
+        uptime_secs: shared.started.elapsed().as_secs(),
+        connected_clients: connected,
+        blocked_clients: blocked,
+        tracking_clients: tracking,
+        pubsub_clients: pubsub,
+        maxclients: shared.settings.admission.max_clients,
+        total_connections: shared.total_connections(),
+        rejected_connections: shared.rejected_connections(),
+        proxy_section: vec![
+            (
+                "redirector_version".into(),
+                env!("CARGO_PKG_VERSION").into(),
+            ),
+            (
+                "upstream_cluster_state".into(),
+                if covered == crate::cluster::slot::SLOTS {
+                    "ok".into()
+                } else {
+                    "fail".into()
+                },
+            ),
+            ("upstream_masters".into(), view.shards().len().to_string()),
+            ("upstream_replicas".into(), replicas.to_string()),
+            ("upstream_slots_covered".into(), covered.to_string()),
+            ("topology_version".into(), view.version.to_string()),
+            (
+                "read_policy".into(),
+                format!("{:?}", shared.settings.read_policy).to_ascii_lowercase(),
+            ),
+            (
+                "total_commands_processed".into(),
+                shared.total_commands().to_string(),
+            ),
+        ],
+        local_errors: shared.local_errors(),
     }
 }
 
@@ -538,9 +669,10 @@ pub fn array_elements(raw: &Bytes, protocol: Protocol) -> Option<Vec<Bytes>> {
 /// above them. When a node's cursor comes back 0 the scan moves on to the
 /// shard with the next first slot; 0 after the last shard ends the scan.
 /// With a stable topology every key is returned exactly once (as SCAN on a
-/// single Redis guarantees), whatever COUNT is.
+/// single Redis guarantees), whatever COUNT is. One call goes on across
+/// shards until it holds COUNT keys (or has asked every shard about once):
+/// a small keyspace comes back whole, with cursor 0, as from one Redis.
 pub async fn scan(shared: Arc<Shared>, protocol: Protocol, req: Request) -> Bytes {
-    const SHARD_BITS: u32 = 14;
     let Some(cursor) = req
         .args
         .get(1)
@@ -549,69 +681,185 @@ pub async fn scan(shared: Arc<Shared>, protocol: Protocol, req: Request) -> Byte
     else {
         return reply::error("ERR invalid cursor");
     };
+    let count = scan_count(&req.args).unwrap_or(10);
     let view = shared.topology.view();
     let mut firsts: Vec<u16> = view.shards().iter().map(|s| s.first_slot()).collect();
     firsts.sort_unstable();
     if firsts.is_empty() {
         return reply::error(CLUSTERDOWN);
     }
-    let (shard_slot, node_cursor) = if cursor == 0 {
-        (firsts[0], 0)
-    } else {
-        (
-            (cursor & ((1 << SHARD_BITS) - 1)) as u16,
-            cursor >> SHARD_BITS,
-        )
-    };
-    if node_cursor >= 1 << (64 - SHARD_BITS) {
+    let Some(mut position) = scan_cursor::decode(cursor, &firsts) else {
         return reply::error("ERR invalid cursor");
+    };
+    let mut keys: Vec<Bytes> = Vec::new();
+    let mut calls = 0;
+    loop {
+        let (shard_slot, node_cursor) = position;
+        let mut args = req.args.clone();
+        args[1] = Bytes::from(node_cursor.to_string());
+        let routed = Routed {
+            payload: request::encode(&args),
+            target: Target {
+                slot: Some(shard_slot),
+                readonly: true,
+            },
+            protocol,
+            via: None,
+        };
+        let reply = run(Arc::clone(&shared), routed).await;
+        calls += 1;
+        if reply.is_error() {
+            return reply.raw;
+        }
+        let Some(parts) = array_elements(&reply.raw, protocol) else {
+            return reply::error("ERR redirector: unexpected SCAN reply");
+        };
+        let [next, found] = parts.as_slice() else {
+            return reply::error("ERR redirector: unexpected SCAN reply");
+        };
+        let Some(found) = array_elements(found, protocol) else {
+            return reply::error("ERR redirector: unexpected SCAN reply");
+        };
+        keys.extend(found);
+        let next: u64 = bulk_text(next).and_then(|t| t.parse().ok()).unwrap_or(0);
+        let cursor = scan_cursor::next(shard_slot, next, &firsts);
+        let done = cursor == 0 || keys.len() >= count || calls > firsts.len();
+        if done {
+            let mut out = BytesMut::new();
+            let mut e = Encoder {
+                out: &mut out,
+                protocol,
+            };
+            e.array(2);
+            e.bulk(cursor.to_string().as_bytes());
+            e.array(keys.len());
+            for key in &keys {
+                e.raw(key);
+            }
+            return out.freeze();
+        }
+        position = match scan_cursor::decode(cursor, &firsts) {
+            Some(position) => position,
+            None => return reply::error("ERR invalid cursor"),
+        };
     }
-    let mut args = req.args.clone();
-    args[1] = Bytes::from(node_cursor.to_string());
-    let routed = Routed {
-        payload: request::encode(&args),
-        target: Target {
-            slot: Some(shard_slot),
-            readonly: true,
-        },
-        protocol,
-    };
-    let reply = run(Arc::clone(&shared), routed).await;
-    if reply.is_error() {
-        return reply.raw;
+}
+
+/// SCAN's COUNT option.
+fn scan_count(args: &[Bytes]) -> Option<usize> {
+    args.windows(2)
+        .skip(2)
+        .find(|w| w[0].eq_ignore_ascii_case(b"count"))
+        .and_then(|w| std::str::from_utf8(&w[1]).ok()?.parse().ok())
+}
+
+/// The proxy's SCAN cursor: a shard (its first slot) in the low 14 bits,
+/// that shard's own cursor above them.
+pub mod scan_cursor {
+    const SHARD_BITS: u32 = 14;
+
+    /// `(shard's first slot, node cursor)` of a client's cursor; 0 starts
+    /// at the first shard. `None`: not a cursor this proxy gave.
+    pub fn decode(cursor: u64, firsts: &[u16]) -> Option<(u16, u64)> {
+        if cursor == 0 {
+            return Some((*firsts.first()?, 0));
+        }
+        let node_cursor = cursor >> SHARD_BITS;
+        if node_cursor >= 1 << (64 - SHARD_BITS) {
+            return None;
+        }
+        Some(((cursor & ((1 << SHARD_BITS) - 1)) as u16, node_cursor))
     }
-    let Some(parts) = array_elements(&reply.raw, protocol) else {
-        return reply::error("ERR redirector: unexpected SCAN reply");
-    };
-    let [next, keys] = parts.as_slice() else {
-        return reply::error("ERR redirector: unexpected SCAN reply");
-    };
-    let next: u64 = bulk_text(next).and_then(|t| t.parse().ok()).unwrap_or(0);
-    let next_cursor = if next != 0 {
-        (next << SHARD_BITS) | u64::from(shard_slot)
-    } else {
-        match firsts.iter().find(|&&f| f > shard_slot) {
+
+    /// The client's cursor after a node of `shard` answered `next`: the
+    /// same shard further on, the next shard, or 0 when every shard is done.
+    pub fn next(shard: u16, next: u64, firsts: &[u16]) -> u64 {
+        if next != 0 {
+            return (next << SHARD_BITS) | u64::from(shard);
+        }
+        match firsts.iter().find(|&&f| f > shard) {
             // Node cursor 0 on the next shard. Its first slot may be 0 only
             // for the first shard, which never comes next.
             Some(&f) => u64::from(f),
             None => 0,
         }
-    };
-    let mut out = BytesMut::new();
-    let mut e = Encoder {
-        out: &mut out,
-        protocol,
-    };
-    e.array(2);
-    e.bulk(next_cursor.to_string().as_bytes());
-    e.raw(keys);
-    out.freeze()
+    }
 }
 
 fn bulk_text(raw: &Bytes) -> Option<&str> {
     // `$<len>\r\n<data>\r\n`
     let start = raw.iter().position(|&b| b == b'\n')? + 1;
     std::str::from_utf8(raw.get(start..raw.len().checked_sub(2)?)?).ok()
+}
+
+/// A command that may block, on a leased connection to the owner of
+/// `slot`. While it waits, `client` shows as blocked (INFO, CLIENT LIST),
+/// with the node and upstream client id that CLIENT UNBLOCK needs.
+/// `MOVED` is followed on a new lease, as every redirect.
+pub async fn blocking_call(
+    shared: Arc<Shared>,
+    protocol: Protocol,
+    req: Request,
+    slot: Option<u16>,
+    client: &ClientEntry,
+) -> Bytes {
+    for _ in 0..=shared.settings.max_redirects {
+        let view = shared.topology.view();
+        let target = Target {
+            slot,
+            readonly: false,
+        };
+        let node = match pick(&shared, &view, target) {
+            Ok(node) => node,
+            Err(e) => return e,
+        };
+        let pool = shared.pools.node(node, protocol);
+        let mut lease = match pool.lease().await {
+            Ok(lease) => lease,
+            Err(e) => {
+                shared.topology.request_refresh();
+                return reply::error(&format!("ERR redirector: {e}"));
+            }
+        };
+        let upstream_id = match lease.client_id().await {
+            Ok(id) => id,
+            Err(e) => {
+                pool.forget();
+                return reply::error(&format!("ERR redirector: {e}"));
+            }
+        };
+        let result = async {
+            lease.write(&req.raw).await?;
+            client.set_blocked_on(Some((node, upstream_id)));
+            lease.read().await
+        }
+        .await;
+        client.set_blocked_on(None);
+        let reply = match result {
+            Ok(reply) => {
+                pool.release(lease);
+                reply
+            }
+            Err(e) => {
+                pool.forget();
+                return reply::error(&format!("ERR redirector: {e}"));
+            }
+        };
+        match judge_one(Ok(reply), false) {
+            Verdict::Redirect {
+                slot,
+                addr,
+                asking: false,
+                ..
+            } => {
+                shared.topology.moved(slot, addr);
+            }
+            Verdict::Done(reply) | Verdict::Retry { reply } | Verdict::Redirect { reply, .. } => {
+                return reply.raw;
+            }
+        }
+    }
+    reply::error("TRYAGAIN the slot keeps moving")
 }
 
 #[cfg(test)]

@@ -23,6 +23,8 @@ pub struct Leased {
     stream: Upstream,
     buf: BytesMut,
     broken: bool,
+    /// Redis's CLIENT ID for this connection, once asked.
+    upstream_id: Option<u64>,
 }
 
 impl Leased {
@@ -38,7 +40,42 @@ impl Leased {
             stream,
             buf,
             broken: false,
+            upstream_id: None,
         })
+    }
+
+    /// Redis's id for this connection (asked once per connection).
+    pub async fn client_id(&mut self) -> Result<u64, UpstreamError> {
+        if let Some(id) = self.upstream_id {
+            return Ok(id);
+        }
+        let replies = self.call(b"*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n", 1).await?;
+        match replies.first().map(|r| r.kind) {
+            Some(reply::ReplyKind::Integer(id)) => {
+                let id = u64::try_from(id).unwrap_or(0);
+                self.upstream_id = Some(id);
+                Ok(id)
+            }
+            _ => Err(UpstreamError::Protocol(self.addr, "no client id".into())),
+        }
+    }
+
+    /// Writes `payload` (a command whose reply [`Self::read`] awaits).
+    pub async fn write(&mut self, payload: &[u8]) -> Result<(), UpstreamError> {
+        let result = self
+            .stream
+            .write_all(payload)
+            .await
+            .map_err(|e| UpstreamError::NotSent(self.addr, e.to_string()));
+        self.broken |= result.is_err();
+        result
+    }
+
+    /// Reads one reply.
+    pub async fn read(&mut self) -> Result<Reply, UpstreamError> {
+        let result = self.read_reply().await;
+        self.broken |= result.is_err();
+        result
     }
 
     /// Writes `payload` and reads `replies` frames.

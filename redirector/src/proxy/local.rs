@@ -7,27 +7,21 @@
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
-use super::{Shared, exec};
+use super::Shared;
 use crate::{
     cluster::slot,
-    resp::{
-        Protocol,
-        reply::{self, Encoder},
-        request::Request,
-    },
+    resp::{Protocol, reply, request::Request},
 };
 
 /// What local replies need to know about the calling client.
 pub struct Caller<'a> {
     pub id: u64,
     pub protocol: Protocol,
-    pub name: Option<&'a Bytes>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
     /// The address to present as the one-node cluster.
@@ -131,73 +125,9 @@ pub fn hello_reply(shared: &Shared, caller: &Caller<'_>) -> Bytes {
     })
 }
 
-/// `CLIENT <sub> ...` that a shared upstream connection cannot carry are
-/// answered here; the rest are refused with a clear error.
-pub enum ClientCommand {
-    Reply(Bytes),
-    SetName(Bytes),
-}
-
-pub fn client(req: &Request, caller: &Caller<'_>) -> ClientCommand {
-    let sub = req
-        .args
-        .get(1)
-        .map(|s| s.to_ascii_lowercase())
-        .unwrap_or_default();
-    let reply = match sub.as_slice() {
-        b"id" => reply::build(caller.protocol, |e| {
-            e.integer(i64::try_from(caller.id).unwrap_or(i64::MAX));
-        }),
-        b"getname" => reply::build(caller.protocol, |e| match caller.name {
-            Some(name) => e.bulk(name),
-            None => e.null(),
-        }),
-        b"setname" => {
-            let Some(name) = req.args.get(2).filter(|_| req.args.len() == 3) else {
-                return ClientCommand::Reply(wrong_arity("client|setname"));
-            };
-            if name.iter().any(|&b| b <= b' ' || b > b'~') {
-                return ClientCommand::Reply(reply::error(
-                    "ERR Client names cannot contain spaces, newlines or special characters.",
-                ));
-            }
-            return ClientCommand::SetName(name.clone());
-        }
-        b"info" => reply::build(caller.protocol, |e| e.verbatim(&client_line(caller))),
-        b"list" => reply::build(caller.protocol, |e| e.verbatim(&client_line(caller))),
-        // Library identification (redis-py, phpredis send these).
-        b"setinfo" | b"no-evict" | b"no-touch" => reply::ok(),
-        b"" => wrong_arity("client"),
-        other => unsupported(&format!(
-            "CLIENT {}",
-            String::from_utf8_lossy(other).to_uppercase()
-        )),
-    };
-    ClientCommand::Reply(reply)
-}
-
-fn client_line(caller: &Caller<'_>) -> String {
-    format!(
-        "id={} addr={} laddr={} fd=0 name={} db=0 user={} resp={}\n",
-        caller.id,
-        caller.peer,
-        caller.local,
-        caller
-            .name
-            .map(|n| String::from_utf8_lossy(n).into_owned())
-            .unwrap_or_default(),
-        caller.user,
-        if caller.protocol == Protocol::Resp3 {
-            3
-        } else {
-            2
-        }
-    )
-}
-
-/// `CLUSTER ...`: the one-node view, or `None` for subcommands that go to
-/// the cluster (they carry a slot: COUNTKEYSINSLOT, GETKEYSINSLOT).
-pub fn cluster(req: &Request, caller: &Caller<'_>) -> Option<Bytes> {
+/// `CLUSTER ...`: the one-node view (the planner routes the subcommands
+/// that carry a slot: COUNTKEYSINSLOT, GETKEYSINSLOT).
+pub fn cluster(req: &Request, caller: &Caller<'_>) -> Bytes {
     let sub = req
         .args
         .get(1)
@@ -207,7 +137,7 @@ pub fn cluster(req: &Request, caller: &Caller<'_>) -> Option<Bytes> {
     let port = i64::from(caller.advertised.port());
     let id = node_id();
     let protocol = caller.protocol;
-    Some(match sub.as_slice() {
+    match sub.as_slice() {
         b"slots" => reply::build(protocol, |e| {
             e.array(1);
             e.array(3);
@@ -263,90 +193,14 @@ pub fn cluster(req: &Request, caller: &Caller<'_>) -> Option<Bytes> {
         b"myid" => reply::build(protocol, |e| e.bulk(id.as_bytes())),
         b"keyslot" => {
             if req.args.len() != 3 {
-                return Some(wrong_arity("cluster|keyslot"));
+                return wrong_arity("cluster|keyslot");
             }
             reply::build(protocol, |e| e.integer(i64::from(slot::slot(&req.args[2]))))
         }
-        b"countkeysinslot" | b"getkeysinslot" => return None,
         b"" => wrong_arity("cluster"),
         other => unsupported(&format!(
             "CLUSTER {}",
             String::from_utf8_lossy(other).to_uppercase()
         )),
-    })
-}
-
-/// `INFO`: the proxy's own view (documented in the README): server,
-/// clients, stats, the upstream cluster, and the keyspace summed over
-/// masters with DBSIZE.
-pub async fn info(shared: Arc<Shared>, protocol: Protocol, section: Option<String>) -> Bytes {
-    let wanted = |name: &str| {
-        section
-            .as_deref()
-            .is_none_or(|s| s == "all" || s == "default" || s == "everything" || s == name)
-    };
-    let mut text = String::new();
-    if wanted("server") {
-        text.push_str(&format!(
-            "# Server\r\nredis_version:{}\r\nredirector_version:{}\r\nredis_mode:standalone\r\nos:{}\r\nprocess_id:{}\r\nuptime_in_seconds:{}\r\n\r\n",
-            shared.redis_version,
-            env!("CARGO_PKG_VERSION"),
-            std::env::consts::OS,
-            std::process::id(),
-            shared.started.elapsed().as_secs(),
-        ));
     }
-    if wanted("clients") {
-        text.push_str(&format!(
-            "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\n\r\n",
-            shared.connected_clients(),
-            shared.settings.admission.max_clients
-        ));
-    }
-    if wanted("stats") {
-        text.push_str(&format!(
-            "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\n\r\n",
-            shared.total_connections(),
-            shared.total_commands()
-        ));
-    }
-    let view = shared.topology.view();
-    if wanted("cluster") {
-        let replicas: usize = view.shards().iter().map(|s| s.replicas.len()).sum();
-        let covered = view.covered_slots();
-        text.push_str(&format!(
-            "# Cluster\r\ncluster_enabled:1\r\nupstream_cluster_state:{}\r\nupstream_masters:{}\r\nupstream_replicas:{}\r\nupstream_slots_covered:{}\r\ntopology_version:{}\r\nread_policy:{:?}\r\n\r\n",
-            if covered == slot::SLOTS { "ok" } else { "fail" },
-            view.shards().len(),
-            replicas,
-            covered,
-            view.version,
-            shared.settings.read_policy,
-        ));
-    }
-    if wanted("keyspace") {
-        let dbsize = Request::from_args(vec![Bytes::from_static(b"DBSIZE")]);
-        let keys = exec::fan_out(
-            Arc::clone(&shared),
-            Protocol::Resp2,
-            dbsize,
-            exec::FanOut::SumIntegers,
-        )
-        .await;
-        let keys = std::str::from_utf8(&keys)
-            .ok()
-            .and_then(|s| s.strip_prefix(':'))
-            .and_then(|s| s.trim_end().parse::<i64>().ok());
-        text.push_str("# Keyspace\r\n");
-        if let Some(keys) = keys.filter(|&k| k > 0) {
-            text.push_str(&format!("db0:keys={keys},expires=0,avg_ttl=0\r\n"));
-        }
-    }
-    let mut out = BytesMut::new();
-    Encoder {
-        out: &mut out,
-        protocol,
-    }
-    .verbatim(&text);
-    out.freeze()
 }

@@ -11,14 +11,24 @@
 //! ```
 
 pub mod admission;
+pub mod client_cmd;
+pub mod clients;
 pub mod dial;
 pub mod discovery;
 pub mod exec;
+pub mod functions;
+pub mod health;
+pub mod info;
 pub mod lease;
 pub mod local;
+pub mod merge;
+pub mod metrics;
+pub mod monitor;
+pub mod plan;
 pub mod pool;
 pub mod pubsub;
 pub mod session;
+pub mod tracking;
 pub mod txn;
 pub mod upstream;
 
@@ -37,12 +47,12 @@ use tracing::{Instrument as _, debug_span};
 
 use crate::{
     cluster::{commands::CommandTable, topology::Topology},
-    metrics::Metrics,
     resp::request::Limits,
     steering::{OrigDstTable, orig_dst_addr},
 };
 use admission::{Origin, Refusal, Tally};
 pub use dial::{Dialer, UpstreamAuth};
+use metrics::ProxyMetrics;
 use pool::Pools;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +113,11 @@ impl DownstreamAuth {
         self.password.is_some() || !self.users.is_empty()
     }
 
+    /// Whether `user` is a user clients may log in as.
+    pub fn has_user(&self, user: &str) -> bool {
+        user == "default" || self.users.iter().any(|(u, _)| u == user)
+    }
+
     pub fn check(&self, user: Option<&[u8]>, password: &[u8]) -> bool {
         match user {
             None | Some(b"default") => self
@@ -157,13 +172,20 @@ pub struct Shared {
     pub topology: Arc<Topology>,
     pub pools: Pools,
     pub commands: CommandTable,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<ProxyMetrics>,
     pub orig_dst: Option<OrigDstTable>,
     /// Version of the Redis servers behind the proxy, for HELLO and INFO.
     pub redis_version: String,
     pub started: Instant,
     /// Connections held, in total and per origin (admission quotas).
-    clients: Mutex<Tally>,
+    tally: Mutex<Tally>,
+    /// Every client, as CLIENT LIST and INFO show them.
+    pub clients: clients::Clients,
+    /// Which functions write nothing (CLIENT PAUSE WRITE lets them run).
+    pub functions: functions::FunctionFlags,
+    /// Error replies the proxy gave itself, by error code (INFO
+    /// errorstats adds them to the nodes').
+    local_errors: Mutex<std::collections::BTreeMap<String, u64>>,
     /// At the node-wide limit: the kernel should send new connects direct.
     full: AtomicBool,
     /// Woken when `full` flips, so the flag reaches the kernel at once.
@@ -172,6 +194,7 @@ pub struct Shared {
     probe_peer: Mutex<Option<SocketAddr>>,
     next_client_id: AtomicU64,
     total_connections: AtomicU64,
+    rejected_connections: AtomicU64,
     total_commands: AtomicU64,
     round_robin: AtomicUsize,
 }
@@ -182,7 +205,7 @@ impl Shared {
         topology: Arc<Topology>,
         pools: Pools,
         commands: CommandTable,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ProxyMetrics>,
         orig_dst: Option<OrigDstTable>,
         redis_version: String,
     ) -> Self {
@@ -195,12 +218,16 @@ impl Shared {
             orig_dst,
             redis_version,
             started: Instant::now(),
-            clients: Mutex::new(Tally::default()),
+            tally: Mutex::new(Tally::default()),
+            clients: clients::Clients::default(),
+            functions: functions::FunctionFlags::default(),
+            local_errors: Mutex::new(std::collections::BTreeMap::new()),
             full: AtomicBool::new(false),
             full_changed: Notify::new(),
             probe_peer: Mutex::new(None),
             next_client_id: AtomicU64::new(1),
             total_connections: AtomicU64::new(0),
+            rejected_connections: AtomicU64::new(0),
             total_commands: AtomicU64::new(0),
             round_robin: AtomicUsize::new(0),
         }
@@ -211,7 +238,43 @@ impl Shared {
     }
 
     fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
-        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+        self.tally.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts an error reply the proxy gave without asking a node (its
+    /// code: the first word, as Redis's errorstats).
+    pub fn count_local_error(&self, raw: &[u8]) {
+        let Some(message) = raw.strip_prefix(b"-") else {
+            return;
+        };
+        let code = message
+            .split(|&b| b == b' ' || b == b'\r')
+            .next()
+            .unwrap_or_default();
+        let code = String::from_utf8_lossy(code).into_owned();
+        *self
+            .local_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(code)
+            .or_default() += 1;
+    }
+
+    pub fn local_errors(&self) -> std::collections::BTreeMap<String, u64> {
+        self.local_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// CONFIG RESETSTAT: the proxy's own statistics too.
+    pub fn reset_stats(&self) {
+        self.local_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.total_commands.store(0, Ordering::Relaxed);
+        self.total_connections.store(0, Ordering::Relaxed);
     }
 
     /// Whether the proxy is at its node-wide client limit (the kernel then
@@ -232,7 +295,13 @@ impl Shared {
 
     /// Admits a connection from `origin` (or says why not), holding its
     /// place until the returned slot drops.
-    fn admit(self: &Arc<Self>, origin: Origin, probe: bool) -> Result<ClientSlot, Refusal> {
+    fn admit(
+        self: &Arc<Self>,
+        origin: Origin,
+        probe: bool,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<ClientSlot, Refusal> {
         let mut tally = self.tally();
         if !probe {
             admission::decide(&self.settings.admission, &tally, origin)?;
@@ -244,10 +313,18 @@ impl Shared {
         if !probe {
             self.metrics.client_opened();
         }
+        drop(tally);
+        let id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
+        let entry = if probe {
+            clients::Clients::unlisted(id, peer, local)
+        } else {
+            self.clients.register(id, peer, local)
+        };
         Ok(ClientSlot {
             shared: Arc::clone(self),
             origin,
             counted: !probe,
+            entry,
         })
     }
 
@@ -262,6 +339,10 @@ impl Shared {
 
     pub fn total_connections(&self) -> u64 {
         self.total_connections.load(Ordering::Relaxed)
+    }
+
+    pub fn rejected_connections(&self) -> u64 {
+        self.rejected_connections.load(Ordering::Relaxed)
     }
 
     pub fn total_commands(&self) -> u64 {
@@ -385,16 +466,18 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             },
             None => Origin::Direct { source: peer.ip() },
         };
-        let slot = match shared.admit(origin, steered.is_none() && shared.is_probe(peer)) {
+        let probe = steered.is_none() && shared.is_probe(peer);
+        let slot = match shared.admit(origin, probe, peer, local) {
             Ok(slot) => slot,
             Err(refusal) => {
                 shared.metrics.client_rejected(refusal.reason());
+                shared.rejected_connections.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, reason = refusal.reason(), "client refused");
                 tokio::spawn(refuse(client, refusal));
                 continue;
             }
         };
-        let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
+        let id = slot.entry.id;
         let span = debug_span!("client", id, %peer);
         // A steered client believes it talks to the address it dialled.
         let advertised = steered.as_ref().map_or(local, orig_dst_addr);
@@ -424,10 +507,21 @@ pub struct ClientSlot {
     shared: Arc<Shared>,
     origin: Origin,
     counted: bool,
+    entry: Arc<clients::ClientEntry>,
+}
+
+impl ClientSlot {
+    /// The client's entry in the registry.
+    pub fn entry(&self) -> &Arc<clients::ClientEntry> {
+        &self.entry
+    }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
+        if self.counted {
+            self.shared.clients.unregister(self.entry.id);
+        }
         let mut tally = self.shared.tally();
         tally.remove(self.origin);
         self.shared.update_full(&tally);

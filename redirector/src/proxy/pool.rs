@@ -3,17 +3,16 @@
 //! connections for leases.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
 };
 
-use super::{UpstreamError, dial::Dialer, lease::Leased, upstream::Conn};
-use crate::{fasthash::FnvHashMap, metrics::Metrics, resp::Protocol};
+use super::metrics::ProxyMetrics;
+use super::{UpstreamError, dial::Dialer, health::Health, lease::Leased, upstream::Conn};
+use crate::{fasthash::FnvHashMap, resp::Protocol};
 
 #[derive(Clone, Copy, Debug)]
 pub struct PoolConfig {
@@ -21,40 +20,6 @@ pub struct PoolConfig {
     pub shared_per_node: usize,
     /// Idle leased connections kept per node and protocol.
     pub idle_leases_per_node: usize,
-}
-
-/// Nodes that recently refused connections, for read policies that
-/// prefer a healthy node.
-#[derive(Default)]
-pub struct Health {
-    down_until: Mutex<HashMap<SocketAddr, Instant>>,
-}
-
-/// How long a node counts as down after a failed connect.
-const DOWN_FOR: Duration = Duration::from_secs(2);
-
-impl Health {
-    pub fn failed(&self, addr: SocketAddr) {
-        self.down_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(addr, Instant::now() + DOWN_FOR);
-    }
-
-    pub fn connected(&self, addr: SocketAddr) {
-        self.down_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&addr);
-    }
-
-    pub fn is_down(&self, addr: SocketAddr) -> bool {
-        self.down_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&addr)
-            .is_some_and(|&until| Instant::now() < until)
-    }
 }
 
 pub struct NodePool {
@@ -65,7 +30,7 @@ pub struct NodePool {
     idle: Mutex<Vec<Leased>>,
     max_idle: usize,
     dialer: Arc<Dialer>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ProxyMetrics>,
     health: Arc<Health>,
 }
 
@@ -139,13 +104,13 @@ impl NodePool {
 pub struct Pools {
     nodes: RwLock<FnvHashMap<(SocketAddr, Protocol), Arc<NodePool>>>,
     dialer: Arc<Dialer>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ProxyMetrics>,
     health: Arc<Health>,
     config: PoolConfig,
 }
 
 impl Pools {
-    pub fn new(dialer: Dialer, metrics: Arc<Metrics>, config: PoolConfig) -> Self {
+    pub fn new(dialer: Dialer, metrics: Arc<ProxyMetrics>, config: PoolConfig) -> Self {
         Self {
             nodes: RwLock::new(FnvHashMap::default()),
             dialer: Arc::new(dialer),
@@ -159,8 +124,16 @@ impl Pools {
         self.health.is_down(addr)
     }
 
-    pub fn dialer(&self) -> &Dialer {
+    pub fn dialer(&self) -> &Arc<Dialer> {
         &self.dialer
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
+        &self.metrics
     }
 
     pub fn node(&self, addr: SocketAddr, protocol: Protocol) -> Arc<NodePool> {

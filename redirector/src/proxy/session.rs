@@ -1,13 +1,14 @@
 //! One client connection.
 //!
-//! The session reads pipelined requests, routes each one, and keeps a queue
-//! of pending replies in request order. A routed single-slot command is sent
-//! on a shared upstream connection right here (the hot path: no task); its
-//! reply slot is a oneshot receiver at its place in the queue. Anything
-//! slower (redirects, retries, split or fan-out commands, transactions,
-//! blocking commands) runs in a task of its own whose result lands at the
-//! same place. Replies are written as soon as the head of the queue is
-//! ready, coalesced into one write when several are.
+//! The session reads pipelined requests, asks the planner
+//! ([`super::plan`]) what each one is, carries the plan out, and keeps a
+//! queue of pending replies in request order. A routed single-slot command
+//! is sent on a shared upstream connection right here (the hot path: no
+//! task); its reply lands in the session's inbox at its place in the queue.
+//! Anything slower (redirects, retries, split or fan-out commands,
+//! transactions, blocking commands) runs in a task of its own whose result
+//! lands at the same place. Replies are written as soon as the head of the
+//! queue is ready, coalesced into one write when several are.
 
 use std::{
     collections::VecDeque,
@@ -20,32 +21,32 @@ use bytes::{Bytes, BytesMut};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
-    sync::oneshot,
+    sync::{mpsc, oneshot},
 };
 
 use super::{
-    ClientSlot, Shared,
-    exec::{self, Merge, Routed, Target},
+    ClientSlot, Shared, client_cmd,
+    clients::{ClientEntry, flags},
+    exec::{self, Routed, Target},
+    functions,
     local::{self, Caller},
-    pubsub, txn,
+    metrics::{CommandCounters, UNKNOWN_COMMAND},
+    monitor,
+    plan::{self, Local, Plan, SessionState, Txn},
+    pubsub, tracking, txn,
     upstream::{Conn, Inbox, Job, Sink},
 };
 use crate::{
     cluster::{
         commands::{CommandInfo, Flags},
-        slot,
         topology::View,
     },
-    metrics::{CommandCounters, UNKNOWN_COMMAND},
     resp::{
         Protocol,
         reply::{self, Reply},
         request::{self, Parsed, Request},
     },
 };
-
-const NOAUTH: &str = "NOAUTH Authentication required.";
-const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the same slot";
 
 /// A client connection's addresses.
 pub struct Addresses {
@@ -54,6 +55,15 @@ pub struct Addresses {
     /// Where the client believes it is connected: the address it dialled
     /// (its original destination when steered), shown in cluster views.
     pub advertised: SocketAddr,
+}
+
+/// CLIENT REPLY.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyMode {
+    On,
+    Off,
+    /// The next command's reply is not sent.
+    Skip,
 }
 
 pub async fn serve(
@@ -65,9 +75,12 @@ pub async fn serve(
         advertised,
     }: Addresses,
     id: u64,
-    _slot: ClientSlot,
+    slot: ClientSlot,
 ) {
     // TCP_NODELAY is inherited from the listener.
+    let entry = Arc::clone(slot.entry());
+    let (push_tx, push_rx) = mpsc::unbounded_channel();
+    entry.set_push(push_tx);
     let mut session = Session {
         authed: !shared.settings.auth.required(),
         shared: Arc::clone(&shared),
@@ -77,7 +90,6 @@ pub async fn serve(
         advertised,
         protocol: Protocol::Resp2,
         user: "default".into(),
-        name: None,
         multi: None,
         baton: None,
         pubsub: None,
@@ -90,8 +102,15 @@ pub async fn serve(
         batch: Vec::new(),
         metric_cache: Vec::new(),
         read_at: Instant::now(),
+        entry,
+        reply_mode: ReplyMode::On,
+        monitor: None,
+        held: None,
+        tracking: None,
     };
-    session.run(stream).await;
+    session.run(stream, push_rx).await;
+    drop(session);
+    drop(slot);
     tracing::debug!("client closed");
 }
 
@@ -101,6 +120,8 @@ struct Meta {
     started: Instant,
     /// Index into the session's metric cache.
     metric: usize,
+    /// CLIENT REPLY OFF/SKIP: the reply is not written.
+    silent: bool,
 }
 
 enum Pending {
@@ -127,7 +148,6 @@ struct Session {
     protocol: Protocol,
     authed: bool,
     user: String,
-    name: Option<Bytes>,
     /// Between MULTI and EXEC.
     multi: Option<txn::Queued>,
     /// The WATCH state, handed from transaction step to step.
@@ -136,7 +156,6 @@ struct Session {
     /// For WAIT: the slot this client last wrote to.
     last_write_slot: Option<u16>,
     closing: bool,
-    /// The slot map as of the last command (reloaded when its version moves).
     view: Arc<View>,
     /// Shared upstream connections this client used, by node: saves the
     /// pool lookups on the hot path.
@@ -149,12 +168,25 @@ struct Session {
     batch: Vec<(SocketAddr, BytesMut, Vec<u64>)>,
     metric_cache: Vec<(Box<[u8]>, CommandCounters)>,
     read_at: Instant,
+    /// This client in the proxy's registry (CLIENT LIST, INFO clients).
+    entry: Arc<ClientEntry>,
+    reply_mode: ReplyMode,
+    /// MONITOR: the feed of every client's commands.
+    monitor: Option<mpsc::UnboundedReceiver<Bytes>>,
+    /// A command held by CLIENT PAUSE, and until when.
+    held: Option<(Request, Instant)>,
+    /// CLIENT TRACKING.
+    tracking: Option<tracking::Handle>,
 }
 
 enum Event {
     Resolved(Resolution),
     Read(std::io::Result<usize>),
     PubSub(Option<pubsub::Out>),
+    Monitor(Option<Bytes>),
+    Push(Bytes),
+    Unpaused,
+    Killed,
     Idle,
 }
 
@@ -166,7 +198,7 @@ enum Resolution {
 }
 
 impl Session {
-    async fn run(&mut self, mut stream: TcpStream) {
+    async fn run(&mut self, mut stream: TcpStream, mut push_rx: mpsc::UnboundedReceiver<Bytes>) {
         // Borrowed halves: dropping the stream just closes it, where an
         // owned write half would cost a shutdown() syscall first.
         let (mut reader, mut writer) = stream.split();
@@ -179,9 +211,15 @@ impl Session {
         let mut eof = false;
         let mut backlog = false;
         let inbox = Arc::clone(&self.inbox);
+        let entry = Arc::clone(&self.entry);
         loop {
-            if !self.closing && !inbuf.is_empty() && pending.len() < settings.max_pipeline {
+            if self.held.is_none()
+                && !self.closing
+                && !inbuf.is_empty()
+                && pending.len() < settings.max_pipeline
+            {
                 backlog = self.parse_and_dispatch(&mut inbuf, &mut pending, &settings);
+                self.entry.set_qbuf(inbuf.len());
             }
             let close_now = self.drain(&mut pending, &mut out);
             if !out.is_empty() {
@@ -198,10 +236,14 @@ impl Session {
             }
             // Requests already buffered wait only for room in the pipeline,
             // never for more input (the client may be done sending).
-            if backlog && !self.closing && pending.len() < settings.max_pipeline {
+            if backlog
+                && self.held.is_none()
+                && !self.closing
+                && pending.len() < settings.max_pipeline
+            {
                 continue;
             }
-            if eof && pending.is_empty() && !backlog {
+            if eof && pending.is_empty() && !backlog && self.held.is_none() {
                 return;
             }
 
@@ -209,14 +251,20 @@ impl Session {
             let subscribed = self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active);
             let idle = settings
                 .idle_timeout
-                .filter(|_| pending.is_empty() && !subscribed);
+                .filter(|_| pending.is_empty() && !subscribed && self.monitor.is_none());
             if inbuf.capacity() - inbuf.len() < 1024 {
                 inbuf.reserve(16 * 1024);
             }
+            let paused_until = self.held.as_ref().map(|(_, until)| *until);
+            let shared = Arc::clone(&self.shared);
             let event = tokio::select! {
                 biased;
+                () = entry.killed() => Event::Killed,
                 resolution = head(pending.front_mut(), &inbox) => Event::Resolved(resolution),
                 out = next_pubsub(self.pubsub.as_mut()) => Event::PubSub(out),
+                line = next_line(self.monitor.as_mut()) => Event::Monitor(line),
+                Some(frame) = push_rx.recv() => Event::Push(frame),
+                () = wait_unpaused(&shared, paused_until) => Event::Unpaused,
                 read = reader.read_buf(&mut inbuf), if can_read => Event::Read(read),
                 () = sleep_opt(idle) => Event::Idle,
             };
@@ -230,6 +278,22 @@ impl Session {
                     pending.push_back(Pending::Close);
                     self.closing = true;
                 }
+                // Never ahead of a reply still owed (MONITOR's own +OK).
+                Event::Monitor(Some(line)) if pending.is_empty() => out.extend_from_slice(&line),
+                Event::Monitor(Some(line)) => pending.push_back(Pending::Ready(line, None)),
+                Event::Monitor(None) => self.monitor = None,
+                // After the replies already queued: an invalidation never
+                // overtakes the reply of a read it races with.
+                Event::Push(frame) => pending.push_back(Pending::Ready(frame, None)),
+                Event::Unpaused => {
+                    if let Some((req, _)) = self.held.take() {
+                        self.entry.set_flag(flags::BLOCKED, false);
+                        self.read_at = Instant::now();
+                        self.dispatch(req, &mut pending);
+                        self.flush_batch();
+                    }
+                }
+                Event::Killed => return,
                 Event::Idle => {
                     tracing::debug!("idle timeout");
                     return;
@@ -265,13 +329,17 @@ impl Session {
                 continue;
             }
             if let Some(Pending::Ready(raw, meta)) = pending.pop_front() {
+                let mut silent = false;
                 if let Some(meta) = meta {
                     let now = *now.get_or_insert_with(Instant::now);
                     let ok = !matches!(raw.first(), Some(b'-' | b'!'));
                     self.metric_cache[meta.metric].1.record(ok);
                     self.shared.metrics.latency(now - meta.started);
+                    silent = meta.silent;
                 }
-                out.extend_from_slice(&raw);
+                if !silent {
+                    out.extend_from_slice(&raw);
+                }
             }
         }
     }
@@ -301,9 +369,10 @@ impl Session {
         pending.push_front(resolved);
     }
 
-    /// Parses and dispatches buffered requests until none is complete or
-    /// the pipeline is full. Returns true when it stopped at the limit with
-    /// bytes left, which the caller parses as soon as there is room.
+    /// Parses and dispatches buffered requests until none is complete, the
+    /// pipeline is full or a command is held by CLIENT PAUSE. Returns true
+    /// when it stopped at the limit with bytes left, which the caller
+    /// parses as soon as there is room.
     fn parse_and_dispatch(
         &mut self,
         inbuf: &mut BytesMut,
@@ -322,7 +391,7 @@ impl Session {
         settings: &super::Settings,
     ) -> bool {
         self.read_at = Instant::now();
-        while pending.len() < settings.max_pipeline && !self.closing {
+        while pending.len() < settings.max_pipeline && !self.closing && self.held.is_none() {
             match request::parse(inbuf, &settings.limits) {
                 Ok(Parsed::Request(req)) => self.dispatch(req, pending),
                 Ok(Parsed::Incomplete { needed }) => {
@@ -343,7 +412,8 @@ impl Session {
                 }
             }
         }
-        // Stopped at the pipeline limit: complete requests may remain.
+        // Stopped at the pipeline limit or a pause: complete requests may
+        // remain.
         !self.closing && !inbuf.is_empty()
     }
 
@@ -362,7 +432,6 @@ impl Session {
         Caller {
             id: self.id,
             protocol: self.protocol,
-            name: self.name.as_ref(),
             peer: self.peer,
             local: self.local,
             advertised: self.advertised,
@@ -370,126 +439,299 @@ impl Session {
         }
     }
 
+    fn state(&self) -> SessionState {
+        SessionState {
+            protocol: self.protocol,
+            authed: self.authed,
+            in_multi: self.multi.is_some(),
+            subscribed_resp2: self.protocol == Protocol::Resp2
+                && self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active),
+        }
+    }
+
+    /// Whether CLIENT REPLY silences this command's reply (SKIP silences
+    /// the one after it).
+    fn silence(&mut self) -> bool {
+        match self.reply_mode {
+            ReplyMode::On => false,
+            ReplyMode::Off => true,
+            ReplyMode::Skip => {
+                self.reply_mode = ReplyMode::On;
+                true
+            }
+        }
+    }
+
     fn dispatch(&mut self, req: Request, pending: &mut VecDeque<Pending>) {
-        self.shared.count_command();
         let shared = Arc::clone(&self.shared);
         let info = shared.commands.lookup(&req.args);
+        // CLIENT PAUSE holds writes (or everything) until it ends.
+        if let Some(until) = shared.clients.held_until(|| self.writes(info, &req)) {
+            // Redis counts a paused client as blocked.
+            self.entry.set_flag(flags::BLOCKED, true);
+            self.held = Some((req, until));
+            return;
+        }
+        shared.count_command();
         let mut lower = [0u8; 32];
         let name_len = req.args[0].len();
-        let name: &[u8] = if name_len <= lower.len() {
+        let name: &[u8] = if name_len <= lower.len() && info.is_some() {
             lower[..name_len].copy_from_slice(&req.args[0]);
             lower[..name_len].make_ascii_lowercase();
             &lower[..name_len]
         } else {
             UNKNOWN_COMMAND
         };
-        let metric_name = if info.is_some() {
-            name
-        } else {
-            UNKNOWN_COMMAND
-        };
+        self.entry
+            .command(info.map_or("unknown", |i| i.name.as_str()));
+        // As Redis shows it while the command runs: in the query buffer.
+        self.entry.set_qbuf(req.raw.len());
+        if shared.clients.is_monitored() && info.is_some_and(plan::monitored) {
+            shared.clients.feed(self.peer, &req.args);
+        }
+        let metric = self.metric_index(name);
+        let silent = self.silence();
         let meta = Meta {
             started: self.read_at,
-            metric: self.metric_index(metric_name),
+            metric,
+            silent,
         };
+        let plan = plan::plan(&shared.commands, &req, &self.state());
+        self.carry_out(plan, req, info, pending, meta);
+    }
+
+    /// Whether CLIENT PAUSE WRITE holds this command: it writes, may
+    /// replicate (EVAL, PUBLISH, ...), or is an EXEC of writes.
+    fn writes(&self, info: Option<&CommandInfo>, req: &Request) -> bool {
+        if req.args[0].eq_ignore_ascii_case(b"exec") {
+            return self.multi.as_ref().is_some_and(|q| q.writes);
+        }
+        if info.is_some_and(|i| i.name == "evalsha")
+            && let Some(sha) = req.args.get(1)
+        {
+            return !self.shared.functions.script_no_writes(sha);
+        }
+        // FCALL writes unless its function declares no-writes.
+        if info.is_some_and(|i| i.name == "fcall")
+            && let Some(function) = req.args.get(1)
+        {
+            return match self.shared.functions.no_writes(function) {
+                Some(no_writes) => !no_writes,
+                None => {
+                    functions::learn(&self.shared);
+                    true
+                }
+            };
+        }
+        info.is_some_and(|i| plan::may_replicate(i, req))
+    }
+
+    fn carry_out(
+        &mut self,
+        plan: Plan,
+        req: Request,
+        info: Option<&CommandInfo>,
+        pending: &mut VecDeque<Pending>,
+        meta: Meta,
+    ) {
         let ready = |pending: &mut VecDeque<Pending>, raw: Bytes, meta: Meta| {
             pending.push_back(Pending::Ready(raw, Some(meta)));
         };
-
-        if !self.authed && !matches!(name, b"auth" | b"hello" | b"quit" | b"reset") {
-            return ready(pending, reply::error(NOAUTH), meta);
-        }
-        if self.multi.is_some()
-            && !matches!(
-                name,
-                b"exec" | b"discard" | b"multi" | b"watch" | b"quit" | b"reset"
-            )
-        {
-            let raw = self.queue_in_multi(req, info);
-            return ready(pending, raw, meta);
-        }
-        let subscribed = self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active);
-        if subscribed
-            && self.protocol == Protocol::Resp2
-            && !pubsub::handles(name)
-            && !matches!(name, b"ping" | b"quit" | b"reset")
-        {
-            let raw = reply::error(&format!(
-                "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
-                String::from_utf8_lossy(name)
-            ));
-            return ready(pending, raw, meta);
-        }
-
-        match name {
-            b"ping" => ready(pending, local::ping(&req, self.protocol, subscribed), meta),
-            b"echo" => ready(pending, local::echo(&req, self.protocol), meta),
-            b"time" => ready(pending, local::time(self.protocol), meta),
-            b"select" => ready(pending, local::select(&req), meta),
-            b"quit" => {
-                ready(pending, reply::ok(), meta);
-                pending.push_back(Pending::Close);
-                self.closing = true;
-            }
-            b"auth" => {
-                let raw = self.auth(&req);
-                ready(pending, raw, meta);
-            }
-            b"hello" => {
-                let raw = self.hello(&req);
-                ready(pending, raw, meta);
-            }
-            b"reset" => {
-                self.reset();
-                ready(pending, Bytes::from_static(b"+RESET\r\n"), meta);
-            }
-            b"readonly" | b"readwrite" | b"asking" => ready(pending, reply::ok(), meta),
-            b"client" => match local::client(&req, &self.caller()) {
-                local::ClientCommand::Reply(raw) => ready(pending, raw, meta),
-                local::ClientCommand::SetName(name) => {
-                    self.name = Some(name);
-                    ready(pending, reply::ok(), meta);
+        let (shared, protocol) = (Arc::clone(&self.shared), self.protocol);
+        match plan {
+            Plan::Local(local) => self.local(local, &req, pending, meta),
+            Plan::Route { slot, readonly } => {
+                if !readonly {
+                    self.last_write_slot = slot.or(self.last_write_slot);
                 }
-            },
-            b"cluster" => match local::cluster(&req, &self.caller()) {
-                Some(raw) => ready(pending, raw, meta),
-                None => {
-                    // COUNTKEYSINSLOT / GETKEYSINSLOT <slot>: to its owner.
-                    let slot = req
-                        .args
-                        .get(2)
-                        .and_then(|s| std::str::from_utf8(s).ok())
-                        .and_then(|s| s.parse::<u16>().ok())
-                        .filter(|&s| usize::from(s) < slot::SLOTS);
-                    match slot {
-                        Some(slot) => self.route(req, Some(slot), true, pending, meta),
-                        None => ready(pending, reply::error("ERR Invalid slot"), meta),
-                    }
+                self.route(req, slot, readonly, pending, meta);
+            }
+            Plan::Publish { slot } => self.route(req, Some(slot), false, pending, meta),
+            Plan::Split {
+                groups,
+                merge,
+                readonly,
+            } => {
+                if !readonly {
+                    self.last_write_slot = groups.last().map(|(s, _)| *s);
                 }
-            },
-            b"info" => {
-                let section = req
-                    .args
-                    .get(1)
-                    .map(|s| String::from_utf8_lossy(s).to_ascii_lowercase());
-                let (shared, protocol) = (Arc::clone(&self.shared), self.protocol);
-                let rx = spawn_raw(async move { local::info(shared, protocol, section).await });
+                let via = self.tracking.as_ref().map(|t| Arc::clone(t.conns()));
+                let rx = spawn_raw(async move {
+                    exec::split(shared, protocol, req, groups, merge, readonly, via).await
+                });
                 pending.push_back(Pending::Task(rx, Some(meta)));
             }
-            b"multi" => {
+            Plan::FanOut {
+                nodes,
+                merge,
+                readonly,
+            } => {
+                let entry = Arc::clone(&self.entry);
+                let rx = spawn_raw(async move {
+                    exec::fan_out(shared, protocol, req, nodes, merge, readonly, entry).await
+                });
+                pending.push_back(Pending::Task(rx, Some(meta)));
+            }
+            Plan::Scan => {
+                let rx = spawn_raw(async move { exec::scan(shared, protocol, req).await });
+                pending.push_back(Pending::Task(rx, Some(meta)));
+            }
+            Plan::Blocking { slot } => {
+                if info.is_some_and(|i| i.flags.contains(Flags::WRITE)) {
+                    self.last_write_slot = slot.or(self.last_write_slot);
+                }
+                self.blocking(req, slot, pending, meta);
+            }
+            Plan::Wait => {
+                let slot = self.last_write_slot;
+                self.blocking(req, slot, pending, meta);
+            }
+            Plan::Txn(step) => self.transaction(step, req, pending, meta),
+            Plan::PubSub => {
+                let handle = self.pubsub.get_or_insert_with(|| {
+                    pubsub::start(
+                        Arc::clone(&self.shared),
+                        self.protocol,
+                        Arc::clone(&self.entry),
+                    )
+                });
+                handle.send(req);
+                // Replies come from the subscription connections.
+                self.metric_cache[meta.metric].1.record(true);
+            }
+            Plan::Queue(checked) => {
+                let queued = self.multi.as_mut().expect("queued only in MULTI");
+                let raw = match checked {
+                    Ok(slot) => {
+                        let writes = info.is_some_and(|i| plan::may_replicate(i, &req));
+                        match queued.push(req, slot, writes) {
+                            Ok(()) => Bytes::from_static(b"+QUEUED\r\n"),
+                            Err(e) => {
+                                shared.count_local_error(&e);
+                                e
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        queued.dirty = true;
+                        shared.count_local_error(&e);
+                        e
+                    }
+                };
+                self.entry
+                    .set_multi(self.multi.as_ref().map(|q| q.commands.len()));
+                ready(pending, raw, meta);
+            }
+            Plan::Refuse(raw) => {
+                shared.count_local_error(&raw);
+                ready(pending, raw, meta);
+            }
+        }
+    }
+
+    fn local(&mut self, local: Local, req: &Request, pending: &mut VecDeque<Pending>, meta: Meta) {
+        let subscribed = self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active);
+        let raw = match local {
+            Local::Ping => local::ping(req, self.protocol, subscribed),
+            Local::Echo => local::echo(req, self.protocol),
+            Local::Time => local::time(self.protocol),
+            Local::Select => local::select(req),
+            Local::Ok => reply::ok(),
+            Local::AclWhoami => reply::build(self.protocol, |e| e.bulk(self.user.as_bytes())),
+            Local::Quit => {
+                pending.push_back(Pending::Ready(reply::ok(), Some(meta)));
+                pending.push_back(Pending::Close);
+                self.closing = true;
+                return;
+            }
+            Local::Auth => self.auth(req),
+            Local::Hello => self.hello(req),
+            Local::Reset => {
+                self.reset();
+                Bytes::from_static(b"+RESET\r\n")
+            }
+            Local::Cluster => local::cluster(req, &self.caller()),
+            Local::Monitor => {
+                let (feed, ready) = monitor::start(&self.shared);
+                self.monitor = Some(feed);
+                self.entry.set_flag(flags::MONITOR, true);
+                pending.push_back(Pending::Task(ready, Some(meta)));
+                return;
+            }
+            Local::Client => {
+                let outcome = client_cmd::client(
+                    req,
+                    &mut client_cmd::Context {
+                        shared: &self.shared,
+                        entry: &self.entry,
+                        protocol: self.protocol,
+                        reply_mode: &mut self.reply_mode,
+                        tracking: &mut self.tracking,
+                    },
+                );
+                match outcome {
+                    client_cmd::Outcome::Reply(raw) => raw,
+                    client_cmd::Outcome::Loud(raw) => {
+                        let meta = Meta {
+                            silent: false,
+                            ..meta
+                        };
+                        pending.push_back(Pending::Ready(raw, Some(meta)));
+                        return;
+                    }
+                    client_cmd::Outcome::ReplyThenClose(raw) => {
+                        pending.push_back(Pending::Ready(raw, Some(meta)));
+                        pending.push_back(Pending::Close);
+                        self.closing = true;
+                        return;
+                    }
+                    client_cmd::Outcome::Silent => {
+                        pending.push_back(Pending::Ready(
+                            Bytes::new(),
+                            Some(Meta {
+                                silent: true,
+                                ..meta
+                            }),
+                        ));
+                        return;
+                    }
+                    client_cmd::Outcome::Task(rx) => {
+                        pending.push_back(Pending::Task(rx, Some(meta)));
+                        return;
+                    }
+                }
+            }
+        };
+        pending.push_back(Pending::Ready(raw, Some(meta)));
+    }
+
+    fn transaction(
+        &mut self,
+        step: Txn,
+        req: Request,
+        pending: &mut VecDeque<Pending>,
+        meta: Meta,
+    ) {
+        let (shared, protocol) = (Arc::clone(&self.shared), self.protocol);
+        match step {
+            Txn::Multi => {
                 let raw = if self.multi.is_some() {
                     reply::error("ERR MULTI calls can not be nested")
                 } else {
                     self.multi = Some(txn::Queued::default());
+                    self.entry.set_multi(Some(0));
                     reply::ok()
                 };
-                ready(pending, raw, meta);
+                pending.push_back(Pending::Ready(raw, Some(meta)));
             }
-            b"exec" => match self.multi.take() {
-                None => ready(pending, reply::error("ERR EXEC without MULTI"), meta),
+            Txn::Exec => match self.multi.take() {
+                None => pending.push_back(Pending::Ready(
+                    reply::error("ERR EXEC without MULTI"),
+                    Some(meta),
+                )),
                 Some(queued) => {
+                    self.entry.set_multi(None);
                     let (prev, next) = self.next_baton();
-                    let (shared, protocol) = (Arc::clone(&self.shared), self.protocol);
                     let rx =
                         spawn_raw(
                             async move { txn::exec(shared, protocol, prev, next, queued).await },
@@ -497,68 +739,31 @@ impl Session {
                     pending.push_back(Pending::Task(rx, Some(meta)));
                 }
             },
-            b"discard" => match self.multi.take() {
-                None => ready(pending, reply::error("ERR DISCARD without MULTI"), meta),
+            Txn::Discard => match self.multi.take() {
+                None => pending.push_back(Pending::Ready(
+                    reply::error("ERR DISCARD without MULTI"),
+                    Some(meta),
+                )),
                 Some(_) => {
+                    self.entry.set_multi(None);
                     let (prev, next) = self.next_baton();
                     let rx = spawn_raw(async move { txn::unwatch(prev, next).await });
                     pending.push_back(Pending::Task(rx, Some(meta)));
                 }
             },
-            b"watch" => self.watch(req, info, pending, meta),
-            b"unwatch" => {
+            Txn::Watch { slot } => {
+                let (prev, next) = self.next_baton();
+                let rx =
+                    spawn_raw(
+                        async move { txn::watch(shared, protocol, prev, next, req, slot).await },
+                    );
+                pending.push_back(Pending::Task(rx, Some(meta)));
+            }
+            Txn::Unwatch => {
                 let (prev, next) = self.next_baton();
                 let rx = spawn_raw(async move { txn::unwatch(prev, next).await });
                 pending.push_back(Pending::Task(rx, Some(meta)));
             }
-            name if pubsub::handles(name) => {
-                let handle = self
-                    .pubsub
-                    .get_or_insert_with(|| pubsub::start(Arc::clone(&self.shared), self.protocol));
-                handle.send(req);
-                // Replies come from the subscription connections.
-                self.metric_cache[meta.metric].1.record(true);
-            }
-            b"dbsize" => self.fan_out(req, exec::FanOut::SumIntegers, pending, meta),
-            b"keys" => self.fan_out(req, exec::FanOut::ConcatArrays, pending, meta),
-            b"flushall" | b"flushdb" => self.fan_out(req, exec::FanOut::First, pending, meta),
-            b"script" => {
-                let how = if req.arg_is(1, "exists") {
-                    exec::FanOut::AndArrays
-                } else {
-                    exec::FanOut::First
-                };
-                self.fan_out(req, how, pending, meta);
-            }
-            b"function" => {
-                let everywhere = ["load", "delete", "flush", "restore", "kill"]
-                    .iter()
-                    .any(|sub| req.arg_is(1, sub));
-                if everywhere {
-                    self.fan_out(req, exec::FanOut::First, pending, meta);
-                } else {
-                    self.route(req, None, true, pending, meta);
-                }
-            }
-            b"scan" => {
-                let (shared, protocol) = (Arc::clone(&self.shared), self.protocol);
-                let rx = spawn_raw(async move { exec::scan(shared, protocol, req).await });
-                pending.push_back(Pending::Task(rx, Some(meta)));
-            }
-            b"mget" => self.split(req, Merge::Values, true, pending, meta),
-            b"mset" => self.split(req, Merge::AllOk, false, pending, meta),
-            b"del" | b"unlink" | b"touch" => self.split(req, Merge::Sum, false, pending, meta),
-            b"exists" => self.split(req, Merge::Sum, true, pending, meta),
-            b"wait" => {
-                let slot = self.last_write_slot;
-                self.blocking(req, slot, pending, meta);
-            }
-            b"monitor" | b"sync" | b"psync" | b"replicaof" | b"slaveof" | b"shutdown"
-            | b"swapdb" | b"move" | b"failover" | b"debug" => {
-                let what = String::from_utf8_lossy(name).to_uppercase();
-                ready(pending, local::unsupported(&what), meta);
-            }
-            _ => self.keyed(req, info, pending, meta),
         }
     }
 
@@ -572,7 +777,7 @@ impl Session {
         let (user, password) = match req.args.len() {
             2 => (None, &req.args[1]),
             3 => (Some(&req.args[1][..]), &req.args[2]),
-            _ => return local::wrong_arity("auth"),
+            _ => return plan::wrong_arity("auth"),
         };
         if !auth.required() {
             return reply::error(
@@ -585,6 +790,7 @@ impl Session {
                 || "default".into(),
                 |u| String::from_utf8_lossy(u).into_owned(),
             );
+            self.entry.set_user(&self.user);
             reply::ok()
         } else {
             reply::error("WRONGPASS invalid username-password pair or user is disabled.")
@@ -613,6 +819,7 @@ impl Session {
                 }
                 self.authed = true;
                 self.user = String::from_utf8_lossy(&req.args[i + 1]).into_owned();
+                self.entry.set_user(&self.user);
                 i += 3;
             } else if req.arg_is(i, "setname") && i + 1 < req.args.len() {
                 name = Some(req.args[i + 1].clone());
@@ -630,126 +837,47 @@ impl Session {
             );
         }
         if name.is_some() {
-            self.name = name;
+            self.entry.set_name(name);
         }
         if protocol != self.protocol {
             self.conns.clear();
         }
         self.protocol = protocol;
+        self.entry.set_protocol(protocol);
+        if let Some(tracking) = &mut self.tracking {
+            tracking.set_protocol(protocol);
+        }
         local::hello_reply(&self.shared, &self.caller())
     }
 
     fn reset(&mut self) {
         self.multi = None;
+        self.entry.set_multi(None);
         if self.baton.is_some() {
             let (prev, next) = self.next_baton();
             tokio::spawn(async move { txn::unwatch(prev, next).await });
         }
         self.pubsub = None;
+        self.entry.set_subscriptions(0, 0, 0);
         self.protocol = Protocol::Resp2;
+        self.entry.set_protocol(self.protocol);
         self.conns.clear();
-        self.name = None;
+        self.entry.set_name(None);
         self.authed = !self.shared.settings.auth.required();
         self.user = "default".into();
+        self.entry.set_user(&self.user);
+        self.reply_mode = ReplyMode::On;
+        if self.monitor.take().is_some() {
+            self.entry.set_flag(flags::MONITOR, false);
+        }
+        if self.tracking.take().is_some() {
+            self.entry.set_flag(flags::TRACKING, false);
+            self.entry.set_flag(flags::TRACKING_BROKEN_REDIR, false);
+            self.entry.set_redirect(0);
+        }
+        self.entry.set_flag(flags::NO_EVICT, false);
     }
 
-    /// A command between MULTI and EXEC: checked, then queued.
-    fn queue_in_multi(&mut self, req: Request, info: Option<&CommandInfo>) -> Bytes {
-        let (slot, refusal) = match keys_slot(&req, info) {
-            Ok(slot) => (slot, None),
-            Err(e) => (None, Some(e)),
-        };
-        let queued = self.multi.as_mut().expect("in MULTI");
-        if let Some(refusal) = refusal {
-            queued.dirty = true;
-            return refusal;
-        }
-        match queued.push(req, slot) {
-            Ok(()) => Bytes::from_static(b"+QUEUED\r\n"),
-            Err(e) => e,
-        }
-    }
-
-    /// Any other command: routed by its keys.
-    fn keyed(
-        &mut self,
-        req: Request,
-        info: Option<&CommandInfo>,
-        pending: &mut VecDeque<Pending>,
-        meta: Meta,
-    ) {
-        let Some(info) = info else {
-            // Unknown to the cluster too: let Redis answer with its error.
-            return self.route(req, None, false, pending, meta);
-        };
-        let flags = info.flags;
-        let slot = match keys_slot(&req, Some(info)) {
-            Ok(slot) => slot,
-            Err(raw) => return pending.push_back(Pending::Ready(raw, Some(meta))),
-        };
-        let readonly = flags.contains(Flags::READONLY) && !flags.contains(Flags::WRITE);
-        if flags.contains(Flags::WRITE) {
-            self.last_write_slot = slot.or(self.last_write_slot);
-        }
-        if flags.contains(Flags::BLOCKING) && may_block(&req) {
-            return self.blocking(req, slot, pending, meta);
-        }
-        self.route(req, slot, readonly, pending, meta);
-    }
-}
-
-/// The one slot of a command's keys (`None`: no keys), or the error reply
-/// Redis would give (unknown command, arity, CROSSSLOT).
-fn keys_slot(req: &Request, info: Option<&CommandInfo>) -> Result<Option<u16>, Bytes> {
-    {
-        let Some(info) = info else {
-            let name = String::from_utf8_lossy(&req.args[0]);
-            return Err(reply::error(&format!(
-                "ERR unknown command '{name}', with args beginning with: "
-            )));
-        };
-        if !info.arity_ok(req.args.len()) {
-            return Err(local::wrong_arity(&info.name));
-        }
-        // Fixed key positions (most commands): walk them without building
-        // an index list. Movable keys need the key specs.
-        let fixed = !info.flags.contains(Flags::MOVABLEKEYS) && info.first_key > 0;
-        if fixed {
-            let argc = req.args.len() as i64;
-            let last = if info.last_key < 0 {
-                argc + info.last_key
-            } else {
-                info.last_key
-            };
-            let step = info.step.max(1) as usize;
-            let (first, last) = (info.first_key as usize, last.min(argc - 1).max(0) as usize);
-            let mut slots = (first..=last)
-                .step_by(step)
-                .map(|i| slot::slot(&req.args[i]));
-            let Some(head) = slots.next() else {
-                return Ok(None);
-            };
-            if slots.any(|s| s != head) {
-                return Err(reply::error(CROSSSLOT));
-            }
-            return Ok(Some(head));
-        }
-        let keys = info
-            .key_indices(&req.args)
-            .or_else(|_| info.key_indices_partial(&req.args))
-            .unwrap_or_default();
-        let mut slots = keys.iter().map(|&i| slot::slot(&req.args[i]));
-        let Some(first) = slots.next() else {
-            return Ok(None);
-        };
-        if slots.any(|s| s != first) {
-            return Err(reply::error(CROSSSLOT));
-        }
-        Ok(Some(first))
-    }
-}
-
-impl Session {
     /// The hot path: one command to one node on a shared connection.
     fn route(
         &mut self,
@@ -759,11 +887,25 @@ impl Session {
         pending: &mut VecDeque<Pending>,
         meta: Meta,
     ) {
+        let via = self.tracking.as_ref().map(|t| Arc::clone(t.conns()));
+        let caching = self
+            .tracking
+            .as_mut()
+            .and_then(tracking::Handle::take_caching);
         let routed = Routed {
             payload: req.raw,
             target: Target { slot, readonly },
             protocol: self.protocol,
+            via,
         };
+        if let Some(caching) = caching {
+            // CLIENT CACHING must precede the command on the connection
+            // that tracks it: both in one job, the command's reply kept.
+            let shared = Arc::clone(&self.shared);
+            let rx = spawn_reply(async move { exec::with_caching(shared, routed, caching).await });
+            pending.push_back(Pending::Task(rx, Some(meta)));
+            return;
+        }
         if self.view.version != self.shared.topology.version() {
             self.view = self.shared.topology.view();
         }
@@ -811,20 +953,29 @@ impl Session {
                     inbox: Arc::clone(&self.inbox),
                     seqs,
                 },
+                switch_to: None,
             };
+            // A tracking client's commands run on its own connections.
+            let private;
             let cached = self
                 .conns
                 .iter()
                 .position(|(addr, conn)| *addr == node && !conn.is_closed());
-            let conn = match cached {
-                Some(i) => &self.conns[i].1,
-                None => {
-                    self.conns
-                        .retain(|(addr, conn)| *addr != node && !conn.is_closed());
-                    let conn = self.shared.pools.node(node, self.protocol).conn();
-                    self.conns.push((node, conn));
-                    &self.conns[self.conns.len() - 1].1
+            let conn = match (&self.tracking, cached) {
+                (Some(tracking), _) => {
+                    private = tracking.conns().conn(&self.shared, node);
+                    &private
                 }
+                (None, cached) => match cached {
+                    Some(i) => &self.conns[i].1,
+                    None => {
+                        self.conns
+                            .retain(|(addr, conn)| *addr != node && !conn.is_closed());
+                        let conn = self.shared.pools.node(node, self.protocol).conn();
+                        self.conns.push((node, conn));
+                        &self.conns[self.conns.len() - 1].1
+                    }
+                },
             };
             if let Err(job) = conn.send(job) {
                 job.fail(super::UpstreamError::NotSent(
@@ -833,81 +984,6 @@ impl Session {
                 ));
             }
         }
-    }
-
-    fn fan_out(
-        &mut self,
-        req: Request,
-        how: exec::FanOut,
-        pending: &mut VecDeque<Pending>,
-        meta: Meta,
-    ) {
-        let (shared, protocol) = (Arc::clone(&self.shared), self.protocol);
-        let rx = spawn_raw(async move { exec::fan_out(shared, protocol, req, how).await });
-        pending.push_back(Pending::Task(rx, Some(meta)));
-    }
-
-    /// MGET/MSET/DEL/UNLINK/EXISTS/TOUCH: one command when the keys share a
-    /// slot, else one per slot, merged.
-    fn split(
-        &mut self,
-        req: Request,
-        merge: Merge,
-        readonly: bool,
-        pending: &mut VecDeque<Pending>,
-        meta: Meta,
-    ) {
-        let name = String::from_utf8_lossy(&req.args[0]).to_ascii_lowercase();
-        let step = if merge == Merge::AllOk { 2 } else { 1 };
-        let argc = req.args.len();
-        if argc < 2 || (step == 2 && argc.is_multiple_of(2)) {
-            return pending.push_back(Pending::Ready(local::wrong_arity(&name), Some(meta)));
-        }
-        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
-        for i in (1..argc).step_by(step) {
-            let s = slot::slot(&req.args[i]);
-            match groups.iter_mut().find(|(g, _)| *g == s) {
-                Some((_, keys)) => keys.push(i),
-                None => groups.push((s, vec![i])),
-            }
-        }
-        if !readonly {
-            self.last_write_slot = groups.last().map(|(s, _)| *s);
-        }
-        if groups.len() == 1 {
-            return self.route(req, Some(groups[0].0), readonly, pending, meta);
-        }
-        let (shared, protocol) = (Arc::clone(&self.shared), self.protocol);
-        let rx =
-            spawn_raw(
-                async move { exec::split(shared, protocol, req, groups, merge, readonly).await },
-            );
-        pending.push_back(Pending::Task(rx, Some(meta)));
-    }
-
-    fn watch(
-        &mut self,
-        req: Request,
-        info: Option<&CommandInfo>,
-        pending: &mut VecDeque<Pending>,
-        meta: Meta,
-    ) {
-        if self.multi.is_some() {
-            let raw = reply::error("ERR WATCH inside MULTI is not allowed");
-            return pending.push_back(Pending::Ready(raw, Some(meta)));
-        }
-        let slot = match keys_slot(&req, info) {
-            Ok(Some(slot)) => slot,
-            Ok(None) => {
-                return pending.push_back(Pending::Ready(local::wrong_arity("watch"), Some(meta)));
-            }
-            Err(raw) => return pending.push_back(Pending::Ready(raw, Some(meta))),
-        };
-        let (prev, next) = self.next_baton();
-        let (shared, protocol) = (Arc::clone(&self.shared), self.protocol);
-        let rx =
-            spawn_raw(async move { txn::watch(shared, protocol, prev, next, req, slot).await });
-        pending.push_back(Pending::Task(rx, Some(meta)));
     }
 
     /// A command that may block runs on a leased connection, so it never
@@ -920,9 +996,10 @@ impl Session {
         meta: Meta,
     ) {
         let (shared, protocol) = (Arc::clone(&self.shared), self.protocol);
+        let entry = Arc::clone(&self.entry);
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
-            let work = blocking_call(shared, protocol, req, slot);
+            let work = exec::blocking_call(shared, protocol, req, slot, &entry);
             tokio::pin!(work);
             let mut tx = tx;
             tokio::select! {
@@ -931,79 +1008,10 @@ impl Session {
                 // connection, which is what unblocks Redis.
                 () = tx.closed() => {}
             }
+            entry.set_blocked_on(None);
         });
         pending.push_back(Pending::Task(rx, Some(meta)));
     }
-}
-
-async fn blocking_call(
-    shared: Arc<Shared>,
-    protocol: Protocol,
-    req: Request,
-    slot: Option<u16>,
-) -> Bytes {
-    for _ in 0..=shared.settings.max_redirects {
-        let view = shared.topology.view();
-        let node = match exec::pick(
-            &shared,
-            &view,
-            Target {
-                slot,
-                readonly: false,
-            },
-        ) {
-            Ok(node) => node,
-            Err(e) => return e,
-        };
-        let pool = shared.pools.node(node, protocol);
-        let mut lease = match pool.lease().await {
-            Ok(lease) => lease,
-            Err(e) => {
-                shared.topology.request_refresh();
-                return reply::error(&format!("ERR redirector: {e}"));
-            }
-        };
-        match lease.call(&req.raw, 1).await {
-            Ok(mut replies) => {
-                pool.release(lease);
-                let Some(reply) = replies.pop() else {
-                    return reply::error("ERR empty reply");
-                };
-                match exec::judge_one(Ok(reply), false) {
-                    exec::Verdict::Redirect {
-                        slot,
-                        addr,
-                        asking: false,
-                        ..
-                    } => {
-                        shared.topology.moved(slot, addr);
-                        continue;
-                    }
-                    exec::Verdict::Done(reply)
-                    | exec::Verdict::Retry { reply }
-                    | exec::Verdict::Redirect { reply, .. } => return reply.raw,
-                }
-            }
-            Err(e) => {
-                pool.forget();
-                return reply::error(&format!("ERR redirector: {e}"));
-            }
-        }
-    }
-    reply::error("TRYAGAIN the slot keeps moving")
-}
-
-/// XREAD/XREADGROUP only block with BLOCK (before STREAMS); the rest of the
-/// `blocking` commands always may.
-fn may_block(req: &Request) -> bool {
-    let name = req.name_lower();
-    if name != b"xread" && name != b"xreadgroup" {
-        return true;
-    }
-    req.args
-        .iter()
-        .take_while(|a| !a.eq_ignore_ascii_case(b"streams"))
-        .any(|a| a.eq_ignore_ascii_case(b"block"))
 }
 
 fn spawn_raw(work: impl Future<Output = Bytes> + Send + 'static) -> oneshot::Receiver<Bytes> {
@@ -1035,6 +1043,20 @@ async fn head(front: Option<&mut Pending>, inbox: &Inbox) -> Resolution {
 async fn next_pubsub(handle: Option<&mut pubsub::Handle>) -> Option<pubsub::Out> {
     match handle {
         Some(handle) => handle.out.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_line(feed: Option<&mut mpsc::UnboundedReceiver<Bytes>>) -> Option<Bytes> {
+    match feed {
+        Some(feed) => feed.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_unpaused(shared: &Shared, until: Option<Instant>) {
+    match until {
+        Some(until) => shared.clients.wait_unpaused(until).await,
         None => std::future::pending().await,
     }
 }

@@ -55,12 +55,14 @@ pub struct Queued {
     pub slot: Option<u16>,
     /// A command was refused while queueing: EXEC must abort.
     pub dirty: bool,
+    /// A queued command writes: CLIENT PAUSE WRITE holds the EXEC.
+    pub writes: bool,
 }
 
 impl Queued {
     /// Adds a checked command; `Err` is the error reply (and the transaction
     /// is then dirty).
-    pub fn push(&mut self, req: Request, slot: Option<u16>) -> Result<(), Bytes> {
+    pub fn push(&mut self, req: Request, slot: Option<u16>, writes: bool) -> Result<(), Bytes> {
         if let Some(slot) = slot {
             match self.slot {
                 Some(current) if current != slot => {
@@ -70,6 +72,7 @@ impl Queued {
                 _ => self.slot = Some(slot),
             }
         }
+        self.writes |= writes;
         self.commands.push(req);
         Ok(())
     }
@@ -277,11 +280,11 @@ mod tests {
     #[test]
     fn queued_commands_must_share_a_slot() {
         let mut q = Queued::default();
-        assert!(q.push(req(&["SET", "a", "1"]), Some(7)).is_ok());
-        assert!(q.push(req(&["PING"]), None).is_ok());
-        assert!(q.push(req(&["GET", "a"]), Some(7)).is_ok());
+        assert!(q.push(req(&["SET", "a", "1"]), Some(7), true).is_ok());
+        assert!(q.push(req(&["PING"]), None, false).is_ok());
+        assert!(q.push(req(&["GET", "a"]), Some(7), false).is_ok());
         assert!(!q.dirty);
-        let err = q.push(req(&["GET", "b"]), Some(8)).unwrap_err();
+        let err = q.push(req(&["GET", "b"]), Some(8), false).unwrap_err();
         assert!(err.starts_with(b"-CROSSSLOT"));
         assert!(q.dirty);
         assert_eq!(q.commands.len(), 3);

@@ -25,14 +25,12 @@ use tokio::{
 use super::{
     UpstreamError,
     dial::{Dialer, UpstreamRead, UpstreamWrite},
-    pool::Health,
+    health::Health,
+    metrics::ProxyMetrics,
 };
-use crate::{
-    metrics::Metrics,
-    resp::{
-        Protocol,
-        reply::{self, Reply},
-    },
+use crate::resp::{
+    Protocol,
+    reply::{self, Reply},
 };
 
 /// How many bytes of queued jobs one write may coalesce.
@@ -72,6 +70,9 @@ pub struct Job {
     /// How many reply frames the payload produces.
     pub replies: usize,
     pub sink: Sink,
+    /// HELLO on a private connection: its replies are read in this
+    /// protocol, and so is everything after.
+    pub switch_to: Option<Protocol>,
 }
 
 impl Job {
@@ -82,6 +83,7 @@ impl Job {
                 payload,
                 replies,
                 sink: Sink::Oneshot(tx),
+                switch_to: None,
             },
             rx,
         )
@@ -167,6 +169,7 @@ struct InFlight {
     delivered: usize,
     replies: Vec<Reply>,
     sink: Sink,
+    switch_to: Option<Protocol>,
 }
 
 /// A handle to a running connection; cheap to clone.
@@ -182,8 +185,40 @@ impl Conn {
         addr: SocketAddr,
         protocol: Protocol,
         dialer: Arc<Dialer>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ProxyMetrics>,
         health: Arc<Health>,
+    ) -> Self {
+        Self::start(addr, protocol, dialer, metrics, health, None)
+    }
+
+    /// A connection of one client's own (CLIENT TRACKING): Redis's pushes
+    /// on it go to `pushes`, and `first` (tracking on) is written before
+    /// any job. When it ends, `pushes` gets a null invalidation: what it
+    /// tracked is gone, so the client must flush.
+    pub fn spawn_private(
+        addr: SocketAddr,
+        protocol: Protocol,
+        (dialer, metrics, health): (Arc<Dialer>, Arc<ProxyMetrics>, Arc<Health>),
+        pushes: mpsc::UnboundedSender<Reply>,
+        first: oneshot::Receiver<Job>,
+    ) -> Self {
+        Self::start(
+            addr,
+            protocol,
+            dialer,
+            metrics,
+            health,
+            Some(Private { pushes, first }),
+        )
+    }
+
+    fn start(
+        addr: SocketAddr,
+        protocol: Protocol,
+        dialer: Arc<Dialer>,
+        metrics: Arc<ProxyMetrics>,
+        health: Arc<Health>,
+        private: Option<Private>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let closed = Arc::new(AtomicBool::new(false));
@@ -191,7 +226,14 @@ impl Conn {
             tx,
             closed: Arc::clone(&closed),
         };
-        tokio::spawn(run(addr, protocol, dialer, metrics, health, rx, closed));
+        let ends = Ends {
+            addr,
+            protocol,
+            metrics,
+            health,
+            closed,
+        };
+        tokio::spawn(run(ends, dialer, rx, private));
         conn
     }
 
@@ -208,15 +250,46 @@ impl Conn {
     }
 }
 
-async fn run(
+/// A private connection's extras.
+struct Private {
+    pushes: mpsc::UnboundedSender<Reply>,
+    first: oneshot::Receiver<Job>,
+}
+
+/// What a connection task reports to.
+struct Ends {
     addr: SocketAddr,
     protocol: Protocol,
-    dialer: Arc<Dialer>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ProxyMetrics>,
     health: Arc<Health>,
-    mut rx: mpsc::UnboundedReceiver<Job>,
     closed: Arc<AtomicBool>,
+}
+
+/// A RESP3 `invalidate` push with no keys: "flush everything".
+pub const FLUSH_ALL: &[u8] = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
+
+async fn run(
+    ends: Ends,
+    dialer: Arc<Dialer>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    private: Option<Private>,
 ) {
+    let Ends {
+        addr,
+        protocol,
+        metrics,
+        health,
+        closed,
+    } = ends;
+    let (pushes, first) = match private {
+        Some(Private { pushes, first }) => (Some(pushes), Some(first)),
+        None => (None, None),
+    };
+    let flush = |pushes: &Option<mpsc::UnboundedSender<Reply>>| {
+        if let Some(pushes) = pushes {
+            let _ = pushes.send(Reply::local(Bytes::from_static(FLUSH_ALL)));
+        }
+    };
     let (stream, leftover) = match dialer.open(addr, protocol).await {
         Ok(opened) => {
             health.connected(addr);
@@ -231,6 +304,7 @@ async fn run(
             while let Ok(job) = rx.try_recv() {
                 job.fail(UpstreamError::NotSent(addr, e.to_string()));
             }
+            flush(&pushes);
             return;
         }
     };
@@ -238,11 +312,14 @@ async fn run(
     let (reader, writer) = stream.into_split();
     let inflight = Mutex::new(VecDeque::<InFlight>::new());
     let outcome = tokio::select! {
-        r = read_replies(reader, leftover, protocol, &inflight) => r,
-        r = write_jobs(writer, &mut rx, &inflight) => r,
+        r = read_replies(reader, leftover, protocol, &inflight, pushes.as_ref()) => r,
+        r = write_jobs(writer, first, &mut rx, &inflight) => r,
     };
     closed.store(true, Ordering::Relaxed);
     metrics.upstream_closed(addr);
+    // Let go of (no handles left) or lost: only a loss costs the client
+    // what this connection tracked.
+    let lost = outcome.is_err();
     let reason = match outcome {
         Ok(()) => "connection closed".to_string(),
         Err(e) => e,
@@ -257,18 +334,27 @@ async fn run(
     while let Ok(job) = rx.try_recv() {
         job.fail(UpstreamError::NotSent(addr, reason.clone()));
     }
+    if lost {
+        flush(&pushes);
+    }
 }
 
 async fn write_jobs(
     mut writer: UpstreamWrite,
+    mut first: Option<oneshot::Receiver<Job>>,
     rx: &mut mpsc::UnboundedReceiver<Job>,
     inflight: &Mutex<VecDeque<InFlight>>,
 ) -> Result<(), String> {
     let mut batch = BytesMut::with_capacity(16 * 1024);
     loop {
+        // A private connection's first job goes out before any other.
+        let next = match first.take() {
+            Some(gate) => Some(gate.await.map_err(|_| "setup abandoned".to_string())?),
+            None => rx.recv().await,
+        };
         // All handles dropped (the pool let go of this connection): finish
         // once the replies already owed have arrived.
-        let Some(first) = rx.recv().await else {
+        let Some(first) = next else {
             while !inflight
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -290,6 +376,7 @@ async fn write_jobs(
                     delivered: 0,
                     replies: Vec::with_capacity(if collect { job.replies } else { 0 }),
                     sink: job.sink,
+                    switch_to: job.switch_to,
                 });
                 if batch.len() >= MAX_BATCH {
                     break;
@@ -310,13 +397,14 @@ async fn write_jobs(
 async fn read_replies(
     mut reader: UpstreamRead,
     mut buf: BytesMut,
-    protocol: Protocol,
+    mut protocol: Protocol,
     inflight: &Mutex<VecDeque<InFlight>>,
+    pushes: Option<&mpsc::UnboundedSender<Reply>>,
 ) -> Result<(), String> {
     // Sessions that got replies from the current read, woken once each.
     let mut to_wake: Vec<Arc<Inbox>> = Vec::new();
     loop {
-        let decoded = deliver(&mut buf, protocol, inflight, &mut to_wake);
+        let decoded = deliver(&mut buf, &mut protocol, inflight, &mut to_wake, pushes);
         for inbox in to_wake.drain(..) {
             inbox.wake();
         }
@@ -338,14 +426,32 @@ async fn read_replies(
 /// Hands every complete reply in `buf` to its job, in order.
 fn deliver(
     buf: &mut BytesMut,
-    protocol: Protocol,
+    protocol: &mut Protocol,
     inflight: &Mutex<VecDeque<InFlight>>,
     to_wake: &mut Vec<Arc<Inbox>>,
+    pushes: Option<&mpsc::UnboundedSender<Reply>>,
 ) -> Result<(), String> {
-    while let Some(reply) = reply::decode(buf, protocol).map_err(|e| e.to_string())? {
+    loop {
+        // Only private connections switch protocol (their client's HELLO):
+        // shared ones skip the look at the queue.
+        if pushes.is_some() && !buf.is_empty() {
+            let mut queue = inflight.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(front) = queue.front_mut()
+                && front.delivered == 0
+                && let Some(next) = front.switch_to.take()
+            {
+                *protocol = next;
+            }
+        }
+        let Some(reply) = reply::decode(buf, *protocol).map_err(|e| e.to_string())? else {
+            return Ok(());
+        };
         if reply.kind == reply::ReplyKind::Push {
-            // Shared connections never subscribe; a stray push (e.g.
-            // client tracking invalidation) belongs to no job.
+            // A private connection's pushes are its client's (tracking
+            // invalidations); shared connections never ask for any.
+            if let Some(pushes) = pushes {
+                let _ = pushes.send(reply);
+            }
             continue;
         }
         let mut queue = inflight.lock().unwrap_or_else(|e| e.into_inner());
@@ -373,5 +479,4 @@ fn deliver(
             }
         }
     }
-    Ok(())
 }

@@ -4,6 +4,7 @@
 
 pub mod reply;
 pub mod request;
+pub mod value;
 
 /// The protocol a connection speaks: RESP2 until `HELLO 3`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

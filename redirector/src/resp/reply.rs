@@ -178,6 +178,19 @@ impl Encoder<'_> {
         self.out.extend_from_slice(b"\r\n");
     }
 
+    /// A set: RESP3 `~`, or an array in RESP2.
+    pub fn set(&mut self, len: usize) {
+        match self.protocol {
+            Protocol::Resp2 => self.array(len),
+            Protocol::Resp3 => {
+                let mut itoa = itoa_buf();
+                self.out.put_u8(b'~');
+                self.out.extend_from_slice(itoa.format(len));
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+
     /// A map: RESP3 `%`, or a flat array of key/value pairs in RESP2.
     pub fn map(&mut self, pairs: usize) {
         match self.protocol {

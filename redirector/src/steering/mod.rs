@@ -21,6 +21,7 @@ pub mod coexist;
 pub mod fs;
 mod install;
 mod maps;
+pub mod metrics;
 pub mod sys;
 
 use std::{

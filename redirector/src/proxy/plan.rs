@@ -1,0 +1,982 @@
+//! The command planner: where a command runs and how its replies become
+//! the one answer a single Redis would give. Pure: no sockets, no async.
+//!
+//! The source of truth is the live cluster's command table: key
+//! specifications (which slots a command touches) and Redis 7's command
+//! tips (`request_policy`, `response_policy`), which say how a command
+//! spans a cluster. What the tips do not say, or say in a way one Redis
+//! would not behave, is in [`OVERRIDES`], each with its reason. Commands
+//! that depend on this client's own connection (transactions, pub/sub,
+//! blocking, the CLIENT and CLUSTER views) are the proxy's.
+
+use bytes::Bytes;
+
+use super::merge::Merge;
+use crate::{
+    cluster::{
+        commands::{CommandInfo, CommandTable, Flags},
+        slot,
+    },
+    resp::{Protocol, reply, request::Request},
+};
+
+const NOAUTH: &str = "NOAUTH Authentication required.";
+pub const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the same slot";
+
+/// What the planner knows about the calling session.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionState {
+    pub protocol: Protocol,
+    pub authed: bool,
+    /// Between MULTI and EXEC.
+    pub in_multi: bool,
+    /// A RESP2 client with subscriptions: only pub/sub commands, PING,
+    /// QUIT and RESET are allowed.
+    pub subscribed_resp2: bool,
+}
+
+/// Which nodes a fan-out reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nodes {
+    /// Every master: one per shard (`request_policy:all_shards`).
+    Masters,
+    /// Masters and replicas (`request_policy:all_nodes`).
+    All,
+}
+
+/// Commands answered by the proxy itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Local {
+    Ping,
+    Echo,
+    Time,
+    Select,
+    Quit,
+    Auth,
+    Hello,
+    Reset,
+    /// READONLY, READWRITE, ASKING: connection modes the proxy manages.
+    Ok,
+    /// CLIENT ...: about this proxy's clients.
+    Client,
+    /// CLUSTER ...: the one-node view.
+    Cluster,
+    /// MONITOR: this proxy's clients' commands.
+    Monitor,
+    /// ACL WHOAMI: the proxy knows who the client is.
+    AclWhoami,
+}
+
+/// Transaction steps, run on leased connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Txn {
+    Multi,
+    Exec,
+    Discard,
+    Watch { slot: u16 },
+    Unwatch,
+}
+
+/// A command's plan.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    Local(Local),
+    /// One node: the owner of `slot` (a replica for reads, by the read
+    /// policy), or, without a slot, the first master (deterministic, so
+    /// keyless commands answer consistently).
+    Route {
+        slot: Option<u16>,
+        readonly: bool,
+    },
+    /// Keys in several slots: one command per slot, run concurrently and
+    /// merged. Each group is a slot and the argument ranges (a key and the
+    /// arguments that belong to it, such as MSET's value) it carries.
+    Split {
+        groups: Vec<(u16, Vec<std::ops::Range<usize>>)>,
+        merge: Merge,
+        readonly: bool,
+    },
+    /// Every master or every node, merged.
+    FanOut {
+        nodes: Nodes,
+        merge: Merge,
+        readonly: bool,
+    },
+    /// SCAN: one cursor across the shards, filling COUNT across them.
+    Scan,
+    /// On a leased connection to the owner of `slot`, so it never holds up
+    /// a shared one.
+    Blocking {
+        slot: Option<u16>,
+    },
+    /// WAIT: acknowledgement of this client's writes, on a lease.
+    Wait,
+    Txn(Txn),
+    /// SUBSCRIBE and friends: the client's pub/sub actor.
+    PubSub,
+    /// PUBLISH to the master of the channel's slot, where the proxy keeps
+    /// the channel's subscriptions: its receiver count is then complete.
+    Publish {
+        slot: u16,
+    },
+    /// Between MULTI and EXEC: checked, queued (`Err`: the error reply;
+    /// EXEC then aborts).
+    Queue(Result<Option<u16>, Bytes>),
+    /// Refused here with this error reply.
+    Refuse(Bytes),
+}
+
+/// How the tips' absence or their behaviour is corrected, per command
+/// (`container|sub` for subcommands).
+#[derive(Clone, Copy, Debug)]
+enum Override {
+    Local(Local),
+    Route,
+    FanOut(Nodes, Merge, bool),
+    /// Keys must share a slot (never split).
+    SameSlot,
+    Publish,
+    Refuse,
+}
+
+/// Where the tips are silent or wrong for one Redis, with the reason.
+const OVERRIDES: &[(&str, Override, &str)] = &[
+    // The proxy answers PING itself: the client's session is the proxy's,
+    // and every node answering would say nothing more.
+    (
+        "ping",
+        Override::Local(Local::Ping),
+        "the session is the proxy's",
+    ),
+    // Statistics and ACLs are per node: 7.0 gives these no tips, yet one
+    // Redis applies them to all of itself.
+    (
+        "config|resetstat",
+        Override::FanOut(Nodes::All, Merge::AllSucceeded, false),
+        "statistics are kept per node",
+    ),
+    (
+        "config|rewrite",
+        Override::FanOut(Nodes::All, Merge::AllSucceeded, false),
+        "every node's config file",
+    ),
+    (
+        "acl|setuser",
+        Override::FanOut(Nodes::All, Merge::AllSucceeded, false),
+        "Redis Cluster does not propagate ACLs",
+    ),
+    (
+        "acl|deluser",
+        Override::FanOut(Nodes::All, Merge::AllSucceeded, false),
+        "Redis Cluster does not propagate ACLs",
+    ),
+    (
+        "acl|load",
+        Override::FanOut(Nodes::All, Merge::AllSucceeded, false),
+        "Redis Cluster does not propagate ACLs",
+    ),
+    (
+        "acl|save",
+        Override::FanOut(Nodes::All, Merge::AllSucceeded, false),
+        "Redis Cluster does not propagate ACLs",
+    ),
+    (
+        "acl|whoami",
+        Override::Local(Local::AclWhoami),
+        "the proxy authenticates the client",
+    ),
+    // Persistence is per node.
+    (
+        "save",
+        Override::FanOut(Nodes::All, Merge::AllSucceeded, false),
+        "every node saves its own data",
+    ),
+    (
+        "bgsave",
+        Override::FanOut(Nodes::All, Merge::AllSucceeded, false),
+        "every node saves its own data",
+    ),
+    (
+        "bgrewriteaof",
+        Override::FanOut(Nodes::All, Merge::AllSucceeded, false),
+        "every node rewrites its own AOF",
+    ),
+    // No response policy in the tips: the merges one Redis implies.
+    (
+        "randomkey",
+        Override::FanOut(Nodes::Masters, Merge::RandomKey, true),
+        "a key whenever any master holds one",
+    ),
+    (
+        "slowlog|get",
+        Override::FanOut(Nodes::All, Merge::SlowlogGet, true),
+        "entries of every node, newest first",
+    ),
+    (
+        "pubsub|channels",
+        Override::FanOut(Nodes::Masters, Merge::Union, true),
+        "subscriptions live on the channel's master",
+    ),
+    (
+        "pubsub|shardchannels",
+        Override::FanOut(Nodes::Masters, Merge::Union, true),
+        "sharded channels live on their slot's master",
+    ),
+    (
+        "pubsub|numsub",
+        Override::FanOut(Nodes::Masters, Merge::SumPerKey, true),
+        "subscriptions live on the channel's master",
+    ),
+    (
+        "pubsub|shardnumsub",
+        Override::FanOut(Nodes::Masters, Merge::SumPerKey, true),
+        "sharded channels live on their slot's master",
+    ),
+    (
+        "pubsub|numpat",
+        Override::FanOut(Nodes::Masters, Merge::AggMax, true),
+        "the proxy subscribes patterns on every master",
+    ),
+    // Channels have no key spec, but their slot decides where the proxy
+    // keeps subscriptions.
+    (
+        "publish",
+        Override::Publish,
+        "the channel's master has its subscribers",
+    ),
+    // The tips say multi_shard/agg_min: split, it is not all-or-nothing.
+    (
+        "msetnx",
+        Override::SameSlot,
+        "a split MSETNX would not be atomic",
+    ),
+    // Consistent answers from one node rather than round-robin.
+    (
+        "config|get",
+        Override::Route,
+        "every node has the same settings",
+    ),
+    ("acl|list", Override::Route, "every node has the same users"),
+    (
+        "acl|getuser",
+        Override::Route,
+        "every node has the same users",
+    ),
+    (
+        "acl|users",
+        Override::Route,
+        "every node has the same users",
+    ),
+    // Connection-level commands the proxy owns.
+    (
+        "monitor",
+        Override::Local(Local::Monitor),
+        "this proxy's clients",
+    ),
+    (
+        "sync",
+        Override::Refuse,
+        "a replication stream is not a client's",
+    ),
+    (
+        "psync",
+        Override::Refuse,
+        "a replication stream is not a client's",
+    ),
+    (
+        "replicaof",
+        Override::Refuse,
+        "roles are the cluster's, not a client's",
+    ),
+    (
+        "slaveof",
+        Override::Refuse,
+        "roles are the cluster's, not a client's",
+    ),
+    (
+        "failover",
+        Override::Refuse,
+        "roles are the cluster's, not a client's",
+    ),
+    (
+        "shutdown",
+        Override::Refuse,
+        "a client does not stop the cluster",
+    ),
+    (
+        "debug",
+        Override::Refuse,
+        "DEBUG would reach one node's internals",
+    ),
+    ("swapdb", Override::Refuse, "Redis Cluster has one database"),
+    ("move", Override::Refuse, "Redis Cluster has one database"),
+];
+
+fn find_override(name: &str) -> Option<Override> {
+    OVERRIDES
+        .iter()
+        .find(|(n, ..)| *n == name)
+        .map(|(_, o, _)| *o)
+}
+
+/// The planner's override list, for documentation: (command, reason).
+pub fn overrides() -> impl Iterator<Item = (&'static str, &'static str)> {
+    OVERRIDES.iter().map(|(name, _, why)| (*name, *why))
+}
+
+/// Plans `req` for a session in `state`.
+pub fn plan(table: &CommandTable, req: &Request, state: &SessionState) -> Plan {
+    // Lowercase on the stack: this runs for every request. A longer name
+    // is no connection command; the table decides what it is.
+    let mut lower = [0u8; 32];
+    let raw = req.args.first().map_or(&b""[..], |n| &n[..]);
+    let name: &[u8] = match lower.get_mut(..raw.len()) {
+        Some(buf) => {
+            buf.copy_from_slice(raw);
+            buf.make_ascii_lowercase();
+            buf
+        }
+        None => b"",
+    };
+    if !state.authed && !matches!(name, b"auth" | b"hello" | b"quit" | b"reset") {
+        return Plan::Refuse(reply::error(NOAUTH));
+    }
+    let info = table.lookup(&req.args);
+    if state.in_multi
+        && !matches!(
+            name,
+            b"exec" | b"discard" | b"multi" | b"watch" | b"quit" | b"reset"
+        )
+    {
+        return Plan::Queue(check_queued(req, info));
+    }
+    if state.subscribed_resp2 && !is_pubsub(name) && !matches!(name, b"ping" | b"quit" | b"reset") {
+        return Plan::Refuse(reply::error(&format!(
+            "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+            String::from_utf8_lossy(name)
+        )));
+    }
+    if let Some(plan) = connection_command(name, req) {
+        return plan;
+    }
+    let Some(info) = info else {
+        return Plan::Refuse(unknown_command(req));
+    };
+    if !info.arity_ok(req.args.len()) {
+        return Plan::Refuse(wrong_arity(&info.name));
+    }
+    if name == b"watch" {
+        if state.in_multi {
+            return Plan::Refuse(reply::error("ERR WATCH inside MULTI is not allowed"));
+        }
+        return match keys_slot(req, info) {
+            Ok(Some(slot)) => Plan::Txn(Txn::Watch { slot }),
+            Ok(None) => Plan::Refuse(wrong_arity("watch")),
+            Err(e) => Plan::Refuse(e),
+        };
+    }
+    if let Some(found) = find_override(&info.name) {
+        return overridden(found, info, req);
+    }
+    let flags = info.flags;
+    let readonly = flags.contains(Flags::READONLY) && !flags.contains(Flags::WRITE);
+    if flags.contains(Flags::BLOCKING) && may_block(req) {
+        return match keys_slot(req, info) {
+            Ok(slot) => Plan::Blocking { slot },
+            Err(e) => Plan::Refuse(e),
+        };
+    }
+    let (request_policy, response_policy) = policies(info);
+    let merge = match response_policy {
+        Some("special") => Merge::special(&info.name).unwrap_or(Merge::Concat),
+        policy => Merge::from_tip(policy),
+    };
+    match request_policy {
+        Some("all_shards") => Plan::FanOut {
+            nodes: Nodes::Masters,
+            merge,
+            readonly,
+        },
+        Some("all_nodes") => Plan::FanOut {
+            nodes: Nodes::All,
+            merge,
+            readonly,
+        },
+        Some("multi_shard") => split_plan(req, info, Merge::for_split(response_policy), readonly),
+        _ => match keys_slot(req, info) {
+            Ok(slot) => Plan::Route { slot, readonly },
+            Err(e) => Plan::Refuse(e),
+        },
+    }
+}
+
+/// Commands about the client's own connection, whatever the table says.
+fn connection_command(name: &[u8], req: &Request) -> Option<Plan> {
+    Some(match name {
+        b"echo" => Plan::Local(Local::Echo),
+        b"time" => Plan::Local(Local::Time),
+        b"select" => Plan::Local(Local::Select),
+        b"quit" => Plan::Local(Local::Quit),
+        b"auth" => Plan::Local(Local::Auth),
+        b"hello" => Plan::Local(Local::Hello),
+        b"reset" => Plan::Local(Local::Reset),
+        b"readonly" | b"readwrite" | b"asking" => Plan::Local(Local::Ok),
+        b"client" => Plan::Local(Local::Client),
+        b"cluster" => {
+            // COUNTKEYSINSLOT / GETKEYSINSLOT carry a slot: to its owner.
+            if req.arg_is(1, "countkeysinslot") || req.arg_is(1, "getkeysinslot") {
+                let slot = req
+                    .args
+                    .get(2)
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .filter(|&s| usize::from(s) < slot::SLOTS);
+                match slot {
+                    Some(slot) => Plan::Route {
+                        slot: Some(slot),
+                        readonly: true,
+                    },
+                    None => Plan::Refuse(reply::error("ERR Invalid slot")),
+                }
+            } else {
+                Plan::Local(Local::Cluster)
+            }
+        }
+        b"multi" => Plan::Txn(Txn::Multi),
+        b"exec" => Plan::Txn(Txn::Exec),
+        b"discard" => Plan::Txn(Txn::Discard),
+        b"unwatch" => Plan::Txn(Txn::Unwatch),
+        b"scan" => Plan::Scan,
+        b"wait" => Plan::Wait,
+        b"info" => Plan::FanOut {
+            nodes: Nodes::Masters,
+            merge: Merge::Info,
+            readonly: true,
+        },
+        name if is_pubsub(name) => Plan::PubSub,
+        _ => return None,
+    })
+}
+
+fn overridden(found: Override, info: &CommandInfo, req: &Request) -> Plan {
+    let readonly = info.flags.contains(Flags::READONLY) && !info.flags.contains(Flags::WRITE);
+    match found {
+        Override::Local(local) => Plan::Local(local),
+        Override::Route => Plan::Route {
+            slot: None,
+            readonly,
+        },
+        Override::FanOut(nodes, merge, readonly) => Plan::FanOut {
+            nodes,
+            merge,
+            readonly,
+        },
+        Override::SameSlot => match keys_slot(req, info) {
+            Ok(slot) => Plan::Route { slot, readonly },
+            Err(e) => Plan::Refuse(e),
+        },
+        Override::Publish => match req.args.get(1) {
+            Some(channel) => Plan::Publish {
+                slot: slot::slot(channel),
+            },
+            None => Plan::Refuse(wrong_arity(&info.name)),
+        },
+        Override::Refuse => Plan::Refuse(reply::error(&format!(
+            "ERR {} is not supported by redirector",
+            info.name.replace('|', " ").to_uppercase()
+        ))),
+    }
+}
+
+/// `(request_policy, response_policy)` from the command's tips.
+fn policies(info: &CommandInfo) -> (Option<&str>, Option<&str>) {
+    let tip = |prefix: &str| info.tips.iter().find_map(|t| t.strip_prefix(prefix));
+    (tip("request_policy:"), tip("response_policy:"))
+}
+
+pub fn is_pubsub(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"subscribe"
+            | b"psubscribe"
+            | b"ssubscribe"
+            | b"unsubscribe"
+            | b"punsubscribe"
+            | b"sunsubscribe"
+    )
+}
+
+/// A multi_shard command: one plan per slot, or a plain route when every
+/// key shares one.
+fn split_plan(req: &Request, info: &CommandInfo, merge: Merge, readonly: bool) -> Plan {
+    let keys = match info.key_indices(&req.args) {
+        Ok(keys) if !keys.is_empty() => keys,
+        // Let Redis answer what the table cannot resolve.
+        _ => {
+            return Plan::Route {
+                slot: None,
+                readonly,
+            };
+        }
+    };
+    let mut groups: Vec<(u16, Vec<std::ops::Range<usize>>)> = Vec::new();
+    for (n, &key) in keys.iter().enumerate() {
+        // A key carries the arguments up to the next key (MSET's value).
+        let end = keys.get(n + 1).copied().unwrap_or(req.args.len());
+        let s = slot::slot(&req.args[key]);
+        match groups.iter_mut().find(|(g, _)| *g == s) {
+            Some((_, ranges)) => ranges.push(key..end),
+            None => groups.push((s, std::iter::once(key..end).collect())),
+        }
+    }
+    if groups.len() == 1 {
+        return Plan::Route {
+            slot: Some(groups[0].0),
+            readonly,
+        };
+    }
+    Plan::Split {
+        groups,
+        merge,
+        readonly,
+    }
+}
+
+/// What MULTI queues: the command's slot, or the error Redis would give
+/// at queue time (EXEC then aborts).
+fn check_queued(req: &Request, info: Option<&CommandInfo>) -> Result<Option<u16>, Bytes> {
+    let Some(info) = info else {
+        return Err(unknown_command(req));
+    };
+    if !info.arity_ok(req.args.len()) {
+        return Err(wrong_arity(&info.name));
+    }
+    if info.flags.contains(Flags::NO_MULTI) {
+        return Err(reply::error("ERR Command not allowed inside a transaction"));
+    }
+    keys_slot(req, info)
+}
+
+/// The one slot of a command's keys (`None`: no keys), or CROSSSLOT.
+pub fn keys_slot(req: &Request, info: &CommandInfo) -> Result<Option<u16>, Bytes> {
+    // Fixed key positions (most commands): walk them without building an
+    // index list. Movable keys need the key specs.
+    let fixed = !info.flags.contains(Flags::MOVABLEKEYS) && info.first_key > 0;
+    if fixed {
+        let argc = req.args.len() as i64;
+        let last = if info.last_key < 0 {
+            argc + info.last_key
+        } else {
+            info.last_key
+        };
+        let step = info.step.max(1) as usize;
+        let (first, last) = (info.first_key as usize, last.min(argc - 1).max(0) as usize);
+        let mut slots = (first..=last)
+            .step_by(step)
+            .map(|i| slot::slot(&req.args[i]));
+        let Some(head) = slots.next() else {
+            return Ok(None);
+        };
+        if slots.any(|s| s != head) {
+            return Err(reply::error(CROSSSLOT));
+        }
+        return Ok(Some(head));
+    }
+    let keys = info
+        .key_indices(&req.args)
+        .or_else(|_| info.key_indices_partial(&req.args))
+        .unwrap_or_default();
+    let mut slots = keys.iter().map(|&i| slot::slot(&req.args[i]));
+    let Some(first) = slots.next() else {
+        return Ok(None);
+    };
+    if slots.any(|s| s != first) {
+        return Err(reply::error(CROSSSLOT));
+    }
+    Ok(Some(first))
+}
+
+/// XREAD/XREADGROUP only block with BLOCK (before STREAMS); the rest of
+/// the `blocking` commands always may.
+pub fn may_block(req: &Request) -> bool {
+    let name = req.name_lower();
+    if name != b"xread" && name != b"xreadgroup" {
+        return true;
+    }
+    req.args
+        .iter()
+        .take_while(|a| !a.eq_ignore_ascii_case(b"streams"))
+        .any(|a| a.eq_ignore_ascii_case(b"block"))
+}
+
+/// Commands Redis 7.0 flags `may_replicate` but hides the flag from
+/// `COMMAND` ("hidden on purpose", server.c): CLIENT PAUSE WRITE holds
+/// them all the same.
+const MAY_REPLICATE: &[&str] = &["eval", "evalsha", "fcall", "pfcount", "publish", "spublish"];
+
+/// Whether a command writes or may replicate, as CLIENT PAUSE WRITE sees
+/// it. A script whose shebang says `no-writes` does neither.
+pub fn may_replicate(info: &CommandInfo, req: &Request) -> bool {
+    if info.flags.intersects(Flags::WRITE | Flags::MAY_REPLICATE) {
+        return true;
+    }
+    if !MAY_REPLICATE.contains(&info.name.as_str()) {
+        return false;
+    }
+    !(info.name == "eval"
+        && req
+            .args
+            .get(1)
+            .is_some_and(|body| script_declares_no_writes(body)))
+}
+
+/// `#!lua flags=no-writes,...` on a script's first line.
+pub fn script_declares_no_writes(body: &[u8]) -> bool {
+    let first = body.split(|&b| b == b'\n').next().unwrap_or_default();
+    let Some(shebang) = first.strip_prefix(b"#!") else {
+        return false;
+    };
+    String::from_utf8_lossy(shebang)
+        .split_ascii_whitespace()
+        .filter_map(|w| w.strip_prefix("flags="))
+        .any(|flags| flags.split(',').any(|f| f == "no-writes"))
+}
+
+/// Whether MONITOR shows a command: Redis feeds neither admin commands nor
+/// those that skip it, but feeds scripts' own calls (eval.c, functions.c)
+/// and EXEC (multi.c).
+pub fn monitored(info: &CommandInfo) -> bool {
+    if info.flags.contains(Flags::ADMIN) {
+        return false;
+    }
+    !info.flags.contains(Flags::SKIP_MONITOR)
+        || matches!(
+            info.name.as_str(),
+            "eval" | "evalsha" | "eval_ro" | "evalsha_ro" | "fcall" | "fcall_ro" | "exec"
+        )
+}
+
+/// Redis's own words for a command it does not know (processCommand).
+pub fn unknown_command(req: &Request) -> Bytes {
+    let mut args = String::new();
+    for arg in req.args.iter().skip(1) {
+        if args.len() >= 128 {
+            break;
+        }
+        let room = 128 - args.len();
+        let text = String::from_utf8_lossy(arg);
+        let shown: String = text.chars().take(room).collect();
+        args.push_str(&format!("'{shown}' "));
+    }
+    let name: String = String::from_utf8_lossy(&req.args[0])
+        .chars()
+        .take(128)
+        .collect();
+    reply::error(&format!(
+        "ERR unknown command '{name}', with args beginning with: {args}"
+    ))
+}
+
+/// Redis's arity error; subcommands are named `container|sub`.
+pub fn wrong_arity(name: &str) -> Bytes {
+    reply::error(&format!(
+        "ERR wrong number of arguments for '{name}' command"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::LazyLock;
+
+    use bytes::BytesMut;
+    use redis_protocol::resp2::decode::decode_bytes_mut;
+
+    use super::*;
+
+    const COMMAND_7_0: &[u8] = include_bytes!("../cluster/testdata/command-7.0.resp");
+
+    static TABLE: LazyLock<CommandTable> = LazyLock::new(|| {
+        let mut buf = BytesMut::from(COMMAND_7_0);
+        let (frame, _, _) = decode_bytes_mut(&mut buf)
+            .expect("valid RESP")
+            .expect("complete reply");
+        CommandTable::from_command_reply(&frame).expect("parses")
+    });
+
+    const READY: SessionState = SessionState {
+        protocol: Protocol::Resp2,
+        authed: true,
+        in_multi: false,
+        subscribed_resp2: false,
+    };
+
+    fn req(args: &[&str]) -> Request {
+        Request::from_args(
+            args.iter()
+                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+                .collect(),
+        )
+    }
+
+    fn plan_of(args: &[&str]) -> Plan {
+        plan(&TABLE, &req(args), &READY)
+    }
+
+    #[test]
+    fn pause_write_holds_what_may_replicate() {
+        let held = |args: &[&str]| {
+            let r = req(args);
+            may_replicate(TABLE.lookup(&r.args).expect("known"), &r)
+        };
+        assert!(held(&["SET", "k", "v"]));
+        assert!(held(&["PFCOUNT", "hll"]), "hidden may_replicate");
+        assert!(held(&["PUBLISH", "ch", "m"]));
+        assert!(held(&["EVAL", "return 1", "0"]));
+        assert!(!held(&["EVAL", "#!lua flags=no-writes\nreturn 1", "0"]));
+        assert!(!held(&["GET", "k"]));
+        assert!(!held(&["EVAL_RO", "return 1", "0"]));
+    }
+
+    #[test]
+    fn monitor_shows_scripts_but_not_admin_commands() {
+        let shown = |args: &[&str]| monitored(TABLE.lookup(&req(args).args).expect("known"));
+        assert!(shown(&["EVAL", "return 1", "0"]));
+        assert!(shown(&["SET", "k", "v"]));
+        assert!(!shown(&["CONFIG", "SET", "a", "b"]));
+    }
+
+    #[test]
+    fn keyed_commands_go_to_their_slot() {
+        assert_eq!(
+            plan_of(&["GET", "user:1"]),
+            Plan::Route {
+                slot: Some(slot::slot(b"user:1")),
+                readonly: true
+            }
+        );
+        assert_eq!(
+            plan_of(&["SET", "{t}a", "1"]),
+            Plan::Route {
+                slot: Some(slot::slot(b"t")),
+                readonly: false
+            }
+        );
+        match plan_of(&["SINTER", "a", "b"]) {
+            Plan::Refuse(e) => assert!(e.starts_with(b"-CROSSSLOT")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tips_decide_how_commands_span_the_cluster() {
+        assert_eq!(
+            plan_of(&["CONFIG", "SET", "maxmemory", "0"]),
+            Plan::FanOut {
+                nodes: Nodes::All,
+                merge: Merge::AllSucceeded,
+                readonly: false
+            }
+        );
+        assert_eq!(
+            plan_of(&["DBSIZE"]),
+            Plan::FanOut {
+                nodes: Nodes::Masters,
+                merge: Merge::AggSum,
+                readonly: true
+            }
+        );
+        assert!(matches!(
+            plan_of(&["SLOWLOG", "GET"]),
+            Plan::FanOut {
+                nodes: Nodes::All,
+                merge: Merge::SlowlogGet,
+                ..
+            }
+        ));
+        assert!(matches!(
+            plan_of(&["SLOWLOG", "LEN"]),
+            Plan::FanOut {
+                nodes: Nodes::All,
+                merge: Merge::AggSum,
+                ..
+            }
+        ));
+        assert!(matches!(
+            plan_of(&["SCRIPT", "EXISTS", "abc"]),
+            Plan::FanOut {
+                merge: Merge::AggLogicalAnd,
+                ..
+            }
+        ));
+        assert!(matches!(
+            plan_of(&["INFO"]),
+            Plan::FanOut {
+                merge: Merge::Info,
+                ..
+            }
+        ));
+        assert!(matches!(
+            plan_of(&["CONFIG", "RESETSTAT"]),
+            Plan::FanOut {
+                nodes: Nodes::All,
+                ..
+            }
+        ));
+        assert!(matches!(
+            plan_of(&["ACL", "SETUSER", "bob", "on"]),
+            Plan::FanOut {
+                nodes: Nodes::All,
+                merge: Merge::AllSucceeded,
+                ..
+            }
+        ));
+        assert_eq!(
+            plan_of(&["CONFIG", "GET", "maxmemory"]),
+            Plan::Route {
+                slot: None,
+                readonly: false
+            }
+        );
+    }
+
+    #[test]
+    fn multi_key_commands_split_by_slot() {
+        match plan_of(&["MSET", "a", "1", "b", "2", "{a}c", "3"]) {
+            Plan::Split { groups, merge, .. } => {
+                assert_eq!(merge, Merge::AllSucceeded);
+                let a = slot::slot(b"a");
+                let (_, ranges) = groups.iter().find(|(s, _)| *s == a).expect("a's slot");
+                assert_eq!(ranges, &vec![1..3, 5..7]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            plan_of(&["DEL", "a", "b"]),
+            Plan::Split {
+                merge: Merge::AggSum,
+                readonly: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            plan_of(&["MGET", "a", "b"]),
+            Plan::Split {
+                merge: Merge::Values,
+                readonly: true,
+                ..
+            }
+        ));
+        // Not all-or-nothing if split: refused across slots, as a cluster.
+        assert!(matches!(
+            plan_of(&["MSETNX", "a", "1", "b", "2"]),
+            Plan::Refuse(_)
+        ));
+        assert!(matches!(
+            plan_of(&["MSETNX", "{x}a", "1", "{x}b", "2"]),
+            Plan::Route { .. }
+        ));
+    }
+
+    #[test]
+    fn connection_commands_are_the_proxys() {
+        assert_eq!(plan_of(&["PING"]), Plan::Local(Local::Ping));
+        assert_eq!(plan_of(&["CLIENT", "LIST"]), Plan::Local(Local::Client));
+        assert_eq!(plan_of(&["MONITOR"]), Plan::Local(Local::Monitor));
+        assert_eq!(plan_of(&["SUBSCRIBE", "a"]), Plan::PubSub);
+        assert_eq!(
+            plan_of(&["PUBLISH", "news", "hi"]),
+            Plan::Publish {
+                slot: slot::slot(b"news")
+            }
+        );
+        assert!(matches!(
+            plan_of(&["BLPOP", "q", "0"]),
+            Plan::Blocking { slot: Some(_) }
+        ));
+        assert!(matches!(
+            plan_of(&["XREAD", "STREAMS", "s", "0"]),
+            Plan::Route { .. }
+        ));
+        assert!(matches!(plan_of(&["DEBUG", "SLEEP", "0"]), Plan::Refuse(_)));
+    }
+
+    #[test]
+    fn errors_are_redis_own_words() {
+        match plan_of(&["NOSUCH", "a", "b"]) {
+            Plan::Refuse(e) => assert_eq!(
+                &e[..],
+                b"-ERR unknown command 'NOSUCH', with args beginning with: 'a' 'b' \r\n"
+            ),
+            other => panic!("{other:?}"),
+        }
+        match plan_of(&["GET"]) {
+            Plan::Refuse(e) => assert_eq!(
+                &e[..],
+                b"-ERR wrong number of arguments for 'get' command\r\n"
+            ),
+            other => panic!("{other:?}"),
+        }
+        let noauth = SessionState {
+            authed: false,
+            ..READY
+        };
+        assert!(matches!(
+            plan(&TABLE, &req(&["GET", "a"]), &noauth),
+            Plan::Refuse(_)
+        ));
+        assert_eq!(
+            plan(&TABLE, &req(&["AUTH", "pw"]), &noauth),
+            Plan::Local(Local::Auth)
+        );
+    }
+
+    #[test]
+    fn transactions_queue_with_queue_time_errors() {
+        let multi = SessionState {
+            in_multi: true,
+            ..READY
+        };
+        let queued = |args: &[&str]| plan(&TABLE, &req(args), &multi);
+        assert_eq!(
+            queued(&["SET", "a", "1"]),
+            Plan::Queue(Ok(Some(slot::slot(b"a"))))
+        );
+        assert!(matches!(queued(&["NOSUCH"]), Plan::Queue(Err(_))));
+        assert!(matches!(queued(&["GET"]), Plan::Queue(Err(_))));
+        assert!(matches!(queued(&["MGET", "a", "b"]), Plan::Queue(Err(_))));
+        assert_eq!(queued(&["EXEC"]), Plan::Txn(Txn::Exec));
+    }
+
+    /// Every command (and subcommand) of the 7.0 table gets a plan, with
+    /// arguments that satisfy its arity, and none panics.
+    #[test]
+    fn every_command_of_the_7_0_table_gets_a_plan() {
+        let mut planned = 0;
+        for info in TABLE.iter() {
+            for info in std::iter::once(info).chain(info.subcommands.iter()) {
+                let words: Vec<&str> = info.name.split('|').collect();
+                let needed = usize::try_from(info.arity.unsigned_abs()).unwrap_or(1);
+                let mut args: Vec<String> = words.iter().map(ToString::to_string).collect();
+                while args.len() < needed.max(args.len()) {
+                    args.push(format!("k{}", args.len()));
+                }
+                let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+                for state in [
+                    READY,
+                    SessionState {
+                        protocol: Protocol::Resp3,
+                        ..READY
+                    },
+                    SessionState {
+                        in_multi: true,
+                        ..READY
+                    },
+                ] {
+                    let _ = plan(&TABLE, &req(&argv), &state);
+                }
+                planned += 1;
+            }
+        }
+        assert!(planned > 350, "only {planned} commands planned");
+    }
+}
