@@ -581,4 +581,19 @@ mod tests {
             "no reason"
         );
     }
+
+    #[test]
+    fn only_tests_marked_blocks_are_skipped_and_only_in_their_unit() {
+        let known = KnownDifferences::parse(
+            "unit/x\thangs\tblocks: waits for one server's eviction\nunit/x\tfails\tper-node memory\nunit/y\tother\tblocks: elsewhere\n",
+        )
+        .expect("known differences");
+        assert_eq!(known.blocking("unit/x"), ["hangs"]);
+        assert_eq!(known.blocking("unit/y"), ["other"]);
+        assert!(known.blocking("unit/z").is_empty());
+        assert_eq!(
+            known.reason("unit/x", "hangs"),
+            Some("blocks: waits for one server's eviction")
+        );
+    }
 }

@@ -214,6 +214,34 @@ pub struct Routed {
 /// Follows a first attempt's verdict to the end: redirects, retries while
 /// the window lasts, and returns what the client should get.
 pub async fn complete(shared: Arc<Shared>, routed: Routed, first: Verdict) -> Reply {
+    let attempt = |node: SocketAddr, payload: Bytes, replies: usize| {
+        let rx = send(
+            &shared,
+            routed.via.as_ref(),
+            routed.protocol,
+            node,
+            payload,
+            replies,
+        );
+        await_job(rx, node)
+    };
+    follow(&shared, &routed, first, attempt).await
+}
+
+/// The one redirect path: follows `MOVED` (patching the slot map) and `ASK`
+/// (with `ASKING`), and retries through failovers while the retry window
+/// lasts, making each attempt with `attempt(node, payload, replies)`: on a
+/// shared connection for most commands, on a lease for blocking ones.
+pub async fn follow<F, Fut>(
+    shared: &Shared,
+    routed: &Routed,
+    first: Verdict,
+    mut attempt: F,
+) -> Reply
+where
+    F: FnMut(SocketAddr, Bytes, usize) -> Fut,
+    Fut: Future<Output = JobResult>,
+{
     let deadline = Instant::now() + shared.settings.retry_window;
     let mut verdict = first;
     let mut redirects = 0;
@@ -242,15 +270,10 @@ pub async fn complete(shared: Arc<Shared>, routed: Routed, first: Verdict) -> Re
                     shared.topology.moved(slot, addr);
                     (routed.payload.clone(), 1)
                 };
-                let rx = send(
-                    &shared,
-                    routed.via.as_ref(),
-                    routed.protocol,
-                    addr,
-                    payload,
-                    replies,
+                verdict = judge(
+                    attempt(addr, payload, replies).await,
+                    routed.target.readonly,
                 );
-                verdict = judge(await_job(rx, addr).await, routed.target.readonly);
             }
             Verdict::Retry { reply } => {
                 if Instant::now() + backoff > deadline {
@@ -260,22 +283,15 @@ pub async fn complete(shared: Arc<Shared>, routed: Routed, first: Verdict) -> Re
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(250));
                 let view = shared.topology.view();
-                let node = match pick(&shared, &view, routed.target) {
+                let node = match pick(shared, &view, routed.target) {
                     Ok(node) => node,
                     Err(_) => {
                         verdict = Verdict::Retry { reply };
                         continue;
                     }
                 };
-                let rx = send(
-                    &shared,
-                    routed.via.as_ref(),
-                    routed.protocol,
-                    node,
-                    routed.payload.clone(),
-                    1,
-                );
-                verdict = judge(await_job(rx, node).await, routed.target.readonly);
+                let payload = routed.payload.clone();
+                verdict = judge(attempt(node, payload, 1).await, routed.target.readonly);
             }
         }
     }
@@ -600,6 +616,7 @@ fn figures(shared: &Shared, client: &ClientEntry) -> info::ProxyFigures {
         maxclients: shared.settings.admission.max_clients,
         total_connections: shared.total_connections(),
         rejected_connections: shared.rejected_connections(),
+        version: env!("CARGO_PKG_VERSION").into(),
         proxy_section: vec![
             (
                 "redirector_version".into(),
@@ -795,7 +812,8 @@ fn bulk_text(raw: &Bytes) -> Option<&str> {
 /// A command that may block, on a leased connection to the owner of
 /// `slot`. While it waits, `client` shows as blocked (INFO, CLIENT LIST),
 /// with the node and upstream client id that CLIENT UNBLOCK needs.
-/// `MOVED` is followed on a new lease, as every redirect.
+/// Redirects and retries take the same path as every command
+/// ([`follow`]), each attempt on a lease of its own.
 pub async fn blocking_call(
     shared: Arc<Shared>,
     protocol: Protocol,
@@ -803,63 +821,58 @@ pub async fn blocking_call(
     slot: Option<u16>,
     client: &ClientEntry,
 ) -> Bytes {
-    for _ in 0..=shared.settings.max_redirects {
-        let view = shared.topology.view();
-        let target = Target {
+    let routed = Routed {
+        payload: req.raw,
+        target: Target {
             slot,
             readonly: false,
-        };
-        let node = match pick(&shared, &view, target) {
-            Ok(node) => node,
-            Err(e) => return e,
-        };
-        let pool = shared.pools.node(node, protocol);
-        let mut lease = match pool.lease().await {
-            Ok(lease) => lease,
-            Err(e) => {
-                shared.topology.request_refresh();
-                return reply::error(&format!("ERR redirector: {e}"));
-            }
-        };
-        let upstream_id = match lease.client_id().await {
-            Ok(id) => id,
-            Err(e) => {
-                pool.forget();
-                return reply::error(&format!("ERR redirector: {e}"));
-            }
-        };
-        let result = async {
-            lease.write(&req.raw).await?;
-            client.set_blocked_on(Some((node, upstream_id)));
-            lease.read().await
+        },
+        protocol,
+        via: None,
+    };
+    let attempt = |node: SocketAddr, payload: Bytes, replies: usize| {
+        on_lease(&shared, protocol, client, node, payload, replies)
+    };
+    let first = match pick(&shared, &shared.topology.view(), routed.target) {
+        Ok(node) => judge(
+            on_lease(&shared, protocol, client, node, routed.payload.clone(), 1).await,
+            false,
+        ),
+        Err(e) => Verdict::Retry {
+            reply: Reply::local(e),
+        },
+    };
+    follow(&shared, &routed, first, attempt).await.raw
+}
+
+/// One attempt of a blocking command on a lease of `node`'s.
+async fn on_lease(
+    shared: &Shared,
+    protocol: Protocol,
+    client: &ClientEntry,
+    node: SocketAddr,
+    payload: Bytes,
+    replies: usize,
+) -> JobResult {
+    let pool = shared.pools.node(node, protocol);
+    let mut lease = pool.lease().await?;
+    let result = async {
+        let upstream_id = lease.client_id().await?;
+        lease.write(&payload).await?;
+        client.set_blocked_on(Some((node, upstream_id)));
+        let mut out = Vec::with_capacity(replies);
+        while out.len() < replies {
+            out.push(lease.read().await?);
         }
-        .await;
-        client.set_blocked_on(None);
-        let reply = match result {
-            Ok(reply) => {
-                pool.release(lease);
-                reply
-            }
-            Err(e) => {
-                pool.forget();
-                return reply::error(&format!("ERR redirector: {e}"));
-            }
-        };
-        match judge_one(Ok(reply), false) {
-            Verdict::Redirect {
-                slot,
-                addr,
-                asking: false,
-                ..
-            } => {
-                shared.topology.moved(slot, addr);
-            }
-            Verdict::Done(reply) | Verdict::Retry { reply } | Verdict::Redirect { reply, .. } => {
-                return reply.raw;
-            }
-        }
+        Ok(out)
     }
-    reply::error("TRYAGAIN the slot keeps moving")
+    .await;
+    client.set_blocked_on(None);
+    match &result {
+        Ok(_) => pool.release(lease),
+        Err(_) => pool.forget(),
+    }
+    result
 }
 
 #[cfg(test)]

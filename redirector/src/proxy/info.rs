@@ -42,6 +42,8 @@ pub struct ProxyFigures {
     pub maxclients: usize,
     pub total_connections: u64,
     pub rejected_connections: u64,
+    /// redirector's own version, shown in `# Server` and `# Proxy`.
+    pub version: String,
     /// Lines of the `# Proxy` section (`field:value`).
     pub proxy_section: Vec<(String, String)>,
     /// Errors the proxy answered itself (refusals never reach a node), by
@@ -183,6 +185,13 @@ fn plain(
         }
         if let Some(own) = proxy_value(section, field, proxy) {
             out.push((field.clone(), own));
+            continue;
+        }
+        // Who answers, right under the Redis version it speaks for: tools
+        // that read only `INFO server` still see the proxy.
+        if section == "server" && field == "redis_version" {
+            out.push((field.clone(), value.clone()));
+            out.push(("redirector_version".into(), proxy.version.clone()));
             continue;
         }
         let values: Vec<&str> = nodes
@@ -461,6 +470,7 @@ mod tests {
             blocked_clients: 1,
             maxclients: 10000,
             total_connections: 3,
+            version: "0.1.0".into(),
             proxy_section: vec![("redirector_version".into(), "0.1.0".into())],
             local_errors: BTreeMap::from([("CROSSSLOT".into(), 2)]),
             ..ProxyFigures::default()
@@ -471,7 +481,7 @@ mod tests {
     fn fields_merge_as_one_redis() {
         let text = merge(&requested(&[]), &[A.into(), B.into()], &figures());
         for expected in [
-            "# Server\r\nredis_version:7.0.15\r\nprocess_id:42\r\ntcp_port:15379\r\nuptime_in_seconds:5\r\n",
+            "# Server\r\nredis_version:7.0.15\r\nredirector_version:0.1.0\r\nprocess_id:42\r\ntcp_port:15379\r\nuptime_in_seconds:5\r\n",
             "connected_clients:2\r\nblocked_clients:1\r\n",
             "used_memory:2097152\r\nused_memory_human:2.00M\r\nused_memory_peak:3000000\r\nmem_fragmentation_ratio:1.50\r\n",
             "total_connections_received:3\r\ntotal_commands_processed:150\r\nkeyspace_hits:10\r\ntotal_error_replies:5\r\n",
