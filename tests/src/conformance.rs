@@ -160,6 +160,11 @@ impl Suite {
     ) -> UnitResult {
         let started = Instant::now();
         let skips = skip.iter().flat_map(|test| ["--skiptest", test.as_str()]);
+        // runtest's own test server probes ports from `--baseport - 32`
+        // (binding the wildcard address, so it can pick a port another run
+        // holds on 127.0.0.1): start it where this process knows both the
+        // port and its +10000 twin are free.
+        let probe_from = crate::ports::free_cluster_port();
         let out = Command::new("timeout")
             .arg("--kill-after=10")
             .arg(timeout.as_secs().to_string())
@@ -167,6 +172,7 @@ impl Suite {
             .arg("tests/test_helper.tcl")
             .args(["--host", &addr.ip().to_string()])
             .args(["--port", &addr.port().to_string()])
+            .args(["--baseport", &(probe_from + 32).to_string()])
             .args(["--cluster-mode", "--tags", TAGS, "--single", unit])
             .args(skips)
             .current_dir(&self.dir)

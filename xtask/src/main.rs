@@ -61,7 +61,10 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Setup => setup::all(),
+        Cmd::Setup => {
+            setup::all()?;
+            conformance::fetch().map(drop)
+        }
         Cmd::Build { release } => {
             setup::toolchain()?;
             build(Profile::from_release(release)).map(drop)
@@ -226,6 +229,8 @@ fn test() -> Result<()> {
         bail!("CI must run `cargo xtask test` as root: the kernel tests cannot be skipped there");
     }
     lint()?;
+    // Redis's own suite, for the conformance subset among the tests.
+    conformance::fetch()?;
     let bin = build(Profile::Debug)?;
     println!("== tests");
     run(cargo().args([

@@ -6,7 +6,9 @@
 //!   into `target/tools`, where `.cargo/config.toml` points the bpf target;
 //! - Debian packages: redis-server, redis-tools, bpftool, iproute2, procps,
 //!   and the client software the proxy is tested with: php-cli + php-redis
-//!   (phpredis) and python3-redis (redis-py for Debian's `/usr/bin/python3`).
+//!   (phpredis) and python3-redis (redis-py for Debian's `/usr/bin/python3`),
+//!   tcl and dpkg-dev for Redis's own test suite (fetched by
+//!   `conformance::fetch`, from Debian's source package).
 
 use std::{
     ffi::OsString,
@@ -61,6 +63,10 @@ const PACKAGES: &[(Check, &[&str])] = &[
         Check::Succeeds(&["test", "-x", "/usr/lib/cni/bridge"]),
         &["containernetworking-plugins"],
     ),
+    // Redis's own test suite: its runner, and the unpacking of Debian's
+    // source package that carries it.
+    (Check::OnPath("tclsh"), &["tcl"]),
+    (Check::OnPath("dpkg-source"), &["dpkg-dev"]),
     (Check::OnPath("php"), &["php-cli"]),
     (
         Check::Succeeds(&["php", "-r", "exit(extension_loaded('redis') ? 0 : 1);"]),
