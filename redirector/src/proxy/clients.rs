@@ -453,8 +453,9 @@ pub fn monitor_line(at: SystemTime, client: SocketAddr, args: &[Bytes]) -> Bytes
     Bytes::from(line)
 }
 
-/// The argument positions Redis redacts in MONITOR's feed.
-fn redacted(args: &[Bytes]) -> Vec<usize> {
+/// The argument positions Redis redacts (redactClientCommandArgument) in
+/// MONITOR's feed and the slow log.
+pub fn redacted(args: &[Bytes]) -> Vec<usize> {
     let Some(name) = args.first().map(|a| a.to_ascii_lowercase()) else {
         return Vec::new();
     };
@@ -468,6 +469,27 @@ fn redacted(args: &[Bytes]) -> Vec<usize> {
     };
     match name.as_slice() {
         b"auth" => (1..args.len()).collect(),
+        b"acl"
+            if args
+                .get(1)
+                .is_some_and(|s| s.eq_ignore_ascii_case(b"setuser")) =>
+        {
+            (2..args.len()).collect()
+        }
+        // Sensitive configs' values (config.c: SENSITIVE_CONFIG).
+        b"config" if args.get(1).is_some_and(|s| s.eq_ignore_ascii_case(b"set")) => args
+            .iter()
+            .enumerate()
+            .skip(2)
+            .step_by(2)
+            .filter(|(_, name)| {
+                [&b"masteruser"[..], b"masterauth", b"requirepass"]
+                    .iter()
+                    .any(|s| name.eq_ignore_ascii_case(s))
+            })
+            .map(|(i, _)| i + 1)
+            .filter(|&i| i < args.len())
+            .collect(),
         b"hello" => after(b"auth", 2, 2),
         b"migrate" => {
             let mut out: Vec<usize> = after(b"auth", 1, 6);

@@ -402,7 +402,7 @@ pub async fn split(
     if how == Merge::Values {
         return values_in_key_order(&groups, &replies, protocol);
     }
-    merge::merge(how, &req, &[], &replies, protocol)
+    merge::merge(how, &[], &replies, protocol)
 }
 
 /// MGET-like parts' values, back in the caller's key order.
@@ -537,16 +537,29 @@ pub async fn fan_out(
         return info_reply(&shared, protocol, &req, &targets, &client).await;
     }
     let replies = broadcast(&shared, protocol, &targets, &req.raw, readonly).await;
-    let merged = merge::merge(how, &req, &targets, &replies, protocol);
+    let merged = merge::merge(how, &targets, &replies, protocol);
     // A loaded script's flags, for EVALSHA under CLIENT PAUSE WRITE.
     if req.arg_is(0, "script")
         && req.arg_is(1, "load")
         && let (Some(body), Some(Value::Bulk(sha))) =
             (req.args.get(2), Value::decode(&merged, protocol))
     {
+        let slot = match super::script_keys::script_keys(body, &shared.commands) {
+            super::script_keys::ScriptKeys::Slot(slot) => Some(slot),
+            _ => None,
+        };
         shared
             .functions
-            .script_loaded(&sha, super::plan::script_declares_no_writes(body));
+            .script_loaded(&sha, super::plan::script_declares_no_writes(body), slot);
+    }
+    if req.arg_is(0, "function") && !merged.starts_with(b"-") {
+        if req.arg_is(1, "load")
+            && let Some(code) = req.args.last()
+        {
+            shared.functions.library_loaded(code, &shared.commands);
+        } else if req.arg_is(1, "flush") || req.arg_is(1, "restore") {
+            shared.functions.forget_libraries();
+        }
     }
     // The functions changed: their flags are learnt again when needed.
     if req.arg_is(0, "function")
@@ -555,6 +568,10 @@ pub async fn fan_out(
             .any(|sub| req.arg_is(1, sub))
     {
         shared.functions.forget();
+    }
+    // The slow log's settings are the proxy's too.
+    if req.arg_is(0, "config") && req.arg_is(1, "set") && !merged.starts_with(b"-") {
+        shared.slowlog.configured(&req.args);
     }
     // CONFIG RESETSTAT resets the proxy's own statistics too.
     if req.arg_is(0, "config") && req.arg_is(1, "resetstat") && !merged.starts_with(b"-") {

@@ -14,7 +14,11 @@ use std::{
 
 use bytes::Bytes;
 
-use super::{Shared, exec};
+use super::{
+    Shared, exec,
+    script_keys::{self, ScriptKeys},
+};
+use crate::cluster::commands::CommandTable;
 use crate::resp::{Protocol, value::Value};
 
 #[derive(Default)]
@@ -22,9 +26,12 @@ pub struct FunctionFlags {
     /// Function name -> declares `no-writes`. `None`: not learnt yet.
     no_writes: Mutex<Option<HashMap<Bytes, bool>>>,
     learning: AtomicBool,
-    /// Scripts loaded through this proxy (SCRIPT LOAD): SHA1 -> declares
-    /// `no-writes` in its shebang, for EVALSHA.
-    scripts: Mutex<HashMap<Bytes, bool>>,
+    /// Scripts loaded through this proxy (SCRIPT LOAD): SHA1 -> (declares
+    /// `no-writes` in its shebang, for EVALSHA; its literal keys' slot).
+    scripts: Mutex<HashMap<Bytes, (bool, Option<u16>)>>,
+    /// Functions loaded through this proxy (FUNCTION LOAD): name -> the
+    /// slot of its library's literal keys, for FCALL without keys.
+    function_slots: Mutex<HashMap<Bytes, u16>>,
 }
 
 impl FunctionFlags {
@@ -37,12 +44,51 @@ impl FunctionFlags {
             .map(|map| map.get(name).copied().unwrap_or(false))
     }
 
-    /// A script SCRIPT LOAD stored under `sha`.
-    pub fn script_loaded(&self, sha: &[u8], no_writes: bool) {
+    /// A script SCRIPT LOAD stored under `sha`, with the slot its literal
+    /// keys name (see `script_keys`).
+    pub fn script_loaded(&self, sha: &[u8], no_writes: bool, slot: Option<u16>) {
         self.scripts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(Bytes::copy_from_slice(&sha.to_ascii_lowercase()), no_writes);
+            .insert(
+                Bytes::copy_from_slice(&sha.to_ascii_lowercase()),
+                (no_writes, slot),
+            );
+    }
+
+    /// Where EVALSHA of `sha` without keys runs, when its literal keys say.
+    pub fn script_slot(&self, sha: &[u8]) -> Option<u16> {
+        self.scripts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&sha.to_ascii_lowercase()[..])
+            .and_then(|(_, slot)| *slot)
+    }
+
+    /// A library FUNCTION LOAD loaded: its functions run, without keys,
+    /// where its literal keys live.
+    pub fn library_loaded(&self, code: &[u8], table: &CommandTable) {
+        let names = script_keys::registered_functions(code);
+        let mut slots = self
+            .function_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for name in names {
+            match script_keys::script_keys(code, table) {
+                ScriptKeys::Slot(slot) => slots.insert(name, slot),
+                ScriptKeys::None | ScriptKeys::Unknown => slots.remove(&name),
+            };
+        }
+    }
+
+    /// Where FCALL of `function` without keys runs, when its library's
+    /// literal keys say.
+    pub fn function_slot(&self, function: &[u8]) -> Option<u16> {
+        self.function_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(function)
+            .copied()
     }
 
     /// Whether the script `sha` declares no-writes (unknown: it may write).
@@ -51,13 +97,20 @@ impl FunctionFlags {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&sha.to_ascii_lowercase()[..])
-            .copied()
-            .unwrap_or(false)
+            .is_some_and(|(no_writes, _)| *no_writes)
     }
 
     /// Functions changed: learn them again when next needed.
     pub fn forget(&self) {
         *self.no_writes.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// FUNCTION FLUSH/RESTORE replaced every library.
+    pub fn forget_libraries(&self) {
+        self.function_slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 

@@ -10,7 +10,6 @@ use bytes::Bytes;
 use crate::resp::{
     Protocol,
     reply::{self, Reply},
-    request::Request,
     value::Value,
 };
 
@@ -32,8 +31,6 @@ pub enum Merge {
     Values,
     /// INFO: sections merged field by field (see `info`).
     Info,
-    /// SLOWLOG GET: every node's entries, newest first, COUNT of them.
-    SlowlogGet,
     /// RANDOMKEY: a key whenever any node has one.
     RandomKey,
     /// Arrays as a set (PUBSUB CHANNELS).
@@ -95,16 +92,10 @@ impl Merge {
     }
 }
 
-/// Merges the replies of `nodes` (in the same order) to `req`, in the
-/// client's protocol. (`Values` and `Info` have their own merges with more
+/// Merges the replies of `nodes` (in the same order), in the client's
+/// protocol. (`Values` and `Info` have their own merges with more
 /// context: the split groups, and the proxy's own figures.)
-pub fn merge(
-    how: Merge,
-    req: &Request,
-    nodes: &[SocketAddr],
-    replies: &[Reply],
-    protocol: Protocol,
-) -> Bytes {
+pub fn merge(how: Merge, nodes: &[SocketAddr], replies: &[Reply], protocol: Protocol) -> Bytes {
     if replies.is_empty() {
         return reply::error("CLUSTERDOWN Hash slot not served");
     }
@@ -127,7 +118,7 @@ pub fn merge(
             let Some(values) = values else {
                 return reply::error("ERR redirector: a node's reply could not be read");
             };
-            merge_values(how, req, nodes, values).map_or_else(
+            merge_values(how, nodes, values).map_or_else(
                 || reply::error("ERR redirector: the nodes' replies do not merge"),
                 |v| v.encode(protocol),
             )
@@ -159,12 +150,7 @@ fn all_succeeded(nodes: &[SocketAddr], replies: &[Reply]) -> Bytes {
     ))
 }
 
-fn merge_values(
-    how: Merge,
-    req: &Request,
-    nodes: &[SocketAddr],
-    values: Vec<Value>,
-) -> Option<Value> {
+fn merge_values(how: Merge, nodes: &[SocketAddr], values: Vec<Value>) -> Option<Value> {
     match how {
         Merge::AggSum => aggregate(values, |a, b| a.checked_add(b).unwrap_or(i64::MAX)),
         Merge::AggMin => aggregate(values, i64::min),
@@ -200,7 +186,6 @@ fn merge_values(
             }
             Some(keys[random_index(keys.len())].clone())
         }
-        Merge::SlowlogGet => slowlog_get(req, values),
         Merge::MemoryStats => {
             let mut it = values.into_iter();
             let first = it.next()?;
@@ -344,32 +329,6 @@ fn sum_maps(key: &str, a: Value, b: Value) -> Value {
     }
 }
 
-/// SLOWLOG GET [count]: every node's entries, newest first; `count`
-/// (default 10; -1: all) of them.
-fn slowlog_get(req: &Request, values: Vec<Value>) -> Option<Value> {
-    let count: i64 = match req.args.get(2) {
-        Some(c) => std::str::from_utf8(c).ok()?.parse().ok()?,
-        None => 10,
-    };
-    let mut entries: Vec<Value> = Vec::new();
-    for v in values {
-        entries.extend(v.into_items()?);
-    }
-    // Entry: [id, unix time, microseconds, args, client addr, client name].
-    let key = |e: &Value| match e {
-        Value::Array(fields) => (
-            fields.get(1).and_then(Value::as_int).unwrap_or(0),
-            fields.first().and_then(Value::as_int).unwrap_or(0),
-        ),
-        _ => (0, 0),
-    };
-    entries.sort_by_key(|e| std::cmp::Reverse(key(e)));
-    if count >= 0 {
-        entries.truncate(usize::try_from(count).unwrap_or(usize::MAX));
-    }
-    Some(Value::Array(entries))
-}
-
 /// LATENCY LATEST: `[event, time, latest ms, max ms]` per event and node,
 /// merged per event.
 fn latency_latest(values: Vec<Value>) -> Option<Value> {
@@ -433,87 +392,54 @@ mod tests {
             .collect()
     }
 
-    fn req(args: &[&str]) -> Request {
-        Request::from_args(
-            args.iter()
-                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-                .collect(),
-        )
-    }
-
-    fn merged(how: Merge, args: &[&str], replies: &[&'static str]) -> String {
+    fn merged(how: Merge, replies: &[&'static str]) -> String {
         let replies: Vec<Reply> = replies.iter().map(|raw| r(raw)).collect();
-        let out = merge(
-            how,
-            &req(args),
-            &nodes(replies.len()),
-            &replies,
-            Protocol::Resp2,
-        );
+        let out = merge(how, &nodes(replies.len()), &replies, Protocol::Resp2);
         String::from_utf8_lossy(&out).into_owned()
     }
 
     #[test]
     fn all_succeeded_names_the_nodes_that_refused() {
         assert_eq!(
-            merged(Merge::AllSucceeded, &["X"], &["+OK\r\n", "+OK\r\n"]),
+            merged(Merge::AllSucceeded, &["+OK\r\n", "+OK\r\n"]),
             "+OK\r\n"
         );
         assert_eq!(
-            merged(
-                Merge::AllSucceeded,
-                &["X"],
-                &["-ERR bad\r\n", "-ERR bad\r\n"]
-            ),
+            merged(Merge::AllSucceeded, &["-ERR bad\r\n", "-ERR bad\r\n"]),
             "-ERR bad\r\n",
             "a refusal everywhere is Redis's own"
         );
         assert_eq!(
             merged(
                 Merge::AllSucceeded,
-                &["X"],
                 &["+OK\r\n", "-ERR denied\r\n", "+OK\r\n"]
             ),
             "-ERR denied (refused by 10.0.0.2:6379; applied on 2 of 3 nodes)\r\n"
         );
         assert_eq!(
-            merged(Merge::OneSucceeded, &["X"], &["-NOTBUSY x\r\n", "+OK\r\n"]),
+            merged(Merge::OneSucceeded, &["-NOTBUSY x\r\n", "+OK\r\n"]),
             "+OK\r\n"
         );
     }
 
     #[test]
     fn aggregates_follow_the_response_policy() {
-        assert_eq!(
-            merged(Merge::AggSum, &["DBSIZE"], &[":2\r\n", ":3\r\n"]),
-            ":5\r\n"
-        );
-        assert_eq!(
-            merged(Merge::AggMin, &["W"], &[":2\r\n", ":1\r\n"]),
-            ":1\r\n"
-        );
-        assert_eq!(
-            merged(Merge::AggMax, &["W"], &[":2\r\n", ":7\r\n"]),
-            ":7\r\n"
-        );
+        assert_eq!(merged(Merge::AggSum, &[":2\r\n", ":3\r\n"]), ":5\r\n");
+        assert_eq!(merged(Merge::AggMin, &[":2\r\n", ":1\r\n"]), ":1\r\n");
+        assert_eq!(merged(Merge::AggMax, &[":2\r\n", ":7\r\n"]), ":7\r\n");
         assert_eq!(
             merged(
                 Merge::AggLogicalAnd,
-                &["SCRIPT", "EXISTS", "a", "b"],
                 &["*2\r\n:1\r\n:1\r\n", "*2\r\n:1\r\n:0\r\n"]
             ),
             "*2\r\n:1\r\n:0\r\n"
         );
         assert_eq!(
-            merged(
-                Merge::AggLogicalOr,
-                &["X"],
-                &["*1\r\n:0\r\n", "*1\r\n:1\r\n"]
-            ),
+            merged(Merge::AggLogicalOr, &["*1\r\n:0\r\n", "*1\r\n:1\r\n"]),
             "*1\r\n:1\r\n"
         );
         assert_eq!(
-            merged(Merge::AggSum, &["X"], &[":1\r\n", "-ERR no\r\n"]),
+            merged(Merge::AggSum, &[":1\r\n", "-ERR no\r\n"]),
             "-ERR no\r\n"
         );
     }
@@ -521,17 +447,12 @@ mod tests {
     #[test]
     fn named_merges_answer_as_one_redis() {
         assert_eq!(
-            merged(
-                Merge::Concat,
-                &["KEYS", "*"],
-                &["*1\r\n$1\r\na\r\n", "*1\r\n$1\r\nb\r\n"]
-            ),
+            merged(Merge::Concat, &["*1\r\n$1\r\na\r\n", "*1\r\n$1\r\nb\r\n"]),
             "*2\r\n$1\r\na\r\n$1\r\nb\r\n"
         );
         assert_eq!(
             merged(
                 Merge::Union,
-                &["PUBSUB", "CHANNELS"],
                 &["*1\r\n$1\r\na\r\n", "*2\r\n$1\r\na\r\n$1\r\nb\r\n"]
             ),
             "*2\r\n$1\r\na\r\n$1\r\nb\r\n"
@@ -539,7 +460,6 @@ mod tests {
         assert_eq!(
             merged(
                 Merge::SumPerKey,
-                &["PUBSUB", "NUMSUB", "a", "b"],
                 &[
                     "*4\r\n$1\r\na\r\n:1\r\n$1\r\nb\r\n:0\r\n",
                     "*4\r\n$1\r\na\r\n:2\r\n$1\r\nb\r\n:3\r\n"
@@ -547,28 +467,13 @@ mod tests {
             ),
             "*4\r\n$1\r\na\r\n:3\r\n$1\r\nb\r\n:3\r\n"
         );
+        assert_eq!(merged(Merge::RandomKey, &["$-1\r\n", "$-1\r\n"]), "$-1\r\n");
         assert_eq!(
-            merged(Merge::RandomKey, &["RANDOMKEY"], &["$-1\r\n", "$-1\r\n"]),
-            "$-1\r\n"
-        );
-        assert_eq!(
-            merged(
-                Merge::RandomKey,
-                &["RANDOMKEY"],
-                &["$-1\r\n", "$1\r\nk\r\n"]
-            ),
+            merged(Merge::RandomKey, &["$-1\r\n", "$1\r\nk\r\n"]),
             "$1\r\nk\r\n"
         );
-        // Newest first, across nodes; COUNT of them.
-        let a = "*1\r\n*6\r\n:5\r\n:100\r\n:30\r\n*1\r\n$3\r\nset\r\n$3\r\na:1\r\n$0\r\n\r\n";
-        let b = "*1\r\n*6\r\n:9\r\n:200\r\n:10\r\n*1\r\n$3\r\nget\r\n$3\r\nb:1\r\n$0\r\n\r\n";
-        let both = merged(Merge::SlowlogGet, &["SLOWLOG", "GET"], &[a, b]);
-        assert!(both.starts_with("*2\r\n*6\r\n:9\r\n:200\r\n"), "{both}");
-        let one = merged(Merge::SlowlogGet, &["SLOWLOG", "GET", "1"], &[a, b]);
-        assert!(one.starts_with("*1\r\n*6\r\n:9\r\n"), "{one}");
         let stats = merged(
             Merge::MemoryStats,
-            &["MEMORY", "STATS"],
             &[
                 "*4\r\n$14\r\npeak.allocated\r\n:100\r\n$10\r\nkeys.count\r\n:2\r\n",
                 "*4\r\n$14\r\npeak.allocated\r\n:300\r\n$10\r\nkeys.count\r\n:5\r\n",
@@ -580,7 +485,6 @@ mod tests {
         );
         let latest = merged(
             Merge::LatencyLatest,
-            &["LATENCY", "LATEST"],
             &[
                 "*1\r\n*4\r\n$7\r\ncommand\r\n:10\r\n:5\r\n:50\r\n",
                 "*1\r\n*4\r\n$7\r\ncommand\r\n:20\r\n:7\r\n:9\r\n",

@@ -27,7 +27,9 @@ pub mod monitor;
 pub mod plan;
 pub mod pool;
 pub mod pubsub;
+pub mod script_keys;
 pub mod session;
+pub mod slowlog;
 pub mod tracking;
 pub mod txn;
 pub mod upstream;
@@ -183,6 +185,8 @@ pub struct Shared {
     pub clients: clients::Clients,
     /// Which functions write nothing (CLIENT PAUSE WRITE lets them run).
     pub functions: functions::FunctionFlags,
+    /// SLOWLOG of this proxy's clients.
+    pub slowlog: slowlog::SlowLog,
     /// Error replies the proxy gave itself, by error code (INFO
     /// errorstats adds them to the nodes').
     local_errors: Mutex<std::collections::BTreeMap<String, u64>>,
@@ -221,6 +225,7 @@ impl Shared {
             tally: Mutex::new(Tally::default()),
             clients: clients::Clients::default(),
             functions: functions::FunctionFlags::default(),
+            slowlog: slowlog::SlowLog::default(),
             local_errors: Mutex::new(std::collections::BTreeMap::new()),
             full: AtomicBool::new(false),
             full_changed: Notify::new(),

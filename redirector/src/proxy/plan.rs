@@ -11,7 +11,10 @@
 
 use bytes::Bytes;
 
-use super::merge::Merge;
+use super::{
+    merge::Merge,
+    script_keys::{ScriptKeys, script_keys},
+};
 use crate::{
     cluster::{
         commands::{CommandInfo, CommandTable, Flags},
@@ -65,6 +68,8 @@ pub enum Local {
     Monitor,
     /// ACL WHOAMI: the proxy knows who the client is.
     AclWhoami,
+    /// SLOWLOG ...: this proxy's clients' slow commands.
+    Slowlog,
 }
 
 /// Transaction steps, run on leased connections.
@@ -207,10 +212,40 @@ const OVERRIDES: &[(&str, Override, &str)] = &[
         Override::FanOut(Nodes::Masters, Merge::RandomKey, true),
         "a key whenever any master holds one",
     ),
+    // A replica replays its master's writes and times them again: one
+    // Redis's histograms are the masters'.
+    (
+        "latency|histogram",
+        Override::FanOut(Nodes::Masters, Merge::SumPerKey, true),
+        "replicas time their masters' commands again",
+    ),
+    // One Redis answers how many event series it reset.
+    (
+        "latency|reset",
+        Override::FanOut(Nodes::All, Merge::AggSum, false),
+        "the event series reset on every node",
+    ),
+    // The nodes' slow logs hold the proxy's own fan-outs and probes; a
+    // client's slow log is its own commands, timed by the proxy.
     (
         "slowlog|get",
-        Override::FanOut(Nodes::All, Merge::SlowlogGet, true),
-        "entries of every node, newest first",
+        Override::Local(Local::Slowlog),
+        "this proxy's clients' commands, timed by the proxy",
+    ),
+    (
+        "slowlog|len",
+        Override::Local(Local::Slowlog),
+        "this proxy's clients' commands, timed by the proxy",
+    ),
+    (
+        "slowlog|reset",
+        Override::Local(Local::Slowlog),
+        "this proxy's clients' commands, timed by the proxy",
+    ),
+    (
+        "slowlog|help",
+        Override::Local(Local::Slowlog),
+        "this proxy's clients' commands, timed by the proxy",
     ),
     (
         "pubsub|channels",
@@ -348,7 +383,10 @@ pub fn plan(table: &CommandTable, req: &Request, state: &SessionState) -> Plan {
             b"exec" | b"discard" | b"multi" | b"watch" | b"quit" | b"reset"
         )
     {
-        return Plan::Queue(check_queued(req, info));
+        return Plan::Queue(
+            check_queued(req, info)
+                .map(|slot| slot.or_else(|| undeclared_keys_slot(table, req, info?))),
+        );
     }
     if state.subscribed_resp2 && !is_pubsub(name) && !matches!(name, b"ping" | b"quit" | b"reset") {
         return Plan::Refuse(reply::error(&format!(
@@ -404,9 +442,25 @@ pub fn plan(table: &CommandTable, req: &Request, state: &SessionState) -> Plan {
         },
         Some("multi_shard") => split_plan(req, info, Merge::for_split(response_policy), readonly),
         _ => match keys_slot(req, info) {
+            Ok(None) => Plan::Route {
+                slot: undeclared_keys_slot(table, req, info),
+                readonly,
+            },
             Ok(slot) => Plan::Route { slot, readonly },
             Err(e) => Plan::Refuse(e),
         },
+    }
+}
+
+/// EVAL without declared keys: the shard its literal keys name, if any
+/// (see `script_keys`).
+fn undeclared_keys_slot(table: &CommandTable, req: &Request, info: &CommandInfo) -> Option<u16> {
+    if info.name != "eval" && info.name != "eval_ro" {
+        return None;
+    }
+    match script_keys(req.args.get(1)?, table) {
+        ScriptKeys::Slot(slot) => Some(slot),
+        ScriptKeys::None | ScriptKeys::Unknown => None,
     }
 }
 
@@ -785,19 +839,15 @@ mod tests {
                 readonly: true
             }
         );
+        // The slow log is the proxy's clients' own; histograms are the
+        // masters' (replicas replay their writes).
+        assert_eq!(plan_of(&["SLOWLOG", "GET"]), Plan::Local(Local::Slowlog));
+        assert_eq!(plan_of(&["SLOWLOG", "LEN"]), Plan::Local(Local::Slowlog));
         assert!(matches!(
-            plan_of(&["SLOWLOG", "GET"]),
+            plan_of(&["LATENCY", "HISTOGRAM", "set"]),
             Plan::FanOut {
-                nodes: Nodes::All,
-                merge: Merge::SlowlogGet,
-                ..
-            }
-        ));
-        assert!(matches!(
-            plan_of(&["SLOWLOG", "LEN"]),
-            Plan::FanOut {
-                nodes: Nodes::All,
-                merge: Merge::AggSum,
+                nodes: Nodes::Masters,
+                merge: Merge::SumPerKey,
                 ..
             }
         ));

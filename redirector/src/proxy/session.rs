@@ -122,6 +122,8 @@ struct Meta {
     metric: usize,
     /// CLIENT REPLY OFF/SKIP: the reply is not written.
     silent: bool,
+    /// The command as sent, while the slow log may want it.
+    slow: Option<Bytes>,
 }
 
 enum Pending {
@@ -336,6 +338,14 @@ impl Session {
                     self.metric_cache[meta.metric].1.record(ok);
                     self.shared.metrics.latency(now - meta.started);
                     silent = meta.silent;
+                    if let Some(command) = &meta.slow {
+                        self.shared.slowlog.record(
+                            command,
+                            now - meta.started,
+                            self.peer,
+                            self.entry.name(),
+                        );
+                    }
                 }
                 if !silent {
                     out.extend_from_slice(&raw);
@@ -491,10 +501,15 @@ impl Session {
         }
         let metric = self.metric_index(name);
         let silent = self.silence();
+        // Redis keeps some commands out of its slow log (AUTH, EXEC, ...).
+        let slow = (shared.slowlog.enabled()
+            && info.is_some_and(|i| !i.flags.contains(Flags::SKIP_SLOWLOG)))
+        .then(|| req.raw.clone());
         let meta = Meta {
             started: self.read_at,
             metric,
             silent,
+            slow,
         };
         let plan = plan::plan(&shared.commands, &req, &self.state());
         self.carry_out(plan, req, info, pending, meta);
@@ -526,6 +541,17 @@ impl Session {
         info.is_some_and(|i| plan::may_replicate(i, req))
     }
 
+    /// EVALSHA/FCALL without keys: the shard the script's literal keys
+    /// name, learnt when it went through SCRIPT LOAD or FUNCTION LOAD.
+    fn loaded_script_slot(&self, info: Option<&CommandInfo>, req: &Request) -> Option<u16> {
+        let name = req.args.get(1)?;
+        match info?.name.as_str() {
+            "evalsha" | "evalsha_ro" => self.shared.functions.script_slot(name),
+            "fcall" | "fcall_ro" => self.shared.functions.function_slot(name),
+            _ => None,
+        }
+    }
+
     fn carry_out(
         &mut self,
         plan: Plan,
@@ -541,6 +567,7 @@ impl Session {
         match plan {
             Plan::Local(local) => self.local(local, &req, pending, meta),
             Plan::Route { slot, readonly } => {
+                let slot = slot.or_else(|| self.loaded_script_slot(info, &req));
                 if !readonly {
                     self.last_write_slot = slot.or(self.last_write_slot);
                 }
@@ -638,6 +665,7 @@ impl Session {
             Local::Select => local::select(req),
             Local::Ok => reply::ok(),
             Local::AclWhoami => reply::build(self.protocol, |e| e.bulk(self.user.as_bytes())),
+            Local::Slowlog => self.shared.slowlog.command(&req.args, self.protocol),
             Local::Quit => {
                 pending.push_back(Pending::Ready(reply::ok(), Some(meta)));
                 pending.push_back(Pending::Close);
