@@ -280,6 +280,23 @@ fn kill(req: &Request, shared: &Shared, me: &ClientEntry, protocol: Protocol) ->
     }
 }
 
+/// Whether a CLIENT command queued in MULTI is the proxy's to run at EXEC
+/// (a pause of this proxy's clients), rather than the node's.
+pub fn runs_at_exec(req: &Request) -> bool {
+    req.arg_is(0, "client") && (req.arg_is(1, "pause") || req.arg_is(1, "unpause"))
+}
+
+/// Runs a command [`runs_at_exec`] chose, as EXEC reaches it: a pause
+/// queued in a transaction starts when the transaction ends.
+pub fn run_at_exec(req: &Request, shared: &Shared) -> Bytes {
+    if req.arg_is(1, "pause") {
+        pause(req, shared)
+    } else {
+        shared.clients.unpause();
+        reply::ok()
+    }
+}
+
 /// `CLIENT PAUSE timeout [WRITE|ALL]`: holds this proxy's clients.
 fn pause(req: &Request, shared: &Shared) -> Bytes {
     let mode = match req.args.get(3).map(|m| m.to_ascii_lowercase()).as_deref() {
@@ -386,7 +403,12 @@ fn tracking_info(cx: &Context<'_>, protocol: Protocol) -> Bytes {
         Some(handle) => (
             handle.flags(broken),
             i64::try_from(handle.options.redirect).unwrap_or(-1),
-            handle.options.prefixes.iter().cloned().collect(),
+            // BCAST without PREFIX tracks the empty prefix, every key.
+            if handle.options.bcast && handle.options.prefixes.is_empty() {
+                vec![Bytes::new()]
+            } else {
+                handle.options.prefixes.iter().cloned().collect()
+            },
         ),
         None => (vec!["off"], -1, Vec::new()),
     };

@@ -22,6 +22,7 @@ use super::{
     clients::ClientEntry,
     info,
     merge::{self, Merge},
+    own_config,
     plan::Nodes,
     tracking::PrivateConns,
     upstream::{Job, JobResult},
@@ -510,11 +511,42 @@ pub async fn broadcast(
     replies
 }
 
+/// Like [`broadcast`], each node on a leased connection of its own.
+async fn broadcast_leased(
+    shared: &Arc<Shared>,
+    protocol: Protocol,
+    nodes: &[SocketAddr],
+    payload: &Bytes,
+) -> Vec<Reply> {
+    let calls = nodes.iter().map(|&node| async move {
+        let pool = shared.pools.node(node, protocol);
+        let result: Result<Reply, UpstreamError> = async {
+            let mut lease = pool.lease().await?;
+            lease.write(payload).await?;
+            let reply = lease.read().await?;
+            pool.release(lease);
+            Ok(reply)
+        }
+        .await;
+        result.unwrap_or_else(|e| {
+            pool.forget();
+            Reply::local(reply::error(&format!("CLUSTERDOWN redirector: {e}")))
+        })
+    });
+    futures::future::join_all(calls).await
+}
+
 /// The nodes a fan-out reaches: every master, or every node.
 pub fn fan_out_nodes(view: &View, nodes: Nodes) -> Vec<SocketAddr> {
     match nodes {
         Nodes::Masters => view.masters().collect(),
         Nodes::All => view.all_nodes(),
+        Nodes::First => view
+            .shard(0)
+            .map(|s| s.master)
+            .or_else(|| view.masters().next())
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -536,8 +568,35 @@ pub async fn fan_out(
     if how == Merge::Info {
         return info_reply(&shared, protocol, &req, &targets, &client).await;
     }
-    let replies = broadcast(&shared, protocol, &targets, &req.raw, readonly).await;
-    let merged = merge::merge(how, &targets, &replies, protocol);
+    // The proxy's own configs (port) are answered as the proxy's.
+    let mut req = req;
+    if req.arg_is(0, "config") && req.arg_is(1, "set") {
+        match own_config::strip_own_set(&req.args, client.laddr.port()) {
+            Ok(Some(args)) if args.len() != req.args.len() => req = Request::from_args(args),
+            Ok(Some(_)) => {}
+            Ok(None) => return reply::ok(),
+            Err(e) => return e,
+        }
+    }
+    // What Redis runs while a script is busy (SCRIPT KILL, FUNCTION KILL,
+    // FUNCTION STATS) must not wait on a shared connection queued behind
+    // that very script: it goes on leases.
+    let allow_busy = shared.commands.lookup(&req.args).is_some_and(|i| {
+        i.flags
+            .contains(crate::cluster::commands::Flags::ALLOW_BUSY)
+    });
+    let replies = if allow_busy {
+        broadcast_leased(&shared, protocol, &targets, &req.raw).await
+    } else {
+        broadcast(&shared, protocol, &targets, &req.raw, readonly).await
+    };
+    let mut merged = merge::merge(how, &targets, &replies, protocol);
+    if req.arg_is(0, "config")
+        && req.arg_is(1, "get")
+        && let Some(value) = Value::decode(&merged, protocol)
+    {
+        merged = own_config::rewrite_get(value, client.laddr.port()).encode(protocol);
+    }
     // A loaded script's flags, for EVALSHA under CLIENT PAUSE WRITE.
     if req.arg_is(0, "script")
         && req.arg_is(1, "load")

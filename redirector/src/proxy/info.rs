@@ -272,8 +272,11 @@ fn rule(field: &str) -> Rule {
         || field.ends_with("_time_sec")
         || field == "lru_clock"
         || field == "server_time_usec";
+    // Every master tracks the same BCAST prefixes (the proxy registers
+    // them on each shard): one Redis has them once.
     if field.contains("peak")
         || field.contains("max")
+        || field == "tracking_total_prefixes"
         || field.ends_with("_in_progress")
         || field == "loading"
         || latest

@@ -2,12 +2,14 @@
 //! talk to as if it were one Redis server.
 //!
 //! ```text
-//! listener ─▶ session (one task per client; parses, routes, keeps reply order)
+//! listener ─▶ session (one task per client; parses, plans, keeps reply order)
+//!               │ plan::plan(command table + tips, request, session state) → Plan
 //!               │ single-slot commands ─▶ pool: shared multiplexed conns per node ─▶ Redis
-//!               │ MGET/MSET/DEL/... split per slot, fan-outs, SCAN ─▶ exec (tasks)
+//!               │ MGET/MSET/DEL/... split per slot, fan-outs (merge, info), SCAN ─▶ exec (tasks)
 //!               │ MULTI/EXEC, WATCH, blocking commands ─▶ leased conns (warm pool)
 //!               │ SUBSCRIBE/PSUBSCRIBE/SSUBSCRIBE ─▶ pubsub actor (leased conns)
-//!               └ PING, HELLO, INFO, CLUSTER SLOTS, ... answered locally
+//!               │ CLIENT TRACKING ─▶ tracking: private conns to every shard
+//!               └ HELLO, CLIENT, CLUSTER SLOTS, SLOWLOG, MONITOR, ... answered locally
 //! ```
 
 pub mod admission;
@@ -24,6 +26,7 @@ pub mod local;
 pub mod merge;
 pub mod metrics;
 pub mod monitor;
+pub mod own_config;
 pub mod plan;
 pub mod pool;
 pub mod pubsub;
@@ -562,15 +565,20 @@ pub async fn probe(shared: &Shared, listener: SocketAddr, timeout: Duration) -> 
         socket.bind(SocketAddr::new(listener.ip(), 0))?;
         shared.set_probe_peer(Some(socket.local_addr()?));
         let mut stream = socket.connect(listener).await?;
-        stream.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
+        // ECHO, which the session answers itself: PING reaches every
+        // master, and the proxy's liveness must not hang on a busy or
+        // unreachable Redis.
+        stream
+            .write_all(b"*2\r\n$4\r\nECHO\r\n$5\r\nprobe\r\n")
+            .await?;
         let mut reply = [0u8; 64];
         let n = stream.read(&mut reply).await?;
         // Any reply proves a session ran (NOAUTH too, with client auth on).
         match reply[..n].first() {
-            Some(b'+' | b'-') => Ok(()),
+            Some(b'$' | b'-') => Ok(()),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "no RESP reply to the probe's PING",
+                "no RESP reply to the probe's ECHO",
             )),
         }
     };

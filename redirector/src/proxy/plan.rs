@@ -45,6 +45,9 @@ pub enum Nodes {
     Masters,
     /// Masters and replicas (`request_policy:all_nodes`).
     All,
+    /// The master of slot 0: one node, the same every time, for what every
+    /// node answers alike (and the proxy then amends).
+    First,
 }
 
 /// Commands answered by the proxy itself.
@@ -146,13 +149,6 @@ enum Override {
 
 /// Where the tips are silent or wrong for one Redis, with the reason.
 const OVERRIDES: &[(&str, Override, &str)] = &[
-    // The proxy answers PING itself: the client's session is the proxy's,
-    // and every node answering would say nothing more.
-    (
-        "ping",
-        Override::Local(Local::Ping),
-        "the session is the proxy's",
-    ),
     // Statistics and ACLs are per node: 7.0 gives these no tips, yet one
     // Redis applies them to all of itself.
     (
@@ -288,8 +284,8 @@ const OVERRIDES: &[(&str, Override, &str)] = &[
     // Consistent answers from one node rather than round-robin.
     (
         "config|get",
-        Override::Route,
-        "every node has the same settings",
+        Override::FanOut(Nodes::First, Merge::AllSucceeded, true),
+        "every node has the same settings, but the port is the proxy's",
     ),
     ("acl|list", Override::Route, "every node has the same users"),
     (
@@ -393,6 +389,12 @@ pub fn plan(table: &CommandTable, req: &Request, state: &SessionState) -> Plan {
             "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
             String::from_utf8_lossy(name)
         )));
+    }
+    // PING follows its tips (every master, all must answer), so a master
+    // busy with a script answers BUSY as one Redis would; a RESP2
+    // subscriber's PING is its subscription's.
+    if name == b"ping" && state.subscribed_resp2 {
+        return Plan::Local(Local::Ping);
     }
     if let Some(plan) = connection_command(name, req) {
         return plan;
@@ -880,8 +882,15 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(
+        assert!(matches!(
             plan_of(&["CONFIG", "GET", "maxmemory"]),
+            Plan::FanOut {
+                nodes: Nodes::First,
+                ..
+            }
+        ));
+        assert_eq!(
+            plan_of(&["ACL", "USERS"]),
             Plan::Route {
                 slot: None,
                 readonly: false
@@ -929,7 +938,22 @@ mod tests {
 
     #[test]
     fn connection_commands_are_the_proxys() {
-        assert_eq!(plan_of(&["PING"]), Plan::Local(Local::Ping));
+        assert!(matches!(
+            plan_of(&["PING"]),
+            Plan::FanOut {
+                nodes: Nodes::Masters,
+                merge: Merge::AllSucceeded,
+                ..
+            }
+        ));
+        let subscribed = SessionState {
+            subscribed_resp2: true,
+            ..READY
+        };
+        assert_eq!(
+            plan(&TABLE, &req(&["PING"]), &subscribed),
+            Plan::Local(Local::Ping)
+        );
         assert_eq!(plan_of(&["CLIENT", "LIST"]), Plan::Local(Local::Client));
         assert_eq!(plan_of(&["MONITOR"]), Plan::Local(Local::Monitor));
         assert_eq!(plan_of(&["SUBSCRIBE", "a"]), Plan::PubSub);

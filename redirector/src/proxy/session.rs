@@ -476,7 +476,10 @@ impl Session {
         let shared = Arc::clone(&self.shared);
         let info = shared.commands.lookup(&req.args);
         // CLIENT PAUSE holds writes (or everything) until it ends.
-        if let Some(until) = shared.clients.held_until(|| self.writes(info, &req)) {
+        // What Redis rejects before it looks at a pause (an unknown command,
+        // a wrong arity) is answered at once.
+        let valid = info.is_some_and(|i| i.arity_ok(req.args.len()));
+        if valid && let Some(until) = shared.clients.held_until(|| self.writes(info, &req)) {
             // Redis counts a paused client as blocked.
             self.entry.set_flag(flags::BLOCKED, true);
             self.held = Some((req, until));

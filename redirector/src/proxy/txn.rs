@@ -16,11 +16,12 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
-use super::{Shared, exec, lease::Leased, pool::NodePool};
+use super::{Shared, client_cmd, exec, lease::Leased, pool::NodePool};
 use crate::resp::{
     Protocol,
     reply::{self, Reply},
     request::{self, Request},
+    value::Value,
 };
 
 const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the same slot";
@@ -57,6 +58,9 @@ pub struct Queued {
     pub dirty: bool,
     /// A queued command writes: CLIENT PAUSE WRITE holds the EXEC.
     pub writes: bool,
+    /// Positions of commands the proxy runs itself when EXEC reaches them
+    /// (CLIENT PAUSE): the node's transaction goes without them.
+    pub at_exec: Vec<usize>,
 }
 
 impl Queued {
@@ -73,9 +77,39 @@ impl Queued {
             }
         }
         self.writes |= writes;
+        if client_cmd::runs_at_exec(&req) {
+            self.at_exec.push(self.commands.len());
+        }
         self.commands.push(req);
         Ok(())
     }
+}
+
+/// EXEC's array with the replies of the proxy's own commands put in
+/// their places, run as EXEC reaches them; a nil or error EXEC (a WATCH
+/// that fired, an abort) runs none of them.
+fn with_own_replies(shared: &Shared, protocol: Protocol, queued: &Queued, exec: Reply) -> Bytes {
+    if queued.at_exec.is_empty() {
+        return exec.raw;
+    }
+    let Some(Value::Array(node_replies)) = Value::decode(&exec.raw, protocol) else {
+        return exec.raw;
+    };
+    let mut node_replies = node_replies.into_iter();
+    let mut raws: Vec<Bytes> = Vec::with_capacity(queued.commands.len());
+    for (i, command) in queued.commands.iter().enumerate() {
+        if queued.at_exec.contains(&i) {
+            raws.push(client_cmd::run_at_exec(command, shared));
+        } else if let Some(value) = node_replies.next() {
+            raws.push(value.encode(protocol));
+        }
+    }
+    reply::build(protocol, |e| {
+        e.array(raws.len());
+        for raw in &raws {
+            e.raw(raw);
+        }
+    })
 }
 
 fn master_pool(
@@ -212,12 +246,14 @@ async fn run_exec(
     let slot = queued.slot.or(watch.as_ref().map(|w| w.slot));
     let mut payload = BytesMut::new();
     request::encode_into(&mut payload, &[Bytes::from_static(b"MULTI")]);
-    for command in &queued.commands {
-        payload.extend_from_slice(&command.raw);
+    for (i, command) in queued.commands.iter().enumerate() {
+        if !queued.at_exec.contains(&i) {
+            payload.extend_from_slice(&command.raw);
+        }
     }
     request::encode_into(&mut payload, &[Bytes::from_static(b"EXEC")]);
     let payload = payload.freeze();
-    let replies_expected = queued.commands.len() + 2;
+    let replies_expected = queued.commands.len() - queued.at_exec.len() + 2;
 
     for _ in 0..=shared.settings.max_redirects {
         let (pool, mut lease, watched) = match watch.take() {
@@ -256,11 +292,10 @@ async fn run_exec(
             }
             continue;
         }
-        return replies
-            .into_iter()
-            .next_back()
-            .map(|r| r.raw)
-            .unwrap_or_else(|| reply::error("ERR empty reply"));
+        return match replies.into_iter().next_back() {
+            Some(exec) => with_own_replies(&shared, protocol, &queued, exec),
+            None => reply::error("ERR empty reply"),
+        };
     }
     reply::error("TRYAGAIN the transaction's slot keeps moving")
 }
@@ -288,5 +323,18 @@ mod tests {
         assert!(err.starts_with(b"-CROSSSLOT"));
         assert!(q.dirty);
         assert_eq!(q.commands.len(), 3);
+    }
+
+    #[test]
+    fn a_pause_queued_in_multi_is_the_proxys_to_run_at_exec() {
+        let mut q = Queued::default();
+        q.push(req(&["SET", "a", "1"]), Some(7), true).unwrap();
+        q.push(req(&["client", "PAUSE", "100", "WRITE"]), None, false)
+            .unwrap();
+        q.push(req(&["SET", "a", "2"]), Some(7), true).unwrap();
+        q.push(req(&["CLIENT", "unpause"]), None, false).unwrap();
+        q.push(req(&["CLIENT", "SETNAME", "x"]), None, false)
+            .unwrap();
+        assert_eq!(q.at_exec, [1, 3]);
     }
 }
