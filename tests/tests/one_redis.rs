@@ -911,3 +911,29 @@ fn info_blocked_clients_counts_a_blocked_client() {
         || (blocked_clients(&mut c) == 0.0).then_some(()),
     );
 }
+
+#[test]
+fn a_clients_commands_after_a_blocking_one_wait_for_it_as_in_redis() {
+    let s = setup();
+    let mut c = connect(s.proxy.addr());
+    // Pipelined: one Redis runs RPUSH only once BLPOP has timed out, so
+    // BLPOP gets nothing and the element stays. A proxy that sent RPUSH on
+    // another connection meanwhile would hand it to the BLPOP.
+    c.send_raw(&testbed::resp::encode(&[b"BLPOP", b"pipelined{q}", b"1"]))
+        .expect("send");
+    c.send_raw(&testbed::resp::encode(&[b"RPUSH", b"pipelined{q}", b"v"]))
+        .expect("send");
+    assert_eq!(text(&c.read_reply().expect("BLPOP reply")), "*-1\r\n");
+    assert_eq!(text(&c.read_reply().expect("RPUSH reply")), ":1\r\n");
+    assert_eq!(call(&mut c, &["LLEN", "pipelined{q}"]), ":1\r\n");
+    // And the other way round: BLPOP after RPUSH finds the element.
+    c.send_raw(&testbed::resp::encode(&[b"RPUSH", b"after{q}", b"w"]))
+        .expect("send");
+    c.send_raw(&testbed::resp::encode(&[b"BLPOP", b"after{q}", b"1"]))
+        .expect("send");
+    assert_eq!(text(&c.read_reply().expect("RPUSH reply")), ":1\r\n");
+    assert_eq!(
+        text(&c.read_reply().expect("BLPOP reply")),
+        "*2\r\n$8\r\nafter{q}\r\n$1\r\nw\r\n"
+    );
+}

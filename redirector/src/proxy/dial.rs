@@ -144,7 +144,18 @@ impl Dialer {
         tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| UpstreamError::Connect(addr, "handshake timed out".into()))??;
-        if let Some(failed) = replies.iter().find(|r| r.is_error()) {
+        // A node busy with a script refuses READONLY (it is not allowed
+        // while busy), yet the connection is sound, and it is what SCRIPT
+        // KILL and FUNCTION KILL need: a replica's reads then come back
+        // MOVED to its master until the next connection.
+        let busy_readonly = |(i, r): &(usize, &Reply)| {
+            *i == commands.len() - 1 && r.error_message().is_some_and(|m| m.starts_with(b"BUSY"))
+        };
+        if let Some((_, failed)) = replies
+            .iter()
+            .enumerate()
+            .find(|entry| entry.1.is_error() && !busy_readonly(entry))
+        {
             let message = failed.error_message().unwrap_or_default();
             return Err(UpstreamError::Handshake(
                 addr,

@@ -896,6 +896,7 @@ pub async fn blocking_call(
     req: Request,
     slot: Option<u16>,
     client: &ClientEntry,
+    blocks: bool,
 ) -> Bytes {
     let routed = Routed {
         payload: req.raw,
@@ -906,12 +907,13 @@ pub async fn blocking_call(
         protocol,
         via: None,
     };
+    let blocked = blocks.then_some(client);
     let attempt = |node: SocketAddr, payload: Bytes, replies: usize| {
-        on_lease(&shared, protocol, client, node, payload, replies)
+        on_lease(&shared, protocol, blocked, node, payload, replies)
     };
     let first = match pick(&shared, &shared.topology.view(), routed.target) {
         Ok(node) => judge(
-            on_lease(&shared, protocol, client, node, routed.payload.clone(), 1).await,
+            on_lease(&shared, protocol, blocked, node, routed.payload.clone(), 1).await,
             false,
         ),
         Err(e) => Verdict::Retry {
@@ -925,7 +927,7 @@ pub async fn blocking_call(
 async fn on_lease(
     shared: &Shared,
     protocol: Protocol,
-    client: &ClientEntry,
+    blocked: Option<&ClientEntry>,
     node: SocketAddr,
     payload: Bytes,
     replies: usize,
@@ -933,9 +935,15 @@ async fn on_lease(
     let pool = shared.pools.node(node, protocol);
     let mut lease = pool.lease().await?;
     let result = async {
-        let upstream_id = lease.client_id().await?;
-        lease.write(&payload).await?;
-        client.set_blocked_on(Some((node, upstream_id)));
+        // A blocked client is shown blocked, on the node CLIENT UNBLOCK
+        // then reaches.
+        if let Some(client) = blocked {
+            let upstream_id = lease.client_id().await?;
+            lease.write(&payload).await?;
+            client.set_blocked_on(Some((node, upstream_id)));
+        } else {
+            lease.write(&payload).await?;
+        }
         let mut out = Vec::with_capacity(replies);
         while out.len() < replies {
             out.push(lease.read().await?);
@@ -943,7 +951,9 @@ async fn on_lease(
         Ok(out)
     }
     .await;
-    client.set_blocked_on(None);
+    if let Some(client) = blocked {
+        client.set_blocked_on(None);
+    }
     match &result {
         Ok(_) => pool.release(lease),
         Err(_) => pool.forget(),

@@ -24,7 +24,7 @@ pub fn strip_own_set(args: &[Bytes], port: u16) -> Result<Option<Vec<Bytes>>, By
             kept.extend_from_slice(pair);
         } else if pair[1] != port.to_string().as_bytes() {
             return Err(reply::error(
-                "ERR CONFIG SET failed (possibly related to argument 'port') - redirector listens on its own port (--listen)",
+                "ERR CONFIG SET failed (possibly related to argument 'port') - Unable to listen on this port: redirector keeps its own (--listen)",
             ));
         }
     }

@@ -106,6 +106,8 @@ pub async fn serve(
         reply_mode: ReplyMode::On,
         monitor: None,
         held: None,
+        barriers: 0,
+        stashed: None,
         tracking: None,
     };
     session.run(stream, push_rx).await;
@@ -137,6 +139,9 @@ enum Pending {
     },
     /// Work running in a task.
     Task(oneshot::Receiver<Bytes>, Option<Meta>),
+    /// A blocking command or a script, in a task: as in Redis, the
+    /// client's next commands run only once it has answered.
+    Barrier(oneshot::Receiver<Bytes>, Option<Meta>),
     /// Close the connection once everything before has been written.
     Close,
 }
@@ -177,6 +182,12 @@ struct Session {
     monitor: Option<mpsc::UnboundedReceiver<Bytes>>,
     /// A command held by CLIENT PAUSE, and until when.
     held: Option<(Request, Instant)>,
+    /// Blocking commands and scripts not answered yet: the client's next
+    /// commands wait for them.
+    barriers: usize,
+    /// A blocking command or script waiting for the client's earlier
+    /// commands to answer.
+    stashed: Option<Request>,
     /// CLIENT TRACKING.
     tracking: Option<tracking::Handle>,
 }
@@ -216,6 +227,8 @@ impl Session {
         let entry = Arc::clone(&self.entry);
         loop {
             if self.held.is_none()
+                && self.barriers == 0
+                && self.stashed.is_none()
                 && !self.closing
                 && !inbuf.is_empty()
                 && pending.len() < settings.max_pipeline
@@ -224,6 +237,16 @@ impl Session {
                 self.entry.set_qbuf(inbuf.len());
             }
             let close_now = self.drain(&mut pending, &mut out);
+            // The earlier commands have answered: the stashed one runs.
+            if pending.is_empty()
+                && !close_now
+                && let Some(req) = self.stashed.take()
+            {
+                self.read_at = Instant::now();
+                self.dispatch(req, &mut pending);
+                self.flush_batch();
+                continue;
+            }
             if !out.is_empty() {
                 if writer.write_all(&out).await.is_err() {
                     return;
@@ -240,6 +263,8 @@ impl Session {
             // never for more input (the client may be done sending).
             if backlog
                 && self.held.is_none()
+                && self.barriers == 0
+                && self.stashed.is_none()
                 && !self.closing
                 && pending.len() < settings.max_pipeline
             {
@@ -318,7 +343,7 @@ impl Session {
                     Some(result) => Some(Resolution::Upstream(result)),
                     None => return false,
                 },
-                Some(Pending::Task(rx, _)) => match rx.try_recv() {
+                Some(Pending::Task(rx, _) | Pending::Barrier(rx, _)) => match rx.try_recv() {
                     Ok(raw) => Some(Resolution::Task(raw)),
                     Err(oneshot::error::TryRecvError::Empty) => return false,
                     Err(oneshot::error::TryRecvError::Closed) => Some(Resolution::Task(
@@ -374,6 +399,10 @@ impl Session {
                 }
             }
             (Pending::Task(_, meta), Resolution::Task(raw)) => Pending::Ready(raw, meta),
+            (Pending::Barrier(_, meta), Resolution::Task(raw)) => {
+                self.barriers -= 1;
+                Pending::Ready(raw, meta)
+            }
             (other, _) => other,
         };
         pending.push_front(resolved);
@@ -401,8 +430,19 @@ impl Session {
         settings: &super::Settings,
     ) -> bool {
         self.read_at = Instant::now();
-        while pending.len() < settings.max_pipeline && !self.closing && self.held.is_none() {
+        while pending.len() < settings.max_pipeline
+            && !self.closing
+            && self.held.is_none()
+            && self.barriers == 0
+            && self.stashed.is_none()
+        {
             match request::parse(inbuf, &settings.limits) {
+                // As in Redis, a blocking command or a script starts only
+                // once the client's earlier commands have run.
+                Ok(Parsed::Request(req)) if !pending.is_empty() && self.waits_for_earlier(&req) => {
+                    self.stashed = Some(req);
+                    return !inbuf.is_empty();
+                }
                 Ok(Parsed::Request(req)) => self.dispatch(req, pending),
                 Ok(Parsed::Incomplete { needed }) => {
                     if needed > 0 {
@@ -574,6 +614,14 @@ impl Session {
                 if !readonly {
                     self.last_write_slot = slot.or(self.last_write_slot);
                 }
+                // A script may run long: on a shared connection it would
+                // hold every command queued behind it (SCRIPT KILL and the
+                // BUSY replies Redis gives meanwhile included). A tracking
+                // client keeps its own connections, which track its reads.
+                if self.tracking.is_none() && info.is_some_and(|i| is_script(&i.name)) {
+                    self.blocking(req, slot, false, pending, meta);
+                    return;
+                }
                 self.route(req, slot, readonly, pending, meta);
             }
             Plan::Publish { slot } => self.route(req, Some(slot), false, pending, meta),
@@ -610,11 +658,11 @@ impl Session {
                 if info.is_some_and(|i| i.flags.contains(Flags::WRITE)) {
                     self.last_write_slot = slot.or(self.last_write_slot);
                 }
-                self.blocking(req, slot, pending, meta);
+                self.blocking(req, slot, true, pending, meta);
             }
             Plan::Wait => {
                 let slot = self.last_write_slot;
-                self.blocking(req, slot, pending, meta);
+                self.blocking(req, slot, true, pending, meta);
             }
             Plan::Txn(step) => self.transaction(step, req, pending, meta),
             Plan::PubSub => {
@@ -1023,6 +1071,7 @@ impl Session {
         &mut self,
         req: Request,
         slot: Option<u16>,
+        blocks: bool,
         pending: &mut VecDeque<Pending>,
         meta: Meta,
     ) {
@@ -1030,7 +1079,7 @@ impl Session {
         let entry = Arc::clone(&self.entry);
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
-            let work = exec::blocking_call(shared, protocol, req, slot, &entry);
+            let work = exec::blocking_call(shared, protocol, req, slot, &entry, blocks);
             tokio::pin!(work);
             let mut tx = tx;
             tokio::select! {
@@ -1041,8 +1090,33 @@ impl Session {
             }
             entry.set_blocked_on(None);
         });
-        pending.push_back(Pending::Task(rx, Some(meta)));
+        self.barriers += 1;
+        pending.push_back(Pending::Barrier(rx, Some(meta)));
     }
+}
+
+impl Session {
+    /// Whether `req` goes on a lease as a barrier (a blocking command, a
+    /// script, WAIT), so it must not overtake the client's earlier commands.
+    fn waits_for_earlier(&self, req: &Request) -> bool {
+        if self.multi.is_some() {
+            return false;
+        }
+        let Some(info) = self.shared.commands.lookup(&req.args) else {
+            return false;
+        };
+        (info.flags.contains(Flags::BLOCKING) && plan::may_block(req))
+            || info.name == "wait"
+            || (self.tracking.is_none() && is_script(&info.name))
+    }
+}
+
+/// Commands that run a script or a function.
+fn is_script(name: &str) -> bool {
+    matches!(
+        name,
+        "eval" | "evalsha" | "eval_ro" | "evalsha_ro" | "fcall" | "fcall_ro"
+    )
 }
 
 fn spawn_raw(work: impl Future<Output = Bytes> + Send + 'static) -> oneshot::Receiver<Bytes> {
@@ -1063,7 +1137,7 @@ async fn head(front: Option<&mut Pending>, inbox: &Inbox) -> Resolution {
             inbox.wait().await;
             Resolution::Wake
         }
-        Some(Pending::Task(rx, _)) => Resolution::Task(
+        Some(Pending::Task(rx, _) | Pending::Barrier(rx, _)) => Resolution::Task(
             rx.await
                 .unwrap_or_else(|_| reply::error("ERR redirector: internal task failed")),
         ),
