@@ -611,6 +611,9 @@ pub async fn fan_out(
             .functions
             .script_loaded(&sha, super::plan::script_declares_no_writes(body), slot);
     }
+    if req.arg_is(0, "script") && req.arg_is(1, "flush") && !merged.starts_with(b"-") {
+        shared.functions.scripts_flushed();
+    }
     if req.arg_is(0, "function") && !merged.starts_with(b"-") {
         if req.arg_is(1, "load")
             && let Some(code) = req.args.last()
@@ -898,6 +901,21 @@ pub async fn blocking_call(
     client: &ClientEntry,
     blocks: bool,
 ) -> Bytes {
+    // One Redis has one script cache: a script EVAL brings is loaded on
+    // every master the first time, so EVALSHA and SCRIPT EXISTS find it
+    // whichever shard they reach.
+    if (req.arg_is(0, "eval") || req.arg_is(0, "eval_ro"))
+        && let Some(body) = req.args.get(1)
+        && shared.functions.first_eval(body)
+    {
+        let masters: Vec<SocketAddr> = shared.topology.view().masters().collect();
+        let load = request::encode(&[
+            Bytes::from_static(b"SCRIPT"),
+            Bytes::from_static(b"LOAD"),
+            body.clone(),
+        ]);
+        broadcast_leased(&shared, Protocol::Resp2, &masters, &load).await;
+    }
     let routed = Routed {
         payload: req.raw,
         target: Target {

@@ -32,7 +32,15 @@ pub struct FunctionFlags {
     /// Functions loaded through this proxy (FUNCTION LOAD): name -> the
     /// slot of its library's literal keys, for FCALL without keys.
     function_slots: Mutex<HashMap<Bytes, u16>>,
+    /// Scripts EVAL brought that every master has been given (by a hash
+    /// of their body): one Redis has one script cache, so EVALSHA and
+    /// SCRIPT EXISTS see them on any shard.
+    spread: Mutex<std::collections::HashSet<u64>>,
 }
+
+/// Bodies remembered as spread before the set starts over (a client that
+/// generates scripts should not grow the proxy without bound).
+const SPREAD_MAX: usize = 10_000;
 
 impl FunctionFlags {
     /// Whether `name` is known to write nothing; `None` when the flags have
@@ -103,6 +111,31 @@ impl FunctionFlags {
     /// Functions changed: learn them again when next needed.
     pub fn forget(&self) {
         *self.no_writes.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Whether `body` (run by EVAL) must first be loaded on every master:
+    /// true the first time it is seen.
+    pub fn first_eval(&self, body: &[u8]) -> bool {
+        use std::hash::{BuildHasher as _, RandomState};
+        static KEYS: std::sync::LazyLock<RandomState> = std::sync::LazyLock::new(RandomState::new);
+        let hash = KEYS.hash_one(body);
+        let mut spread = self.spread.lock().unwrap_or_else(|e| e.into_inner());
+        if spread.len() >= SPREAD_MAX {
+            spread.clear();
+        }
+        spread.insert(hash)
+    }
+
+    /// SCRIPT FLUSH emptied every node's cache.
+    pub fn scripts_flushed(&self) {
+        self.spread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.scripts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// FUNCTION FLUSH/RESTORE replaced every library.

@@ -273,10 +273,19 @@ fn rule(field: &str) -> Rule {
         || field == "lru_clock"
         || field == "server_time_usec";
     // Every master tracks the same BCAST prefixes (the proxy registers
-    // them on each shard): one Redis has them once.
+    // them on each shard), and holds the same scripts and functions (the
+    // proxy loads them everywhere) in a Lua VM of its own: one Redis has
+    // them once. Copies, not partitions: the largest, not the sum.
     if field.contains("peak")
         || field.contains("max")
         || field == "tracking_total_prefixes"
+        || field == "number_of_cached_scripts"
+        || field == "number_of_functions"
+        || field == "number_of_libraries"
+        || field.starts_with("used_memory_lua")
+        || field.starts_with("used_memory_vm_")
+        || field.starts_with("used_memory_scripts")
+        || field == "used_memory_functions"
         || field.ends_with("_in_progress")
         || field == "loading"
         || latest
