@@ -142,6 +142,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         connect_timeout: config.connect_timeout,
         auth: config.upstream_auth.clone(),
         mesh: None,
+        cluster: config.standalone.is_none(),
     };
     if let Some(hbone) = &config.hbone {
         dialer.mesh = start_hbone(hbone, &dialer, &metrics).await?;
@@ -181,7 +182,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     // Seeds: given, or (node agent) from the targets ConfigMap once it
     // names a cluster.
     let seeds = match &agent {
-        Some(agent) if config.seeds.is_empty() => {
+        Some(agent) if config.seeds.is_empty() && config.standalone.is_none() => {
             info!("waiting for the targets ConfigMap to name the cluster");
             tokio::select! {
                 seeds = agent.seeds() => seeds,
@@ -193,16 +194,29 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     };
 
     // Learn the cluster; a cluster that is not up yet is waited for.
-    let topology = Arc::new(Topology::new(seeds.clone()));
+    let topology = Arc::new(match &config.standalone {
+        Some(standalone) => Topology::standalone(standalone.primary, standalone.replicas.clone()),
+        None => Topology::new(seeds.clone()),
+    });
     if let Some(agent) = &agent
         && config.seeds.is_empty()
+        && config.standalone.is_none()
     {
         tokio::spawn(follow_seeds(agent.resolved(), Arc::clone(&topology)));
     }
     let (commands, redis_version) = loop {
         let discovered = async {
             discovery::refresh(&topology, &dialer, &proxy_metrics).await?;
-            let master = topology.view().masters().next().unwrap_or(seeds[0]);
+            // A refresh that succeeded installed a map with a master.
+            let master =
+                topology
+                    .view()
+                    .masters()
+                    .next()
+                    .ok_or_else(|| discovery::Error::Reply {
+                        addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                        message: "no master known yet".into(),
+                    })?;
             discovery::fetch_commands(&dialer, master).await
         };
         tokio::select! {

@@ -38,8 +38,8 @@ pub enum Error {
     #[error("--socket-mark must not be 0: unmarked sockets could not be told from the proxy's")]
     ZeroMark,
     #[error(
-        "--cluster-seed is required: a Redis Cluster node to discover the cluster from \
-         (redis targets given as IP:PORT are used as seeds when it is absent)"
+        "--cluster-seed or --backend is required: the Redis behind the proxy (redis \
+         targets given as IP:PORT are used as cluster seeds when neither is given)"
     )]
     NoSeeds,
     #[error("--kubernetes enrolls pods into steering: it cannot run with --steering off")]
@@ -92,6 +92,8 @@ pub struct RunConfig {
     pub connect_timeout: Duration,
     /// Redis Cluster nodes to discover the cluster from.
     pub seeds: Vec<SocketAddr>,
+    /// A standalone primary (and replicas) instead of a cluster.
+    pub standalone: Option<Standalone>,
     pub proxy: Settings,
     pub pool: PoolConfig,
     pub upstream_auth: Option<UpstreamAuth>,
@@ -105,6 +107,14 @@ pub struct RunConfig {
     pub hbone: Option<HboneConfig>,
     /// The Kubernetes node agent: pods and targets from the API server.
     pub kubernetes: Option<crate::k8s::K8sConfig>,
+}
+
+/// A standalone Redis backend: one primary, optionally with replicas that
+/// serve reads under the read policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Standalone {
+    pub primary: SocketAddr,
+    pub replicas: Vec<SocketAddr>,
 }
 
 /// HBONE: who this node is, where it listens, and which endpoints are
@@ -147,7 +157,7 @@ impl RunConfig {
         }
         // The node agent finds seeds and targets in the targets ConfigMap.
         let from_api = self.kubernetes.is_some();
-        if self.seeds.is_empty() && !from_api {
+        if self.seeds.is_empty() && !from_api && self.standalone.is_none() {
             return Err(Error::NoSeeds);
         }
         if let [a, b, ..] = self.proxy_addrs[..]
@@ -267,6 +277,7 @@ mod tests {
         RunConfig {
             steering: true,
             seeds: vec!["10.96.0.10:6379".parse().unwrap()],
+            standalone: None,
             proxy: Settings::default(),
             pool: PoolConfig {
                 shared_per_node: 2,

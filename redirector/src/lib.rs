@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod backend;
 pub mod cidr;
 pub mod cluster;
 pub mod cni;

@@ -187,6 +187,11 @@ struct RunArgs {
         value_delimiter = ','
     )]
     seeds: Vec<SocketAddr>,
+    /// The Redis behind the proxy, as NAME=KIND:ADDR[,ADDR...]:
+    /// `cluster:SEED,...` or `standalone:PRIMARY[,REPLICA...]` (one backend
+    /// per daemon for now; `--cluster-seed` is the cluster shorthand).
+    #[arg(long = "backend", value_name = "NAME=KIND:ADDRS")]
+    backends: Vec<redirector::backend::BackendSpec>,
     /// Where reads go.
     #[arg(long, value_enum, default_value = "master")]
     read_policy: ReadPolicy,
@@ -768,6 +773,38 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
                 .map_err(anyhow::Error::msg)?,
         ];
     }
+    redirector::backend::validate(&args.backends)?;
+    let mut standalone = None;
+    match args.backends.as_slice() {
+        [] => {}
+        [backend] if !args.seeds.is_empty() => anyhow::bail!(
+            "--backend {} and --cluster-seed both name the Redis behind the proxy: give one",
+            backend.name
+        ),
+        [backend] => match &backend.kind {
+            redirector::backend::Kind::Cluster { seeds } => args.seeds.clone_from(seeds),
+            redirector::backend::Kind::Standalone { primary, replicas } => {
+                standalone = Some(config::Standalone {
+                    primary: *primary,
+                    replicas: replicas.clone(),
+                });
+            }
+            redirector::backend::Kind::Tcp => anyhow::bail!(
+                "--backend {}: tcp backends are not served yet; the daemon fronts one cluster or one standalone Redis",
+                backend.name
+            ),
+        },
+        [first, second, ..] => anyhow::bail!(
+            "--backend {} and --backend {}: one daemon serves one backend for now",
+            first.name,
+            second.name
+        ),
+    }
+    if standalone.is_some() && kubernetes.is_some() {
+        anyhow::bail!(
+            "a standalone backend with --kubernetes: the targets ConfigMap names clusters only for now"
+        );
+    }
     // Service addresses given exactly are cluster endpoints too.
     let seeds = if args.seeds.is_empty() {
         args.targets
@@ -796,6 +833,7 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = RunConfig {
         steering,
         seeds,
+        standalone,
         proxy: Settings {
             limits: Limits {
                 max_bulk_len: args.max_bulk_len,

@@ -22,11 +22,34 @@ impl Proxy {
     /// Starts a proxy for the cluster reachable at `seeds`, with `extra`
     /// `redirector run` arguments, and waits until it is ready.
     pub fn start(seeds: &[SocketAddr], extra: &[&str]) -> Self {
+        let seeds: Vec<String> = seeds.iter().map(ToString::to_string).collect();
+        let mut args = vec!["--cluster-seed".to_string(), seeds.join(",")];
+        args.extend(extra.iter().map(ToString::to_string));
+        Self::start_with(&args)
+    }
+
+    /// Starts a proxy for a standalone `primary` (with `replicas`), as
+    /// `--backend NAME=standalone:...`.
+    pub fn start_standalone(primary: SocketAddr, replicas: &[SocketAddr], extra: &[&str]) -> Self {
+        let addrs: Vec<String> = std::iter::once(primary)
+            .chain(replicas.iter().copied())
+            .map(|a| a.to_string())
+            .collect();
+        let mut args = vec![
+            "--backend".to_string(),
+            format!("sessions=standalone:{}", addrs.join(",")),
+        ];
+        args.extend(extra.iter().map(ToString::to_string));
+        Self::start_with(&args)
+    }
+
+    /// Starts a proxy with these `redirector run` arguments (after the
+    /// listener and admin addresses) and waits until it is ready.
+    pub fn start_with(args: &[String]) -> Self {
         let dir = TempDir::new("rdr-proxy-");
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = dir.path().join("redirector.log");
-        let seeds: Vec<String> = seeds.iter().map(ToString::to_string).collect();
         let mut cmd = Place::default().command(binary());
         cmd.args([
             "run",
@@ -35,9 +58,8 @@ impl Proxy {
             "--proxy-addr",
             &addr.to_string(),
         ])
-        .args(["--cluster-seed", &seeds.join(",")])
         .args(["--admin-addr", &admin.to_string()])
-        .args(extra)
+        .args(args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())

@@ -68,6 +68,22 @@ impl View {
         }
     }
 
+    /// A standalone primary (and its replicas) as a one-shard map: every
+    /// slot is the primary's, so routing, pooling, leases and read
+    /// policies work unchanged, and no key is ever in "another" slot.
+    pub fn standalone(primary: SocketAddr, replicas: Vec<SocketAddr>) -> Self {
+        Self {
+            version: 0,
+            shards: vec![Shard {
+                master: primary,
+                replicas,
+                ranges: vec![(0, u16::try_from(SLOTS - 1).unwrap_or(u16::MAX))],
+            }],
+            slots: vec![0; SLOTS].into_boxed_slice(),
+            syncing: Vec::new(),
+        }
+    }
+
     pub fn shards(&self) -> &[Shard] {
         &self.shards
     }
@@ -278,6 +294,8 @@ fn endpoint(node: &BytesFrame, asked: SocketAddr) -> Result<SocketAddr, Error> {
 
 /// The live slot map and its refresh schedule.
 pub struct Topology {
+    /// A standalone primary and its replicas, instead of a cluster.
+    standalone: Option<(SocketAddr, Vec<SocketAddr>)>,
     current: RwLock<Arc<View>>,
     version: AtomicU64,
     refresh: Notify,
@@ -289,11 +307,32 @@ pub struct Topology {
 impl Topology {
     pub fn new(seeds: Vec<SocketAddr>) -> Self {
         Self {
+            standalone: None,
             current: RwLock::new(Arc::new(View::empty())),
             version: AtomicU64::new(0),
             refresh: Notify::new(),
             seeds: RwLock::new(seeds),
         }
+    }
+
+    /// A standalone primary with its replicas: the map never changes, and
+    /// a refresh only checks that the primary is one.
+    pub fn standalone(primary: SocketAddr, replicas: Vec<SocketAddr>) -> Self {
+        Self {
+            standalone: Some((primary, replicas)),
+            ..Self::new(vec![primary])
+        }
+    }
+
+    /// The standalone primary and replicas, when this is no cluster.
+    pub fn standalone_nodes(&self) -> Option<(SocketAddr, &[SocketAddr])> {
+        self.standalone
+            .as_ref()
+            .map(|(primary, replicas)| (*primary, replicas.as_slice()))
+    }
+
+    pub fn is_standalone(&self) -> bool {
+        self.standalone.is_some()
     }
 
     pub fn seeds(&self) -> Vec<SocketAddr> {
@@ -439,6 +478,22 @@ mod tests {
         assert_eq!(view.shard(16383).unwrap().master, addr("127.0.0.1:7002"));
         assert_eq!(view.covered_slots(), SLOTS);
         assert_eq!(view.nodes().len(), 6);
+    }
+
+    #[test]
+    fn a_standalone_primary_owns_every_slot() {
+        let primary: SocketAddr = "10.0.0.1:6379".parse().unwrap();
+        let replica: SocketAddr = "10.0.0.2:6379".parse().unwrap();
+        let view = View::standalone(primary, vec![replica]);
+        assert_eq!(view.covered_slots(), SLOTS);
+        for slot in [0, 5000, 16383] {
+            let shard = view.shard(slot).expect("covered");
+            assert_eq!(
+                (shard.master, shard.replicas.as_slice()),
+                (primary, &[replica][..])
+            );
+        }
+        assert_eq!(view.nodes(), vec![primary, replica]);
     }
 
     #[test]

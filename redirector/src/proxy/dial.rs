@@ -50,6 +50,9 @@ pub struct Dialer {
     pub auth: Option<UpstreamAuth>,
     /// Meshed nodes are reached through HBONE tunnels, the rest directly.
     pub mesh: Option<Arc<hbone::Mesh>>,
+    /// Cluster nodes get READONLY (so replicas serve reads); a standalone
+    /// Redis refuses it, and its replicas serve reads anyway.
+    pub cluster: bool,
 }
 
 impl Dialer {
@@ -115,7 +118,9 @@ impl Dialer {
             }
             (Protocol::Resp2, None) => {}
         }
-        commands.push(vec![Bytes::from_static(b"READONLY")]);
+        if self.cluster {
+            commands.push(vec![Bytes::from_static(b"READONLY")]);
+        }
         let mut out = BytesMut::new();
         for command in &commands {
             request::encode_into(&mut out, command);
@@ -149,7 +154,9 @@ impl Dialer {
         // KILL and FUNCTION KILL need: a replica's reads then come back
         // MOVED to its master until the next connection.
         let busy_readonly = |(i, r): &(usize, &Reply)| {
-            *i == commands.len() - 1 && r.error_message().is_some_and(|m| m.starts_with(b"BUSY"))
+            self.cluster
+                && *i == commands.len() - 1
+                && r.error_message().is_some_and(|m| m.starts_with(b"BUSY"))
         };
         if let Some((_, failed)) = replies
             .iter()

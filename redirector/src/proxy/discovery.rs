@@ -1,5 +1,7 @@
 //! Learning the cluster: the slot map (`CLUSTER SLOTS`), the command table
-//! (`COMMAND`) and the server version, and keeping the slot map fresh.
+//! (`COMMAND`) and the server version, and keeping the slot map fresh. A
+//! standalone primary has a fixed one-shard map; a refresh checks that it
+//! still is a primary (`ROLE`).
 
 use std::{
     net::SocketAddr,
@@ -66,6 +68,29 @@ pub async fn fetch_view(dialer: &Dialer, addr: SocketAddr) -> Result<View, Error
     Ok(view)
 }
 
+/// A standalone backend's primary must be one: a replica refuses writes,
+/// and a cluster node would answer MOVED the proxy is not looking for.
+async fn standalone_role(dialer: &Dialer, primary: SocketAddr) -> Result<(), Error> {
+    let raw = call(dialer, primary, &[b"ROLE"]).await?;
+    let role = match crate::resp::value::Value::decode(&raw, Protocol::Resp2) {
+        Some(crate::resp::value::Value::Array(items)) => items.first().and_then(|r| {
+            r.as_bytes()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+        }),
+        _ => None,
+    };
+    match role.as_deref() {
+        Some("master") => Ok(()),
+        other => Err(Error::Reply {
+            addr: primary,
+            message: format!(
+                "a standalone backend's primary must be a master, not a {}",
+                other.unwrap_or("server that does not answer ROLE")
+            ),
+        }),
+    }
+}
+
 /// Replicas in a `CLUSTER NODES` text that are up: `<id> <ip:port@cport>
 /// <flags> ...` with `slave` among the flags and no failure.
 pub fn replicas_in_cluster_nodes(text: &str) -> Vec<SocketAddr> {
@@ -117,6 +142,16 @@ pub async fn refresh(
     dialer: &Dialer,
     metrics: &ProxyMetrics,
 ) -> Result<bool, Error> {
+    if let Some((primary, replicas)) = topology.standalone_nodes() {
+        let checked = standalone_role(dialer, primary).await;
+        metrics.topology_refresh(checked.is_ok());
+        checked?;
+        let changed = topology.install(View::standalone(primary, replicas.to_vec()));
+        if changed {
+            info!(%primary, replicas = replicas.len(), "standalone primary ready");
+        }
+        return Ok(changed);
+    }
     let mut last = None;
     for addr in topology.candidates() {
         match fetch_view(dialer, addr).await {

@@ -86,7 +86,9 @@ pub fn time(protocol: Protocol) -> Bytes {
     })
 }
 
-pub fn select(req: &Request) -> Bytes {
+/// SELECT: database 0 only. A cluster has no other; a standalone Redis
+/// does, but the proxy's pooled connections all use 0.
+pub fn select(req: &Request, standalone: bool) -> Bytes {
     if req.args.len() != 2 {
         return wrong_arity("select");
     }
@@ -95,6 +97,9 @@ pub fn select(req: &Request) -> Bytes {
         .and_then(|s| s.parse::<i64>().ok())
     {
         Some(0) => reply::ok(),
+        Some(_) if standalone => reply::error(
+            "ERR redirector serves database 0 only: its pooled connections are shared by every client",
+        ),
         Some(_) => reply::error("ERR SELECT is not allowed in cluster mode"),
         None => reply::error("ERR value is not an integer or out of range"),
     }

@@ -36,6 +36,9 @@ pub struct SessionState {
     /// A RESP2 client with subscriptions: only pub/sub commands, PING,
     /// QUIT and RESET are allowed.
     pub subscribed_resp2: bool,
+    /// The backend is one shard (a standalone primary): keys never span
+    /// slots, and every slot is slot 0.
+    pub one_shard: bool,
 }
 
 /// Which nodes a fan-out reaches.
@@ -380,7 +383,7 @@ pub fn plan(table: &CommandTable, req: &Request, state: &SessionState) -> Plan {
         )
     {
         return Plan::Queue(
-            check_queued(req, info)
+            check_queued(req, info, state)
                 .map(|slot| slot.or_else(|| undeclared_keys_slot(table, req, info?))),
         );
     }
@@ -409,19 +412,19 @@ pub fn plan(table: &CommandTable, req: &Request, state: &SessionState) -> Plan {
         if state.in_multi {
             return Plan::Refuse(reply::error("ERR WATCH inside MULTI is not allowed"));
         }
-        return match keys_slot(req, info) {
+        return match slot_for(req, info, state) {
             Ok(Some(slot)) => Plan::Txn(Txn::Watch { slot }),
             Ok(None) => Plan::Refuse(wrong_arity("watch")),
             Err(e) => Plan::Refuse(e),
         };
     }
     if let Some(found) = find_override(&info.name) {
-        return overridden(found, info, req);
+        return overridden(found, info, req, state);
     }
     let flags = info.flags;
     let readonly = flags.contains(Flags::READONLY) && !flags.contains(Flags::WRITE);
     if flags.contains(Flags::BLOCKING) && may_block(req) {
-        return match keys_slot(req, info) {
+        return match slot_for(req, info, state) {
             Ok(slot) => Plan::Blocking { slot },
             Err(e) => Plan::Refuse(e),
         };
@@ -442,8 +445,12 @@ pub fn plan(table: &CommandTable, req: &Request, state: &SessionState) -> Plan {
             merge,
             readonly,
         },
+        Some("multi_shard") if state.one_shard => Plan::Route {
+            slot: Some(0),
+            readonly,
+        },
         Some("multi_shard") => split_plan(req, info, Merge::for_split(response_policy), readonly),
-        _ => match keys_slot(req, info) {
+        _ => match slot_for(req, info, state) {
             Ok(None) => Plan::Route {
                 slot: undeclared_keys_slot(table, req, info),
                 readonly,
@@ -514,7 +521,7 @@ fn connection_command(name: &[u8], req: &Request) -> Option<Plan> {
     })
 }
 
-fn overridden(found: Override, info: &CommandInfo, req: &Request) -> Plan {
+fn overridden(found: Override, info: &CommandInfo, req: &Request, state: &SessionState) -> Plan {
     let readonly = info.flags.contains(Flags::READONLY) && !info.flags.contains(Flags::WRITE);
     match found {
         Override::Local(local) => Plan::Local(local),
@@ -527,7 +534,7 @@ fn overridden(found: Override, info: &CommandInfo, req: &Request) -> Plan {
             merge,
             readonly,
         },
-        Override::SameSlot => match keys_slot(req, info) {
+        Override::SameSlot => match slot_for(req, info, state) {
             Ok(slot) => Plan::Route { slot, readonly },
             Err(e) => Plan::Refuse(e),
         },
@@ -600,7 +607,11 @@ fn split_plan(req: &Request, info: &CommandInfo, merge: Merge, readonly: bool) -
 
 /// What MULTI queues: the command's slot, or the error Redis would give
 /// at queue time (EXEC then aborts).
-fn check_queued(req: &Request, info: Option<&CommandInfo>) -> Result<Option<u16>, Bytes> {
+fn check_queued(
+    req: &Request,
+    info: Option<&CommandInfo>,
+    state: &SessionState,
+) -> Result<Option<u16>, Bytes> {
     let Some(info) = info else {
         return Err(unknown_command(req));
     };
@@ -610,7 +621,20 @@ fn check_queued(req: &Request, info: Option<&CommandInfo>) -> Result<Option<u16>
     if info.flags.contains(Flags::NO_MULTI) {
         return Err(reply::error("ERR Command not allowed inside a transaction"));
     }
-    keys_slot(req, info)
+    slot_for(req, info, state)
+}
+
+/// [`keys_slot`] for this session's backend: on one shard, any keys are
+/// in slot 0 (a standalone Redis has no CROSSSLOT).
+fn slot_for(req: &Request, info: &CommandInfo, state: &SessionState) -> Result<Option<u16>, Bytes> {
+    let slot = keys_slot(req, info);
+    if !state.one_shard {
+        return slot;
+    }
+    match slot {
+        Ok(None) => Ok(None),
+        Ok(Some(_)) | Err(_) => Ok(Some(0)),
+    }
 }
 
 /// The one slot of a command's keys (`None`: no keys), or CROSSSLOT.
@@ -764,6 +788,7 @@ mod tests {
         authed: true,
         in_multi: false,
         subscribed_resp2: false,
+        one_shard: false,
     };
 
     fn req(args: &[&str]) -> Request {
@@ -1023,6 +1048,41 @@ mod tests {
 
     /// Every command (and subcommand) of the 7.0 table gets a plan, with
     /// arguments that satisfy its arity, and none panics.
+    #[test]
+    fn a_standalone_backend_has_no_crossslot() {
+        let one = SessionState {
+            one_shard: true,
+            ..READY
+        };
+        for args in [
+            &["MSETNX", "a", "1", "b", "2"][..],
+            &["MGET", "a", "b"],
+            &["BLPOP", "a", "b", "0"],
+            &["EVAL", "return 1", "2", "a", "b"],
+        ] {
+            let planned = plan(&TABLE, &req(args), &one);
+            assert!(
+                matches!(
+                    planned,
+                    Plan::Route { slot: Some(0), .. } | Plan::Blocking { slot: Some(0) }
+                ),
+                "{args:?}: {planned:?}"
+            );
+        }
+        assert_eq!(
+            plan(&TABLE, &req(&["WATCH", "a", "b"]), &one),
+            Plan::Txn(Txn::Watch { slot: 0 })
+        );
+        let queued = SessionState {
+            in_multi: true,
+            ..one
+        };
+        assert_eq!(
+            plan(&TABLE, &req(&["MSET", "a", "1", "b", "2"]), &queued),
+            Plan::Queue(Ok(Some(0)))
+        );
+    }
+
     #[test]
     fn readme_names_every_override() {
         // README's command table is written from these rules: an override

@@ -496,6 +496,7 @@ impl Session {
             in_multi: self.multi.is_some(),
             subscribed_resp2: self.protocol == Protocol::Resp2
                 && self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active),
+            one_shard: self.shared.topology.is_standalone(),
         }
     }
 
@@ -713,7 +714,7 @@ impl Session {
             Local::Ping => local::ping(req, self.protocol, subscribed),
             Local::Echo => local::echo(req, self.protocol),
             Local::Time => local::time(self.protocol),
-            Local::Select => local::select(req),
+            Local::Select => local::select(req, self.shared.topology.is_standalone()),
             Local::Ok => reply::ok(),
             Local::AclWhoami => reply::build(self.protocol, |e| e.bulk(self.user.as_bytes())),
             Local::Slowlog => self.shared.slowlog.command(&req.args, self.protocol),
@@ -728,6 +729,11 @@ impl Session {
             Local::Reset => {
                 self.reset();
                 Bytes::from_static(b"+RESET\r\n")
+            }
+            // A standalone Redis answers CLUSTER as one without cluster
+            // support: clients must not start looking for slots.
+            Local::Cluster if self.shared.topology.is_standalone() => {
+                reply::error("ERR This instance has cluster support disabled")
             }
             Local::Cluster => local::cluster(req, &self.caller()),
             Local::Monitor => {
