@@ -437,12 +437,6 @@ impl Session {
             && self.stashed.is_none()
         {
             match request::parse(inbuf, &settings.limits) {
-                // As in Redis, a blocking command or a script starts only
-                // once the client's earlier commands have run.
-                Ok(Parsed::Request(req)) if !pending.is_empty() && self.waits_for_earlier(&req) => {
-                    self.stashed = Some(req);
-                    return !inbuf.is_empty();
-                }
                 Ok(Parsed::Request(req)) => self.dispatch(req, pending),
                 Ok(Parsed::Incomplete { needed }) => {
                     if needed > 0 {
@@ -516,6 +510,12 @@ impl Session {
     fn dispatch(&mut self, req: Request, pending: &mut VecDeque<Pending>) {
         let shared = Arc::clone(&self.shared);
         let info = shared.commands.lookup(&req.args);
+        // As in Redis, a blocking command or a script starts only once the
+        // client's earlier commands have run.
+        if !pending.is_empty() && self.waits_for_earlier(info, &req) {
+            self.stashed = Some(req);
+            return;
+        }
         // CLIENT PAUSE holds writes (or everything) until it ends.
         // What Redis rejects before it looks at a pause (an unknown command,
         // a wrong arity) is answered at once.
@@ -1104,11 +1104,11 @@ impl Session {
 impl Session {
     /// Whether `req` goes on a lease as a barrier (a blocking command, a
     /// script, WAIT), so it must not overtake the client's earlier commands.
-    fn waits_for_earlier(&self, req: &Request) -> bool {
+    fn waits_for_earlier(&self, info: Option<&CommandInfo>, req: &Request) -> bool {
         if self.multi.is_some() {
             return false;
         }
-        let Some(info) = self.shared.commands.lookup(&req.args) else {
+        let Some(info) = info else {
             return false;
         };
         (info.flags.contains(Flags::BLOCKING) && plan::may_block(req))
