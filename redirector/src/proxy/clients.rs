@@ -72,10 +72,17 @@ impl ClientEntry {
         u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// A command arrived: the client is not idle, and this is its last
-    /// command (`container|sub` as Redis names it).
+    /// Commands were read at `at`: the client is not idle. (The session's
+    /// own clock reading: no clock call per command.)
+    pub fn active_at(&self, at: Instant) {
+        let ms = u64::try_from(at.saturating_duration_since(self.created).as_millis())
+            .unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// This is the client's last command (`container|sub` as Redis names
+    /// it); the session calls it only when the command changes.
     pub fn command(&self, cmd: &str) {
-        self.last_ms.store(self.touch(), Ordering::Relaxed);
         let mut last = self.cmd.lock().unwrap_or_else(|e| e.into_inner());
         if *last != cmd {
             last.clear();

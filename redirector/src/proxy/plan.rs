@@ -360,6 +360,17 @@ pub fn overrides() -> impl Iterator<Item = (&'static str, &'static str)> {
 
 /// Plans `req` for a session in `state`.
 pub fn plan(table: &CommandTable, req: &Request, state: &SessionState) -> Plan {
+    plan_known(table, table.lookup(&req.args), req, state)
+}
+
+/// [`plan`] with the command's table entry already looked up (`info`:
+/// `table.lookup(&req.args)`), as the session has it.
+pub fn plan_known(
+    table: &CommandTable,
+    info: Option<&CommandInfo>,
+    req: &Request,
+    state: &SessionState,
+) -> Plan {
     // Lowercase on the stack: this runs for every request. A longer name
     // is no connection command; the table decides what it is.
     let mut lower = [0u8; 32];
@@ -375,7 +386,6 @@ pub fn plan(table: &CommandTable, req: &Request, state: &SessionState) -> Plan {
     if !state.authed && !matches!(name, b"auth" | b"hello" | b"quit" | b"reset") {
         return Plan::Refuse(reply::error(NOAUTH));
     }
-    let info = table.lookup(&req.args);
     if state.in_multi
         && !matches!(
             name,

@@ -108,6 +108,7 @@ pub async fn serve(
         held: None,
         barriers: 0,
         stashed: None,
+        last_cmd: usize::MAX,
         tracking: None,
     };
     session.run(stream, push_rx).await;
@@ -188,6 +189,8 @@ struct Session {
     /// A blocking command or script waiting for the client's earlier
     /// commands to answer.
     stashed: Option<Request>,
+    /// Which command CLIENT LIST shows now (see `dispatch`).
+    last_cmd: usize,
     /// CLIENT TRACKING.
     tracking: Option<tracking::Handle>,
 }
@@ -225,6 +228,10 @@ impl Session {
         let mut backlog = false;
         let inbox = Arc::clone(&self.inbox);
         let entry = Arc::clone(&self.entry);
+        // Made once: a fresh Notified per turn of the loop would register
+        // and unregister a waiter (two locks) for every read.
+        let killed = entry.killed();
+        tokio::pin!(killed);
         loop {
             if self.held.is_none()
                 && self.barriers == 0
@@ -286,7 +293,7 @@ impl Session {
             let shared = Arc::clone(&self.shared);
             let event = tokio::select! {
                 biased;
-                () = entry.killed() => Event::Killed,
+                () = &mut killed => Event::Killed,
                 resolution = head(pending.front_mut(), &inbox) => Event::Resolved(resolution),
                 out = next_pubsub(self.pubsub.as_mut()) => Event::PubSub(out),
                 line = next_line(self.monitor.as_mut()) => Event::Monitor(line),
@@ -363,13 +370,13 @@ impl Session {
                     self.metric_cache[meta.metric].1.record(ok);
                     self.shared.metrics.latency(now - meta.started);
                     silent = meta.silent;
-                    if let Some(command) = &meta.slow {
-                        self.shared.slowlog.record(
-                            command,
-                            now - meta.started,
-                            self.peer,
-                            self.entry.name(),
-                        );
+                    let took = now - meta.started;
+                    if let Some(command) = &meta.slow
+                        && self.shared.slowlog.is_slow(took)
+                    {
+                        self.shared
+                            .slowlog
+                            .record(command, took, self.peer, self.entry.name());
                     }
                 }
                 if !silent {
@@ -430,6 +437,7 @@ impl Session {
         settings: &super::Settings,
     ) -> bool {
         self.read_at = Instant::now();
+        self.entry.active_at(self.read_at);
         while pending.len() < settings.max_pipeline
             && !self.closing
             && self.held.is_none()
@@ -536,8 +544,15 @@ impl Session {
         } else {
             UNKNOWN_COMMAND
         };
-        self.entry
-            .command(info.map_or("unknown", |i| i.name.as_str()));
+        // CLIENT LIST's cmd=, written only when it changes (a pipeline of
+        // one command takes no lock per command). The address only tells
+        // table entries apart; it is never dereferenced.
+        let cmd_id = info.map_or(0, |i| std::ptr::from_ref(i) as usize);
+        if cmd_id != self.last_cmd {
+            self.last_cmd = cmd_id;
+            self.entry
+                .command(info.map_or("unknown", |i| i.name.as_str()));
+        }
         // As Redis shows it while the command runs: in the query buffer.
         self.entry.set_qbuf(req.raw.len());
         if shared.clients.is_monitored() && info.is_some_and(plan::monitored) {
@@ -555,7 +570,7 @@ impl Session {
             silent,
             slow,
         };
-        let plan = plan::plan(&shared.commands, &req, &self.state());
+        let plan = plan::plan_known(&shared.commands, info, &req, &self.state());
         self.carry_out(plan, req, info, pending, meta);
     }
 

@@ -68,14 +68,20 @@ impl SlowLog {
         self.slower_than_us.load(Ordering::Relaxed) >= 0
     }
 
+    /// Whether a command that took `took` goes into the log.
+    pub fn is_slow(&self, took: Duration) -> bool {
+        let threshold = self.slower_than_us.load(Ordering::Relaxed);
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        threshold >= 0 && micros >= threshold.unsigned_abs()
+    }
+
     /// Logs the command in `raw` (as the client sent it) if it took long
     /// enough.
     pub fn record(&self, raw: &Bytes, took: Duration, peer: SocketAddr, name: Option<Bytes>) {
-        let threshold = self.slower_than_us.load(Ordering::Relaxed);
-        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        if threshold < 0 || micros < threshold.unsigned_abs() {
+        if !self.is_slow(took) {
             return;
         }
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let mut buf = BytesMut::from(&raw[..]);
         let Ok(Parsed::Request(req)) = request::parse(&mut buf, &Limits::default()) else {
             return;
