@@ -307,15 +307,9 @@ pub async fn await_job(rx: oneshot::Receiver<JobResult>, node: SocketAddr) -> Jo
 /// its private connection (so nothing comes between them), the command's
 /// reply kept; then redirects and retries as usual.
 pub async fn with_caching(shared: Arc<Shared>, routed: Routed, caching: Bytes) -> Reply {
-    let view = shared.topology.view();
-    let node = match pick(&shared, &view, routed.target) {
+    let node = match pick(&shared, &shared.topology.view(), routed.target) {
         Ok(node) => node,
-        Err(e) => {
-            let retry = Verdict::Retry {
-                reply: Reply::local(e),
-            };
-            return complete(shared, routed, retry).await;
-        }
+        Err(e) => return complete(shared, routed, unpicked(e)).await,
     };
     let mut payload = BytesMut::with_capacity(caching.len() + routed.payload.len());
     payload.extend_from_slice(&caching);
@@ -332,17 +326,19 @@ pub async fn with_caching(shared: Arc<Shared>, routed: Routed, caching: Bytes) -
     complete(shared, routed, verdict).await
 }
 
+/// No node serves the target (yet): a first attempt that failed, so the
+/// retry window applies.
+fn unpicked(error: Bytes) -> Verdict {
+    Verdict::Retry {
+        reply: Reply::local(error),
+    }
+}
+
 /// One command to one target, first attempt included.
 pub async fn run(shared: Arc<Shared>, routed: Routed) -> Reply {
-    let view = shared.topology.view();
-    let node = match pick(&shared, &view, routed.target) {
+    let node = match pick(&shared, &shared.topology.view(), routed.target) {
         Ok(node) => node,
-        Err(e) => {
-            let retry = Verdict::Retry {
-                reply: Reply::local(e),
-            };
-            return complete(shared, routed, retry).await;
-        }
+        Err(e) => return complete(shared, routed, unpicked(e)).await,
     };
     let rx = send(
         &shared,
@@ -469,9 +465,7 @@ pub async fn run_all(shared: &Arc<Shared>, commands: Vec<Routed>) -> Vec<Reply> 
     for (routed, first) in attempts {
         let verdict = match first {
             Ok((rx, node)) => judge(await_job(rx, node).await, routed.target.readonly),
-            Err(e) => Verdict::Retry {
-                reply: Reply::local(e),
-            },
+            Err(e) => unpicked(e),
         };
         let reply = if verdict.is_done() {
             match verdict {
@@ -519,19 +513,12 @@ async fn broadcast_leased(
     payload: &Bytes,
 ) -> Vec<Reply> {
     let calls = nodes.iter().map(|&node| async move {
-        let pool = shared.pools.node(node, protocol);
-        let result: Result<Reply, UpstreamError> = async {
-            let mut lease = pool.lease().await?;
-            lease.write(payload).await?;
-            let reply = lease.read().await?;
-            pool.release(lease);
-            Ok(reply)
+        match on_lease(shared, protocol, None, node, payload.clone(), 1).await {
+            Ok(mut replies) => replies
+                .pop()
+                .unwrap_or_else(|| Reply::local(reply::error("ERR empty reply"))),
+            Err(e) => Reply::local(reply::error(&format!("CLUSTERDOWN redirector: {e}"))),
         }
-        .await;
-        result.unwrap_or_else(|e| {
-            pool.forget();
-            Reply::local(reply::error(&format!("CLUSTERDOWN redirector: {e}")))
-        })
     });
     futures::future::join_all(calls).await
 }
@@ -695,7 +682,6 @@ fn figures(shared: &Shared, client: &ClientEntry) -> info::ProxyFigures {
         maxclients: shared.settings.admission.max_clients,
         total_connections: shared.total_connections(),
         rejected_connections: shared.rejected_connections(),
-        version: env!("CARGO_PKG_VERSION").into(),
         proxy_section: vec![
             (
                 "redirector_version".into(),
@@ -934,9 +920,7 @@ pub async fn blocking_call(
             on_lease(&shared, protocol, blocked, node, routed.payload.clone(), 1).await,
             false,
         ),
-        Err(e) => Verdict::Retry {
-            reply: Reply::local(e),
-        },
+        Err(e) => unpicked(e),
     };
     follow(&shared, &routed, first, attempt).await.raw
 }

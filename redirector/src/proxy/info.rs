@@ -42,8 +42,6 @@ pub struct ProxyFigures {
     pub maxclients: usize,
     pub total_connections: u64,
     pub rejected_connections: u64,
-    /// redirector's own version, shown in `# Server` and `# Proxy`.
-    pub version: String,
     /// Lines of the `# Proxy` section (`field:value`).
     pub proxy_section: Vec<(String, String)>,
     /// Errors the proxy answered itself (refusals never reach a node), by
@@ -191,7 +189,13 @@ fn plain(
         // that read only `INFO server` still see the proxy.
         if section == "server" && field == "redis_version" {
             out.push((field.clone(), value.clone()));
-            out.push(("redirector_version".into(), proxy.version.clone()));
+            out.extend(
+                proxy
+                    .proxy_section
+                    .iter()
+                    .find(|(f, _)| f == "redirector_version")
+                    .cloned(),
+            );
             continue;
         }
         let values: Vec<&str> = nodes
@@ -482,7 +486,6 @@ mod tests {
             blocked_clients: 1,
             maxclients: 10000,
             total_connections: 3,
-            version: "0.1.0".into(),
             proxy_section: vec![("redirector_version".into(), "0.1.0".into())],
             local_errors: BTreeMap::from([("CROSSSLOT".into(), 2)]),
             ..ProxyFigures::default()

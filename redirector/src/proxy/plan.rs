@@ -739,11 +739,15 @@ pub fn monitored(info: &CommandInfo) -> bool {
     if info.flags.contains(Flags::ADMIN) {
         return false;
     }
-    !info.flags.contains(Flags::SKIP_MONITOR)
-        || matches!(
-            info.name.as_str(),
-            "eval" | "evalsha" | "eval_ro" | "evalsha_ro" | "fcall" | "fcall_ro" | "exec"
-        )
+    !info.flags.contains(Flags::SKIP_MONITOR) || is_script(&info.name) || info.name == "exec"
+}
+
+/// Commands that run a script or a function.
+pub fn is_script(name: &str) -> bool {
+    matches!(
+        name,
+        "eval" | "evalsha" | "eval_ro" | "evalsha_ro" | "fcall" | "fcall_ro"
+    )
 }
 
 /// Redis's own words for a command it does not know (processCommand).

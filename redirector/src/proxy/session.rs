@@ -518,9 +518,10 @@ impl Session {
     fn dispatch(&mut self, req: Request, pending: &mut VecDeque<Pending>) {
         let shared = Arc::clone(&self.shared);
         let info = shared.commands.lookup(&req.args);
+        let plan = plan::plan_known(&shared.commands, info, &req, &self.state());
         // As in Redis, a blocking command or a script starts only once the
         // client's earlier commands have run.
-        if !pending.is_empty() && self.waits_for_earlier(info, &req) {
+        if !pending.is_empty() && self.is_barrier(&plan, info) {
             self.stashed = Some(req);
             return;
         }
@@ -570,7 +571,6 @@ impl Session {
             silent,
             slow,
         };
-        let plan = plan::plan_known(&shared.commands, info, &req, &self.state());
         self.carry_out(plan, req, info, pending, meta);
     }
 
@@ -630,11 +630,7 @@ impl Session {
                 if !readonly {
                     self.last_write_slot = slot.or(self.last_write_slot);
                 }
-                // A script may run long: on a shared connection it would
-                // hold every command queued behind it (SCRIPT KILL and the
-                // BUSY replies Redis gives meanwhile included). A tracking
-                // client keeps its own connections, which track its reads.
-                if self.tracking.is_none() && info.is_some_and(|i| is_script(&i.name)) {
+                if self.script_on_lease(info) {
                     self.blocking(req, slot, false, pending, meta);
                     return;
                 }
@@ -1117,27 +1113,25 @@ impl Session {
 }
 
 impl Session {
-    /// Whether `req` goes on a lease as a barrier (a blocking command, a
-    /// script, WAIT), so it must not overtake the client's earlier commands.
-    fn waits_for_earlier(&self, info: Option<&CommandInfo>, req: &Request) -> bool {
-        if self.multi.is_some() {
-            return false;
-        }
-        let Some(info) = info else {
-            return false;
-        };
-        (info.flags.contains(Flags::BLOCKING) && plan::may_block(req))
-            || info.name == "wait"
-            || (self.tracking.is_none() && is_script(&info.name))
+    /// Whether a routed command is a script that runs on a lease: one may
+    /// run long, and on a shared connection it would hold every command
+    /// queued behind it (SCRIPT KILL and the BUSY replies Redis gives
+    /// meanwhile included). A tracking client keeps its own connections,
+    /// which track its reads.
+    fn script_on_lease(&self, info: Option<&CommandInfo>) -> bool {
+        self.tracking.is_none() && info.is_some_and(|i| plan::is_script(&i.name))
     }
-}
 
-/// Commands that run a script or a function.
-fn is_script(name: &str) -> bool {
-    matches!(
-        name,
-        "eval" | "evalsha" | "eval_ro" | "evalsha_ro" | "fcall" | "fcall_ro"
-    )
+    /// Whether the plan puts the command on a lease as a barrier (a
+    /// blocking command, WAIT, a script), so it must not overtake the
+    /// client's earlier commands.
+    fn is_barrier(&self, plan: &Plan, info: Option<&CommandInfo>) -> bool {
+        match plan {
+            Plan::Blocking { .. } | Plan::Wait => true,
+            Plan::Route { .. } => self.script_on_lease(info),
+            _ => false,
+        }
+    }
 }
 
 fn spawn_raw(work: impl Future<Output = Bytes> + Send + 'static) -> oneshot::Receiver<Bytes> {
