@@ -40,13 +40,17 @@ pub enum Scope {
 }
 
 /// What the probes report.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Health {
     /// Programs attached and listeners bound (not: Redis reachable).
     ready: AtomicBool,
     /// `POST /drain` came: steering of new connects stops for good.
     draining: AtomicBool,
+    /// Each backend's state, for `/status`.
+    backends: std::sync::OnceLock<BackendsReport>,
 }
+
+type BackendsReport = Box<dyn Fn() -> Vec<serde_json::Value> + Send + Sync>;
 
 impl Health {
     pub fn set_ready(&self) {
@@ -63,6 +67,21 @@ impl Health {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Where `/status` finds the backends.
+    pub fn set_backends_report(
+        &self,
+        report: impl Fn() -> Vec<serde_json::Value> + Send + Sync + 'static,
+    ) {
+        let _ = self.backends.set(Box::new(report));
+    }
+
+    fn backends(&self) -> Vec<serde_json::Value> {
+        self.backends
+            .get()
+            .map(|report| report())
+            .unwrap_or_default()
     }
 }
 
@@ -134,16 +153,22 @@ async fn answer(
             "text/plain",
             "this listener serves /metrics only\n".to_string(),
         ),
-        ("GET", "/status") => (
-            "200 OK",
-            "application/json",
-            serde_json::json!({
-                "ready": health.is_ready(),
-                "draining": health.is_draining(),
-                "backend_up": metrics.proxy().backend_up(),
-            })
-            .to_string(),
-        ),
+        ("GET", "/status") => {
+            let backends = health.backends();
+            // Up: every backend serves (and there is at least one).
+            let up = !backends.is_empty() && backends.iter().all(|b| b["state"] == "up");
+            (
+                "200 OK",
+                "application/json",
+                serde_json::json!({
+                    "ready": health.is_ready(),
+                    "draining": health.is_draining(),
+                    "backend_up": up,
+                    "backends": backends,
+                })
+                .to_string(),
+            )
+        }
         ("GET", "/dashboard" | "/dashboard/") => {
             ("200 OK", "text/html; charset=utf-8", DASHBOARD.to_string())
         }

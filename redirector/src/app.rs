@@ -19,7 +19,6 @@ use tracing::{info, warn};
 
 use crate::{
     admin,
-    cluster::topology::Topology,
     config::{HboneConfig, RunConfig},
     hbone::{Mesh, inbound::Inbound, outbound::Outbound},
     identity::{
@@ -28,7 +27,12 @@ use crate::{
     },
     k8s::{K8sConfig, agent::Agent},
     metrics::MetricsRegistry,
-    proxy::{self, Dialer, Proxy, Shared, discovery, pool::Pools},
+    proxy::{
+        self, Dialer,
+        front::{self, Front, Gate, Proxy},
+        relay::TcpBackend,
+    },
+    serving::{Defaults, Serving},
     steering::{
         self, Layout, Listeners, Maps, OrigDstTable, TargetSpec, metrics::SteeringSnapshot,
     },
@@ -57,6 +61,8 @@ pub enum Error {
     Kubernetes(#[from] crate::k8s::Error),
     #[error("cannot read this process's network namespace cookie: {0}")]
     OwnNetns(std::io::Error),
+    #[error(transparent)]
+    BackendDown(#[from] crate::serving::NotUp),
     #[error("cannot listen for HBONE tunnels on {addr}: {source}")]
     HboneListen {
         addr: std::net::SocketAddr,
@@ -72,13 +78,9 @@ pub enum Exit {
     Uninstalled,
 }
 
-/// How often to retry discovering the cluster while it is unreachable.
-const DISCOVERY_RETRY: Duration = Duration::from_secs(1);
 /// How often the node's CNI config is checked for a rewrite that dropped
 /// redirector-cni (a stat; the file is read only when it changed).
 const CNI_CHAIN_CHECK: Duration = Duration::from_secs(2);
-/// Topology refreshes never come closer than this, however many MOVEDs.
-const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
 
 /// What `run` keeps of the kernel side.
 struct Kernel {
@@ -100,21 +102,20 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         let installed = steering::install(&layout, &cgroup_root, kernel_log_level())?;
         warn_about_programs_ahead(&cgroup_root, &installed);
         tokio::spawn(forward_kernel_logs(installed.log_program_id()));
-        let mut maps = Maps::open(&layout)?;
-        let targets: Vec<_> = config.targets.iter().map(|t| (*t, 0)).collect();
-        maps.set_targets(&targets)?;
+        let maps = Maps::open(&layout)?;
         let netns_cookie = crate::netns::current_cookie().map_err(Error::OwnNetns)?;
+        let mut kernel_side = Kernel { maps, netns_cookie };
         // Until the proxy is ready, steered namespaces go direct.
-        maps.set_proxy(&config.proxy_entry(0, netns_cookie, false))?;
-        kernel = Some(Kernel { maps, netns_cookie });
+        kernel_side.beat(&config, 0, false);
+        kernel = Some(kernel_side);
         orig_dst = Some(OrigDstTable::open(&layout)?);
         info!(cgroup = %cgroup_root.display(), pins = %layout.pin_dir.display(), "steering installed");
     }
 
     let mut metrics = MetricsRegistry::new();
-    // The node agent: enrollment and targets from the API server.
+    // The node agent: enrollment and backends from the API server.
     let agent = match &config.kubernetes {
-        Some(k8s) => Some(start_agent(k8s, &layout, &config.targets, &mut metrics).await?),
+        Some(k8s) => Some(start_agent(k8s, &layout, &mut metrics).await?),
         None => None,
     };
     if config.steering {
@@ -131,7 +132,6 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         });
     }
     let metrics = Arc::new(metrics);
-    let proxy_metrics = metrics.proxy();
     let mut dialer = Dialer {
         // Marks exist only for the steering programs (and need CAP_NET_ADMIN).
         socket_mark: if config.steering {
@@ -142,12 +142,36 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         connect_timeout: config.connect_timeout,
         auth: config.upstream_auth.clone(),
         mesh: None,
-        cluster: config.standalone.is_none(),
+        cluster: true,
     };
     if let Some(hbone) = &config.hbone {
         dialer.mesh = start_hbone(hbone, &dialer, &metrics).await?;
     }
+    let gate = Arc::new(Gate::new(config.proxy.admission.clone(), orig_dst));
+    let unrouted = Arc::new(TcpBackend::new(
+        "unrouted".into(),
+        Arc::new(Dialer {
+            auth: None,
+            ..dialer.clone()
+        }),
+        Arc::new(metrics.proxy().backend("unrouted")),
+    ));
+    let front = Arc::new(Front::new(Arc::clone(&gate), unrouted));
+    let serving = Serving::new(
+        Arc::clone(&front),
+        metrics.proxy(),
+        Defaults {
+            settings: config.proxy.clone(),
+            pool: config.pool,
+            dialer,
+            refresh_interval: config.refresh_interval,
+        },
+    );
     let health = Arc::new(admin::Health::default());
+    {
+        let serving = Arc::clone(&serving);
+        health.set_backends_report(move || serving.report());
+    }
     for (addr, scope) in [
         (config.admin_addr, admin::Scope::Full),
         (config.metrics_addr, admin::Scope::MetricsOnly),
@@ -167,7 +191,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     // Listeners first, then ready: the DaemonSet's readiness means "programs
     // attached and listener up", not "Redis reachable" (a Redis outage
     // must not stall a rolling upgrade). Steering itself waits for the
-    // heartbeat, which waits for the backend.
+    // heartbeat, which waits for a backend.
     let proxy = Proxy::bind(&config.proxy_addrs)?;
     let listeners = proxy.local_addrs();
     if config.steering {
@@ -179,105 +203,36 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     health.set_ready();
     info!(listeners = ?listeners, steering = config.steering, "listening; waiting for the backend");
 
-    // Seeds: given, or (node agent) from the targets ConfigMap once it
-    // names a cluster.
-    let seeds = match &agent {
-        Some(agent) if config.seeds.is_empty() && config.standalone.is_none() => {
-            info!("waiting for the targets ConfigMap to name the cluster");
-            tokio::select! {
-                seeds = agent.seeds() => seeds,
-                _ = sigterm.recv() => return Ok(Exit::Signal),
-                _ = sigint.recv() => return Ok(Exit::Signal),
-            }
-        }
-        _ => config.seeds.clone(),
-    };
-
-    // Learn the cluster; a cluster that is not up yet is waited for.
-    let topology = Arc::new(match &config.standalone {
-        Some(standalone) => Topology::standalone(standalone.primary, standalone.replicas.clone()),
-        None => Topology::new(seeds.clone()),
-    });
-    if let Some(agent) = &agent
-        && config.seeds.is_empty()
-        && config.standalone.is_none()
-    {
-        tokio::spawn(follow_seeds(agent.resolved(), Arc::clone(&topology)));
+    // The backends, and the kernel's targets leading to them.
+    let targets = serving.apply(&config.backends);
+    if let Some(kernel) = kernel.as_mut() {
+        kernel.set_targets(&targets);
     }
-    let (commands, redis_version) = loop {
-        let discovered = async {
-            discovery::refresh(&topology, &dialer, &proxy_metrics).await?;
-            // A refresh that succeeded installed a map with a master.
-            let master =
-                topology
-                    .view()
-                    .masters()
-                    .next()
-                    .ok_or_else(|| discovery::Error::Reply {
-                        addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-                        message: "no master known yet".into(),
-                    })?;
-            discovery::fetch_commands(&dialer, master).await
-        };
+    if let Some(agent) = &agent {
+        tokio::spawn(follow_configmap(
+            agent.resolved(),
+            Arc::clone(&serving),
+            config.backends.clone(),
+            Maps::open(&layout)?,
+        ));
+    }
+    let serving_task = tokio::spawn(proxy.serve(Arc::clone(&front)));
+    if config.require_backends {
         tokio::select! {
-            result = discovered => match result {
-                Ok(found) => break found,
-                Err(e) => {
-                    warn!(error = %e, seeds = ?seeds, "cannot discover the cluster yet; retrying");
-                    tokio::time::sleep(DISCOVERY_RETRY).await;
-                }
-            },
+            result = serving.require_up(config.connect_timeout) => result?,
             _ = sigterm.recv() => return Ok(Exit::Signal),
             _ = sigint.recv() => return Ok(Exit::Signal),
         }
-    };
-    info!(
-        commands = commands.len(),
-        redis_version,
-        masters = topology.view().shards().len(),
-        "cluster discovered"
-    );
-
-    let pools = Pools::new(dialer.clone(), Arc::clone(&proxy_metrics), config.pool);
-    let shared = Arc::new(Shared::new(
-        config.proxy.clone(),
-        Arc::clone(&topology),
-        pools,
-        commands,
-        Arc::clone(&proxy_metrics),
-        orig_dst,
-        redis_version,
-    ));
-    let refresher_shared = Arc::clone(&shared);
-    tokio::spawn(discovery::refresher(
-        Arc::clone(&topology),
-        Arc::new(dialer),
-        proxy_metrics,
-        config.refresh_interval,
-        MIN_REFRESH_GAP,
-        move |view| refresher_shared.pools.retain(&view.nodes()),
-    ));
-    let serving = tokio::spawn(proxy.serve(Arc::clone(&shared)));
+    }
 
     // The heartbeat: proven by a round trip through the proxy's own accept
-    // path, so a proxy that is alive but wedged stops steering too.
+    // path, so a proxy that is alive but wedged stops steering too. It
+    // beats while any backend serves: one team's Redis being down must not
+    // stop steering to the others (their connections are relayed to where
+    // they were going until it is back).
     let probe_timeout = config.heartbeat_interval().min(Duration::from_secs(1));
     let mut beat = 0;
-    if let Some(kernel) = kernel.as_mut() {
-        if let Err(e) = proxy::probe(&shared, listeners[0], probe_timeout).await {
-            warn!(error = %e, "the proxy does not answer its own probe");
-        } else {
-            beat = steering::boottime_ns();
-        }
-        kernel.beat(&config, beat, shared.is_full());
-    }
-    info!(
-        listeners = ?listeners,
-        steering = config.steering,
-        admin = ?config.admin_addr,
-        "redirector ready"
-    );
-
+    let mut ready_logged = false;
     let mut heartbeat = tokio::time::interval(config.heartbeat_interval());
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let exit = loop {
@@ -285,31 +240,45 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
             _ = sigterm.recv() => break Exit::Signal,
             _ = sigint.recv() => break Exit::Signal,
             // The node-wide limit was reached or left: tell the kernel now.
-            () = shared.full_changed.notified(), if kernel.is_some() => {
+            () = gate.full_changed.notified(), if kernel.is_some() => {
                 if let Some(kernel) = kernel.as_mut() {
-                    kernel.beat(&config, beat, shared.is_full());
+                    kernel.beat(&config, beat, gate.is_full());
+                }
+                continue;
+            }
+            // A backend came up (or went): beat at once rather than at the
+            // next tick.
+            () = front.changed.notified() => {}
+            _ = heartbeat.tick() => {}
+        }
+        if kernel.is_some() && !layout.is_installed() {
+            warn!("pins removed (redirector uninstall): shutting down");
+            break Exit::Uninstalled;
+        }
+        // Draining: no heartbeat, so new connects go direct while the
+        // clients already here finish. A failed probe leaves the last beat
+        // to age out.
+        if health.is_draining() || !serving.any_up() {
+            beat = 0;
+        } else if kernel.is_some() {
+            match front::probe(&gate, listeners[0], probe_timeout).await {
+                Ok(()) => beat = steering::boottime_ns(),
+                Err(e) => {
+                    warn!(error = %e, "the proxy does not answer its own probe; not beating");
                 }
             }
-            _ = heartbeat.tick(), if kernel.is_some() => {
-                if !layout.is_installed() {
-                    warn!("pins removed (redirector uninstall): shutting down");
-                    break Exit::Uninstalled;
-                }
-                // Draining: no heartbeat, so new connects go direct while
-                // the clients already here finish. A failed probe leaves the
-                // last beat to age out.
-                if health.is_draining() {
-                    beat = 0;
-                } else {
-                    match proxy::probe(&shared, listeners[0], probe_timeout).await {
-                        Ok(()) => beat = steering::boottime_ns(),
-                        Err(e) => warn!(error = %e, "the proxy does not answer its own probe; not beating"),
-                    }
-                }
-                if let Some(kernel) = kernel.as_mut() {
-                    kernel.beat(&config, beat, shared.is_full());
-                }
-            }
+        }
+        if let Some(kernel) = kernel.as_mut() {
+            kernel.beat(&config, beat, gate.is_full());
+        }
+        if !ready_logged && serving.all_up() {
+            ready_logged = true;
+            info!(
+                listeners = ?listeners,
+                steering = config.steering,
+                admin = ?config.admin_addr,
+                "redirector ready"
+            );
         }
     };
 
@@ -319,12 +288,49 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         // Connects go direct from now on instead of to a closing listener.
         kernel.beat(&config, 0, false);
     }
-    serving.abort();
+    serving_task.abort();
     info!(?exit, "redirector stopped");
     Ok(exit)
 }
 
+/// Keeps the served backends and the kernel's targets equal to the targets
+/// ConfigMap's (plus the command line's), without a restart: new backends
+/// start, removed ones drain, a Service whose kind changed is served by a
+/// new backend while the old one drains.
+async fn follow_configmap(
+    mut resolved: tokio::sync::watch::Receiver<crate::k8s::targets::Resolved>,
+    serving: Arc<Serving>,
+    static_backends: Vec<crate::backend::Declared>,
+    mut maps: Maps,
+) {
+    loop {
+        let from_api = resolved.borrow_and_update().backends.clone();
+        let mut wanted = static_backends.clone();
+        wanted.extend(from_api);
+        match crate::backend::validate_declared(&wanted, true) {
+            Ok(()) => {
+                let targets = serving.apply(&wanted);
+                let list: Vec<String> = targets.iter().map(|(t, id)| format!("{t}→{id}")).collect();
+                match maps.set_targets(&targets) {
+                    Ok(()) => info!(targets = ?list, "Redis targets loaded"),
+                    Err(e) => warn!(error = %e, "cannot load the Redis targets"),
+                }
+            }
+            Err(e) => warn!(error = %e, "targets ConfigMap: keeping the backends in force"),
+        }
+        if resolved.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 impl Kernel {
+    fn set_targets(&mut self, targets: &[(TargetSpec, u32)]) {
+        if let Err(e) = self.maps.set_targets(targets) {
+            warn!(error = %e, "cannot load the Redis targets");
+        }
+    }
+
     /// Writes the proxy's entry: its liveness (`beat`, 0 = down) and whether
     /// it is full.
     fn beat(&mut self, config: &RunConfig, beat: u64, full: bool) {
@@ -363,16 +369,9 @@ fn warn_about_programs_ahead(cgroup_root: &std::path::Path, installed: &steering
 async fn start_agent(
     k8s: &K8sConfig,
     layout: &Layout,
-    targets: &[TargetSpec],
     metrics: &mut MetricsRegistry,
 ) -> Result<Arc<Agent>, Error> {
-    let agent = Agent::start(
-        k8s.clone(),
-        Maps::open(layout)?,
-        targets.to_vec(),
-        metrics.register_agent(),
-    )
-    .await?;
+    let agent = Agent::start(k8s.clone(), Maps::open(layout)?, metrics.register_agent()).await?;
     if let Some(path) = &k8s.cni_socket {
         let listener = crate::cni::server::bind(path).await.map_err(|source| {
             crate::k8s::Error::CniSocket {
@@ -391,21 +390,6 @@ async fn start_agent(
         tokio::spawn(crate::cni::keeper::keep_chained(chain, CNI_CHAIN_CHECK));
     }
     Ok(agent)
-}
-
-/// Keeps the topology's seeds equal to the targets ConfigMap's (node
-/// agent): they matter when no known node of the cluster answers.
-async fn follow_seeds(
-    mut resolved: tokio::sync::watch::Receiver<crate::k8s::targets::Resolved>,
-    topology: Arc<Topology>,
-) {
-    while resolved.changed().await.is_ok() {
-        let seeds = resolved.borrow_and_update().seeds.clone();
-        if !seeds.is_empty() && seeds != topology.seeds() {
-            info!(?seeds, "cluster seeds changed (targets ConfigMap)");
-            topology.set_seeds(seeds);
-        }
-    }
 }
 
 /// Loads the node's certificates (and watches them), starts the inbound

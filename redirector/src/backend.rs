@@ -6,9 +6,19 @@
 //! - `tcp:` — a plain relay (no address: the connection's own original
 //!   destination).
 //!
-//! Pure: parsing and validation, with errors that name the argument.
+//! or a `--backends-file` (TOML, one `[[backend]]` table each).
+//!
+//! Pure: parsing and validation, with errors that name the argument or
+//! the file's line.
 
-use std::{net::SocketAddr, str::FromStr};
+use std::{net::SocketAddr, path::Path, str::FromStr};
+
+use serde::Deserialize;
+
+use crate::{
+    proxy::{AuthMode, ReadPolicy},
+    steering::TargetSpec,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -30,6 +40,18 @@ impl Kind {
             Self::Tcp => "tcp",
         }
     }
+
+    /// The addresses it was declared with.
+    pub fn addresses(&self) -> Vec<String> {
+        match self {
+            Self::Cluster { seeds } => seeds.iter().map(ToString::to_string).collect(),
+            Self::Standalone { primary, replicas } => std::iter::once(primary)
+                .chain(replicas)
+                .map(ToString::to_string)
+                .collect(),
+            Self::Tcp => Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,7 +64,7 @@ pub struct BackendSpec {
 pub enum Error {
     #[error("backend `{arg}`: expected NAME=KIND:ADDR[,ADDR...] (kinds: cluster, standalone, tcp)")]
     Syntax { arg: String },
-    #[error("backend `{name}`: the name must be letters, digits, `-` or `_`")]
+    #[error("backend `{name}`: the name must be letters, digits, `-`, `_`, `.` or `/`")]
     BadName { name: String },
     #[error("backend `{name}`: unknown kind `{kind}` (kinds: cluster, standalone, tcp)")]
     UnknownKind { name: String, kind: String },
@@ -56,6 +78,267 @@ pub enum Error {
     TcpAddress { name: String },
     #[error("backend `{name}` is declared twice")]
     Duplicate { name: String },
+    #[error("target {target} maps to two backends: {first} and {second}")]
+    TargetTwice {
+        target: TargetSpec,
+        first: String,
+        second: String,
+    },
+    #[error(
+        "backend `{name}` has no target (give --redis-target {name}=IP:PORT, or targets = [...] in the backends file)"
+    )]
+    NoTarget { name: String },
+    #[error("--redis-target {target}: no backend is named `{name}`")]
+    UnknownBackend { name: String, target: String },
+    #[error(
+        "--redis-target {target}: several backends are declared, so the target must name one (NAME={target})"
+    )]
+    UnnamedTarget { target: String },
+    #[error("--redis-target `{0}`: {1}")]
+    BadTarget(String, String),
+    #[error("backends file {path}, line {line}: {message}")]
+    File {
+        path: String,
+        line: usize,
+        message: String,
+    },
+    #[error("cannot read the backends file {path}: {message}")]
+    Read { path: String, message: String },
+}
+
+/// Per-backend settings beyond its kind; `None`: the daemon's flags.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    pub read_policy: Option<ReadPolicy>,
+    pub auth: Option<AuthMode>,
+    pub allow_admin_commands: Option<bool>,
+}
+
+/// A backend with its targets: what the daemon serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Declared {
+    pub spec: BackendSpec,
+    pub targets: Vec<TargetSpec>,
+    pub options: Options,
+    /// Where it was declared, for errors (`--backend`, `file.toml, line 3`).
+    pub source: String,
+}
+
+/// A `--redis-target [NAME=]TARGET`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedTarget {
+    pub backend: Option<String>,
+    pub target: TargetSpec,
+}
+
+impl FromStr for NamedTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((name, target)) => Ok(Self {
+                backend: Some(name.trim().to_string()),
+                target: target.trim().parse()?,
+            }),
+            None => Ok(Self {
+                backend: None,
+                target: s.trim().parse()?,
+            }),
+        }
+    }
+}
+
+/// Gives the backends their `--redis-target`s: a named target to the
+/// backend of that name, an unnamed one to the only backend there is.
+pub fn attach_targets(declared: &mut [Declared], targets: &[NamedTarget]) -> Result<(), Error> {
+    for named in targets {
+        let index = match &named.backend {
+            Some(name) => declared
+                .iter()
+                .position(|d| &d.spec.name == name)
+                .ok_or_else(|| Error::UnknownBackend {
+                    name: name.clone(),
+                    target: named.target.to_string(),
+                })?,
+            None if declared.len() == 1 => 0,
+            None => {
+                return Err(Error::UnnamedTarget {
+                    target: named.target.to_string(),
+                });
+            }
+        };
+        declared[index].targets.push(named.target);
+    }
+    Ok(())
+}
+
+/// Every name once, every target in one backend, every backend with a
+/// target (`needs_targets`: steering is on, so targets are how a backend is
+/// reached at all).
+pub fn validate_declared(declared: &[Declared], needs_targets: bool) -> Result<(), Error> {
+    let specs: Vec<BackendSpec> = declared.iter().map(|d| d.spec.clone()).collect();
+    validate(&specs)?;
+    let mut owner: std::collections::HashMap<TargetSpec, &str> = std::collections::HashMap::new();
+    for backend in declared {
+        if needs_targets && backend.targets.is_empty() {
+            return Err(Error::NoTarget {
+                name: backend.spec.name.clone(),
+            });
+        }
+        for target in &backend.targets {
+            if let Some(first) = owner.insert(*target, &backend.spec.name)
+                && first != backend.spec.name
+            {
+                return Err(Error::TargetTwice {
+                    target: *target,
+                    first: first.into(),
+                    second: backend.spec.name.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One `[[backend]]` table of a backends file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    name: toml::Spanned<String>,
+    kind: toml::Spanned<String>,
+    #[serde(default)]
+    seeds: Vec<String>,
+    primary: Option<String>,
+    #[serde(default)]
+    replicas: Vec<String>,
+    targets: Option<toml::Spanned<Vec<String>>>,
+    read_policy: Option<String>,
+    auth: Option<String>,
+    allow_admin_commands: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoot {
+    #[serde(default)]
+    backend: Vec<toml::Spanned<FileBackend>>,
+}
+
+/// Reads a backends file.
+pub fn read_file(path: &Path) -> Result<Vec<Declared>, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    parse_file(&path.display().to_string(), &text)
+}
+
+/// Parses a backends file's text; errors name `path` and the line.
+pub fn parse_file(path: &str, text: &str) -> Result<Vec<Declared>, Error> {
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let fail = |offset: usize, message: String| Error::File {
+        path: path.into(),
+        line: line_of(offset),
+        message,
+    };
+    let root: FileRoot = toml::from_str(text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        fail(offset, e.message().to_string())
+    })?;
+    let mut out = Vec::new();
+    for table in root.backend {
+        let at = table.span().start;
+        let b = table.into_inner();
+        let name = b.name.get_ref().clone();
+        let kind_at = b.kind.span().start;
+        let mut addrs: Vec<String> = match b.kind.get_ref().as_str() {
+            "cluster" => b.seeds.clone(),
+            "standalone" => b.primary.iter().chain(&b.replicas).cloned().collect(),
+            _ => Vec::new(),
+        };
+        if b.kind.get_ref() == "standalone" && b.primary.is_none() {
+            addrs.clear();
+        }
+        let arg = format!("{name}={}:{}", b.kind.get_ref(), addrs.join(","));
+        let spec: BackendSpec = arg
+            .parse()
+            .map_err(|e: Error| fail(kind_at, e.to_string()))?;
+        let targets_at = b.targets.as_ref().map_or(at, |t| t.span().start);
+        let targets = b
+            .targets
+            .as_ref()
+            .map(|t| t.get_ref().as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|t| {
+                t.parse::<TargetSpec>()
+                    .map_err(|e| fail(targets_at, format!("target `{t}`: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let read_policy = b
+            .read_policy
+            .as_deref()
+            .map(|p| {
+                <ReadPolicy as clap::ValueEnum>::from_str(p, true)
+                    .map_err(|_| fail(at, format!("backend `{name}`: unknown read_policy `{p}` (master, prefer-master, replica, prefer-replica, any)")))
+            })
+            .transpose()?;
+        let auth = b
+            .auth
+            .as_deref()
+            .map(|a| {
+                <AuthMode as clap::ValueEnum>::from_str(a, true).map_err(|_| {
+                    fail(
+                        at,
+                        format!("backend `{name}`: unknown auth `{a}` (passthrough, proxy)"),
+                    )
+                })
+            })
+            .transpose()?;
+        out.push(Declared {
+            spec,
+            targets,
+            options: Options {
+                read_policy,
+                auth,
+                allow_admin_commands: b.allow_admin_commands,
+            },
+            source: format!("{path}, line {}", line_of(at)),
+        });
+    }
+    // Duplicates and target conflicts, named with their lines.
+    for (i, backend) in out.iter().enumerate() {
+        if let Some(first) = out[..i].iter().find(|b| b.spec.name == backend.spec.name) {
+            return Err(Error::File {
+                path: path.into(),
+                line: line_number(&backend.source),
+                message: format!(
+                    "backend `{}` is declared twice (first at {})",
+                    backend.spec.name, first.source
+                ),
+            });
+        }
+        for target in &backend.targets {
+            if let Some(first) = out[..i].iter().find(|b| b.targets.contains(target)) {
+                return Err(Error::File {
+                    path: path.into(),
+                    line: line_number(&backend.source),
+                    message: format!(
+                        "target {target} maps to two backends: {} ({}) and {}",
+                        first.spec.name, first.source, backend.spec.name
+                    ),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn line_number(source: &str) -> usize {
+    source
+        .rsplit_once("line ")
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0)
 }
 
 impl FromStr for BackendSpec {
@@ -66,10 +349,11 @@ impl FromStr for BackendSpec {
         let (name, rest) = arg.split_once('=').ok_or_else(syntax)?;
         let (kind, addrs) = rest.split_once(':').unwrap_or((rest, ""));
         let name = name.trim().to_string();
+        // `/` and `.`: backends named for Services (`shop/cart`).
         if name.is_empty()
             || !name
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
         {
             return Err(Error::BadName { name });
         }

@@ -9,8 +9,9 @@ use std::{
 use redirector_ebpf::ProxyConfig;
 
 use crate::{
+    backend::Declared,
     proxy::{Settings, UpstreamAuth, pool::PoolConfig},
-    steering::{TargetSpec, ip_to_bytes},
+    steering::ip_to_bytes,
 };
 
 /// Default proxy listener port on the node address.
@@ -33,13 +34,13 @@ pub enum Error {
     UnroutableProxyAddr(SocketAddr),
     #[error("--proxy-addr: at most one IPv4 and one IPv6 address, got {0} and {1}")]
     DuplicateFamily(SocketAddr, SocketAddr),
-    #[error("--redis-target: at least one is required")]
-    NoTargets,
+    #[error(transparent)]
+    Backend(#[from] crate::backend::Error),
     #[error("--socket-mark must not be 0: unmarked sockets could not be told from the proxy's")]
     ZeroMark,
     #[error(
-        "--cluster-seed or --backend is required: the Redis behind the proxy (redis \
-         targets given as IP:PORT are used as cluster seeds when neither is given)"
+        "--cluster-seed, --backend or --backends-file is required: the Redis behind the proxy \
+         (redis targets given as IP:PORT are used as cluster seeds when none is given)"
     )]
     NoSeeds,
     #[error("--kubernetes enrolls pods into steering: it cannot run with --steering off")]
@@ -82,7 +83,9 @@ pub struct RunConfig {
     /// `None`: find or mount cgroup v2 (see `steering::fs`).
     pub cgroup_root: Option<PathBuf>,
     pub proxy_addrs: Vec<SocketAddr>,
-    pub targets: Vec<TargetSpec>,
+    /// The backends declared on the command line and in the backends file,
+    /// each with its targets; the first serves direct clients.
+    pub backends: Vec<Declared>,
     pub socket_mark: u32,
     /// Mark bits set on steered sockets, as (value, mask): Istio ambient's
     /// ztunnel mark (0x539/0xfff) keeps its in-pod capture off them.
@@ -90,10 +93,8 @@ pub struct RunConfig {
     /// Zero: always steer, even while the proxy is down (fail closed).
     pub liveness: Duration,
     pub connect_timeout: Duration,
-    /// Redis Cluster nodes to discover the cluster from.
-    pub seeds: Vec<SocketAddr>,
-    /// A standalone primary (and replicas) instead of a cluster.
-    pub standalone: Option<Standalone>,
+    /// Exit at start unless every backend answers within `connect_timeout`.
+    pub require_backends: bool,
     pub proxy: Settings,
     pub pool: PoolConfig,
     pub upstream_auth: Option<UpstreamAuth>,
@@ -107,14 +108,6 @@ pub struct RunConfig {
     pub hbone: Option<HboneConfig>,
     /// The Kubernetes node agent: pods and targets from the API server.
     pub kubernetes: Option<crate::k8s::K8sConfig>,
-}
-
-/// A standalone Redis backend: one primary, optionally with replicas that
-/// serve reads under the read policy.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Standalone {
-    pub primary: SocketAddr,
-    pub replicas: Vec<SocketAddr>,
 }
 
 /// HBONE: who this node is, where it listens, and which endpoints are
@@ -155,11 +148,12 @@ impl RunConfig {
                 return Err(Error::UnroutableProxyAddr(*addr));
             }
         }
-        // The node agent finds seeds and targets in the targets ConfigMap.
+        // The node agent finds backends and targets in the targets ConfigMap.
         let from_api = self.kubernetes.is_some();
-        if self.seeds.is_empty() && !from_api && self.standalone.is_none() {
+        if self.backends.is_empty() && !from_api {
             return Err(Error::NoSeeds);
         }
+        crate::backend::validate_declared(&self.backends, self.steering)?;
         if let [a, b, ..] = self.proxy_addrs[..]
             && (self.proxy_addrs.len() > 2 || a.is_ipv4() == b.is_ipv4())
         {
@@ -167,9 +161,6 @@ impl RunConfig {
         }
         if from_api && !self.steering {
             return Err(Error::KubernetesNeedsSteering);
-        }
-        if self.steering && self.targets.is_empty() && !from_api {
-            return Err(Error::NoTargets);
         }
         if self.socket_mark == 0 {
             return Err(Error::ZeroMark);
@@ -276,8 +267,13 @@ mod tests {
     fn config(addrs: &[&str]) -> RunConfig {
         RunConfig {
             steering: true,
-            seeds: vec!["10.96.0.10:6379".parse().unwrap()],
-            standalone: None,
+            backends: vec![Declared {
+                spec: "cluster=cluster:10.96.0.10:6379".parse().unwrap(),
+                targets: vec![DEFAULT_REDIS_TARGET.parse().unwrap()],
+                options: Default::default(),
+                source: "test".into(),
+            }],
+            require_backends: false,
             proxy: Settings::default(),
             pool: PoolConfig {
                 shared_per_node: 2,
@@ -292,7 +288,6 @@ mod tests {
             pin_dir: "/sys/fs/bpf/redirector".into(),
             cgroup_root: None,
             proxy_addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
-            targets: vec![DEFAULT_REDIS_TARGET.parse().unwrap()],
             socket_mark: crate::steering::DEFAULT_SOCKET_MARK,
             steered_mark: Some("0x539/0xfff".parse().unwrap()),
             liveness: DEFAULT_LIVENESS,
@@ -330,7 +325,7 @@ mod tests {
         let mut proxy_only = config(&["127.0.0.1:7000"]);
         proxy_only.steering = false;
         assert!(proxy_only.validate().is_ok());
-        proxy_only.seeds.clear();
+        proxy_only.backends.clear();
         assert!(matches!(proxy_only.validate(), Err(Error::NoSeeds)));
     }
 

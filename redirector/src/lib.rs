@@ -17,6 +17,7 @@ pub mod netns;
 pub mod pods;
 pub mod proxy;
 pub mod resp;
+pub mod serving;
 pub mod socket;
 pub mod status;
 pub mod steering;

@@ -17,10 +17,10 @@ use redirector::{
         tls::{CertFiles, Tls},
     },
     netns::{self, NetnsRef},
-    proxy::{DownstreamAuth, ReadPolicy, Settings, UpstreamAuth, pool::PoolConfig},
+    proxy::{AuthMode, DownstreamAuth, ReadPolicy, Settings, UpstreamAuth, pool::PoolConfig},
     resp::request::Limits,
     status,
-    steering::{self, Layout, Maps, TargetSpec},
+    steering::{self, Layout, Maps},
 };
 
 #[derive(Parser)]
@@ -169,6 +169,13 @@ impl NetnsArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AuthModeArg {
+    Auto,
+    Passthrough,
+    Proxy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum OnOff {
     On,
     Off,
@@ -187,11 +194,29 @@ struct RunArgs {
         value_delimiter = ','
     )]
     seeds: Vec<SocketAddr>,
-    /// The Redis behind the proxy, as NAME=KIND:ADDR[,ADDR...]:
-    /// `cluster:SEED,...` or `standalone:PRIMARY[,REPLICA...]` (one backend
-    /// per daemon for now; `--cluster-seed` is the cluster shorthand).
+    /// A Redis deployment behind the proxy, as NAME=KIND:ADDR[,ADDR...]:
+    /// `cluster:SEED,...`, `standalone:PRIMARY[,REPLICA...]` or `tcp` (a
+    /// plain relay). Repeatable; its targets are `--redis-target NAME=...`.
+    /// `--cluster-seed` is the one-cluster shorthand.
     #[arg(long = "backend", value_name = "NAME=KIND:ADDRS")]
     backends: Vec<redirector::backend::BackendSpec>,
+    /// Backends (with their targets and settings) from a TOML file: one
+    /// `[[backend]]` table each, see README.
+    #[arg(long, env = "REDIRECTOR_BACKENDS_FILE")]
+    backends_file: Option<PathBuf>,
+    /// Exit at start unless every backend answers within --connect-timeout
+    /// (otherwise an unreachable backend is retried while the others serve).
+    #[arg(long)]
+    require_backends: bool,
+    /// Whose credentials clients use: `passthrough` (Redis checks each
+    /// client's own AUTH), `proxy` (--auth-* and --upstream-*); auto:
+    /// proxy when any of those flags is given, else passthrough.
+    #[arg(long, default_value = "auto")]
+    auth_mode: AuthModeArg,
+    /// In proxy auth mode, let clients run @admin and @dangerous commands
+    /// (CONFIG SET, FLUSHALL, DEBUG, ...) with the proxy's credentials.
+    #[arg(long)]
+    allow_admin_commands: bool,
     /// Where reads go.
     #[arg(long, value_enum, default_value = "master")]
     read_policy: ReadPolicy,
@@ -274,14 +299,15 @@ struct RunArgs {
         value_parser = config::parse_proxy_addr
     )]
     proxy_addrs: Vec<SocketAddr>,
-    /// Redis service to steer: IP:PORT, [IPv6]:PORT, or :PORT for any address
+    /// Redis service to steer, [NAME=]TARGET: IP:PORT, [IPv6]:PORT, or :PORT
+    /// for any address; NAME picks the backend (needed with several)
     /// [default: :6379; with --kubernetes, none beyond the targets ConfigMap].
     #[arg(
         long = "redis-target",
         env = "REDIRECTOR_REDIS_TARGETS",
         value_delimiter = ','
     )]
-    targets: Vec<TargetSpec>,
+    targets: Vec<redirector::backend::NamedTarget>,
     /// cgroup v2 directory to attach to [default: the host's cgroup v2 root, mounted if needed].
     #[arg(long, env = "REDIRECTOR_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
@@ -711,13 +737,15 @@ fn drain(admin: SocketAddr, timeout: Duration) -> anyhow::Result<ExitCode> {
     }
     let started = std::time::Instant::now();
     loop {
+        // Every backend's series, summed.
         let active = admin_request(admin, "GET", "/metrics")
             .ok()
-            .and_then(|(_, metrics)| {
-                metrics.lines().find_map(|line| {
-                    line.strip_prefix("redirector_client_connections_active ")
-                        .and_then(|v| v.trim().parse::<f64>().ok())
-                })
+            .map(|(_, metrics)| {
+                metrics
+                    .lines()
+                    .filter(|line| line.starts_with("redirector_client_connections_active"))
+                    .filter_map(|line| line.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+                    .sum::<f64>()
             });
         match active {
             Some(n) if n < 1.0 => {
@@ -739,6 +767,80 @@ fn drain(admin: SocketAddr, timeout: Duration) -> anyhow::Result<ExitCode> {
             Some(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
+}
+
+/// The backends the command line and the backends file declare, each with
+/// its targets. Without any, the one-cluster shorthand: `--cluster-seed`
+/// (or the IP:PORT targets as seeds) and `--redis-target` (default :6379).
+fn declared_backends(
+    args: &mut RunArgs,
+    kubernetes: bool,
+) -> anyhow::Result<Vec<redirector::backend::Declared>> {
+    use redirector::backend::{self, BackendSpec, Declared, Kind, NamedTarget};
+    if let Some(first) = args.backends.first()
+        && !args.seeds.is_empty()
+    {
+        bail!(
+            "--backend {} and --cluster-seed both name the Redis behind the proxy: give one",
+            first.name
+        );
+    }
+    if args.backends.is_empty() && args.backends_file.is_none() {
+        // The one-cluster shorthand.
+        if kubernetes && args.seeds.is_empty() && args.targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        if args.targets.is_empty() {
+            args.targets = vec![NamedTarget {
+                backend: None,
+                target: config::DEFAULT_REDIS_TARGET
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+            }];
+        }
+        if let Some(named) = args.targets.iter().find(|t| t.backend.is_some()) {
+            bail!(
+                "--redis-target {}={}: no --backend is declared",
+                named.backend.as_deref().unwrap_or_default(),
+                named.target
+            );
+        }
+        // Service addresses given exactly are cluster endpoints too.
+        let seeds: Vec<SocketAddr> = if args.seeds.is_empty() {
+            args.targets
+                .iter()
+                .filter_map(|t| t.target.addr.map(|ip| SocketAddr::new(ip, t.target.port)))
+                .collect()
+        } else {
+            args.seeds.clone()
+        };
+        if seeds.is_empty() {
+            return Ok(Vec::new());
+        }
+        return Ok(vec![Declared {
+            spec: BackendSpec {
+                name: "cluster".into(),
+                kind: Kind::Cluster { seeds },
+            },
+            targets: args.targets.iter().map(|t| t.target).collect(),
+            options: backend::Options::default(),
+            source: "--cluster-seed".into(),
+        }]);
+    }
+    let mut declared: Vec<Declared> = std::mem::take(&mut args.backends)
+        .into_iter()
+        .map(|spec| Declared {
+            source: format!("--backend {}", spec.name),
+            spec,
+            targets: Vec::new(),
+            options: backend::Options::default(),
+        })
+        .collect();
+    if let Some(path) = &args.backends_file {
+        declared.extend(backend::read_file(path)?);
+    }
+    backend::attach_targets(&mut declared, &args.targets)?;
+    Ok(declared)
 }
 
 /// `\r`, `\n`, `\t` and `\\` escapes, for protocol text on a command line.
@@ -765,55 +867,9 @@ fn unescape(text: &str) -> Vec<u8> {
 
 fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
     let steering = args.steering == OnOff::On;
+    let on_kubernetes = args.kubernetes.kubernetes;
+    let backends = declared_backends(&mut args, on_kubernetes)?;
     let kubernetes = args.kubernetes.into_config()?;
-    if args.targets.is_empty() && kubernetes.is_none() {
-        args.targets = vec![
-            config::DEFAULT_REDIS_TARGET
-                .parse()
-                .map_err(anyhow::Error::msg)?,
-        ];
-    }
-    redirector::backend::validate(&args.backends)?;
-    let mut standalone = None;
-    match args.backends.as_slice() {
-        [] => {}
-        [backend] if !args.seeds.is_empty() => anyhow::bail!(
-            "--backend {} and --cluster-seed both name the Redis behind the proxy: give one",
-            backend.name
-        ),
-        [backend] => match &backend.kind {
-            redirector::backend::Kind::Cluster { seeds } => args.seeds.clone_from(seeds),
-            redirector::backend::Kind::Standalone { primary, replicas } => {
-                standalone = Some(config::Standalone {
-                    primary: *primary,
-                    replicas: replicas.clone(),
-                });
-            }
-            redirector::backend::Kind::Tcp => anyhow::bail!(
-                "--backend {}: tcp backends are not served yet; the daemon fronts one cluster or one standalone Redis",
-                backend.name
-            ),
-        },
-        [first, second, ..] => anyhow::bail!(
-            "--backend {} and --backend {}: one daemon serves one backend for now",
-            first.name,
-            second.name
-        ),
-    }
-    if standalone.is_some() && kubernetes.is_some() {
-        anyhow::bail!(
-            "a standalone backend with --kubernetes: the targets ConfigMap names clusters only for now"
-        );
-    }
-    // Service addresses given exactly are cluster endpoints too.
-    let seeds = if args.seeds.is_empty() {
-        args.targets
-            .iter()
-            .filter_map(|t| t.addr.map(|ip| SocketAddr::new(ip, t.port)))
-            .collect()
-    } else {
-        args.seeds
-    };
     let users = args
         .auth_users
         .iter()
@@ -830,10 +886,22 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--admin-addr `{addr}`"))?,
         ),
     };
+    let auth_mode = match args.auth_mode {
+        AuthModeArg::Passthrough => AuthMode::Passthrough,
+        AuthModeArg::Proxy => AuthMode::Proxy,
+        AuthModeArg::Auto
+            if args.auth_password.is_some()
+                || !users.is_empty()
+                || args.upstream_password.is_some() =>
+        {
+            AuthMode::Proxy
+        }
+        AuthModeArg::Auto => AuthMode::Passthrough,
+    };
     let config = RunConfig {
         steering,
-        seeds,
-        standalone,
+        backends,
+        require_backends: args.require_backends,
         proxy: Settings {
             limits: Limits {
                 max_bulk_len: args.max_bulk_len,
@@ -852,6 +920,8 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
                 password: args.auth_password,
                 users,
             },
+            auth_mode,
+            allow_admin_commands: args.allow_admin_commands,
             retry_window: args.retry_window,
             ..Settings::default()
         },
@@ -869,7 +939,6 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
         pin_dir,
         cgroup_root: args.cgroup_root,
         proxy_addrs: args.proxy_addrs,
-        targets: args.targets,
         socket_mark: args.socket_mark,
         steered_mark: args.steered_socket_mark,
         liveness: args.liveness,

@@ -13,14 +13,14 @@ use prometheus_client::registry::Registry;
 use crate::{
     hbone::metrics::TunnelMetrics,
     k8s::metrics::AgentMetrics,
-    proxy::metrics::ProxyMetrics,
+    proxy::metrics::ProxyFamilies,
     steering::metrics::{SteeringCollector, SteeringSnapshot},
 };
 
 /// Every subsystem's metrics under the `redirector` prefix.
 pub struct MetricsRegistry {
     registry: Registry,
-    proxy: Arc<ProxyMetrics>,
+    proxy: ProxyFamilies,
     tunnels: Arc<TunnelMetrics>,
 }
 
@@ -30,7 +30,7 @@ impl MetricsRegistry {
         // The proxy's names take no sub-prefix. Families are encoded in
         // registration order, sub-registries last, so /metrics keeps the
         // order it always had: proxy, steering, hbone, k8s.
-        let proxy = Arc::new(ProxyMetrics::register(&mut registry));
+        let proxy = ProxyFamilies::register(&mut registry);
         let tunnels = Arc::new(TunnelMetrics::register(
             registry.sub_registry_with_prefix("hbone"),
         ));
@@ -41,9 +41,10 @@ impl MetricsRegistry {
         }
     }
 
-    /// The proxy's metrics (`redirector_client_*`, `redirector_commands`, ...).
-    pub fn proxy(&self) -> Arc<ProxyMetrics> {
-        Arc::clone(&self.proxy)
+    /// The proxy's metric families (`redirector_client_*`,
+    /// `redirector_commands`, ...), each backend with its own series.
+    pub fn proxy(&self) -> ProxyFamilies {
+        self.proxy.clone()
     }
 
     /// The HBONE tunnels' metrics (`redirector_hbone_*`).
@@ -141,7 +142,13 @@ mod tests {
                 ..SteeringSnapshot::default()
             })
         });
+        // A backend's series exist once it is declared.
+        let _cart = metrics.proxy().backend("cart");
         let text = metrics.encode();
+        assert!(
+            text.contains("redirector_client_connections_active{backend=\"cart\"} 0"),
+            "{text}"
+        );
         assert!(
             text.contains("redirector_steering_connects_total{outcome=\"steered\"} 7"),
             "{text}"

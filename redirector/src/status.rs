@@ -282,6 +282,39 @@ impl fmt::Display for Status {
             )?,
             None => writeln!(f, "daemon: not answering on its admin address")?,
         }
+        let backends = self
+            .daemon
+            .as_ref()
+            .and_then(|d| d["backends"].as_array().cloned())
+            .unwrap_or_default();
+        if !backends.is_empty() {
+            writeln!(f, "backends ({}):", backends.len())?;
+            for b in &backends {
+                let text = |key: &str| b[key].as_str().unwrap_or("-").to_string();
+                let targets: Vec<String> = b["targets"]
+                    .as_array()
+                    .map(|t| {
+                        t.iter()
+                            .filter_map(|t| t.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                writeln!(
+                    f,
+                    "  {:<16} {:<10} {:<8} clients {:<5} {}  targets [{}]{}",
+                    text("name"),
+                    text("kind"),
+                    text("state"),
+                    b["clients"].as_i64().unwrap_or(0),
+                    text("topology"),
+                    targets.join(", "),
+                    b["last_error"]
+                        .as_str()
+                        .map(|e| format!("  last error: {e}"))
+                        .unwrap_or_default(),
+                )?;
+            }
+        }
         writeln!(f, "redis targets ({}):", self.targets.len())?;
         for t in &self.targets {
             writeln!(f, "  {:<24} backend {}", t.target, t.backend_id)?;

@@ -30,11 +30,33 @@ pub fn get_in(place: &Place, to: SocketAddr, path: &str) -> String {
 
 /// The value of one sample (`name{labels}` exactly as exported), 0 when absent.
 pub fn sample(metrics: &str, name: &str) -> f64 {
+    // `name{a="1"}` matches every series of `name` carrying those labels
+    // (and others, such as `backend`), summed: a daemon with one backend
+    // reads as before.
+    let (wanted_name, wanted_labels) = split_sample(name);
     metrics
         .lines()
-        .find_map(|l| {
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
             let (key, value) = l.rsplit_once(' ')?;
-            (key == name).then(|| value.parse().ok()).flatten()
+            let (key_name, labels) = split_sample(key);
+            (key_name == wanted_name && wanted_labels.iter().all(|w| labels.contains(w)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
         })
-        .unwrap_or(0.0)
+        .sum()
+}
+
+/// `name{a="1",b="2"}` into the name and its `a="1"` pairs.
+fn split_sample(sample: &str) -> (&str, Vec<&str>) {
+    match sample.split_once('{') {
+        Some((name, rest)) => (
+            name,
+            rest.trim_end_matches('}')
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .collect(),
+        ),
+        None => (sample, Vec::new()),
+    }
 }

@@ -54,6 +54,11 @@ impl RedisServer {
         self.child.pid()
     }
 
+    /// SIGKILL by PID: the server crashes, as far as its clients know.
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+
     /// `redis-cli` against this server, from where it runs.
     pub fn cli(&self, args: &[&str]) -> String {
         let addr = self.addr();

@@ -125,8 +125,6 @@ pub struct Agent {
     state: Mutex<State>,
     maps: Mutex<Maps>,
     changed: Notify,
-    /// Targets given on the command line, always steered as well.
-    static_targets: Vec<TargetSpec>,
     resolved: watch::Sender<Resolved>,
     /// The host's own namespace, never enrolled whatever a lookup says.
     host_netns: Option<u64>,
@@ -139,7 +137,6 @@ impl Agent {
     pub async fn start(
         config: K8sConfig,
         maps: Maps,
-        static_targets: Vec<TargetSpec>,
         metrics: Arc<AgentMetrics>,
     ) -> Result<Arc<Self>, Error> {
         let client = super::client(config.api_server.as_deref()).await?;
@@ -152,7 +149,6 @@ impl Agent {
             state: Mutex::new(State::default()),
             maps: Mutex::new(maps),
             changed: Notify::new(),
-            static_targets,
             resolved: watch::Sender::new(Resolved::default()),
             host_netns,
             metrics,
@@ -428,21 +424,15 @@ impl Agent {
             }
         };
         state.targets_error = None;
+        // The daemon serves the backends and writes the target map (each
+        // target with its backend's id); the agent only resolves them.
         let resolved = targets::resolve(&directives, &state.services);
-        let mut wanted = resolved.targets.clone();
-        wanted.extend(self.static_targets.iter().copied());
-        if state.applied_targets.as_ref() != Some(&wanted) {
-            let list: Vec<(TargetSpec, u32)> = wanted.iter().map(|t| (*t, 0)).collect();
-            match self.maps().set_targets(&list) {
-                Ok(()) => {
-                    for why in &resolved.unresolved {
-                        warn!(configmap = %self.config.targets_configmap, "{why}");
-                    }
-                    info!(%resolved, "Redis targets loaded");
-                    state.applied_targets = Some(wanted);
-                }
-                Err(e) => warn!(error = %e, "cannot load the Redis targets"),
+        if state.applied_targets.as_ref() != Some(&resolved.targets) {
+            for why in &resolved.unresolved {
+                warn!(configmap = %self.config.targets_configmap, "{why}");
             }
+            info!(%resolved, "Redis targets resolved");
+            state.applied_targets = Some(resolved.targets.clone());
         }
         self.resolved.send_if_modified(|current| {
             let changed = *current != resolved;

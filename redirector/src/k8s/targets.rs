@@ -9,7 +9,14 @@
 //! port 6380
 //! # Where the proxy discovers the cluster (default: the services and addresses above):
 //! seed 10.0.3.17:6379
+//!
+//! # A Service with a kind is a backend of its own, named NAMESPACE/NAME:
+//! service shop/cart:6379 cluster
+//! service shop/sessions:6379 standalone replicas shop/sessions-replica:6379
+//! service legacy/geo:6380 tcp
 //! ```
+//!
+//! Lines without a kind make up one Redis Cluster backend, `cluster`.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -18,15 +25,30 @@ use std::{
 };
 
 use super::ObjectRef;
-use crate::steering::TargetSpec;
+use crate::{
+    backend::{BackendSpec, Declared, Kind},
+    steering::TargetSpec,
+};
 
 /// The ConfigMap key holding the directives.
 pub const KEY: &str = "targets";
 
+/// The kind a `service` line gives its Service's own backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceKind {
+    Cluster,
+    Standalone { replicas: Vec<(ObjectRef, u16)> },
+    Tcp,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Directive {
-    /// A Service's ClusterIPs on `port`.
-    Service { service: ObjectRef, port: u16 },
+    /// A Service's ClusterIPs on `port`; with a kind, a backend of its own.
+    Service {
+        service: ObjectRef,
+        port: u16,
+        kind: Option<ServiceKind>,
+    },
     /// One address.
     Address(SocketAddr),
     /// Every address on a port.
@@ -58,12 +80,42 @@ pub fn parse(text: &str) -> Result<Vec<Directive>, ParseError> {
             .map_or((line, ""), |(w, r)| (w, r.trim()));
         let directive = match word {
             "service" => {
-                let (service, port) = rest
-                    .rsplit_once(':')
-                    .ok_or_else(|| fail(format!("`{rest}` is not NAMESPACE/NAME:PORT")))?;
+                let mut words = rest.split_whitespace();
+                let first = words.next().unwrap_or_default();
+                let (service, port) = parse_service(first).map_err(fail)?;
+                let kind = match words.next() {
+                    None => None,
+                    Some("cluster") => Some(ServiceKind::Cluster),
+                    Some("tcp") => Some(ServiceKind::Tcp),
+                    Some("standalone") => {
+                        let replicas = match words.next() {
+                            None => Vec::new(),
+                            Some("replicas") => words
+                                .by_ref()
+                                .map(parse_service)
+                                .collect::<Result<Vec<_>, _>>()
+                                .map_err(fail)?,
+                            Some(other) => {
+                                return Err(fail(format!(
+                                    "`{other}`: expected `replicas NAMESPACE/NAME:PORT ...`"
+                                )));
+                            }
+                        };
+                        Some(ServiceKind::Standalone { replicas })
+                    }
+                    Some(other) => {
+                        return Err(fail(format!(
+                            "unknown kind `{other}` (cluster, standalone or tcp)"
+                        )));
+                    }
+                };
+                if let Some(extra) = words.next() {
+                    return Err(fail(format!("unexpected `{extra}`")));
+                }
                 Directive::Service {
-                    service: service.parse().map_err(fail)?,
-                    port: parse_port(port).map_err(fail)?,
+                    service,
+                    port,
+                    kind,
                 }
             }
             "address" => Directive::Address(parse_addr(rest).map_err(fail)?),
@@ -78,6 +130,13 @@ pub fn parse(text: &str) -> Result<Vec<Directive>, ParseError> {
         out.push(directive);
     }
     Ok(out)
+}
+
+fn parse_service(s: &str) -> Result<(ObjectRef, u16), String> {
+    let (service, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{s}` is not NAMESPACE/NAME:PORT"))?;
+    Ok((service.parse()?, parse_port(port)?))
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -110,6 +169,8 @@ pub struct ServiceInfo {
 pub struct Resolved {
     pub targets: BTreeSet<TargetSpec>,
     pub seeds: Vec<SocketAddr>,
+    /// The backends the lines declare, each with its targets.
+    pub backends: Vec<Declared>,
     /// Directives that name nothing usable yet, and why.
     pub unresolved: Vec<String>,
 }
@@ -121,49 +182,125 @@ impl fmt::Display for Resolved {
     }
 }
 
+/// A Service's ClusterIPs on `port`, or why there are none.
+fn service_ips(
+    services: &HashMap<ObjectRef, ServiceInfo>,
+    service: &ObjectRef,
+    port: u16,
+) -> Result<Vec<IpAddr>, String> {
+    match services.get(service) {
+        None => Err(format!("service {service} does not exist")),
+        Some(info) if info.cluster_ips.is_empty() => Err(format!(
+            "service {service} is headless (no ClusterIP): declare its addresses with `address`"
+        )),
+        Some(info) if !info.ports.contains(&port) => {
+            Err(format!("service {service} has no port {port}"))
+        }
+        Some(info) => Ok(info.cluster_ips.clone()),
+    }
+}
+
 pub fn resolve(directives: &[Directive], services: &HashMap<ObjectRef, ServiceInfo>) -> Resolved {
     let mut resolved = Resolved::default();
     let mut fallback_seeds = Vec::new();
+    // Lines without a kind: the one cluster backend.
+    let mut cluster_targets = Vec::new();
     for directive in directives {
         match directive {
-            Directive::Service { service, port } => match services.get(service) {
-                None => resolved
-                    .unresolved
-                    .push(format!("service {service} does not exist")),
-                Some(info) if info.cluster_ips.is_empty() => resolved.unresolved.push(format!(
-                    "service {service} is headless (no ClusterIP): declare its addresses with `address`"
-                )),
-                Some(info) if !info.ports.contains(port) => resolved
-                    .unresolved
-                    .push(format!("service {service} has no port {port}")),
-                Some(info) => {
-                    for ip in &info.cluster_ips {
-                        resolved.targets.insert(TargetSpec {
-                            addr: Some(*ip),
-                            port: *port,
-                        });
-                        fallback_seeds.push(SocketAddr::new(*ip, *port));
+            Directive::Service {
+                service,
+                port,
+                kind,
+            } => {
+                let ips = match service_ips(services, service, *port) {
+                    Ok(ips) => ips,
+                    Err(why) => {
+                        resolved.unresolved.push(why);
+                        continue;
                     }
-                }
-            },
+                };
+                let targets: Vec<TargetSpec> = ips
+                    .iter()
+                    .map(|ip| TargetSpec {
+                        addr: Some(*ip),
+                        port: *port,
+                    })
+                    .collect();
+                resolved.targets.extend(targets.iter().copied());
+                let addrs: Vec<SocketAddr> =
+                    ips.iter().map(|ip| SocketAddr::new(*ip, *port)).collect();
+                let kind = match kind {
+                    None => {
+                        cluster_targets.extend(targets);
+                        fallback_seeds.extend(addrs);
+                        continue;
+                    }
+                    Some(ServiceKind::Cluster) => Kind::Cluster { seeds: addrs },
+                    Some(ServiceKind::Tcp) => Kind::Tcp,
+                    Some(ServiceKind::Standalone { replicas }) => Kind::Standalone {
+                        primary: addrs[0],
+                        replicas: replicas
+                            .iter()
+                            .filter_map(|(replica, port)| {
+                                match service_ips(services, replica, *port) {
+                                    Ok(ips) => Some(SocketAddr::new(ips[0], *port)),
+                                    Err(why) => {
+                                        resolved.unresolved.push(why);
+                                        None
+                                    }
+                                }
+                            })
+                            .collect(),
+                    },
+                };
+                resolved.backends.push(Declared {
+                    spec: BackendSpec {
+                        name: service.to_string(),
+                        kind,
+                    },
+                    targets,
+                    options: Default::default(),
+                    source: format!("service {service}:{port}"),
+                });
+            }
             Directive::Address(addr) => {
-                resolved.targets.insert(TargetSpec {
+                let target = TargetSpec {
                     addr: Some(addr.ip()),
                     port: addr.port(),
-                });
+                };
+                resolved.targets.insert(target);
+                cluster_targets.push(target);
                 fallback_seeds.push(*addr);
             }
             Directive::Port(port) => {
-                resolved.targets.insert(TargetSpec {
+                let target = TargetSpec {
                     addr: None,
                     port: *port,
-                });
+                };
+                resolved.targets.insert(target);
+                cluster_targets.push(target);
             }
             Directive::Seed(addr) => resolved.seeds.push(*addr),
         }
     }
     if resolved.seeds.is_empty() {
         resolved.seeds = fallback_seeds;
+    }
+    if !cluster_targets.is_empty() && !resolved.seeds.is_empty() {
+        resolved.backends.insert(
+            0,
+            Declared {
+                spec: BackendSpec {
+                    name: "cluster".into(),
+                    kind: Kind::Cluster {
+                        seeds: resolved.seeds.clone(),
+                    },
+                },
+                targets: cluster_targets,
+                options: Default::default(),
+                source: "targets ConfigMap".into(),
+            },
+        );
     }
     resolved
 }
@@ -180,7 +317,8 @@ mod tests {
             vec![
                 Directive::Service {
                     service: "redis/redis-cluster".parse().unwrap(),
-                    port: 6379
+                    port: 6379,
+                    kind: None,
                 },
                 Directive::Address("10.96.0.50:6379".parse().unwrap()),
                 Directive::Port(6380),

@@ -56,6 +56,17 @@ pub struct Dialer {
 }
 
 impl Dialer {
+    /// Unmarked, no credentials, no mesh: tests and local tools.
+    pub fn plain() -> Self {
+        Self {
+            socket_mark: 0,
+            connect_timeout: Duration::from_secs(5),
+            auth: None,
+            mesh: None,
+            cluster: false,
+        }
+    }
+
     /// A byte stream to a Redis node: a long-lived HBONE stream when the
     /// node is meshed, else plain TCP.
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<Upstream> {

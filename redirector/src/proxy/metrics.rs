@@ -5,7 +5,12 @@
 //! name and cached, so recording a command costs a map read and two atomic
 //! adds, not a label allocation.
 
-use std::{net::SocketAddr, sync::RwLock, time::Duration};
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    sync::{Mutex, RwLock},
+    time::Duration,
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -21,30 +26,55 @@ use prometheus_client::{
 use super::admission::Refusal;
 use crate::fasthash::FnvHashMap;
 
+/// Every series names the backend it measures (`backend="cart"`), so one
+/// daemon's backends are told apart on a dashboard.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CommandLabels {
+    backend: String,
     command: String,
     outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct NodeLabels {
+    backend: String,
     node: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
+    backend: String,
     kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
+    backend: String,
     result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
+    backend: String,
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    backend: String,
+    direction: &'static str,
+}
+
+type LatencyFamily = Family<BackendLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 25 µs .. ~0.8 s
+    Histogram::new(exponential_buckets(25e-6, 2.0, 16))
 }
 
 /// Counters of one command name.
@@ -68,149 +98,199 @@ impl CommandCounters {
 /// the metric's cardinality.
 pub const UNKNOWN_COMMAND: &[u8] = b"unknown";
 
-pub struct ProxyMetrics {
-    clients_opened: Counter,
-    clients_closed: Counter,
-    clients_active: Gauge,
+/// The proxy's metric families, registered once; each backend records
+/// into its own series of them ([`ProxyFamilies::backend`]).
+#[derive(Clone)]
+pub struct ProxyFamilies {
+    clients_opened: Family<BackendLabels, Counter>,
+    clients_closed: Family<BackendLabels, Counter>,
+    clients_active: Family<BackendLabels, Gauge>,
     clients_rejected: Family<ReasonLabels, Counter>,
-    backend_up: Gauge,
+    backend_up: Family<BackendLabels, Gauge>,
     commands: Family<CommandLabels, Counter>,
-    command_cache: RwLock<FnvHashMap<Vec<u8>, CommandCounters>>,
-    latency: Histogram,
+    latency: LatencyFamily,
     redirections: Family<KindLabels, Counter>,
     topology_refreshes: Family<ResultLabels, Counter>,
     upstream_active: Family<NodeLabels, Gauge>,
     upstream_opened: Family<NodeLabels, Counter>,
     upstream_failed: Family<NodeLabels, Counter>,
-    leases_reused: Counter,
-    protocol_errors: Counter,
+    leases_reused: Family<BackendLabels, Counter>,
+    protocol_errors: Family<BackendLabels, Counter>,
+    relayed: Family<DirectionLabels, Counter>,
 }
 
-impl ProxyMetrics {
+impl ProxyFamilies {
     /// Registers into `registry` itself: the proxy's names carry only the
     /// root's `redirector` prefix.
     pub fn register(registry: &mut Registry) -> Self {
-        let clients_opened = Counter::default();
-        let clients_closed = Counter::default();
-        let clients_active = Gauge::default();
-        let clients_rejected = Family::<ReasonLabels, Counter>::default();
-        for refusal in Refusal::ALL {
-            let _ = clients_rejected.get_or_create(&ReasonLabels {
-                reason: refusal.reason(),
-            });
-        }
-        let backend_up = Gauge::default();
-        let commands = Family::<CommandLabels, Counter>::default();
-        // 25 µs .. ~0.8 s
-        let latency = Histogram::new(exponential_buckets(25e-6, 2.0, 16));
-        let redirections = Family::<KindLabels, Counter>::default();
-        // Series with a fixed label set exist from the start at zero, so a
-        // dashboard shows 0 rather than "no data" before the first event.
-        for kind in ["moved", "ask"] {
-            let _ = redirections.get_or_create(&KindLabels { kind });
-        }
-        let topology_refreshes = Family::<ResultLabels, Counter>::default();
-        let upstream_active = Family::<NodeLabels, Gauge>::default();
-        let upstream_opened = Family::<NodeLabels, Counter>::default();
-        let upstream_failed = Family::<NodeLabels, Counter>::default();
-        let leases_reused = Counter::default();
-        let protocol_errors = Counter::default();
-
+        let families = Self {
+            clients_opened: Family::default(),
+            clients_closed: Family::default(),
+            clients_active: Family::default(),
+            clients_rejected: Family::default(),
+            backend_up: Family::default(),
+            commands: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            redirections: Family::default(),
+            topology_refreshes: Family::default(),
+            upstream_active: Family::default(),
+            upstream_opened: Family::default(),
+            upstream_failed: Family::default(),
+            leases_reused: Family::default(),
+            protocol_errors: Family::default(),
+            relayed: Family::default(),
+        };
         registry.register(
             "client_connections_opened",
             "Client connections accepted",
-            clients_opened.clone(),
+            families.clients_opened.clone(),
         );
         registry.register(
             "client_connections_closed",
             "Client connections closed",
-            clients_closed.clone(),
+            families.clients_closed.clone(),
         );
         registry.register(
             "client_connections_active",
             "Client connections open now",
-            clients_active.clone(),
+            families.clients_active.clone(),
         );
         registry.register(
             "client_connections_rejected",
             "Client connections refused at accept, by reason: not_steered (dialled the proxy \
              directly from a source not allowed), max_clients (node-wide limit), pod_quota, \
              source_quota",
-            clients_rejected.clone(),
+            families.clients_rejected.clone(),
         );
         registry.register(
             "backend_up",
             "1 while the Redis backend answers (its topology was refreshed recently), else 0; \
              readiness does not wait for it",
-            backend_up.clone(),
+            families.backend_up.clone(),
         );
         registry.register(
             "commands",
             "Commands by name and outcome (error: the client got an error reply)",
-            commands.clone(),
+            families.commands.clone(),
         );
         registry.register(
             "command_duration_seconds",
             "Time from a command's arrival to its reply being ready",
-            latency.clone(),
+            families.latency.clone(),
         );
         registry.register(
             "redirections",
             "MOVED and ASK redirections followed",
-            redirections.clone(),
+            families.redirections.clone(),
         );
         registry.register(
             "topology_refreshes",
             "Cluster topology refreshes by result",
-            topology_refreshes.clone(),
+            families.topology_refreshes.clone(),
         );
         registry.register(
             "upstream_connections_active",
             "Open connections to each Redis node (shared and leased)",
-            upstream_active.clone(),
+            families.upstream_active.clone(),
         );
         registry.register(
             "upstream_connections_opened",
             "Connections opened to each Redis node",
-            upstream_opened.clone(),
+            families.upstream_opened.clone(),
         );
         registry.register(
             "upstream_connect_failures",
             "Failed connection attempts to each Redis node",
-            upstream_failed.clone(),
+            families.upstream_failed.clone(),
         );
         registry.register(
             "leases_reused",
             "Dedicated connections (transactions, blocking, pub/sub) served from the warm pool",
-            leases_reused.clone(),
+            families.leases_reused.clone(),
         );
         registry.register(
             "client_protocol_errors",
             "Clients disconnected for malformed RESP",
-            protocol_errors.clone(),
+            families.protocol_errors.clone(),
         );
-        Self {
-            clients_opened,
-            clients_closed,
-            clients_active,
-            clients_rejected,
-            backend_up,
-            commands,
-            command_cache: RwLock::new(FnvHashMap::default()),
-            latency,
-            redirections,
-            topology_refreshes,
-            upstream_active,
-            upstream_opened,
-            upstream_failed,
-            leases_reused,
-            protocol_errors,
-        }
+        registry.register(
+            "relay_bytes",
+            "Bytes carried by tcp backends' relays, upstream (client to server) and downstream",
+            families.relayed.clone(),
+        );
+        families
     }
 
+    /// The handles one backend records with. Series with a fixed label set
+    /// exist from the start at zero, so a dashboard shows 0 rather than "no
+    /// data" before the first event.
+    pub fn backend(&self, name: &str) -> ProxyMetrics {
+        let backend = || BackendLabels {
+            backend: name.to_string(),
+        };
+        for refusal in Refusal::ALL {
+            let _ = self.clients_rejected.get_or_create(&ReasonLabels {
+                backend: name.to_string(),
+                reason: refusal.reason(),
+            });
+        }
+        for kind in ["moved", "ask"] {
+            let _ = self.redirections.get_or_create(&KindLabels {
+                backend: name.to_string(),
+                kind,
+            });
+        }
+        let relayed = |direction| {
+            self.relayed.get_or_create_owned(&DirectionLabels {
+                backend: name.to_string(),
+                direction,
+            })
+        };
+        ProxyMetrics {
+            backend: name.to_string(),
+            clients_opened: self.clients_opened.get_or_create_owned(&backend()),
+            clients_closed: self.clients_closed.get_or_create_owned(&backend()),
+            clients_active: self.clients_active.get_or_create_owned(&backend()),
+            backend_up: self.backend_up.get_or_create_owned(&backend()),
+            latency: self.latency.get_or_create_owned(&backend()),
+            leases_reused: self.leases_reused.get_or_create_owned(&backend()),
+            protocol_errors: self.protocol_errors.get_or_create_owned(&backend()),
+            relayed_upstream: relayed("upstream"),
+            relayed_downstream: relayed("downstream"),
+            command_cache: RwLock::new(FnvHashMap::default()),
+            nodes_seen: Mutex::new(HashSet::new()),
+            families: self.clone(),
+        }
+    }
+}
+
+/// One backend's metrics: hot-path handles resolved once.
+pub struct ProxyMetrics {
+    backend: String,
+    clients_opened: Counter,
+    clients_closed: Counter,
+    clients_active: Gauge,
+    backend_up: Gauge,
+    latency: Histogram,
+    leases_reused: Counter,
+    protocol_errors: Counter,
+    relayed_upstream: Counter,
+    relayed_downstream: Counter,
+    command_cache: RwLock<FnvHashMap<Vec<u8>, CommandCounters>>,
+    /// Nodes with series, so a removed backend's can be dropped.
+    nodes_seen: Mutex<HashSet<SocketAddr>>,
+    families: ProxyFamilies,
+}
+
+impl ProxyMetrics {
     /// Unregistered, for tests of the proxy alone.
     pub fn detached() -> Self {
-        Self::register(&mut Registry::default())
+        ProxyFamilies::register(&mut Registry::default()).backend("test")
+    }
+
+    /// The backend these metrics are labelled with.
+    pub fn backend(&self) -> &str {
+        &self.backend
     }
 
     pub fn client_opened(&self) {
@@ -223,9 +303,17 @@ impl ProxyMetrics {
         self.clients_active.dec();
     }
 
+    pub fn clients_active(&self) -> i64 {
+        self.clients_active.get()
+    }
+
     pub fn client_rejected(&self, reason: &'static str) {
-        self.clients_rejected
-            .get_or_create(&ReasonLabels { reason })
+        self.families
+            .clients_rejected
+            .get_or_create(&ReasonLabels {
+                backend: self.backend.clone(),
+                reason,
+            })
             .inc();
     }
 
@@ -241,6 +329,12 @@ impl ProxyMetrics {
         self.protocol_errors.inc();
     }
 
+    /// Bytes a tcp backend's relay carried, each way.
+    pub fn relayed(&self, upstream: u64, downstream: u64) {
+        self.relayed_upstream.inc_by(upstream);
+        self.relayed_downstream.inc_by(downstream);
+    }
+
     /// Counters for a lowercase command name (or [`UNKNOWN_COMMAND`]).
     pub fn command(&self, name: &[u8]) -> CommandCounters {
         if let Some(c) = self
@@ -252,15 +346,14 @@ impl ProxyMetrics {
             return c.clone();
         }
         let command = String::from_utf8_lossy(name).into_owned();
+        let labels = |outcome| CommandLabels {
+            backend: self.backend.clone(),
+            command: command.clone(),
+            outcome,
+        };
         let counters = CommandCounters {
-            ok: self.commands.get_or_create_owned(&CommandLabels {
-                command: command.clone(),
-                outcome: "ok",
-            }),
-            error: self.commands.get_or_create_owned(&CommandLabels {
-                command,
-                outcome: "error",
-            }),
+            ok: self.families.commands.get_or_create_owned(&labels("ok")),
+            error: self.families.commands.get_or_create_owned(&labels("error")),
         };
         self.command_cache
             .write()
@@ -273,47 +366,134 @@ impl ProxyMetrics {
         self.latency.observe(elapsed.as_secs_f64());
     }
 
-    pub fn moved(&self) {
-        self.redirections
-            .get_or_create(&KindLabels { kind: "moved" })
+    fn redirection(&self, kind: &'static str) {
+        self.families
+            .redirections
+            .get_or_create(&KindLabels {
+                backend: self.backend.clone(),
+                kind,
+            })
             .inc();
     }
 
+    pub fn moved(&self) {
+        self.redirection("moved");
+    }
+
     pub fn ask(&self) {
-        self.redirections
-            .get_or_create(&KindLabels { kind: "ask" })
-            .inc();
+        self.redirection("ask");
     }
 
     /// A topology refresh's result, which is also the backend's health.
     pub fn topology_refresh(&self, ok: bool) {
         self.set_backend_up(ok);
         let result = if ok { "ok" } else { "error" };
-        self.topology_refreshes
-            .get_or_create(&ResultLabels { result })
+        self.families
+            .topology_refreshes
+            .get_or_create(&ResultLabels {
+                backend: self.backend.clone(),
+                result,
+            })
             .inc();
     }
 
-    fn node(addr: SocketAddr) -> NodeLabels {
+    /// Drops this backend's series (it was removed), so a dashboard does
+    /// not keep showing a backend that is gone.
+    pub fn forget(&self) {
+        let f = &self.families;
+        let backend = BackendLabels {
+            backend: self.backend.clone(),
+        };
+        for family in [
+            &f.clients_opened,
+            &f.clients_closed,
+            &f.leases_reused,
+            &f.protocol_errors,
+        ] {
+            family.remove(&backend);
+        }
+        f.clients_active.remove(&backend);
+        f.backend_up.remove(&backend);
+        f.latency.remove(&backend);
+        for refusal in Refusal::ALL {
+            f.clients_rejected.remove(&ReasonLabels {
+                backend: self.backend.clone(),
+                reason: refusal.reason(),
+            });
+        }
+        for kind in ["moved", "ask"] {
+            f.redirections.remove(&KindLabels {
+                backend: self.backend.clone(),
+                kind,
+            });
+        }
+        for result in ["ok", "error"] {
+            f.topology_refreshes.remove(&ResultLabels {
+                backend: self.backend.clone(),
+                result,
+            });
+        }
+        for direction in ["upstream", "downstream"] {
+            f.relayed.remove(&DirectionLabels {
+                backend: self.backend.clone(),
+                direction,
+            });
+        }
+        let commands = self.command_cache.read().unwrap_or_else(|e| e.into_inner());
+        for name in commands.keys() {
+            for outcome in ["ok", "error"] {
+                f.commands.remove(&CommandLabels {
+                    backend: self.backend.clone(),
+                    command: String::from_utf8_lossy(name).into_owned(),
+                    outcome,
+                });
+            }
+        }
+        let nodes = self.nodes_seen.lock().unwrap_or_else(|e| e.into_inner());
+        for &addr in nodes.iter() {
+            let labels = self.node(addr);
+            f.upstream_active.remove(&labels);
+            f.upstream_opened.remove(&labels);
+            f.upstream_failed.remove(&labels);
+        }
+    }
+
+    fn node(&self, addr: SocketAddr) -> NodeLabels {
         NodeLabels {
+            backend: self.backend.clone(),
             node: addr.to_string(),
         }
     }
 
     pub fn upstream_opened(&self, addr: SocketAddr) {
-        let labels = Self::node(addr);
-        self.upstream_opened.get_or_create(&labels).inc();
-        self.upstream_active.get_or_create(&labels).inc();
+        self.seen(addr);
+        let labels = self.node(addr);
+        self.families.upstream_opened.get_or_create(&labels).inc();
+        self.families.upstream_active.get_or_create(&labels).inc();
         // Zero until it happens, so dashboards see a series, not nothing.
-        let _ = self.upstream_failed.get_or_create(&labels);
+        let _ = self.families.upstream_failed.get_or_create(&labels);
     }
 
     pub fn upstream_closed(&self, addr: SocketAddr) {
-        self.upstream_active.get_or_create(&Self::node(addr)).dec();
+        self.families
+            .upstream_active
+            .get_or_create(&self.node(addr))
+            .dec();
     }
 
     pub fn upstream_connect_failed(&self, addr: SocketAddr) {
-        self.upstream_failed.get_or_create(&Self::node(addr)).inc();
+        self.seen(addr);
+        self.families
+            .upstream_failed
+            .get_or_create(&self.node(addr))
+            .inc();
+    }
+
+    fn seen(&self, addr: SocketAddr) {
+        self.nodes_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr);
     }
 
     pub fn lease_reused(&self) {

@@ -2,7 +2,8 @@
 //!
 //! - connect(): what the eBPF programs cost a connect ([`connect`]);
 //! - W1-W4: the Redis Cluster proxy against `redis-benchmark --cluster` and
-//!   phpredis' `RedisCluster` going direct ([`workloads`]).
+//!   phpredis' `RedisCluster` going direct, and W1 on a standalone backend
+//!   against that `redis-server` direct ([`workloads`]).
 
 mod connect;
 mod workloads;

@@ -12,6 +12,10 @@
 //! cluster through an HBONE tunnel to a second redirector's listener
 //! (127.0.0.1:15008, mTLS HTTP/2), and W1/W2 through it are compared with
 //! the plain proxy in the same round.
+//!
+//! The standalone figure: W1 against one `redis-server` (127.0.0.1:7100)
+//! directly and through a third proxy (127.0.0.1:7382) that serves it as a
+//! `--backend NAME=standalone:ADDR`, alternating in the same rounds.
 
 use std::{
     collections::BTreeMap,
@@ -27,6 +31,7 @@ use testbed::{
     cluster::RedisCluster,
     netns::Netns,
     process::{Child, Place, cpu_ticks, wait_for},
+    redis::RedisServer,
     unique,
 };
 
@@ -35,6 +40,13 @@ const PROXY_PORT: u16 = 7379;
 const TUNNEL_PROXY_PORT: u16 = 7380;
 /// The workloads measured through the tunnel too.
 const TUNNEL_WORKLOADS: [&str; 2] = ["W1 -c 50 -P 1", "W2 -c 50 -P 16"];
+/// Where the proxies find the cluster.
+const CLUSTER_SEED: &str = "127.0.0.1:7000";
+/// A standalone Redis, and the proxy serving it as a standalone backend.
+const STANDALONE_PORT: u16 = 7100;
+const STANDALONE_PROXY_PORT: u16 = 7382;
+/// The workload measured on the standalone backend too.
+const STANDALONE_WORKLOAD: &str = "W1 -c 50 -P 1";
 const WORKERS: &str = "1";
 
 struct Workload {
@@ -100,9 +112,28 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
     let tunnel_args = tunnel_args(bin, dir.path())?;
     let _tunnel_end = start_proxy(bin, &place, dir.path(), "tunnel-end", &tunnel_args.0)?;
     let _tunnel_proxy = start_proxy(bin, &place, dir.path(), "tunnel-proxy", &tunnel_args.1)?;
+    let standalone_dir = dir.path().join("standalone");
+    std::fs::create_dir_all(&standalone_dir)?;
+    let standalone = RedisServer::start(
+        &place,
+        &[[127, 0, 0, 1].into()],
+        STANDALONE_PORT,
+        &standalone_dir,
+        &[],
+    );
+    let standalone_proxy = start_proxy(
+        bin,
+        &place,
+        dir.path(),
+        "standalone-proxy",
+        &standalone_proxy_args(standalone.addr()),
+    )?;
 
     let mut series: BTreeMap<(&str, String), Series> = BTreeMap::new();
     let mut cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    // The standalone backend: per test, direct and proxy samples.
+    let mut on_standalone: BTreeMap<String, Series> = BTreeMap::new();
+    let mut standalone_cpu = Vec::new();
     for round in 1..=rounds {
         for w in WORKLOADS {
             eprintln!("round {round}/{rounds}: {} direct", w.name);
@@ -138,9 +169,30 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
                         .push(sample);
                 }
             }
+            if w.name == STANDALONE_WORKLOAD {
+                eprintln!("round {round}/{rounds}: {} standalone direct", w.name);
+                let direct = &["-p", &STANDALONE_PORT.to_string()];
+                for (test, sample) in run_benchmark(&place, w, direct, true)? {
+                    on_standalone.entry(test).or_default().direct.push(sample);
+                }
+                eprintln!(
+                    "round {round}/{rounds}: {} standalone through the proxy",
+                    w.name
+                );
+                let before = cpu_ticks(standalone_proxy.pid());
+                let results = benchmark_port(&place, w, STANDALONE_PROXY_PORT)?;
+                let ticks = cpu_ticks(standalone_proxy.pid()) - before;
+                let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
+                standalone_cpu.push(ticks as f64 * 0.01 / requests as f64 * 100_000.0);
+                for (test, sample) in results {
+                    on_standalone.entry(test).or_default().proxy.push(sample);
+                }
+            }
         }
     }
     let w4 = php_w4(&place, dir.path(), rounds)?;
+    drop(standalone_proxy);
+    drop(standalone);
     drop(cluster);
 
     println!();
@@ -214,6 +266,30 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
             );
         }
     }
+    println!();
+    println!(
+        "Standalone backend (--backend sessions=standalone:127.0.0.1:{STANDALONE_PORT}, one redis-server) vs that redis-server direct, same rounds:"
+    );
+    for test in ["SET", "GET"] {
+        let Some(s) = on_standalone.get(test) else {
+            continue;
+        };
+        let (direct, proxied) = (median(&s.direct), median(&s.proxy));
+        println!(
+            "{STANDALONE_WORKLOAD:<16} {test:<4} direct {:>10.0} rps, proxy {:>10.0} rps, ratio {:.2}  p50/p99 direct {:.2}/{:.2} ms, proxy {:.2}/{:.2} ms",
+            direct.rps,
+            proxied.rps,
+            proxied.rps / direct.rps,
+            direct.p50,
+            direct.p99,
+            proxied.p50,
+            proxied.p99
+        );
+    }
+    println!(
+        "proxy CPU per 100k requests, {STANDALONE_WORKLOAD} standalone {:.3} s",
+        median_f(&standalone_cpu)
+    );
     if let Some((proxied, direct)) = w4 {
         let ratio = proxied / direct;
         println!();
@@ -226,7 +302,22 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
 }
 
 fn plain_proxy_args() -> Vec<String> {
-    vec!["--proxy-addr".into(), format!("127.0.0.1:{PROXY_PORT}")]
+    vec![
+        "--proxy-addr".into(),
+        format!("127.0.0.1:{PROXY_PORT}"),
+        "--cluster-seed".into(),
+        CLUSTER_SEED.into(),
+    ]
+}
+
+/// A proxy whose only backend is the standalone Redis at `redis`.
+fn standalone_proxy_args(redis: SocketAddr) -> Vec<String> {
+    vec![
+        "--proxy-addr".into(),
+        format!("127.0.0.1:{STANDALONE_PROXY_PORT}"),
+        "--backend".into(),
+        format!("sessions=standalone:{redis}"),
+    ]
 }
 
 /// Certificates from a fresh CA, and the arguments of the tunnel's far end
@@ -264,6 +355,8 @@ fn tunnel_args(bin: &Path, dir: &Path) -> Result<(Vec<String>, Vec<String>)> {
         path("b"),
         "--hbone-listen".into(),
         "127.0.0.1:15008".into(),
+        "--cluster-seed".into(),
+        CLUSTER_SEED.into(),
     ];
     let proxy = vec![
         "--proxy-addr".into(),
@@ -274,6 +367,8 @@ fn tunnel_args(bin: &Path, dir: &Path) -> Result<(Vec<String>, Vec<String>)> {
         "none".into(),
         "--mesh-endpoints".into(),
         "127.0.0.1".into(),
+        "--cluster-seed".into(),
+        CLUSTER_SEED.into(),
     ];
     Ok((end, proxy))
 }
@@ -289,7 +384,7 @@ fn start_proxy(
     let mut cmd = place.command(bin);
     cmd.args(["run", "--steering", "off", "--admin-addr", "none"])
         .args(args)
-        .args(["--cluster-seed", "127.0.0.1:7000", "--workers", WORKERS])
+        .args(["--workers", WORKERS])
         .env("RUST_LOG", "warn,redirector::app=info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?);

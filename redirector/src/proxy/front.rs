@@ -1,0 +1,496 @@
+//! The proxy's front door, shared by every backend of the node: the
+//! listeners, the accept loop, node-wide admission, and the choice of the
+//! backend a connection belongs to.
+//!
+//! ```text
+//! accept ─▶ rdr_orig_dst[peer, local] (steered: pod, original destination, backend_id)
+//!        ─▶ route: backend_id → Redis backend (session) | tcp backend (relay)
+//!                  unknown id (backend gone)       → relay to the original destination
+//!                  not steered                     → the direct backend (the first declared)
+//!        ─▶ admission (node-wide tally and quotas) ─▶ session / relay
+//! ```
+//!
+//! The routing decision is pure ([`route`]); [`Front`] carries it out.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{SocketAddr, TcpListener as StdTcpListener},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+    sync::Notify,
+};
+use tracing::{Instrument as _, debug_span};
+
+use super::{
+    Error, Shared,
+    admission::{self, Origin, Refusal, Tally},
+    relay::TcpBackend,
+    session,
+};
+use crate::steering::{OrigDstTable, orig_dst_addr};
+
+/// A backend as the accept path sees it.
+#[derive(Clone)]
+pub enum Route {
+    /// A Redis Cluster or standalone Redis: sessions that speak RESP.
+    Redis(Arc<Shared>),
+    /// Bytes relayed as they are.
+    Tcp(Arc<TcpBackend>),
+}
+
+impl Route {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Redis(shared) => shared.metrics.backend(),
+            Self::Tcp(tcp) => &tcp.name,
+        }
+    }
+}
+
+/// The backends serving now, by the id the kernel's target map carries.
+#[derive(Clone, Default)]
+pub struct Routes {
+    pub by_id: HashMap<u32, Route>,
+    /// The backend direct (unsteered) clients get: the first declared.
+    pub direct: Option<u32>,
+}
+
+/// What to do with an accepted connection.
+#[derive(Clone)]
+pub enum Decision {
+    Serve(Route),
+    /// Steered for a backend that is not serving (not discovered yet, or
+    /// removed): carried to where the client was going, as if never steered.
+    RelayToOriginal,
+    /// Direct, and no backend serves direct clients.
+    NoDirectBackend,
+}
+
+/// The pure routing decision: `steered` is the backend id the kernel
+/// recorded, `None` for a connection that dialled the proxy itself.
+pub fn route(routes: &Routes, steered: Option<u32>) -> Decision {
+    let id = match steered {
+        Some(id) => id,
+        None => match routes.direct {
+            Some(id) => id,
+            None => return Decision::NoDirectBackend,
+        },
+    };
+    match (routes.by_id.get(&id), steered) {
+        (Some(route), _) => Decision::Serve(route.clone()),
+        (None, Some(_)) => Decision::RelayToOriginal,
+        (None, None) => Decision::NoDirectBackend,
+    }
+}
+
+/// Node-wide admission: one tally across every backend, the node-wide
+/// limit the kernel is told about, and the heartbeat's probe.
+pub struct Gate {
+    policy: admission::Policy,
+    tally: Mutex<Tally>,
+    /// At the node-wide limit: the kernel should send new connects direct.
+    full: AtomicBool,
+    /// Woken when `full` flips, so the flag reaches the kernel at once.
+    pub full_changed: Notify,
+    /// The heartbeat's own probe connection, answered without a backend.
+    probe_peer: Mutex<Option<SocketAddr>>,
+    orig_dst: Option<OrigDstTable>,
+}
+
+impl Gate {
+    pub fn new(policy: admission::Policy, orig_dst: Option<OrigDstTable>) -> Self {
+        Self {
+            policy,
+            tally: Mutex::new(Tally::default()),
+            full: AtomicBool::new(false),
+            full_changed: Notify::new(),
+            probe_peer: Mutex::new(None),
+            orig_dst,
+        }
+    }
+
+    fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
+        self.tally.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Client connections held on the node, every backend together.
+    pub fn connected_clients(&self) -> usize {
+        self.tally().total()
+    }
+
+    /// Whether the proxy is at its node-wide client limit (the kernel then
+    /// sends new connects direct).
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
+
+    /// The local address of the heartbeat's probe connection, so that the
+    /// accept path answers it without an original destination.
+    pub fn set_probe_peer(&self, peer: Option<SocketAddr>) {
+        *self.probe_peer.lock().unwrap_or_else(|e| e.into_inner()) = peer;
+    }
+
+    fn is_probe(&self, peer: SocketAddr) -> bool {
+        *self.probe_peer.lock().unwrap_or_else(|e| e.into_inner()) == Some(peer)
+    }
+
+    /// Admits a connection from `origin` (or says why not), holding its
+    /// place until the returned [`Place`] drops.
+    pub fn admit(self: &Arc<Self>, origin: Origin) -> Result<Place, Refusal> {
+        let mut tally = self.tally();
+        admission::decide(&self.policy, &tally, origin)?;
+        tally.add(origin);
+        self.update_full(&tally);
+        Ok(Place {
+            gate: Arc::clone(self),
+            origin,
+        })
+    }
+
+    fn update_full(&self, tally: &Tally) {
+        let was = self.full.load(Ordering::Relaxed);
+        let now = admission::node_full(&self.policy, tally.total(), was);
+        if now != was {
+            self.full.store(now, Ordering::Relaxed);
+            self.full_changed.notify_one();
+        }
+    }
+}
+
+/// A connection's place in the node's admission tally.
+pub struct Place {
+    gate: Arc<Gate>,
+    origin: Origin,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut tally = self.gate.tally();
+        tally.remove(self.origin);
+        self.gate.update_full(&tally);
+    }
+}
+
+/// The node's door: the gate and the backends behind it.
+pub struct Front {
+    pub gate: Arc<Gate>,
+    routes: RwLock<Arc<Routes>>,
+    /// Carries connections steered for a backend that is not serving to
+    /// their original destination.
+    pub unrouted: Arc<TcpBackend>,
+    /// Woken whenever the routes change.
+    pub changed: Notify,
+}
+
+impl Front {
+    pub fn new(gate: Arc<Gate>, unrouted: Arc<TcpBackend>) -> Self {
+        Self {
+            gate,
+            routes: RwLock::new(Arc::new(Routes::default())),
+            unrouted,
+            changed: Notify::new(),
+        }
+    }
+
+    /// The routes now: a snapshot, so the accept path holds no lock.
+    pub fn routes(&self) -> Arc<Routes> {
+        Arc::clone(&self.routes.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Changes the routes (a backend up, replaced or removed).
+    pub fn update(&self, change: impl FnOnce(&mut Routes)) {
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = Routes::clone(&routes);
+        change(&mut next);
+        *routes = Arc::new(next);
+        drop(routes);
+        self.changed.notify_waiters();
+    }
+}
+
+/// The proxy's listeners, bound: connections wait in their backlog until
+/// [`Proxy::serve`] runs.
+pub struct Proxy {
+    listeners: Vec<TcpListener>,
+}
+
+impl Proxy {
+    /// Binds every listener now, so a bind error surfaces before the daemon
+    /// reports itself ready (and before the heartbeat turns steering on).
+    pub fn bind(addrs: &[SocketAddr]) -> Result<Self, Error> {
+        let listeners = addrs
+            .iter()
+            .map(|&addr| {
+                // The socket is created non-blocking, as tokio requires.
+                let bind = || TcpListener::from_std(listener_socket(addr)?);
+                bind().map_err(|source| Error::Bind { addr, source })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { listeners })
+    }
+
+    /// The listening sockets, with their addresses, for `rdr_listener`.
+    pub fn sockets(&self) -> impl Iterator<Item = (SocketAddr, &TcpListener)> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok().map(|addr| (addr, l)))
+    }
+
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// Accepts until the task is dropped.
+    pub async fn serve(self, front: Arc<Front>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for listener in self.listeners {
+            tasks.spawn(accept_loop(listener, Arc::clone(&front)));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+fn listener_socket(addr: SocketAddr) -> io::Result<StdTcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt,
+        socket, sockopt,
+    };
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    // The node address may not be up yet when the daemon starts.
+    setsockopt(&fd, sockopt::IpFreebind, &true)?;
+    // Accepted sockets inherit it: one syscall here instead of one per client.
+    setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    listen(&fd, Backlog::MAXCONN)?;
+    Ok(StdTcpListener::from(fd))
+}
+
+async fn accept_loop(listener: TcpListener, front: Arc<Front>) {
+    // A listener on a specific address accepts only connections to that
+    // address: no getsockname per client then.
+    let bound = listener
+        .local_addr()
+        .ok()
+        .filter(|addr| !addr.ip().is_unspecified());
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let local = bound.or_else(|| client.local_addr().ok()).unwrap_or(peer);
+        // Taken here, once: the entry is the proof that the kernel steered
+        // this connection from an enrolled pod.
+        let steered = front
+            .gate
+            .orig_dst
+            .as_ref()
+            .and_then(|table| table.take(peer, local));
+        if steered.is_none() && front.gate.is_probe(peer) {
+            tokio::spawn(answer_probe(client));
+            continue;
+        }
+        let origin = match &steered {
+            Some(orig) => Origin::Steered {
+                pod: orig.netns_cookie,
+            },
+            None => Origin::Direct { source: peer.ip() },
+        };
+        let route = match route(&front.routes(), steered.as_ref().map(|o| o.backend_id)) {
+            Decision::Serve(route) => route,
+            Decision::RelayToOriginal => Route::Tcp(Arc::clone(&front.unrouted)),
+            Decision::NoDirectBackend => {
+                tracing::debug!(%peer, "direct client refused: no backend serves direct clients");
+                tokio::spawn(refuse_bytes(
+                    client,
+                    b"-ERR no backend of this proxy serves direct clients\r\n",
+                ));
+                continue;
+            }
+        };
+        let place = match front.gate.admit(origin) {
+            Ok(place) => place,
+            Err(refusal) => {
+                match &route {
+                    Route::Redis(shared) => shared.count_refused(&refusal),
+                    Route::Tcp(tcp) => tcp.metrics.client_rejected(refusal.reason()),
+                }
+                tracing::debug!(%peer, backend = route.name(), reason = refusal.reason(), "client refused");
+                tokio::spawn(refuse_bytes(client, refusal.reply()));
+                continue;
+            }
+        };
+        match route {
+            Route::Redis(shared) => {
+                let slot = shared.register_client(place, peer, local);
+                let id = slot.entry().id;
+                let span = debug_span!("client", backend = shared.metrics.backend(), id, %peer);
+                // A steered client believes it talks to the address it dialled.
+                let advertised = steered.as_ref().map_or(local, orig_dst_addr);
+                let session = session::serve(
+                    shared,
+                    client,
+                    session::Addresses {
+                        peer,
+                        local,
+                        advertised,
+                    },
+                    id,
+                    slot,
+                );
+                tokio::spawn(session.instrument(span));
+            }
+            Route::Tcp(tcp) => {
+                // A relay needs somewhere to go: a direct client of a tcp
+                // backend has no original destination.
+                let Some(orig) = steered.as_ref().map(orig_dst_addr) else {
+                    tokio::spawn(refuse_bytes(
+                        client,
+                        b"-ERR this proxy's direct backend is a tcp relay, which needs a steered connection\r\n",
+                    ));
+                    continue;
+                };
+                let span = debug_span!("relay", backend = %tcp.name, %peer, %orig);
+                tokio::spawn(tcp.relay(client, orig, place).instrument(span));
+            }
+        }
+    }
+}
+
+/// Tells a refused client why, as Redis does, and closes.
+async fn refuse_bytes(mut client: tokio::net::TcpStream, reply: &'static [u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(reply)).await;
+}
+
+/// Answers the heartbeat's probe: its `ECHO` comes back as a bulk string.
+/// It proves the accept loop and the runtime's tasks run, without asking
+/// any backend (a Redis outage must not stop steering to the others).
+async fn answer_probe(mut client: tokio::net::TcpStream) {
+    let mut request = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(1), client.read(&mut request)).await;
+    if matches!(read, Ok(Ok(n)) if n > 0) {
+        let _ = client.write_all(b"$5\r\nprobe\r\n").await;
+    }
+}
+
+/// The heartbeat's liveness probe: one connection through the proxy's own
+/// listener and accept path. A proxy whose accept loop or tasks no longer
+/// run fails it, and then stops beating, so the kernel sends connects
+/// direct. The gate learns the probe's address first, so the accept path
+/// answers it without an original destination.
+pub async fn probe(gate: &Gate, listener: SocketAddr, timeout: Duration) -> io::Result<()> {
+    // A wildcard listener (no steering) is reached on loopback.
+    let listener = match listener.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, listener.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, listener.port()))
+        }
+        _ => listener,
+    };
+    let exchange = async {
+        let socket = match listener {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(listener.ip(), 0))?;
+        gate.set_probe_peer(Some(socket.local_addr()?));
+        let mut stream = socket.connect(listener).await?;
+        stream
+            .write_all(b"*2\r\n$4\r\nECHO\r\n$5\r\nprobe\r\n")
+            .await?;
+        let mut reply = [0u8; 64];
+        let n = stream.read(&mut reply).await?;
+        match reply[..n].first() {
+            Some(b'$') => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no RESP reply to the probe's ECHO",
+            )),
+        }
+    };
+    let result = tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time")));
+    gate.set_probe_peer(None);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::{dial::Dialer, metrics::ProxyMetrics};
+
+    fn tcp(name: &str) -> Route {
+        Route::Tcp(Arc::new(TcpBackend::new(
+            name.into(),
+            Arc::new(Dialer::plain()),
+            Arc::new(ProxyMetrics::detached()),
+        )))
+    }
+
+    fn name(decision: &Decision) -> String {
+        match decision {
+            Decision::Serve(route) => route.name().into(),
+            Decision::RelayToOriginal => "relay".into(),
+            Decision::NoDirectBackend => "refused".into(),
+        }
+    }
+
+    #[test]
+    fn the_kernels_backend_id_picks_the_backend() {
+        let routes = Routes {
+            by_id: HashMap::from([(0, tcp("cart")), (3, tcp("sessions"))]),
+            direct: Some(0),
+        };
+        assert_eq!(name(&route(&routes, Some(3))), "sessions");
+        assert_eq!(name(&route(&routes, Some(0))), "cart");
+        // Direct clients get the first declared backend.
+        assert_eq!(name(&route(&routes, None)), "cart");
+    }
+
+    #[test]
+    fn a_connection_for_a_backend_not_serving_goes_where_it_was_going() {
+        let routes = Routes {
+            by_id: HashMap::from([(0, tcp("cart"))]),
+            direct: Some(1),
+        };
+        assert_eq!(name(&route(&routes, Some(7))), "relay");
+        // The direct backend is not up yet: nowhere to send direct clients.
+        assert_eq!(name(&route(&routes, None)), "refused");
+        assert_eq!(name(&route(&Routes::default(), None)), "refused");
+    }
+}

@@ -1,0 +1,470 @@
+//! The backends a daemon serves, each on its own: brought up (discovered,
+//! retried while unreachable), kept (its topology refresher), and, when
+//! its declaration goes away or changes kind, drained then dropped.
+//!
+//! Each Redis backend has its own topology, pools, leases, command table,
+//! settings and metrics series (`backend="NAME"`): two backends never share
+//! an upstream connection or a cached topology. The kernel's target map
+//! carries each target's backend id; ids are never reused while the daemon
+//! runs, so a connection steered for a removed backend cannot land on a new
+//! one (it is relayed to where it was going instead).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::task::AbortHandle;
+use tracing::{Instrument as _, info, info_span, warn};
+
+use crate::{
+    backend::{Declared, Kind},
+    cluster::topology::Topology,
+    proxy::{
+        Dialer, Settings, Shared, discovery,
+        front::{Front, Route},
+        metrics::{ProxyFamilies, ProxyMetrics},
+        pool::{PoolConfig, Pools},
+        relay::TcpBackend,
+    },
+    steering::TargetSpec,
+};
+
+/// How often an unreachable backend is tried again.
+const DISCOVERY_RETRY: Duration = Duration::from_secs(1);
+/// Topology refreshes never come closer than this, however many MOVEDs.
+const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
+/// How often a draining backend is checked for clients left.
+const DRAIN_CHECK: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+#[error("backend `{name}` ({kind} {addrs}) did not answer within {waited:?}: {reason}")]
+pub struct NotUp {
+    pub name: String,
+    pub kind: &'static str,
+    pub addrs: String,
+    pub waited: Duration,
+    pub reason: String,
+}
+
+/// What every backend starts from: the daemon's flags.
+#[derive(Clone)]
+pub struct Defaults {
+    pub settings: Settings,
+    pub pool: PoolConfig,
+    /// Socket mark, timeouts, the mesh and the proxy's upstream credentials.
+    pub dialer: Dialer,
+    pub refresh_interval: Duration,
+}
+
+/// One backend's life.
+struct Running {
+    id: u32,
+    declared: Declared,
+    health: Arc<BackendHealth>,
+    metrics: Arc<ProxyMetrics>,
+    task: AbortHandle,
+    draining: bool,
+}
+
+#[derive(Default)]
+struct BackendHealth {
+    up: AtomicBool,
+    /// Why it is not up (the last discovery error).
+    last_error: Mutex<Option<String>>,
+    topology: Mutex<Option<Arc<Topology>>>,
+}
+
+impl BackendHealth {
+    fn failed(&self, error: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+    }
+}
+
+pub struct Serving {
+    front: Arc<Front>,
+    families: ProxyFamilies,
+    defaults: Defaults,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u32,
+    running: Vec<Running>,
+}
+
+impl Serving {
+    pub fn new(front: Arc<Front>, families: ProxyFamilies, defaults: Defaults) -> Arc<Self> {
+        Arc::new(Self {
+            front,
+            families,
+            defaults,
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the served backends exactly `wanted` (validated): new ones
+    /// start, changed ones are replaced, removed ones drain. Returns the
+    /// kernel's target map: each target with its backend's id.
+    pub fn apply(self: &Arc<Self>, wanted: &[Declared]) -> Vec<(TargetSpec, u32)> {
+        let mut state = self.state();
+        let mut targets = Vec::new();
+        let mut keep = Vec::new();
+        for declared in wanted {
+            let current = state
+                .running
+                .iter_mut()
+                .find(|r| !r.draining && r.declared.spec.name == declared.spec.name);
+            let id = match current {
+                Some(running) if same_backend(&running.declared, declared) => {
+                    // Seeds follow the Services; the cluster stays.
+                    if let (Kind::Cluster { seeds }, Some(topology)) = (
+                        &declared.spec.kind,
+                        running
+                            .health
+                            .topology
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .as_ref(),
+                    ) && *seeds != topology.seeds()
+                    {
+                        topology.set_seeds(seeds.clone());
+                    }
+                    running.declared = declared.clone();
+                    running.id
+                }
+                _ => {
+                    let id = state.next_id;
+                    state.next_id += 1;
+                    let running = self.start(id, declared.clone());
+                    state.running.push(running);
+                    id
+                }
+            };
+            keep.push(id);
+            targets.extend(declared.targets.iter().map(|t| (*t, id)));
+        }
+        let direct = wanted.first().and_then(|first| {
+            state
+                .running
+                .iter()
+                .find(|r| !r.draining && r.declared.spec.name == first.spec.name)
+                .map(|r| r.id)
+        });
+        let mut gone = Vec::new();
+        for running in &mut state.running {
+            if !running.draining && !keep.contains(&running.id) {
+                running.draining = true;
+                gone.push(running.id);
+                info!(backend = %running.declared.spec.name, "backend removed: draining its clients");
+            }
+        }
+        drop(state);
+        self.front.update(|routes| {
+            routes.direct = direct;
+            for id in &gone {
+                routes.by_id.remove(id);
+            }
+        });
+        for id in gone {
+            tokio::spawn(Arc::clone(self).drain(id));
+        }
+        targets
+    }
+
+    fn start(self: &Arc<Self>, id: u32, declared: Declared) -> Running {
+        let metrics = Arc::new(self.families.backend(&declared.spec.name));
+        let health = Arc::new(BackendHealth::default());
+        let span = info_span!("backend", backend = %declared.spec.name);
+        let task = tokio::spawn(
+            Arc::clone(self)
+                .bring_up(
+                    id,
+                    declared.clone(),
+                    Arc::clone(&metrics),
+                    Arc::clone(&health),
+                )
+                .instrument(span),
+        )
+        .abort_handle();
+        info!(backend = %declared.spec.name, kind = declared.spec.kind.name(), id, "backend declared");
+        Running {
+            id,
+            declared,
+            health,
+            metrics,
+            task,
+            draining: false,
+        }
+    }
+
+    /// Discovers the backend (retrying while it does not answer), routes
+    /// its connections, and keeps its topology fresh.
+    async fn bring_up(
+        self: Arc<Self>,
+        id: u32,
+        declared: Declared,
+        metrics: Arc<ProxyMetrics>,
+        health: Arc<BackendHealth>,
+    ) {
+        let mut dialer = self.defaults.dialer.clone();
+        dialer.cluster = matches!(declared.spec.kind, Kind::Cluster { .. });
+        let topology = match &declared.spec.kind {
+            Kind::Cluster { seeds } => Topology::new(seeds.clone()),
+            Kind::Standalone { primary, replicas } => {
+                Topology::standalone(*primary, replicas.clone())
+            }
+            Kind::Tcp => {
+                let tcp = Arc::new(TcpBackend::new(
+                    declared.spec.name.clone(),
+                    Arc::new(dialer),
+                    metrics,
+                ));
+                self.front.update(|routes| {
+                    routes.by_id.insert(id, Route::Tcp(tcp));
+                });
+                health.up.store(true, Ordering::Relaxed);
+                info!("backend up (tcp relay)");
+                return;
+            }
+        };
+        let topology = Arc::new(topology);
+        *health.topology.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&topology));
+        let (commands, redis_version) = loop {
+            let discovered =
+                async {
+                    discovery::refresh(&topology, &dialer, &metrics).await?;
+                    // A refresh that succeeded installed a map with a master.
+                    let master = topology.view().masters().next().ok_or_else(|| {
+                        discovery::Error::Reply {
+                            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                            message: "no master known yet".into(),
+                        }
+                    })?;
+                    discovery::fetch_commands(&dialer, master).await
+                };
+            match discovered.await {
+                Ok(found) => break found,
+                Err(e) => {
+                    warn!(error = %e, "cannot discover the backend yet; retrying");
+                    health.failed(e.to_string());
+                    tokio::time::sleep(DISCOVERY_RETRY).await;
+                }
+            }
+        };
+        info!(
+            commands = commands.len(),
+            redis_version,
+            masters = topology.view().shards().len(),
+            "backend up"
+        );
+        let mut settings = self.defaults.settings.clone();
+        let options = &declared.options;
+        if let Some(policy) = options.read_policy {
+            settings.read_policy = policy;
+        }
+        if let Some(mode) = options.auth {
+            settings.auth_mode = mode;
+        }
+        if let Some(allow) = options.allow_admin_commands {
+            settings.allow_admin_commands = allow;
+        }
+        let pools = Pools::new(dialer.clone(), Arc::clone(&metrics), self.defaults.pool);
+        let shared = Arc::new(Shared::new(
+            settings,
+            Arc::clone(&topology),
+            pools,
+            commands,
+            Arc::clone(&metrics),
+            redis_version,
+        ));
+        self.front.update(|routes| {
+            routes.by_id.insert(id, Route::Redis(Arc::clone(&shared)));
+        });
+        health.up.store(true, Ordering::Relaxed);
+        *health.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let refresher_shared = Arc::clone(&shared);
+        drop(shared);
+        discovery::refresher(
+            topology,
+            Arc::new(dialer),
+            metrics,
+            self.defaults.refresh_interval,
+            MIN_REFRESH_GAP,
+            move |view| refresher_shared.pools.retain(&view.nodes()),
+        )
+        .await;
+    }
+
+    /// Waits for a removed backend's clients to leave, then stops it.
+    async fn drain(self: Arc<Self>, id: u32) {
+        let started = Instant::now();
+        loop {
+            let clients = self
+                .state()
+                .running
+                .iter()
+                .find(|r| r.id == id)
+                .map(|r| r.metrics.clients_active());
+            match clients {
+                Some(n) if n > 0 => tokio::time::sleep(DRAIN_CHECK).await,
+                _ => break,
+            }
+        }
+        let mut state = self.state();
+        let Some(index) = state.running.iter().position(|r| r.id == id) else {
+            return;
+        };
+        let running = state.running.remove(index);
+        running.task.abort();
+        // A replacement under the same name keeps the series.
+        if !state
+            .running
+            .iter()
+            .any(|r| r.declared.spec.name == running.declared.spec.name)
+        {
+            running.metrics.forget();
+        }
+        info!(backend = %running.declared.spec.name, drained_in = ?started.elapsed(), "backend dropped");
+    }
+
+    /// Whether any backend serves (the heartbeat steers only then).
+    pub fn any_up(&self) -> bool {
+        self.state()
+            .running
+            .iter()
+            .any(|r| !r.draining && r.health.up.load(Ordering::Relaxed))
+    }
+
+    /// Whether every declared backend serves.
+    pub fn all_up(&self) -> bool {
+        let state = self.state();
+        !state.running.is_empty()
+            && state
+                .running
+                .iter()
+                .filter(|r| !r.draining)
+                .all(|r| r.health.up.load(Ordering::Relaxed))
+    }
+
+    /// `--require-backends`: every backend up within `timeout`, or the
+    /// first that is not, with why.
+    pub async fn require_up(&self, timeout: Duration) -> Result<(), NotUp> {
+        let started = Instant::now();
+        while !self.all_up() && started.elapsed() < timeout {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let state = self.state();
+        match state
+            .running
+            .iter()
+            .find(|r| !r.draining && !r.health.up.load(Ordering::Relaxed))
+        {
+            None => Ok(()),
+            Some(r) => Err(NotUp {
+                name: r.declared.spec.name.clone(),
+                kind: r.declared.spec.kind.name(),
+                addrs: r.declared.spec.kind.addresses().join(","),
+                waited: started.elapsed(),
+                reason: r
+                    .health
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .unwrap_or_else(|| "no answer yet".into()),
+            }),
+        }
+    }
+
+    /// Each backend as `/status` and `redirector status` show it.
+    pub fn report(&self) -> Vec<serde_json::Value> {
+        let state = self.state();
+        state
+            .running
+            .iter()
+            .map(|r| {
+                let up = r.health.up.load(Ordering::Relaxed);
+                let topology = r
+                    .health
+                    .topology
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let topology_state = match (&r.declared.spec.kind, topology) {
+                    (Kind::Tcp, _) => "relay".to_string(),
+                    (_, Some(t)) if up => {
+                        let view = t.view();
+                        format!(
+                            "{} masters, {} of 16384 slots covered",
+                            view.shards().len(),
+                            view.covered_slots()
+                        )
+                    }
+                    _ => "not discovered".to_string(),
+                };
+                serde_json::json!({
+                    "name": r.declared.spec.name,
+                    "kind": r.declared.spec.kind.name(),
+                    "addresses": r.declared.spec.kind.addresses(),
+                    "targets": r.declared.targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "state": if r.draining { "draining" } else if up { "up" } else { "down" },
+                    "topology": topology_state,
+                    "clients": r.metrics.clients_active(),
+                    "last_error": r.health.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Whether a new declaration is the backend already running (same kind and
+/// settings; a cluster's seeds may change, they only help find it).
+fn same_backend(running: &Declared, new: &Declared) -> bool {
+    let kinds = match (&running.spec.kind, &new.spec.kind) {
+        (Kind::Cluster { .. }, Kind::Cluster { .. }) => true,
+        (a, b) => a == b,
+    };
+    kinds && running.options == new.options
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn declared(arg: &str) -> Declared {
+        Declared {
+            spec: arg.parse().unwrap(),
+            targets: Vec::new(),
+            options: Default::default(),
+            source: "test".into(),
+        }
+    }
+
+    #[test]
+    fn a_cluster_whose_seeds_move_is_the_same_backend_but_a_new_kind_is_not() {
+        let cart = declared("cart=cluster:10.0.0.1:6379");
+        assert!(same_backend(&cart, &declared("cart=cluster:10.0.0.2:6379")));
+        assert!(!same_backend(
+            &cart,
+            &declared("cart=standalone:10.0.0.1:6379")
+        ));
+        let sessions = declared("s=standalone:10.0.0.1:6379");
+        assert!(!same_backend(
+            &sessions,
+            &declared("s=standalone:10.0.0.1:6379,10.0.0.2:6379")
+        ));
+        let mut proxied = declared("cart=cluster:10.0.0.1:6379");
+        proxied.options.auth = Some(crate::proxy::AuthMode::Proxy);
+        assert!(!same_backend(&cart, &proxied));
+    }
+}
