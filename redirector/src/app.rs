@@ -154,7 +154,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
             auth: None,
             ..dialer.clone()
         }),
-        Arc::new(metrics.proxy().backend("unrouted")),
+        Arc::new(metrics.proxy().backend("unrouted").without_health()),
     ));
     let front = Arc::new(Front::new(Arc::clone(&gate), unrouted));
     let serving = Serving::new(

@@ -78,11 +78,13 @@ pub enum Error {
     TcpAddress { name: String },
     #[error("backend `{name}` is declared twice")]
     Duplicate { name: String },
-    #[error("target {target} maps to two backends: {first} and {second}")]
+    #[error("target {target} maps to two backends: {first} and {second}{sources}")]
     TargetTwice {
         target: TargetSpec,
         first: String,
         second: String,
+        /// Where each was declared, when that says more than the names.
+        sources: String,
     },
     #[error(
         "backend `{name}` has no target (give --redis-target {name}=IP:PORT, or targets = [...] in the backends file)"
@@ -178,7 +180,8 @@ pub fn attach_targets(declared: &mut [Declared], targets: &[NamedTarget]) -> Res
 pub fn validate_declared(declared: &[Declared], needs_targets: bool) -> Result<(), Error> {
     let specs: Vec<BackendSpec> = declared.iter().map(|d| d.spec.clone()).collect();
     validate(&specs)?;
-    let mut owner: std::collections::HashMap<TargetSpec, &str> = std::collections::HashMap::new();
+    let mut owner: std::collections::HashMap<TargetSpec, &Declared> =
+        std::collections::HashMap::new();
     for backend in declared {
         if needs_targets && backend.targets.is_empty() {
             return Err(Error::NoTarget {
@@ -186,13 +189,19 @@ pub fn validate_declared(declared: &[Declared], needs_targets: bool) -> Result<(
             });
         }
         for target in &backend.targets {
-            if let Some(first) = owner.insert(*target, &backend.spec.name)
-                && first != backend.spec.name
+            if let Some(first) = owner.insert(*target, backend)
+                && first.spec.name != backend.spec.name
             {
+                let sources = if first.source.contains("line") || backend.source.contains("line") {
+                    format!(" (declared at {} and {})", first.source, backend.source)
+                } else {
+                    String::new()
+                };
                 return Err(Error::TargetTwice {
                     target: *target,
-                    first: first.into(),
+                    first: first.spec.name.clone(),
                     second: backend.spec.name.clone(),
+                    sources,
                 });
             }
         }
@@ -459,5 +468,103 @@ mod tests {
         assert!(err("ca rt=tcp").contains("the name must be"));
         let twice = ["a=tcp".parse().unwrap(), "a=tcp".parse().unwrap()];
         assert_eq!(validate(&twice), Err(Error::Duplicate { name: "a".into() }));
+    }
+
+    const FILE: &str = r#"
+[[backend]]
+name = "cart"
+kind = "cluster"
+seeds = ["10.0.1.10:6379"]
+targets = ["10.96.0.10:6379"]
+
+[[backend]]
+name = "sessions"
+kind = "standalone"
+primary = "10.0.3.7:6379"
+replicas = ["10.0.3.8:6379"]
+targets = ["10.96.0.20:6379"]
+read_policy = "prefer-replica"
+auth = "proxy"
+
+[[backend]]
+name = "tiles"
+kind = "tcp"
+targets = [":9851"]
+"#;
+
+    #[test]
+    fn a_backends_file_declares_kinds_targets_and_settings() {
+        let declared = parse_file("b.toml", FILE).unwrap();
+        let names: Vec<&str> = declared.iter().map(|d| d.spec.name.as_str()).collect();
+        assert_eq!(names, ["cart", "sessions", "tiles"]);
+        assert_eq!(
+            declared[1].spec.kind,
+            Kind::Standalone {
+                primary: addr("10.0.3.7:6379"),
+                replicas: vec![addr("10.0.3.8:6379")]
+            }
+        );
+        assert_eq!(
+            declared[1].options.read_policy,
+            Some(ReadPolicy::PreferReplica)
+        );
+        assert_eq!(declared[1].options.auth, Some(AuthMode::Proxy));
+        assert_eq!(declared[2].targets, vec![":9851".parse().unwrap()]);
+        assert_eq!(declared[1].source, "b.toml, line 8");
+        validate_declared(&declared, true).unwrap();
+    }
+
+    #[test]
+    fn a_bad_backends_file_is_refused_naming_the_line() {
+        let err = |text: &str| parse_file("b.toml", text).unwrap_err().to_string();
+        let unknown = FILE.replace(r#"kind = "tcp""#, r#"kind = "memcached""#);
+        let message = err(&unknown);
+        assert!(
+            message.contains("b.toml, line 19") && message.contains("unknown kind `memcached`"),
+            "{message}"
+        );
+        let twice = FILE.replace(r#"targets = [":9851"]"#, r#"targets = ["10.96.0.10:6379"]"#);
+        let message = err(&twice);
+        assert!(
+            message.contains("line 17")
+                && message.contains("10.96.0.10:6379 maps to two backends: cart")
+                && message.contains("tiles"),
+            "{message}"
+        );
+        let typo = FILE.replace("read_policy", "read_polcy");
+        assert!(err(&typo).contains("line 14"), "{}", err(&typo));
+        let bad_addr = FILE.replace("10.0.3.8:6379", "redis-replica:6379");
+        assert!(err(&bad_addr).contains("line 10"), "{}", err(&bad_addr));
+        // A backend with no target is caught when the declarations are
+        // validated (steering on: targets are how it is reached).
+        let untargeted = parse_file("b.toml", &FILE.replace(r#"targets = [":9851"]"#, "")).unwrap();
+        assert_eq!(
+            validate_declared(&untargeted, true),
+            Err(Error::NoTarget {
+                name: "tiles".into()
+            })
+        );
+    }
+
+    #[test]
+    fn command_line_targets_go_to_the_backend_they_name() {
+        let mut declared = parse_file("b.toml", FILE).unwrap();
+        attach_targets(&mut declared, &["cart=10.96.0.11:6379".parse().unwrap()]).unwrap();
+        assert_eq!(declared[0].targets.len(), 2);
+        assert!(matches!(
+            attach_targets(&mut declared, &["10.96.0.12:6379".parse().unwrap()]),
+            Err(Error::UnnamedTarget { .. })
+        ));
+        assert!(matches!(
+            attach_targets(&mut declared, &["nope=10.96.0.12:6379".parse().unwrap()]),
+            Err(Error::UnknownBackend { .. })
+        ));
+        let mut dup = declared.clone();
+        attach_targets(&mut dup, &["sessions=10.96.0.10:6379".parse().unwrap()]).unwrap();
+        assert_eq!(
+            validate_declared(&dup, true).unwrap_err().to_string(),
+            "target 10.96.0.10:6379 maps to two backends: cart and sessions (declared at b.toml, \
+             line 2 and b.toml, line 8)"
+        );
     }
 }

@@ -96,6 +96,9 @@ pub struct Serving {
 struct State {
     next_id: u32,
     running: Vec<Running>,
+    /// Metrics of replaced backends whose name lives on: their series are
+    /// dropped with the last backend of that name.
+    retired: Vec<Arc<ProxyMetrics>>,
 }
 
 impl Serving {
@@ -137,6 +140,7 @@ impl Serving {
                             .as_ref(),
                     ) && *seeds != topology.seeds()
                     {
+                        info!(backend = %declared.spec.name, ?seeds, "cluster seeds changed");
                         topology.set_seeds(seeds.clone());
                     }
                     running.declared = declared.clone();
@@ -224,6 +228,7 @@ impl Serving {
                 Topology::standalone(*primary, replicas.clone())
             }
             Kind::Tcp => {
+                metrics.set_backend_up(true);
                 let tcp = Arc::new(TcpBackend::new(
                     declared.spec.name.clone(),
                     Arc::new(dialer),
@@ -327,12 +332,18 @@ impl Serving {
         let running = state.running.remove(index);
         running.task.abort();
         // A replacement under the same name keeps the series.
-        if !state
-            .running
-            .iter()
-            .any(|r| r.declared.spec.name == running.declared.spec.name)
-        {
+        let name = &running.declared.spec.name;
+        if state.running.iter().any(|r| &r.declared.spec.name == name) {
+            state.retired.push(Arc::clone(&running.metrics));
+        } else {
             running.metrics.forget();
+            state.retired.retain(|m| {
+                let same = m.backend() == name;
+                if same {
+                    m.forget();
+                }
+                !same
+            });
         }
         info!(backend = %running.declared.spec.name, drained_in = ?started.elapsed(), "backend dropped");
     }

@@ -832,3 +832,115 @@ fn the_daemonsets_own_mounts_let_the_agent_enroll_a_containerd_sandbox() {
     drop(netns_mount);
     drop(bpffs);
 }
+
+/// The targets ConfigMap names backends and their kinds per Service; edits
+/// apply without a restart: a standalone backend is added (its keys land
+/// on its own Redis), the Service's kind changes to `tcp` (bytes relayed
+/// to the Service, counted under the backend), and the backend is removed
+/// (its target leaves the map, its pods go direct, its series go).
+#[test]
+fn configmap_edits_add_rekind_and_remove_backends_live() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let (mut topo, api) = node(1);
+    let kubelet = Kubelet::new(&topo);
+    // A standalone Redis behind its own Service address, in the node.
+    let sessions_ip: IpAddr = "10.96.5.10".parse().expect("ip");
+    topo.node
+        .ip(&["addr", "add", &format!("{sessions_ip}/32"), "dev", "lo"]);
+    let dir = topo.workdir().join("sessions");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let sessions =
+        testbed::redis::RedisServer::start(&topo.node_place(), &[sessions_ip], 6379, &dir, &[]);
+    api.apply(namespace("shop", &[OPT_IN]));
+    api.apply(service(
+        "shop",
+        "sessions",
+        &[&sessions_ip.to_string()],
+        6379,
+    ));
+    api.apply(pod("shop", "web-0", UID_WEB0, NODE, &[]));
+    let _web0 = kubelet.start_pod(&topo, 0, UID_WEB0);
+    let args = agent_args(&topo, &api, &[]);
+    topo.start_daemon(args);
+    wait_steered(&topo, 0, true, "the pod steered to the cluster backend");
+    assert!(
+        !topo.pod(0).through_proxy(sessions_ip),
+        "the sessions Service is steered before the ConfigMap names it"
+    );
+
+    // Added: a standalone backend for the sessions Service.
+    api.apply(targets(
+        "service redis/redis-cluster:6379\nservice shop/sessions:6379 standalone\n",
+    ));
+    wait_for(
+        "the standalone backend serving",
+        Duration::from_secs(15),
+        || topo.pod(0).through_proxy(sessions_ip).then_some(()),
+    );
+    let pod = topo.pod(0);
+    let set = pod.redis_cli(sessions_ip, 6379, &["SET", "session:1", "alice"]);
+    assert_eq!(String::from_utf8_lossy(&set.stdout).trim(), "OK");
+    assert_eq!(sessions.cli(&["GET", "session:1"]).trim(), "alice");
+    let opened = r#"redirector_client_connections_opened_total{backend="shop/sessions"}"#;
+    assert!(
+        testbed::http::sample(&topo.metrics(), opened) >= 1.0,
+        "{}",
+        topo.metrics()
+    );
+    // A standalone backend shows no cluster.
+    let cluster = pod.redis_cli(sessions_ip, 6379, &["CLUSTER", "INFO"]);
+    assert!(
+        String::from_utf8_lossy(&cluster.stdout).contains("cluster support disabled"),
+        "{cluster:?}"
+    );
+
+    // Re-kinded: the same Service as a plain tcp relay, no restart.
+    api.apply(targets(
+        "service redis/redis-cluster:6379\nservice shop/sessions:6379 tcp\n",
+    ));
+    wait_for(
+        "the Service relayed as tcp",
+        Duration::from_secs(15),
+        || {
+            (!topo.pod(0).through_proxy(sessions_ip)
+                && testbed::http::sample(
+                    &topo.metrics(),
+                    r#"redirector_relay_bytes_total{backend="shop/sessions",direction="upstream"}"#,
+                ) > 0.0)
+                .then_some(())
+        },
+    );
+    let get = topo
+        .pod(0)
+        .redis_cli(sessions_ip, 6379, &["GET", "session:1"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "alice");
+    let status = topo.status();
+    let targets_now = status["targets"].to_string();
+    assert!(targets_now.contains("10.96.5.10:6379"), "{targets_now}");
+
+    // Removed: the target leaves the map, the pod goes direct, the series go.
+    api.apply(targets("service redis/redis-cluster:6379\n"));
+    wait_for(
+        "the backend's target removed",
+        Duration::from_secs(15),
+        || (!topo.status()["targets"].to_string().contains("10.96.5.10")).then_some(()),
+    );
+    let before = topo.counters();
+    let get = topo
+        .pod(0)
+        .redis_cli(sessions_ip, 6379, &["GET", "session:1"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "alice");
+    assert_eq!(
+        topo.counters().steered,
+        before.steered,
+        "still steered after removal"
+    );
+    wait_for(
+        "the removed backend's series dropped",
+        Duration::from_secs(15),
+        || (!topo.metrics().contains(r#"backend="shop/sessions""#)).then_some(()),
+    );
+    // The cluster backend never blinked.
+    assert!(steered(&topo, 0));
+}

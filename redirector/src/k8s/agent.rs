@@ -11,7 +11,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fmt::Debug,
-    net::SocketAddr,
     os::unix::fs::MetadataExt as _,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
@@ -439,21 +438,6 @@ impl Agent {
             *current = resolved;
             changed
         });
-    }
-
-    /// Waits until the targets name at least one seed to discover the
-    /// cluster from.
-    pub async fn seeds(&self) -> Vec<SocketAddr> {
-        let mut resolved = self.resolved();
-        loop {
-            let seeds = resolved.borrow_and_update().seeds.clone();
-            if !seeds.is_empty() {
-                return seeds;
-            }
-            if resolved.changed().await.is_err() {
-                return Vec::new();
-            }
-        }
     }
 
     /// The CNI plugin's request: enroll (or unenroll) a pod's namespace as

@@ -317,6 +317,15 @@ impl ProxyMetrics {
             .inc();
     }
 
+    /// For connections relayed without a backend (`unrouted`): no
+    /// `backend_up` series, which would read as a backend down.
+    pub fn without_health(self) -> Self {
+        self.families.backend_up.remove(&BackendLabels {
+            backend: self.backend.clone(),
+        });
+        self
+    }
+
     pub fn set_backend_up(&self, up: bool) {
         self.backend_up.set(i64::from(up));
     }
