@@ -200,11 +200,19 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
             slots.register(addr, socket)?;
         }
     }
-    health.set_ready();
-    info!(listeners = ?listeners, steering = config.steering, "listening; waiting for the backend");
-
     // The backends, and the kernel's targets leading to them.
     let targets = serving.apply(&config.backends);
+    if config.require_backends {
+        // Nothing is served, and readiness fails, until every backend
+        // answers: the daemon does not start half-configured.
+        tokio::select! {
+            result = serving.require_up(config.connect_timeout) => result?,
+            _ = sigterm.recv() => return Ok(Exit::Signal),
+            _ = sigint.recv() => return Ok(Exit::Signal),
+        }
+    }
+    health.set_ready();
+    info!(listeners = ?listeners, steering = config.steering, "listening; waiting for the backend");
     if let Some(kernel) = kernel.as_mut() {
         kernel.set_targets(&targets);
     }
@@ -217,13 +225,6 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         ));
     }
     let serving_task = tokio::spawn(proxy.serve(Arc::clone(&front)));
-    if config.require_backends {
-        tokio::select! {
-            result = serving.require_up(config.connect_timeout) => result?,
-            _ = sigterm.recv() => return Ok(Exit::Signal),
-            _ = sigint.recv() => return Ok(Exit::Signal),
-        }
-    }
 
     // The heartbeat: proven by a round trip through the proxy's own accept
     // path, so a proxy that is alive but wedged stops steering too. It

@@ -87,9 +87,9 @@ pub enum Error {
         sources: String,
     },
     #[error(
-        "backend `{name}` has no target (give --redis-target {name}=IP:PORT, or targets = [...] in the backends file)"
+        "backend `{name}` ({source_}) has no target (give --redis-target {name}=IP:PORT, or targets = [...] in the backends file)"
     )]
-    NoTarget { name: String },
+    NoTarget { name: String, source_: String },
     #[error("--redis-target {target}: no backend is named `{name}`")]
     UnknownBackend { name: String, target: String },
     #[error(
@@ -186,6 +186,7 @@ pub fn validate_declared(declared: &[Declared], needs_targets: bool) -> Result<(
         if needs_targets && backend.targets.is_empty() {
             return Err(Error::NoTarget {
                 name: backend.spec.name.clone(),
+                source_: backend.source.clone(),
             });
         }
         for target in &backend.targets {
@@ -541,7 +542,8 @@ targets = [":9851"]
         assert_eq!(
             validate_declared(&untargeted, true),
             Err(Error::NoTarget {
-                name: "tiles".into()
+                name: "tiles".into(),
+                source_: "b.toml, line 17".into()
             })
         );
     }

@@ -202,7 +202,7 @@ pub async fn refresher(
         match refresh(&topology, &dialer, &metrics).await {
             Ok(true) => on_change(&topology.view()),
             Ok(false) => {}
-            Err(e) => warn!(error = %e, "cluster topology refresh failed"),
+            Err(e) => warn!(error = %e, "topology refresh failed"),
         }
     }
 }
