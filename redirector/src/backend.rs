@@ -114,6 +114,17 @@ pub struct Options {
     pub read_policy: Option<ReadPolicy>,
     pub auth: Option<AuthMode>,
     pub allow_admin_commands: Option<bool>,
+    /// The proxy's own credentials for this backend (proxy auth mode,
+    /// and its control connections): the user, and a file holding the
+    /// password (a mounted Secret), read at start.
+    pub upstream_user: Option<String>,
+    pub upstream_password_file: Option<std::path::PathBuf>,
+    /// Limits, as the daemon's flags of the same names.
+    pub retry_window: Option<std::time::Duration>,
+    pub idle_timeout: Option<std::time::Duration>,
+    pub max_pipeline: Option<usize>,
+    pub upstream_connections: Option<usize>,
+    pub idle_leases: Option<usize>,
 }
 
 /// A backend with its targets: what the daemon serves.
@@ -225,6 +236,13 @@ struct FileBackend {
     read_policy: Option<String>,
     auth: Option<String>,
     allow_admin_commands: Option<bool>,
+    upstream_user: Option<String>,
+    upstream_password_file: Option<String>,
+    retry_window: Option<String>,
+    idle_timeout: Option<String>,
+    max_pipeline: Option<usize>,
+    upstream_connections: Option<usize>,
+    idle_leases: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +323,15 @@ pub fn parse_file(path: &str, text: &str) -> Result<Vec<Declared>, Error> {
                 })
             })
             .transpose()?;
+        let duration = |field: &str, value: &Option<String>| {
+            value
+                .as_deref()
+                .map(|v| {
+                    crate::config::parse_duration(v)
+                        .map_err(|e| fail(at, format!("backend `{name}`: {field}: {e}")))
+                })
+                .transpose()
+        };
         out.push(Declared {
             spec,
             targets,
@@ -312,6 +339,13 @@ pub fn parse_file(path: &str, text: &str) -> Result<Vec<Declared>, Error> {
                 read_policy,
                 auth,
                 allow_admin_commands: b.allow_admin_commands,
+                upstream_user: b.upstream_user.clone(),
+                upstream_password_file: b.upstream_password_file.as_ref().map(Into::into),
+                retry_window: duration("retry_window", &b.retry_window)?,
+                idle_timeout: duration("idle_timeout", &b.idle_timeout)?,
+                max_pipeline: b.max_pipeline,
+                upstream_connections: b.upstream_connections,
+                idle_leases: b.idle_leases,
             },
             source: format!("{path}, line {}", line_of(at)),
         });
@@ -486,6 +520,8 @@ replicas = ["10.0.3.8:6379"]
 targets = ["10.96.0.20:6379"]
 read_policy = "prefer-replica"
 auth = "proxy"
+retry_window = "2s"
+upstream_connections = 2
 
 [[backend]]
 name = "tiles"
@@ -510,6 +546,11 @@ targets = [":9851"]
             Some(ReadPolicy::PreferReplica)
         );
         assert_eq!(declared[1].options.auth, Some(AuthMode::Proxy));
+        assert_eq!(
+            declared[1].options.retry_window,
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert_eq!(declared[1].options.upstream_connections, Some(2));
         assert_eq!(declared[2].targets, vec![":9851".parse().unwrap()]);
         assert_eq!(declared[1].source, "b.toml, line 8");
         validate_declared(&declared, true).unwrap();
@@ -521,19 +562,25 @@ targets = [":9851"]
         let unknown = FILE.replace(r#"kind = "tcp""#, r#"kind = "memcached""#);
         let message = err(&unknown);
         assert!(
-            message.contains("b.toml, line 19") && message.contains("unknown kind `memcached`"),
+            message.contains("b.toml, line 21") && message.contains("unknown kind `memcached`"),
             "{message}"
         );
         let twice = FILE.replace(r#"targets = [":9851"]"#, r#"targets = ["10.96.0.10:6379"]"#);
         let message = err(&twice);
         assert!(
-            message.contains("line 17")
+            message.contains("line 19")
                 && message.contains("10.96.0.10:6379 maps to two backends: cart")
                 && message.contains("tiles"),
             "{message}"
         );
         let typo = FILE.replace("read_policy", "read_polcy");
         assert!(err(&typo).contains("line 14"), "{}", err(&typo));
+        let bad_window = FILE.replace(r#""2s""#, r#""2 parsecs""#);
+        assert!(
+            err(&bad_window).contains("retry_window"),
+            "{}",
+            err(&bad_window)
+        );
         let bad_addr = FILE.replace("10.0.3.8:6379", "redis-replica:6379");
         assert!(err(&bad_addr).contains("line 10"), "{}", err(&bad_addr));
         // A backend with no target is caught when the declarations are
@@ -543,7 +590,7 @@ targets = [":9851"]
             validate_declared(&untargeted, true),
             Err(Error::NoTarget {
                 name: "tiles".into(),
-                source_: "b.toml, line 17".into()
+                source_: "b.toml, line 19".into()
             })
         );
     }

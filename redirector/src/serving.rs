@@ -222,6 +222,25 @@ impl Serving {
     ) {
         let mut dialer = self.defaults.dialer.clone();
         dialer.cluster = matches!(declared.spec.kind, Kind::Cluster { .. });
+        let options = &declared.options;
+        if let Some(path) = &options.upstream_password_file {
+            // Read once, at start: a rotated Secret takes a restart (or a
+            // ConfigMap edit that re-declares the backend).
+            match std::fs::read_to_string(path) {
+                Ok(password) => {
+                    dialer.auth = Some(crate::proxy::UpstreamAuth {
+                        user: options.upstream_user.clone(),
+                        password: password.trim_end_matches(['\r', '\n']).to_string(),
+                    });
+                }
+                Err(e) => {
+                    let why = format!("cannot read upstream_password_file {}: {e}", path.display());
+                    warn!("{why}; the backend is not served");
+                    health.failed(why);
+                    return;
+                }
+            }
+        }
         let topology = match &declared.spec.kind {
             Kind::Cluster { seeds } => Topology::new(seeds.clone()),
             Kind::Standalone { primary, replicas } => {
@@ -273,7 +292,22 @@ impl Serving {
             "backend up"
         );
         let mut settings = self.defaults.settings.clone();
-        let options = &declared.options;
+        let mut pool = self.defaults.pool;
+        if let Some(window) = options.retry_window {
+            settings.retry_window = window;
+        }
+        if let Some(idle) = options.idle_timeout {
+            settings.idle_timeout = (!idle.is_zero()).then_some(idle);
+        }
+        if let Some(max) = options.max_pipeline {
+            settings.max_pipeline = max.max(1);
+        }
+        if let Some(n) = options.upstream_connections {
+            pool.shared_per_node = n.max(1);
+        }
+        if let Some(n) = options.idle_leases {
+            pool.idle_leases_per_node = n;
+        }
         if let Some(policy) = options.read_policy {
             settings.read_policy = policy;
         }
@@ -283,7 +317,7 @@ impl Serving {
         if let Some(allow) = options.allow_admin_commands {
             settings.allow_admin_commands = allow;
         }
-        let pools = Pools::new(dialer.clone(), Arc::clone(&metrics), self.defaults.pool);
+        let pools = Pools::new(dialer.clone(), Arc::clone(&metrics), pool);
         let shared = Arc::new(Shared::new(
             settings,
             Arc::clone(&topology),
@@ -413,6 +447,12 @@ impl Serving {
                     .clone();
                 let topology_state = match (&r.declared.spec.kind, topology) {
                     (Kind::Tcp, _) => "relay".to_string(),
+                    // A standalone Redis has no slots to speak of.
+                    (Kind::Standalone { primary, .. }, Some(t)) if up => {
+                        let replicas: usize =
+                            t.view().shards().iter().map(|s| s.replicas.len()).sum();
+                        format!("primary {primary}, {replicas} replicas")
+                    }
                     (_, Some(t)) if up => {
                         let view = t.view();
                         format!(

@@ -277,7 +277,7 @@ impl fmt::Display for Status {
                 if d["backend_up"] == true {
                     "up"
                 } else {
-                    "DOWN (steered connects go direct until it answers)"
+                    "DOWN (steered connects for it go direct until it answers)"
                 },
             )?,
             None => writeln!(f, "daemon: not answering on its admin address")?,

@@ -1,16 +1,57 @@
-//! `cargo xtask demo`: a node and two pods in network namespaces, a Redis
-//! Cluster of 3 masters and 3 replicas behind a service address, the real
-//! daemon, and plain (cluster-unaware) redis-cli run from the pods.
+//! `cargo xtask demo`: a node and two pods in network namespaces, two
+//! backends behind one daemon (a Redis Cluster of 3 masters and 3 replicas,
+//! and a standalone primary with one replica, each behind its own service
+//! address), and plain (cluster-unaware) redis-cli run from the pods.
 
-use std::{net::IpAddr, path::Path};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::Result;
 use nix::sys::signal::{SigSet, Signal};
 use testbed::{
     cluster::slot_of,
-    process::path_str,
-    topology::{NODE_ADDR, PROXY_PORT, REDIS_PORT, SERVICE_VIP, Topology},
+    process::{path_str, wait_for},
+    redis::RedisServer,
+    topology::{
+        NODE_ADDR, PROXY_PORT, REDIS_PORT, SERVICE_VIP, SERVICE_VIP6, Topology, proxy_addr,
+        proxy_addr6,
+    },
 };
+
+/// The session store's service address: its primary, as a Kubernetes
+/// service leads to the primary's pod.
+const SESSIONS_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 10);
+const SESSIONS_REPLICA: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 11);
+
+/// The daemon's arguments: the cluster as backend `cart` behind the usual
+/// service address, the standalone Redis as backend `sessions` behind its
+/// own, and the programs attached at `cgroup_root`.
+fn daemon_args(cgroup_root: &Path) -> Vec<String> {
+    let cart = SocketAddr::from((SERVICE_VIP, REDIS_PORT));
+    let cart6 = SocketAddr::from((SERVICE_VIP6, REDIS_PORT));
+    let primary = SocketAddr::from((SESSIONS_VIP, REDIS_PORT));
+    let replica = SocketAddr::from((SESSIONS_REPLICA, REDIS_PORT));
+    [
+        "--proxy-addr".to_string(),
+        format!("{},{}", proxy_addr(), proxy_addr6()),
+        "--cgroup-root".into(),
+        path_str(cgroup_root).into(),
+        "--backend".into(),
+        format!("cart=cluster:{cart}"),
+        "--backend".into(),
+        format!("sessions=standalone:{primary},{replica}"),
+        "--redis-target".into(),
+        format!("cart={cart}"),
+        "--redis-target".into(),
+        format!("cart={cart6}"),
+        "--redis-target".into(),
+        format!("sessions={primary}"),
+    ]
+    .into()
+}
 
 pub fn run(bin: &Path, once: bool) -> Result<()> {
     testbed::require::missing().map_or(Ok(()), |why| Err(anyhow::anyhow!(why)))?;
@@ -26,13 +67,28 @@ pub fn run(bin: &Path, once: bool) -> Result<()> {
     let vip = IpAddr::V4(SERVICE_VIP);
 
     println!(
-        "Building a node and two pods in network namespaces, and a Redis Cluster (3 masters, 3 replicas)..."
+        "Building a node and two pods in network namespaces, a Redis Cluster (3 masters, 3 replicas) and a standalone Redis (a primary, one replica)..."
     );
     let mut topo = Topology::build(2);
     topo.start_service_cluster();
+    // Declared after the topology, so dropped (stopped) before it removes
+    // the node's cgroup they run in.
+    let sessions = start_sessions(&topo);
     // Attach at the root of cgroup v2, as on a real node, so anything run
     // in a pod namespace (for example with `ip netns exec`) is covered.
-    let args = topo.daemon_args_at(topo.cgroup2_root());
+    let args = daemon_args(topo.cgroup2_root());
+    // The flags that declare the backends, one line per flag name.
+    let flag_lines: Vec<String> = ["--backend", "--redis-target"]
+        .iter()
+        .map(|flag| {
+            let given: Vec<String> = args
+                .chunks(2)
+                .filter(|pair| pair[0] == *flag)
+                .map(|pair| format!("{flag} {}", pair[1]))
+                .collect();
+            given.join(" ")
+        })
+        .collect();
     topo.start_daemon_logging(args, "info");
     let (pod_a, pod_b) = (topo.pod(0), topo.pod(1));
     topo.enroll(&pod_a.netns);
@@ -43,9 +99,16 @@ pub fn run(bin: &Path, once: bool) -> Result<()> {
         topo.node.name()
     );
     println!(
-        "        {:<22} redirector node proxy on {NODE_ADDR}:{PROXY_PORT}",
+        "        {:<22} standalone Redis: primary {SESSIONS_VIP}:{REDIS_PORT} (service address), replica {SESSIONS_REPLICA}:{REDIS_PORT}",
         ""
     );
+    println!(
+        "        {:<22} redirector node proxy on {NODE_ADDR}:{PROXY_PORT}, run with",
+        ""
+    );
+    for line in &flag_lines {
+        println!("        {:<22}   {line}", "");
+    }
     println!("  pod A {:<22} {}  ENROLLED", pod_a.netns.name(), pod_a.ip);
     println!(
         "  pod B {:<22} {}  not enrolled",
@@ -110,6 +173,8 @@ pub fn run(bin: &Path, once: bool) -> Result<()> {
         String::from_utf8_lossy(&out.stdout).trim()
     );
     println!();
+    show_sessions(&topo, &sessions);
+    println!();
     println!("$ redirector status");
     println!("{}", topo.node_cli(&["status"]));
 
@@ -117,6 +182,10 @@ pub fn run(bin: &Path, once: bool) -> Result<()> {
     println!("Try it yourself while the demo runs:");
     println!(
         "  ip netns exec {} redis-cli -h {SERVICE_VIP} INFO cluster",
+        pod_a.netns.name()
+    );
+    println!(
+        "  ip netns exec {} redis-cli -h {SESSIONS_VIP} GET sess:42",
         pod_a.netns.name()
     );
     println!(
@@ -139,9 +208,103 @@ pub fn run(bin: &Path, once: bool) -> Result<()> {
         let signal = stop.wait()?;
         println!("{signal:?}: cleaning up...");
     }
+    drop(sessions);
     drop(topo);
     println!(
         "Cleaned up: daemon and Redis stopped, programs detached, pins, namespaces and cgroups removed."
     );
     Ok(())
+}
+
+/// The session store: a primary on the service address and one replica,
+/// in the node netns; (primary, replica), replication established.
+fn start_sessions(topo: &Topology) -> (RedisServer, RedisServer) {
+    let start = |ip: Ipv4Addr, extra: &[&str]| {
+        topo.node
+            .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+        let dir = topo.workdir().join(format!("sessions-{ip}"));
+        std::fs::create_dir_all(&dir).expect("sessions dir");
+        RedisServer::start(&topo.node_place(), &[ip.into()], REDIS_PORT, &dir, extra)
+    };
+    // Redis 7 waits 5 s for more replicas before a diskless full sync.
+    let primary = start(SESSIONS_VIP, &["--repl-diskless-sync-delay", "0"]);
+    let replica = start(
+        SESSIONS_REPLICA,
+        &[
+            "--replicaof",
+            &SESSIONS_VIP.to_string(),
+            &REDIS_PORT.to_string(),
+        ],
+    );
+    wait_for("the replica to sync", Duration::from_secs(10), || {
+        replica
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+            .then_some(())
+    });
+    (primary, replica)
+}
+
+/// Pod A through the session store's service address (the standalone
+/// backend), where its key lands, that the two backends do not share keys,
+/// and the per-backend connection counters.
+fn show_sessions(topo: &Topology, (primary, replica): &(RedisServer, RedisServer)) {
+    let pod_a = topo.pod(0);
+    let cli = |host: Ipv4Addr, args: &[&str]| {
+        let out = pod_a.redis_cli(IpAddr::V4(host), REDIS_PORT, args);
+        assert!(
+            out.status.success(),
+            "redis-cli {args:?} to {host}: {out:?}"
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let nil = |reply: String| {
+        if reply.is_empty() {
+            "(nil)".into()
+        } else {
+            reply
+        }
+    };
+    println!(
+        "pod A writes through the session store's service {SESSIONS_VIP}:{REDIS_PORT} (backend \"sessions\", standalone):"
+    );
+    let (key, value) = ("sess:42", "alice");
+    let reply = cli(SESSIONS_VIP, &["SET", key, value]);
+    let read = cli(SESSIONS_VIP, &["GET", key]);
+    let replicated = wait_for(
+        "the write to reach the replica",
+        Duration::from_secs(5),
+        || Some(replica.cli(&["GET", key]).trim().to_string()).filter(|v| !v.is_empty()),
+    );
+    let owner = topo.cluster().owner_of_slot(slot_of(key.as_bytes()));
+    let in_cluster = nil(topo.cluster().cli(owner, &["GET", key]).trim().to_string());
+    println!(
+        "  SET {key} {value} -> {reply}, GET -> \"{read}\": on primary {} \"{}\", replica {} \"{replicated}\", cluster {in_cluster}",
+        primary.addr(),
+        primary.cli(&["GET", key]).trim(),
+        replica.addr(),
+    );
+    println!(
+        "  GET {key} through the cart service {SERVICE_VIP}: {}; GET user:1 through sessions: {}   (backends share nothing)",
+        nil(cli(SERVICE_VIP, &["GET", key])),
+        nil(cli(SESSIONS_VIP, &["GET", "user:1"])),
+    );
+    println!(
+        "  CLUSTER INFO through sessions: {}",
+        cli(SESSIONS_VIP, &["CLUSTER", "INFO"])
+            .lines()
+            .next()
+            .unwrap_or_default()
+    );
+    println!();
+    println!("$ curl -s 127.0.0.1:15020/metrics | grep client_connections_opened_total");
+    let metrics = topo.metrics();
+    let mut opened: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("redirector_client_connections_opened_total"))
+        .collect();
+    opened.sort_unstable();
+    for line in opened {
+        println!("  {line}");
+    }
 }
