@@ -148,6 +148,34 @@ named_flags! {
 }
 
 named_flags! {
+    /// ACL categories (the seventh field of a `COMMAND` entry, without the
+    /// `@`): what Redis's ACLs, and the proxy's own refusals, go by.
+    AclCategories(u32) {
+        KEYSPACE = 0, "keyspace";
+        READ = 1, "read";
+        WRITE = 2, "write";
+        SET = 3, "set";
+        SORTEDSET = 4, "sortedset";
+        LIST = 5, "list";
+        HASH = 6, "hash";
+        STRING = 7, "string";
+        BITMAP = 8, "bitmap";
+        HYPERLOGLOG = 9, "hyperloglog";
+        GEO = 10, "geo";
+        STREAM = 11, "stream";
+        PUBSUB = 12, "pubsub";
+        ADMIN = 13, "admin";
+        FAST = 14, "fast";
+        SLOW = 15, "slow";
+        BLOCKING = 16, "blocking";
+        DANGEROUS = 17, "dangerous";
+        CONNECTION = 18, "connection";
+        TRANSACTION = 19, "transaction";
+        SCRIPTING = 20, "scripting";
+    }
+}
+
+named_flags! {
     /// Key specification flags.
     KeySpecFlags(u16) {
         RO = 0, "RO";
@@ -356,6 +384,8 @@ pub struct CommandInfo {
     pub first_key: i64,
     pub last_key: i64,
     pub step: i64,
+    /// ACL categories (`@admin`, `@dangerous`, ...).
+    pub acl: AclCategories,
     /// Command tips, e.g. `request_policy:all_shards`.
     pub tips: Vec<String>,
     pub key_specs: Vec<KeySpec>,
@@ -464,6 +494,16 @@ impl CommandInfo {
             .fold(Flags::empty(), |acc, f| acc | Flags::from_name(f));
         // Fields 6 on (ACL categories, tips, key specs, subcommands) are
         // absent before Redis 6 / 7: missing means none.
+        let acl = match fields.get(6) {
+            Some(f) => array(f)
+                .ok_or_else(|| field_err("ACL categories are not an array"))?
+                .iter()
+                .filter_map(bytes)
+                .fold(AclCategories::empty(), |acc, c| {
+                    acc | AclCategories::from_name(c.strip_prefix(b"@").unwrap_or(&c[..]))
+                }),
+            None => AclCategories::empty(),
+        };
         let tips = match fields.get(7) {
             Some(f) => array(f)
                 .ok_or_else(|| field_err("tips are not an array"))?
@@ -510,6 +550,7 @@ impl CommandInfo {
             first_key,
             last_key,
             step,
+            acl,
             tips,
             key_specs,
             subcommands,
@@ -856,6 +897,21 @@ mod tests {
         assert!(TABLE.get(b"gEt").is_some());
         let ping = TABLE.get(b"ping").expect("ping");
         assert!(ping.tips.iter().any(|t| t == "request_policy:all_shards"));
+        assert_eq!(ping.acl, AclCategories::FAST | AclCategories::CONNECTION);
+        let config_set = TABLE
+            .lookup(&[Bytes::from_static(b"CONFIG"), Bytes::from_static(b"SET")])
+            .expect("config|set");
+        assert_eq!(
+            config_set.acl,
+            AclCategories::ADMIN | AclCategories::SLOW | AclCategories::DANGEROUS
+        );
+        assert!(
+            TABLE
+                .get(b"keys")
+                .expect("keys")
+                .acl
+                .contains(AclCategories::DANGEROUS)
+        );
         // Every command but SORT/SORT_RO/MIGRATE has usable specs in 7.0.
         let unresolved: Vec<_> = TABLE
             .iter()

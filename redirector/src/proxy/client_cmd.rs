@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::{
-    Shared,
+    AuthMode, Shared,
     clients::{ClientEntry, KillFilter, PauseMode, flags},
     exec,
     plan::wrong_arity,
@@ -246,7 +246,9 @@ fn kill(req: &Request, shared: &Shared, me: &ClientEntry, protocol: Protocol) ->
         Ok(filter) => filter,
         Err(e) => return Outcome::Reply(reply::error(e)),
     };
+    // The proxy knows its own users only; in passthrough they are Redis's.
     if let Some(user) = &filter.user
+        && shared.settings.auth_mode == AuthMode::Proxy
         && !shared.settings.auth.has_user(user)
     {
         return Outcome::Reply(reply::error(&format!("ERR No such user '{user}'")));

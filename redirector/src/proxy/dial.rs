@@ -36,10 +36,20 @@ use crate::{
 };
 
 /// Credentials the proxy presents to Redis.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct UpstreamAuth {
     pub user: Option<String>,
     pub password: String,
+}
+
+/// Never the password: configurations holding one are logged whole.
+impl std::fmt::Debug for UpstreamAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamAuth")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Clone)]
@@ -162,12 +172,14 @@ impl Dialer {
             .map_err(|_| UpstreamError::Connect(addr, "handshake timed out".into()))??;
         // A node busy with a script refuses READONLY (it is not allowed
         // while busy), yet the connection is sound, and it is what SCRIPT
-        // KILL and FUNCTION KILL need: a replica's reads then come back
-        // MOVED to its master until the next connection.
+        // KILL and FUNCTION KILL need; so is one whose ACL user may not
+        // run READONLY (a read-only `+@read` user). A replica's reads then
+        // come back MOVED to its master.
         let busy_readonly = |(i, r): &(usize, &Reply)| {
             self.cluster
                 && *i == commands.len() - 1
-                && r.error_message().is_some_and(|m| m.starts_with(b"BUSY"))
+                && r.error_message()
+                    .is_some_and(|m| m.starts_with(b"BUSY") || m.starts_with(b"NOPERM"))
         };
         if let Some((_, failed)) = replies
             .iter()

@@ -940,9 +940,19 @@ async fn on_lease(
         // A blocked client is shown blocked, on the node CLIENT UNBLOCK
         // then reaches.
         if let Some(client) = blocked {
-            let upstream_id = lease.client_id().await?;
-            lease.write(&payload).await?;
-            client.set_blocked_on(Some((node, upstream_id)));
+            match lease.client_id().await {
+                Ok(upstream_id) => {
+                    lease.write(&payload).await?;
+                    client.set_blocked_on(Some((node, upstream_id)));
+                }
+                // Refused (an ACL user without CLIENT ID), the connection
+                // intact: it blocks all the same, out of CLIENT UNBLOCK's
+                // reach.
+                Err(UpstreamError::Protocol(..)) if lease.is_reusable() => {
+                    lease.write(&payload).await?;
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             lease.write(&payload).await?;
         }

@@ -11,7 +11,15 @@
 //!               │ CLIENT TRACKING ─▶ tracking: private conns to every shard
 //!               └ HELLO, CLIENT, CLUSTER SLOTS, SLOWLOG, MONITOR, ... answered locally
 //! ```
+//!
+//! Whose rights a client's commands carry depends on the backend's auth
+//! mode. In passthrough, Redis checks a client's `AUTH` itself ([`login`])
+//! and the session then runs over that user's own pools (a client that has
+//! not authenticated, over pools without credentials); in proxy mode all
+//! clients share the proxy's `--upstream-*` identity, and the planner
+//! refuses `@admin`/`@dangerous` commands unless they are allowed.
 
+pub mod acl;
 pub mod admission;
 pub mod client_cmd;
 pub mod clients;
@@ -24,6 +32,7 @@ pub mod health;
 pub mod info;
 pub mod lease;
 pub mod local;
+pub mod login;
 pub mod merge;
 pub mod metrics;
 pub mod monitor;
@@ -134,16 +143,17 @@ impl DownstreamAuth {
         user == "default" || self.users.iter().any(|(u, _)| u == user)
     }
 
+    /// Passwords compare in constant time; user names are not secret.
     pub fn check(&self, user: Option<&[u8]>, password: &[u8]) -> bool {
         match user {
             None | Some(b"default") => self
                 .password
                 .as_ref()
-                .is_some_and(|p| p.as_bytes() == password),
+                .is_some_and(|p| acl::same_secret(password, p.as_bytes())),
             Some(user) => self
                 .users
                 .iter()
-                .any(|(u, p)| u.as_bytes() == user && p.as_bytes() == password),
+                .any(|(u, p)| u.as_bytes() == user && acl::same_secret(password, p.as_bytes())),
         }
     }
 }
@@ -187,11 +197,29 @@ impl Default for Settings {
     }
 }
 
-/// State every session shares.
+/// What a session reaches its backend through: the backend itself (its
+/// topology, command table, clients, statistics: [`BackendCore`], which
+/// this derefs to) and the pools of the identity the session's commands
+/// run as. Every client of one identity shares its pools; in ACL
+/// passthrough each user is an identity of its own (see
+/// [`Shared::as_user`]), so different users never share a connection.
 pub struct Shared {
+    pub pools: Arc<Pools>,
+    core: Arc<BackendCore>,
+}
+
+impl std::ops::Deref for Shared {
+    type Target = BackendCore;
+
+    fn deref(&self) -> &BackendCore {
+        &self.core
+    }
+}
+
+/// State every session of a backend shares, whoever it runs as.
+pub struct BackendCore {
     pub settings: Settings,
     pub topology: Arc<Topology>,
-    pub pools: Pools,
     pub commands: CommandTable,
     pub metrics: Arc<ProxyMetrics>,
     /// Version of the Redis servers behind the proxy, for HELLO and INFO.
@@ -203,6 +231,13 @@ pub struct Shared {
     pub functions: functions::FunctionFlags,
     /// SLOWLOG of this proxy's clients.
     pub slowlog: slowlog::SlowLog,
+    /// ACL passthrough: recent checks and failures.
+    pub logins: Logins,
+    /// The proxy's own identity (its `--upstream-*` credentials), for
+    /// questions a client's user may not ask Redis itself (ACL DRYRUN).
+    pub control: Arc<Dialer>,
+    /// The users' pools (ACL passthrough), kept while they have clients.
+    users: Arc<Mutex<acl::Lingering<acl::Fingerprint, Pools>>>,
     /// Error replies the proxy gave itself, by error code (INFO
     /// errorstats adds them to the nodes').
     local_errors: Mutex<std::collections::BTreeMap<String, u64>>,
@@ -213,6 +248,55 @@ pub struct Shared {
     round_robin: AtomicUsize,
 }
 
+/// Password checks of one backend (see [`acl`]).
+#[derive(Default)]
+pub struct Logins {
+    checks: Mutex<acl::Checks>,
+    failures: Mutex<acl::Limiter>,
+}
+
+impl Logins {
+    /// How long an AUTH from `ip` waits before it is checked.
+    pub fn delay(&self, ip: std::net::IpAddr) -> Duration {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .delay(ip, Instant::now())
+    }
+
+    pub fn failed(&self, ip: std::net::IpAddr) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failed(ip, Instant::now());
+    }
+
+    pub fn is_fresh(&self, user: &[u8], password: &[u8]) -> bool {
+        self.checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_fresh(user, password, Instant::now())
+    }
+
+    /// Passwords may have changed: every login asks Redis again.
+    pub fn forget_checks(&self) {
+        self.checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    pub fn remember(&self, user: &[u8], fingerprint: acl::Fingerprint) {
+        self.checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remember(user, fingerprint, Instant::now());
+    }
+}
+
+/// How often idle users' pools are looked at.
+const USERS_SWEEP: Duration = Duration::from_secs(1);
+
 impl Shared {
     pub fn new(
         settings: Settings,
@@ -222,26 +306,93 @@ impl Shared {
         metrics: Arc<ProxyMetrics>,
         redis_version: String,
     ) -> Self {
+        let control = Arc::clone(pools.dialer());
+        // In passthrough a client that has not authenticated is served
+        // without credentials: it never gets the proxy's own rights.
+        let pools = match settings.auth_mode {
+            AuthMode::Passthrough => pools.for_identity(None),
+            AuthMode::Proxy => Arc::new(pools),
+        };
         Self {
-            settings,
-            topology,
             pools,
-            commands,
-            metrics,
-            redis_version,
-            started: Instant::now(),
-            clients: clients::Clients::default(),
-            functions: functions::FunctionFlags::default(),
-            slowlog: slowlog::SlowLog::default(),
-            local_errors: Mutex::new(std::collections::BTreeMap::new()),
-            next_client_id: AtomicU64::new(1),
-            total_connections: AtomicU64::new(0),
-            rejected_connections: AtomicU64::new(0),
-            total_commands: AtomicU64::new(0),
-            round_robin: AtomicUsize::new(0),
+            core: Arc::new(BackendCore {
+                settings,
+                topology,
+                commands,
+                metrics,
+                redis_version,
+                started: Instant::now(),
+                clients: clients::Clients::default(),
+                functions: functions::FunctionFlags::default(),
+                slowlog: slowlog::SlowLog::default(),
+                logins: Logins::default(),
+                control,
+                users: Arc::new(Mutex::new(acl::Lingering::new(acl::CHECK_TTL))),
+                local_errors: Mutex::new(std::collections::BTreeMap::new()),
+                next_client_id: AtomicU64::new(1),
+                total_connections: AtomicU64::new(0),
+                rejected_connections: AtomicU64::new(0),
+                total_commands: AtomicU64::new(0),
+                round_robin: AtomicUsize::new(0),
+            }),
         }
     }
 
+    /// This backend as `user` (ACL passthrough, after Redis accepted the
+    /// password `fingerprint` was made of): that user's pools, made with
+    /// `auth` if the user has none yet. They, and the password they hold
+    /// to open connections, go some seconds after the user's last client.
+    pub fn as_user(&self, fingerprint: acl::Fingerprint, auth: UpstreamAuth) -> Arc<Self> {
+        let (pools, first) = {
+            let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+            let first = users.is_empty();
+            let pools =
+                users.get_or_insert_with(fingerprint, || self.pools.for_identity(Some(auth)));
+            (pools, first)
+        };
+        if first {
+            let users = Arc::clone(&self.users);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(USERS_SWEEP).await;
+                    let mut users = users.lock().unwrap_or_else(|e| e.into_inner());
+                    if users.sweep(Instant::now()) == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+        Arc::new(Self {
+            pools,
+            core: Arc::clone(&self.core),
+        })
+    }
+
+    /// Whether both run as the same identity (share pools).
+    pub fn same_identity(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.pools, &other.pools)
+    }
+
+    /// Registers an admitted client of this backend.
+    pub fn register_client(
+        self: &Arc<Self>,
+        place: front::Place,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> ClientSlot {
+        self.metrics.client_opened();
+        self.total_connections.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
+        let entry = self.clients.register(id, peer, local);
+        ClientSlot {
+            shared: Arc::clone(self),
+            _place: place,
+            entry,
+        }
+    }
+}
+
+impl BackendCore {
     /// This backend's client connections.
     pub fn connected_clients(&self) -> usize {
         usize::try_from(self.metrics.clients_active()).unwrap_or(0)
@@ -281,24 +432,6 @@ impl Shared {
             .clear();
         self.total_commands.store(0, Ordering::Relaxed);
         self.total_connections.store(0, Ordering::Relaxed);
-    }
-
-    /// Registers an admitted client of this backend.
-    pub fn register_client(
-        self: &Arc<Self>,
-        place: front::Place,
-        peer: SocketAddr,
-        local: SocketAddr,
-    ) -> ClientSlot {
-        self.metrics.client_opened();
-        self.total_connections.fetch_add(1, Ordering::Relaxed);
-        let id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
-        let entry = self.clients.register(id, peer, local);
-        ClientSlot {
-            shared: Arc::clone(self),
-            _place: place,
-            entry,
-        }
     }
 
     /// A client of this backend refused at the door.

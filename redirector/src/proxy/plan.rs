@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     cluster::{
-        commands::{CommandInfo, CommandTable, Flags},
+        commands::{AclCategories, CommandInfo, CommandTable, Flags},
         slot,
     },
     resp::{Protocol, reply, request::Request},
@@ -28,7 +28,7 @@ pub const CROSSSLOT: &str = "CROSSSLOT Keys in request don't hash to the same sl
 
 /// What the planner knows about the calling session.
 #[derive(Clone, Copy, Debug)]
-pub struct SessionState {
+pub struct SessionState<'a> {
     pub protocol: Protocol,
     pub authed: bool,
     /// Between MULTI and EXEC.
@@ -39,6 +39,19 @@ pub struct SessionState {
     /// The backend is one shard (a standalone primary): keys never span
     /// slots, and every slot is slot 0.
     pub one_shard: bool,
+    /// Whether `@admin` and `@dangerous` commands may run.
+    pub admin: Admin<'a>,
+}
+
+/// Who decides whether a client may run `@admin`/`@dangerous` commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admin<'a> {
+    /// Redis, by the client's own user (ACL passthrough), or the operator
+    /// allowed them (`--allow-admin-commands`).
+    Allowed,
+    /// Proxy auth mode: clients would run them with the proxy's
+    /// credentials, so backend `backend` refuses them.
+    Refused { backend: &'a str },
 }
 
 /// Which nodes a fan-out reaches.
@@ -386,6 +399,21 @@ pub fn plan_known(
     if !state.authed && !matches!(name, b"auth" | b"hello" | b"quit" | b"reset") {
         return Plan::Refuse(reply::error(NOAUTH));
     }
+    if let Some(refusal) = admin_refusal(info, state) {
+        return if state.in_multi {
+            Plan::Queue(Err(refusal))
+        } else {
+            Plan::Refuse(refusal)
+        };
+    }
+    if state.in_multi && matches!(name, b"auth" | b"hello") {
+        // Queued, it would run on a leased connection at EXEC and switch
+        // that connection's user (or protocol) for whoever leases it next.
+        return Plan::Queue(Err(reply::error(&format!(
+            "ERR {} inside MULTI is not supported by redirector",
+            String::from_utf8_lossy(name).to_uppercase()
+        ))));
+    }
     if state.in_multi
         && !matches!(
             name,
@@ -469,6 +497,27 @@ pub fn plan_known(
             Err(e) => Plan::Refuse(e),
         },
     }
+}
+
+/// Proxy auth mode: an `@admin`/`@dangerous` command (by the server's
+/// own ACL categories) would run with the proxy's credentials, so it is
+/// refused unless the operator allowed it: a client must not lock the
+/// proxy out (`CONFIG SET requirepass`) or act as it on the nodes.
+fn admin_refusal(info: Option<&CommandInfo>, state: &SessionState) -> Option<Bytes> {
+    let Admin::Refused { backend } = state.admin else {
+        return None;
+    };
+    let info = info?;
+    if !info
+        .acl
+        .intersects(AclCategories::ADMIN | AclCategories::DANGEROUS)
+    {
+        return None;
+    }
+    Some(reply::error(&format!(
+        "NOPERM redirector: backend '{backend}' refuses @admin and @dangerous commands such as '{}' in proxy auth mode, where they would run with the proxy's own credentials (start redirector with --allow-admin-commands to allow them)",
+        info.name
+    )))
 }
 
 /// EVAL without declared keys: the shard its literal keys name, if any
@@ -742,6 +791,17 @@ pub fn monitored(info: &CommandInfo) -> bool {
     !info.flags.contains(Flags::SKIP_MONITOR) || is_script(&info.name) || info.name == "exec"
 }
 
+/// Whether a command may change which passwords Redis accepts: the
+/// proxy then forgets the checks it remembers (see `acl::Checks`), so the
+/// change holds at once for logins through it.
+pub fn changes_credentials(info: &CommandInfo) -> bool {
+    info.acl.contains(AclCategories::ADMIN)
+        && matches!(
+            info.name.as_str(),
+            "acl|setuser" | "acl|deluser" | "acl|load" | "config|set"
+        )
+}
+
 /// Commands that run a script or a function.
 pub fn is_script(name: &str) -> bool {
     matches!(
@@ -797,12 +857,13 @@ mod tests {
         CommandTable::from_command_reply(&frame).expect("parses")
     });
 
-    const READY: SessionState = SessionState {
+    const READY: SessionState<'static> = SessionState {
         protocol: Protocol::Resp2,
         authed: true,
         in_multi: false,
         subscribed_resp2: false,
         one_shard: false,
+        admin: Admin::Allowed,
     };
 
     fn req(args: &[&str]) -> Request {
@@ -1041,6 +1102,93 @@ mod tests {
             plan(&TABLE, &req(&["AUTH", "pw"]), &noauth),
             Plan::Local(Local::Auth)
         );
+    }
+
+    #[test]
+    fn proxy_mode_refuses_admin_and_dangerous_commands() {
+        let proxy = SessionState {
+            admin: Admin::Refused { backend: "cart" },
+            ..READY
+        };
+        let refusal =
+            |args: &[&str], state: &SessionState<'_>| match plan(&TABLE, &req(args), state) {
+                Plan::Refuse(e) | Plan::Queue(Err(e)) if e.starts_with(b"-NOPERM") => {
+                    Some(String::from_utf8_lossy(&e).into_owned())
+                }
+                _ => None,
+            };
+        let message = refusal(&["CONFIG", "SET", "requirepass", "x"], &proxy).expect("refused");
+        assert!(message.contains("backend 'cart'"), "{message}");
+        assert!(message.contains("'config|set'"), "{message}");
+        assert!(message.contains("--allow-admin-commands"), "{message}");
+        for args in [
+            &["FLUSHALL"][..],
+            &["KEYS", "*"],
+            &["CLIENT", "LIST"],
+            &["CLIENT", "KILL", "ID", "1"],
+            &["MONITOR"],
+            &["ACL", "SETUSER", "bob", "on"],
+            &["INFO"],
+            &["SHUTDOWN"],
+            &["CONFIG", "GET", "maxmemory"],
+        ] {
+            assert!(refusal(args, &proxy).is_some(), "{args:?}");
+            // Allowed, or in passthrough: Redis decides.
+            assert!(refusal(args, &READY).is_none(), "{args:?}");
+        }
+        for args in [
+            &["GET", "k"][..],
+            &["SET", "k", "v"],
+            &["CLIENT", "SETNAME", "x"],
+            &["CLIENT", "ID"],
+            &["PING"],
+            &["AUTH", "pw"],
+            &["HELLO", "3"],
+            &["ACL", "WHOAMI"],
+            &["CLUSTER", "SLOTS"],
+            &["SUBSCRIBE", "a"],
+            &["EVAL", "return 1", "0"],
+        ] {
+            assert!(refusal(args, &proxy).is_none(), "{args:?}");
+        }
+        // In a transaction: a queue-time error, and EXEC aborts.
+        let queued = SessionState {
+            in_multi: true,
+            ..proxy
+        };
+        assert!(matches!(
+            plan(
+                &TABLE,
+                &req(&["CONFIG", "SET", "requirepass", "x"]),
+                &queued
+            ),
+            Plan::Queue(Err(_))
+        ));
+    }
+
+    #[test]
+    fn credential_changes_are_recognised() {
+        let changes =
+            |args: &[&str]| changes_credentials(TABLE.lookup(&req(args).args).expect("known"));
+        assert!(changes(&["ACL", "SETUSER", "app", "resetpass"]));
+        assert!(changes(&["ACL", "DELUSER", "app"]));
+        assert!(changes(&["CONFIG", "SET", "requirepass", "x"]));
+        assert!(!changes(&["ACL", "WHOAMI"]));
+        assert!(!changes(&["SET", "k", "v"]));
+    }
+
+    #[test]
+    fn auth_and_hello_are_never_queued() {
+        let multi = SessionState {
+            in_multi: true,
+            ..READY
+        };
+        for args in [&["AUTH", "app", "pw"][..], &["HELLO", "3"]] {
+            match plan(&TABLE, &req(args), &multi) {
+                Plan::Queue(Err(e)) => assert!(e.starts_with(b"-ERR"), "{e:?}"),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

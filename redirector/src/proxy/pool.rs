@@ -1,17 +1,28 @@
 //! Upstream connections per Redis node: a few shared, multiplexed
 //! connections that every client session uses, and a pool of warm dedicated
 //! connections for leases.
+//!
+//! A backend has one [`Pools`] per identity its connections authenticate
+//! as: the unauthenticated one and, in ACL passthrough, one per user (see
+//! [`Pools::for_identity`]). They share the backend's node health and
+//! metrics, never a connection.
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex, RwLock, Weak,
         atomic::{AtomicUsize, Ordering},
     },
 };
 
 use super::metrics::ProxyMetrics;
-use super::{UpstreamError, dial::Dialer, health::Health, lease::Leased, upstream::Conn};
+use super::{
+    UpstreamError,
+    dial::{Dialer, UpstreamAuth},
+    health::Health,
+    lease::Leased,
+    upstream::Conn,
+};
 use crate::{fasthash::FnvHashMap, resp::Protocol};
 
 #[derive(Clone, Copy, Debug)]
@@ -107,6 +118,9 @@ pub struct Pools {
     metrics: Arc<ProxyMetrics>,
     health: Arc<Health>,
     config: PoolConfig,
+    /// The same backend's pools for other identities, so that dropping a
+    /// node that left the cluster reaches all of them.
+    family: Arc<Mutex<Vec<Weak<Pools>>>>,
 }
 
 impl Pools {
@@ -117,7 +131,28 @@ impl Pools {
             metrics,
             health: Arc::new(Health::default()),
             config,
+            family: Arc::default(),
         }
+    }
+
+    /// Pools of the same backend whose connections authenticate as `auth`
+    /// (none: no credentials at all), with their own connections.
+    pub fn for_identity(&self, auth: Option<UpstreamAuth>) -> Arc<Self> {
+        let pools = Arc::new(Self {
+            nodes: RwLock::new(FnvHashMap::default()),
+            dialer: Arc::new(Dialer {
+                auth,
+                ..(*self.dialer).clone()
+            }),
+            metrics: Arc::clone(&self.metrics),
+            health: Arc::clone(&self.health),
+            config: self.config,
+            family: Arc::clone(&self.family),
+        });
+        let mut family = self.family.lock().unwrap_or_else(|e| e.into_inner());
+        family.retain(|p| p.strong_count() > 0);
+        family.push(Arc::downgrade(&pools));
+        pools
     }
 
     pub fn is_down(&self, addr: SocketAddr) -> bool {
@@ -163,8 +198,26 @@ impl Pools {
         }))
     }
 
-    /// Drops pools of nodes no longer in the cluster.
+    /// Drops pools of nodes no longer in the cluster, in every identity's
+    /// pools of this backend.
     pub fn retain(&self, live: &[SocketAddr]) {
+        self.retain_own(live);
+        let family: Vec<Arc<Self>> = self
+            .family
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for pools in family
+            .iter()
+            .filter(|p| !std::ptr::eq(Arc::as_ptr(p), self))
+        {
+            pools.retain_own(live);
+        }
+    }
+
+    fn retain_own(&self, live: &[SocketAddr]) {
         self.nodes
             .write()
             .unwrap_or_else(|e| e.into_inner())

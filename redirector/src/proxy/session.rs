@@ -25,20 +25,21 @@ use tokio::{
 };
 
 use super::{
-    ClientSlot, Shared, client_cmd,
+    AuthMode, ClientSlot, Shared, client_cmd,
     clients::{ClientEntry, flags},
     exec::{self, Routed, Target},
     functions,
     local::{self, Caller},
+    login::{self, Accepted, Credentials},
     metrics::{CommandCounters, UNKNOWN_COMMAND},
     monitor,
-    plan::{self, Local, Plan, SessionState, Txn},
+    plan::{self, Admin, Local, Plan, SessionState, Txn},
     pubsub, tracking, txn,
     upstream::{Conn, Inbox, Job, Sink},
 };
 use crate::{
     cluster::{
-        commands::{CommandInfo, Flags},
+        commands::{AclCategories, CommandInfo, Flags},
         topology::View,
     },
     resp::{
@@ -82,8 +83,9 @@ pub async fn serve(
     let (push_tx, push_rx) = mpsc::unbounded_channel();
     entry.set_push(push_tx);
     let mut session = Session {
-        authed: !shared.settings.auth.required(),
+        authed: starts_authed(&shared),
         shared: Arc::clone(&shared),
+        unauthenticated: Arc::clone(&shared),
         id,
         peer,
         local,
@@ -143,12 +145,26 @@ enum Pending {
     /// A blocking command or a script, in a task: as in Redis, the
     /// client's next commands run only once it has answered.
     Barrier(oneshot::Receiver<Bytes>, Option<Meta>),
+    /// AUTH (or HELLO with AUTH) being checked, a barrier too: the
+    /// session's next commands run as whoever it turns out to be.
+    Login(oneshot::Receiver<Login>, Option<Meta>),
+    /// A command the proxy answers itself, once Redis's ACL allows the
+    /// client's user to run it (a barrier).
+    Permit(
+        oneshot::Receiver<Result<(), Bytes>>,
+        Box<(Local, Request)>,
+        Meta,
+    ),
     /// Close the connection once everything before has been written.
     Close,
 }
 
 struct Session {
+    /// The backend, as the identity this client's commands run as.
     shared: Arc<Shared>,
+    /// The backend as a client that has not authenticated (RESET goes back
+    /// to it).
+    unauthenticated: Arc<Shared>,
     id: u64,
     peer: SocketAddr,
     local: SocketAddr,
@@ -209,6 +225,8 @@ enum Event {
 enum Resolution {
     Upstream(Result<Reply, super::UpstreamError>),
     Task(Bytes),
+    Login(Login),
+    Permit(Result<(), Bytes>),
     /// The inbox got a reply: look again.
     Wake,
 }
@@ -357,6 +375,20 @@ impl Session {
                         reply::error("ERR redirector: internal task failed"),
                     )),
                 },
+                Some(Pending::Login(rx, _)) => match rx.try_recv() {
+                    Ok(login) => Some(Resolution::Login(login)),
+                    Err(oneshot::error::TryRecvError::Empty) => return false,
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        Some(Resolution::Login(Login::failed_task()))
+                    }
+                },
+                Some(Pending::Permit(rx, ..)) => match rx.try_recv() {
+                    Ok(verdict) => Some(Resolution::Permit(verdict)),
+                    Err(oneshot::error::TryRecvError::Empty) => return false,
+                    Err(oneshot::error::TryRecvError::Closed) => Some(Resolution::Permit(Err(
+                        reply::error("ERR redirector: internal task failed"),
+                    ))),
+                },
             };
             if let Some(resolution) = resolution {
                 self.resolve_head(pending, resolution);
@@ -409,6 +441,32 @@ impl Session {
             (Pending::Barrier(_, meta), Resolution::Task(raw)) => {
                 self.barriers -= 1;
                 Pending::Ready(raw, meta)
+            }
+            (Pending::Login(_, meta), Resolution::Login(login)) => {
+                self.barriers -= 1;
+                Pending::Ready(self.finish_login(login), meta)
+            }
+            (Pending::Permit(_, held, meta), Resolution::Permit(verdict)) => {
+                self.barriers -= 1;
+                match verdict {
+                    Ok(()) => {
+                        let (local, req) = *held;
+                        // As Redis shows it while the command runs.
+                        self.entry.set_qbuf(req.raw.len());
+                        // Its replies take the permit's place, in order.
+                        let mut replies = VecDeque::new();
+                        self.local(local, &req, &mut replies, meta);
+                        self.entry.set_qbuf(0);
+                        for reply in replies.into_iter().rev() {
+                            pending.push_front(reply);
+                        }
+                        return;
+                    }
+                    Err(raw) => {
+                        self.shared.count_local_error(&raw);
+                        Pending::Ready(raw, Some(meta))
+                    }
+                }
             }
             (other, _) => other,
         };
@@ -491,7 +549,8 @@ impl Session {
         }
     }
 
-    fn state(&self) -> SessionState {
+    fn state(&self) -> SessionState<'_> {
+        let settings = &self.shared.settings;
         SessionState {
             protocol: self.protocol,
             authed: self.authed,
@@ -499,6 +558,13 @@ impl Session {
             subscribed_resp2: self.protocol == Protocol::Resp2
                 && self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active),
             one_shard: self.shared.topology.is_standalone(),
+            admin: if settings.auth_mode == AuthMode::Proxy && !settings.allow_admin_commands {
+                Admin::Refused {
+                    backend: self.shared.metrics.backend(),
+                }
+            } else {
+                Admin::Allowed
+            },
         }
     }
 
@@ -521,7 +587,7 @@ impl Session {
         let plan = plan::plan_known(&shared.commands, info, &req, &self.state());
         // As in Redis, a blocking command or a script starts only once the
         // client's earlier commands have run.
-        if !pending.is_empty() && self.is_barrier(&plan, info) {
+        if !pending.is_empty() && self.is_barrier(&plan, info, &req) {
             self.stashed = Some(req);
             return;
         }
@@ -556,6 +622,9 @@ impl Session {
         }
         // As Redis shows it while the command runs: in the query buffer.
         self.entry.set_qbuf(req.raw.len());
+        if info.is_some_and(plan::changes_credentials) {
+            shared.logins.forget_checks();
+        }
         if shared.clients.is_monitored() && info.is_some_and(plan::monitored) {
             shared.clients.feed(self.peer, &req.args);
         }
@@ -624,6 +693,16 @@ impl Session {
         };
         let (shared, protocol) = (Arc::clone(&self.shared), self.protocol);
         match plan {
+            Plan::Local(local) if self.needs_permit(info, &req) => {
+                let name = info.map_or_else(String::new, |i| i.name.clone());
+                let (user, args) = (self.user.clone(), req.args.clone());
+                let (tx, rx) = oneshot::channel();
+                tokio::spawn(async move {
+                    let _ = tx.send(login::permitted(shared, user, args, name).await);
+                });
+                self.barriers += 1;
+                pending.push_back(Pending::Permit(rx, Box::new((local, req)), meta));
+            }
             Plan::Local(local) => self.local(local, &req, pending, meta),
             Plan::Route { slot, readonly } => {
                 let slot = slot.or_else(|| self.loaded_script_slot(info, &req));
@@ -735,8 +814,21 @@ impl Session {
                 self.closing = true;
                 return;
             }
-            Local::Auth => self.auth(req),
-            Local::Hello => self.hello(req),
+            Local::Auth | Local::Hello => {
+                let step = if local == Local::Auth {
+                    self.auth(req)
+                } else {
+                    self.hello(req)
+                };
+                match step {
+                    Step::Now(raw) => raw,
+                    Step::Later(rx) => {
+                        self.barriers += 1;
+                        pending.push_back(Pending::Login(rx, Some(meta)));
+                        return;
+                    }
+                }
+            }
             Local::Reset => {
                 self.reset();
                 Bytes::from_static(b"+RESET\r\n")
@@ -868,65 +960,141 @@ impl Session {
         (self.baton.replace(rx), tx)
     }
 
-    fn auth(&mut self, req: &Request) -> Bytes {
-        let auth = &self.shared.settings.auth;
+    fn auth(&mut self, req: &Request) -> Step {
         let (user, password) = match req.args.len() {
-            2 => (None, &req.args[1]),
-            3 => (Some(&req.args[1][..]), &req.args[2]),
-            _ => return plan::wrong_arity("auth"),
+            2 => (None, req.args[1].clone()),
+            3 => (Some(req.args[1].clone()), req.args[2].clone()),
+            _ => return Step::Now(plan::wrong_arity("auth")),
         };
-        if !auth.required() {
-            return reply::error(
+        let settings = &self.shared.settings;
+        if settings.auth_mode == AuthMode::Proxy && !settings.auth.required() {
+            return Step::Now(reply::error(
                 "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
-            );
+            ));
         }
-        if auth.check(user, password) {
-            self.authed = true;
-            self.user = user.map_or_else(
-                || "default".into(),
-                |u| String::from_utf8_lossy(u).into_owned(),
-            );
-            self.entry.set_user(&self.user);
-            reply::ok()
-        } else {
-            reply::error("WRONGPASS invalid username-password pair or user is disabled.")
+        self.login(Credentials { user, password }, After::Auth)
+    }
+
+    /// Checks credentials: in passthrough Redis does (in a task), in proxy
+    /// mode the proxy's own users. Either way an address with recent
+    /// failures waits first.
+    fn login(&mut self, credentials: Credentials, then: After) -> Step {
+        let ip = self.peer.ip();
+        let (tx, rx) = oneshot::channel();
+        match self.shared.settings.auth_mode {
+            AuthMode::Passthrough => {
+                let shared = Arc::clone(&self.shared);
+                tokio::spawn(async move {
+                    let outcome = login::passthrough(shared, ip, credentials).await;
+                    let _ = tx.send(Login { outcome, then });
+                });
+            }
+            AuthMode::Proxy => {
+                let logins = &self.shared.logins;
+                let delay = logins.delay(ip);
+                let accepted = self
+                    .shared
+                    .settings
+                    .auth
+                    .check(credentials.user.as_deref(), &credentials.password);
+                let outcome = if accepted {
+                    Ok(Accepted {
+                        shared: None,
+                        user: credentials.user.as_ref().map_or_else(
+                            || "default".into(),
+                            |u| String::from_utf8_lossy(u).into_owned(),
+                        ),
+                    })
+                } else {
+                    logins.failed(ip);
+                    Err(reply::error(WRONGPASS))
+                };
+                let login = Login { outcome, then };
+                if delay.is_zero() {
+                    return Step::Now(self.finish_login(login));
+                }
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = tx.send(login);
+                });
+            }
+        }
+        Step::Later(rx)
+    }
+
+    /// Takes on a login's outcome; the reply of its command.
+    fn finish_login(&mut self, login: Login) -> Bytes {
+        match login.outcome {
+            Err(raw) => raw,
+            Ok(Accepted { shared, user }) => {
+                if let Some(shared) = shared {
+                    self.run_as(shared);
+                }
+                self.authed = true;
+                self.user = user;
+                self.entry.set_user(&self.user);
+                match login.then {
+                    After::Auth => reply::ok(),
+                    After::Hello(hello) => self.finish_hello(hello),
+                }
+            }
         }
     }
 
+    /// The client's next commands run as another identity.
+    fn run_as(&mut self, shared: Arc<Shared>) {
+        if !shared.same_identity(&self.shared) {
+            // Cached connections are the old identity's.
+            self.conns.clear();
+            // An actor without subscriptions would subscribe later with the
+            // old identity's rights; one with subscriptions keeps them, as
+            // a connection does in Redis.
+            if !self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active) {
+                self.pubsub = None;
+            }
+        }
+        self.shared = shared;
+    }
+
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]`.
-    fn hello(&mut self, req: &Request) -> Bytes {
+    fn hello(&mut self, req: &Request) -> Step {
         let mut protocol = self.protocol;
         if let Some(version) = req.args.get(1) {
             protocol = match &version[..] {
                 b"2" => Protocol::Resp2,
                 b"3" => Protocol::Resp3,
-                _ => return reply::error("NOPROTO unsupported protocol version"),
+                _ => return Step::Now(reply::error("NOPROTO unsupported protocol version")),
             };
         }
         let mut i = 2;
         let mut name = None;
+        let mut credentials = None;
         while i < req.args.len() {
             if req.arg_is(i, "auth") && i + 2 < req.args.len() {
-                let auth = &self.shared.settings.auth;
-                if !auth.check(Some(&req.args[i + 1]), &req.args[i + 2]) {
-                    return reply::error(
-                        "WRONGPASS invalid username-password pair or user is disabled.",
-                    );
-                }
-                self.authed = true;
-                self.user = String::from_utf8_lossy(&req.args[i + 1]).into_owned();
-                self.entry.set_user(&self.user);
+                credentials = Some(Credentials {
+                    user: Some(req.args[i + 1].clone()),
+                    password: req.args[i + 2].clone(),
+                });
                 i += 3;
             } else if req.arg_is(i, "setname") && i + 1 < req.args.len() {
                 name = Some(req.args[i + 1].clone());
                 i += 2;
             } else {
-                return reply::error(&format!(
+                return Step::Now(reply::error(&format!(
                     "ERR Syntax error in HELLO option '{}'",
                     String::from_utf8_lossy(&req.args[i])
-                ));
+                )));
             }
         }
+        let hello = Hello { protocol, name };
+        match credentials {
+            // As Redis: options first, then the credentials, then the rest.
+            Some(credentials) => self.login(credentials, After::Hello(hello)),
+            None => Step::Now(self.finish_hello(hello)),
+        }
+    }
+
+    fn finish_hello(&mut self, Hello { protocol, name }: Hello) -> Bytes {
         if !self.authed {
             return reply::error(
                 "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
@@ -959,7 +1127,9 @@ impl Session {
         self.entry.set_protocol(self.protocol);
         self.conns.clear();
         self.entry.set_name(None);
-        self.authed = !self.shared.settings.auth.required();
+        // Back to the identity of a client that has not authenticated.
+        self.shared = Arc::clone(&self.unauthenticated);
+        self.authed = starts_authed(&self.shared);
         self.user = "default".into();
         self.entry.set_user(&self.user);
         self.reply_mode = ReplyMode::On;
@@ -1125,13 +1295,68 @@ impl Session {
     /// Whether the plan puts the command on a lease as a barrier (a
     /// blocking command, WAIT, a script), so it must not overtake the
     /// client's earlier commands.
-    fn is_barrier(&self, plan: &Plan, info: Option<&CommandInfo>) -> bool {
+    fn is_barrier(&self, plan: &Plan, info: Option<&CommandInfo>, req: &Request) -> bool {
         match plan {
             Plan::Blocking { .. } | Plan::Wait => true,
             Plan::Route { .. } => self.script_on_lease(info),
+            Plan::Local(_) => self.needs_permit(info, req),
             _ => false,
         }
     }
+
+    /// ACL passthrough: a command the proxy answers itself (CLIENT KILL,
+    /// MONITOR, SLOWLOG, ...) that Redis's ACL gates as `@admin` or
+    /// `@dangerous` runs only once Redis says the client's user may run it.
+    /// As in Redis, a wrong arity is answered first.
+    fn needs_permit(&self, info: Option<&CommandInfo>, req: &Request) -> bool {
+        self.shared.settings.auth_mode == AuthMode::Passthrough
+            && info.is_some_and(|i| {
+                i.acl
+                    .intersects(AclCategories::ADMIN | AclCategories::DANGEROUS)
+                    && i.arity_ok(req.args.len())
+            })
+    }
+}
+
+const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
+
+/// Whether a new client may run commands before AUTH: in passthrough
+/// Redis decides (the client runs without credentials); in proxy mode
+/// only when the proxy has no users of its own.
+fn starts_authed(shared: &Shared) -> bool {
+    shared.settings.auth_mode == AuthMode::Passthrough || !shared.settings.auth.required()
+}
+
+/// AUTH or HELLO with AUTH, checked or being checked.
+enum Step {
+    Now(Bytes),
+    Later(oneshot::Receiver<Login>),
+}
+
+/// A checked login and what its command does once accepted.
+struct Login {
+    outcome: Result<Accepted, Bytes>,
+    then: After,
+}
+
+impl Login {
+    fn failed_task() -> Self {
+        Self {
+            outcome: Err(reply::error("ERR redirector: internal task failed")),
+            then: After::Auth,
+        }
+    }
+}
+
+enum After {
+    Auth,
+    Hello(Hello),
+}
+
+/// HELLO's options besides AUTH.
+struct Hello {
+    protocol: Protocol,
+    name: Option<Bytes>,
 }
 
 fn spawn_raw(work: impl Future<Output = Bytes> + Send + 'static) -> oneshot::Receiver<Bytes> {
@@ -1155,6 +1380,13 @@ async fn head(front: Option<&mut Pending>, inbox: &Inbox) -> Resolution {
         Some(Pending::Task(rx, _) | Pending::Barrier(rx, _)) => Resolution::Task(
             rx.await
                 .unwrap_or_else(|_| reply::error("ERR redirector: internal task failed")),
+        ),
+        Some(Pending::Login(rx, _)) => {
+            Resolution::Login(rx.await.unwrap_or_else(|_| Login::failed_task()))
+        }
+        Some(Pending::Permit(rx, ..)) => Resolution::Permit(
+            rx.await
+                .unwrap_or_else(|_| Err(reply::error("ERR redirector: internal task failed"))),
         ),
         _ => std::future::pending().await,
     }
