@@ -865,7 +865,24 @@ fn unescape(text: &str) -> Vec<u8> {
     out
 }
 
+/// Raises the open-files limit to its hard limit, as servers do: every
+/// client and upstream connection is a descriptor, and the soft limit
+/// (often 1024) would refuse clients long before `--max-clients`.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
 fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
+    raise_fd_limit();
     let steering = args.steering == OnOff::On;
     let on_kubernetes = args.kubernetes.kubernetes;
     let backends = declared_backends(&mut args, on_kubernetes)?;
