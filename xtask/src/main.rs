@@ -55,6 +55,18 @@ enum Cmd {
         /// Alternating rounds per comparison (medians are reported).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Only these parts (repeat or comma-separate); default: all.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<bench::Part>,
+        /// Latency part: requests per second over all its connections.
+        #[arg(long, default_value_t = bench::LatencyParams::default().rate)]
+        latency_rate: u32,
+        /// Latency part: connections per target.
+        #[arg(long, default_value_t = bench::LatencyParams::default().connections)]
+        latency_connections: usize,
+        /// Latency part: measured seconds per target, split over the rounds.
+        #[arg(long, default_value_t = bench::LatencyParams::default().seconds)]
+        latency_seconds: f64,
     },
 }
 
@@ -87,10 +99,21 @@ fn main() -> Result<()> {
             let bin = build(Profile::Release)?;
             conformance::run(&bin, &units, reuse_direct)
         }
-        Cmd::Bench { rounds } => {
+        Cmd::Bench {
+            rounds,
+            only,
+            latency_rate,
+            latency_connections,
+            latency_seconds,
+        } => {
             setup::all()?;
             let bin = build(Profile::Release)?;
-            bench::run(&bin, rounds)
+            let latency = bench::LatencyParams {
+                rate: latency_rate,
+                connections: latency_connections,
+                seconds: latency_seconds,
+            };
+            bench::run(&bin, rounds, &only, latency)
         }
     }
 }

@@ -1,22 +1,52 @@
 //! `cargo xtask bench`: figures against going direct, in one run.
 //!
-//! - connect(): what the eBPF programs cost a connect ([`connect`]);
 //! - W1-W4: the Redis Cluster proxy against `redis-benchmark --cluster` and
 //!   phpredis' `RedisCluster` going direct, and W1 on a standalone backend
-//!   against that `redis-server` direct ([`workloads`]).
+//!   against that `redis-server` direct ([`workloads`]);
+//! - latency: added latency through the proxy at a fixed, realistic rate,
+//!   open loop, against direct in the same run ([`openloop`]);
+//! - connect(): what the eBPF programs cost a connect ([`connect`]).
+//!
+//! `--only` runs some of these parts (`workloads`, `latency`, `connect`).
 
 mod connect;
+mod openloop;
 mod workloads;
 
 use std::path::Path;
 
 use anyhow::Result;
 
-pub fn run(bin: &Path, rounds: usize) -> Result<()> {
+pub use openloop::Params as LatencyParams;
+
+/// The parts of the bench, for `--only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// W1-W4 with redis-benchmark and PHP, the tunnel and standalone figures.
+    Workloads,
+    /// Added latency at a fixed rate, open loop (proxy vs direct).
+    Latency,
+    /// connect() cost of the eBPF programs.
+    Connect,
+}
+
+/// Runs the parts in `only` (every part when empty).
+pub fn run(bin: &Path, rounds: usize, only: &[Part], latency: LatencyParams) -> Result<()> {
     testbed::require::missing().map_or(Ok(()), |why| Err(anyhow::anyhow!(why)))?;
     // SAFETY: single-threaded here; the testbed reads it to find the daemon.
     unsafe { std::env::set_var("REDIRECTOR_BIN", bin) };
     let rounds = rounds.max(1);
-    workloads::run(bin, rounds)?;
-    connect::connect_latency(rounds)
+    let selected = |part| only.is_empty() || only.contains(&part);
+    if selected(Part::Workloads) || selected(Part::Latency) {
+        workloads::run(
+            bin,
+            rounds,
+            selected(Part::Workloads),
+            selected(Part::Latency).then_some(latency),
+        )?;
+    }
+    if selected(Part::Connect) {
+        connect::connect_latency(rounds)?;
+    }
+    Ok(())
 }

@@ -16,6 +16,8 @@
 //! The standalone figure: W1 against one `redis-server` (127.0.0.1:7100)
 //! directly and through a third proxy (127.0.0.1:7382) that serves it as a
 //! `--backend NAME=standalone:ADDR`, alternating in the same rounds.
+//!
+//! The latency figure ([`openloop`]) uses the same cluster and proxy.
 
 use std::{
     collections::BTreeMap,
@@ -34,6 +36,8 @@ use testbed::{
     redis::RedisServer,
     unique,
 };
+
+use super::openloop;
 
 const PROXY_PORT: u16 = 7379;
 /// The proxy whose upstream connections run through an HBONE tunnel.
@@ -95,7 +99,15 @@ struct Series {
     tunnel: Vec<Sample>,
 }
 
-pub fn run(bin: &Path, rounds: usize) -> Result<()> {
+/// Starts the cluster and the proxy, then runs W1-W4 (with the tunnel and
+/// standalone figures) when `workloads`, and the open-loop latency
+/// comparison ([`openloop`]) when `latency` is given.
+pub fn run(
+    bin: &Path,
+    rounds: usize,
+    workloads: bool,
+    latency: Option<openloop::Params>,
+) -> Result<()> {
     let netns = Netns::create(&unique("rdr-bench"));
     netns.sysctl("net.ipv4.tcp_max_tw_buckets", "0");
     let place = netns.place();
@@ -109,13 +121,34 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
     );
     let cluster = RedisCluster::start(&place, &nodes, 1, dir.path());
     let proxy = start_proxy(bin, &place, dir.path(), "proxy", &plain_proxy_args())?;
-    let tunnel_args = tunnel_args(bin, dir.path())?;
-    let _tunnel_end = start_proxy(bin, &place, dir.path(), "tunnel-end", &tunnel_args.0)?;
-    let _tunnel_proxy = start_proxy(bin, &place, dir.path(), "tunnel-proxy", &tunnel_args.1)?;
-    let standalone_dir = dir.path().join("standalone");
+    if workloads {
+        redis_benchmark(bin, &place, dir.path(), &proxy, rounds)?;
+    }
+    if let Some(params) = latency {
+        let proxy_addr = SocketAddr::from(([127, 0, 0, 1], PROXY_PORT));
+        let report = openloop::measure(&place, &cluster, proxy_addr, proxy.pid(), params, rounds)?;
+        openloop::print(&report);
+    }
+    drop(proxy);
+    drop(cluster);
+    Ok(())
+}
+
+/// W1-W4 and the tunnel and standalone figures, printed.
+fn redis_benchmark(
+    bin: &Path,
+    place: &Place,
+    dir: &Path,
+    proxy: &Child,
+    rounds: usize,
+) -> Result<()> {
+    let tunnel_args = tunnel_args(bin, dir)?;
+    let _tunnel_end = start_proxy(bin, place, dir, "tunnel-end", &tunnel_args.0)?;
+    let _tunnel_proxy = start_proxy(bin, place, dir, "tunnel-proxy", &tunnel_args.1)?;
+    let standalone_dir = dir.join("standalone");
     std::fs::create_dir_all(&standalone_dir)?;
     let standalone = RedisServer::start(
-        &place,
+        place,
         &[[127, 0, 0, 1].into()],
         STANDALONE_PORT,
         &standalone_dir,
@@ -123,8 +156,8 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
     );
     let standalone_proxy = start_proxy(
         bin,
-        &place,
-        dir.path(),
+        place,
+        dir,
         "standalone-proxy",
         &standalone_proxy_args(standalone.addr()),
     )?;
@@ -137,7 +170,7 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
     for round in 1..=rounds {
         for w in WORKLOADS {
             eprintln!("round {round}/{rounds}: {} direct", w.name);
-            for (test, sample) in benchmark(&place, w, true)? {
+            for (test, sample) in benchmark(place, w, true)? {
                 series
                     .entry((w.name, test))
                     .or_default()
@@ -146,7 +179,7 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
             }
             eprintln!("round {round}/{rounds}: {} proxy", w.name);
             let before = cpu_ticks(proxy.pid());
-            let results = benchmark(&place, w, false)?;
+            let results = benchmark(place, w, false)?;
             let ticks = cpu_ticks(proxy.pid()) - before;
             let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
             // Clock ticks are 10 ms.
@@ -161,7 +194,7 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
                     "round {round}/{rounds}: {} proxy through an HBONE tunnel",
                     w.name
                 );
-                for (test, sample) in benchmark_port(&place, w, TUNNEL_PROXY_PORT)? {
+                for (test, sample) in benchmark_port(place, w, TUNNEL_PROXY_PORT)? {
                     series
                         .entry((w.name, test))
                         .or_default()
@@ -172,7 +205,7 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
             if w.name == STANDALONE_WORKLOAD {
                 eprintln!("round {round}/{rounds}: {} standalone direct", w.name);
                 let direct = &["-p", &STANDALONE_PORT.to_string()];
-                for (test, sample) in run_benchmark(&place, w, direct, true)? {
+                for (test, sample) in run_benchmark(place, w, direct, true)? {
                     on_standalone.entry(test).or_default().direct.push(sample);
                 }
                 eprintln!(
@@ -180,7 +213,7 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
                     w.name
                 );
                 let before = cpu_ticks(standalone_proxy.pid());
-                let results = benchmark_port(&place, w, STANDALONE_PROXY_PORT)?;
+                let results = benchmark_port(place, w, STANDALONE_PROXY_PORT)?;
                 let ticks = cpu_ticks(standalone_proxy.pid()) - before;
                 let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
                 standalone_cpu.push(ticks as f64 * 0.01 / requests as f64 * 100_000.0);
@@ -190,10 +223,9 @@ pub fn run(bin: &Path, rounds: usize) -> Result<()> {
             }
         }
     }
-    let w4 = php_w4(&place, dir.path(), rounds)?;
+    let w4 = php_w4(place, dir, rounds)?;
     drop(standalone_proxy);
     drop(standalone);
-    drop(cluster);
 
     println!();
     println!(
