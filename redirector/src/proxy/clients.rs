@@ -61,10 +61,13 @@ pub struct ClientEntry {
     /// The tracking redirect target (0: none).
     redirect: AtomicU64,
     killed: AtomicBool,
-    kill: Notify,
+    /// Wakes the session: killed, or frames pushed.
+    attention: Notify,
     /// Frames for this client from elsewhere in the proxy (invalidations
-    /// of tracking clients that redirect here), written by its session.
-    push: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    /// of tracking clients that redirect here), written by its session. A
+    /// queue that allocates only when used: an idle client holds no
+    /// channel.
+    pushed: Mutex<std::collections::VecDeque<Bytes>>,
 }
 
 impl ClientEntry {
@@ -170,16 +173,18 @@ impl ClientEntry {
         Some(self.protocol()).filter(|p| *p == Protocol::Resp3)
     }
 
-    /// Where frames for this client go (its session's push channel).
-    pub fn set_push(&self, tx: mpsc::UnboundedSender<Bytes>) {
-        *self.push.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
-    }
-
     /// Sends a frame to the client, after the replies already queued.
     pub fn push(&self, frame: Bytes) {
-        if let Some(tx) = self.push.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            let _ = tx.send(frame);
-        }
+        self.pushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(frame);
+        self.attention.notify_one();
+    }
+
+    /// The frames pushed since the last call.
+    pub fn take_pushed(&self) -> std::collections::VecDeque<Bytes> {
+        std::mem::take(&mut *self.pushed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn is_pubsub(&self) -> bool {
@@ -190,17 +195,27 @@ impl ClientEntry {
     pub fn kill(&self) {
         self.killed.store(true, Ordering::Relaxed);
         self.set_flag(flags::CLOSE_ASAP, true);
-        self.kill.notify_one();
+        self.attention.notify_one();
     }
 
     pub fn is_killed(&self) -> bool {
         self.killed.load(Ordering::Relaxed)
     }
 
-    /// Resolves once the client is killed.
-    pub async fn killed(&self) {
-        while !self.is_killed() {
-            self.kill.notified().await;
+    /// Resolves once the client is killed or has frames pushed.
+    pub async fn attention(&self) {
+        loop {
+            let notified = self.attention.notified();
+            if self.is_killed()
+                || !self
+                    .pushed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_empty()
+            {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -332,8 +347,8 @@ impl Clients {
             blocked_on: Mutex::new(None),
             redirect: AtomicU64::new(0),
             killed: AtomicBool::new(false),
-            kill: Notify::new(),
-            push: Mutex::new(None),
+            attention: Notify::new(),
+            pushed: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 

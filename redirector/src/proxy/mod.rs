@@ -21,6 +21,7 @@
 
 pub mod acl;
 pub mod admission;
+pub mod buffers;
 pub mod client_cmd;
 pub mod clients;
 pub mod dial;

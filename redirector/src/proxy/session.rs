@@ -19,13 +19,13 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncWriteExt as _,
     net::TcpStream,
     sync::{mpsc, oneshot},
 };
 
 use super::{
-    AuthMode, ClientSlot, Shared, client_cmd,
+    AuthMode, ClientSlot, Shared, buffers, client_cmd,
     clients::{ClientEntry, flags},
     exec::{self, Routed, Target},
     functions,
@@ -80,8 +80,6 @@ pub async fn serve(
 ) {
     // TCP_NODELAY is inherited from the listener.
     let entry = Arc::clone(slot.entry());
-    let (push_tx, push_rx) = mpsc::unbounded_channel();
-    entry.set_push(push_tx);
     let mut session = Session {
         authed: starts_authed(&shared),
         shared: Arc::clone(&shared),
@@ -113,7 +111,7 @@ pub async fn serve(
         last_cmd: usize::MAX,
         tracking: None,
     };
-    session.run(stream, push_rx).await;
+    session.run(stream).await;
     drop(session);
     drop(slot);
     tracing::debug!("client closed");
@@ -213,12 +211,13 @@ struct Session {
 
 enum Event {
     Resolved(Resolution),
-    Read(std::io::Result<usize>),
+    /// The client's socket has bytes (or EOF) to read.
+    Readable(std::io::Result<()>),
     PubSub(Option<pubsub::Out>),
     Monitor(Option<Bytes>),
-    Push(Bytes),
     Unpaused,
-    Killed,
+    /// Killed, or frames pushed to this client.
+    Attention,
     Idle,
 }
 
@@ -232,15 +231,16 @@ enum Resolution {
 }
 
 impl Session {
-    async fn run(&mut self, mut stream: TcpStream, mut push_rx: mpsc::UnboundedReceiver<Bytes>) {
+    async fn run(&mut self, mut stream: TcpStream) {
         // Borrowed halves: dropping the stream just closes it, where an
         // owned write half would cost a shutdown() syscall first.
-        let (mut reader, mut writer) = stream.split();
+        let (reader, mut writer) = stream.split();
         let settings = self.shared.settings.clone();
-        // Small to start: a client that connects for one command (PHP-FPM)
-        // should cost little; busy clients grow them.
-        let mut inbuf = BytesMut::with_capacity(4 * 1024);
-        let mut out = BytesMut::with_capacity(4 * 1024);
+        // Lent from the worker's pool while bytes are in flight, and given
+        // back whenever the client is idle: an idle client holds no buffer
+        // (see `buffers`); busy clients grow theirs.
+        let mut inbuf = BytesMut::new();
+        let mut out = BytesMut::new();
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut eof = false;
         let mut backlog = false;
@@ -248,8 +248,8 @@ impl Session {
         let entry = Arc::clone(&self.entry);
         // Made once: a fresh Notified per turn of the loop would register
         // and unregister a waiter (two locks) for every read.
-        let killed = entry.killed();
-        tokio::pin!(killed);
+        let attention = entry.attention();
+        tokio::pin!(attention);
         loop {
             if self.held.is_none()
                 && self.barriers == 0
@@ -260,6 +260,9 @@ impl Session {
             {
                 backlog = self.parse_and_dispatch(&mut inbuf, &mut pending, &settings);
                 self.entry.set_qbuf(inbuf.len());
+            }
+            if out.capacity() == 0 && !pending.is_empty() {
+                out = buffers::take();
             }
             let close_now = self.drain(&mut pending, &mut out);
             // The earlier commands have answered: the stashed one runs.
@@ -274,14 +277,18 @@ impl Session {
             }
             if !out.is_empty() {
                 if writer.write_all(&out).await.is_err() {
+                    buffers::release(&mut inbuf);
+                    buffers::release(&mut out);
                     return;
                 }
                 out.clear();
                 if out.capacity() > 1024 * 1024 {
-                    out = BytesMut::with_capacity(16 * 1024);
+                    out = BytesMut::new();
                 }
             }
             if close_now {
+                buffers::release(&mut inbuf);
+                buffers::release(&mut out);
                 return;
             }
             // Requests already buffered wait only for room in the pipeline,
@@ -296,7 +303,15 @@ impl Session {
                 continue;
             }
             if eof && pending.is_empty() && !backlog && self.held.is_none() {
+                buffers::release(&mut inbuf);
+                buffers::release(&mut out);
                 return;
+            }
+            // Idle: nothing owed, nothing half-read. The buffers go back
+            // to the pool until the client sends again.
+            if pending.is_empty() && inbuf.is_empty() {
+                buffers::release(&mut inbuf);
+                buffers::release(&mut out);
             }
 
             let can_read = !eof && !self.closing && pending.len() < settings.max_pipeline;
@@ -304,27 +319,37 @@ impl Session {
             let idle = settings
                 .idle_timeout
                 .filter(|_| pending.is_empty() && !subscribed && self.monitor.is_none());
-            if inbuf.capacity() - inbuf.len() < 1024 {
+            if inbuf.capacity() != 0 && inbuf.capacity() - inbuf.len() < 1024 {
                 inbuf.reserve(16 * 1024);
             }
             let paused_until = self.held.as_ref().map(|(_, until)| *until);
             let shared = Arc::clone(&self.shared);
             let event = tokio::select! {
                 biased;
-                () = &mut killed => Event::Killed,
+                () = &mut attention => Event::Attention,
                 resolution = head(pending.front_mut(), &inbox) => Event::Resolved(resolution),
                 out = next_pubsub(self.pubsub.as_mut()) => Event::PubSub(out),
                 line = next_line(self.monitor.as_mut()) => Event::Monitor(line),
-                Some(frame) = push_rx.recv() => Event::Push(frame),
                 () = wait_unpaused(&shared, paused_until) => Event::Unpaused,
-                read = reader.read_buf(&mut inbuf), if can_read => Event::Read(read),
+                ready = reader.as_ref().readable(), if can_read => Event::Readable(ready),
                 () = sleep_opt(idle) => Event::Idle,
             };
             match event {
                 Event::Resolved(Resolution::Wake) => {}
                 Event::Resolved(resolution) => self.resolve_head(&mut pending, resolution),
-                Event::Read(Ok(0) | Err(_)) => eof = true,
-                Event::Read(Ok(_)) => {}
+                Event::Readable(Err(_)) => eof = true,
+                Event::Readable(Ok(())) => {
+                    if inbuf.capacity() == 0 {
+                        inbuf = buffers::take();
+                    }
+                    match reader.as_ref().try_read_buf(&mut inbuf) {
+                        Ok(0) => eof = true,
+                        Ok(_) => {}
+                        // A spurious wake: readiness was cleared, wait again.
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => eof = true,
+                    }
+                }
                 Event::PubSub(Some(pubsub::Out::Frame(frame))) => out.extend_from_slice(&frame),
                 Event::PubSub(Some(pubsub::Out::Close) | None) => {
                     pending.push_back(Pending::Close);
@@ -336,7 +361,15 @@ impl Session {
                 Event::Monitor(None) => self.monitor = None,
                 // After the replies already queued: an invalidation never
                 // overtakes the reply of a read it races with.
-                Event::Push(frame) => pending.push_back(Pending::Ready(frame, None)),
+                Event::Attention => {
+                    if entry.is_killed() {
+                        return;
+                    }
+                    for frame in entry.take_pushed() {
+                        pending.push_back(Pending::Ready(frame, None));
+                    }
+                    attention.set(entry.attention());
+                }
                 Event::Unpaused => {
                     if let Some((req, _)) = self.held.take() {
                         self.entry.set_flag(flags::BLOCKED, false);
@@ -345,7 +378,6 @@ impl Session {
                         self.flush_batch();
                     }
                 }
-                Event::Killed => return,
                 Event::Idle => {
                     tracing::debug!("idle timeout");
                     return;
