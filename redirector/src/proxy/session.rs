@@ -331,7 +331,9 @@ impl Session {
                 out = next_pubsub(self.pubsub.as_mut()) => Event::PubSub(out),
                 line = next_line(self.monitor.as_mut()) => Event::Monitor(line),
                 () = wait_unpaused(&shared, paused_until) => Event::Unpaused,
-                ready = reader.as_ref().readable(), if can_read => Event::Readable(ready),
+                // Readiness as a read polls it (the socket's own waker
+                // slot), not `readable()`, which links a waiter per turn.
+                ready = std::future::poll_fn(|cx| reader.as_ref().poll_read_ready(cx)), if can_read => Event::Readable(ready),
                 () = sleep_opt(idle) => Event::Idle,
             };
             match event {
