@@ -1,10 +1,11 @@
 //! What steering costs.
 //!
-//! connect() latency from a pod namespace, with and without the programs
+//! connect() latency from pod namespaces, with and without the programs
 //! attached, in alternating rounds (without, with, without, ...), medians
-//! reported as ratios. Two destinations:
-//! - another service's port: the cost every non-Redis connect on the node
-//!   pays for the programs being there;
+//! reported as ratios with their spread across rounds. Three cases:
+//! - a pod that is not enrolled, to any port: what every other pod on the
+//!   node pays for the programs being there;
+//! - an enrolled pod to a non-Redis port: the target lookup that misses;
 //! - the Redis service, from an enrolled pod: steered to the node proxy
 //!   instead of reaching Redis.
 //!
@@ -29,6 +30,11 @@ const CONNECTS_PER_RUN: usize = 4000;
 const WARMUP: usize = 200;
 const OTHER_PORT: u16 = 9000;
 
+/// Fewest rounds for a median and a spread worth reading.
+const MIN_ROUNDS: usize = 5;
+/// What the programs may cost a connect that is not steered.
+const TARGET_OVERHEAD: f64 = 1.03;
+
 #[derive(Default)]
 struct Samples {
     without: Vec<Duration>,
@@ -36,8 +42,9 @@ struct Samples {
 }
 
 pub fn connect_latency(rounds: usize) -> Result<()> {
-    let mut topo = Topology::build(1);
-    for netns in [&topo.node, &topo.pod(0).netns] {
+    let rounds = rounds.max(MIN_ROUNDS);
+    let mut topo = Topology::build(2);
+    for netns in [&topo.node, &topo.pod(0).netns, &topo.pod(1).netns] {
         netns.sysctl("net.ipv4.tcp_max_tw_buckets", "0");
     }
     topo.start_service_cluster();
@@ -45,10 +52,16 @@ pub fn connect_latency(rounds: usize) -> Result<()> {
     spawn_sink(&topo.node.path(), other)?;
     let redis = SocketAddr::from((SERVICE_VIP, REDIS_PORT));
     let pod_netns = topo.pod(0).netns.path();
+    // Never enrolled.
+    let bystander = topo.pod(1).netns.path();
 
     let (mut other_samples, mut redis_samples) = (Samples::default(), Samples::default());
+    let mut bystander_samples = Samples::default();
     for round in 1..=rounds {
         eprintln!("round {round}/{rounds}: without programs");
+        bystander_samples
+            .without
+            .push(median_connect(&bystander, other)?);
         other_samples
             .without
             .push(median_connect(&pod_netns, other)?);
@@ -62,6 +75,9 @@ pub fn connect_latency(rounds: usize) -> Result<()> {
         topo.start_daemon_logging(args, "warn,redirector::app=info");
         topo.enroll(&topo.pod(0).netns);
         let steered_before = topo.counters().steered;
+        bystander_samples
+            .with
+            .push(median_connect(&bystander, other)?);
         other_samples.with.push(median_connect(&pod_netns, other)?);
         redis_samples.with.push(median_connect(&pod_netns, redis)?);
         let steered = topo.counters().steered - steered_before;
@@ -80,28 +96,50 @@ pub fn connect_latency(rounds: usize) -> Result<()> {
         "connect() latency from a pod netns over veth, median of {rounds} alternating rounds x {CONNECTS_PER_RUN} connects"
     );
     println!(
-        "{:<50} {:>14} {:>14} {:>7}",
-        "destination", "no programs", "programs", "ratio"
+        "{:<50} {:>14} {:>14} {:>7} {:>15}",
+        "case", "no programs", "programs", "ratio", "rounds min-max"
     );
     report(
-        &format!("other service {other} (not Redis)"),
+        &format!("pod not enrolled -> {other}"),
+        &bystander_samples,
+        Some(TARGET_OVERHEAD),
+    );
+    report(
+        &format!("enrolled pod -> {other} (not Redis)"),
         &other_samples,
+        Some(TARGET_OVERHEAD),
     );
     report(
-        &format!("Redis service {redis} (steered to proxy)"),
+        &format!("enrolled pod -> Redis {redis} (steered)"),
         &redis_samples,
+        None,
     );
     Ok(())
 }
 
-fn report(what: &str, samples: &Samples) {
+/// The median of the per-round medians, their ratio, and the spread of the
+/// per-round ratios (each round's with / without).
+fn report(what: &str, samples: &Samples, target: Option<f64>) {
     let without = median(&samples.without);
     let with = median(&samples.with);
+    let ratio = micros(with) / micros(without);
+    let per_round: Vec<f64> = samples
+        .without
+        .iter()
+        .zip(&samples.with)
+        .map(|(a, b)| micros(*b) / micros(*a))
+        .collect();
+    let low = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = per_round.iter().copied().fold(0.0, f64::max);
+    let verdict = match target {
+        Some(t) if ratio <= t => format!("  (target {t:.2}x) ok"),
+        Some(t) => format!("  (target {t:.2}x) MISSED"),
+        None => String::new(),
+    };
     println!(
-        "{what:<50} {:>11.1} us {:>11.1} us {:>6.2}x",
+        "{what:<50} {:>11.1} us {:>11.1} us {ratio:>6.2}x {low:>7.2}-{high:.2}x{verdict}",
         micros(without),
         micros(with),
-        micros(with) / micros(without)
     );
 }
 
