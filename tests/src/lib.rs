@@ -26,6 +26,7 @@ pub mod redis;
 pub mod require;
 pub mod resp;
 pub mod topology;
+pub mod two_nodes;
 
 use std::{
     path::PathBuf,

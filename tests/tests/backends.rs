@@ -21,10 +21,11 @@ use testbed::{
     exclusive,
     netns::Netns,
     ports::free_port,
-    process::{Child, Place, path_str, run_ok, wait_for},
+    process::{Child, Place, path_str, wait_for},
     redis::RedisServer,
     require_kernel,
     topology::{Pod, REDIS_PORT, Topology, proxy_addr, proxy_addr6},
+    two_nodes::{NODE_A, NODE_B, addr, link_nodes, mint_node_certs},
     unique,
 };
 
@@ -736,69 +737,6 @@ fn tail(text: &str, lines: usize) -> String {
 // ---------------------------------------------------------------------------
 // A tcp backend across nodes, through HBONE
 // ---------------------------------------------------------------------------
-
-const NODE_A: &str = "10.77.0.1";
-const NODE_B: &str = "10.77.0.2";
-const NODE_IDENTITY: &str = "spiffe://cluster.local/ns/redirector/sa/node";
-
-fn addr(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().expect("ip"), port)
-}
-
-/// A veth pair straight between two node namespaces, `NODE_A` on `a` and
-/// `NODE_B` on `b`, and no default route: nothing leaves the two.
-fn link_nodes(a: &Netns, b: &Netns) {
-    let (va, vb) = (unique("rva"), unique("rvb"));
-    let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
-    run_ok(
-        "ip",
-        &[
-            "link",
-            "add",
-            va,
-            "netns",
-            a.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            vb,
-            "netns",
-            b.name(),
-        ],
-    );
-    a.ip(&["addr", "add", &format!("{NODE_A}/24"), "dev", va]);
-    b.ip(&["addr", "add", &format!("{NODE_B}/24"), "dev", vb]);
-    a.ip(&["link", "set", va, "up"]);
-    b.ip(&["link", "set", vb, "up"]);
-}
-
-fn certs(args: &[&str]) {
-    let out = std::process::Command::new(daemon::binary())
-        .arg("certs")
-        .args(args)
-        .output()
-        .expect("run redirector certs");
-    assert!(out.status.success(), "redirector certs {args:?}: {out:?}");
-}
-
-/// A CA in `dir/ca`, and certificates for `NODE_IDENTITY` in `dir/a` and
-/// `dir/b` (one per node).
-fn mint_node_certs(dir: &Path) {
-    let ca = dir.join("ca");
-    certs(&["ca", "--dir", path_str(&ca)]);
-    for node in ["a", "b"] {
-        certs(&[
-            "issue",
-            "--ca",
-            path_str(&ca),
-            "--identity",
-            NODE_IDENTITY,
-            "--out",
-            path_str(&dir.join(node)),
-        ]);
-    }
-}
 
 /// Deterministic pseudo-random bytes (xorshift64*): every byte value, no
 /// protocol in sight.

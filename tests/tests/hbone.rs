@@ -17,69 +17,16 @@ use testbed::{
     daemon::{self, Daemon},
     exclusive,
     netns::Netns,
-    process::{Place, path_str, run_ok, wait_for},
+    process::{Place, path_str, wait_for},
     require_kernel,
     resp::RespClient,
     topology::{REDIS_PORT, SERVICE_VIP, Topology},
+    two_nodes::{NODE_A, NODE_B, NODE_IDENTITY, addr, certs, link_nodes, mint_node_certs},
     unique,
 };
 
-const NODE_A: &str = "10.77.0.1";
-const NODE_B: &str = "10.77.0.2";
 const PROXY_PORT: u16 = 7379;
 const ADMIN_PORT: u16 = 15020;
-const NODE_IDENTITY: &str = "spiffe://cluster.local/ns/redirector/sa/node";
-
-fn addr(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().expect("ip"), port)
-}
-
-/// A veth pair straight between two node namespaces, `NODE_A` on `a` and
-/// `NODE_B` on `b`, and no default route: nothing leaves the two.
-fn link_nodes(a: &Netns, b: &Netns) {
-    let (va, vb) = (unique("rva"), unique("rvb"));
-    let (va, vb) = (&va[..va.len().min(15)], &vb[..vb.len().min(15)]);
-    run_ok(
-        "ip",
-        &[
-            "link",
-            "add",
-            va,
-            "netns",
-            a.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            vb,
-            "netns",
-            b.name(),
-        ],
-    );
-    a.ip(&["addr", "add", &format!("{NODE_A}/24"), "dev", va]);
-    b.ip(&["addr", "add", &format!("{NODE_B}/24"), "dev", vb]);
-    a.ip(&["link", "set", va, "up"]);
-    b.ip(&["link", "set", vb, "up"]);
-}
-
-/// A CA in `dir/ca`, and certificates for `NODE_IDENTITY` in `dir/a` and
-/// `dir/b` (one per node).
-fn mint_node_certs(dir: &Path) {
-    let ca = dir.join("ca");
-    certs(&["ca", "--dir", path_str(&ca)]);
-    for node in ["a", "b"] {
-        let out = dir.join(node);
-        certs(&[
-            "issue",
-            "--ca",
-            path_str(&ca),
-            "--identity",
-            NODE_IDENTITY,
-            "--out",
-            path_str(&out),
-        ]);
-    }
-}
 
 /// `redirector run` arguments for a node at `ip`: proxy only (no
 /// steering; the tests dial it from the node itself, an allowed direct
@@ -210,15 +157,6 @@ impl TwoNodes {
     fn metrics_b(&self) -> String {
         testbed::http::get_in(&self.b.place(), addr(NODE_B, ADMIN_PORT), "/metrics")
     }
-}
-
-fn certs(args: &[&str]) {
-    let out = std::process::Command::new(daemon::binary())
-        .arg("certs")
-        .args(args)
-        .output()
-        .expect("run redirector certs");
-    assert!(out.status.success(), "redirector certs {args:?}: {out:?}");
 }
 
 fn metric(text: &str, sample: &str) -> f64 {
