@@ -46,6 +46,25 @@ impl RedisServer {
         server
     }
 
+    /// [`Self::start`] as a replica of `primary`, once it has synced.
+    pub fn start_replica(
+        place: &Place,
+        binds: &[IpAddr],
+        port: u16,
+        dir: &Path,
+        primary: SocketAddr,
+    ) -> Self {
+        let replicaof = format!("{} {}", primary.ip(), primary.port());
+        let replica = Self::start(place, binds, port, dir, &["--replicaof", &replicaof]);
+        wait_for("the replica to sync", Duration::from_secs(15), || {
+            replica
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up")
+                .then_some(())
+        });
+        replica
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
     }

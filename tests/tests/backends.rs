@@ -100,20 +100,13 @@ impl ThreeBackends {
             )
         });
         let primary = RedisServer::start(&place, &[primary_addr.ip()], REDIS_PORT, &dirs[2], &[]);
-        let replicaof = format!("{} {REDIS_PORT}", primary_addr.ip());
-        let replica = RedisServer::start(
+        let replica = RedisServer::start_replica(
             &place,
             &[replica_addr.ip()],
             REDIS_PORT,
             &dirs[3],
-            &["--replicaof", &replicaof],
+            primary_addr,
         );
-        wait_for("the replica to sync", Duration::from_secs(15), || {
-            replica
-                .cli(&["INFO", "replication"])
-                .contains("master_link_status:up")
-                .then_some(())
-        });
 
         let seeds = |nodes: &[SocketAddr]| {
             nodes

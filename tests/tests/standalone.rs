@@ -34,20 +34,13 @@ fn setup(extra: &[&str]) -> Setup {
     let (pdir, rdir) = (TempDir::new("rdr-primary-"), TempDir::new("rdr-replica-"));
     let place = Place::default();
     let primary = RedisServer::start(&place, &[LOCALHOST], free_port(), pdir.path(), &[]);
-    let replicaof = format!("127.0.0.1 {}", primary.addr().port());
-    let replica = RedisServer::start(
+    let replica = RedisServer::start_replica(
         &place,
         &[LOCALHOST],
         free_port(),
         rdir.path(),
-        &["--replicaof", &replicaof],
+        primary.addr(),
     );
-    wait_for("the replica to sync", Duration::from_secs(15), || {
-        replica
-            .cli(&["INFO", "replication"])
-            .contains("master_link_status:up")
-            .then_some(())
-    });
     let proxy = Proxy::start_standalone(primary.addr(), &[replica.addr()], extra);
     Setup {
         proxy,

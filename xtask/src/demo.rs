@@ -219,29 +219,28 @@ pub fn run(bin: &Path, once: bool) -> Result<()> {
 /// The session store: a primary on the service address and one replica,
 /// in the node netns; (primary, replica), replication established.
 fn start_sessions(topo: &Topology) -> (RedisServer, RedisServer) {
-    let start = |ip: Ipv4Addr, extra: &[&str]| {
+    let place = |ip: Ipv4Addr| {
         topo.node
             .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
         let dir = topo.workdir().join(format!("sessions-{ip}"));
         std::fs::create_dir_all(&dir).expect("sessions dir");
-        RedisServer::start(&topo.node_place(), &[ip.into()], REDIS_PORT, &dir, extra)
+        dir
     };
     // Redis 7 waits 5 s for more replicas before a diskless full sync.
-    let primary = start(SESSIONS_VIP, &["--repl-diskless-sync-delay", "0"]);
-    let replica = start(
-        SESSIONS_REPLICA,
-        &[
-            "--replicaof",
-            &SESSIONS_VIP.to_string(),
-            &REDIS_PORT.to_string(),
-        ],
+    let primary = RedisServer::start(
+        &topo.node_place(),
+        &[SESSIONS_VIP.into()],
+        REDIS_PORT,
+        &place(SESSIONS_VIP),
+        &["--repl-diskless-sync-delay", "0"],
     );
-    wait_for("the replica to sync", Duration::from_secs(10), || {
-        replica
-            .cli(&["INFO", "replication"])
-            .contains("master_link_status:up")
-            .then_some(())
-    });
+    let replica = RedisServer::start_replica(
+        &topo.node_place(),
+        &[SESSIONS_REPLICA.into()],
+        REDIS_PORT,
+        &place(SESSIONS_REPLICA),
+        std::net::SocketAddr::from((SESSIONS_VIP, REDIS_PORT)),
+    );
     (primary, replica)
 }
 
