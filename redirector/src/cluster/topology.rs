@@ -4,11 +4,17 @@
 //!
 //! Readers take an `Arc<View>` snapshot; `version()` tells cheaply whether a
 //! cached snapshot is stale.
+//!
+//! With several workers, each worker reads its own [`Topology::follower`]:
+//! the refresher installs every view it fetches into each follower, so
+//! the request path of one worker never touches a lock or a reference
+//! count another worker touches. A `MOVED` seen by a worker patches its
+//! own copy at once and wakes the one refresher.
 
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -298,10 +304,13 @@ pub struct Topology {
     standalone: Option<(SocketAddr, Vec<SocketAddr>)>,
     current: RwLock<Arc<View>>,
     version: AtomicU64,
-    refresh: Notify,
+    /// Shared with the followers: one refresher serves them all.
+    refresh: Arc<Notify>,
     /// Where discovery starts when no known node answers; the node agent
     /// replaces them when the targets ConfigMap changes.
     seeds: RwLock<Vec<SocketAddr>>,
+    /// The workers' copies: each installed view is installed there too.
+    followers: Mutex<Vec<Arc<Topology>>>,
 }
 
 impl Topology {
@@ -310,9 +319,29 @@ impl Topology {
             standalone: None,
             current: RwLock::new(Arc::new(View::empty())),
             version: AtomicU64::new(0),
-            refresh: Notify::new(),
+            refresh: Arc::new(Notify::new()),
             seeds: RwLock::new(seeds),
+            followers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A copy for another worker, kept equal to this one by every
+    /// [`Topology::install`]; its `MOVED`s and refresh requests wake this
+    /// one's refresher.
+    pub fn follower(&self) -> Arc<Self> {
+        let follower = Arc::new(Self {
+            standalone: self.standalone.clone(),
+            current: RwLock::new(Arc::new(View::clone(&self.view()))),
+            version: AtomicU64::new(self.version()),
+            refresh: Arc::clone(&self.refresh),
+            seeds: RwLock::new(self.seeds()),
+            followers: Mutex::new(Vec::new()),
+        });
+        self.followers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::clone(&follower));
+        follower
     }
 
     /// A standalone primary with its replicas: the map never changes, and
@@ -351,8 +380,22 @@ impl Topology {
         Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Installs a freshly fetched view; returns whether anything changed.
-    pub fn install(&self, mut view: View) -> bool {
+    /// Installs a freshly fetched view, here and in every follower (each
+    /// gets its own copy); returns whether anything changed here.
+    pub fn install(&self, view: View) -> bool {
+        for follower in self
+            .followers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            // A follower may differ from this one (its own MOVED).
+            follower.install_own(view.clone());
+        }
+        self.install_own(view)
+    }
+
+    fn install_own(&self, mut view: View) -> bool {
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         if current.version != 0 && current.same_layout(&view) {
             return false;
@@ -522,5 +565,39 @@ mod tests {
             topology.view().shard(0).unwrap().master,
             addr("127.0.0.1:7001")
         );
+    }
+
+    #[tokio::test]
+    async fn a_followers_moved_is_its_own_until_the_refresher_installs_the_truth_everywhere() {
+        let leader = Topology::new(vec![addr("127.0.0.1:7000")]);
+        let follower = leader.follower();
+        assert!(leader.install(three_shards()));
+        // Its own copy, not the leader's snapshot.
+        assert!(!Arc::ptr_eq(&leader.view(), &follower.view()));
+        assert_eq!(follower.view().shards(), leader.view().shards());
+        follower.moved(0, addr("127.0.0.1:7001"));
+        assert_eq!(
+            follower.view().shard(0).unwrap().master,
+            addr("127.0.0.1:7001")
+        );
+        assert_eq!(
+            leader.view().shard(0).unwrap().master,
+            addr("127.0.0.1:7000")
+        );
+        // The follower's MOVED woke the leader's refresher.
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            leader.wait_for_refresh(Duration::from_secs(60), Instant::now(), Duration::ZERO),
+        )
+        .await
+        .expect("the refresher is woken");
+        // The fetched map (unchanged for the leader) still reaches the
+        // follower that diverged.
+        assert!(!leader.install(three_shards()));
+        assert_eq!(
+            follower.view().shard(0).unwrap().master,
+            addr("127.0.0.1:7000")
+        );
+        assert!(follower.version() > leader.version());
     }
 }
