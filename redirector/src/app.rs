@@ -36,6 +36,7 @@ use crate::{
     steering::{
         self, Layout, Listeners, Maps, OrigDstTable, TargetSpec, metrics::SteeringSnapshot,
     },
+    workers::{self, Worker},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,8 @@ pub enum Error {
     Mounts(#[from] steering::fs::Error),
     #[error(transparent)]
     Proxy(#[from] proxy::Error),
+    #[error(transparent)]
+    Workers(#[from] workers::Error),
     #[error("cannot serve the admin endpoint on {addr}: {source}")]
     Admin {
         addr: std::net::SocketAddr,
@@ -112,7 +115,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         info!(cgroup = %cgroup_root.display(), pins = %layout.pin_dir.display(), "steering installed");
     }
 
-    let mut metrics = MetricsRegistry::new();
+    let mut metrics = MetricsRegistry::with_workers(config.workers);
     // The node agent: enrollment and backends from the API server.
     let agent = match &config.kubernetes {
         Some(k8s) => Some(start_agent(k8s, &layout, &mut metrics).await?),
@@ -148,17 +151,45 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         dialer.mesh = start_hbone(hbone, &dialer, &metrics).await?;
     }
     let gate = Arc::new(Gate::new(config.proxy.admission.clone(), orig_dst));
-    let unrouted = Arc::new(TcpBackend::new(
-        "unrouted".into(),
-        Arc::new(Dialer {
-            auth: None,
-            ..dialer.clone()
-        }),
-        Arc::new(metrics.proxy().backend("unrouted").without_health()),
-    ));
-    let front = Arc::new(Front::new(Arc::clone(&gate), unrouted));
+    // Each worker's routes: the node-wide gate, and its own relay for
+    // connections no backend serves.
+    let unrouted_dialer = Arc::new(Dialer {
+        auth: None,
+        ..dialer.clone()
+    });
+    let make_front = |worker: usize| {
+        let unrouted = Arc::new(TcpBackend::new(
+            "unrouted".into(),
+            Arc::clone(&unrouted_dialer),
+            Arc::new(
+                metrics
+                    .proxy()
+                    .backend_on("unrouted", worker)
+                    .without_health(),
+            ),
+        ));
+        Arc::new(Front::new(
+            Arc::clone(&gate),
+            unrouted,
+            metrics.proxy().worker_accepted(worker),
+        ))
+    };
+    let front = make_front(0);
+    // Listeners first, then ready: the DaemonSet's readiness means "programs
+    // attached and listener up", not "Redis reachable" (a Redis outage
+    // must not stall a rolling upgrade). Steering itself waits for the
+    // heartbeat, which waits for a backend.
+    let proxy = Proxy::bind(&config.proxy_addrs, config.workers > 1)?;
+    let listeners = proxy.local_addrs();
+    let (extra, start_extra) = workers::start_extra(config.workers, &listeners, make_front)?;
+    let mut all_workers = vec![Worker {
+        index: 0,
+        handle: tokio::runtime::Handle::current(),
+        front: Arc::clone(&front),
+    }];
+    all_workers.extend(extra);
     let serving = Serving::new(
-        Arc::clone(&front),
+        all_workers,
         metrics.proxy(),
         Defaults {
             settings: config.proxy.clone(),
@@ -188,12 +219,6 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         ));
     }
 
-    // Listeners first, then ready: the DaemonSet's readiness means "programs
-    // attached and listener up", not "Redis reachable" (a Redis outage
-    // must not stall a rolling upgrade). Steering itself waits for the
-    // heartbeat, which waits for a backend.
-    let proxy = Proxy::bind(&config.proxy_addrs)?;
-    let listeners = proxy.local_addrs();
     if config.steering {
         let mut slots = Listeners::open(&layout)?;
         for (addr, socket) in proxy.sockets() {
@@ -225,6 +250,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         ));
     }
     let serving_task = tokio::spawn(proxy.serve(Arc::clone(&front)));
+    start_extra.serve();
 
     // The heartbeat: proven by a round trip through the proxy's own accept
     // path, so a proxy that is alive but wedged stops steering too. It

@@ -104,6 +104,8 @@ pub struct RunConfig {
     /// A `/metrics`-only listener, e.g. on the node address for Prometheus.
     pub metrics_addr: Option<SocketAddr>,
     pub refresh_interval: Duration,
+    /// Proxy workers: threads with a runtime and listeners each.
+    pub workers: usize,
     /// HBONE tunnels between nodes; `None`: every node is dialled directly.
     pub hbone: Option<HboneConfig>,
     /// The Kubernetes node agent: pods and targets from the API server.
@@ -283,6 +285,7 @@ mod tests {
             admin_addr: None,
             metrics_addr: None,
             refresh_interval: Duration::from_secs(5),
+            workers: 1,
             hbone: None,
             kubernetes: None,
             pin_dir: "/sys/fs/bpf/redirector".into(),

@@ -21,3 +21,4 @@ pub mod serving;
 pub mod socket;
 pub mod status;
 pub mod steering;
+pub mod workers;

@@ -325,7 +325,8 @@ struct RunArgs {
     /// Upstream connect timeout.
     #[arg(long, default_value = "5s", value_parser = config::parse_duration)]
     connect_timeout: Duration,
-    /// Proxy worker threads.
+    /// Proxy workers: threads, each with its own runtime, SO_REUSEPORT
+    /// listeners, upstream connections and metric shards.
     #[arg(long, env = "REDIRECTOR_WORKERS", default_value_t = 1)]
     workers: usize,
     #[command(flatten)]
@@ -953,6 +954,7 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
         admin_addr,
         metrics_addr: args.metrics_addr,
         refresh_interval: args.topology_refresh.max(Duration::from_millis(100)),
+        workers: args.workers.max(1),
         pin_dir,
         cgroup_root: args.cgroup_root,
         proxy_addrs: args.proxy_addrs,
@@ -963,20 +965,15 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
         hbone: args.hbone.into_config()?,
         kubernetes,
     };
-    // One worker: a current-thread runtime. Its run queue is FIFO, so the
-    // upstream writers run after every client that queued work for them,
-    // and one write carries many clients' commands (the multi-thread
-    // scheduler's LIFO slot would run a writer right after each client).
-    let runtime = if args.workers <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(args.workers);
-        builder
-    }
-    .enable_all()
-    .build()
-    .context("cannot start the async runtime")?;
+    // Each worker is a current-thread runtime (this one is the first; see
+    // `workers`). Its run queue is FIFO, so the upstream writers run after
+    // every client that queued work for them, and one write carries many
+    // clients' commands (the multi-thread scheduler's LIFO slot would run a
+    // writer right after each client).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(app::run(config))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -26,11 +26,16 @@ pub struct MetricsRegistry {
 
 impl MetricsRegistry {
     pub fn new() -> Self {
+        Self::with_workers(1)
+    }
+
+    /// For `--workers N`: the proxy's request-path series have N shards.
+    pub fn with_workers(workers: usize) -> Self {
         let mut registry = Registry::with_prefix("redirector");
         // The proxy's names take no sub-prefix. Families are encoded in
         // registration order, sub-registries last, so /metrics keeps the
         // order it always had: proxy, steering, hbone, k8s.
-        let proxy = ProxyFamilies::register(&mut registry);
+        let proxy = ProxyFamilies::register(&mut registry, workers);
         let tunnels = Arc::new(TunnelMetrics::register(
             registry.sub_registry_with_prefix("hbone"),
         ));

@@ -8,6 +8,11 @@
 //! carries each target's backend id; ids are never reused while the daemon
 //! runs, so a connection steered for a removed backend cannot land on a new
 //! one (it is relayed to where it was going instead).
+//!
+//! With several workers, each backend is discovered and refreshed once (on
+//! the control runtime), and served on every worker by a copy of its own:
+//! pools, leases and metric shards per worker, a follower of the slot map,
+//! and, shared, what one Redis shows all its clients ([`BackendCommon`]).
 
 use std::{
     net::SocketAddr,
@@ -25,13 +30,14 @@ use crate::{
     backend::{Declared, Kind},
     cluster::topology::Topology,
     proxy::{
-        Dialer, Settings, Shared, discovery,
-        front::{Front, Route},
+        BackendCommon, Dialer, Settings, Shared, WorkerParts, discovery,
+        front::Route,
         metrics::{ProxyFamilies, ProxyMetrics},
         pool::{PoolConfig, Pools},
         relay::TcpBackend,
     },
     steering::TargetSpec,
+    workers::Worker,
 };
 
 /// How often an unreachable backend is tried again.
@@ -66,9 +72,17 @@ struct Running {
     id: u32,
     declared: Declared,
     health: Arc<BackendHealth>,
-    metrics: Arc<ProxyMetrics>,
+    /// One per worker, each recording into that worker's shards.
+    metrics: Vec<Arc<ProxyMetrics>>,
     task: AbortHandle,
     draining: bool,
+}
+
+impl Running {
+    /// Its clients, on every worker.
+    fn clients(&self) -> i64 {
+        self.metrics.first().map_or(0, |m| m.clients_active())
+    }
 }
 
 #[derive(Default)]
@@ -86,7 +100,7 @@ impl BackendHealth {
 }
 
 pub struct Serving {
-    front: Arc<Front>,
+    workers: Vec<Worker>,
     families: ProxyFamilies,
     defaults: Defaults,
     state: Mutex<State>,
@@ -98,13 +112,15 @@ struct State {
     running: Vec<Running>,
     /// Metrics of replaced backends whose name lives on: their series are
     /// dropped with the last backend of that name.
-    retired: Vec<Arc<ProxyMetrics>>,
+    retired: Vec<Vec<Arc<ProxyMetrics>>>,
 }
 
 impl Serving {
-    pub fn new(front: Arc<Front>, families: ProxyFamilies, defaults: Defaults) -> Arc<Self> {
+    /// `workers`: where backends are served (at least one).
+    pub fn new(workers: Vec<Worker>, families: ProxyFamilies, defaults: Defaults) -> Arc<Self> {
+        assert!(!workers.is_empty(), "a proxy has at least one worker");
         Arc::new(Self {
-            front,
+            workers,
             families,
             defaults,
             state: Mutex::new(State::default()),
@@ -173,12 +189,14 @@ impl Serving {
             }
         }
         drop(state);
-        self.front.update(|routes| {
-            routes.direct = direct;
-            for id in &gone {
-                routes.by_id.remove(id);
-            }
-        });
+        for worker in &self.workers {
+            worker.front.update(|routes| {
+                routes.direct = direct;
+                for id in &gone {
+                    routes.by_id.remove(id);
+                }
+            });
+        }
         for id in gone {
             tokio::spawn(Arc::clone(self).drain(id));
         }
@@ -186,17 +204,16 @@ impl Serving {
     }
 
     fn start(self: &Arc<Self>, id: u32, declared: Declared) -> Running {
-        let metrics = Arc::new(self.families.backend(&declared.spec.name));
+        let metrics: Vec<_> = self
+            .workers
+            .iter()
+            .map(|w| Arc::new(self.families.backend_on(&declared.spec.name, w.index)))
+            .collect();
         let health = Arc::new(BackendHealth::default());
         let span = info_span!("backend", backend = %declared.spec.name);
         let task = tokio::spawn(
             Arc::clone(self)
-                .bring_up(
-                    id,
-                    declared.clone(),
-                    Arc::clone(&metrics),
-                    Arc::clone(&health),
-                )
+                .bring_up(id, declared.clone(), metrics.clone(), Arc::clone(&health))
                 .instrument(span),
         )
         .abort_handle();
@@ -217,9 +234,11 @@ impl Serving {
         self: Arc<Self>,
         id: u32,
         declared: Declared,
-        metrics: Arc<ProxyMetrics>,
+        per_worker: Vec<Arc<ProxyMetrics>>,
         health: Arc<BackendHealth>,
     ) {
+        // Discovery and refreshes record as the first worker.
+        let metrics = Arc::clone(&per_worker[0]);
         let mut dialer = self.defaults.dialer.clone();
         dialer.cluster = matches!(declared.spec.kind, Kind::Cluster { .. });
         let options = &declared.options;
@@ -248,14 +267,17 @@ impl Serving {
             }
             Kind::Tcp => {
                 metrics.set_backend_up(true);
-                let tcp = Arc::new(TcpBackend::new(
-                    declared.spec.name.clone(),
-                    Arc::new(dialer),
-                    metrics,
-                ));
-                self.front.update(|routes| {
-                    routes.by_id.insert(id, Route::Tcp(tcp));
-                });
+                let dialer = Arc::new(dialer);
+                for (worker, metrics) in self.workers.iter().zip(per_worker) {
+                    let tcp = Arc::new(TcpBackend::new(
+                        declared.spec.name.clone(),
+                        Arc::clone(&dialer),
+                        metrics,
+                    ));
+                    worker.front.update(|routes| {
+                        routes.by_id.insert(id, Route::Tcp(tcp));
+                    });
+                }
                 health.up.store(true, Ordering::Relaxed);
                 info!("backend up (tcp relay)");
                 return;
@@ -317,29 +339,43 @@ impl Serving {
         if let Some(allow) = options.allow_admin_commands {
             settings.allow_admin_commands = allow;
         }
-        let pools = Pools::new(dialer.clone(), Arc::clone(&metrics), pool);
-        let shared = Arc::new(Shared::new(
-            settings,
-            Arc::clone(&topology),
-            pools,
-            commands,
-            Arc::clone(&metrics),
-            redis_version,
-        ));
-        self.front.update(|routes| {
-            routes.by_id.insert(id, Route::Redis(Arc::clone(&shared)));
-        });
+        let common = BackendCommon::new(self.workers.len());
+        let mut served = Vec::new();
+        for (worker, metrics) in self.workers.iter().zip(per_worker) {
+            let shared = Arc::new(Shared::on_worker(
+                Arc::clone(&common),
+                WorkerParts {
+                    settings: settings.clone(),
+                    // The first worker reads the refresher's own map.
+                    topology: if worker.index == 0 {
+                        Arc::clone(&topology)
+                    } else {
+                        topology.follower()
+                    },
+                    pools: Pools::new(dialer.clone(), Arc::clone(&metrics), pool),
+                    commands: commands.clone(),
+                    metrics,
+                    redis_version: redis_version.clone(),
+                },
+            ));
+            worker.front.update(|routes| {
+                routes.by_id.insert(id, Route::Redis(Arc::clone(&shared)));
+            });
+            served.push(Arc::downgrade(&shared));
+        }
         health.up.store(true, Ordering::Relaxed);
         *health.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let refresher_shared = Arc::clone(&shared);
-        drop(shared);
         discovery::refresher(
             topology,
             Arc::new(dialer),
             metrics,
             self.defaults.refresh_interval,
             MIN_REFRESH_GAP,
-            move |view| refresher_shared.pools.retain(&view.nodes()),
+            move |view| {
+                for shared in served.iter().filter_map(std::sync::Weak::upgrade) {
+                    shared.pools.retain(&view.nodes());
+                }
+            },
         )
         .await;
     }
@@ -353,7 +389,7 @@ impl Serving {
                 .running
                 .iter()
                 .find(|r| r.id == id)
-                .map(|r| r.metrics.clients_active());
+                .map(Running::clients);
             match clients {
                 Some(n) if n > 0 => tokio::time::sleep(DRAIN_CHECK).await,
                 _ => break,
@@ -368,13 +404,14 @@ impl Serving {
         // A replacement under the same name keeps the series.
         let name = &running.declared.spec.name;
         if state.running.iter().any(|r| &r.declared.spec.name == name) {
-            state.retired.push(Arc::clone(&running.metrics));
+            state.retired.push(running.metrics.clone());
         } else {
-            running.metrics.forget();
-            state.retired.retain(|m| {
-                let same = m.backend() == name;
+            // Each worker knows the command series it made.
+            forget(&running.metrics);
+            state.retired.retain(|metrics| {
+                let same = metrics.first().is_some_and(|m| m.backend() == name);
                 if same {
-                    m.forget();
+                    forget(metrics);
                 }
                 !same
             });
@@ -470,11 +507,17 @@ impl Serving {
                     "targets": r.declared.targets.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "state": if r.draining { "draining" } else if up { "up" } else { "down" },
                     "topology": topology_state,
-                    "clients": r.metrics.clients_active(),
+                    "clients": r.clients(),
                     "last_error": r.health.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
                 })
             })
             .collect()
+    }
+}
+
+fn forget(per_worker: &[Arc<ProxyMetrics>]) {
+    for metrics in per_worker {
+        metrics.forget();
     }
 }
 

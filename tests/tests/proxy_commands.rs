@@ -79,12 +79,26 @@ fn setup(proxy_args: &[&str]) -> Setup {
     }
 }
 
+/// A proxy with `workers` workers (`--workers`; 1 is the default).
+fn setup_workers(workers: usize) -> Setup {
+    setup(&["--workers", &workers.to_string()])
+}
+
 /// Keys on all three shards.
 const SPREAD: [&str; 6] = ["a", "b", "c", "user:1", "user:2", "session:9"];
 
 #[test]
 fn single_key_commands_and_local_replies_match_redis() {
-    let s = setup(&[]);
+    single_key_commands_and_local_replies_match_redis_on(1);
+}
+
+#[test]
+fn single_key_commands_match_redis_on_two_workers() {
+    single_key_commands_and_local_replies_match_redis_on(2);
+}
+
+fn single_key_commands_and_local_replies_match_redis_on(workers: usize) {
+    let s = setup_workers(workers);
     let mut p = Pair::new(s.proxy.addr(), s.redis.addr());
     let masters: Vec<_> = SPREAD
         .iter()
@@ -180,7 +194,16 @@ fn single_key_commands_and_local_replies_match_redis() {
 
 #[test]
 fn multi_key_commands_split_and_merge_like_one_redis() {
-    let s = setup(&[]);
+    multi_key_commands_split_and_merge_like_one_redis_on(1);
+}
+
+#[test]
+fn multi_key_commands_split_and_merge_like_one_redis_on_two_workers() {
+    multi_key_commands_split_and_merge_like_one_redis_on(2);
+}
+
+fn multi_key_commands_split_and_merge_like_one_redis_on(workers: usize) {
+    let s = setup_workers(workers);
     let mut p = Pair::new(s.proxy.addr(), s.redis.addr());
     let mut mset = vec!["MSET"];
     for k in SPREAD {
@@ -300,7 +323,16 @@ fn cluster_aware_clients_see_a_single_node_owning_every_slot() {
 
 #[test]
 fn transactions_run_on_leased_connections_without_connect_churn() {
-    let s = setup(&[]);
+    transactions_run_on_leased_connections_without_connect_churn_on(1);
+}
+
+#[test]
+fn transactions_run_on_leased_connections_on_two_workers() {
+    transactions_run_on_leased_connections_without_connect_churn_on(2);
+}
+
+fn transactions_run_on_leased_connections_without_connect_churn_on(workers: usize) {
+    let s = setup_workers(workers);
     let mut p = Pair::new(s.proxy.addr(), s.redis.addr());
     for cmd in [
         &["MULTI"][..],
@@ -366,17 +398,27 @@ fn transactions_run_on_leased_connections_without_connect_churn() {
         let reply = text(&c.call(&[b"EXEC"]).expect("exec"));
         assert_eq!(reply, format!("*1\r\n:{}\r\n", i + 1));
     }
+    // Each worker warms leases of its own.
     let grown = opened(&s.proxy) - before;
     assert!(
-        grown <= 2.0,
-        "{grown} upstream connections opened for 200 transactions"
+        grown <= 2.0 * workers as f64,
+        "{grown} upstream connections opened for 200 transactions on {workers} workers"
     );
-    assert!(s.proxy.metric("redirector_leases_reused_total") >= 190.0);
+    assert!(s.proxy.metric("redirector_leases_reused_total") >= 200.0 - 10.0 * workers as f64);
 }
 
 #[test]
 fn blocking_commands_do_not_stall_other_clients() {
-    let s = setup(&[]);
+    blocking_commands_do_not_stall_other_clients_on(1);
+}
+
+#[test]
+fn blocking_commands_do_not_stall_other_clients_on_two_workers() {
+    blocking_commands_do_not_stall_other_clients_on(2);
+}
+
+fn blocking_commands_do_not_stall_other_clients_on(workers: usize) {
+    let s = setup_workers(workers);
     let addr = s.proxy.addr();
     let blocked = std::thread::spawn(move || {
         let mut c = RespClient::connect(addr).expect("proxy");
@@ -419,7 +461,16 @@ fn blocking_commands_do_not_stall_other_clients() {
 
 #[test]
 fn pubsub_messages_reach_subscribers_on_any_proxy() {
-    let s = setup(&[]);
+    pubsub_messages_reach_subscribers_on_any_proxy_on(1);
+}
+
+#[test]
+fn pubsub_messages_reach_subscribers_on_any_proxy_on_two_workers() {
+    pubsub_messages_reach_subscribers_on_any_proxy_on(2);
+}
+
+fn pubsub_messages_reach_subscribers_on_any_proxy_on(workers: usize) {
+    let s = setup_workers(workers);
     let second = Proxy::start(&s.cluster.seeds(), &[]);
     let mut sub = RespClient::connect(s.proxy.addr()).expect("proxy");
     let reply = text(&sub.call(&[b"SUBSCRIBE", b"news"]).expect("subscribe"));
@@ -603,8 +654,131 @@ fn replica_read_policy_serves_reads_from_replicas() {
 }
 
 #[test]
+fn two_workers_share_every_connection_and_look_like_one_redis_whose_metrics_add_up() {
+    let s = setup_workers(2);
+    let addr = s.proxy.addr();
+    // Enough connections that the kernel's SO_REUSEPORT hash gives both
+    // workers some (each lands on one at random: 2^-39 that all share one).
+    let mut clients: Vec<RespClient> = (0..40)
+        .map(|_| RespClient::connect(addr).expect("proxy"))
+        .collect();
+    let mut ids = Vec::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let id = c.call_str(&["CLIENT", "ID"]).expect("client id");
+        ids.push(id.trim_start_matches(':').trim().to_string());
+        let key = format!("w{i}");
+        assert_eq!(c.call_str(&["SET", &key, "v"]).expect("set"), "+OK\r\n");
+        assert_eq!(
+            c.call_str(&["INCR", "{workers}n"]).expect("incr"),
+            format!(":{}\r\n", i + 1)
+        );
+    }
+    let metrics = s.proxy.metrics();
+    let accepted: Vec<f64> = (0..2)
+        .map(|w| {
+            s.proxy.metric(&format!(
+                r#"redirector_worker_connections_accepted_total{{worker="{w}"}}"#
+            ))
+        })
+        .collect();
+    assert!(
+        accepted.iter().all(|&n| n >= 1.0),
+        "both workers accept: {accepted:?}
+{metrics}"
+    );
+    // One series per backend, each worker's shard summed at scrape time.
+    assert_eq!(
+        s.proxy.metric("redirector_client_connections_opened_total"),
+        accepted.iter().sum::<f64>(),
+        "{metrics}"
+    );
+    assert_eq!(s.proxy.metric("redirector_client_connections_active"), 40.0);
+    assert_eq!(
+        s.proxy
+            .metric(r#"redirector_commands_total{command="incr",outcome="ok"}"#),
+        40.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        s.proxy.metric("redirector_command_duration_seconds_count"),
+        120.0,
+        "{metrics}"
+    );
+
+    // One Redis: client ids are unique node-wide, CLIENT LIST shows every
+    // worker's clients, and INFO counts every worker's commands.
+    let unique: std::collections::BTreeSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "client ids {ids:?}");
+    let list = clients[0]
+        .call_str(&["CLIENT", "LIST"])
+        .expect("client list");
+    for id in &ids {
+        assert!(list.contains(&format!("id={id} ")), "id {id} in {list}");
+    }
+    let info = clients[0].call_str(&["INFO", "stats"]).expect("info stats");
+    let processed: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_commands_processed");
+    assert!(processed >= 121, "{info}");
+
+    // CLIENT KILL reaches a client on whichever worker holds it.
+    for (victim, id) in ids.iter().enumerate().skip(1) {
+        assert_eq!(
+            clients[0]
+                .call_str(&["CLIENT", "KILL", "ID", id])
+                .expect("kill"),
+            ":1\r\n",
+            "CLIENT KILL ID {id}: one client killed"
+        );
+        // Closed as soon as its session notices, as on Redis.
+        let victim = &mut clients[victim];
+        wait_for(
+            &format!("client {id} to be closed"),
+            Duration::from_secs(5),
+            || victim.call_str(&["PING"]).is_err().then_some(()),
+        );
+    }
+    wait_for("killed clients to be gone", Duration::from_secs(5), || {
+        (s.proxy.metric("redirector_client_connections_active") == 1.0).then_some(())
+    });
+
+    // A SCAN cursor from one connection continues on another (PHP-FPM
+    // makes a new one per request), whichever worker each lands on.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut cursor = "0".to_string();
+    loop {
+        let mut c = RespClient::connect(addr).expect("proxy");
+        let page = c
+            .call_str(&["SCAN", &cursor, "MATCH", "w*", "COUNT", "5"])
+            .expect("scan");
+        let mut lines = page.lines().skip(2);
+        cursor = lines.next().expect("cursor").to_string();
+        // `*K`, then `$len` and the key, K times.
+        for line in lines.skip(2).step_by(2) {
+            seen.insert(line.to_string());
+        }
+        if cursor == "0" {
+            break;
+        }
+    }
+    let expected: std::collections::BTreeSet<String> = (0..40).map(|i| format!("w{i}")).collect();
+    assert_eq!(seen, expected);
+}
+
+#[test]
 fn metrics_cover_clients_commands_latency_and_upstreams() {
-    let s = setup(&[]);
+    metrics_cover_clients_commands_latency_and_upstreams_on(1);
+}
+
+#[test]
+fn metrics_cover_clients_commands_latency_and_upstreams_on_two_workers() {
+    metrics_cover_clients_commands_latency_and_upstreams_on(2);
+}
+
+fn metrics_cover_clients_commands_latency_and_upstreams_on(workers: usize) {
+    let s = setup_workers(workers);
     let mut c = RespClient::connect(s.proxy.addr()).expect("proxy");
     for i in 0..50 {
         let key = format!("m{i}");

@@ -23,6 +23,7 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
@@ -189,15 +190,18 @@ pub struct Front {
     pub unrouted: Arc<TcpBackend>,
     /// Woken whenever the routes change.
     pub changed: Notify,
+    /// Connections this worker's listeners accepted.
+    accepted: Counter,
 }
 
 impl Front {
-    pub fn new(gate: Arc<Gate>, unrouted: Arc<TcpBackend>) -> Self {
+    pub fn new(gate: Arc<Gate>, unrouted: Arc<TcpBackend>, accepted: Counter) -> Self {
         Self {
             gate,
             routes: RwLock::new(Arc::new(Routes::default())),
             unrouted,
             changed: Notify::new(),
+            accepted,
         }
     }
 
@@ -226,12 +230,14 @@ pub struct Proxy {
 impl Proxy {
     /// Binds every listener now, so a bind error surfaces before the daemon
     /// reports itself ready (and before the heartbeat turns steering on).
-    pub fn bind(addrs: &[SocketAddr]) -> Result<Self, Error> {
+    /// `reuse_port`: one of several workers' listeners on the same
+    /// addresses (`SO_REUSEPORT`; the kernel spreads connections).
+    pub fn bind(addrs: &[SocketAddr], reuse_port: bool) -> Result<Self, Error> {
         let listeners = addrs
             .iter()
             .map(|&addr| {
                 // The socket is created non-blocking, as tokio requires.
-                let bind = || TcpListener::from_std(listener_socket(addr)?);
+                let bind = || TcpListener::from_std(listener_socket(addr, reuse_port)?);
                 bind().map_err(|source| Error::Bind { addr, source })
             })
             .collect::<Result<_, _>>()?;
@@ -262,7 +268,7 @@ impl Proxy {
     }
 }
 
-fn listener_socket(addr: SocketAddr) -> io::Result<StdTcpListener> {
+fn listener_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<StdTcpListener> {
     use nix::sys::socket::{
         AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt,
         socket, sockopt,
@@ -278,6 +284,11 @@ fn listener_socket(addr: SocketAddr) -> io::Result<StdTcpListener> {
         None,
     )?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    // Only with several workers: otherwise a second daemon on the same
+    // address must fail to bind, not silently take half the clients.
+    if reuse_port {
+        setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
     if addr.is_ipv6() {
         setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
     }
@@ -310,6 +321,7 @@ async fn accept_loop(listener: TcpListener, front: Arc<Front>) {
                 continue;
             }
         };
+        front.accepted.inc();
         let local = bound.or_else(|| client.local_addr().ok()).unwrap_or(peer);
         // Taken here, once: the entry is the proof that the kernel steered
         // this connection from an enrolled pod.

@@ -14,16 +14,17 @@ use std::{
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
-use super::admission::Refusal;
+use super::{
+    admission::Refusal,
+    shards::{
+        CounterShard, GaugeShard, LatencyShard, ShardedCounter, ShardedGauge, ShardedLatency,
+        Shards,
+    },
+};
 use crate::fasthash::FnvHashMap;
 
 /// Every series names the backend it measures (`backend="cart"`), so one
@@ -31,6 +32,11 @@ use crate::fasthash::FnvHashMap;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,18 +76,15 @@ struct DirectionLabels {
     direction: &'static str,
 }
 
-type LatencyFamily = Family<BackendLabels, Histogram, fn() -> Histogram>;
+/// Series every worker records into, each in its own shard (see
+/// [`super::shards`]): the request and connection paths.
+type PerWorker<L, M> = Family<L, M, Shards>;
 
-fn latency_histogram() -> Histogram {
-    // 25 µs .. ~0.8 s
-    Histogram::new(exponential_buckets(25e-6, 2.0, 16))
-}
-
-/// Counters of one command name.
+/// Counters of one command name, on one worker.
 #[derive(Clone)]
 pub struct CommandCounters {
-    ok: Counter,
-    error: Counter,
+    ok: CounterShard,
+    error: CounterShard,
 }
 
 impl CommandCounters {
@@ -102,43 +105,47 @@ pub const UNKNOWN_COMMAND: &[u8] = b"unknown";
 /// into its own series of them ([`ProxyFamilies::backend`]).
 #[derive(Clone)]
 pub struct ProxyFamilies {
-    clients_opened: Family<BackendLabels, Counter>,
-    clients_closed: Family<BackendLabels, Counter>,
-    clients_active: Family<BackendLabels, Gauge>,
+    clients_opened: PerWorker<BackendLabels, ShardedCounter>,
+    clients_closed: PerWorker<BackendLabels, ShardedCounter>,
+    clients_active: PerWorker<BackendLabels, ShardedGauge>,
     clients_rejected: Family<ReasonLabels, Counter>,
     backend_up: Family<BackendLabels, Gauge>,
-    commands: Family<CommandLabels, Counter>,
-    latency: LatencyFamily,
+    commands: PerWorker<CommandLabels, ShardedCounter>,
+    latency: PerWorker<BackendLabels, ShardedLatency>,
     redirections: Family<KindLabels, Counter>,
     topology_refreshes: Family<ResultLabels, Counter>,
     upstream_active: Family<NodeLabels, Gauge>,
     upstream_opened: Family<NodeLabels, Counter>,
     upstream_failed: Family<NodeLabels, Counter>,
-    leases_reused: Family<BackendLabels, Counter>,
-    protocol_errors: Family<BackendLabels, Counter>,
-    relayed: Family<DirectionLabels, Counter>,
+    leases_reused: PerWorker<BackendLabels, ShardedCounter>,
+    protocol_errors: PerWorker<BackendLabels, ShardedCounter>,
+    relayed: PerWorker<DirectionLabels, ShardedCounter>,
+    worker_accepted: Family<WorkerLabels, Counter>,
 }
 
 impl ProxyFamilies {
     /// Registers into `registry` itself: the proxy's names carry only the
-    /// root's `redirector` prefix.
-    pub fn register(registry: &mut Registry) -> Self {
+    /// root's `redirector` prefix. `workers` is how many shards the series
+    /// recorded on the request path have.
+    pub fn register(registry: &mut Registry, workers: usize) -> Self {
+        let shards = Shards(workers.max(1));
         let families = Self {
-            clients_opened: Family::default(),
-            clients_closed: Family::default(),
-            clients_active: Family::default(),
+            clients_opened: Family::new_with_constructor(shards),
+            clients_closed: Family::new_with_constructor(shards),
+            clients_active: Family::new_with_constructor(shards),
             clients_rejected: Family::default(),
             backend_up: Family::default(),
-            commands: Family::default(),
-            latency: Family::new_with_constructor(latency_histogram),
+            commands: Family::new_with_constructor(shards),
+            latency: Family::new_with_constructor(shards),
             redirections: Family::default(),
             topology_refreshes: Family::default(),
             upstream_active: Family::default(),
             upstream_opened: Family::default(),
             upstream_failed: Family::default(),
-            leases_reused: Family::default(),
-            protocol_errors: Family::default(),
-            relayed: Family::default(),
+            leases_reused: Family::new_with_constructor(shards),
+            protocol_errors: Family::new_with_constructor(shards),
+            relayed: Family::new_with_constructor(shards),
+            worker_accepted: Family::default(),
         };
         registry.register(
             "client_connections_opened",
@@ -218,13 +225,32 @@ impl ProxyFamilies {
             "Bytes carried by tcp backends' relays, upstream (client to server) and downstream",
             families.relayed.clone(),
         );
+        registry.register(
+            "worker_connections_accepted",
+            "Connections each proxy worker accepted (--workers: the kernel spreads them \
+             over the workers' SO_REUSEPORT listeners)",
+            families.worker_accepted.clone(),
+        );
         families
     }
 
-    /// The handles one backend records with. Series with a fixed label set
-    /// exist from the start at zero, so a dashboard shows 0 rather than "no
-    /// data" before the first event.
+    /// Worker `worker`'s count of accepted connections.
+    pub fn worker_accepted(&self, worker: usize) -> Counter {
+        self.worker_accepted.get_or_create_owned(&WorkerLabels {
+            worker: worker.to_string(),
+        })
+    }
+
+    /// The handles one backend records with, on the first worker.
     pub fn backend(&self, name: &str) -> ProxyMetrics {
+        self.backend_on(name, 0)
+    }
+
+    /// The handles one backend records with on worker `worker`: its own
+    /// shard of every series. Series with a fixed label set exist from the
+    /// start at zero, so a dashboard shows 0 rather than "no data" before
+    /// the first event.
+    pub fn backend_on(&self, name: &str, worker: usize) -> ProxyMetrics {
         let backend = || BackendLabels {
             backend: name.to_string(),
         };
@@ -241,20 +267,38 @@ impl ProxyFamilies {
             });
         }
         let relayed = |direction| {
-            self.relayed.get_or_create_owned(&DirectionLabels {
-                backend: name.to_string(),
-                direction,
-            })
+            self.relayed
+                .get_or_create_owned(&DirectionLabels {
+                    backend: name.to_string(),
+                    direction,
+                })
+                .shard(worker)
         };
         ProxyMetrics {
             backend: name.to_string(),
-            clients_opened: self.clients_opened.get_or_create_owned(&backend()),
-            clients_closed: self.clients_closed.get_or_create_owned(&backend()),
-            clients_active: self.clients_active.get_or_create_owned(&backend()),
+            worker,
+            clients_opened: self
+                .clients_opened
+                .get_or_create_owned(&backend())
+                .shard(worker),
+            clients_closed: self
+                .clients_closed
+                .get_or_create_owned(&backend())
+                .shard(worker),
+            clients_active: self
+                .clients_active
+                .get_or_create_owned(&backend())
+                .shard(worker),
             backend_up: self.backend_up.get_or_create_owned(&backend()),
-            latency: self.latency.get_or_create_owned(&backend()),
-            leases_reused: self.leases_reused.get_or_create_owned(&backend()),
-            protocol_errors: self.protocol_errors.get_or_create_owned(&backend()),
+            latency: self.latency.get_or_create_owned(&backend()).shard(worker),
+            leases_reused: self
+                .leases_reused
+                .get_or_create_owned(&backend())
+                .shard(worker),
+            protocol_errors: self
+                .protocol_errors
+                .get_or_create_owned(&backend())
+                .shard(worker),
             relayed_upstream: relayed("upstream"),
             relayed_downstream: relayed("downstream"),
             command_cache: RwLock::new(FnvHashMap::default()),
@@ -264,18 +308,20 @@ impl ProxyFamilies {
     }
 }
 
-/// One backend's metrics: hot-path handles resolved once.
+/// One backend's metrics on one worker: hot-path handles resolved once,
+/// into that worker's shards.
 pub struct ProxyMetrics {
     backend: String,
-    clients_opened: Counter,
-    clients_closed: Counter,
-    clients_active: Gauge,
+    worker: usize,
+    clients_opened: CounterShard,
+    clients_closed: CounterShard,
+    clients_active: GaugeShard,
     backend_up: Gauge,
-    latency: Histogram,
-    leases_reused: Counter,
-    protocol_errors: Counter,
-    relayed_upstream: Counter,
-    relayed_downstream: Counter,
+    latency: LatencyShard,
+    leases_reused: CounterShard,
+    protocol_errors: CounterShard,
+    relayed_upstream: CounterShard,
+    relayed_downstream: CounterShard,
     command_cache: RwLock<FnvHashMap<Vec<u8>, CommandCounters>>,
     /// Nodes with series, so a removed backend's can be dropped.
     nodes_seen: Mutex<HashSet<SocketAddr>>,
@@ -285,7 +331,12 @@ pub struct ProxyMetrics {
 impl ProxyMetrics {
     /// Unregistered, for tests of the proxy alone.
     pub fn detached() -> Self {
-        ProxyFamilies::register(&mut Registry::default()).backend("test")
+        ProxyFamilies::register(&mut Registry::default(), 1).backend("test")
+    }
+
+    /// The worker whose shards these handles record into.
+    pub fn worker(&self) -> usize {
+        self.worker
     }
 
     /// The backend these metrics are labelled with.
@@ -303,8 +354,9 @@ impl ProxyMetrics {
         self.clients_active.dec();
     }
 
+    /// Clients open now, on every worker.
     pub fn clients_active(&self) -> i64 {
-        self.clients_active.get()
+        self.clients_active.total()
     }
 
     pub fn client_rejected(&self, reason: &'static str) {
@@ -361,8 +413,16 @@ impl ProxyMetrics {
             outcome,
         };
         let counters = CommandCounters {
-            ok: self.families.commands.get_or_create_owned(&labels("ok")),
-            error: self.families.commands.get_or_create_owned(&labels("error")),
+            ok: self
+                .families
+                .commands
+                .get_or_create_owned(&labels("ok"))
+                .shard(self.worker),
+            error: self
+                .families
+                .commands
+                .get_or_create_owned(&labels("error"))
+                .shard(self.worker),
         };
         self.command_cache
             .write()
@@ -372,7 +432,7 @@ impl ProxyMetrics {
     }
 
     pub fn latency(&self, elapsed: Duration) {
-        self.latency.observe(elapsed.as_secs_f64());
+        self.latency.observe(elapsed);
     }
 
     fn redirection(&self, kind: &'static str) {

@@ -44,6 +44,7 @@ pub mod pubsub;
 pub mod relay;
 pub mod script_keys;
 pub mod session;
+pub mod shards;
 pub mod slowlog;
 pub mod tracking;
 pub mod txn;
@@ -67,6 +68,7 @@ use admission::Refusal;
 pub use dial::{Dialer, UpstreamAuth};
 use metrics::ProxyMetrics;
 use pool::Pools;
+use shards::{CounterShard, ShardedCounter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -217,14 +219,45 @@ impl std::ops::Deref for Shared {
     }
 }
 
-/// State every session of a backend shares, whoever it runs as.
+/// State every session of a backend shares on one worker, whoever it runs
+/// as; what every worker's sessions share is in [`BackendCommon`], which
+/// this derefs to.
 pub struct BackendCore {
     pub settings: Settings,
+    /// This worker's copy of the slot map (see [`Topology::follower`]).
     pub topology: Arc<Topology>,
     pub commands: CommandTable,
+    /// This worker's shard of the backend's series.
     pub metrics: Arc<ProxyMetrics>,
     /// Version of the Redis servers behind the proxy, for HELLO and INFO.
     pub redis_version: String,
+    /// The proxy's own identity (its `--upstream-*` credentials), for
+    /// questions a client's user may not ask Redis itself (ACL DRYRUN).
+    pub control: Arc<Dialer>,
+    /// The users' pools (ACL passthrough), kept while they have clients.
+    users: Arc<Mutex<acl::Lingering<acl::Fingerprint, Pools>>>,
+    /// This worker's shards of the INFO counters.
+    total_connections: CounterShard,
+    rejected_connections: CounterShard,
+    total_commands: CounterShard,
+    round_robin: AtomicUsize,
+    common: Arc<BackendCommon>,
+}
+
+impl std::ops::Deref for BackendCore {
+    type Target = BackendCommon;
+
+    fn deref(&self) -> &BackendCommon {
+        &self.common
+    }
+}
+
+/// What a backend's sessions share across workers, as one Redis would show
+/// it: the clients (CLIENT LIST/KILL/PAUSE, MONITOR), the slow log, login
+/// checks, client ids and INFO's counters. None of it is locked per
+/// request: the counters are sharded, the rest is touched per connection,
+/// per login, or when something is slow or monitored.
+pub struct BackendCommon {
     pub started: Instant,
     /// Every client, as CLIENT LIST and INFO show them.
     pub clients: clients::Clients,
@@ -234,19 +267,31 @@ pub struct BackendCore {
     pub slowlog: slowlog::SlowLog,
     /// ACL passthrough: recent checks and failures.
     pub logins: Logins,
-    /// The proxy's own identity (its `--upstream-*` credentials), for
-    /// questions a client's user may not ask Redis itself (ACL DRYRUN).
-    pub control: Arc<Dialer>,
-    /// The users' pools (ACL passthrough), kept while they have clients.
-    users: Arc<Mutex<acl::Lingering<acl::Fingerprint, Pools>>>,
     /// Error replies the proxy gave itself, by error code (INFO
     /// errorstats adds them to the nodes').
     local_errors: Mutex<std::collections::BTreeMap<String, u64>>,
     next_client_id: AtomicU64,
-    total_connections: AtomicU64,
-    rejected_connections: AtomicU64,
-    total_commands: AtomicU64,
-    round_robin: AtomicUsize,
+    total_connections: ShardedCounter,
+    rejected_connections: ShardedCounter,
+    total_commands: ShardedCounter,
+}
+
+impl BackendCommon {
+    /// For a backend served by `workers` workers.
+    pub fn new(workers: usize) -> Arc<Self> {
+        Arc::new(Self {
+            started: Instant::now(),
+            clients: clients::Clients::default(),
+            functions: functions::FunctionFlags::default(),
+            slowlog: slowlog::SlowLog::default(),
+            logins: Logins::default(),
+            local_errors: Mutex::new(std::collections::BTreeMap::new()),
+            next_client_id: AtomicU64::new(1),
+            total_connections: ShardedCounter::new(workers),
+            rejected_connections: ShardedCounter::new(workers),
+            total_commands: ShardedCounter::new(workers),
+        })
+    }
 }
 
 /// Password checks of one backend (see [`acl`]).
@@ -298,7 +343,20 @@ impl Logins {
 /// How often idle users' pools are looked at.
 const USERS_SWEEP: Duration = Duration::from_secs(1);
 
+/// What one worker serves a backend with, besides what all workers share.
+pub struct WorkerParts {
+    pub settings: Settings,
+    /// The worker's own copy (a follower, past the first worker).
+    pub topology: Arc<Topology>,
+    pub pools: Pools,
+    pub commands: CommandTable,
+    /// The worker's shard of the backend's series.
+    pub metrics: Arc<ProxyMetrics>,
+    pub redis_version: String,
+}
+
 impl Shared {
+    /// A backend served by one worker.
     pub fn new(
         settings: Settings,
         topology: Arc<Topology>,
@@ -307,6 +365,31 @@ impl Shared {
         metrics: Arc<ProxyMetrics>,
         redis_version: String,
     ) -> Self {
+        Self::on_worker(
+            BackendCommon::new(1),
+            WorkerParts {
+                settings,
+                topology,
+                pools,
+                commands,
+                metrics,
+                redis_version,
+            },
+        )
+    }
+
+    /// The backend on one worker (the metrics' worker), sharing `common`
+    /// with the others.
+    pub fn on_worker(common: Arc<BackendCommon>, parts: WorkerParts) -> Self {
+        let WorkerParts {
+            settings,
+            topology,
+            pools,
+            commands,
+            metrics,
+            redis_version,
+        } = parts;
+        let worker = metrics.worker();
         let control = Arc::clone(pools.dialer());
         // In passthrough a client that has not authenticated is served
         // without credentials: it never gets the proxy's own rights.
@@ -322,19 +405,13 @@ impl Shared {
                 commands,
                 metrics,
                 redis_version,
-                started: Instant::now(),
-                clients: clients::Clients::default(),
-                functions: functions::FunctionFlags::default(),
-                slowlog: slowlog::SlowLog::default(),
-                logins: Logins::default(),
                 control,
                 users: Arc::new(Mutex::new(acl::Lingering::new(acl::CHECK_TTL))),
-                local_errors: Mutex::new(std::collections::BTreeMap::new()),
-                next_client_id: AtomicU64::new(1),
-                total_connections: AtomicU64::new(0),
-                rejected_connections: AtomicU64::new(0),
-                total_commands: AtomicU64::new(0),
+                total_connections: common.total_connections.shard(worker),
+                rejected_connections: common.rejected_connections.shard(worker),
+                total_commands: common.total_commands.shard(worker),
                 round_robin: AtomicUsize::new(0),
+                common,
             }),
         }
     }
@@ -382,7 +459,7 @@ impl Shared {
         local: SocketAddr,
     ) -> ClientSlot {
         self.metrics.client_opened();
-        self.total_connections.fetch_add(1, Ordering::Relaxed);
+        self.core.total_connections.inc();
         let id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
         let entry = self.clients.register(id, peer, local);
         ClientSlot {
@@ -425,36 +502,37 @@ impl BackendCore {
             .clone()
     }
 
-    /// CONFIG RESETSTAT: the proxy's own statistics too.
+    /// CONFIG RESETSTAT: the proxy's own statistics too, on every worker.
     pub fn reset_stats(&self) {
         self.local_errors
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-        self.total_commands.store(0, Ordering::Relaxed);
-        self.total_connections.store(0, Ordering::Relaxed);
+        self.common.total_commands.reset();
+        self.common.total_connections.reset();
     }
 
     /// A client of this backend refused at the door.
     pub fn count_refused(&self, refusal: &Refusal) {
         self.metrics.client_rejected(refusal.reason());
-        self.rejected_connections.fetch_add(1, Ordering::Relaxed);
+        self.rejected_connections.inc();
     }
 
+    /// Every worker's, as INFO shows them.
     pub fn total_connections(&self) -> u64 {
-        self.total_connections.load(Ordering::Relaxed)
+        self.total_connections.total()
     }
 
     pub fn rejected_connections(&self) -> u64 {
-        self.rejected_connections.load(Ordering::Relaxed)
+        self.rejected_connections.total()
     }
 
     pub fn total_commands(&self) -> u64 {
-        self.total_commands.load(Ordering::Relaxed)
+        self.total_commands.total()
     }
 
     pub fn count_command(&self) {
-        self.total_commands.fetch_add(1, Ordering::Relaxed);
+        self.total_commands.inc();
     }
 
     /// A rotating index, for spreading keyless commands and replica reads.
