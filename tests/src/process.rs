@@ -203,6 +203,13 @@ pub fn path_str(path: &Path) -> &str {
 
 /// utime + stime of a process, in clock ticks (`/proc/<pid>/stat`).
 pub fn cpu_ticks(pid: u32) -> u64 {
+    let (user, system) = cpu_split(pid);
+    user + system
+}
+
+/// (utime, stime) of a process, in clock ticks: user-space work and the
+/// kernel's (syscalls, TCP) apart.
+pub fn cpu_split(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The command name may contain spaces; fields are counted after ')'.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
@@ -214,5 +221,5 @@ pub fn cpu_ticks(pid: u32) -> u64 {
             .unwrap_or(0)
     };
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after ')'.
-    field(11) + field(12)
+    (field(11), field(12))
 }

@@ -5,9 +5,11 @@
 //!   against that `redis-server` direct ([`workloads`]);
 //! - latency: added latency through the proxy at a fixed, realistic rate,
 //!   open loop, against direct in the same run ([`openloop`]);
-//! - connect(): what the eBPF programs cost a connect ([`connect`]).
+//! - connect(): what the eBPF programs cost a connect ([`connect`]);
+//! - workers: `--workers 1` against 2 on W2 ([`workloads`]).
 //!
-//! `--only` runs some of these parts (`workloads`, `latency`, `connect`).
+//! `--only` runs some of these parts (`workloads`, `latency`, `connect`,
+//! `workers`).
 
 mod connect;
 mod openloop;
@@ -28,6 +30,8 @@ pub enum Part {
     Latency,
     /// connect() cost of the eBPF programs.
     Connect,
+    /// `--workers 1` vs 2 on W2, the client pinned to the other CPU.
+    Workers,
 }
 
 /// Runs the parts in `only` (every part when empty).
@@ -37,12 +41,13 @@ pub fn run(bin: &Path, rounds: usize, only: &[Part], latency: LatencyParams) -> 
     unsafe { std::env::set_var("REDIRECTOR_BIN", bin) };
     let rounds = rounds.max(1);
     let selected = |part| only.is_empty() || only.contains(&part);
-    if selected(Part::Workloads) || selected(Part::Latency) {
+    if selected(Part::Workloads) || selected(Part::Latency) || selected(Part::Workers) {
         workloads::run(
             bin,
             rounds,
             selected(Part::Workloads),
             selected(Part::Latency).then_some(latency),
+            selected(Part::Workers),
         )?;
     }
     if selected(Part::Connect) {
