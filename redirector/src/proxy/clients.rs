@@ -18,6 +18,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use tokio::sync::{Notify, mpsc};
 
 use crate::resp::Protocol;
@@ -62,7 +63,8 @@ pub struct ClientEntry {
     redirect: AtomicU64,
     killed: AtomicBool,
     /// Wakes the session: killed, or frames pushed.
-    attention: Notify,
+    attention: AtomicWaker,
+    attention_called: AtomicBool,
     /// Frames for this client from elsewhere in the proxy (invalidations
     /// of tracking clients that redirect here), written by its session. A
     /// queue that allocates only when used: an idle client holds no
@@ -179,7 +181,13 @@ impl ClientEntry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push_back(frame);
-        self.attention.notify_one();
+        self.call_attention();
+    }
+
+    /// Wakes the session: something (a kill, pushed frames) needs it.
+    fn call_attention(&self) {
+        self.attention_called.store(true, Ordering::Release);
+        self.attention.wake();
     }
 
     /// The frames pushed since the last call.
@@ -195,27 +203,23 @@ impl ClientEntry {
     pub fn kill(&self) {
         self.killed.store(true, Ordering::Relaxed);
         self.set_flag(flags::CLOSE_ASAP, true);
-        self.attention.notify_one();
+        self.call_attention();
     }
 
     pub fn is_killed(&self) -> bool {
         self.killed.load(Ordering::Relaxed)
     }
 
-    /// Resolves once the client is killed or has frames pushed.
-    pub async fn attention(&self) {
-        loop {
-            let notified = self.attention.notified();
-            if self.is_killed()
-                || !self
-                    .pushed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_empty()
-            {
-                return;
-            }
-            notified.await;
+    /// Ready once the client was killed or had frames pushed since the
+    /// last time it was. Polled by the session at every turn of its loop,
+    /// so it costs a waker comparison and an atomic swap, no lock (a
+    /// `Notify` takes its waiter list's lock at every poll).
+    pub fn poll_attention(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.attention.register(cx.waker());
+        if self.attention_called.swap(false, Ordering::AcqRel) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
         }
     }
 
@@ -347,7 +351,8 @@ impl Clients {
             blocked_on: Mutex::new(None),
             redirect: AtomicU64::new(0),
             killed: AtomicBool::new(false),
-            attention: Notify::new(),
+            attention: AtomicWaker::new(),
+            attention_called: AtomicBool::new(false),
             pushed: Mutex::new(std::collections::VecDeque::new()),
         })
     }

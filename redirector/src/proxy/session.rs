@@ -246,10 +246,6 @@ impl Session {
         let mut backlog = false;
         let inbox = Arc::clone(&self.inbox);
         let entry = Arc::clone(&self.entry);
-        // Made once: a fresh Notified per turn of the loop would register
-        // and unregister a waiter (two locks) for every read.
-        let attention = entry.attention();
-        tokio::pin!(attention);
         loop {
             if self.held.is_none()
                 && self.barriers == 0
@@ -326,7 +322,7 @@ impl Session {
             let shared = Arc::clone(&self.shared);
             let event = tokio::select! {
                 biased;
-                () = &mut attention => Event::Attention,
+                () = std::future::poll_fn(|cx| entry.poll_attention(cx)) => Event::Attention,
                 resolution = head(pending.front_mut(), &inbox) => Event::Resolved(resolution),
                 out = next_pubsub(self.pubsub.as_mut()) => Event::PubSub(out),
                 line = next_line(self.monitor.as_mut()) => Event::Monitor(line),
@@ -370,7 +366,6 @@ impl Session {
                     for frame in entry.take_pushed() {
                         pending.push_back(Pending::Ready(frame, None));
                     }
-                    attention.set(entry.attention());
                 }
                 Event::Unpaused => {
                     if let Some((req, _)) = self.held.take() {
@@ -1408,7 +1403,7 @@ fn spawn_reply(work: impl Future<Output = Reply> + Send + 'static) -> oneshot::R
 async fn head(front: Option<&mut Pending>, inbox: &Inbox) -> Resolution {
     match front {
         Some(Pending::Upstream { .. }) => {
-            inbox.wait().await;
+            std::future::poll_fn(|cx| inbox.poll_filled(cx)).await;
             Resolution::Wake
         }
         Some(Pending::Task(rx, _) | Pending::Barrier(rx, _)) => Resolution::Task(

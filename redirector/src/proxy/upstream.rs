@@ -17,6 +17,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
+use futures::task::AtomicWaker;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     sync::{mpsc, oneshot},
@@ -100,7 +101,11 @@ impl Job {
 #[derive(Default)]
 pub struct Inbox {
     state: Mutex<InboxState>,
-    ready: tokio::sync::Notify,
+    /// The session's waker and whether a reply came since it last looked:
+    /// a wait costs a waker comparison and a swap, where a `Notify` locks
+    /// its waiter list at every poll and again when the wait is dropped.
+    waker: AtomicWaker,
+    filled: AtomicBool,
 }
 
 #[derive(Default)]
@@ -145,7 +150,8 @@ impl Inbox {
     }
 
     fn wake(&self) {
-        self.ready.notify_one();
+        self.filled.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// The reply for `seq` (the oldest slot) if it has arrived.
@@ -158,9 +164,15 @@ impl Inbox {
         state.slots.pop_front().flatten()
     }
 
-    /// Resolves after a `put` (possibly one already taken: check again).
-    pub async fn wait(&self) {
-        self.ready.notified().await;
+    /// Ready after a `put` since the last time it was (possibly of a
+    /// reply already taken: check again).
+    pub fn poll_filled(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        self.waker.register(cx.waker());
+        if self.filled.swap(false, Ordering::AcqRel) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 }
 
