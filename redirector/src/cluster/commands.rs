@@ -27,6 +27,7 @@
 use std::{
     fmt,
     ops::{BitOr, BitOrAssign},
+    sync::Arc,
 };
 
 use bytes::Bytes;
@@ -374,7 +375,7 @@ enum KeyMethod {
 #[derive(Clone, Debug)]
 pub struct CommandInfo {
     /// Lowercase; `container|sub` for subcommands.
-    pub name: String,
+    pub name: Arc<str>,
     /// N: exactly N arguments, -N: at least N (counting the name, and for
     /// subcommands both words).
     pub arity: i64,
@@ -544,7 +545,7 @@ impl CommandInfo {
             _ => KeyMethod::PartialSpecs,
         };
         Ok(Self {
-            name,
+            name: name.into(),
             arity,
             flags,
             first_key,
@@ -878,7 +879,7 @@ mod tests {
         assert_eq!(TABLE.len(), 240);
         assert!(!TABLE.is_empty());
         let get = TABLE.get(b"GET").expect("get");
-        assert_eq!(get.name, "get");
+        assert_eq!(&*get.name, "get");
         assert_eq!(get.arity, 2);
         assert_eq!(get.flags, Flags::READONLY | Flags::FAST);
         assert_eq!((get.first_key, get.last_key, get.step), (1, 1, 1));
@@ -917,7 +918,7 @@ mod tests {
             .iter()
             .flat_map(|c| std::iter::once(c).chain(&c.subcommands))
             .filter(|c| !c.keys_resolvable())
-            .map(|c| c.name.as_str())
+            .map(|c| &*c.name)
             .collect();
         assert!(unresolved.is_empty(), "{unresolved:?}");
     }
@@ -973,7 +974,7 @@ mod tests {
                 .contains(Flags::DENYOOM)
         );
         let script_kill = TABLE.lookup(&args("SCRIPT KILL")).expect("script|kill");
-        assert_eq!(script_kill.name, "script|kill");
+        assert_eq!(&*script_kill.name, "script|kill");
         assert!(script_kill.flags.contains(Flags::ALLOW_BUSY));
         assert_eq!(Flags::from_name(b"no_such_flag"), Flags::empty());
         assert_eq!(
@@ -1012,7 +1013,11 @@ mod tests {
             ("GET help", "get"),
         ];
         for (line, name) in cases {
-            assert_eq!(TABLE.lookup(&args(line)).expect(line).name, name, "{line}");
+            assert_eq!(
+                &*TABLE.lookup(&args(line)).expect(line).name,
+                name,
+                "{line}"
+            );
         }
         assert!(TABLE.lookup(&args("NOSUCHCOMMAND k")).is_none());
         assert!(TABLE.get(b"nosuchcommand").is_none());
@@ -1330,7 +1335,7 @@ mod tests {
             BytesFrame::Integer(1),
         ])]);
         let get = table.get(b"get").expect("get");
-        assert_eq!(get.name, "get");
+        assert_eq!(&*get.name, "get");
         assert_eq!(get.key_indices(&args("GET k")), Ok(vec![1]));
     }
 }

@@ -26,7 +26,7 @@ pub struct Context<'a> {
     pub entry: &'a Arc<ClientEntry>,
     pub protocol: Protocol,
     pub reply_mode: &'a mut ReplyMode,
-    pub tracking: &'a mut Option<tracking::Handle>,
+    pub tracking: &'a mut Option<Box<tracking::Handle>>,
 }
 
 /// A CLIENT command's outcome.
@@ -391,7 +391,7 @@ fn tracking(req: &Request, cx: &mut Context<'_>) -> Outcome {
         None => {
             let (handle, answer) =
                 tracking::Handle::start(shared, cx.entry.id, cx.protocol, options);
-            *cx.tracking = Some(handle);
+            *cx.tracking = Some(Box::new(handle));
             answer
         }
     };

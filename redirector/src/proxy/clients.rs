@@ -53,12 +53,16 @@ pub struct ClientEntry {
     /// Commands queued in MULTI; -1 outside a transaction.
     multi: AtomicI64,
     qbuf: AtomicUsize,
-    name: Mutex<Option<Bytes>>,
-    user: Mutex<String>,
-    cmd: Mutex<String>,
+    /// CLIENT SETNAME's; boxed, as most clients never set one.
+    name: Mutex<Option<Box<Bytes>>>,
+    /// Shared, not copied: "default" is one allocation for every client.
+    user: Mutex<Arc<str>>,
+    /// The last command's name, shared with the command table (none:
+    /// `NULL`, as Redis shows a client that has not run one).
+    cmd: Mutex<Option<Arc<str>>>,
     /// Where a blocked command waits: the node and the upstream client id,
     /// for CLIENT UNBLOCK.
-    blocked_on: Mutex<Option<(SocketAddr, u64)>>,
+    blocked_on: Mutex<Option<Box<(SocketAddr, u64)>>>,
     /// The tracking redirect target (0: none).
     redirect: AtomicU64,
     killed: AtomicBool,
@@ -69,7 +73,7 @@ pub struct ClientEntry {
     /// of tracking clients that redirect here), written by its session. A
     /// queue that allocates only when used: an idle client holds no
     /// channel.
-    pushed: Mutex<std::collections::VecDeque<Bytes>>,
+    pushed: Mutex<Vec<Bytes>>,
 }
 
 impl ClientEntry {
@@ -87,12 +91,8 @@ impl ClientEntry {
 
     /// This is the client's last command (`container|sub` as Redis names
     /// it); the session calls it only when the command changes.
-    pub fn command(&self, cmd: &str) {
-        let mut last = self.cmd.lock().unwrap_or_else(|e| e.into_inner());
-        if *last != cmd {
-            last.clear();
-            last.push_str(cmd);
-        }
+    pub fn command(&self, cmd: &Arc<str>) {
+        *self.cmd.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(cmd));
     }
 
     pub fn set_flag(&self, flag: u32, on: bool) {
@@ -113,19 +113,26 @@ impl ClientEntry {
     }
 
     pub fn set_name(&self, name: Option<Bytes>) {
-        *self.name.lock().unwrap_or_else(|e| e.into_inner()) = name;
+        *self.name.lock().unwrap_or_else(|e| e.into_inner()) = name.map(Box::new);
     }
 
     pub fn name(&self) -> Option<Bytes> {
-        self.name.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            .cloned()
     }
 
-    pub fn set_user(&self, user: &str) {
-        *self.user.lock().unwrap_or_else(|e| e.into_inner()) = user.to_string();
+    pub fn set_user(&self, user: &Arc<str>) {
+        *self.user.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(user);
     }
 
     pub fn user(&self) -> String {
-        self.user.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.user
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .to_string()
     }
 
     pub fn set_subscriptions(&self, sub: u32, psub: u32, ssub: u32) {
@@ -147,11 +154,16 @@ impl ClientEntry {
 
     pub fn set_blocked_on(&self, on: Option<(SocketAddr, u64)>) {
         self.set_flag(flags::BLOCKED, on.is_some());
-        *self.blocked_on.lock().unwrap_or_else(|e| e.into_inner()) = on;
+        // Boxed: few clients are ever blocked, every client has the field.
+        *self.blocked_on.lock().unwrap_or_else(|e| e.into_inner()) = on.map(Box::new);
     }
 
     pub fn blocked_on(&self) -> Option<(SocketAddr, u64)> {
-        *self.blocked_on.lock().unwrap_or_else(|e| e.into_inner())
+        self.blocked_on
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            .copied()
     }
 
     pub fn set_redirect(&self, id: u64) {
@@ -180,7 +192,7 @@ impl ClientEntry {
         self.pushed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push_back(frame);
+            .push(frame);
         self.call_attention();
     }
 
@@ -191,7 +203,7 @@ impl ClientEntry {
     }
 
     /// The frames pushed since the last call.
-    pub fn take_pushed(&self) -> std::collections::VecDeque<Bytes> {
+    pub fn take_pushed(&self) -> Vec<Bytes> {
         std::mem::take(&mut *self.pushed.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
@@ -290,7 +302,11 @@ impl ClientEntry {
             qbuf,
             4096usize.saturating_sub(qbuf),
             8192 + qbuf,
-            self.cmd.lock().unwrap_or_else(|e| e.into_inner()),
+            self.cmd
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_deref()
+                .unwrap_or("NULL"),
             self.user(),
             redirect,
             self.resp.load(Ordering::Relaxed),
@@ -304,6 +320,20 @@ pub enum PauseMode {
     /// Commands that write (and may replicate): EVAL, PUBLISH, ...
     Write,
     All,
+}
+
+/// The name CLIENT LIST gives commands the table does not know.
+pub fn unknown_command() -> Arc<str> {
+    static UNKNOWN: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| Arc::from("unknown"));
+    Arc::clone(&UNKNOWN)
+}
+
+/// The `default` user's name, shared by every client that has it.
+pub fn default_user() -> Arc<str> {
+    static DEFAULT: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| Arc::from("default"));
+    Arc::clone(&DEFAULT)
 }
 
 /// The registry, one per proxy.
@@ -346,14 +376,14 @@ impl Clients {
             multi: AtomicI64::new(-1),
             qbuf: AtomicUsize::new(0),
             name: Mutex::new(None),
-            user: Mutex::new("default".into()),
-            cmd: Mutex::new("NULL".into()),
+            user: Mutex::new(default_user()),
+            cmd: Mutex::new(None),
             blocked_on: Mutex::new(None),
             redirect: AtomicU64::new(0),
             killed: AtomicBool::new(false),
             attention: AtomicWaker::new(),
             attention_called: AtomicBool::new(false),
-            pushed: Mutex::new(std::collections::VecDeque::new()),
+            pushed: Mutex::new(Vec::new()),
         })
     }
 
@@ -667,7 +697,7 @@ mod tests {
             "10.0.0.2:5000".parse().unwrap(),
             "10.0.0.1:15379".parse().unwrap(),
         );
-        c.command("client|list");
+        c.command(&Arc::from("client|list"));
         c.set_name(Some(b("web")));
         c.set_subscriptions(2, 1, 0);
         let line = c.line();

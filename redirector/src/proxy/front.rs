@@ -371,17 +371,8 @@ async fn accept_loop(listener: TcpListener, front: Arc<Front>) {
                 let span = debug_span!("client", backend = shared.metrics.backend(), id, %peer);
                 // A steered client believes it talks to the address it dialled.
                 let advertised = steered.as_ref().map_or(local, orig_dst_addr);
-                let session = session::serve(
-                    shared,
-                    client,
-                    session::Addresses {
-                        peer,
-                        local,
-                        advertised,
-                    },
-                    id,
-                    slot,
-                );
+                let session =
+                    session::serve(shared, client, session::Addresses { advertised }, id, slot);
                 tokio::spawn(session.instrument(span));
             }
             Route::Tcp(tcp) => {

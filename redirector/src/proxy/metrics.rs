@@ -8,7 +8,7 @@
 use std::{
     collections::HashSet,
     net::SocketAddr,
-    sync::{Mutex, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -83,11 +83,17 @@ type PerWorker<L, M> = Family<L, M, Shards>;
 /// Counters of one command name, on one worker.
 #[derive(Clone)]
 pub struct CommandCounters {
+    /// The name, shared by every client's copy (no allocation per client).
+    name: Arc<[u8]>,
     ok: CounterShard,
     error: CounterShard,
 }
 
 impl CommandCounters {
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
+
     pub fn record(&self, ok: bool) {
         if ok {
             self.ok.inc();
@@ -413,6 +419,7 @@ impl ProxyMetrics {
             outcome,
         };
         let counters = CommandCounters {
+            name: Arc::from(name),
             ok: self
                 .families
                 .commands

@@ -560,5 +560,6 @@ impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.shared.clients.unregister(self.entry.id);
         self.shared.metrics.client_closed();
+        tracing::debug!("client closed");
     }
 }

@@ -523,7 +523,7 @@ fn admin_refusal(info: Option<&CommandInfo>, state: &SessionState) -> Option<Byt
 /// EVAL without declared keys: the shard its literal keys name, if any
 /// (see `script_keys`).
 fn undeclared_keys_slot(table: &CommandTable, req: &Request, info: &CommandInfo) -> Option<u16> {
-    if info.name != "eval" && info.name != "eval_ro" {
+    if &*info.name != "eval" && &*info.name != "eval_ro" {
         return None;
     }
     match script_keys(req.args.get(1)?, table) {
@@ -759,10 +759,10 @@ pub fn may_replicate(info: &CommandInfo, req: &Request) -> bool {
     if info.flags.intersects(Flags::WRITE | Flags::MAY_REPLICATE) {
         return true;
     }
-    if !MAY_REPLICATE.contains(&info.name.as_str()) {
+    if !MAY_REPLICATE.contains(&&*info.name) {
         return false;
     }
-    !(info.name == "eval"
+    !(&*info.name == "eval"
         && req
             .args
             .get(1)
@@ -788,7 +788,7 @@ pub fn monitored(info: &CommandInfo) -> bool {
     if info.flags.contains(Flags::ADMIN) {
         return false;
     }
-    !info.flags.contains(Flags::SKIP_MONITOR) || is_script(&info.name) || info.name == "exec"
+    !info.flags.contains(Flags::SKIP_MONITOR) || is_script(&info.name) || &*info.name == "exec"
 }
 
 /// Whether a command may change which passwords Redis accepts: the
@@ -797,7 +797,7 @@ pub fn monitored(info: &CommandInfo) -> bool {
 pub fn changes_credentials(info: &CommandInfo) -> bool {
     info.acl.contains(AclCategories::ADMIN)
         && matches!(
-            info.name.as_str(),
+            &*info.name,
             "acl|setuser" | "acl|deluser" | "acl|load" | "config|set"
         )
 }

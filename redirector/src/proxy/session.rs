@@ -10,12 +10,7 @@
 //! lands at the same place. Replies are written as soon as the head of the
 //! queue is ready, coalesced into one write when several are.
 
-use std::{
-    collections::VecDeque,
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{collections::VecDeque, net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
@@ -49,10 +44,9 @@ use crate::{
     },
 };
 
-/// A client connection's addresses.
+/// A client connection's addresses, besides the peer and local ones its
+/// registry entry (the slot's) holds.
 pub struct Addresses {
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
     /// Where the client believes it is connected: the address it dialled
     /// (its original destination when steered), shown in cluster views.
     pub advertised: SocketAddr,
@@ -67,17 +61,17 @@ pub enum ReplyMode {
     Skip,
 }
 
-pub async fn serve(
+/// A client's session: the future its task runs. Not an `async fn`, so
+/// that the task holds the session once, not also the arguments it was
+/// made from (an idle client costs about the size of this future, see
+/// `tests/tests/idle_clients.rs`).
+pub fn serve(
     shared: Arc<Shared>,
-    stream: TcpStream,
-    Addresses {
-        peer,
-        local,
-        advertised,
-    }: Addresses,
+    mut stream: TcpStream,
+    Addresses { advertised }: Addresses,
     id: u64,
     slot: ClientSlot,
-) {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     // TCP_NODELAY is inherited from the listener.
     let entry = Arc::clone(slot.entry());
     let mut session = Session {
@@ -85,11 +79,9 @@ pub async fn serve(
         shared: Arc::clone(&shared),
         unauthenticated: Arc::clone(&shared),
         id,
-        peer,
-        local,
         advertised,
         protocol: Protocol::Resp2,
-        user: "default".into(),
+        user: super::clients::default_user(),
         multi: None,
         baton: None,
         pubsub: None,
@@ -110,11 +102,12 @@ pub async fn serve(
         stashed: None,
         last_cmd: usize::MAX,
         tracking: None,
+        _slot: slot,
     };
-    session.run(stream).await;
-    drop(session);
-    drop(slot);
-    tracing::debug!("client closed");
+    // The session is borrowed where the block holds it: an `async fn`
+    // taking it by value would keep it twice (argument and local).
+    // The stream too: borrowed, it is not also copied into `run`'s state.
+    async move { session.run(&mut stream).await }
 }
 
 /// Per-command bookkeeping for metrics.
@@ -164,14 +157,14 @@ struct Session {
     /// to it).
     unauthenticated: Arc<Shared>,
     id: u64,
-    peer: SocketAddr,
-    local: SocketAddr,
     advertised: SocketAddr,
     protocol: Protocol,
     authed: bool,
-    user: String,
-    /// Between MULTI and EXEC.
-    multi: Option<txn::Queued>,
+    /// Shared with the registry entry, not copied per client.
+    user: Arc<str>,
+    /// Between MULTI and EXEC. Boxed, as the other states few clients are
+    /// ever in: an idle client's session stays small.
+    multi: Option<Box<txn::Queued>>,
     /// The WATCH state, handed from transaction step to step.
     baton: Option<txn::Baton>,
     pubsub: Option<pubsub::Handle>,
@@ -188,7 +181,7 @@ struct Session {
     next_seq: u64,
     /// Commands routed by the current read, per node, not yet sent.
     batch: Vec<(SocketAddr, BytesMut, Vec<u64>)>,
-    metric_cache: Vec<(Box<[u8]>, CommandCounters)>,
+    metric_cache: Vec<CommandCounters>,
     read_at: Instant,
     /// This client in the proxy's registry (CLIENT LIST, INFO clients).
     entry: Arc<ClientEntry>,
@@ -196,17 +189,20 @@ struct Session {
     /// MONITOR: the feed of every client's commands.
     monitor: Option<mpsc::UnboundedReceiver<Bytes>>,
     /// A command held by CLIENT PAUSE, and until when.
-    held: Option<(Request, Instant)>,
+    held: Option<Box<(Request, Instant)>>,
     /// Blocking commands and scripts not answered yet: the client's next
     /// commands wait for them.
     barriers: usize,
     /// A blocking command or script waiting for the client's earlier
     /// commands to answer.
-    stashed: Option<Request>,
+    stashed: Option<Box<Request>>,
     /// Which command CLIENT LIST shows now (see `dispatch`).
     last_cmd: usize,
     /// CLIENT TRACKING.
-    tracking: Option<tracking::Handle>,
+    tracking: Option<Box<tracking::Handle>>,
+    /// The client's place in the registry and the admission tally, given
+    /// up after everything above (fields drop in order).
+    _slot: ClientSlot,
 }
 
 enum Event {
@@ -231,21 +227,27 @@ enum Resolution {
 }
 
 impl Session {
-    async fn run(&mut self, mut stream: TcpStream) {
+    async fn run(&mut self, stream: &mut TcpStream) {
         // Borrowed halves: dropping the stream just closes it, where an
         // owned write half would cost a shutdown() syscall first.
         let (reader, mut writer) = stream.split();
-        let settings = self.shared.settings.clone();
+        // The backend's settings, which a login does not change (another
+        // identity's Shared derefs to the same core): no copy per client.
+        let core = Arc::clone(&self.shared);
+        let settings = &core.settings;
         // Lent from the worker's pool while bytes are in flight, and given
         // back whenever the client is idle: an idle client holds no buffer
         // (see `buffers`); busy clients grow theirs.
         let mut inbuf = BytesMut::new();
         let mut out = BytesMut::new();
-        let mut pending: VecDeque<Pending> = VecDeque::new();
+        // Room for one reply owed, what a request-reply client needs (a
+        // grown queue would keep four per idle client); pipelines grow it.
+        let mut pending: VecDeque<Pending> = VecDeque::with_capacity(1);
         let mut eof = false;
         let mut backlog = false;
         let inbox = Arc::clone(&self.inbox);
         let entry = Arc::clone(&self.entry);
+        let mut idle_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             if self.held.is_none()
                 && self.barriers == 0
@@ -254,7 +256,7 @@ impl Session {
                 && !inbuf.is_empty()
                 && pending.len() < settings.max_pipeline
             {
-                backlog = self.parse_and_dispatch(&mut inbuf, &mut pending, &settings);
+                backlog = self.parse_and_dispatch(&mut inbuf, &mut pending, settings);
                 self.entry.set_qbuf(inbuf.len());
             }
             if out.capacity() == 0 && !pending.is_empty() {
@@ -267,7 +269,7 @@ impl Session {
                 && let Some(req) = self.stashed.take()
             {
                 self.read_at = Instant::now();
-                self.dispatch(req, &mut pending);
+                self.dispatch(*req, &mut pending);
                 self.flush_batch();
                 continue;
             }
@@ -318,20 +320,32 @@ impl Session {
             if inbuf.capacity() != 0 && inbuf.capacity() - inbuf.len() < 1024 {
                 inbuf.reserve(16 * 1024);
             }
-            let paused_until = self.held.as_ref().map(|(_, until)| *until);
-            let shared = Arc::clone(&self.shared);
+            // Timers live in boxes, made only when wanted: in the future
+            // itself they would cost every idle client their size.
+            let idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
+            if let Some(deadline) = idle_deadline {
+                match idle_timer.as_mut() {
+                    Some(timer) => timer.as_mut().reset(deadline),
+                    None => idle_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+            }
+            let mut unpaused = self
+                .held
+                .as_ref()
+                .map(|held| Box::pin(core.clients.wait_unpaused(held.1)));
             let event = tokio::select! {
                 biased;
                 () = std::future::poll_fn(|cx| entry.poll_attention(cx)) => Event::Attention,
                 resolution = head(pending.front_mut(), &inbox) => Event::Resolved(resolution),
                 out = next_pubsub(self.pubsub.as_mut()) => Event::PubSub(out),
                 line = next_line(self.monitor.as_mut()) => Event::Monitor(line),
-                () = wait_unpaused(&shared, paused_until) => Event::Unpaused,
+                () = poll_opt(unpaused.as_mut()) => Event::Unpaused,
                 // Readiness as a read polls it (the socket's own waker
                 // slot), not `readable()`, which links a waiter per turn.
                 ready = std::future::poll_fn(|cx| reader.as_ref().poll_read_ready(cx)), if can_read => Event::Readable(ready),
-                () = sleep_opt(idle) => Event::Idle,
+                () = poll_opt(idle_deadline.and(idle_timer.as_mut())) => Event::Idle,
             };
+            drop(unpaused);
             match event {
                 Event::Resolved(Resolution::Wake) => {}
                 Event::Resolved(resolution) => self.resolve_head(&mut pending, resolution),
@@ -368,7 +382,8 @@ impl Session {
                     }
                 }
                 Event::Unpaused => {
-                    if let Some((req, _)) = self.held.take() {
+                    if let Some(held) = self.held.take() {
+                        let (req, _) = *held;
                         self.entry.set_flag(flags::BLOCKED, false);
                         self.read_at = Instant::now();
                         self.dispatch(req, &mut pending);
@@ -428,16 +443,19 @@ impl Session {
                 if let Some(meta) = meta {
                     let now = *now.get_or_insert_with(Instant::now);
                     let ok = !matches!(raw.first(), Some(b'-' | b'!'));
-                    self.metric_cache[meta.metric].1.record(ok);
+                    self.metric_cache[meta.metric].record(ok);
                     self.shared.metrics.latency(now - meta.started);
                     silent = meta.silent;
                     let took = now - meta.started;
                     if let Some(command) = &meta.slow
                         && self.shared.slowlog.is_slow(took)
                     {
-                        self.shared
-                            .slowlog
-                            .record(command, took, self.peer, self.entry.name());
+                        self.shared.slowlog.record(
+                            command,
+                            took,
+                            self.entry.addr,
+                            self.entry.name(),
+                        );
                     }
                 }
                 if !silent {
@@ -559,11 +577,15 @@ impl Session {
     /// This session's counters for a command name (few distinct names per
     /// client: a short scan beats the shared map and its locking).
     fn metric_index(&mut self, name: &[u8]) -> usize {
-        if let Some(i) = self.metric_cache.iter().position(|(n, _)| &n[..] == name) {
+        if let Some(i) = self.metric_cache.iter().position(|c| c.name() == name) {
             return i;
         }
-        self.metric_cache
-            .push((name.into(), self.shared.metrics.command(name)));
+        // Exactly one at first: most clients use few commands, and a
+        // cache grown to four would stay with every idle client.
+        if self.metric_cache.is_empty() {
+            self.metric_cache.reserve_exact(1);
+        }
+        self.metric_cache.push(self.shared.metrics.command(name));
         self.metric_cache.len() - 1
     }
 
@@ -571,8 +593,8 @@ impl Session {
         Caller {
             id: self.id,
             protocol: self.protocol,
-            peer: self.peer,
-            local: self.local,
+            peer: self.entry.addr,
+            local: self.entry.laddr,
             advertised: self.advertised,
             user: &self.user,
         }
@@ -617,7 +639,7 @@ impl Session {
         // As in Redis, a blocking command or a script starts only once the
         // client's earlier commands have run.
         if !pending.is_empty() && self.is_barrier(&plan, info, &req) {
-            self.stashed = Some(req);
+            self.stashed = Some(Box::new(req));
             return;
         }
         // CLIENT PAUSE holds writes (or everything) until it ends.
@@ -627,7 +649,7 @@ impl Session {
         if valid && let Some(until) = shared.clients.held_until(|| self.writes(info, &req)) {
             // Redis counts a paused client as blocked.
             self.entry.set_flag(flags::BLOCKED, true);
-            self.held = Some((req, until));
+            self.held = Some(Box::new((req, until)));
             return;
         }
         shared.count_command();
@@ -646,8 +668,10 @@ impl Session {
         let cmd_id = info.map_or(0, |i| std::ptr::from_ref(i) as usize);
         if cmd_id != self.last_cmd {
             self.last_cmd = cmd_id;
-            self.entry
-                .command(info.map_or("unknown", |i| i.name.as_str()));
+            match info {
+                Some(info) => self.entry.command(&info.name),
+                None => self.entry.command(&super::clients::unknown_command()),
+            }
         }
         // As Redis shows it while the command runs: in the query buffer.
         self.entry.set_qbuf(req.raw.len());
@@ -655,7 +679,7 @@ impl Session {
             shared.logins.forget_checks();
         }
         if shared.clients.is_monitored() && info.is_some_and(plan::monitored) {
-            shared.clients.feed(self.peer, &req.args);
+            shared.clients.feed(self.entry.addr, &req.args);
         }
         let metric = self.metric_index(name);
         let silent = self.silence();
@@ -678,13 +702,13 @@ impl Session {
         if req.args[0].eq_ignore_ascii_case(b"exec") {
             return self.multi.as_ref().is_some_and(|q| q.writes);
         }
-        if info.is_some_and(|i| i.name == "evalsha")
+        if info.is_some_and(|i| &*i.name == "evalsha")
             && let Some(sha) = req.args.get(1)
         {
             return !self.shared.functions.script_no_writes(sha);
         }
         // FCALL writes unless its function declares no-writes.
-        if info.is_some_and(|i| i.name == "fcall")
+        if info.is_some_and(|i| &*i.name == "fcall")
             && let Some(function) = req.args.get(1)
         {
             return match self.shared.functions.no_writes(function) {
@@ -702,7 +726,7 @@ impl Session {
     /// name, learnt when it went through SCRIPT LOAD or FUNCTION LOAD.
     fn loaded_script_slot(&self, info: Option<&CommandInfo>, req: &Request) -> Option<u16> {
         let name = req.args.get(1)?;
-        match info?.name.as_str() {
+        match &*info?.name {
             "evalsha" | "evalsha_ro" => self.shared.functions.script_slot(name),
             "fcall" | "fcall_ro" => self.shared.functions.function_slot(name),
             _ => None,
@@ -723,8 +747,8 @@ impl Session {
         let (shared, protocol) = (Arc::clone(&self.shared), self.protocol);
         match plan {
             Plan::Local(local) if self.needs_permit(info, &req) => {
-                let name = info.map_or_else(String::new, |i| i.name.clone());
-                let (user, args) = (self.user.clone(), req.args.clone());
+                let name = info.map_or_else(String::new, |i| i.name.to_string());
+                let (user, args) = (self.user.to_string(), req.args.clone());
                 let (tx, rx) = oneshot::channel();
                 tokio::spawn(async move {
                     let _ = tx.send(login::permitted(shared, user, args, name).await);
@@ -795,7 +819,7 @@ impl Session {
                 });
                 handle.send(req);
                 // Replies come from the subscription connections.
-                self.metric_cache[meta.metric].1.record(true);
+                self.metric_cache[meta.metric].record(true);
             }
             Plan::Queue(checked) => {
                 let queued = self.multi.as_mut().expect("queued only in MULTI");
@@ -935,7 +959,7 @@ impl Session {
                 let raw = if self.multi.is_some() {
                     reply::error("ERR MULTI calls can not be nested")
                 } else {
-                    self.multi = Some(txn::Queued::default());
+                    self.multi = Some(Box::default());
                     self.entry.set_multi(Some(0));
                     reply::ok()
                 };
@@ -951,7 +975,7 @@ impl Session {
                     let (prev, next) = self.next_baton();
                     let rx =
                         spawn_raw(
-                            async move { txn::exec(shared, protocol, prev, next, queued).await },
+                            async move { txn::exec(shared, protocol, prev, next, *queued).await },
                         );
                     pending.push_back(Pending::Task(rx, Some(meta)));
                 }
@@ -1008,7 +1032,7 @@ impl Session {
     /// mode the proxy's own users. Either way an address with recent
     /// failures waits first.
     fn login(&mut self, credentials: Credentials, then: After) -> Step {
-        let ip = self.peer.ip();
+        let ip = self.entry.addr.ip();
         let (tx, rx) = oneshot::channel();
         match self.shared.settings.auth_mode {
             AuthMode::Passthrough => {
@@ -1060,7 +1084,7 @@ impl Session {
                     self.run_as(shared);
                 }
                 self.authed = true;
-                self.user = user;
+                self.user = user.into();
                 self.entry.set_user(&self.user);
                 match login.then {
                     After::Auth => reply::ok(),
@@ -1159,7 +1183,7 @@ impl Session {
         // Back to the identity of a client that has not authenticated.
         self.shared = Arc::clone(&self.unauthenticated);
         self.authed = starts_authed(&self.shared);
-        self.user = "default".into();
+        self.user = super::clients::default_user();
         self.entry.set_user(&self.user);
         self.reply_mode = ReplyMode::On;
         if self.monitor.take().is_some() {
@@ -1186,7 +1210,7 @@ impl Session {
         let caching = self
             .tracking
             .as_mut()
-            .and_then(tracking::Handle::take_caching);
+            .and_then(|handle| handle.take_caching());
         let routed = Routed {
             payload: req.raw,
             target: Target { slot, readonly },
@@ -1267,6 +1291,9 @@ impl Session {
                         self.conns
                             .retain(|(addr, conn)| *addr != node && !conn.is_closed());
                         let conn = self.shared.pools.node(node, self.protocol).conn();
+                        if self.conns.is_empty() {
+                            self.conns.reserve_exact(1);
+                        }
                         self.conns.push((node, conn));
                         &self.conns[self.conns.len() - 1].1
                     }
@@ -1435,16 +1462,12 @@ async fn next_line(feed: Option<&mut mpsc::UnboundedReceiver<Bytes>>) -> Option<
     }
 }
 
-async fn wait_unpaused(shared: &Shared, until: Option<Instant>) {
-    match until {
-        Some(until) => shared.clients.wait_unpaused(until).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_opt(duration: Option<Duration>) {
-    match duration {
-        Some(d) => tokio::time::sleep(d).await,
-        None => std::future::pending().await,
-    }
+/// Polls `future` when there is one; never ready otherwise.
+fn poll_opt<F: std::future::Future + Unpin>(
+    mut future: Option<&mut F>,
+) -> impl std::future::Future<Output = F::Output> + '_ {
+    std::future::poll_fn(move |cx| match future.as_mut() {
+        Some(future) => Pin::new(&mut **future).poll(cx),
+        None => std::task::Poll::Pending,
+    })
 }

@@ -122,6 +122,13 @@ impl Inbox {
     pub fn open_until(&self, end: u64) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let open = state.base + state.slots.len() as u64;
+        // One slot for a request-reply client: grown by default to four,
+        // they would stay allocated while it idles.
+        if state.slots.capacity() == 0 {
+            state
+                .slots
+                .reserve_exact(usize::try_from(end.saturating_sub(open)).unwrap_or(1));
+        }
         for _ in open..end {
             state.slots.push_back(None);
         }
