@@ -30,7 +30,7 @@ use super::{
     monitor,
     plan::{self, Admin, Local, Plan, SessionState, Txn},
     pubsub, tracking, txn,
-    upstream::{Conn, Inbox, Job, Sink},
+    upstream::{Conn, Inbox, Job, Seqs, Sink},
 };
 use crate::{
     cluster::{
@@ -110,6 +110,44 @@ pub fn serve(
     async move { session.run(&mut stream).await }
 }
 
+/// The commands one read routed to one node, sent as one job.
+struct Batched {
+    node: SocketAddr,
+    payload: Payload,
+    seqs: Seqs,
+}
+
+/// A job's bytes: one command's, as the client sent them (no copy), or
+/// several commands' joined.
+enum Payload {
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Batched {
+    fn add(&mut self, raw: &Bytes, seq: u64) {
+        match &mut self.payload {
+            Payload::One(first) => {
+                let mut joined = BytesMut::with_capacity(first.len() + raw.len());
+                joined.extend_from_slice(first);
+                joined.extend_from_slice(raw);
+                self.payload = Payload::Many(joined);
+            }
+            Payload::Many(joined) => joined.extend_from_slice(raw),
+        }
+        self.seqs.push(seq);
+    }
+}
+
+impl Payload {
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Self::One(raw) => raw,
+            Self::Many(joined) => joined.freeze(),
+        }
+    }
+}
+
 /// Per-command bookkeeping for metrics.
 struct Meta {
     /// When the read carrying the command returned.
@@ -180,7 +218,7 @@ struct Session {
     /// Sequence number of the next command sent through the inbox.
     next_seq: u64,
     /// Commands routed by the current read, per node, not yet sent.
-    batch: Vec<(SocketAddr, BytesMut, Vec<u64>)>,
+    batch: Vec<Batched>,
     metric_cache: Vec<CommandCounters>,
     read_at: Instant,
     /// This client in the proxy's registry (CLIENT LIST, INFO clients).
@@ -1232,15 +1270,14 @@ impl Session {
             Ok(node) => {
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                match self.batch.iter_mut().find(|(n, ..)| *n == node) {
-                    Some((_, payload, seqs)) => {
-                        payload.extend_from_slice(&routed.payload);
-                        seqs.push(seq);
-                    }
-                    None => {
-                        let payload = BytesMut::from(&routed.payload[..]);
-                        self.batch.push((node, payload, vec![seq]));
-                    }
+                match self.batch.iter_mut().find(|b| b.node == node) {
+                    Some(batched) => batched.add(&routed.payload, seq),
+                    None => self.batch.push(Batched {
+                        node,
+                        // The client's own bytes, shared, not copied.
+                        payload: Payload::One(routed.payload.clone()),
+                        seqs: smallvec::smallvec![seq],
+                    }),
                 }
                 pending.push_back(Pending::Upstream { seq, routed, meta });
             }
@@ -1264,9 +1301,14 @@ impl Session {
             return;
         }
         self.inbox.open_until(self.next_seq);
-        for (node, payload, seqs) in std::mem::take(&mut self.batch) {
+        for Batched {
+            node,
+            payload,
+            seqs,
+        } in std::mem::take(&mut self.batch)
+        {
             let job = Job {
-                payload: payload.freeze(),
+                payload: payload.into_bytes(),
                 replies: seqs.len(),
                 sink: Sink::Inbox {
                     inbox: Arc::clone(&self.inbox),

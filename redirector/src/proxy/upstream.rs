@@ -47,8 +47,12 @@ pub enum Sink {
     /// One reply per sequence number, into a session's inbox: a client's
     /// whole pipeline to a node travels as one job and is answered with one
     /// wake-up, not one channel per command.
-    Inbox { inbox: Arc<Inbox>, seqs: Vec<u64> },
+    Inbox { inbox: Arc<Inbox>, seqs: Seqs },
 }
+
+/// The sequence numbers a job's replies go to: inline for the usual one or
+/// two commands, so a routed command allocates nothing for them.
+pub type Seqs = smallvec::SmallVec<[u64; 2]>;
 
 impl Sink {
     fn fail(self, error: UpstreamError, delivered: usize) {
