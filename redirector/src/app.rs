@@ -184,7 +184,6 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     let (extra, start_extra) = workers::start_extra(config.workers, &listeners, make_front)?;
     let mut all_workers = vec![Worker {
         index: 0,
-        handle: tokio::runtime::Handle::current(),
         front: Arc::clone(&front),
     }];
     all_workers.extend(extra);

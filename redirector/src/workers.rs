@@ -12,7 +12,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::{runtime::Handle, sync::watch};
+use tokio::sync::watch;
 
 use crate::proxy::{
     self,
@@ -22,9 +22,8 @@ use crate::proxy::{
 /// One worker, as the daemon's control side sees it.
 pub struct Worker {
     pub index: usize,
-    /// Where the worker's tasks run.
-    pub handle: Handle,
-    /// Its routes to the backends.
+    /// Its routes to the backends (sessions and their upstream connections
+    /// run on the worker that accepted the client).
     pub front: Arc<Front>,
 }
 
@@ -73,7 +72,6 @@ pub fn start_extra(
             let _entered = runtime.enter();
             Proxy::bind(addrs, true)?
         };
-        let handle = runtime.handle().clone();
         let routes = front(index);
         let serving = Arc::clone(&routes);
         let mut ready = ready.clone();
@@ -91,7 +89,6 @@ pub fn start_extra(
             .map_err(|source| Error::Runtime { index, source })?;
         workers.push(Worker {
             index,
-            handle,
             front: routes,
         });
     }
