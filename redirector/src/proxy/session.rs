@@ -117,6 +117,24 @@ struct Batched {
     seqs: Seqs,
 }
 
+thread_local! {
+    /// An empty batch list per worker thread, lent to the session routing a
+    /// read and given back by its flush: routing allocates no list per
+    /// request, and an idle session holds none.
+    static SPARE_BATCH: std::cell::Cell<Vec<Batched>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+fn lend_batch() -> Vec<Batched> {
+    SPARE_BATCH.with(std::cell::Cell::take)
+}
+
+fn give_back_batch(batch: Vec<Batched>) {
+    // A list grown by a wide fan-out is not kept.
+    if batch.is_empty() && batch.capacity() <= 16 {
+        SPARE_BATCH.with(|spare| spare.set(batch));
+    }
+}
+
 /// A job's bytes: one command's, as the client sent them (no copy), or
 /// several commands' joined.
 enum Payload {
@@ -1272,12 +1290,17 @@ impl Session {
                 self.next_seq += 1;
                 match self.batch.iter_mut().find(|b| b.node == node) {
                     Some(batched) => batched.add(&routed.payload, seq),
-                    None => self.batch.push(Batched {
-                        node,
-                        // The client's own bytes, shared, not copied.
-                        payload: Payload::One(routed.payload.clone()),
-                        seqs: smallvec::smallvec![seq],
-                    }),
+                    None => {
+                        if self.batch.capacity() == 0 {
+                            self.batch = lend_batch();
+                        }
+                        self.batch.push(Batched {
+                            node,
+                            // The client's own bytes, shared, not copied.
+                            payload: Payload::One(routed.payload.clone()),
+                            seqs: smallvec::smallvec![seq],
+                        });
+                    }
                 }
                 pending.push_back(Pending::Upstream { seq, routed, meta });
             }
@@ -1301,11 +1324,12 @@ impl Session {
             return;
         }
         self.inbox.open_until(self.next_seq);
+        let mut batch = std::mem::take(&mut self.batch);
         for Batched {
             node,
             payload,
             seqs,
-        } in std::mem::take(&mut self.batch)
+        } in batch.drain(..)
         {
             let job = Job {
                 payload: payload.into_bytes(),
@@ -1348,6 +1372,7 @@ impl Session {
                 ));
             }
         }
+        give_back_batch(batch);
     }
 
     /// A command that may block runs on a leased connection, so it never
@@ -1512,4 +1537,52 @@ fn poll_opt<F: std::future::Future + Unpin>(
         Some(future) => Pin::new(&mut **future).poll(cx),
         None => std::task::Poll::Pending,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_routed_command_goes_upstream_as_the_clients_own_bytes() {
+        let raw = Bytes::from_static(b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n");
+        let batched = Batched {
+            node: "127.0.0.1:7000".parse().unwrap(),
+            payload: Payload::One(raw.clone()),
+            seqs: smallvec::smallvec![7],
+        };
+        let sent = batched.payload.into_bytes();
+        assert_eq!(sent.as_ptr(), raw.as_ptr(), "shared, not copied");
+        assert!(!batched.seqs.spilled(), "the sequence number is inline");
+    }
+
+    #[test]
+    fn commands_for_one_node_are_joined_in_request_order() {
+        let first = Bytes::from_static(b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n");
+        let second = Bytes::from_static(b"*2\r\n$3\r\nGET\r\n$1\r\nb\r\n");
+        let mut batched = Batched {
+            node: "127.0.0.1:7000".parse().unwrap(),
+            payload: Payload::One(first.clone()),
+            seqs: smallvec::smallvec![3],
+        };
+        batched.add(&second, 4);
+        batched.add(&first, 9);
+        assert_eq!(&batched.seqs[..], &[3, 4, 9]);
+        let mut expected = first.to_vec();
+        expected.extend_from_slice(&second);
+        expected.extend_from_slice(&first);
+        assert_eq!(&batched.payload.into_bytes()[..], &expected[..]);
+    }
+
+    #[test]
+    fn a_flushed_batch_list_is_lent_again_on_the_same_thread() {
+        let mut batch = lend_batch();
+        batch.reserve(2);
+        let ptr = batch.as_ptr();
+        give_back_batch(batch);
+        let again = lend_batch();
+        assert_eq!(again.as_ptr(), ptr, "the same allocation, reused");
+        // Taken: the next one is fresh until a flush gives one back.
+        assert_eq!(lend_batch().capacity(), 0);
+    }
 }
