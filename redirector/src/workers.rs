@@ -79,10 +79,11 @@ pub fn start_extra(
             .name(format!("redirector-worker-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
+                    // No go (the daemon stopped before serving): the
+                    // listeners just wait for the process to end.
                     if ready.wait_for(|go| *go).await.is_ok() {
                         proxy.serve(serving).await;
                     }
-                    // The daemon is stopping: nothing was ever served.
                     std::future::pending::<()>().await;
                 });
             })
