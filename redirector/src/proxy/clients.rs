@@ -18,9 +18,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::task::AtomicWaker;
 use tokio::sync::{Notify, mpsc};
 
+use super::wakeup::Wakeup;
 use crate::resp::Protocol;
 
 /// Client flags, as the `flags=` field of CLIENT LIST spells them.
@@ -67,8 +67,7 @@ pub struct ClientEntry {
     redirect: AtomicU64,
     killed: AtomicBool,
     /// Wakes the session: killed, or frames pushed.
-    attention: AtomicWaker,
-    attention_called: AtomicBool,
+    attention: Wakeup,
     /// Frames for this client from elsewhere in the proxy (invalidations
     /// of tracking clients that redirect here), written by its session. A
     /// queue that allocates only when used: an idle client holds no
@@ -198,7 +197,6 @@ impl ClientEntry {
 
     /// Wakes the session: something (a kill, pushed frames) needs it.
     fn call_attention(&self) {
-        self.attention_called.store(true, Ordering::Release);
         self.attention.wake();
     }
 
@@ -223,16 +221,9 @@ impl ClientEntry {
     }
 
     /// Ready once the client was killed or had frames pushed since the
-    /// last time it was. Polled by the session at every turn of its loop,
-    /// so it costs a waker comparison and an atomic swap, no lock (a
-    /// `Notify` takes its waiter list's lock at every poll).
+    /// last time it was (polled at every turn of the session's loop).
     pub fn poll_attention(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        self.attention.register(cx.waker());
-        if self.attention_called.swap(false, Ordering::AcqRel) {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
+        self.attention.poll(cx)
     }
 
     /// Seconds since the connection was accepted.
@@ -381,8 +372,7 @@ impl Clients {
             blocked_on: Mutex::new(None),
             redirect: AtomicU64::new(0),
             killed: AtomicBool::new(false),
-            attention: AtomicWaker::new(),
-            attention_called: AtomicBool::new(false),
+            attention: Wakeup::default(),
             pushed: Mutex::new(Vec::new()),
         })
     }

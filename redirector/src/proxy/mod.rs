@@ -49,6 +49,7 @@ pub mod slowlog;
 pub mod tracking;
 pub mod txn;
 pub mod upstream;
+pub mod wakeup;
 
 use std::{
     io,

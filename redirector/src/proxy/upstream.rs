@@ -17,7 +17,6 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use futures::task::AtomicWaker;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     sync::{mpsc, oneshot},
@@ -28,6 +27,7 @@ use super::{
     dial::{Dialer, UpstreamRead, UpstreamWrite},
     health::Health,
     metrics::ProxyMetrics,
+    wakeup::Wakeup,
 };
 use crate::resp::{
     Protocol,
@@ -105,11 +105,8 @@ impl Job {
 #[derive(Default)]
 pub struct Inbox {
     state: Mutex<InboxState>,
-    /// The session's waker and whether a reply came since it last looked:
-    /// a wait costs a waker comparison and a swap, where a `Notify` locks
-    /// its waiter list at every poll and again when the wait is dropped.
-    waker: AtomicWaker,
-    filled: AtomicBool,
+    /// Woken when a reply comes.
+    filled: Wakeup,
 }
 
 #[derive(Default)]
@@ -161,8 +158,7 @@ impl Inbox {
     }
 
     fn wake(&self) {
-        self.filled.store(true, Ordering::Release);
-        self.waker.wake();
+        self.filled.wake();
     }
 
     /// The reply for `seq` (the oldest slot) if it has arrived.
@@ -178,12 +174,7 @@ impl Inbox {
     /// Ready after a `put` since the last time it was (possibly of a
     /// reply already taken: check again).
     pub fn poll_filled(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        self.waker.register(cx.waker());
-        if self.filled.swap(false, Ordering::AcqRel) {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
+        self.filled.poll(cx)
     }
 }
 
