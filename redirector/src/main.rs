@@ -271,6 +271,12 @@ struct RunArgs {
     /// Replies a client may have outstanding before the proxy stops reading from it.
     #[arg(long, default_value_t = 1024)]
     max_pipeline: usize,
+    /// What a client may be owed before it is disconnected, as Redis's
+    /// `client-output-buffer-limit` (`<class> <hard> <soft> <seconds>`...,
+    /// classes normal, replica, pubsub; unnamed classes keep Redis's
+    /// defaults: normal 0 0 0, pubsub 32mb 8mb 60).
+    #[arg(long, default_value = "pubsub 32mb 8mb 60")]
+    client_output_buffer_limit: redirector::proxy::output_limit::OutputLimits,
     /// Largest bulk string accepted from clients, in bytes (Redis' proto-max-bulk-len).
     #[arg(long, default_value_t = 512 * 1024 * 1024)]
     max_bulk_len: usize,
@@ -933,6 +939,7 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
             },
             idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
             max_pipeline: args.max_pipeline.max(1),
+            output_limits: args.client_output_buffer_limit,
             read_policy: args.read_policy,
             auth: DownstreamAuth {
                 password: args.auth_password,

@@ -339,7 +339,7 @@ impl Serving {
         if let Some(allow) = options.allow_admin_commands {
             settings.allow_admin_commands = allow;
         }
-        let common = BackendCommon::new(self.workers.len());
+        let common = BackendCommon::new(self.workers.len(), settings.output_limits);
         let mut served = Vec::new();
         for (worker, metrics) in self.workers.iter().zip(per_worker) {
             let shared = Arc::new(Shared::on_worker(

@@ -621,6 +621,7 @@ pub async fn fan_out(
     // The slow log's settings are the proxy's too.
     if req.arg_is(0, "config") && req.arg_is(1, "set") && !merged.starts_with(b"-") {
         shared.slowlog.configured(&req.args);
+        shared.output_limits.configured(&req.args);
     }
     // CONFIG RESETSTAT resets the proxy's own statistics too.
     if req.arg_is(0, "config") && req.arg_is(1, "resetstat") && !merged.starts_with(b"-") {

@@ -20,6 +20,7 @@ use prometheus_client::{
 
 use super::{
     admission::Refusal,
+    output_limit::Class,
     shards::{
         CounterShard, GaugeShard, LatencyShard, ShardedCounter, ShardedGauge, ShardedLatency,
         Shards,
@@ -71,6 +72,16 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    backend: String,
+    class: &'static str,
+}
+
+/// The client classes that can be over an output limit (the proxy has no
+/// replicas).
+const OUTPUT_CLASSES: [Class; 2] = [Class::Normal, Class::Pubsub];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     backend: String,
     direction: &'static str,
@@ -115,6 +126,7 @@ pub struct ProxyFamilies {
     clients_closed: PerWorker<BackendLabels, ShardedCounter>,
     clients_active: PerWorker<BackendLabels, ShardedGauge>,
     clients_rejected: Family<ReasonLabels, Counter>,
+    output_limit_disconnections: Family<ClassLabels, Counter>,
     backend_up: Family<BackendLabels, Gauge>,
     commands: PerWorker<CommandLabels, ShardedCounter>,
     latency: PerWorker<BackendLabels, ShardedLatency>,
@@ -140,6 +152,7 @@ impl ProxyFamilies {
             clients_closed: Family::new_with_constructor(shards),
             clients_active: Family::new_with_constructor(shards),
             clients_rejected: Family::default(),
+            output_limit_disconnections: Family::default(),
             backend_up: Family::default(),
             commands: Family::new_with_constructor(shards),
             latency: Family::new_with_constructor(shards),
@@ -174,6 +187,12 @@ impl ProxyFamilies {
              directly from a source not allowed), max_clients (node-wide limit), pod_quota, \
              source_quota",
             families.clients_rejected.clone(),
+        );
+        registry.register(
+            "client_output_buffer_limit_disconnections",
+            "Clients disconnected for being owed more than client-output-buffer-limit \
+             allows (a subscriber or pipeliner not reading its replies), by class",
+            families.output_limit_disconnections.clone(),
         );
         registry.register(
             "backend_up",
@@ -265,6 +284,14 @@ impl ProxyFamilies {
                 backend: name.to_string(),
                 reason: refusal.reason(),
             });
+        }
+        for class in OUTPUT_CLASSES {
+            let _ = self
+                .output_limit_disconnections
+                .get_or_create(&ClassLabels {
+                    backend: name.to_string(),
+                    class: class.label(),
+                });
         }
         for kind in ["moved", "ask"] {
             let _ = self.redirections.get_or_create(&KindLabels {
@@ -371,6 +398,17 @@ impl ProxyMetrics {
             .get_or_create(&ReasonLabels {
                 backend: self.backend.clone(),
                 reason,
+            })
+            .inc();
+    }
+
+    /// A client was owed more than its class's output limit allows.
+    pub fn output_limit_disconnected(&self, class: Class) {
+        self.families
+            .output_limit_disconnections
+            .get_or_create(&ClassLabels {
+                backend: self.backend.clone(),
+                class: class.label(),
             })
             .inc();
     }
@@ -495,6 +533,12 @@ impl ProxyMetrics {
             f.clients_rejected.remove(&ReasonLabels {
                 backend: self.backend.clone(),
                 reason: refusal.reason(),
+            });
+        }
+        for class in OUTPUT_CLASSES {
+            f.output_limit_disconnections.remove(&ClassLabels {
+                backend: self.backend.clone(),
+                class: class.label(),
             });
         }
         for kind in ["moved", "ask"] {

@@ -37,6 +37,7 @@ pub mod login;
 pub mod merge;
 pub mod metrics;
 pub mod monitor;
+pub mod output_limit;
 pub mod own_config;
 pub mod plan;
 pub mod pool;
@@ -173,6 +174,9 @@ pub struct Settings {
     /// Replies a client may have outstanding before the proxy stops reading
     /// from it (backpressure, not an error).
     pub max_pipeline: usize,
+    /// `client-output-buffer-limit` at start (CONFIG SET changes the
+    /// backend's live copy, [`BackendCommon::output_limits`]).
+    pub output_limits: output_limit::OutputLimits,
     pub read_policy: ReadPolicy,
     pub auth: DownstreamAuth,
     pub auth_mode: AuthMode,
@@ -191,6 +195,7 @@ impl Default for Settings {
             admission: admission::Policy::default(),
             idle_timeout: None,
             max_pipeline: 1024,
+            output_limits: output_limit::OutputLimits::default(),
             read_policy: ReadPolicy::Master,
             auth: DownstreamAuth::default(),
             auth_mode: AuthMode::Passthrough,
@@ -268,6 +273,8 @@ pub struct BackendCommon {
     pub slowlog: slowlog::SlowLog,
     /// ACL passthrough: recent checks and failures.
     pub logins: Logins,
+    /// What clients may be owed before they are dropped, on every worker.
+    pub output_limits: output_limit::LiveLimits,
     /// Error replies the proxy gave itself, by error code (INFO
     /// errorstats adds them to the nodes').
     local_errors: Mutex<std::collections::BTreeMap<String, u64>>,
@@ -278,14 +285,16 @@ pub struct BackendCommon {
 }
 
 impl BackendCommon {
-    /// For a backend served by `workers` workers.
-    pub fn new(workers: usize) -> Arc<Self> {
+    /// For a backend served by `workers` workers, its clients held to
+    /// `output_limits` until a CONFIG SET changes them.
+    pub fn new(workers: usize, output_limits: output_limit::OutputLimits) -> Arc<Self> {
         Arc::new(Self {
             started: Instant::now(),
             clients: clients::Clients::default(),
             functions: functions::FunctionFlags::default(),
             slowlog: slowlog::SlowLog::default(),
             logins: Logins::default(),
+            output_limits: output_limit::LiveLimits::new(output_limits),
             local_errors: Mutex::new(std::collections::BTreeMap::new()),
             next_client_id: AtomicU64::new(1),
             total_connections: ShardedCounter::new(workers),
@@ -367,7 +376,7 @@ impl Shared {
         redis_version: String,
     ) -> Self {
         Self::on_worker(
-            BackendCommon::new(1),
+            BackendCommon::new(1, settings.output_limits),
             WorkerParts {
                 settings,
                 topology,

@@ -27,7 +27,7 @@ use super::{
     local::{self, Caller},
     login::{self, Accepted, Credentials},
     metrics::{CommandCounters, UNKNOWN_COMMAND},
-    monitor,
+    monitor, output_limit,
     plan::{self, Admin, Local, Plan, SessionState, Txn},
     pubsub, tracking, txn,
     upstream::{Conn, Inbox, Job, Seqs, Sink},
@@ -43,6 +43,11 @@ use crate::{
         request::{self, Parsed, Request},
     },
 };
+
+/// Requests taken from one client's buffer before the other clients of the
+/// worker get a turn: a long pipeline of replies the proxy answers itself
+/// (PING) must not hold the thread for its whole length.
+const REQUESTS_PER_TURN: usize = 128;
 
 /// A client connection's addresses, besides the peer and local ones its
 /// registry entry (the slot's) holds.
@@ -265,6 +270,10 @@ enum Event {
     Resolved(Resolution),
     /// The client's socket has bytes (or EOF) to read.
     Readable(std::io::Result<()>),
+    /// The client's socket takes bytes again: write what it is owed.
+    Writable(std::io::Result<()>),
+    /// The client has been over its soft output limit for its seconds.
+    SoftLimitDue,
     PubSub(Option<pubsub::Out>),
     Monitor(Option<Bytes>),
     Unpaused,
@@ -304,8 +313,18 @@ impl Session {
         let inbox = Arc::clone(&self.inbox);
         let entry = Arc::clone(&self.entry);
         let mut idle_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        // How long the client has been owed more than its soft output
+        // limit, and a timer to drop it even if nothing more comes.
+        let mut soft_clock = output_limit::SoftClock::default();
+        let mut soft_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         loop {
-            if self.held.is_none()
+            // Replies owed and not yet taken by the client hold up its next
+            // requests (backpressure, as a blocked write did): only pushed
+            // frames (pub/sub, MONITOR, invalidations) still pile up, and
+            // those are what the output limits bound.
+            let flushed = out.is_empty();
+            if flushed
+                && self.held.is_none()
                 && self.barriers == 0
                 && self.stashed.is_none()
                 && !self.closing
@@ -329,46 +348,65 @@ impl Session {
                 self.flush_batch();
                 continue;
             }
-            if !out.is_empty() {
-                if writer.write_all(&out).await.is_err() {
-                    buffers::release(&mut inbuf);
-                    buffers::release(&mut out);
-                    return;
-                }
-                out.clear();
-                if out.capacity() > 1024 * 1024 {
-                    out = BytesMut::new();
-                }
-            }
             if close_now {
+                // The last replies (QUIT's +OK) go out, and nothing after
+                // them.
+                let _ = writer.write_all(&out).await;
                 buffers::release(&mut inbuf);
                 buffers::release(&mut out);
                 return;
             }
+            if !out.is_empty() {
+                // As much as the socket takes now; the rest waits for it to
+                // be writable, while the session goes on serving events.
+                if write_owed(reader.as_ref(), &mut out).is_err() {
+                    buffers::release(&mut inbuf);
+                    buffers::release(&mut out);
+                    return;
+                }
+                // A write spends the task's budget, as an awaited write
+                // does: a client with a long backlog yields to the others.
+                tokio::task::coop::consume_budget().await;
+                if out.is_empty() {
+                    soft_clock.reset();
+                    if out.capacity() > 1024 * 1024 {
+                        out = BytesMut::new();
+                    }
+                } else if self.over_output_limit(out.len(), &mut soft_clock) {
+                    buffers::release(&mut inbuf);
+                    buffers::release(&mut out);
+                    return;
+                }
+            }
             // Requests already buffered wait only for room in the pipeline,
             // never for more input (the client may be done sending).
             if backlog
+                && out.is_empty()
                 && self.held.is_none()
                 && self.barriers == 0
                 && self.stashed.is_none()
                 && !self.closing
                 && pending.len() < settings.max_pipeline
             {
+                // One pipeline's worth at a time: the other clients on
+                // this worker get a turn between them.
+                tokio::task::yield_now().await;
                 continue;
             }
-            if eof && pending.is_empty() && !backlog && self.held.is_none() {
+            if eof && pending.is_empty() && !backlog && self.held.is_none() && out.is_empty() {
                 buffers::release(&mut inbuf);
                 buffers::release(&mut out);
                 return;
             }
             // Idle: nothing owed, nothing half-read. The buffers go back
             // to the pool until the client sends again.
-            if pending.is_empty() && inbuf.is_empty() {
+            if pending.is_empty() && inbuf.is_empty() && out.is_empty() {
                 buffers::release(&mut inbuf);
                 buffers::release(&mut out);
             }
 
-            let can_read = !eof && !self.closing && pending.len() < settings.max_pipeline;
+            let can_read =
+                !eof && !self.closing && out.is_empty() && pending.len() < settings.max_pipeline;
             let subscribed = self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active);
             let idle = settings
                 .idle_timeout
@@ -385,6 +423,20 @@ impl Session {
                     None => idle_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
                 }
             }
+            // Only a client over its soft limit reads the limits here.
+            let soft_deadline = if soft_clock.is_running() && !out.is_empty() {
+                soft_clock
+                    .deadline(core.output_limits.get().of(self.output_class()))
+                    .map(tokio::time::Instant::from_std)
+            } else {
+                None
+            };
+            if let Some(deadline) = soft_deadline {
+                match soft_timer.as_mut() {
+                    Some(timer) => timer.as_mut().reset(deadline),
+                    None => soft_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+            }
             let mut unpaused = self
                 .held
                 .as_ref()
@@ -399,6 +451,8 @@ impl Session {
                 // Readiness as a read polls it (the socket's own waker
                 // slot), not `readable()`, which links a waiter per turn.
                 ready = std::future::poll_fn(|cx| reader.as_ref().poll_read_ready(cx)), if can_read => Event::Readable(ready),
+                ready = std::future::poll_fn(|cx| reader.as_ref().poll_write_ready(cx)), if !out.is_empty() => Event::Writable(ready),
+                () = poll_opt(soft_deadline.and(soft_timer.as_mut())) => Event::SoftLimitDue,
                 () = poll_opt(idle_deadline.and(idle_timer.as_mut())) => Event::Idle,
             };
             drop(unpaused);
@@ -406,6 +460,20 @@ impl Session {
                 Event::Resolved(Resolution::Wake) => {}
                 Event::Resolved(resolution) => self.resolve_head(&mut pending, resolution),
                 Event::Readable(Err(_)) => eof = true,
+                // The loop writes what is owed, or sees the error.
+                Event::Writable(Ok(())) => {}
+                Event::Writable(Err(_)) => {
+                    buffers::release(&mut inbuf);
+                    buffers::release(&mut out);
+                    return;
+                }
+                Event::SoftLimitDue => {
+                    if self.over_output_limit(out.len(), &mut soft_clock) {
+                        buffers::release(&mut inbuf);
+                        buffers::release(&mut out);
+                        return;
+                    }
+                }
                 Event::Readable(Ok(())) => {
                     if inbuf.capacity() == 0 {
                         inbuf = buffers::take();
@@ -452,6 +520,35 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The class whose output limit this client is held to.
+    fn output_class(&self) -> output_limit::Class {
+        if self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active) {
+            output_limit::Class::Pubsub
+        } else {
+            output_limit::Class::Normal
+        }
+    }
+
+    /// Whether the client, owed `owed` bytes it has not read, is over its
+    /// class's limit; then it is counted, and the caller drops it, as Redis
+    /// does.
+    fn over_output_limit(&self, owed: usize, clock: &mut output_limit::SoftClock) -> bool {
+        let class = self.output_class();
+        let limit = self.shared.output_limits.get().of(class);
+        if !output_limit::over_limit(limit, owed, clock, Instant::now()) {
+            return false;
+        }
+        tracing::info!(
+            client = self.id,
+            addr = %self.entry.addr,
+            class = class.label(),
+            owed,
+            "client closed for overcoming of output buffer limits"
+        );
+        self.shared.metrics.output_limit_disconnected(class);
+        true
     }
 
     /// Writes every resolved reply at the head of the queue into `out`.
@@ -599,14 +696,19 @@ impl Session {
     ) -> bool {
         self.read_at = Instant::now();
         self.entry.active_at(self.read_at);
+        let mut parsed = 0;
         while pending.len() < settings.max_pipeline
+            && parsed < REQUESTS_PER_TURN
             && !self.closing
             && self.held.is_none()
             && self.barriers == 0
             && self.stashed.is_none()
         {
             match request::parse(inbuf, &settings.limits) {
-                Ok(Parsed::Request(req)) => self.dispatch(req, pending),
+                Ok(Parsed::Request(req)) => {
+                    parsed += 1;
+                    self.dispatch(req, pending);
+                }
                 Ok(Parsed::Incomplete { needed }) => {
                     if needed > 0 {
                         inbuf.reserve(needed);
@@ -625,8 +727,8 @@ impl Session {
                 }
             }
         }
-        // Stopped at the pipeline limit or a pause: complete requests may
-        // remain.
+        // Stopped at the pipeline limit, a turn's worth or a pause:
+        // complete requests may remain.
         !self.closing && !inbuf.is_empty()
     }
 
@@ -1480,6 +1582,22 @@ enum After {
 struct Hello {
     protocol: Protocol,
     name: Option<Bytes>,
+}
+
+/// Writes as much of `out` as the socket takes without waiting, and keeps
+/// the rest. A full write clears `out` (keeping its whole allocation);
+/// `Err` when the client is gone.
+fn write_owed(socket: &TcpStream, out: &mut BytesMut) -> std::io::Result<()> {
+    while !out.is_empty() {
+        match socket.try_write(out) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) if n == out.len() => out.clear(),
+            Ok(n) => bytes::Buf::advance(out, n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn spawn_raw(work: impl Future<Output = Bytes> + Send + 'static) -> oneshot::Receiver<Bytes> {
