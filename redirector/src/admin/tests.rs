@@ -228,6 +228,35 @@ fn a_post_body_over_the_limit_gets_413() {
     assert_eq!(rejected(&running, "admin", "body_too_large"), 1.0);
 }
 
+#[test]
+fn a_request_whose_body_never_comes_is_closed_at_the_request_timeout() {
+    let running = start(
+        &[Scope::Full],
+        Limits {
+            request_timeout: Duration::from_secs(1),
+            ..Limits::default()
+        },
+    );
+    let mut stream = TcpStream::connect(running.addrs[0]).expect("connect");
+    // Headers complete (the header timeout is met), the body promised and
+    // never sent.
+    write!(
+        stream,
+        "POST /drain HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    )
+    .expect("send");
+    let started = Instant::now();
+    let reply = read_all(&mut stream);
+    let took = started.elapsed();
+    assert!(!reply.contains(" 200 "), "got {reply:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+    assert!(!running.health.is_draining());
+    wait_until(|| rejected(&running, "admin", "request_timeout") == 1.0);
+}
+
 fn active(running: &Running) -> f64 {
     running
         .registry
