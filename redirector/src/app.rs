@@ -56,6 +56,8 @@ pub enum Error {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    AdminServer(#[from] admin::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("HBONE certificates: {0}")]
@@ -202,21 +204,22 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         let serving = Arc::clone(&serving);
         health.set_backends_report(move || serving.report());
     }
+    let mut admin_listeners = Vec::new();
     for (addr, scope) in [
         (config.admin_addr, admin::Scope::Full),
         (config.metrics_addr, admin::Scope::MetricsOnly),
     ] {
         let Some(addr) = addr else { continue };
-        let listener = admin::bind(addr)
-            .await
-            .map_err(|source| Error::Admin { addr, source })?;
-        tokio::spawn(admin::serve(
-            listener,
-            scope,
-            Arc::clone(&metrics),
-            Arc::clone(&health),
-        ));
+        let listener = admin::bind(addr).map_err(|source| Error::Admin { addr, source })?;
+        admin_listeners.push((listener, scope));
     }
+    // Served on its own thread until `run` returns.
+    let _admin = admin::AdminServer::start(
+        admin_listeners,
+        admin::Limits::default(),
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+    )?;
 
     if config.steering {
         let mut slots = Listeners::open(&layout)?;

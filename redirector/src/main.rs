@@ -4,8 +4,9 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
+use http::{Method, StatusCode};
 use redirector::{
-    app,
+    admin, app,
     config::{self, RunConfig},
     hbone::{
         Cidr,
@@ -599,10 +600,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { json, admin_addr } => {
             let mut status = status::read(&layout)?;
-            status.daemon = admin_request(admin_addr, "GET", "/status")
+            status.daemon = admin_request(admin_addr, Method::GET, "/status")
                 .ok()
-                .filter(|(line, _)| line.contains(" 200 "))
-                .and_then(|(_, body)| serde_json::from_str(&body).ok());
+                .filter(|reply| reply.status == StatusCode::OK)
+                .and_then(|reply| serde_json::from_str(&reply.body).ok());
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -718,37 +719,38 @@ async fn tunnel_check(
     Ok(ExitCode::SUCCESS)
 }
 
-/// One HTTP/1.1 exchange with the admin endpoint: (status line, body).
-fn admin_request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(String, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("cannot reach the admin endpoint {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.lines().next().unwrap_or_default().to_string();
-    Ok((status, body.to_string()))
+/// One HTTP/1.1 exchange with the admin endpoint (hyper's client).
+fn admin_request(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+) -> anyhow::Result<admin::client::Reply> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    Ok(runtime.block_on(admin::client::request(addr, method, path))?)
 }
 
 /// `redirector drain`: stop steering new connects to this node's proxy,
 /// then wait (up to `timeout`) for its client connections to close.
 fn drain(admin: SocketAddr, timeout: Duration) -> anyhow::Result<ExitCode> {
-    let (status, body) = admin_request(admin, "POST", "/drain")?;
-    if !status.contains(" 200 ") {
-        bail!("{admin} refused to drain: {status}: {}", body.trim());
+    let reply = admin_request(admin, Method::POST, "/drain")?;
+    if reply.status != StatusCode::OK {
+        bail!(
+            "{admin} refused to drain: {}: {}",
+            reply.status,
+            reply.body.trim()
+        );
     }
     let started = std::time::Instant::now();
     loop {
         // Every backend's series, summed.
-        let active = admin_request(admin, "GET", "/metrics")
+        let active = admin_request(admin, Method::GET, "/metrics")
             .ok()
-            .map(|(_, metrics)| {
-                metrics
+            .map(|reply| {
+                reply
+                    .body
                     .lines()
                     .filter(|line| line.starts_with("redirector_client_connections_active"))
                     .filter_map(|line| line.rsplit_once(' ')?.1.trim().parse::<f64>().ok())

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use prometheus_client::registry::Registry;
 
 use crate::{
+    admin::metrics::AdminMetrics,
     hbone::metrics::TunnelMetrics,
     k8s::metrics::AgentMetrics,
     proxy::metrics::ProxyFamilies,
@@ -22,6 +23,7 @@ pub struct MetricsRegistry {
     registry: Registry,
     proxy: ProxyFamilies,
     tunnels: Arc<TunnelMetrics>,
+    admin: AdminMetrics,
 }
 
 impl MetricsRegistry {
@@ -34,15 +36,17 @@ impl MetricsRegistry {
         let mut registry = Registry::with_prefix("redirector");
         // The proxy's names take no sub-prefix. Families are encoded in
         // registration order, sub-registries last, so /metrics keeps the
-        // order it always had: proxy, steering, hbone, k8s.
+        // order it always had: proxy, steering, hbone, admin, k8s.
         let proxy = ProxyFamilies::register(&mut registry, workers);
         let tunnels = Arc::new(TunnelMetrics::register(
             registry.sub_registry_with_prefix("hbone"),
         ));
+        let admin = AdminMetrics::register(registry.sub_registry_with_prefix("admin"));
         Self {
             registry,
             proxy,
             tunnels,
+            admin,
         }
     }
 
@@ -55,6 +59,11 @@ impl MetricsRegistry {
     /// The HBONE tunnels' metrics (`redirector_hbone_*`).
     pub fn tunnels(&self) -> Arc<TunnelMetrics> {
         Arc::clone(&self.tunnels)
+    }
+
+    /// The admin port's own metrics (`redirector_admin_*`).
+    pub fn admin(&self) -> AdminMetrics {
+        self.admin.clone()
     }
 
     /// Registers the Kubernetes node agent's metrics (`redirector_k8s_*`).

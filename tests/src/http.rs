@@ -1,5 +1,5 @@
-//! A plain HTTP/1.0 GET, from inside a network namespace: enough for the
-//! admin endpoint (`/metrics`).
+//! A plain HTTP/1.1 GET (one per connection, as the kubelet's probes send
+//! it), from inside a network namespace: enough for the admin endpoint.
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -20,7 +20,12 @@ pub fn connect_in(place: &Place, to: SocketAddr) -> io::Result<TcpStream> {
 pub fn get_in(place: &Place, to: SocketAddr, path: &str) -> String {
     let mut stream =
         connect_in(place, to).unwrap_or_else(|e| panic!("connect to {to} for GET {path}: {e}"));
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {to}\r\n\r\n").expect("send the request");
+    // HTTP/1.1: hyper answers an HTTP/1.0 request in HTTP/1.0.
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
     let mut response = String::new();
     stream
         .read_to_string(&mut response)

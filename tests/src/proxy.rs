@@ -86,6 +86,11 @@ impl Proxy {
         self.addr
     }
 
+    /// The admin listener (`--admin-addr`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::pid)
     }

@@ -83,6 +83,7 @@ fn main() -> Result<()> {
         }
         Cmd::Lint => {
             setup::toolchain()?;
+            setup::cargo_deny()?;
             lint()
         }
         Cmd::Test => test(),
@@ -243,7 +244,11 @@ fn lint() -> Result<()> {
         "--",
         "-D",
         "warnings",
-    ]))
+    ]))?;
+    // Offline (--frozen): what needs no network. Advisories need the
+    // RustSec database; README.md says how to check them.
+    println!("== cargo deny (licenses, duplicate versions, sources; deny.toml)");
+    run(cargo().args(["deny", "--frozen", "check", "licenses", "bans", "sources"]))
 }
 
 fn test() -> Result<()> {

@@ -4,6 +4,8 @@
 //! - nightly `rust-src` (the eBPF crate builds `core` for bpfel-unknown-none);
 //! - bpf-linker, built against rustc's own LLVM (Debian's LLVM is too old)
 //!   into `target/tools`, where `.cargo/config.toml` points the bpf target;
+//! - cargo-deny into `target/tools`, for the offline licence, duplicate and
+//!   source checks of `cargo xtask lint` (`deny.toml`);
 //! - Debian packages: redis-server, redis-tools, bpftool, iproute2, procps,
 //!   and the client software the proxy is tested with: php-cli + php-redis
 //!   (phpredis) and python3-redis (redis-py for Debian's `/usr/bin/python3`),
@@ -23,6 +25,9 @@ use crate::{root, run};
 /// bpf-linker release known to work with this toolchain (see
 /// ARCHITECTURE.md, "Toolchain").
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// cargo-deny release `deny.toml` is written for.
+const CARGO_DENY_VERSION: &str = "0.20.2";
 
 /// How setup tells that a package is installed.
 #[derive(Clone, Copy)]
@@ -82,6 +87,7 @@ const PACKAGES: &[(Check, &[&str])] = &[
 
 pub fn all() -> Result<()> {
     toolchain()?;
+    cargo_deny()?;
     packages()
 }
 
@@ -165,6 +171,25 @@ fn bpf_linker() -> Result<()> {
         ])
         .env("LLVM_PREFIX", &tools)
         .env("RUSTFLAGS", rpath))
+}
+
+/// cargo-deny, pinned, built with its own lock file (`--locked`).
+pub fn cargo_deny() -> Result<()> {
+    let deny = tools_dir().join("bin").join("cargo-deny");
+    let installed = Command::new(&deny)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_DENY_VERSION)
+        });
+    if installed {
+        return Ok(());
+    }
+    println!("== setup: cargo-deny {CARGO_DENY_VERSION} (a few minutes)");
+    run(Command::new("cargo")
+        .args(["install", "--locked", "--root"])
+        .arg(tools_dir())
+        .args(["cargo-deny", "--version", CARGO_DENY_VERSION]))
 }
 
 /// rustc's shared LLVM in the nightly sysroot, and its major version.
