@@ -449,7 +449,8 @@ pub struct Report {
     pub direct: Losses,
     pub requests: u64,
     pub errors_by_fault: Vec<FaultErrors>,
-    pub direct_errors: usize,
+    /// The same for the direct client, side by side.
+    pub direct_errors_by_fault: Vec<FaultErrors>,
     pub wrong: Vec<String>,
     pub latency: Vec<LatencyBucket>,
     pub resources: Vec<Resources>,
@@ -490,18 +491,26 @@ impl Report {
                 l.keys, l.acked, l.lost, l.lost_unexplained, l.by_fault
             );
         }
-        let _ = writeln!(s, "  errors seen by proxied clients, by fault:");
-        for f in &self.errors_by_fault {
+        let _ = writeln!(
+            s,
+            "  errors by fault (proxied clients | direct client), last error after the start:"
+        );
+        for (f, d) in self
+            .errors_by_fault
+            .iter()
+            .zip(&self.direct_errors_by_fault)
+        {
             let _ = writeln!(
                 s,
-                "    {:<18} {:>5} errors, last {:>6.1}s after the start  {:?}",
+                "    {:<18} {:>5} errors, last +{:>5.1}s | {:>5} errors, last +{:>5.1}s  {:?}",
                 f.fault,
                 f.errors,
                 f.recovery.as_secs_f64(),
+                d.errors,
+                d.recovery.as_secs_f64(),
                 f.examples.first()
             );
         }
-        let _ = writeln!(s, "  direct client errors: {}", self.direct_errors);
         let _ = writeln!(s, "  wrong values: {}", self.wrong.len());
         let _ = writeln!(s, "  p99 latency per bucket (ms):");
         let line: Vec<String> = self
