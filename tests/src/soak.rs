@@ -63,17 +63,22 @@ pub struct Planned {
     pub kind: FaultKind,
 }
 
-/// Where in a cycle each fault starts, in thousandths of the cycle. Proxy
-/// restarts fall inside the migration and the manual failover; the last
-/// fault starts before 3/4 so the load sees the cluster settle.
+/// Where in a cycle each fault starts, in thousandths of the cycle. A
+/// proxy restart planned at the same time as a cluster fault waits for
+/// that fault to start, then [`OVERLAP_DELAY`], so it lands inside it; the
+/// last fault starts before 3/4 so the load sees the cluster settle.
 const CYCLE: [(u32, FaultKind); 6] = [
     (125, FaultKind::Migration),
-    (170, FaultKind::ProxyRestart),
+    (125, FaultKind::ProxyRestart),
     (330, FaultKind::ManualFailover),
-    (360, FaultKind::ProxyRestart),
+    (330, FaultKind::ProxyRestart),
     (500, FaultKind::MasterKill),
     (700, FaultKind::LinkDown),
 ];
+
+/// How long after the cluster fault it shares a start with a proxy restart
+/// begins: a manual failover takes about a second, a migration longer.
+pub const OVERLAP_DELAY: Duration = Duration::from_millis(300);
 
 /// One cycle of faults every two minutes of load (at least one cycle).
 pub const CYCLE_LENGTH: Duration = Duration::from_secs(120);
@@ -578,6 +583,9 @@ mod tests {
         );
         assert!(plan.windows(2).all(|w| w[0].at <= w[1].at));
         assert_eq!(plan[0].at, secs(15));
+        // Each restart shares its start with a cluster fault, to overlap it.
+        assert_eq!(plan[1].at, plan[0].at);
+        assert_eq!(plan[3].at, plan[2].at);
         assert!(plan.last().is_some_and(|p| p.at < secs(90)));
     }
 

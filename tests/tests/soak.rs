@@ -22,7 +22,7 @@ use std::{
     process::Stdio,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -45,7 +45,7 @@ const REDIS_PORT: u16 = 6379;
 const PROXY_PORT: u16 = 16379;
 const NODES: usize = 6;
 /// Slots moved by each migration.
-const MIGRATED_SLOTS: usize = 200;
+const MIGRATED_SLOTS: usize = 500;
 /// How long a link stays down.
 const LINK_DOWN: Duration = Duration::from_secs(3);
 /// Keys per writer: each cycles over its own.
@@ -364,8 +364,9 @@ fn short_connections(ctx: &Ctx, id: u64) -> Outcome {
                     Some(got) => {
                         // A crash can lose the write just acknowledged;
                         // anything but an older value of this key is a bug.
-                        match got.and_then(|g| soak::parse_value(&key, g)) {
-                            Some(s) if s < seq => {
+                        match got.map(|g| soak::parse_value(&key, g)) {
+                            None => out.error(ctx, &name, format!("GET {key}: nil")),
+                            Some(Some(s)) if s < seq => {
                                 out.error(ctx, &name, format!("GET {key}: older value {s}"));
                             }
                             _ => out.fatal.push(format!(
@@ -907,11 +908,13 @@ fn pick_master(cluster: &RedisCluster, n: usize) -> (SocketAddr, SocketAddr) {
 }
 
 /// Runs the cluster faults of `plan` one after another.
+/// Each fault's planned start (ms) goes in `started` as it begins.
 fn cluster_lane(
     cluster: &mut RedisCluster,
     net: &Net,
     plan: &[Planned],
     t0: Instant,
+    started: &AtomicU64,
 ) -> Vec<Window> {
     let mut windows = Vec::new();
     let mut count: HashMap<FaultKind, usize> = HashMap::new();
@@ -921,6 +924,10 @@ fn cluster_lane(
         *n += 1;
         let name = format!("{}#{n}", p.kind.label());
         let start = t0.elapsed();
+        started.store(
+            u64::try_from(p.at.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         eprintln!("+{:.1}s {name} starts", start.as_secs_f64());
         let detail = match p.kind {
             FaultKind::Migration => {
@@ -965,11 +972,28 @@ fn cluster_lane(
     windows
 }
 
-/// SIGKILLs and restarts the proxy when `plan` says.
-fn proxy_lane(proxy: &mut SoakProxy, plan: &[Planned], t0: Instant) -> Vec<Window> {
+/// SIGKILLs and restarts the proxy when `plan` says: once the cluster
+/// lane has started the fault planned for the same time (its planned
+/// start, in ms, is in `cluster_started`), [`soak::OVERLAP_DELAY`] later.
+fn proxy_lane(
+    proxy: &mut SoakProxy,
+    plan: &[Planned],
+    t0: Instant,
+    cluster_started: &AtomicU64,
+) -> Vec<Window> {
     let mut windows = Vec::new();
     for (n, p) in plan.iter().enumerate() {
         sleep_until(t0, p.at);
+        let planned_ms = u64::try_from(p.at.as_millis()).unwrap_or(u64::MAX);
+        let waiting = Instant::now();
+        // A late cluster lane delays the restart; a stuck one does not
+        // stop it.
+        while cluster_started.load(Ordering::Relaxed) < planned_ms
+            && waiting.elapsed() < Duration::from_secs(120)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(soak::OVERLAP_DELAY);
         let start = t0.elapsed();
         let old = proxy.pid.load(Ordering::Relaxed);
         proxy.kill();
@@ -1087,6 +1111,7 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
     let (cluster_plan, proxy_plan): (Vec<Planned>, Vec<Planned>) =
         plan.iter().partition(|p| !p.kind.on_proxy_lane());
     let pid = Arc::clone(&proxy.pid);
+    let cluster_started = AtomicU64::new(0);
     let mut requests = 0u64;
 
     let (mut outcomes, direct_outcome, mut windows) = std::thread::scope(|s| {
@@ -1131,9 +1156,11 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
         };
         let cluster_ref = &mut cluster;
         let net_ref = &net;
-        let cluster_faults = s.spawn(move || cluster_lane(cluster_ref, net_ref, &cluster_plan, t0));
+        let started = &cluster_started;
+        let cluster_faults =
+            s.spawn(move || cluster_lane(cluster_ref, net_ref, &cluster_plan, t0, started));
         let proxy_ref = &mut proxy;
-        let proxy_faults = s.spawn(move || proxy_lane(proxy_ref, &proxy_plan, t0));
+        let proxy_faults = s.spawn(move || proxy_lane(proxy_ref, &proxy_plan, t0, started));
         let mut windows = cluster_faults.join().expect("cluster lane");
         windows.extend(proxy_faults.join().expect("proxy lane"));
         sleep_until(t0, load);
