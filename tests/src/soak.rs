@@ -390,6 +390,41 @@ pub fn check_leak(baseline: &Resources, after: &Resources) -> Result<(), String>
     }
 }
 
+/// A second burst of connections on the same, idle proxy may move its
+/// figures this much: the pool is already as large as the soak made it.
+pub const STEADY_FD_MARGIN: u64 = 4;
+pub const STEADY_RSS_MARGIN_KIB: u64 = 8 * 1024;
+
+/// `Err` when a burst of connections left the same idle process holding
+/// more than before (`before` and `after` are both idle samples): a leak
+/// per connection rather than a larger pool.
+pub fn check_steady(before: &Resources, after: &Resources) -> Result<(), String> {
+    if before.pid != after.pid {
+        return Err(format!(
+            "samples of two processes: {} and {}",
+            before.pid, after.pid
+        ));
+    }
+    let mut problems = Vec::new();
+    if after.fds > before.fds + STEADY_FD_MARGIN {
+        problems.push(format!(
+            "{} fds after another burst, {} before (+{STEADY_FD_MARGIN} allowed)",
+            after.fds, before.fds
+        ));
+    }
+    if after.rss_kib > before.rss_kib + STEADY_RSS_MARGIN_KIB {
+        problems.push(format!(
+            "RSS {} KiB after another burst, {} KiB before (+{STEADY_RSS_MARGIN_KIB} KiB allowed)",
+            after.rss_kib, before.rss_kib
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
 /// The losses of one client family, allowed or not.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Losses {
@@ -461,6 +496,8 @@ pub struct Report {
     pub resources: Vec<Resources>,
     pub baseline: Option<Resources>,
     pub after: Option<Resources>,
+    /// The same process idle again after one more burst of connections.
+    pub after_burst: Option<Resources>,
     pub notes: Vec<String>,
 }
 
@@ -533,8 +570,8 @@ impl Report {
         let _ = writeln!(s, "  proxy RSS/fds (every 10th sample): {}", rss.join(", "));
         let _ = writeln!(
             s,
-            "  idle baseline {:?}\n  idle after load {:?}",
-            self.baseline, self.after
+            "  idle baseline {:?}\n  idle after load {:?}\n  idle after one more burst {:?}",
+            self.baseline, self.after, self.after_burst
         );
         for n in &self.notes {
             let _ = writeln!(s, "  note: {n}");
@@ -726,5 +763,21 @@ mod tests {
         assert!(check_leak(&r(10_000, 20), &r(20_000, 30)).is_ok());
         assert!(check_leak(&r(10_000, 20), &r(10_000, 20 + FD_MARGIN + 1)).is_err());
         assert!(check_leak(&r(10_000, 20), &r(10_001 + RSS_MARGIN_KIB, 20)).is_err());
+    }
+
+    #[test]
+    fn another_burst_on_the_same_idle_proxy_must_not_grow_it() {
+        let r = |pid, rss_kib, fds| Resources {
+            at: Duration::ZERO,
+            pid,
+            rss_kib,
+            fds,
+        };
+        assert!(check_steady(&r(1, 30_000, 27), &r(1, 31_000, 27 + STEADY_FD_MARGIN)).is_ok());
+        assert!(check_steady(&r(1, 30_000, 27), &r(1, 30_000, 28 + STEADY_FD_MARGIN)).is_err());
+        assert!(
+            check_steady(&r(1, 30_000, 27), &r(1, 30_001 + STEADY_RSS_MARGIN_KIB, 27)).is_err()
+        );
+        assert!(check_steady(&r(1, 30_000, 27), &r(2, 30_000, 27)).is_err());
     }
 }

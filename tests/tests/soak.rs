@@ -1187,6 +1187,18 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
 
     // Read every key back through the proxy and from its owning master.
     cluster.wait_healthy();
+    // One more burst of connections on the same idle process: a leak per
+    // connection grows it; a pool the soak already grew does not.
+    let after_burst = std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(&hub_path);
+            warm_up(SoakProxy::addr());
+        })
+        .join()
+        .expect("second burst");
+        std::thread::sleep(IDLE_SETTLE);
+        resources(proxy.pid.load(Ordering::Relaxed), t0.elapsed())
+    });
     let mut twin_outcome = outcomes.pop().expect("twin outcome");
     let mut proxied = Ledger::default();
     let mut latencies = Vec::new();
@@ -1270,6 +1282,7 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
         resources: samples.lock().expect("samples").clone(),
         baseline,
         after,
+        after_burst,
         notes,
     };
     eprintln!("{}", report.text());
@@ -1319,5 +1332,11 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
     };
     if let Err(leak) = check_leak(&baseline, &after) {
         panic!("the proxy did not return to its idle baseline: {leak}");
+    }
+    let Some(after_burst) = after_burst else {
+        panic!("no resource figures after the second burst");
+    };
+    if let Err(leak) = soak::check_steady(&after, &after_burst) {
+        panic!("another burst of connections grew the idle proxy: {leak}");
     }
 }
