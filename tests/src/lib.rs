@@ -25,6 +25,7 @@ pub mod proxy;
 pub mod redis;
 pub mod require;
 pub mod resp;
+pub mod soak;
 pub mod topology;
 pub mod two_nodes;
 

@@ -5,6 +5,7 @@ mod bench;
 mod conformance;
 mod demo;
 mod setup;
+mod soak;
 
 use std::{path::PathBuf, process::Command};
 
@@ -68,6 +69,17 @@ enum Cmd {
         #[arg(long, default_value_t = bench::LatencyParams::default().seconds)]
         latency_seconds: f64,
     },
+    /// The chaos soak: mixed load through the proxy into a 3+3 cluster in
+    /// network namespaces while faults arrive; every acknowledged write is
+    /// checked at the end (long: `test` runs a 2-minute one).
+    Soak {
+        /// Minutes of load (a fault cycle every two minutes).
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Soak a release build of the daemon (default: debug, as the test).
+        #[arg(long)]
+        release: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -115,6 +127,11 @@ fn main() -> Result<()> {
                 seconds: latency_seconds,
             };
             bench::run(&bin, rounds, &only, latency)
+        }
+        Cmd::Soak { minutes, release } => {
+            setup::all()?;
+            let bin = build(Profile::from_release(release))?;
+            soak::run(&bin, minutes)
         }
     }
 }
