@@ -411,6 +411,9 @@ pub struct Generator {
     /// never depends on the clock (`*` would give each side its own IDs).
     stream_seq: u64,
     loaded_sha: String,
+    /// Inside `MULTI`: commands the proxy splits per slot stay in one tag,
+    /// as a transaction runs on one master.
+    in_multi: bool,
 }
 
 impl Generator {
@@ -419,6 +422,7 @@ impl Generator {
             rng: SplitMix64::new(seed),
             stream_seq: 1,
             loaded_sha: loaded_sha.to_string(),
+            in_multi: false,
         }
     }
 
@@ -436,6 +440,12 @@ impl Generator {
 
     fn tag(&mut self) -> &'static str {
         self.rng.word(&TAGS)
+    }
+
+    /// A tag for one key of a command the proxy splits per slot: any tag,
+    /// except in a transaction.
+    fn spread_tag(&mut self, tag: &'static str) -> &'static str {
+        if self.in_multi { tag } else { self.tag() }
     }
 
     /// A key of `kind` (sometimes of another kind, for `WRONGTYPE`) in `tag`.
@@ -491,7 +501,7 @@ impl Generator {
         self.rng.range(-6, 8)
     }
 
-    fn command(&mut self, tag: &str) -> Command {
+    fn command(&mut self, tag: &'static str) -> Command {
         match self.rng.below(100) {
             0..=17 => self.string(tag),
             18..=31 => self.list(tag),
@@ -504,7 +514,7 @@ impl Generator {
         }
     }
 
-    fn string(&mut self, tag: &str) -> Command {
+    fn string(&mut self, tag: &'static str) -> Command {
         let k = self.key(tag, Kind::Str);
         let v = self.value();
         let r = &mut self.rng;
@@ -547,7 +557,7 @@ impl Generator {
                 let mut c = b(if self.rng.chance(50) { "MGET" } else { "MSET" });
                 let set = c.0[0] == b"MSET";
                 for _ in 0..self.rng.range(1, 4) {
-                    let t = self.tag();
+                    let t = self.spread_tag(tag);
                     c = c.v(self.key(t, Kind::Str));
                     if set {
                         c = c.v(self.value());
@@ -558,7 +568,7 @@ impl Generator {
         }
     }
 
-    fn list(&mut self, tag: &str) -> Command {
+    fn list(&mut self, tag: &'static str) -> Command {
         let k = self.key(tag, Kind::List);
         let v = self.value();
         let i = self.index();
@@ -608,7 +618,7 @@ impl Generator {
         }
     }
 
-    fn hash(&mut self, tag: &str) -> Command {
+    fn hash(&mut self, tag: &'static str) -> Command {
         let k = self.key(tag, Kind::Hash);
         let f = self.member();
         let v = self.value();
@@ -636,7 +646,7 @@ impl Generator {
         }
     }
 
-    fn set(&mut self, tag: &str) -> Command {
+    fn set(&mut self, tag: &'static str) -> Command {
         let k = self.key(tag, Kind::Set);
         let k2 = self.key(tag, Kind::Set);
         let m = self.member();
@@ -672,7 +682,7 @@ impl Generator {
         }
     }
 
-    fn zset(&mut self, tag: &str) -> Command {
+    fn zset(&mut self, tag: &'static str) -> Command {
         let k = self.key(tag, Kind::Zset);
         let k2 = self.key(tag, Kind::Zset);
         let m = self.member();
@@ -730,7 +740,7 @@ impl Generator {
         }
     }
 
-    fn stream(&mut self, tag: &str) -> Command {
+    fn stream(&mut self, tag: &'static str) -> Command {
         let k = self.key(tag, Kind::Stream);
         let v = self.value();
         let r = &mut self.rng;
@@ -783,7 +793,7 @@ impl Generator {
         }
     }
 
-    fn generic(&mut self, tag: &str) -> Command {
+    fn generic(&mut self, tag: &'static str) -> Command {
         let kind = *self.rng.pick(&KINDS);
         let k = self.key(tag, kind);
         let k2 = self.key(tag, kind);
@@ -826,7 +836,7 @@ impl Generator {
             21 => {
                 let mut c = b(r.word(&["DEL", "EXISTS", "UNLINK", "TOUCH"]));
                 for _ in 0..self.rng.range(1, 4) {
-                    let (t, kind) = (self.tag(), *self.rng.pick(&KINDS));
+                    let (t, kind) = (self.spread_tag(tag), *self.rng.pick(&KINDS));
                     c = c.v(self.key(t, kind));
                 }
                 c.cmd()
@@ -837,7 +847,7 @@ impl Generator {
         }
     }
 
-    fn script(&mut self, tag: &str) -> Command {
+    fn script(&mut self, tag: &'static str) -> Command {
         let k1 = self.key(tag, Kind::Str);
         let k2 = self.key(tag, Kind::Str);
         let arg = self.value();
@@ -870,18 +880,20 @@ impl Generator {
             }
         }
         unit.push(b("MULTI").cmd());
+        self.in_multi = true;
         let mut masks = Vec::new();
         for _ in 0..self.rng.range(1, 6) {
             let mut c = self.command(tag);
-            // No flush inside: it would empty the other tags' keys too,
-            // which is fine, but keep transactions about their own tag.
-            if matches!(&c.args[0][..], b"FLUSHALL" | b"FLUSHDB") {
-                c = b("PING").cmd();
+            // A transaction runs on one master: keyspace-wide commands in
+            // it see that master only (a known difference, see README).
+            while is_keyspace_wide(&c) {
+                c = self.command(tag);
             }
             masks.push(c.mask.clone());
             c.mask = Mask::Exact; // the reply is +QUEUED
             unit.push(c);
         }
+        self.in_multi = false;
         if self.rng.chance(15) {
             unit.push(b("DISCARD").cmd());
         } else {
@@ -937,6 +949,15 @@ impl Generator {
         });
         multi
     }
+}
+
+/// Commands about the whole keyspace, which the proxy answers from every
+/// master, except inside a transaction, which runs on one.
+fn is_keyspace_wide(c: &Command) -> bool {
+    matches!(
+        &c.args[0][..],
+        b"DBSIZE" | b"KEYS" | b"RANDOMKEY" | b"INFO" | b"FLUSHALL" | b"FLUSHDB"
+    )
 }
 
 #[cfg(test)]
