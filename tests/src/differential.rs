@@ -53,7 +53,7 @@ impl SplitMix64 {
 
     /// [`Self::pick`] for words, by value.
     pub fn word(&mut self, words: &[&'static str]) -> &'static str {
-        *self.pick(words)
+        words[self.below(words.len() as u64) as usize]
     }
 }
 

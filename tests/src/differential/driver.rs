@@ -38,13 +38,15 @@ pub struct Stats {
 
 impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (first, last) = (self.seeds.first(), self.seeds.last());
         write!(
             f,
-            "{} commands in {} units over {} seeds ({:?}); masked differences:",
+            "{} commands in {} units over {} seeds ({}..={}); masked differences:",
             self.commands,
             self.units,
             self.seeds.len(),
-            self.seeds
+            first.copied().unwrap_or_default(),
+            last.copied().unwrap_or_default(),
         )?;
         for (rule, n) in &self.masked {
             write!(f, " {rule}={n}")?;
