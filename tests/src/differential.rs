@@ -279,12 +279,28 @@ fn keyspace_counts(info: &[u8]) -> Vec<(String, String, String)> {
 pub struct Command {
     pub args: Vec<Vec<u8>>,
     pub mask: Mask,
+    /// Sent by a second client (its own connection on each side): the
+    /// write that breaks another client's `WATCH`.
+    pub other: bool,
 }
 
 impl Command {
     fn new(args: Vec<Vec<u8>>) -> Self {
         let mask = mask_for(&args);
-        Self { args, mask }
+        Self {
+            args,
+            mask,
+            other: false,
+        }
+    }
+
+    /// `EXEC`, its reply compared under `mask`.
+    fn exec(mask: Mask) -> Self {
+        Self {
+            args: vec![b"EXEC".to_vec()],
+            mask,
+            other: false,
+        }
     }
 
     /// The command as `redis-cli` would take it, for reports.
@@ -414,6 +430,9 @@ pub struct Generator {
     /// Inside `MULTI`: commands the proxy splits per slot stay in one tag,
     /// as a transaction runs on one master.
     in_multi: bool,
+    /// Whether a pipeline may go on after a command the proxy splits or
+    /// fans out (a known proxy difference, see README; off by default).
+    fan_out_mid_pipeline: bool,
 }
 
 impl Generator {
@@ -423,7 +442,15 @@ impl Generator {
             stream_seq: 1,
             loaded_sha: loaded_sha.to_string(),
             in_multi: false,
+            fan_out_mid_pipeline: false,
         }
+    }
+
+    /// Lets pipelines go on after a split or fanned-out command, which
+    /// shows the proxy answering it out of order (see README).
+    pub fn with_fan_out_mid_pipeline(mut self, on: bool) -> Self {
+        self.fan_out_mid_pipeline = on;
+        self
     }
 
     /// The next unit: mostly single commands, sometimes a transaction.
@@ -431,6 +458,20 @@ impl Generator {
         match self.rng.below(100) {
             0..=6 => self.transaction(),
             7..=9 => self.cross_tag(),
+            // A pipeline: the driver sends a unit in one write.
+            10..=17 => {
+                let mut pipeline = Vec::new();
+                for _ in 0..self.rng.range(2, 6) {
+                    let tag = self.tag();
+                    let c = self.command(tag);
+                    let last = is_split_or_fan_out(&c) && !self.fan_out_mid_pipeline;
+                    pipeline.push(c);
+                    if last {
+                        break;
+                    }
+                }
+                pipeline
+            }
             _ => {
                 let tag = *self.rng.pick(&TAGS);
                 vec![self.command(tag)]
@@ -874,9 +915,15 @@ impl Generator {
         if self.rng.chance(40) {
             let k = self.key(tag, Kind::Str);
             unit.push(b("WATCH").v(k.clone()).cmd());
-            if self.rng.chance(50) {
-                // Touching the watched key aborts EXEC on both sides.
-                unit.push(b("SET").v(k).s("touched").cmd());
+            match self.rng.below(3) {
+                // Touching the watched key, this client or another, aborts
+                // EXEC on both sides.
+                0 => unit.push(b("SET").v(k).s("touched").cmd()),
+                1 => unit.push(Command {
+                    other: true,
+                    ..b("SET").v(k).s("touched").cmd()
+                }),
+                _ => {}
             }
         }
         unit.push(b("MULTI").cmd());
@@ -897,10 +944,7 @@ impl Generator {
         if self.rng.chance(15) {
             unit.push(b("DISCARD").cmd());
         } else {
-            unit.push(Command {
-                args: vec![b"EXEC".to_vec()],
-                mask: Mask::Exec(masks),
-            });
+            unit.push(Command::exec(Mask::Exec(masks)));
         }
         unit
     }
@@ -943,12 +987,19 @@ impl Generator {
         let get = b("GET").v(self.key(t1, Kind::Str)).cmd();
         let exists = b("EXISTS").v(self.key(t1, Kind::Set)).cmd();
         let mut multi = vec![b("MULTI").cmd(), get, read, exists];
-        multi.push(Command {
-            args: vec![b"EXEC".to_vec()],
-            mask: Mask::CrossSlotExecAbort,
-        });
+        multi.push(Command::exec(Mask::CrossSlotExecAbort));
         multi
     }
+}
+
+/// Commands the proxy runs as a task of their own (one command per slot,
+/// or one per master), which later commands of a pipeline can overtake.
+pub fn is_split_or_fan_out(c: &Command) -> bool {
+    is_keyspace_wide(c)
+        || matches!(
+            &c.args[0][..],
+            b"MGET" | b"MSET" | b"DEL" | b"UNLINK" | b"EXISTS" | b"TOUCH" | b"PING"
+        )
 }
 
 /// Commands about the whole keyspace, which the proxy answers from every
@@ -1046,6 +1097,38 @@ mod tests {
             unreachable!("found above");
         };
         assert_eq!(masks.len(), unit.len() - multi - 2);
+    }
+
+    #[test]
+    fn another_client_breaks_a_watch_now_and_then() {
+        let mut g = Generator::new(5, "sha");
+        let units: Vec<Unit> = (0..3000).map(|_| g.unit()).collect();
+        let other = units
+            .iter()
+            .find(|u| u.iter().any(|c| c.other))
+            .expect("a WATCH broken by another client");
+        assert_eq!(other[0].args[0], b"WATCH");
+        assert_eq!(other[1].args[1], other[0].args[1], "the watched key");
+        assert!(
+            units
+                .iter()
+                .any(|u| u.len() > 1 && u[0].args[0] != b"MULTI" && u[0].args[0] != b"WATCH"),
+            "pipelines"
+        );
+    }
+
+    #[test]
+    fn split_and_fanned_out_commands_end_a_pipeline_unless_asked_otherwise() {
+        let pipelines = |on: bool| {
+            let mut g = Generator::new(9, "sha").with_fan_out_mid_pipeline(on);
+            (0..5000)
+                .map(|_| g.unit())
+                .filter(|u| u.len() > 1 && !matches!(&u[0].args[0][..], b"MULTI" | b"WATCH"))
+                .collect::<Vec<_>>()
+        };
+        let mid = |u: &Unit| u[..u.len() - 1].iter().any(is_split_or_fan_out);
+        assert!(!pipelines(false).iter().any(mid));
+        assert!(pipelines(true).iter().any(mid));
     }
 
     #[test]

@@ -26,6 +26,13 @@ pub struct Sides {
     pub redis: SocketAddr,
 }
 
+/// How the generator is set up (beyond the seed).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Knobs {
+    /// See [`Generator::with_fan_out_mid_pipeline`].
+    pub fan_out_mid_pipeline: bool,
+}
+
 /// What a clean run did.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
@@ -65,6 +72,7 @@ pub struct Mismatch {
     pub proxy: String,
     pub redis: String,
     pub why: String,
+    pub knobs: Knobs,
     /// The shrunk sequence that still fails on its last command (empty if
     /// the failure did not replay).
     pub shrunk: Vec<String>,
@@ -89,7 +97,12 @@ impl fmt::Display for Mismatch {
                 writeln!(f, "    {c}")?;
             }
         }
-        write!(f, "  reproduce: DIFFERENTIAL_SEED={}", self.seed)
+        let knob = if self.knobs.fan_out_mid_pipeline {
+            " DIFFERENTIAL_FAN_OUT_MID_PIPELINE=1"
+        } else {
+            ""
+        };
+        write!(f, "  reproduce: DIFFERENTIAL_SEED={}{knob}", self.seed)
     }
 }
 
@@ -99,6 +112,7 @@ pub fn run(
     sides: Sides,
     seeds: impl IntoIterator<Item = u64>,
     deadline: Option<Instant>,
+    knobs: Knobs,
 ) -> Result<Stats, Box<Mismatch>> {
     let mut stats = Stats::default();
     for seed in seeds {
@@ -106,21 +120,21 @@ pub fn run(
             break;
         }
         stats.seeds.push(seed);
-        run_seed(sides, seed, &mut stats)?;
+        run_seed(sides, seed, knobs, &mut stats)?;
     }
     Ok(stats)
 }
 
-fn run_seed(sides: Sides, seed: u64, stats: &mut Stats) -> Result<(), Box<Mismatch>> {
+fn run_seed(sides: Sides, seed: u64, knobs: Knobs, stats: &mut Stats) -> Result<(), Box<Mismatch>> {
     let mut pair = Pair::fresh(sides);
     let sha = pair.load_script();
-    let mut generator = Generator::new(seed, &sha);
+    let mut generator =
+        Generator::new(seed, &sha).with_fan_out_mid_pipeline(knobs.fan_out_mid_pipeline);
     let mut history: Vec<Unit> = Vec::with_capacity(UNITS_PER_SEED);
     let mut step = 0u64;
     for _ in 0..UNITS_PER_SEED {
         let unit = generator.unit();
-        for command in &unit {
-            let (proxy, redis) = pair.call(command);
+        for (command, (proxy, redis)) in unit.iter().zip(pair.call_unit(&unit)) {
             match check(command, &proxy, &redis) {
                 Ok(Some(rule)) => *stats.masked.entry(rule).or_default() += 1,
                 Ok(None) => {}
@@ -134,6 +148,7 @@ fn run_seed(sides: Sides, seed: u64, stats: &mut Stats) -> Result<(), Box<Mismat
                         proxy: show(&proxy),
                         redis: show(&redis),
                         why,
+                        knobs,
                         shrunk,
                     }));
                 }
@@ -205,8 +220,7 @@ fn fails_last(sides: Sides, sha: &str, units: &[Unit]) -> bool {
     let loaded = pair.load_script();
     debug_assert_eq!(loaded, sha);
     for (n, unit) in units.iter().enumerate() {
-        for command in unit {
-            let (p, r) = pair.call(command);
+        for (command, (p, r)) in unit.iter().zip(pair.call_unit(unit)) {
             if check(command, &p, &r).is_err() {
                 return n + 1 == units.len();
             }
@@ -215,10 +229,12 @@ fn fails_last(sides: Sides, sha: &str, units: &[Unit]) -> bool {
     false
 }
 
-/// One connection to each side.
+/// One connection to each side, and one more each for another client.
 struct Pair {
     proxy: RespClient,
     redis: RespClient,
+    other_proxy: RespClient,
+    other_redis: RespClient,
 }
 
 impl Pair {
@@ -227,6 +243,8 @@ impl Pair {
         let mut pair = Self {
             proxy: RespClient::connect(sides.proxy).expect("connect to the proxy"),
             redis: RespClient::connect(sides.redis).expect("connect to redis"),
+            other_proxy: RespClient::connect(sides.proxy).expect("connect to the proxy"),
+            other_redis: RespClient::connect(sides.redis).expect("connect to redis"),
         };
         for client in [&mut pair.proxy, &mut pair.redis] {
             let reply = client.call(&[b"FLUSHALL"]).expect("FLUSHALL");
@@ -248,13 +266,61 @@ impl Pair {
         text.lines().nth(1).expect("a SHA1").to_string()
     }
 
-    /// Sends to both before reading either, so the two round trips overlap.
-    fn call(&mut self, command: &Command) -> (Reply, Reply) {
-        let args: Vec<&[u8]> = command.args.iter().map(Vec::as_slice).collect();
-        let sent_p = self.proxy.send(&args);
-        let sent_r = self.redis.send(&args);
-        let p = sent_p.and_then(|()| self.proxy.read_reply());
-        let r = sent_r.and_then(|()| self.redis.read_reply());
-        (p.map_err(|e| e.to_string()), r.map_err(|e| e.to_string()))
+    /// The replies to a unit's commands, in order. A unit of one client
+    /// is pipelined (sent in one write, then read); one with another
+    /// client's command goes a command at a time, as the interleaving
+    /// matters. Each side is sent to before either is read, so the two
+    /// round trips overlap.
+    fn call_unit(&mut self, unit: &[Command]) -> Vec<(Reply, Reply)> {
+        if unit.iter().any(|c| c.other) {
+            return unit
+                .iter()
+                .map(|c| {
+                    let (p, r) = if c.other {
+                        (&mut self.other_proxy, &mut self.other_redis)
+                    } else {
+                        (&mut self.proxy, &mut self.redis)
+                    };
+                    exchange(p, r, std::slice::from_ref(c)).remove(0)
+                })
+                .collect();
+        }
+        exchange(&mut self.proxy, &mut self.redis, unit)
     }
+}
+
+/// Sends `commands` to both sides in one write each, then reads every
+/// reply; after a failed read, the rest fail with the same error.
+fn exchange(
+    proxy: &mut RespClient,
+    redis: &mut RespClient,
+    commands: &[Command],
+) -> Vec<(Reply, Reply)> {
+    let bytes: Vec<u8> = commands
+        .iter()
+        .flat_map(|c| {
+            let args: Vec<&[u8]> = c.args.iter().map(Vec::as_slice).collect();
+            crate::resp::encode(&args)
+        })
+        .collect();
+    let sent_p = proxy.send_raw(&bytes).map_err(|e| e.to_string());
+    let sent_r = redis.send_raw(&bytes).map_err(|e| e.to_string());
+    let read_all = |client: &mut RespClient, sent: Result<(), String>| {
+        let mut last = sent;
+        commands
+            .iter()
+            .map(|_| {
+                let reply = last
+                    .clone()
+                    .and_then(|()| client.read_reply().map_err(|e| e.to_string()));
+                if let Err(e) = &reply {
+                    last = Err(e.clone());
+                }
+                reply
+            })
+            .collect::<Vec<Reply>>()
+    };
+    let p = read_all(proxy, sent_p);
+    let r = read_all(redis, sent_r);
+    p.into_iter().zip(r).collect()
 }
