@@ -90,7 +90,7 @@ impl fmt::Display for Mismatch {
         } else {
             writeln!(
                 f,
-                "  shrunk to {} commands from empty keyspaces:",
+                "  (replies above from the run) shrunk to {} commands that still fail on the last unit, from empty keyspaces:",
                 self.shrunk.len()
             )?;
             for c in &self.shrunk {
