@@ -430,9 +430,6 @@ pub struct Generator {
     /// Inside `MULTI`: commands the proxy splits per slot stay in one tag,
     /// as a transaction runs on one master.
     in_multi: bool,
-    /// Whether a pipeline may go on after a command the proxy splits or
-    /// fans out (a known proxy difference, see README; off by default).
-    fan_out_mid_pipeline: bool,
 }
 
 impl Generator {
@@ -442,15 +439,7 @@ impl Generator {
             stream_seq: 1,
             loaded_sha: loaded_sha.to_string(),
             in_multi: false,
-            fan_out_mid_pipeline: false,
         }
-    }
-
-    /// Lets pipelines go on after a split or fanned-out command, which
-    /// shows the proxy answering it out of order (see README).
-    pub fn with_fan_out_mid_pipeline(mut self, on: bool) -> Self {
-        self.fan_out_mid_pipeline = on;
-        self
     }
 
     /// The next unit: mostly single commands, sometimes a transaction.
@@ -459,19 +448,12 @@ impl Generator {
             0..=6 => self.transaction(),
             7..=9 => self.cross_tag(),
             // A pipeline: the driver sends a unit in one write.
-            10..=17 => {
-                let mut pipeline = Vec::new();
-                for _ in 0..self.rng.range(2, 6) {
+            10..=17 => (0..self.rng.range(2, 6))
+                .map(|_| {
                     let tag = self.tag();
-                    let c = self.command(tag);
-                    let last = is_split_or_fan_out(&c) && !self.fan_out_mid_pipeline;
-                    pipeline.push(c);
-                    if last {
-                        break;
-                    }
-                }
-                pipeline
-            }
+                    self.command(tag)
+                })
+                .collect(),
             _ => {
                 let tag = *self.rng.pick(&TAGS);
                 vec![self.command(tag)]
@@ -993,13 +975,45 @@ impl Generator {
 }
 
 /// Commands the proxy runs as a task of their own (one command per slot,
-/// or one per master), which later commands of a pipeline can overtake.
-pub fn is_split_or_fan_out(c: &Command) -> bool {
+/// one per master, or `WATCH`/`EXEC` on a leased connection), which reach
+/// the nodes out of order with the commands around them in one pipeline:
+/// a known proxy difference (README, "Differential fuzzing").
+pub fn runs_as_own_task(c: &Command) -> bool {
     is_keyspace_wide(c)
         || matches!(
             &c.args[0][..],
-            b"MGET" | b"MSET" | b"DEL" | b"UNLINK" | b"EXISTS" | b"TOUCH" | b"PING"
+            b"MGET"
+                | b"MSET"
+                | b"DEL"
+                | b"UNLINK"
+                | b"EXISTS"
+                | b"TOUCH"
+                | b"PING"
+                | b"WATCH"
+                | b"EXEC"
         )
+}
+
+/// How the driver writes a unit: each range is sent in one write, and its
+/// replies read before the next range goes. A command the proxy runs as
+/// its own task gets a write of its own, unless `overtaking` asks to show
+/// the known difference; otherwise a unit is one pipeline.
+pub fn writes(unit: &[Command], overtaking: bool) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    for (i, c) in unit.iter().enumerate() {
+        if !overtaking && runs_as_own_task(c) {
+            if start < i {
+                ranges.push(start..i);
+            }
+            ranges.push(i..i + 1);
+            start = i + 1;
+        }
+    }
+    if start < unit.len() {
+        ranges.push(start..unit.len());
+    }
+    ranges
 }
 
 /// Commands about the whole keyspace, which the proxy answers from every
@@ -1118,17 +1132,25 @@ mod tests {
     }
 
     #[test]
-    fn split_and_fanned_out_commands_end_a_pipeline_unless_asked_otherwise() {
-        let pipelines = |on: bool| {
-            let mut g = Generator::new(9, "sha").with_fan_out_mid_pipeline(on);
-            (0..5000)
-                .map(|_| g.unit())
-                .filter(|u| u.len() > 1 && !matches!(&u[0].args[0][..], b"MULTI" | b"WATCH"))
-                .collect::<Vec<_>>()
-        };
-        let mid = |u: &Unit| u[..u.len() - 1].iter().any(is_split_or_fan_out);
-        assert!(!pipelines(false).iter().any(mid));
-        assert!(pipelines(true).iter().any(mid));
+    fn a_unit_is_one_write_except_commands_the_proxy_runs_as_their_own_task() {
+        let unit: Unit = [
+            &["WATCH", "k"][..],
+            &["SET", "k", "v"],
+            &["MULTI"],
+            &["GET", "k"],
+            &["EXEC"],
+        ]
+        .iter()
+        .map(|a| unit_of(a))
+        .collect();
+        assert_eq!(writes(&unit, false), vec![0..1, 1..4, 4..5]);
+        assert_eq!(writes(&unit, true), vec![0..5]);
+        let pipeline: Unit = [&["MGET", "a", "b"][..], &["SET", "a", "1"], &["INFO"]]
+            .iter()
+            .map(|a| unit_of(a))
+            .collect();
+        assert_eq!(writes(&pipeline, false), vec![0..1, 1..2, 2..3]);
+        assert_eq!(writes(&[], false), Vec::<std::ops::Range<usize>>::new());
     }
 
     #[test]

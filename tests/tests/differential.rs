@@ -7,7 +7,7 @@
 //! `DIFFERENTIAL_SECONDS=N` runs seeds from `DIFFERENTIAL_SEED` (or one
 //! taken from the clock, printed) upwards for N seconds;
 //! `DIFFERENTIAL_SEED` alone replays that one seed.
-//! `DIFFERENTIAL_FAN_OUT_MID_PIPELINE=1` shows a known proxy difference
+//! `DIFFERENTIAL_OVERTAKING=1` shows a known proxy difference
 //! (README, "Differential fuzzing").
 
 use std::{
@@ -57,7 +57,7 @@ fn random_command_sequences_get_the_same_replies_through_the_proxy_as_from_one_r
     let seconds = env_u64("DIFFERENTIAL_SECONDS");
     let seed = env_u64("DIFFERENTIAL_SEED");
     let knobs = Knobs {
-        fan_out_mid_pipeline: env_u64("DIFFERENTIAL_FAN_OUT_MID_PIPELINE").is_some_and(|v| v != 0),
+        overtaking: env_u64("DIFFERENTIAL_OVERTAKING").is_some_and(|v| v != 0),
     };
     let started = Instant::now();
     let result = match (seconds, seed) {

@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 
-use super::{Command, Generator, LOADED_SCRIPT, Unit, Verdict, compare};
+use super::{Command, Generator, LOADED_SCRIPT, Unit, Verdict, compare, writes};
 use crate::resp::RespClient;
 
 /// Units one seed runs before the next seed starts from empty keyspaces:
@@ -29,8 +29,9 @@ pub struct Sides {
 /// How the generator is set up (beyond the seed).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Knobs {
-    /// See [`Generator::with_fan_out_mid_pipeline`].
-    pub fan_out_mid_pipeline: bool,
+    /// Pipelines go on after commands the proxy runs as their own task
+    /// (see [`writes`]), which shows a known proxy difference.
+    pub overtaking: bool,
 }
 
 /// What a clean run did.
@@ -97,8 +98,8 @@ impl fmt::Display for Mismatch {
                 writeln!(f, "    {c}")?;
             }
         }
-        let knob = if self.knobs.fan_out_mid_pipeline {
-            " DIFFERENTIAL_FAN_OUT_MID_PIPELINE=1"
+        let knob = if self.knobs.overtaking {
+            " DIFFERENTIAL_OVERTAKING=1"
         } else {
             ""
         };
@@ -128,19 +129,18 @@ pub fn run(
 fn run_seed(sides: Sides, seed: u64, knobs: Knobs, stats: &mut Stats) -> Result<(), Box<Mismatch>> {
     let mut pair = Pair::fresh(sides);
     let sha = pair.load_script();
-    let mut generator =
-        Generator::new(seed, &sha).with_fan_out_mid_pipeline(knobs.fan_out_mid_pipeline);
+    let mut generator = Generator::new(seed, &sha);
     let mut history: Vec<Unit> = Vec::with_capacity(UNITS_PER_SEED);
     let mut step = 0u64;
     for _ in 0..UNITS_PER_SEED {
         let unit = generator.unit();
-        for (command, (proxy, redis)) in unit.iter().zip(pair.call_unit(&unit)) {
+        for (command, (proxy, redis)) in unit.iter().zip(pair.call_unit(&unit, knobs.overtaking)) {
             match check(command, &proxy, &redis) {
                 Ok(Some(rule)) => *stats.masked.entry(rule).or_default() += 1,
                 Ok(None) => {}
                 Err(why) => {
                     history.push(unit.clone());
-                    let shrunk = shrink(sides, &sha, history);
+                    let shrunk = shrink(sides, &sha, history, knobs.overtaking);
                     return Err(Box::new(Mismatch {
                         seed,
                         step,
@@ -191,9 +191,9 @@ const SHRINK_BUDGET: Duration = Duration::from_secs(90);
 /// sequence, replayed from empty keyspaces, still fails on its last unit.
 /// Returns the commands left, or nothing when the full prefix does not fail
 /// again (a timing-dependent failure).
-fn shrink(sides: Sides, sha: &str, mut units: Vec<Unit>) -> Vec<String> {
+fn shrink(sides: Sides, sha: &str, mut units: Vec<Unit>, overtaking: bool) -> Vec<String> {
     let started = Instant::now();
-    if !fails_last(sides, sha, &units) {
+    if !fails_last(sides, sha, &units, overtaking) {
         return Vec::new();
     }
     let mut chunk = units.len() / 2;
@@ -202,7 +202,7 @@ fn shrink(sides: Sides, sha: &str, mut units: Vec<Unit>) -> Vec<String> {
         while i + 1 < units.len() && started.elapsed() < SHRINK_BUDGET {
             let end = (i + chunk).min(units.len() - 1);
             let candidate: Vec<Unit> = units[..i].iter().chain(&units[end..]).cloned().collect();
-            if fails_last(sides, sha, &candidate) {
+            if fails_last(sides, sha, &candidate, overtaking) {
                 units = candidate;
             } else {
                 i = end;
@@ -215,12 +215,12 @@ fn shrink(sides: Sides, sha: &str, mut units: Vec<Unit>) -> Vec<String> {
 
 /// Whether replaying `units` from empty keyspaces fails on the last unit
 /// (and nowhere before it).
-fn fails_last(sides: Sides, sha: &str, units: &[Unit]) -> bool {
+fn fails_last(sides: Sides, sha: &str, units: &[Unit], overtaking: bool) -> bool {
     let mut pair = Pair::fresh(sides);
     let loaded = pair.load_script();
     debug_assert_eq!(loaded, sha);
     for (n, unit) in units.iter().enumerate() {
-        for (command, (p, r)) in unit.iter().zip(pair.call_unit(unit)) {
+        for (command, (p, r)) in unit.iter().zip(pair.call_unit(unit, overtaking)) {
             if check(command, &p, &r).is_err() {
                 return n + 1 == units.len();
             }
@@ -267,11 +267,11 @@ impl Pair {
     }
 
     /// The replies to a unit's commands, in order. A unit of one client
-    /// is pipelined (sent in one write, then read); one with another
+    /// is pipelined, in the writes [`writes`] says; one with another
     /// client's command goes a command at a time, as the interleaving
     /// matters. Each side is sent to before either is read, so the two
     /// round trips overlap.
-    fn call_unit(&mut self, unit: &[Command]) -> Vec<(Reply, Reply)> {
+    fn call_unit(&mut self, unit: &[Command], overtaking: bool) -> Vec<(Reply, Reply)> {
         if unit.iter().any(|c| c.other) {
             return unit
                 .iter()
@@ -285,7 +285,10 @@ impl Pair {
                 })
                 .collect();
         }
-        exchange(&mut self.proxy, &mut self.redis, unit)
+        writes(unit, overtaking)
+            .into_iter()
+            .flat_map(|range| exchange(&mut self.proxy, &mut self.redis, &unit[range]))
+            .collect()
     }
 }
 
