@@ -15,6 +15,7 @@ pub mod cni;
 pub mod conformance;
 pub mod container;
 pub mod daemon;
+pub mod differential;
 pub mod grafana;
 pub mod http;
 pub mod kubeapi;

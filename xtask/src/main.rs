@@ -4,6 +4,7 @@
 mod bench;
 mod conformance;
 mod demo;
+mod differential;
 mod setup;
 mod soak;
 
@@ -50,6 +51,16 @@ enum Cmd {
         /// (the baseline does not change with redirector's code).
         #[arg(long)]
         reuse_direct: bool,
+    },
+    /// Differential fuzzing: random command sequences through redirector
+    /// and against one standalone Redis, every reply compared (`test` runs
+    /// fixed seeds briefly).
+    Differential {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// First seed (then seed+1, ...); default: from the clock.
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Benchmarks (release build); prints ratios against going direct.
     Bench {
@@ -111,6 +122,11 @@ fn main() -> Result<()> {
             setup::all()?;
             let bin = build(Profile::Release)?;
             conformance::run(&bin, &units, reuse_direct)
+        }
+        Cmd::Differential { seconds, seed } => {
+            setup::all()?;
+            let bin = build(Profile::Debug)?;
+            differential::run(&bin, seconds, seed)
         }
         Cmd::Bench {
             rounds,
