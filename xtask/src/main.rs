@@ -4,6 +4,7 @@
 mod bench;
 mod conformance;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -49,6 +50,19 @@ enum Cmd {
         /// (the baseline does not change with redirector's code).
         #[arg(long)]
         reuse_direct: bool,
+    },
+    /// The cargo-fuzz targets (nightly, libFuzzer), each for a time from
+    /// its seed corpus; prints executions and coverage per target.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Stop a target after this many executions, if sooner.
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Only these targets (repeat); default: all.
+        #[arg(long = "target")]
+        targets: Vec<String>,
     },
     /// Benchmarks (release build); prints ratios against going direct.
     Bench {
@@ -98,6 +112,14 @@ fn main() -> Result<()> {
             setup::all()?;
             let bin = build(Profile::Release)?;
             conformance::run(&bin, &units, reuse_direct)
+        }
+        Cmd::Fuzz {
+            seconds,
+            runs,
+            targets,
+        } => {
+            setup::toolchain()?;
+            fuzz::run_until(seconds, runs, &targets).map(drop)
         }
         Cmd::Bench {
             rounds,
@@ -276,6 +298,8 @@ fn test() -> Result<()> {
         .env("REDIRECTOR_BIN", &bin)
         // Kernel tests fail instead of skipping when they cannot run.
         .env(testbed::require::REQUIRED_ENV, "1"))?;
+    println!("== fuzz smoke ({} s per target)", fuzz::SMOKE_SECONDS);
+    fuzz::smoke()?;
     println!("== all tests passed");
     Ok(())
 }
