@@ -53,7 +53,10 @@ fn check(admission: &Admission, method: &Method, uri: &Uri, allowed: bool, liste
             let ip = target.ip();
             assert!(!ip.is_unspecified() && !ip.is_multicast(), "{target}");
             assert!(!ip.is_loopback() || listen.ip().is_loopback(), "{target}");
-            assert!(target.port() != 0 && target.port() != listen.port(), "{target}");
+            assert!(
+                target.port() != 0 && target.port() != listen.port(),
+                "{target}"
+            );
         }
         Admission::Refuse(refusal) => {
             // Refusals come in the documented order.

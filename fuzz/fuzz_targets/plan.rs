@@ -35,7 +35,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let state = SessionState {
-        protocol: if flags & 1 == 0 { Protocol::Resp2 } else { Protocol::Resp3 },
+        protocol: if flags & 1 == 0 {
+            Protocol::Resp2
+        } else {
+            Protocol::Resp3
+        },
         authed: flags & 2 == 0,
         in_multi: flags & 4 != 0,
         subscribed_resp2: flags & 8 != 0,
@@ -43,7 +47,9 @@ fuzz_target!(|data: &[u8]| {
         admin: if flags & 32 == 0 {
             Admin::Allowed
         } else {
-            Admin::Refused { backend: "shop/cart" }
+            Admin::Refused {
+                backend: "shop/cart",
+            }
         },
     };
     let mut buf = BytesMut::from(requests);

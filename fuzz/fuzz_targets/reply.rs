@@ -56,7 +56,10 @@ fn check_reencoded(value: &Value, protocol: Protocol) {
     let mut again = BytesMut::from(&encoded[..]);
     match reply::decode(&mut again, protocol) {
         Ok(Some(frame)) => {
-            assert_eq!(frame.raw, encoded, "{value:?} encodes to more than one frame");
+            assert_eq!(
+                frame.raw, encoded,
+                "{value:?} encodes to more than one frame"
+            );
         }
         other => panic!("{value:?} encodes to {encoded:?}, which decodes to {other:?}"),
     }

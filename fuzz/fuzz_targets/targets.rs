@@ -30,7 +30,12 @@ fuzz_target!(|data: &[u8]| {
     // the rest are missing or headless: every branch of resolve is taken.
     let mut services = HashMap::new();
     for (i, directive) in directives.iter().enumerate() {
-        let Directive::Service { service, port, kind } = directive else {
+        let Directive::Service {
+            service,
+            port,
+            kind,
+        } = directive
+        else {
             continue;
         };
         let mut named = vec![(service.clone(), *port)];
@@ -45,7 +50,8 @@ fuzz_target!(|data: &[u8]| {
                 _ => {
                     info.ports.push(port);
                     let n = u8::try_from((i + j) % 250).unwrap_or(0) + 1;
-                    info.cluster_ips.push(IpAddr::V4(Ipv4Addr::new(10, 96, 0, n)));
+                    info.cluster_ips
+                        .push(IpAddr::V4(Ipv4Addr::new(10, 96, 0, n)));
                 }
             }
         }

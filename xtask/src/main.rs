@@ -222,6 +222,14 @@ fn build(profile: Profile) -> Result<PathBuf> {
 fn lint() -> Result<()> {
     println!("== rustfmt");
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    // The fuzz crate is a workspace of its own.
+    run(cargo().args([
+        "fmt",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+        "--all",
+        "--check",
+    ]))?;
     println!("== clippy (userspace, tests, xtask)");
     run(cargo().args([
         "clippy",
