@@ -5,6 +5,7 @@ mod bench;
 mod conformance;
 mod demo;
 mod differential;
+mod fuzz;
 mod setup;
 mod soak;
 
@@ -61,6 +62,24 @@ enum Cmd {
         /// First seed (then seed+1, ...); default: from the clock.
         #[arg(long)]
         seed: Option<u64>,
+    },
+    /// The cargo-fuzz targets (nightly, libFuzzer), each for a time from
+    /// its seed corpus, printing executions and coverage per target; then
+    /// the differential fuzzer against one Redis.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Stop a target after this many executions, if sooner.
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Only these targets (repeat); default: all.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// Seconds of differential fuzzing after the targets (0: none;
+        /// skipped when --target names targets).
+        #[arg(long, default_value_t = 600)]
+        differential_seconds: u64,
     },
     /// Benchmarks (release build); prints ratios against going direct.
     Bench {
@@ -127,6 +146,20 @@ fn main() -> Result<()> {
             setup::all()?;
             let bin = build(Profile::Debug)?;
             differential::run(&bin, seconds, seed)
+        }
+        Cmd::Fuzz {
+            seconds,
+            runs,
+            targets,
+            differential_seconds,
+        } => {
+            setup::all()?;
+            fuzz::run_until(seconds, runs, &targets)?;
+            if targets.is_empty() && differential_seconds > 0 {
+                let bin = build(Profile::Debug)?;
+                differential::run(&bin, differential_seconds, None)?;
+            }
+            Ok(())
         }
         Cmd::Bench {
             rounds,
@@ -234,6 +267,14 @@ fn build(profile: Profile) -> Result<PathBuf> {
 fn lint() -> Result<()> {
     println!("== rustfmt");
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    // The fuzz crate is a workspace of its own.
+    run(cargo().args([
+        "fmt",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+        "--all",
+        "--check",
+    ]))?;
     println!("== clippy (userspace, tests, xtask)");
     run(cargo().args([
         "clippy",
@@ -314,6 +355,8 @@ fn test() -> Result<()> {
         .env("REDIRECTOR_BIN", &bin)
         // Kernel tests fail instead of skipping when they cannot run.
         .env(testbed::require::REQUIRED_ENV, "1"))?;
+    println!("== fuzz smoke ({} s per target)", fuzz::SMOKE_SECONDS);
+    fuzz::smoke()?;
     println!("== all tests passed");
     Ok(())
 }

@@ -15,7 +15,7 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Uri};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -172,27 +172,25 @@ async fn serve_stream(
     mut respond: SendResponse<Bytes>,
 ) {
     let metrics = &shared.metrics;
-    if request.method() != Method::CONNECT {
-        return respond_with(metrics, &mut respond, StatusCode::BAD_REQUEST);
-    }
-    match &identity {
-        Ok(id) if shared.policy.allows(id) => {}
-        Ok(id) => {
-            tracing::info!(%peer, identity = %id, "tunnel refused: identity not allowed");
-            return respond_with(metrics, &mut respond, StatusCode::UNAUTHORIZED);
+    let allowed = identity.as_ref().is_ok_and(|id| shared.policy.allows(id));
+    let target = match admit(request.method(), request.uri(), allowed, shared.listen) {
+        Admission::Connect(target) if assigned_here(target) => target,
+        Admission::Connect(_) | Admission::Refuse(Refusal::NotLocalEndpoint) => {
+            tracing::debug!(%peer, uri = %request.uri(), "tunnel refused: not a local endpoint");
+            return respond_with(metrics, &mut respond, StatusCode::BAD_REQUEST);
         }
-        Err(e) => {
-            tracing::info!(%peer, error = %e, "tunnel refused: no usable identity");
-            return respond_with(metrics, &mut respond, StatusCode::UNAUTHORIZED);
+        Admission::Refuse(refusal @ Refusal::Identity) => {
+            match &identity {
+                Ok(id) => {
+                    tracing::info!(%peer, identity = %id, "tunnel refused: identity not allowed")
+                }
+                Err(e) => tracing::info!(%peer, error = %e, "tunnel refused: no usable identity"),
+            }
+            return respond_with(metrics, &mut respond, refusal.status());
         }
-    }
-    let target = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-    let Some(target) = target.filter(|t| is_local_endpoint(*t, shared.listen)) else {
-        tracing::debug!(%peer, uri = %request.uri(), "tunnel refused: not a local endpoint");
-        return respond_with(metrics, &mut respond, StatusCode::BAD_REQUEST);
+        Admission::Refuse(refusal @ Refusal::NotConnect) => {
+            return respond_with(metrics, &mut respond, refusal.status());
+        }
     };
     let upstream =
         crate::socket::connect_marked(target, shared.socket_mark, shared.connect_timeout).await;
@@ -220,11 +218,56 @@ async fn serve_stream(
     }
 }
 
-/// An address this node serves: assigned to an interface of this network
-/// namespace (binding to it succeeds), not unspecified, and loopback only
-/// for a listener on loopback (which no other host reaches). Not the HBONE
-/// port: a tunnel into a tunnel goes nowhere.
-fn is_local_endpoint(target: SocketAddr, listen: SocketAddr) -> bool {
+/// What a tunnel stream gets, decided from its request alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Connect to this endpoint, if it is assigned here ([`assigned_here`]).
+    Connect(SocketAddr),
+    Refuse(Refusal),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a `CONNECT`.
+    NotConnect,
+    /// The peer's identity is missing or not allowed by the policy.
+    Identity,
+    /// The authority is not `ip:port` of an endpoint a tunnel may reach.
+    NotLocalEndpoint,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::NotConnect | Self::NotLocalEndpoint => StatusCode::BAD_REQUEST,
+            Self::Identity => StatusCode::UNAUTHORIZED,
+        }
+    }
+}
+
+/// The checks of a `CONNECT`, in the order the module doc gives, before
+/// any I/O: the method, the peer's identity (`identity_allowed`: the
+/// policy's verdict), then the authority. Pure, so it is fuzzed.
+pub fn admit(method: &Method, uri: &Uri, identity_allowed: bool, listen: SocketAddr) -> Admission {
+    if method != Method::CONNECT {
+        return Admission::Refuse(Refusal::NotConnect);
+    }
+    if !identity_allowed {
+        return Admission::Refuse(Refusal::Identity);
+    }
+    match uri
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    {
+        Some(target) if may_target(target, listen) => Admission::Connect(target),
+        _ => Admission::Refuse(Refusal::NotLocalEndpoint),
+    }
+}
+
+/// An address a tunnel may lead to: not unspecified or multicast, loopback
+/// only for a listener on loopback (which no other host reaches), and not
+/// the HBONE port (a tunnel into a tunnel goes nowhere).
+fn may_target(target: SocketAddr, listen: SocketAddr) -> bool {
     let ip = target.ip();
     if ip.is_unspecified() || ip.is_multicast() {
         return false;
@@ -232,37 +275,70 @@ fn is_local_endpoint(target: SocketAddr, listen: SocketAddr) -> bool {
     if ip.is_loopback() && !listen.ip().is_loopback() {
         return false;
     }
-    if target.port() == 0 || target.port() == listen.port() {
-        return false;
-    }
-    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+    target.port() != 0 && target.port() != listen.port()
+}
+
+/// Whether `target`'s address is assigned to an interface of this network
+/// namespace (binding to it succeeds): a tunnel reaches this node's
+/// endpoints and nothing else.
+fn assigned_here(target: SocketAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(target.ip(), 0)).is_ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn connect(authority: &str, listen: SocketAddr) -> Admission {
+        let uri: Uri = authority.parse().expect("authority");
+        admit(&Method::CONNECT, &uri, true, listen)
+    }
+
+    /// Whether a CONNECT to `target` through `listen` reaches it.
+    fn is_local_endpoint(target: &str, listen: SocketAddr) -> bool {
+        matches!(connect(target, listen), Admission::Connect(t) if assigned_here(t))
+    }
+
     #[test]
     fn only_this_hosts_endpoints_are_targets() {
         let node: SocketAddr = "0.0.0.0:15008".parse().expect("addr");
         let on_loopback: SocketAddr = "127.0.0.1:15008".parse().expect("addr");
-        let redis: SocketAddr = "127.0.0.1:6379".parse().expect("addr");
         // Loopback endpoints only through a loopback listener.
-        assert!(!is_local_endpoint(redis, node));
-        assert!(is_local_endpoint(redis, on_loopback));
+        assert!(!is_local_endpoint("127.0.0.1:6379", node));
+        assert!(is_local_endpoint("127.0.0.1:6379", on_loopback));
         // Never the listener's own port, never unspecified.
-        assert!(!is_local_endpoint(
-            "127.0.0.1:15008".parse().expect("addr"),
-            on_loopback
-        ));
-        assert!(!is_local_endpoint(
-            "0.0.0.0:6379".parse().expect("addr"),
-            node
-        ));
+        assert!(!is_local_endpoint("127.0.0.1:15008", on_loopback));
+        assert!(!is_local_endpoint("0.0.0.0:6379", node));
         // An address no interface here has (TEST-NET-3).
-        assert!(!is_local_endpoint(
-            "203.0.113.9:6379".parse().expect("addr"),
-            node
-        ));
+        assert!(!is_local_endpoint("203.0.113.9:6379", node));
+    }
+
+    #[test]
+    fn a_tunnel_request_is_judged_by_method_then_identity_then_authority() {
+        let listen: SocketAddr = "127.0.0.1:15008".parse().expect("addr");
+        let uri: Uri = "127.0.0.1:6379".parse().expect("authority");
+        let get: Uri = "http://127.0.0.1:6379/".parse().expect("uri");
+        assert_eq!(
+            admit(&Method::GET, &get, false, listen),
+            Admission::Refuse(Refusal::NotConnect)
+        );
+        assert_eq!(
+            admit(&Method::CONNECT, &uri, false, listen),
+            Admission::Refuse(Refusal::Identity)
+        );
+        assert_eq!(Refusal::Identity.status(), StatusCode::UNAUTHORIZED);
+        // Names are not resolved: a tunnel names an address.
+        assert_eq!(
+            connect("redis.shop:6379", listen),
+            Admission::Refuse(Refusal::NotLocalEndpoint)
+        );
+        assert_eq!(
+            connect("[ff02::1]:6379", listen),
+            Admission::Refuse(Refusal::NotLocalEndpoint)
+        );
+        assert_eq!(
+            connect("127.0.0.1:6379", listen),
+            Admission::Connect("127.0.0.1:6379".parse().expect("addr"))
+        );
     }
 }

@@ -154,13 +154,19 @@ fn header(buf: &[u8], at: usize) -> Result<Option<(i64, usize)>, ()> {
     Ok(Some((parse_int(&rest[..cr]).ok_or(())?, at + 1 + cr + 2)))
 }
 
-/// A decimal integer with an optional minus sign, as RESP headers carry.
+/// A header's integer as Redis reads it (`string2ll`): an optional minus
+/// sign, then `0` alone or digits without a leading zero. A frame is
+/// forwarded as it came, so a form Redis refuses (`$03`, `*-0`) must be
+/// refused here: the node would drop the connection it shares.
 fn parse_int(digits: &[u8]) -> Option<i64> {
     let (negative, digits) = match digits.split_first() {
         Some((b'-', rest)) => (true, rest),
         _ => (false, digits),
     };
     if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    if digits[0] == b'0' && (digits.len() > 1 || negative) {
         return None;
     }
     let mut n: i64 = 0;
@@ -242,7 +248,10 @@ fn first_header_end(raw: &[u8]) -> usize {
 /// An inline command (`PING\r\n`, as typed into telnet): space-separated,
 /// with double or single quotes grouping words.
 fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+    // Redis looks for the newline with strchr(): a NUL before it hides it,
+    // and the line stays incomplete until it is too big.
+    let end = buf.iter().position(|&b| b == b'\n' || b == 0);
+    let Some(nl) = end.filter(|&at| buf[at] == b'\n') else {
         if buf.len() > limits.max_inline_len {
             return Err(ProtocolError("too big inline request".into()));
         }
@@ -259,48 +268,94 @@ fn parse_inline(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Vec<Bytes>
         .ok_or_else(|| ProtocolError("unbalanced quotes in request".into()))
 }
 
+/// An inline command line split into arguments as Redis's `sdssplitargs`
+/// does: blanks (C `isspace`) between words; inside double quotes `\xHH`
+/// and `\n \r \t \b \a` escapes, any other `\c` is `c`; inside single
+/// quotes only `\'`; a quote may open mid-word and must close it.
+/// `None`: unbalanced quotes. Forwarded as the args' encoding, a line must mean to the node
+/// what it would have meant had the client sent it there.
 fn split_inline(line: &[u8]) -> Option<Vec<Bytes>> {
+    // 0 past the end, as C's terminating NUL (a line holds no NUL).
+    let at = |i: usize| line.get(i).copied().unwrap_or(0);
+    let is_space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\x0b' | b'\x0c' | b'\r');
     let mut args = Vec::new();
     let mut i = 0;
-    while i < line.len() {
-        while i < line.len() && line[i].is_ascii_whitespace() {
+    loop {
+        while is_space(at(i)) {
             i += 1;
         }
-        if i == line.len() {
-            break;
+        if i >= line.len() {
+            return Some(args);
         }
         let mut arg = Vec::new();
-        match line[i] {
-            quote @ (b'"' | b'\'') => {
-                i += 1;
-                loop {
-                    let &b = line.get(i)?;
-                    i += 1;
-                    if b == quote {
+        let (mut in_double, mut in_single) = (false, false);
+        loop {
+            let c = at(i);
+            if in_double {
+                match c {
+                    b'\\'
+                        if at(i + 1) == b'x'
+                            && at(i + 2).is_ascii_hexdigit()
+                            && at(i + 3).is_ascii_hexdigit() =>
+                    {
+                        arg.push(hex(at(i + 2)) * 16 + hex(at(i + 3)));
+                        i += 3;
+                    }
+                    b'\\' if at(i + 1) != 0 => {
+                        i += 1;
+                        arg.push(match at(i) {
+                            b'n' => b'\n',
+                            b'r' => b'\r',
+                            b't' => b'\t',
+                            b'b' => 0x08,
+                            b'a' => 0x07,
+                            other => other,
+                        });
+                    }
+                    b'"' => {
+                        // A closing quote must end the word.
+                        if at(i + 1) != 0 && !is_space(at(i + 1)) {
+                            return None;
+                        }
+                        i += 1;
                         break;
                     }
-                    if b == b'\\' && quote == b'"' {
-                        arg.push(*line.get(i)?);
+                    0 => return None,
+                    _ => arg.push(c),
+                }
+            } else if in_single {
+                match c {
+                    b'\\' if at(i + 1) == b'\'' => {
                         i += 1;
-                    } else {
-                        arg.push(b);
+                        arg.push(b'\'');
                     }
+                    b'\'' => {
+                        if at(i + 1) != 0 && !is_space(at(i + 1)) {
+                            return None;
+                        }
+                        i += 1;
+                        break;
+                    }
+                    0 => return None,
+                    _ => arg.push(c),
                 }
-                // A closing quote must end the word.
-                if line.get(i).is_some_and(|b| !b.is_ascii_whitespace()) {
-                    return None;
+            } else {
+                match c {
+                    b' ' | b'\n' | b'\r' | b'\t' | 0 => break,
+                    b'"' => in_double = true,
+                    b'\'' => in_single = true,
+                    _ => arg.push(c),
                 }
             }
-            _ => {
-                while i < line.len() && !line[i].is_ascii_whitespace() {
-                    arg.push(line[i]);
-                    i += 1;
-                }
-            }
+            i += 1;
         }
         args.push(Bytes::from(arg));
     }
-    Some(args)
+}
+
+/// The value of an ASCII hex digit.
+fn hex(digit: u8) -> u8 {
+    char::from(digit).to_digit(16).map_or(0, |d| d as u8)
 }
 
 #[cfg(test)]
@@ -389,6 +444,60 @@ mod tests {
             rest,
             Err(ProtocolError("unbalanced quotes in request".into()))
         );
+    }
+
+    #[test]
+    fn headers_with_leading_zeros_are_refused_as_redis_refuses_them() {
+        // Found by the `request` fuzz target: these were accepted and
+        // forwarded as they came, and Redis answers them with a protocol
+        // error and closes the (shared) upstream connection.
+        for (frame, error) in [
+            (&b"*01\r\n$4\r\nPING\r\n"[..], "invalid multibulk length"),
+            (b"*1\r\n$04\r\nPING\r\n", "invalid bulk length"),
+            (b"*-0\r\n", "invalid multibulk length"),
+            (b"*1\r\n$-0\r\n", "invalid bulk length"),
+        ] {
+            let (reqs, rest) = parse_all(frame);
+            assert!(reqs.is_empty(), "{frame:?} was accepted");
+            assert_eq!(rest, Err(ProtocolError(error.into())), "{frame:?}");
+        }
+        let (reqs, _) = parse_all(b"*1\r\n$0\r\n\r\n*0\r\n*1\r\n$4\r\nPING\r\n");
+        assert_eq!(reqs, vec![vec![b("")], vec![b("PING")]]);
+    }
+
+    #[test]
+    fn inline_escapes_and_quotes_mean_what_they_mean_to_redis() {
+        // sdssplitargs: escapes in double quotes, \' in single quotes, a
+        // quote opening mid-word.
+        let (reqs, rest) = parse_all(
+            b"SET k \"a\\nb\\x41\\q\"\r\nSET k 'it\\'s'\r\nSET ab\"c d\" v\r\nGET k\r\nGET k\x00 junk\r\n",
+        );
+        // A NUL hides the newline from Redis: the line waits, then is
+        // too big.
+        assert_eq!(rest, Ok(Parsed::Incomplete { needed: 0 }));
+        let (_, rest) = parse_all(&[&b"GET k\x00\r\n"[..], &[b'x'; 64]].concat());
+        assert_eq!(rest, Err(ProtocolError("too big inline request".into())));
+        assert_eq!(
+            reqs,
+            vec![
+                vec![b("SET"), b("k"), b("a\nbAq")],
+                vec![b("SET"), b("k"), b("it's")],
+                vec![b("SET"), b("abc d"), b("v")],
+                vec![b("GET"), b("k")],
+            ]
+        );
+        for line in [
+            &b"SET k \"a\"b\r\n"[..],
+            b"SET k 'a'b\r\n",
+            b"SET k \"a\\\"\r\n",
+        ] {
+            let (_, rest) = parse_all(line);
+            assert_eq!(
+                rest,
+                Err(ProtocolError("unbalanced quotes in request".into())),
+                "{line:?}"
+            );
+        }
     }
 
     #[test]
