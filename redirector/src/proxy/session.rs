@@ -388,8 +388,8 @@ impl Session {
                 && !self.closing
                 && pending.len() < settings.max_pipeline
             {
-                // One pipeline's worth at a time: the other clients on
-                // this worker get a turn between them.
+                // A turn's worth (`REQUESTS_PER_TURN`) at a time: the other
+                // clients on this worker get a turn between them.
                 tokio::task::yield_now().await;
                 continue;
             }
@@ -418,10 +418,7 @@ impl Session {
             // itself they would cost every idle client their size.
             let idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
             if let Some(deadline) = idle_deadline {
-                match idle_timer.as_mut() {
-                    Some(timer) => timer.as_mut().reset(deadline),
-                    None => idle_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                }
+                arm(&mut idle_timer, deadline);
             }
             // Only a client over its soft limit reads the limits here.
             let soft_deadline = if soft_clock.is_running() && !out.is_empty() {
@@ -432,10 +429,7 @@ impl Session {
                 None
             };
             if let Some(deadline) = soft_deadline {
-                match soft_timer.as_mut() {
-                    Some(timer) => timer.as_mut().reset(deadline),
-                    None => soft_timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-                }
+                arm(&mut soft_timer, deadline);
             }
             let mut unpaused = self
                 .held
@@ -1582,6 +1576,14 @@ enum After {
 struct Hello {
     protocol: Protocol,
     name: Option<Bytes>,
+}
+
+/// Sets `timer` to fire at `deadline`, making it on first use only.
+fn arm(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, deadline: tokio::time::Instant) {
+    match timer.as_mut() {
+        Some(timer) => timer.as_mut().reset(deadline),
+        None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+    }
 }
 
 /// Writes as much of `out` as the socket takes without waiting, and keeps
