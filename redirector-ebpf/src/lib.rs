@@ -43,6 +43,9 @@ pub mod program_names {
     pub const CONNECT6: &str = "redir_connect6";
     pub const SOCK_OPS: &str = "redir_sockops";
     pub const ALL: [&str; 3] = [CONNECT4, CONNECT6, SOCK_OPS];
+    /// The proxy listeners' `SO_REUSEPORT` program (not a cgroup program,
+    /// not in `ALL`): loaded by each daemon, attached to its own listeners.
+    pub const REUSEPORT: &str = "redir_reuseport";
 }
 
 /// Capacities. `ORIG_DST` holds established steered connections the proxy

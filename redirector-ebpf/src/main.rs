@@ -29,8 +29,8 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_map_lookup_elem,
         bpf_setsockopt, bpf_sk_release, bpf_sk_storage_delete, bpf_sk_storage_get,
     },
-    macros::{btf_map, cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{btf_map, cgroup_sock_addr, sk_reuseport, sock_ops},
+    programs::{SkReuseportContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use redirector_ebpf::{
@@ -43,6 +43,8 @@ use redirector_ebpf::{
 const ALLOW: i32 = 1;
 /// sock_ops: success, so that the kernel keeps `reply` (ours and others').
 const SOCK_OPS_OK: u32 = 1;
+/// sk_reuseport: no socket chosen, so the kernel picks one by hash.
+const SK_PASS: u32 = 1;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
@@ -108,6 +110,18 @@ pub fn redir_sockops(ctx: SockOpsContext) -> u32 {
         }
     }
     SOCK_OPS_OK
+}
+
+/// Attached to the proxy's `SO_REUSEPORT` group, never to a cgroup: it
+/// chooses nothing (the kernel spreads connections by hash, as without a
+/// program). Its attach type, `SELECT_OR_MIGRATE`, is what matters: when an
+/// old proxy closes its listener during an upgrade, the connections waiting
+/// in its accept queue (and half-open ones) move to the new proxy's
+/// listener instead of being reset, for this group only (the node-wide
+/// `net.ipv4.tcp_migrate_req` stays as the node has it).
+#[sk_reuseport(migrate)]
+pub fn redir_reuseport(_ctx: SkReuseportContext) -> u32 {
+    SK_PASS
 }
 
 // The verifier only accepts full 4-byte loads and stores of these context

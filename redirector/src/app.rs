@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use crate::{
     admin,
     config::{HboneConfig, RunConfig},
+    handover,
     hbone::{Mesh, inbound::Inbound, outbound::Outbound},
     identity::{
         Policy,
@@ -102,16 +103,27 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     let layout = Layout::new(&config.pin_dir);
     let mut kernel = None;
     let mut orig_dst = None;
+    let mut reuseport = None;
     if config.steering {
         let cgroup_root = steering::fs::resolve_cgroup_root(config.cgroup_root.as_deref())?;
         let installed = steering::install(&layout, &cgroup_root, kernel_log_level())?;
         warn_about_programs_ahead(&cgroup_root, &installed);
         tokio::spawn(forward_kernel_logs(installed.log_program_id()));
+        reuseport = installed.reuseport;
         let maps = Maps::open(&layout)?;
         let netns_cookie = crate::netns::current_cookie().map_err(Error::OwnNetns)?;
         let mut kernel_side = Kernel { maps, netns_cookie };
-        // Until the proxy is ready, steered namespaces go direct.
-        kernel_side.beat(&config, 0, false);
+        // Until the proxy is ready, steered namespaces go direct; but a
+        // beating entry is an old daemon still serving (an upgrade): its
+        // heartbeat stands until this one beats (a dead daemon's listener
+        // has left rdr_listener, so its last beat steers nothing).
+        if kernel_side
+            .maps
+            .proxy()
+            .map_or(true, |entry| entry.heartbeat_ns == 0)
+        {
+            kernel_side.beat(&config, 0, false);
+        }
         kernel = Some(kernel_side);
         orig_dst = Some(OrigDstTable::open(&layout)?);
         info!(cgroup = %cgroup_root.display(), pins = %layout.pin_dir.display(), "steering installed");
@@ -177,12 +189,14 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         ))
     };
     let front = make_front(0);
-    // Listeners first, then ready: the DaemonSet's readiness means "programs
+    // Bound now, listening below: the DaemonSet's readiness means "programs
     // attached and listener up", not "Redis reachable" (a Redis outage
     // must not stall a rolling upgrade). Steering itself waits for the
     // heartbeat, which waits for a backend.
-    let proxy = Proxy::bind(&config.proxy_addrs, config.workers > 1)?;
+    let proxy = Proxy::bind(&config.proxy_addrs)?;
     let listeners = proxy.local_addrs();
+    // Another daemon listening there: an upgrade, this is the new one.
+    let predecessor = handover::others_listen(&listeners, 0);
     let (extra, start_extra) = workers::start_extra(config.workers, &listeners, make_front)?;
     let mut all_workers = vec![Worker {
         index: 0,
@@ -221,12 +235,6 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         Arc::clone(&health),
     )?;
 
-    if config.steering {
-        let mut slots = Listeners::open(&layout)?;
-        for (addr, socket) in proxy.sockets() {
-            slots.register(addr, socket)?;
-        }
-    }
     // The backends, and the kernel's targets leading to them.
     let targets = serving.apply(&config.backends);
     if config.require_backends {
@@ -236,6 +244,35 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
             result = serving.require_up(config.connect_timeout) => result?,
             _ = sigterm.recv() => return Ok(Exit::Signal),
             _ = sigint.recv() => return Ok(Exit::Signal),
+        }
+    } else if predecessor {
+        // The old daemon serves meanwhile: a connection given to this one
+        // before its backend is up would be relayed as is (a cluster
+        // client sees MOVED). Bounded, so a Redis down for both does not
+        // hold the upgrade.
+        info!("another redirector serves the proxy addresses: listening once the backends are up");
+        tokio::select! {
+            result = serving.require_up(handover::PREDECESSOR_WAIT) => {
+                if let Err(e) = result {
+                    warn!(error = %e, "listening beside the old daemon with a backend not up");
+                }
+            }
+            _ = sigterm.recv() => return Ok(Exit::Signal),
+            _ = sigint.recv() => return Ok(Exit::Signal),
+        }
+    }
+    proxy.listen()?;
+    // One attach per address's group (the other workers' listeners join
+    // it), once in the group.
+    for (addr, socket) in proxy.sockets() {
+        if let Some(Err(e)) = reuseport.as_ref().map(|p| p.attach(socket)) {
+            warn!(%addr, error = %e, "cannot attach redir_reuseport: an upgrade resets the connections queued on this listener");
+        }
+    }
+    if config.steering {
+        let mut slots = Listeners::open(&layout)?;
+        for (addr, socket) in proxy.sockets() {
+            slots.register(addr, socket)?;
         }
     }
     health.set_ready();
@@ -311,15 +348,55 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         }
     };
 
-    if exit == Exit::Signal
-        && let Some(kernel) = kernel.as_mut()
-    {
-        // Connects go direct from now on instead of to a closing listener.
-        kernel.beat(&config, 0, false);
+    if exit == Exit::Signal {
+        health.drain();
+        if handover::others_listen(&listeners, config.workers) {
+            // Its heartbeat keeps steering on; ours stops with us.
+            info!("a new redirector listens on the proxy addresses: handing over to it");
+        } else if let Some(kernel) = kernel.as_mut() {
+            // Connects go direct from now on instead of to a closing listener.
+            kernel.beat(&config, 0, false);
+        }
+        // Closing the listeners moves their queued connections to the
+        // successor's (redir_reuseport); the clients here are drained.
+        serving_task.abort();
+        let _ = serving_task.await;
+        start_extra.stop_accepting();
+        tokio::select! {
+            () = drain(&gate, &serving, config.drain_grace) => {}
+            _ = sigterm.recv() => info!("second signal: not waiting for clients"),
+            _ = sigint.recv() => info!("second signal: not waiting for clients"),
+        }
+    } else {
+        serving_task.abort();
     }
-    serving_task.abort();
     info!(?exit, "redirector stopped");
     Ok(exit)
+}
+
+/// Waits for the connected clients to leave: idle ones are asked to, at a
+/// request boundary; the rest have `grace`.
+async fn drain(gate: &Gate, serving: &Serving, grace: Duration) {
+    let started = tokio::time::Instant::now();
+    loop {
+        // Again each time: a client accepted just before the listeners
+        // closed registers a moment later.
+        serving.ask_clients_to_leave();
+        let left = gate.connected_clients();
+        if left == 0 {
+            info!(took = ?started.elapsed(), "every client has left");
+            return;
+        }
+        if started.elapsed() >= grace {
+            info!(
+                left,
+                ?grace,
+                "drain grace period over: closing the clients left"
+            );
+            return;
+        }
+        tokio::time::sleep(handover::DRAIN_CHECK).await;
+    }
 }
 
 /// Keeps the served backends and the kernel's targets equal to the targets

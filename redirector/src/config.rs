@@ -92,6 +92,8 @@ pub struct RunConfig {
     pub steered_mark: Option<MarkBits>,
     /// Zero: always steer, even while the proxy is down (fail closed).
     pub liveness: Duration,
+    /// On SIGTERM, how long connected clients may stay (`handover`).
+    pub drain_grace: Duration,
     pub connect_timeout: Duration,
     /// Exit at start unless every backend answers within `connect_timeout`.
     pub require_backends: bool,
@@ -294,6 +296,7 @@ mod tests {
             socket_mark: crate::steering::DEFAULT_SOCKET_MARK,
             steered_mark: Some("0x539/0xfff".parse().unwrap()),
             liveness: DEFAULT_LIVENESS,
+            drain_grace: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(5),
         }
     }

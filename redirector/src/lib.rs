@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod cni;
 pub mod config;
 pub mod fasthash;
+pub mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod k8s;

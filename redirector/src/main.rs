@@ -329,6 +329,11 @@ struct RunArgs {
     /// Connects go direct when the proxy's heartbeat is older than this (fail open); 0 always steers (fail closed).
     #[arg(long, default_value = "3s", value_parser = config::parse_duration)]
     liveness: Duration,
+    /// On SIGTERM: how long clients still connected may stay (idle ones
+    /// are closed at a request boundary sooner); then the daemon exits.
+    /// Keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, default_value = "20s", value_parser = config::parse_duration)]
+    drain_grace: Duration,
     /// Upstream connect timeout.
     #[arg(long, default_value = "5s", value_parser = config::parse_duration)]
     connect_timeout: Duration,
@@ -970,6 +975,7 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
         socket_mark: args.socket_mark,
         steered_mark: args.steered_socket_mark,
         liveness: args.liveness,
+        drain_grace: args.drain_grace,
         connect_timeout: args.connect_timeout,
         hbone: args.hbone.into_config()?,
         kubernetes,

@@ -5,9 +5,11 @@
 //! Each Redis backend has its own topology, pools, leases, command table,
 //! settings and metrics series (`backend="NAME"`): two backends never share
 //! an upstream connection or a cached topology. The kernel's target map
-//! carries each target's backend id; ids are never reused while the daemon
-//! runs, so a connection steered for a removed backend cannot land on a new
-//! one (it is relayed to where it was going instead).
+//! carries each target's backend id, a hash of the backend's name
+//! ([`backend_id`]): during an upgrade two daemons serve the node at once
+//! and both write that map, so they must agree on every id without talking
+//! to each other. A connection lands on whatever backend serves that name
+//! now (a removed one's connections are relayed to where they were going).
 //!
 //! With several workers, each backend is discovered and refreshed once (on
 //! the control runtime), and served on every worker by a copy of its own:
@@ -69,7 +71,10 @@ pub struct Defaults {
 
 /// One backend's life.
 struct Running {
+    /// The kernel's id (shared with a replacement under the same name).
     id: u32,
+    /// This daemon's own, never shared: which `Running` a drain is for.
+    serial: u64,
     declared: Declared,
     health: Arc<BackendHealth>,
     /// One per worker, each recording into that worker's shards.
@@ -91,6 +96,8 @@ struct BackendHealth {
     /// Why it is not up (the last discovery error).
     last_error: Mutex<Option<String>>,
     topology: Mutex<Option<Arc<Topology>>>,
+    /// Its clients registry, once up (Redis backends only).
+    common: Mutex<Option<Arc<BackendCommon>>>,
 }
 
 impl BackendHealth {
@@ -108,7 +115,7 @@ pub struct Serving {
 
 #[derive(Default)]
 struct State {
-    next_id: u32,
+    next_serial: u64,
     running: Vec<Running>,
     /// Metrics of replaced backends whose name lives on: their series are
     /// dropped with the last backend of that name.
@@ -143,7 +150,7 @@ impl Serving {
                 .running
                 .iter_mut()
                 .find(|r| !r.draining && r.declared.spec.name == declared.spec.name);
-            let id = match current {
+            let (id, serial) = match current {
                 Some(running) if same_backend(&running.declared, declared) => {
                     // Seeds follow the Services; the cluster stays.
                     if let (Kind::Cluster { seeds }, Some(topology)) = (
@@ -160,17 +167,24 @@ impl Serving {
                         topology.set_seeds(seeds.clone());
                     }
                     running.declared = declared.clone();
-                    running.id
+                    (running.id, running.serial)
                 }
                 _ => {
-                    let id = state.next_id;
-                    state.next_id += 1;
-                    let running = self.start(id, declared.clone());
+                    let taken: Vec<u32> = state
+                        .running
+                        .iter()
+                        .filter(|r| !r.draining && r.declared.spec.name != declared.spec.name)
+                        .map(|r| r.id)
+                        .collect();
+                    let id = backend_id(&declared.spec.name, &taken);
+                    let serial = state.next_serial;
+                    state.next_serial += 1;
+                    let running = self.start(id, serial, declared.clone());
                     state.running.push(running);
-                    id
+                    (id, serial)
                 }
             };
-            keep.push(id);
+            keep.push(serial);
             targets.extend(declared.targets.iter().map(|t| (*t, id)));
         }
         let direct = wanted.first().and_then(|first| {
@@ -182,9 +196,14 @@ impl Serving {
         });
         let mut gone = Vec::new();
         for running in &mut state.running {
-            if !running.draining && !keep.contains(&running.id) {
+            if !running.draining && !keep.contains(&running.serial) {
                 running.draining = true;
-                gone.push(running.id);
+                gone.push((running.id, running.serial));
+                // Not up: no client to drain, and its discovery must not
+                // route the id a replacement now owns.
+                if !running.health.up.load(Ordering::Relaxed) {
+                    running.task.abort();
+                }
                 info!(backend = %running.declared.spec.name, "backend removed: draining its clients");
             }
         }
@@ -192,18 +211,18 @@ impl Serving {
         for worker in &self.workers {
             worker.front.update(|routes| {
                 routes.direct = direct;
-                for id in &gone {
+                for (id, _) in &gone {
                     routes.by_id.remove(id);
                 }
             });
         }
-        for id in gone {
-            tokio::spawn(Arc::clone(self).drain(id));
+        for (_, serial) in gone {
+            tokio::spawn(Arc::clone(self).drain(serial));
         }
         targets
     }
 
-    fn start(self: &Arc<Self>, id: u32, declared: Declared) -> Running {
+    fn start(self: &Arc<Self>, id: u32, serial: u64, declared: Declared) -> Running {
         let metrics: Vec<_> = self
             .workers
             .iter()
@@ -220,6 +239,7 @@ impl Serving {
         info!(backend = %declared.spec.name, kind = declared.spec.kind.name(), id, "backend declared");
         Running {
             id,
+            serial,
             declared,
             health,
             metrics,
@@ -340,6 +360,7 @@ impl Serving {
             settings.allow_admin_commands = allow;
         }
         let common = BackendCommon::new(self.workers.len(), settings.output_limits);
+        *health.common.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&common));
         let mut served = Vec::new();
         for (worker, metrics) in self.workers.iter().zip(per_worker) {
             let shared = Arc::new(Shared::on_worker(
@@ -381,14 +402,14 @@ impl Serving {
     }
 
     /// Waits for a removed backend's clients to leave, then stops it.
-    async fn drain(self: Arc<Self>, id: u32) {
+    async fn drain(self: Arc<Self>, serial: u64) {
         let started = Instant::now();
         loop {
             let clients = self
                 .state()
                 .running
                 .iter()
-                .find(|r| r.id == id)
+                .find(|r| r.serial == serial)
                 .map(Running::clients);
             match clients {
                 Some(n) if n > 0 => tokio::time::sleep(DRAIN_CHECK).await,
@@ -396,7 +417,7 @@ impl Serving {
             }
         }
         let mut state = self.state();
-        let Some(index) = state.running.iter().position(|r| r.id == id) else {
+        let Some(index) = state.running.iter().position(|r| r.serial == serial) else {
             return;
         };
         let running = state.running.remove(index);
@@ -417,6 +438,24 @@ impl Serving {
             });
         }
         info!(backend = %running.declared.spec.name, drained_in = ?started.elapsed(), "backend dropped");
+    }
+
+    /// The daemon is going away: every Redis client is closed once quiet
+    /// at a request boundary (relayed and subscribed ones stay until they
+    /// leave or the grace period ends).
+    pub fn ask_clients_to_leave(&self) {
+        let state = self.state();
+        for running in &state.running {
+            let common = running
+                .health
+                .common
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            for client in common.iter().flat_map(|c| c.clients.all()) {
+                client.leave_when_quiet();
+            }
+        }
     }
 
     /// Whether any backend serves (the heartbeat steers only then).
@@ -521,6 +560,28 @@ fn forget(per_worker: &[Arc<ProxyMetrics>]) {
     }
 }
 
+/// The kernel's id of the backend named `name`: FNV-1a of the name, so
+/// every daemon on the node (an upgrade's old and new one) gives the same
+/// name the same id. Should another backend's id in `taken` collide, the
+/// name is hashed again with a counter.
+pub fn backend_id(name: &str, taken: &[u32]) -> u32 {
+    fn fnv1a(parts: &[&[u8]]) -> u32 {
+        let mut hash: u32 = 0x811c_9dc5;
+        for byte in parts.iter().flat_map(|p| p.iter()) {
+            hash ^= u32::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+        hash
+    }
+    let mut id = fnv1a(&[name.as_bytes()]);
+    let mut round: u32 = 0;
+    while taken.contains(&id) {
+        round += 1;
+        id = fnv1a(&[name.as_bytes(), b"#", &round.to_le_bytes()]);
+    }
+    id
+}
+
 /// Whether a new declaration is the backend already running (same kind and
 /// settings; a cluster's seeds may change, they only help find it).
 fn same_backend(running: &Declared, new: &Declared) -> bool {
@@ -542,6 +603,23 @@ mod tests {
             options: Default::default(),
             source: "test".into(),
         }
+    }
+
+    #[test]
+    fn a_backend_id_depends_on_its_name_alone_so_two_daemons_agree() {
+        // The FNV-1a test vectors: the id is stable across builds.
+        assert_eq!(backend_id("", &[]), 0x811c_9dc5);
+        assert_eq!(backend_id("a", &[]), 0xe40c_292c);
+        assert_eq!(backend_id("foobar", &[]), 0xbf9c_f968);
+        assert_ne!(backend_id("cart", &[]), backend_id("shop", &[]));
+        let cart = backend_id("cart", &[]);
+        let again = backend_id("cart", &[cart]);
+        assert_ne!(again, cart, "a collision is hashed again");
+        assert_eq!(
+            again,
+            backend_id("cart", &[cart]),
+            "and still the same everywhere"
+        );
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! The one place the daemon opens outbound TCP sockets (ztunnel's socket
-//! factory, in small).
+//! The one place the daemon opens TCP sockets (ztunnel's socket factory,
+//! in small): outbound connections, and the proxy's and admin listeners.
 //!
 //! Every socket it opens carries the proxy's `SO_MARK`, which the connect
 //! programs recognise and never steer: without it a proxy in an enrolled
 //! namespace would dial itself forever. The proxy's dialer and both HBONE
 //! directions use it, so none of them depends on another for a socket.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, net::TcpListener as StdTcpListener, time::Duration};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -32,4 +32,66 @@ pub async fn connect_marked(
             format!("connect timed out after {timeout:?}"),
         )),
     }
+}
+
+/// What a listener is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listening {
+    /// Where steered connects land: the node address may not be up yet,
+    /// and every accepted client wants `TCP_NODELAY`.
+    Proxy,
+    /// `/metrics`, probes, `/status`.
+    Admin,
+}
+
+/// A non-blocking listener on `addr`, with `SO_REUSEPORT`: a daemon's
+/// workers share the proxy addresses, and an upgrade's new daemon binds
+/// every address beside the old one before the old one hands over. Only
+/// sockets of the same user can join a group: root's, here.
+pub fn listener(addr: SocketAddr, listening: Listening) -> io::Result<StdTcpListener> {
+    let socket = bound(addr, listening)?;
+    listen(&socket)?;
+    Ok(socket)
+}
+
+/// Starts listening on a socket from [`bound`]: from now on the kernel
+/// hands it connections (its share of the `SO_REUSEPORT` group's).
+pub fn listen(socket: &StdTcpListener) -> io::Result<()> {
+    nix::sys::socket::listen(socket, nix::sys::socket::Backlog::MAXCONN)?;
+    Ok(())
+}
+
+/// [`listener`], bound but not listening yet: the address is taken (a
+/// conflict fails now), but until [`listen`] the socket is not in the
+/// `SO_REUSEPORT` group, so no connection lands on a daemon that cannot
+/// serve it yet.
+pub fn bound(addr: SocketAddr, listening: Listening) -> io::Result<StdTcpListener> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, socket};
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    if listening == Listening::Proxy {
+        // The node address may not be up yet when the daemon starts.
+        setsockopt(&fd, sockopt::IpFreebind, &true)?;
+        // Accepted sockets inherit it: one syscall here instead of one per
+        // client.
+        setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
+    }
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )?;
+    Ok(StdTcpListener::from(fd))
 }

@@ -48,13 +48,17 @@ impl Extra {
     pub fn serve(&self) {
         self.go.send_replace(true);
     }
+
+    /// Closes every extra worker's listeners; their clients stay served.
+    pub fn stop_accepting(&self) {
+        self.go.send_replace(false);
+    }
 }
 
-/// Starts workers `1..count` on their own threads, each with listeners on
-/// `addrs` (the first worker's, bound with `SO_REUSEPORT`) and the routes
-/// `front(index)` makes for it. Their listeners hold connections in their
-/// backlog until [`Extra::serve`], as the first worker's do until it
-/// serves.
+/// Starts workers `1..count` on their own threads, each with sockets bound
+/// on `addrs` (the first worker's, with `SO_REUSEPORT`) and the routes
+/// `front(index)` makes for it. They listen and accept from
+/// [`Extra::serve`] on, as the first worker's do.
 pub fn start_extra(
     count: usize,
     addrs: &[SocketAddr],
@@ -67,11 +71,9 @@ pub fn start_extra(
             .enable_all()
             .build()
             .map_err(|source| Error::Runtime { index, source })?;
-        // Registered with this worker's reactor, not the caller's.
-        let proxy = {
-            let _entered = runtime.enter();
-            Proxy::bind(addrs, true)?
-        };
+        // Bound now (a conflict fails the start); the sockets join this
+        // worker's reactor when it serves.
+        let proxy = Proxy::bind(addrs)?;
         let routes = front(index);
         let serving = Arc::clone(&routes);
         let mut ready = ready.clone();
@@ -82,7 +84,15 @@ pub fn start_extra(
                     // No go (the daemon stopped before serving): the
                     // listeners just wait for the process to end.
                     if ready.wait_for(|go| *go).await.is_ok() {
-                        proxy.serve(serving).await;
+                        if let Err(e) = proxy.listen() {
+                            tracing::error!(worker = index, error = %e, "cannot listen");
+                        }
+                        // Until told to stop: the listeners close with
+                        // `serve`'s future, the sessions live on.
+                        tokio::select! {
+                            () = proxy.serve(serving) => {}
+                            _ = ready.wait_for(|go| !*go) => {}
+                        }
                     }
                     std::future::pending::<()>().await;
                 });

@@ -80,6 +80,37 @@ impl Place {
         })
     }
 
+    /// A listener inside this place's network namespace that joins the
+    /// `SO_REUSEPORT` group on `addr`, as an upgrade's new daemon does.
+    pub fn reuseport_listen(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> std::io::Result<std::net::TcpListener> {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt,
+            socket, sockopt,
+        };
+        self.in_netns(|| {
+            let family = if addr.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
+            let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+            setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            setsockopt(&fd, sockopt::ReusePort, &true)?;
+            if addr.is_ipv6() {
+                setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+            }
+            bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                &SockaddrStorage::from(addr),
+            )?;
+            listen(&fd, Backlog::MAXCONN)?;
+            Ok(std::net::TcpListener::from(fd))
+        })
+    }
+
     /// A TCP connection made from inside this place's network namespace.
     pub fn connect(
         &self,

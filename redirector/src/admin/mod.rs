@@ -57,10 +57,10 @@ pub enum Error {
 
 /// Binds a listener here, so a taken port fails the daemon's start; it is
 /// served on the admin thread.
+/// With `SO_REUSEPORT`, as the proxy's: during an upgrade the old and the
+/// new daemon both answer on it until the old one exits.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
+    crate::socket::listener(addr, crate::socket::Listening::Admin)
 }
 
 /// What each admin listener allows.

@@ -32,8 +32,10 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds the agent socket at `path`: creates its directory, replaces a
 /// stale socket left by a previous agent, and allows root only (0600).
-/// Refuses to take over a socket another agent still answers on, or to
-/// remove anything that is not a socket.
+/// A socket another agent still answers on is an upgrade under way: the
+/// new socket is renamed over it, so a plugin always finds one that
+/// answers (the old agent serves what it already accepted). Never removes
+/// anything that is not a socket.
 pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     // Blocking std::fs: a few metadata calls on a local run dir.
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -43,10 +45,7 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
         Ok(meta) if meta.file_type().is_socket() => {
             let probe = tokio::time::timeout(Duration::from_secs(1), UnixStream::connect(path));
             if let Ok(Ok(_live)) = probe.await {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{}: another agent is serving on it", path.display()),
-                ));
+                return take_over(path);
             }
             match std::fs::remove_file(path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -64,6 +63,22 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Binds beside `path`, then renames over the live socket there.
+fn take_over(path: &Path) -> io::Result<UnixListener> {
+    let mut beside = path.as_os_str().to_owned();
+    beside.push(format!(".{}", std::process::id()));
+    let beside = std::path::PathBuf::from(beside);
+    match std::fs::remove_file(&beside) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = UnixListener::bind(&beside)?;
+    std::fs::set_permissions(&beside, Permissions::from_mode(0o600))?;
+    std::fs::rename(&beside, path)?;
+    tracing::info!(path = %path.display(), "took the CNI socket over from the agent serving it (upgrade)");
     Ok(listener)
 }
 
@@ -234,9 +249,26 @@ mod tests {
         assert_eq!(raw(&socket, b""), "");
         assert_eq!(seen.lock().expect("lock").len(), 2);
 
-        // A second agent must not take the socket over while this one serves.
-        let error = rt.block_on(bind(&socket)).expect_err("live socket");
-        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+        // An upgrade's new agent takes the socket over while this one
+        // serves: new plugin connections reach the new agent.
+        let successor = rt.block_on(bind(&socket)).expect("take over a live socket");
+        let mode = std::fs::metadata(&socket)
+            .expect("socket")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "root only, as before");
+        let accepted = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async { successor.accept().await.map(drop) })
+        });
+        std::os::unix::net::UnixStream::connect(&socket).expect("connect to the successor");
+        accepted
+            .join()
+            .expect("join")
+            .expect("the successor accepted the plugin");
         rt.shutdown_timeout(Duration::from_secs(1));
     }
 

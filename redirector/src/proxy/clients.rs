@@ -66,6 +66,9 @@ pub struct ClientEntry {
     /// The tracking redirect target (0: none).
     redirect: AtomicU64,
     killed: AtomicBool,
+    /// The daemon is stopping or handing over to its successor: close at
+    /// a request boundary once the client is quiet (`handover`).
+    leave_when_quiet: AtomicBool,
     /// Wakes the session: killed, or frames pushed.
     attention: Wakeup,
     /// Frames for this client from elsewhere in the proxy (invalidations
@@ -220,6 +223,21 @@ impl ClientEntry {
         self.killed.load(Ordering::Relaxed)
     }
 
+    /// Asks the session to close the connection once the client has been
+    /// quiet for a while with nothing owed or half-sent (and not in
+    /// MULTI): the daemon is going away, and a client closed between two
+    /// requests reconnects to whoever serves next.
+    pub fn leave_when_quiet(&self) {
+        // Woken once: each wake-up would restart its quiet time.
+        if !self.leave_when_quiet.swap(true, Ordering::Relaxed) {
+            self.call_attention();
+        }
+    }
+
+    pub fn leaves_when_quiet(&self) -> bool {
+        self.leave_when_quiet.load(Ordering::Relaxed) && !self.has_flag(flags::MULTI)
+    }
+
     /// Ready once the client was killed or had frames pushed since the
     /// last time it was (polled at every turn of the session's loop).
     pub fn poll_attention(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
@@ -372,6 +390,7 @@ impl Clients {
             blocked_on: Mutex::new(None),
             redirect: AtomicU64::new(0),
             killed: AtomicBool::new(false),
+            leave_when_quiet: AtomicBool::new(false),
             attention: Wakeup::default(),
             pushed: Mutex::new(Vec::new()),
         })

@@ -221,87 +221,71 @@ impl Front {
     }
 }
 
-/// The proxy's listeners, bound: connections wait in their backlog until
-/// [`Proxy::serve`] runs.
+/// The proxy's sockets: bound at start (a taken address fails the start),
+/// listening once the daemon can serve ([`Proxy::listen`]), accepting in
+/// [`Proxy::serve`].
 pub struct Proxy {
-    listeners: Vec<TcpListener>,
+    sockets: Vec<(SocketAddr, StdTcpListener)>,
 }
 
 impl Proxy {
-    /// Binds every listener now, so a bind error surfaces before the daemon
+    /// Binds every address now, so a bind error surfaces before the daemon
     /// reports itself ready (and before the heartbeat turns steering on).
-    /// `reuse_port`: one of several workers' listeners on the same
-    /// addresses (`SO_REUSEPORT`; the kernel spreads connections).
-    pub fn bind(addrs: &[SocketAddr], reuse_port: bool) -> Result<Self, Error> {
-        let listeners = addrs
+    /// Always with `SO_REUSEPORT`: several workers share the addresses (the
+    /// kernel spreads connections), and so do an upgrade's old and new
+    /// daemon while one hands over to the other (`handover`).
+    pub fn bind(addrs: &[SocketAddr]) -> Result<Self, Error> {
+        let sockets = addrs
             .iter()
             .map(|&addr| {
-                // The socket is created non-blocking, as tokio requires.
-                let bind = || TcpListener::from_std(listener_socket(addr, reuse_port)?);
-                bind().map_err(|source| Error::Bind { addr, source })
+                let socket = crate::socket::bound(addr, crate::socket::Listening::Proxy)
+                    .map_err(|source| Error::Bind { addr, source })?;
+                // A port 0 request gets its real port here.
+                let addr = socket
+                    .local_addr()
+                    .map_err(|source| Error::Bind { addr, source })?;
+                Ok((addr, socket))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { listeners })
+        Ok(Self { sockets })
     }
 
-    /// The listening sockets, with their addresses, for `rdr_listener`.
-    pub fn sockets(&self) -> impl Iterator<Item = (SocketAddr, &TcpListener)> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok().map(|addr| (addr, l)))
+    /// Joins the addresses' `SO_REUSEPORT` groups: connections land here
+    /// from now on (waiting in the backlog until [`Self::serve`]).
+    pub fn listen(&self) -> Result<(), Error> {
+        for (addr, socket) in &self.sockets {
+            crate::socket::listen(socket).map_err(|source| Error::Bind {
+                addr: *addr,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The sockets, with their addresses, for `rdr_listener` (once
+    /// listening) and the reuseport program.
+    pub fn sockets(&self) -> impl Iterator<Item = (SocketAddr, &StdTcpListener)> {
+        self.sockets.iter().map(|(addr, socket)| (*addr, socket))
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+        self.sockets.iter().map(|(addr, _)| *addr).collect()
     }
 
-    /// Accepts until the task is dropped.
+    /// Accepts until the task is dropped; the listeners close with it.
+    /// Runs on the worker's runtime, whose reactor the sockets join here.
     pub async fn serve(self, front: Arc<Front>) {
         let mut tasks = tokio::task::JoinSet::new();
-        for listener in self.listeners {
-            tasks.spawn(accept_loop(listener, Arc::clone(&front)));
+        for (addr, socket) in self.sockets {
+            match TcpListener::from_std(socket) {
+                Ok(listener) => {
+                    tasks.spawn(accept_loop(listener, Arc::clone(&front)));
+                }
+                Err(e) => tracing::error!(%addr, error = %e, "cannot accept on the proxy listener"),
+            }
         }
         while tasks.join_next().await.is_some() {}
     }
-}
-
-fn listener_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<StdTcpListener> {
-    use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt,
-        socket, sockopt,
-    };
-    let family = match addr {
-        SocketAddr::V4(_) => AddressFamily::Inet,
-        SocketAddr::V6(_) => AddressFamily::Inet6,
-    };
-    let fd = socket(
-        family,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
-    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-    // Only with several workers: otherwise a second daemon on the same
-    // address must fail to bind, not silently take half the clients.
-    if reuse_port {
-        setsockopt(&fd, sockopt::ReusePort, &true)?;
-    }
-    if addr.is_ipv6() {
-        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
-    }
-    // The node address may not be up yet when the daemon starts.
-    setsockopt(&fd, sockopt::IpFreebind, &true)?;
-    // Accepted sockets inherit it: one syscall here instead of one per client.
-    setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrStorage::from(addr),
-    )?;
-    listen(&fd, Backlog::MAXCONN)?;
-    Ok(StdTcpListener::from(fd))
 }
 
 async fn accept_loop(listener: TcpListener, front: Arc<Front>) {
@@ -424,32 +408,52 @@ pub async fn probe(gate: &Gate, listener: SocketAddr, timeout: Duration) -> io::
         }
         _ => listener,
     };
+    // During an upgrade two daemons listen on the address, and the kernel
+    // may hand the probe to the other one, which refuses it as an unknown
+    // direct client: another connection lands by another hash.
     let exchange = async {
-        let socket = match listener {
-            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-        };
-        socket.bind(SocketAddr::new(listener.ip(), 0))?;
-        gate.set_probe_peer(Some(socket.local_addr()?));
-        let mut stream = socket.connect(listener).await?;
-        stream
-            .write_all(b"*2\r\n$4\r\nECHO\r\n$5\r\nprobe\r\n")
-            .await?;
-        let mut reply = [0u8; 64];
-        let n = stream.read(&mut reply).await?;
-        match reply[..n].first() {
-            Some(b'$') => Ok(()),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "no RESP reply to the probe's ECHO",
-            )),
+        for _ in 0..PROBE_ATTEMPTS {
+            if probe_once(gate, listener).await? {
+                return Ok(());
+            }
         }
+        Err(io::Error::other(format!(
+            "{PROBE_ATTEMPTS} probes in a row were refused (by another daemon on the address?)"
+        )))
     };
     let result = tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time")));
     gate.set_probe_peer(None);
     result
+}
+
+/// Probes in one heartbeat before it counts as failed.
+const PROBE_ATTEMPTS: usize = 8;
+
+/// One probe: true if this daemon answered, false if refused (another
+/// daemon's listener took it).
+async fn probe_once(gate: &Gate, listener: SocketAddr) -> io::Result<bool> {
+    let socket = match listener {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(listener.ip(), 0))?;
+    gate.set_probe_peer(Some(socket.local_addr()?));
+    let mut stream = socket.connect(listener).await?;
+    stream
+        .write_all(b"*2\r\n$4\r\nECHO\r\n$5\r\nprobe\r\n")
+        .await?;
+    let mut reply = [0u8; 64];
+    let n = stream.read(&mut reply).await?;
+    match reply[..n].first() {
+        Some(b'$') => Ok(true),
+        Some(b'-') => Ok(false),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "no RESP reply to the probe's ECHO",
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,13 @@
 //! lands at the same place. Replies are written as soon as the head of the
 //! queue is ready, coalesced into one write when several are.
 
-use std::{collections::VecDeque, net::SocketAddr, pin::Pin, sync::Arc, time::Instant};
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
@@ -48,6 +54,10 @@ use crate::{
 /// worker get a turn: a long pipeline of replies the proxy answers itself
 /// (PING) must not hold the thread for its whole length.
 const REQUESTS_PER_TURN: usize = 128;
+
+/// While the daemon goes away: a client quiet this long between two
+/// requests is closed, to reconnect to whoever serves next.
+pub const QUIET_BEFORE_LEAVING: Duration = Duration::from_secs(1);
 
 /// A client connection's addresses, besides the peer and local ones its
 /// registry entry (the slot's) holds.
@@ -411,6 +421,19 @@ impl Session {
             let idle = settings
                 .idle_timeout
                 .filter(|_| pending.is_empty() && !subscribed && self.monitor.is_none());
+            // Only at a request boundary: nothing owed, nothing half-sent.
+            let leaving = entry.leaves_when_quiet()
+                && pending.is_empty()
+                && inbuf.is_empty()
+                && out.is_empty()
+                && self.held.is_none()
+                && !subscribed
+                && self.monitor.is_none();
+            let idle = if leaving {
+                Some(idle.map_or(QUIET_BEFORE_LEAVING, |d| d.min(QUIET_BEFORE_LEAVING)))
+            } else {
+                idle
+            };
             if inbuf.capacity() != 0 && inbuf.capacity() - inbuf.len() < 1024 {
                 inbuf.reserve(16 * 1024);
             }

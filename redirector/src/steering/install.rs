@@ -18,14 +18,17 @@
 use std::{
     fs::{self, File},
     io,
-    os::unix::fs::MetadataExt as _,
+    os::{
+        fd::{AsFd, AsRawFd as _},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, MapInfo},
-    programs::{CgroupAttachMode, Program, links::FdLink, loaded_programs},
+    programs::{CgroupAttachMode, Program, ProgramFd, links::FdLink, loaded_programs},
 };
 use redirector_ebpf::{
     Counters, Enrollment, MAX_ENROLLED, MAX_LISTENERS, MAX_ORIG_DST, MAX_TARGETS, NetnsKey,
@@ -53,6 +56,45 @@ pub struct Installed {
     pub cgroup_root: PathBuf,
     /// (program, outcome, kernel program id), in `program_names::ALL` order.
     pub programs: Vec<(&'static str, ProgramOutcome, u32)>,
+    /// For the proxy's listeners; `None` where the kernel refused it (the
+    /// queued connections of an upgrade's old listener are then reset).
+    pub reuseport: Option<ReuseportProgram>,
+}
+
+/// `redir_reuseport`, loaded in this process (not pinned: a reuseport group
+/// keeps its own reference to the program while any of its sockets lives).
+#[derive(Debug)]
+pub struct ReuseportProgram(ProgramFd);
+
+impl ReuseportProgram {
+    /// Attaches the program to `listener`'s `SO_REUSEPORT` group (every
+    /// listener of the same address, this daemon's and another's).
+    pub fn attach(&self, listener: &impl AsFd) -> io::Result<()> {
+        nix::sys::socket::setsockopt(listener, AttachReuseportEbpf, &self.0.as_fd().as_raw_fd())
+            .map_err(io::Error::from)
+    }
+}
+
+/// `SO_ATTACH_REUSEPORT_EBPF`, which nix does not name.
+#[derive(Clone, Copy, Debug)]
+struct AttachReuseportEbpf;
+
+impl nix::sys::socket::SetSockOpt for AttachReuseportEbpf {
+    type Val = std::os::fd::RawFd;
+
+    fn set<F: AsFd>(&self, fd: &F, program: &Self::Val) -> nix::Result<()> {
+        // SAFETY: the option value is a c_int (the program fd) of that size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_fd().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ATTACH_REUSEPORT_EBPF,
+                std::ptr::from_ref(program).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        nix::errno::Errno::result(rc).map(drop)
+    }
 }
 
 impl Installed {
@@ -125,6 +167,15 @@ pub fn install(
         programs.push((name, outcome, id));
     }
     remove_stale_links(layout)?;
+    let reuseport = load_reuseport(&mut ebpf)
+        .inspect_err(|e| {
+            tracing::warn!(
+                error = %e,
+                "cannot load the listeners' SO_REUSEPORT program (kernel before 5.14?): \
+                 during an upgrade, connections queued on the old proxy's listener are reset"
+            );
+        })
+        .ok();
     for (version, dir) in &old_sets {
         let removed = remove_map_set(dir)?;
         tracing::info!(
@@ -137,7 +188,25 @@ pub fn install(
     Ok(Installed {
         cgroup_root: cgroup_root.into(),
         programs,
+        reuseport,
     })
+}
+
+fn load_reuseport(ebpf: &mut Ebpf) -> Result<ReuseportProgram, Error> {
+    let name = program_names::REUSEPORT;
+    let program_err = |source| Error::Program {
+        program: name,
+        source,
+    };
+    let Some(Program::SkReuseport(program)) = ebpf.program_mut(name) else {
+        return Err(Error::MissingProgram { program: name });
+    };
+    program.load().map_err(program_err)?;
+    let fd = program.fd().map_err(program_err)?;
+    let fd = fd
+        .try_clone()
+        .map_err(Error::io(format!("cannot duplicate the fd of {name}")))?;
+    Ok(ReuseportProgram(fd))
 }
 
 fn install_program(

@@ -29,7 +29,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use install::{Installed, ProgramOutcome, Removed, install, uninstall};
+pub use install::{Installed, ProgramOutcome, Removed, ReuseportProgram, install, uninstall};
 pub use maps::{
     Listeners, Maps, OrigDstTable, TargetSpec, bytes_to_ip, ip_to_bytes, orig_dst_addr,
 };
