@@ -97,6 +97,10 @@ struct Kernel {
 
 pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     config.validate()?;
+    // A file left by a crashed run of this container must not say ready.
+    if let Some(path) = &config.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
 
@@ -276,6 +280,10 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         }
     }
     health.set_ready();
+    let ready_file = config.ready_file.as_deref().map(ReadyFile::new);
+    if let Some(file) = &ready_file {
+        file.follow(&health);
+    }
     info!(listeners = ?listeners, steering = config.steering, "listening; waiting for the backend");
     if let Some(kernel) = kernel.as_mut() {
         kernel.set_targets(&targets);
@@ -337,6 +345,10 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         if let Some(kernel) = kernel.as_mut() {
             kernel.beat(&config, beat, gate.is_full());
         }
+        // POST /drain turns readiness off on the admin thread.
+        if let Some(file) = &ready_file {
+            file.follow(&health);
+        }
         if !ready_logged && serving.all_up() {
             ready_logged = true;
             info!(
@@ -350,6 +362,9 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
 
     if exit == Exit::Signal {
         health.drain();
+        if let Some(file) = &ready_file {
+            file.follow(&health);
+        }
         if handover::others_listen(&listeners, config.workers) {
             // Its heartbeat keeps steering on; ours stops with us.
             info!("a new redirector listens on the proxy addresses: handing over to it");
@@ -372,6 +387,38 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     }
     info!(?exit, "redirector stopped");
     Ok(exit)
+}
+
+/// `--ready-file`: exists exactly while this process is ready.
+struct ReadyFile {
+    path: std::path::PathBuf,
+}
+
+impl ReadyFile {
+    fn new(path: &std::path::Path) -> Self {
+        Self { path: path.into() }
+    }
+
+    fn follow(&self, health: &admin::Health) {
+        let ready = health.is_ready();
+        if ready == self.path.exists() {
+            return;
+        }
+        let result = if ready {
+            std::fs::write(&self.path, format!("{}\n", std::process::id()))
+        } else {
+            std::fs::remove_file(&self.path)
+        };
+        if let Err(e) = result {
+            warn!(path = %self.path.display(), error = %e, "cannot update the ready file");
+        }
+    }
+}
+
+impl Drop for ReadyFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Waits for the connected clients to leave: idle ones are asked to, at a

@@ -105,6 +105,8 @@ pub struct RunConfig {
     pub admin_addr: Option<SocketAddr>,
     /// A `/metrics`-only listener, e.g. on the node address for Prometheus.
     pub metrics_addr: Option<SocketAddr>,
+    /// Exists while this process is ready (`redirector ready`).
+    pub ready_file: Option<PathBuf>,
     pub refresh_interval: Duration,
     /// Proxy workers: threads with a runtime and listeners each.
     pub workers: usize,
@@ -286,6 +288,7 @@ mod tests {
             upstream_auth: None,
             admin_addr: None,
             metrics_addr: None,
+            ready_file: None,
             refresh_interval: Duration::from_secs(5),
             workers: 1,
             hbone: None,

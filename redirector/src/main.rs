@@ -87,6 +87,12 @@ enum Command {
         #[arg(long, default_value = "20s", value_parser = config::parse_duration)]
         timeout: Duration,
     },
+    /// Exit 0 if the daemon writing FILE (`run --ready-file`) is ready: an
+    /// exec readiness probe that asks this pod's daemon, never another.
+    Ready {
+        #[arg(long)]
+        file: PathBuf,
+    },
     /// Install or remove the CNI plugin that enrolls pods before they start.
     #[command(subcommand)]
     Cni(redirector::cni::CniCommand),
@@ -295,6 +301,12 @@ struct RunArgs {
     /// (port 15020) or IP:PORT.
     #[arg(long, env = "REDIRECTOR_METRICS_ADDR", value_parser = config::parse_metrics_addr)]
     metrics_addr: Option<SocketAddr>,
+    /// A file that exists while this process is ready (serving, not
+    /// draining), for `redirector ready`: during an upgrade two daemons
+    /// answer on the admin port, so an HTTP readiness probe may reach the
+    /// other one.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
     /// Node address the proxy listens on and steered connects are rewritten
     /// to, one per address family: IP (port 15379), IP:PORT or [IPv6]:PORT.
     /// Pods must be able to reach it.
@@ -653,6 +665,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             admin_addr,
             timeout,
         } => drain(admin_addr, timeout),
+        Command::Ready { file } => {
+            if file.exists() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("not ready: {} does not exist", file.display());
+                Ok(ExitCode::FAILURE)
+            }
+        }
         Command::Cni(command) => {
             let said = redirector::cni::run_command(command)?;
             if !said.is_empty() {
@@ -967,6 +987,7 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
         }),
         admin_addr,
         metrics_addr: args.metrics_addr,
+        ready_file: args.ready_file,
         refresh_interval: args.topology_refresh.max(Duration::from_millis(100)),
         workers: args.workers.max(1),
         pin_dir,

@@ -51,6 +51,8 @@ const AGENT_ARGS: &[&str] = &[
     "--proxy-addr=$(NODE_IPS)",
     "--admin-addr=127.0.0.1:15020",
     "--metrics-addr=$(NODE_IP)",
+    "--ready-file=/run/redirector-pod/ready",
+    "--drain-grace=20s",
     "--cgroup-root=/host/sys/fs/cgroup",
     "--pin-dir=/sys/fs/bpf/redirector",
     "--proc-root=/host/proc",
@@ -68,12 +70,6 @@ const CNI_INSTALL_ARGS: &[&str] = &[
     "--bin-dir=/host/opt/cni/bin",
     "--socket=/var/run/redirector/cni.sock",
     "--wait=300",
-];
-const DRAIN: &[&str] = &[
-    BINARY,
-    "drain",
-    "--admin-addr=127.0.0.1:15020",
-    "--timeout=20s",
 ];
 const UNINSTALL_ARGS: &[&str] = &["uninstall", "--pin-dir=/sys/fs/bpf/redirector"];
 const CNI_UNINSTALL_ARGS: &[&str] = &[
@@ -578,16 +574,6 @@ fn listen_addr(value: &str, default_port: i32) -> (String, i32) {
     }
 }
 
-/// The agent container's port named `name`.
-fn container_port(c: &Container, name: &str) -> i32 {
-    c.ports
-        .iter()
-        .flatten()
-        .find(|p| p.name.as_deref() == Some(name))
-        .unwrap_or_else(|| panic!("{}: no port {name}", c.name))
-        .container_port
-}
-
 // ---------------------------------------------------------------------------
 // The base
 
@@ -633,12 +619,19 @@ fn agent_daemonset_is_a_host_agent_with_exact_capabilities() {
     let strategy = spec.update_strategy.as_ref().expect("updateStrategy");
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
     let rolling = strategy.rolling_update.as_ref().expect("rollingUpdate");
-    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
-    assert!(
-        matches!(rolling.max_surge, None | Some(IntOrString::Int(0))),
-        "maxSurge cannot work with hostNetwork ports: {:?}",
-        rolling.max_surge
+    assert_eq!(
+        (rolling.max_unavailable.clone(), rolling.max_surge.clone()),
+        (Some(IntOrString::Int(0)), Some(IntOrString::Int(1))),
+        "a new agent starts beside the old one, which hands over"
     );
+    for c in all_containers(pod) {
+        assert!(
+            c.ports.as_deref().unwrap_or_default().is_empty(),
+            "{}: with hostNetwork a declared port is a hostPort, and the scheduler \
+             never places the surge pod beside the old one",
+            c.name
+        );
+    }
 
     let agent = container(pod, "redirector");
     assert_eq!(pod.containers.len(), 1, "one container");
@@ -768,7 +761,7 @@ fn proxy_listens_on_every_node_address() {
     let (host, port) = listen_addr(flag(&args(agent), "--proxy-addr"), PROXY_PORT);
     assert_eq!(host, "$(NODE_IPS)", "one listener per node address");
     assert_eq!(env(agent).get("NODE_IPS"), Some(&field("status.hostIPs")));
-    assert_eq!(container_port(agent, "redis-proxy"), port);
+    assert_eq!(port, PROXY_PORT, "the documented proxy port");
 }
 
 #[test]
@@ -785,62 +778,83 @@ fn only_metrics_face_the_network_and_admin_stays_on_loopback() {
     let (host, port) = listen_addr(flag(&a, "--metrics-addr"), METRICS_PORT);
     assert_eq!(host, "$(NODE_IP)", "/metrics on the node address");
     assert_eq!(env(agent).get("NODE_IP"), Some(&field("status.hostIP")));
-    assert_eq!(container_port(agent, "http-metrics"), port);
+    assert_eq!(port, METRICS_PORT, "the port the Service targets");
 }
 
 #[test]
-fn agent_probes_and_drain_use_the_loopback_admin_port() {
+fn agent_readiness_asks_its_own_pod_and_sigterm_drains() {
     let base = render("deploy");
     let ds = base.daemon_set("redirector");
     let pod = pod_spec(ds);
     let agent = container(pod, "redirector");
     let a = args(agent);
-    let admin_addr = flag(&a, "--admin-addr");
-    let admin: SocketAddr = admin_addr.parse().expect("--admin-addr is IP:PORT");
+    let admin: SocketAddr = flag(&a, "--admin-addr")
+        .parse()
+        .expect("--admin-addr is IP:PORT");
 
-    for (what, probe, path) in [
-        ("readiness", &agent.readiness_probe, "/healthz/ready"),
-        ("liveness", &agent.liveness_probe, "/healthz/live"),
-    ] {
-        let get = probe
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .unwrap_or_else(|| panic!("no HTTP {what} probe"));
-        assert_eq!(get.path.as_deref(), Some(path), "{what} probe path");
-        assert_eq!(
-            get.host,
-            Some(admin.ip().to_string()),
-            "{what} probe host: the kubelet is on the node (hostNetwork)"
-        );
-        assert_eq!(
-            get.port,
-            IntOrString::Int(admin.port().into()),
-            "{what} probe port"
-        );
-    }
-
-    let drain = agent
-        .lifecycle
+    // Two agents share the node's ports during an upgrade: readiness reads
+    // this pod's own file, never the port.
+    let ready_file = flag(&a, "--ready-file");
+    let probe = agent
+        .readiness_probe
         .as_ref()
-        .and_then(|l| l.pre_stop.as_ref())
-        .and_then(|h| h.exec.as_ref())
+        .and_then(|p| p.exec.as_ref())
         .and_then(|e| e.command.as_deref())
-        .expect("an exec preStop hook");
-    assert_eq!(drain, DRAIN, "preStop drains");
-    let drain: Vec<&str> = drain.iter().map(String::as_str).collect();
+        .expect("an exec readiness probe");
     assert_eq!(
-        flag(&drain, "--admin-addr"),
-        admin_addr,
-        "drain asks the agent's admin endpoint"
+        probe,
+        [BINARY, "ready", &format!("--file={ready_file}")],
+        "readiness asks this pod's agent"
     );
-    let timeout: i64 = flag(&drain, "--timeout")
+    let mount = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| Path::new(ready_file).starts_with(&m.mount_path))
+        .max_by_key(|m| m.mount_path.len())
+        .expect("the ready file's directory is a volume (the root is read-only)");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("volume");
+    assert!(
+        volume.empty_dir.is_some(),
+        "the ready file lives in the pod's own emptyDir, not on the host: {volume:?}"
+    );
+
+    // Liveness: either agent answering is fine.
+    let live = agent
+        .liveness_probe
+        .as_ref()
+        .and_then(|p| p.http_get.as_ref())
+        .expect("an HTTP liveness probe");
+    assert_eq!(live.path.as_deref(), Some("/healthz/live"));
+    assert_eq!(
+        live.host,
+        Some(admin.ip().to_string()),
+        "the kubelet is on the node (hostNetwork)"
+    );
+    assert_eq!(live.port, IntOrString::Int(admin.port().into()));
+
+    // SIGTERM drains; a preStop over 15020 could reach the new agent.
+    assert!(
+        agent
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .is_none(),
+        "no preStop hook"
+    );
+    let grace: i64 = flag(&a, "--drain-grace")
         .trim_end_matches('s')
         .parse()
-        .expect("--timeout in seconds");
-    let grace = pod.termination_grace_period_seconds.expect("grace period");
+        .expect("--drain-grace in seconds");
+    let period = pod.termination_grace_period_seconds.expect("grace period");
     assert!(
-        grace > timeout,
-        "terminationGracePeriodSeconds {grace} must exceed the drain's {timeout}s"
+        period > grace,
+        "terminationGracePeriodSeconds {period} must exceed --drain-grace {grace}s"
     );
 }
 
@@ -1321,7 +1335,7 @@ fn uninstall_daemonset_cleans_every_node() {
 // The flags exist
 
 /// One command line the manifests run `redirector` with, and the
-/// environment its `$(VAR)`s expand from (none for a preStop hook: the
+/// environment its `$(VAR)`s expand from (none for an exec probe: the
 /// kubelet expands only a container's command and args).
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct CommandLine {
@@ -1349,14 +1363,13 @@ fn command_lines() -> Vec<CommandLine> {
                     env: env(c),
                 });
             }
-            let pre_stop = c
-                .lifecycle
+            let probe = c
+                .readiness_probe
                 .as_ref()
-                .and_then(|l| l.pre_stop.as_ref())
-                .and_then(|h| h.exec.as_ref())
+                .and_then(|p| p.exec.as_ref())
                 .and_then(|e| e.command.as_deref());
-            if let Some([binary, rest @ ..]) = pre_stop {
-                assert_eq!(binary, BINARY, "preStop runs the image's redirector");
+            if let Some([binary, rest @ ..]) = probe {
+                assert_eq!(binary, BINARY, "the probe runs the image's redirector");
                 lines.insert(CommandLine {
                     args: rest.to_vec(),
                     env: BTreeMap::new(),
@@ -1410,7 +1423,7 @@ fn every_flag_in_the_manifests_exists_in_the_binary() {
         vec!["run"],
         vec!["cni", "install"],
         vec!["cni", "uninstall"],
-        vec!["drain"],
+        vec!["ready"],
         vec!["uninstall"],
         vec!["mount-bpffs"],
     ] {
@@ -1535,9 +1548,10 @@ fn every_command_line_parses_on_ipv4_dual_stack_and_ipv6_nodes() {
 }
 
 #[test]
-fn bare_node_addresses_take_the_ports_the_pod_declares() {
+fn bare_node_addresses_take_the_documented_ports() {
     // `--proxy-addr=$(NODE_IPS)` and `--metrics-addr=$(NODE_IP)` carry no
-    // port: the binary's defaults must be the container ports.
+    // port: the binary's defaults must be the ones the Service and the
+    // docs name.
     let help = help(&["run"]).expect("redirector run --help");
     for (name, port) in [
         ("--proxy-addr", PROXY_PORT),

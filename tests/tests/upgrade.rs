@@ -17,7 +17,7 @@ use nix::{
 use testbed::{
     daemon::{self, Daemon},
     exclusive,
-    process::{Child, wait_for},
+    process::{Child, path_str, wait_for},
     require_kernel,
     topology::{REDIS_PORT, SERVICE_VIP, Topology, proxy_addr},
     workspace_root,
@@ -113,6 +113,15 @@ fn tcp_ext(topo: &Topology, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no TcpExt {name}"))
 }
 
+/// `redirector ready --file FILE`, as the exec readiness probe runs it.
+fn ready(topo: &Topology, file: &Path) -> bool {
+    let out = topo.node_place().output(
+        path_str(&daemon::binary()),
+        &["ready", "--file", path_str(file)],
+    );
+    out.status.success()
+}
+
 fn sigterm(daemon: &Daemon) {
     let pid = i32::try_from(daemon.pid()).expect("pid");
     kill(Pid::from_raw(pid), Signal::SIGTERM).expect("SIGTERM");
@@ -135,7 +144,18 @@ fn an_upgrade_hands_over_without_a_failed_request_and_steering_never_goes_direct
     topo.start_service_cluster();
     let mut args = topo.daemon_args();
     args.extend(["--drain-grace".to_string(), "40s".to_string()]);
-    topo.start_daemon(args.clone());
+    // Each pod's own readiness, as the DaemonSet's exec probe reads it.
+    let (old_ready, new_ready) = (
+        topo.workdir().join("old.ready"),
+        topo.workdir().join("new.ready"),
+    );
+    let with_ready = |file: &Path| {
+        let mut args = args.clone();
+        args.extend(["--ready-file".to_string(), file.display().to_string()]);
+        args
+    };
+    topo.start_daemon(with_ready(&old_ready));
+    assert!(ready(&topo, &old_ready), "the old daemon is ready");
     topo.enroll(&topo.pod(0).netns);
     assert!(
         topo.pod(0).through_proxy(IpAddr::V4(SERVICE_VIP)),
@@ -153,10 +173,11 @@ fn an_upgrade_hands_over_without_a_failed_request_and_steering_never_goes_direct
     let mut successor = Daemon::start(
         &topo.node_place(),
         topo.pin_dir(),
-        args,
+        with_ready(&new_ready),
         vec![("RUST_LOG".into(), "info".into())],
         new_log.clone(),
     );
+    assert!(ready(&topo, &new_ready), "the new daemon is ready");
     std::thread::sleep(Duration::from_secs(1));
 
     let migrate_failures = tcp_ext(&topo, "TCPMigrateReqFailure");
@@ -190,6 +211,12 @@ fn an_upgrade_hands_over_without_a_failed_request_and_steering_never_goes_direct
         burst.status.success(),
         "redis-benchmark -k 0 across the handover: {burst:?}"
     );
+    wait_for(
+        "the old daemon to turn not ready",
+        Duration::from_secs(3),
+        || (!ready(&topo, &old_ready)).then_some(()),
+    );
+    assert!(ready(&topo, &new_ready), "the new daemon stays ready");
     // The long-lived pipelining client keeps the old daemon draining.
     std::thread::sleep(Duration::from_secs(4));
     assert!(
