@@ -24,6 +24,14 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndLabels {
+    how: &'static str,
+}
+
+/// How a peer can end a stream this node reads (`stream_ends_received`).
+pub const STREAM_ENDS: [&str; 3] = ["end_stream", "reset", "error"];
+
 /// HBONE tunnel metrics: connections (tunnels) by direction, CONNECT
 /// streams, their answers and bytes, and TLS handshake failures by reason.
 pub struct TunnelMetrics {
@@ -35,6 +43,7 @@ pub struct TunnelMetrics {
     bytes_in: Counter,
     bytes_out: Counter,
     handshake_failures: Family<ReasonLabels, Counter>,
+    ends_received: Family<EndLabels, Counter>,
 }
 
 impl TunnelMetrics {
@@ -49,7 +58,11 @@ impl TunnelMetrics {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             handshake_failures: Family::default(),
+            ends_received: Family::default(),
         };
+        for how in STREAM_ENDS {
+            let _ = this.ends_received.get_or_create(&EndLabels { how });
+        }
         for direction in ["inbound", "outbound"] {
             let labels = DirectionLabels { direction };
             let _ = this.opened.get_or_create(&labels);
@@ -98,6 +111,12 @@ impl TunnelMetrics {
             "sent_bytes",
             "Stream bytes sent through tunnels",
             this.bytes_out.clone(),
+        );
+        registry.register(
+            "stream_ends_received",
+            "How peers ended the CONNECT streams this node read: end_stream \
+             (END_STREAM, graceful), reset (RST_STREAM) or error (the tunnel died)",
+            this.ends_received.clone(),
         );
         registry.register(
             "tls_handshake_failures",
@@ -158,6 +177,16 @@ impl TunnelMetrics {
 
     pub fn bytes_out(&self, n: usize) {
         self.bytes_out.inc_by(n as u64);
+    }
+
+    /// A peer ended a stream this node read, `how` (one of [`STREAM_ENDS`]).
+    pub fn stream_end_received(&self, how: &'static str) {
+        self.ends_received.get_or_create(&EndLabels { how }).inc();
+    }
+
+    /// Streams peers ended `how` so far.
+    pub fn stream_ends_received(&self, how: &'static str) -> u64 {
+        self.ends_received.get_or_create(&EndLabels { how }).get()
     }
 
     pub fn handshake_failed(&self, reason: &'static str) {

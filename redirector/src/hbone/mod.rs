@@ -71,8 +71,9 @@ impl Stream {
         let guard = Arc::new(guard);
         Self {
             read: ReadHalf {
-                recv,
+                recv: Some(recv),
                 pending: Bytes::new(),
+                ended: false,
                 guard: Arc::clone(&guard),
             },
             write: WriteHalf {
@@ -111,16 +112,75 @@ impl Drop for StreamGuard {
 }
 
 pub struct ReadHalf {
-    recv: RecvStream,
+    /// Taken only by `drop`, to drain the stream to its end.
+    recv: Option<RecvStream>,
     /// The rest of the last DATA frame.
     pending: Bytes,
+    /// The peer ended the stream (or it failed): nothing left to drain.
+    ended: bool,
     guard: Arc<StreamGuard>,
+}
+
+/// How long a dropped stream's read side waits for the peer's END_STREAM
+/// before it gives up (then h2 resets it).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Drop for ReadHalf {
+    /// Dropping a stream the peer has not ended would make h2 reset it
+    /// (RST_STREAM CANCEL), which ztunnel logs and counts as a failed
+    /// connection: read it to its end instead, off the caller's path.
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        let (Some(mut recv), Ok(runtime)) =
+            (self.recv.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let guard = Arc::clone(&self.guard);
+        runtime.spawn(async move {
+            let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+                loop {
+                    match std::future::poll_fn(|cx| recv.poll_data(cx)).await {
+                        None => return "end_stream",
+                        Some(Err(e)) => return end_of(&e),
+                        Some(Ok(data)) => {
+                            let _ = recv.flow_control().release_capacity(data.len());
+                        }
+                    }
+                }
+            })
+            .await;
+            if let Ok(how) = drained {
+                guard.metrics.stream_end_received(how);
+            }
+        });
+    }
+}
+
+/// How a stream's read side ended, as `stream_ends_received` labels it.
+fn end_of(e: &h2::Error) -> &'static str {
+    if e.is_reset() { "reset" } else { "error" }
 }
 
 pub struct WriteHalf {
     send: SendStream<Bytes>,
     shut: bool,
     guard: Arc<StreamGuard>,
+}
+
+impl Drop for WriteHalf {
+    /// Ends the stream as a TCP close does (END_STREAM), not with the
+    /// RST_STREAM(CANCEL) h2 sends for a stream dropped half-open: a
+    /// discovery call, an evicted pooled connection and a client's QUIT
+    /// are graceful ends. Resets stay for real errors.
+    fn drop(&mut self) {
+        if !self.shut {
+            self.shut = true;
+            let _ = self.send.send_data(Bytes::new(), true);
+        }
+    }
 }
 
 fn h2_io_error(e: h2::Error) -> io::Error {
@@ -143,13 +203,28 @@ impl AsyncRead for ReadHalf {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         while self.pending.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
+            let Some(recv) = self.recv.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match ready!(recv.poll_data(cx)) {
                 // End of stream: EOF, as a TCP FIN.
-                None => return Poll::Ready(Ok(())),
-                Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
+                None => {
+                    if !self.ended {
+                        self.ended = true;
+                        self.guard.metrics.stream_end_received("end_stream");
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Err(e)) => {
+                    if !self.ended {
+                        self.ended = true;
+                        self.guard.metrics.stream_end_received(end_of(&e));
+                    }
+                    return Poll::Ready(Err(h2_io_error(e)));
+                }
                 Some(Ok(data)) => {
                     // The frame is ours now: let the peer send the next one.
-                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    let _ = recv.flow_control().release_capacity(data.len());
                     self.guard.metrics.bytes_in(data.len());
                     self.pending = data;
                 }
@@ -456,6 +531,102 @@ mod tunnel_tests {
             .await
             .expect("CONNECT after idling out");
         assert_eq!(out.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn streams_the_proxy_ends_close_with_end_stream_not_a_reset() {
+        let rig = rig().await;
+        let client_metrics = Arc::new(TunnelMetrics::detached());
+        let out = Outbound::new(
+            issue(&rig.ca, &rig.node, "client"),
+            rig.listener.port(),
+            rig.node.clone(),
+            Arc::clone(&client_metrics),
+            0,
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        );
+        // A discovery call or an evicted pooled connection: one exchange,
+        // then the stream is dropped as it is.
+        for _ in 0..3 {
+            let mut stream = out
+                .connect_via(rig.listener, rig.echo, Origin::default())
+                .await
+                .expect("CONNECT");
+            stream.write_all(b"PING").await.expect("write");
+            let mut back = [0u8; 4];
+            stream.read_exact(&mut back).await.expect("echo");
+            drop(stream);
+        }
+        // A client's QUIT: the write side is shut first.
+        let mut stream = out
+            .connect_via(rig.listener, rig.echo, Origin::default())
+            .await
+            .expect("CONNECT");
+        stream.write_all(b"QUIT").await.expect("write");
+        stream.shutdown().await.expect("end stream");
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).await.expect("echo, then EOF");
+        assert_eq!(back, b"QUIT");
+        drop(stream);
+        // Read by the far end: four END_STREAMs, no RST_STREAM; and the
+        // far end's own ends, drained here, are graceful too.
+        let ended = |m: &TunnelMetrics| m.stream_ends_received("end_stream");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while ended(&rig.server_metrics) < 4 || ended(&client_metrics) < 4 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("every stream ended with END_STREAM on both sides");
+        for m in [&rig.server_metrics, &client_metrics] {
+            assert_eq!(m.stream_ends_received("reset"), 0, "a stream was reset");
+            assert_eq!(m.stream_ends_received("error"), 0);
+        }
+        assert_eq!(out.connections(), 1, "the tunnel itself stays up");
+    }
+
+    /// A Redis that answers every read with an error.
+    async fn refusing_redis() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                        let _ = n;
+                        let _ = tcp.write_all(b"-ERR not a cluster\r\n").await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_discovery_call_through_a_tunnel_ends_its_stream_with_end_stream() {
+        let rig = rig().await;
+        let redis = refusing_redis().await;
+        let mesh = super::Mesh {
+            outbound: outbound(&rig, &rig.node, "client", Duration::from_secs(30)),
+            meshed: vec!["127.0.0.0/8".parse().expect("cidr")],
+        };
+        let dialer = crate::proxy::Dialer {
+            mesh: Some(Arc::new(mesh)),
+            ..crate::proxy::Dialer::plain()
+        };
+        // The answer is an error; the call is over either way.
+        let view = crate::proxy::discovery::fetch_view(&dialer, redis).await;
+        assert!(view.is_err(), "a refusing Redis gives no slot map");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while rig.server_metrics.stream_ends_received("end_stream") < 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the discovery stream ended with END_STREAM");
+        assert_eq!(rig.server_metrics.stream_ends_received("reset"), 0);
     }
 
     #[tokio::test]
