@@ -563,9 +563,17 @@ async fn start_hbone(
                 .unwrap_or_else(|| own.trust_domain.clone()),
             namespaces: config.allow_namespaces.clone(),
         };
+        let mut workloads = Vec::new();
+        for (ip, dir) in &config.workload_certs {
+            let tls = Tls::load(CertFiles::in_dir(dir))?;
+            tls.spawn_reloader(config.reload_interval);
+            info!(%ip, identity = %tls.current().identity, "HBONE workload certificate");
+            workloads.push((*ip, tls));
+        }
         let inbound = Inbound::bind(
             addr,
             Arc::clone(&tls),
+            workloads,
             policy,
             metrics.tunnels(),
             dialer.socket_mark,

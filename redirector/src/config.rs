@@ -126,8 +126,12 @@ pub struct HboneConfig {
     pub listen: Option<SocketAddr>,
     /// The port peers' listeners use.
     pub peer_port: u16,
-    /// Redis endpoints on meshed nodes.
-    pub meshed: Vec<crate::hbone::Cidr>,
+    /// Redis endpoints on meshed nodes (with the workload identities that
+    /// answer for them, where named).
+    pub meshed: Vec<crate::hbone::MeshEndpoint>,
+    /// Inbound: certificates presented on these local addresses instead of
+    /// the node's (fronted workloads).
+    pub workload_certs: Vec<(std::net::IpAddr, PathBuf)>,
     /// The identity peer nodes must prove [default: this node's own, as
     /// every node of the DaemonSet runs as the same service account].
     pub peer_identity: Option<crate::identity::Identity>,
@@ -264,6 +268,20 @@ pub fn parse_u32(s: &str) -> Result<u32, String> {
         None => s.parse(),
     };
     parsed.map_err(|e| format!("`{s}`: {e}"))
+}
+
+/// `--hbone-workload-certs IP=DIR`.
+pub fn parse_workload_certs(s: &str) -> Result<(std::net::IpAddr, PathBuf), String> {
+    let (ip, dir) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected IP=DIR"))?;
+    let ip = ip
+        .parse()
+        .map_err(|_| format!("`{s}`: `{ip}` is not an IP address"))?;
+    if dir.is_empty() {
+        return Err(format!("`{s}`: no directory"));
+    }
+    Ok((ip, dir.into()))
 }
 
 #[cfg(test)]

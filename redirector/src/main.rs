@@ -9,7 +9,6 @@ use redirector::{
     admin, app,
     config::{self, RunConfig},
     hbone::{
-        Cidr,
         metrics::TunnelMetrics,
         outbound::{Origin, Outbound},
     },
@@ -481,12 +480,21 @@ struct HboneArgs {
     #[arg(long, default_value_t = redirector::hbone::DEFAULT_PORT)]
     hbone_peer_port: u16,
     /// Redis endpoints on meshed nodes, reached through their node's
-    /// listener: addresses or CIDRs. Everything else is dialled directly.
+    /// listener: addresses or CIDRs, answered by a peer node (its identity:
+    /// --hbone-peer-identity); `ADDR=spiffe://TD/ns/NS/sa/SA` names the
+    /// workload identity that must answer for an address instead (repeat
+    /// for its Services' SANs). Everything else is dialled directly.
     #[arg(long = "mesh-endpoints", value_delimiter = ',')]
-    mesh_endpoints: Vec<Cidr>,
+    mesh_endpoints: Vec<redirector::hbone::MeshEndpoint>,
     /// Identity peer nodes must prove [default: this node's own].
     #[arg(long)]
     hbone_peer_identity: Option<Identity>,
+    /// IP=DIR: tunnels accepted on the local address IP present the
+    /// certificates in DIR (a fronted workload's identity, which a caller
+    /// such as ztunnel expects for that address) instead of the node's.
+    /// Repeatable.
+    #[arg(long = "hbone-workload-certs", value_parser = config::parse_workload_certs)]
+    hbone_workload_certs: Vec<(std::net::IpAddr, PathBuf)>,
     /// Trust domain allowed to open tunnels here [default: this node's].
     #[arg(long)]
     hbone_allow_trust_domain: Option<String>,
@@ -523,6 +531,7 @@ impl HboneArgs {
             listen,
             peer_port: self.hbone_peer_port,
             meshed: self.mesh_endpoints,
+            workload_certs: self.hbone_workload_certs,
             peer_identity: self.hbone_peer_identity,
             allow_trust_domain: self.hbone_allow_trust_domain,
             allow_namespaces: self.hbone_allow_namespaces,

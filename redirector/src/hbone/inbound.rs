@@ -35,6 +35,10 @@ pub struct Inbound {
 
 struct Shared {
     tls: Arc<Tls>,
+    /// Presented instead of `tls` on these local addresses: the fronted
+    /// workload's identity, which its callers expect (ztunnel sends no SNI,
+    /// so the address the caller dialled is all there is to go by).
+    workloads: Vec<(std::net::IpAddr, Arc<Tls>)>,
     policy: Policy,
     metrics: Arc<TunnelMetrics>,
     /// Marks the sockets to local endpoints, so steering leaves them alone.
@@ -49,6 +53,7 @@ impl Inbound {
     pub async fn bind(
         addr: SocketAddr,
         tls: Arc<Tls>,
+        workloads: Vec<(std::net::IpAddr, Arc<Tls>)>,
         policy: Policy,
         metrics: Arc<TunnelMetrics>,
         socket_mark: u32,
@@ -60,6 +65,7 @@ impl Inbound {
             listener,
             shared: Arc::new(Shared {
                 tls,
+                workloads,
                 policy,
                 metrics,
                 socket_mark,
@@ -97,7 +103,13 @@ impl Inbound {
 
 async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> io::Result<()> {
     let _ = tcp.set_nodelay(true);
-    let acceptor = TlsAcceptor::from(Arc::clone(&shared.tls.current().server));
+    let local = tcp.local_addr()?.ip();
+    let tls = shared
+        .workloads
+        .iter()
+        .find(|(ip, _)| *ip == local)
+        .map_or(&shared.tls, |(_, tls)| tls);
+    let acceptor = TlsAcceptor::from(Arc::clone(&tls.current().server));
     let tls = tls_handshake(&shared.metrics, acceptor.accept(tcp), |tls| {
         tls.get_ref().1.alpn_protocol() == Some(ALPN_H2)
     })

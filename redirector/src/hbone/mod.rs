@@ -48,14 +48,67 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// dialled directly.
 pub struct Mesh {
     pub outbound: outbound::Outbound,
-    pub meshed: Vec<Cidr>,
+    pub meshed: Vec<MeshEndpoint>,
 }
 
 impl Mesh {
     pub fn is_meshed(&self, ip: IpAddr) -> bool {
-        self.meshed.iter().any(|cidr| cidr.contains(ip))
+        self.meshed.iter().any(|e| e.cidr.contains(ip))
+    }
+
+    /// Who may answer for `ip`: the identities every entry that contains
+    /// it names, or, when none names one, the peer nodes' identity
+    /// (redirector to redirector).
+    pub fn expected(&self, ip: IpAddr) -> Option<PeerIdentities> {
+        expected_identities(&self.meshed, ip)
+    }
+
+    /// A stream to `target`, through the listener on its address, from a
+    /// peer proving one of the identities expected for it.
+    pub async fn connect(
+        &self,
+        target: std::net::SocketAddr,
+        origin: outbound::Origin,
+    ) -> Result<Stream, outbound::Error> {
+        self.outbound
+            .connect_expecting(target, origin, self.expected(target.ip()))
+            .await
     }
 }
+
+/// `--mesh-endpoints` entries: `CIDR` (a peer node answers, with the node
+/// identity) or `CIDR=spiffe://...` (the workload there, with that
+/// identity; several entries for one address add identities).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshEndpoint {
+    pub cidr: Cidr,
+    pub identity: Option<crate::identity::Identity>,
+}
+
+impl std::str::FromStr for MeshEndpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (cidr, identity) = match s.split_once('=') {
+            Some((cidr, id)) => (cidr, Some(id.parse().map_err(|e| format!("`{s}`: {e}"))?)),
+            None => (s, None),
+        };
+        let cidr = cidr.parse()?;
+        Ok(Self { cidr, identity })
+    }
+}
+
+/// The identities named for `ip` (pure; `None`: the default peer).
+pub fn expected_identities(entries: &[MeshEndpoint], ip: IpAddr) -> Option<PeerIdentities> {
+    let named: Vec<_> = entries
+        .iter()
+        .filter(|e| e.cidr.contains(ip))
+        .filter_map(|e| e.identity.clone())
+        .collect();
+    (!named.is_empty()).then(|| PeerIdentities::new(named))
+}
+
+use crate::identity::PeerIdentities;
 
 pub use crate::cidr::Cidr;
 
@@ -394,6 +447,50 @@ fn handshake_failure(e: &io::Error) -> &'static str {
 /// The tunnel end to end in one process: both sides on loopback (a loopback
 /// listener may lead to loopback endpoints), certificates minted here.
 #[cfg(test)]
+mod endpoint_tests {
+    use super::*;
+    use crate::identity::Identity;
+
+    #[test]
+    fn mesh_endpoints_name_the_identities_that_answer_for_an_address() {
+        let entries: Vec<MeshEndpoint> = [
+            "10.0.2.0/24",
+            "10.0.2.7=spiffe://cluster.local/ns/shop/sa/cart",
+            "10.0.2.7=spiffe://cluster.local/ns/shop/sa/cart-svc",
+            "10.0.3.9/32=spiffe://cluster.local/ns/auth/sa/sessions",
+        ]
+        .iter()
+        .map(|e| e.parse().expect(e))
+        .collect();
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let cart = expected_identities(&entries, ip("10.0.2.7")).expect("named");
+        assert!(cart.accepts(&Identity::new("cluster.local", "shop", "cart")));
+        assert!(cart.accepts(&Identity::new("cluster.local", "shop", "cart-svc")));
+        assert_eq!(cart.iter().count(), 2);
+        assert_eq!(
+            expected_identities(&entries, ip("10.0.2.8")),
+            None,
+            "meshed, no identity named: the peer node answers"
+        );
+        assert_eq!(
+            expected_identities(&entries, ip("10.0.3.9")),
+            Some(PeerIdentities::one(Identity::new(
+                "cluster.local",
+                "auth",
+                "sessions"
+            )))
+        );
+        for bad in [
+            "10.0.2.7=cart",
+            "10.0.2.x=spiffe://cluster.local/ns/a/sa/b",
+            "=spiffe://cluster.local/ns/a/sa/b",
+        ] {
+            assert!(bad.parse::<MeshEndpoint>().is_err(), "{bad}");
+        }
+    }
+}
+
+#[cfg(test)]
 mod tunnel_tests {
     use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -455,6 +552,7 @@ mod tunnel_tests {
         let inbound = Inbound::bind(
             "127.0.0.1:0".parse().expect("addr"),
             issue(&ca, &node, "server"),
+            Vec::new(),
             Policy {
                 trust_domain: "cluster.local".into(),
                 namespaces: vec!["redirector".into()],
@@ -584,6 +682,167 @@ mod tunnel_tests {
             assert_eq!(m.stream_ends_received("error"), 0);
         }
         assert_eq!(out.connections(), 1, "the tunnel itself stays up");
+    }
+
+    /// An echo server on `ip`.
+    async fn echo_on(ip: &str) -> SocketAddr {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tcp.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// An HBONE listener on `ip:port` presenting `identity` there (as a
+    /// fronted workload's certificate chosen by the local address; the
+    /// node's certificate otherwise).
+    async fn workload_listener(rig: &Rig, ip: &str, port: u16, identity: &Identity) -> SocketAddr {
+        let inbound = Inbound::bind(
+            SocketAddr::new(ip.parse().expect("ip"), port),
+            issue(&rig.ca, &rig.node, "node"),
+            vec![(
+                ip.parse().expect("ip"),
+                issue(&rig.ca, identity, "workload"),
+            )],
+            Policy {
+                trust_domain: "cluster.local".into(),
+                namespaces: vec![],
+            },
+            Arc::new(TunnelMetrics::detached()),
+            0,
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("bind");
+        let addr = inbound.local_addr().expect("addr");
+        tokio::spawn(inbound.run());
+        addr
+    }
+
+    fn mesh(rig: &Rig, port: u16, entries: &[&str]) -> super::Mesh {
+        super::Mesh {
+            outbound: Outbound::new(
+                issue(&rig.ca, &rig.node, "client"),
+                port,
+                rig.node.clone(),
+                Arc::new(TunnelMetrics::detached()),
+                0,
+                Duration::from_secs(1),
+                Duration::from_secs(30),
+            ),
+            meshed: entries.iter().map(|e| e.parse().expect("entry")).collect(),
+        }
+    }
+
+    async fn exchange(
+        mesh: &super::Mesh,
+        target: SocketAddr,
+    ) -> Result<(), super::outbound::Error> {
+        let mut stream = mesh.connect(target, Origin::default()).await?;
+        stream.write_all(b"PING").await.expect("write");
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back).await.expect("echo");
+        assert_eq!(&back, b"PING");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_destination_is_answered_by_the_workload_identity_named_for_it() {
+        let rig = rig().await;
+        let cart = Identity::new("cluster.local", "shop", "cart-redis");
+        // The listener presents the cart workload's certificate on
+        // 127.0.0.5, where the caller dials the workload.
+        let listener = workload_listener(&rig, "127.0.0.5", 0, &cart).await;
+        let redis = echo_on("127.0.0.5").await;
+        let named = mesh(
+            &rig,
+            listener.port(),
+            &["127.0.0.5=spiffe://cluster.local/ns/shop/sa/cart-redis"],
+        );
+        exchange(&named, redis)
+            .await
+            .expect("the workload identity is accepted");
+
+        // The same peer, where another identity is expected: refused in
+        // the handshake, before any CONNECT.
+        let other = mesh(
+            &rig,
+            listener.port(),
+            &["127.0.0.5=spiffe://cluster.local/ns/shop/sa/other"],
+        );
+        match exchange(&other, redis).await {
+            Err(super::outbound::Error::WrongPeer { found, .. }) => {
+                assert_eq!(found, cart.to_string());
+            }
+            other => panic!("expected WrongPeer, got {:?}", other.err()),
+        }
+        // And where a peer node is expected (no identity named): refused too.
+        let node = mesh(&rig, listener.port(), &["127.0.0.5"]);
+        assert!(matches!(
+            exchange(&node, redis).await,
+            Err(super::outbound::Error::WrongPeer { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn two_destinations_with_their_own_identities_and_a_peer_node_at_once() {
+        let rig = rig().await;
+        let cart = Identity::new("cluster.local", "shop", "cart-redis");
+        let sessions = Identity::new("cluster.local", "auth", "sessions-redis");
+        let first = workload_listener(&rig, "127.0.0.5", 0, &cart).await;
+        let port = first.port();
+        workload_listener(&rig, "127.0.0.6", port, &sessions).await;
+        // A redirector node: its listener presents the node identity.
+        let node_listener = Inbound::bind(
+            SocketAddr::new("127.0.0.7".parse().expect("ip"), port),
+            issue(&rig.ca, &rig.node, "peer-node"),
+            Vec::new(),
+            Policy {
+                trust_domain: "cluster.local".into(),
+                namespaces: vec![],
+            },
+            Arc::new(TunnelMetrics::detached()),
+            0,
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("bind");
+        tokio::spawn(node_listener.run());
+        let targets = [
+            echo_on("127.0.0.5").await,
+            echo_on("127.0.0.6").await,
+            echo_on("127.0.0.7").await,
+        ];
+        let both = mesh(
+            &rig,
+            port,
+            &[
+                "127.0.0.5=spiffe://cluster.local/ns/shop/sa/cart-redis",
+                "127.0.0.6=spiffe://cluster.local/ns/auth/sa/sessions-redis",
+                // A Service SAN also accepted for the sessions address.
+                "127.0.0.6=spiffe://cluster.local/ns/auth/sa/sessions-svc",
+                "127.0.0.7",
+            ],
+        );
+        let (a, b, c) = tokio::join!(
+            exchange(&both, targets[0]),
+            exchange(&both, targets[1]),
+            exchange(&both, targets[2]),
+        );
+        a.expect("cart through its workload identity");
+        b.expect("sessions through its workload identity");
+        c.expect("a peer redirector through the node identity");
+        assert_eq!(
+            both.outbound.connections(),
+            3,
+            "one tunnel per (identities, peer)"
+        );
     }
 
     /// A Redis that answers every read with an error.

@@ -1,10 +1,11 @@
 //! Dialing through HBONE: a pool of mTLS HTTP/2 connections to peer nodes,
 //! each carrying up to [`MAX_STREAMS`] `CONNECT` streams.
 //!
-//! Connections are keyed by (our identity, the peer's identity, the peer's
-//! address), as ztunnel keys its pool, so a certificate rotation on either
-//! side starts new connections instead of reusing ones proven by the old
-//! certificate. A per-key guard makes a burst of callers open one
+//! Connections are keyed by (our identity, the identities the peer may
+//! prove, the peer's address), as ztunnel keys its pool, so a certificate
+//! rotation on either side starts new connections instead of reusing ones
+//! proven by the old certificate, and a destination that must be answered
+//! by a given workload never shares a connection proven by another. A per-key guard makes a burst of callers open one
 //! connection, not one each. A connection that died (keepalive, reset,
 //! GOAWAY) is dropped from the pool, and a `CONNECT` that fails on a pooled
 //! connection before any answer is retried once on a fresh one: a stale
@@ -34,7 +35,7 @@ use super::{
     metrics::TunnelMetrics, tls_handshake,
 };
 use crate::identity::{
-    Identity, peer_identity,
+    Identity, PeerIdentities, peer_identity,
     tls::{ALPN_H2, Tls},
 };
 
@@ -47,7 +48,7 @@ pub enum Error {
     #[error("HBONE peer {addr}: expected identity {expected}, the certificate says {found}")]
     WrongPeer {
         addr: SocketAddr,
-        expected: Identity,
+        expected: PeerIdentities,
         found: String,
     },
     #[error("HBONE peer {0}: HTTP/2: {1}")]
@@ -63,7 +64,7 @@ pub enum Error {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
     local: Identity,
-    peer: Identity,
+    peer: PeerIdentities,
     addr: SocketAddr,
 }
 
@@ -114,8 +115,8 @@ struct Shared {
     tls: Arc<Tls>,
     /// The port peers' HBONE listeners use.
     port: u16,
-    /// The identity peer nodes must prove.
-    peer_identity: Identity,
+    /// What peer nodes must prove (a destination may name others).
+    peer_identity: PeerIdentities,
     metrics: Arc<TunnelMetrics>,
     socket_mark: u32,
     connect_timeout: Duration,
@@ -147,7 +148,7 @@ impl Outbound {
         let shared = Arc::new(Shared {
             tls,
             port,
-            peer_identity,
+            peer_identity: PeerIdentities::one(peer_identity),
             metrics,
             socket_mark,
             connect_timeout,
@@ -174,8 +175,19 @@ impl Outbound {
     /// target's address (Istio's convention: a meshed endpoint's node
     /// answers on the endpoint's IP).
     pub async fn connect(&self, target: SocketAddr, origin: Origin) -> Result<Stream, Error> {
+        self.connect_expecting(target, origin, None).await
+    }
+
+    /// [`Self::connect`], from a peer proving one of `expected` (`None`:
+    /// the peer nodes' identity).
+    pub async fn connect_expecting(
+        &self,
+        target: SocketAddr,
+        origin: Origin,
+        expected: Option<PeerIdentities>,
+    ) -> Result<Stream, Error> {
         let peer = SocketAddr::new(target.ip(), self.shared.port);
-        self.connect_via(peer, target, origin).await
+        self.open(peer, target, origin, expected).await
     }
 
     /// Opens a stream to `target` through the HBONE listener at `peer`.
@@ -185,10 +197,20 @@ impl Outbound {
         target: SocketAddr,
         origin: Origin,
     ) -> Result<Stream, Error> {
+        self.open(peer, target, origin, None).await
+    }
+
+    async fn open(
+        &self,
+        peer: SocketAddr,
+        target: SocketAddr,
+        origin: Origin,
+        expected: Option<PeerIdentities>,
+    ) -> Result<Stream, Error> {
         let configs = self.shared.tls.current();
         let key = Key {
             local: configs.identity.clone(),
-            peer: self.shared.peer_identity.clone(),
+            peer: expected.unwrap_or_else(|| self.shared.peer_identity.clone()),
             addr: peer,
         };
         let mut fresh_tried = false;
@@ -300,7 +322,7 @@ impl Shared {
         .map_err(|e| Error::Handshake(addr, e))?;
         // The chain is verified; now the name: is this the peer we meant?
         match peer_identity(tls.get_ref().1.peer_certificates()) {
-            Ok(found) if found == key.peer => {}
+            Ok(found) if key.peer.accepts(&found) => {}
             found => {
                 self.metrics.handshake_failed("wrong_identity");
                 return Err(Error::WrongPeer {

@@ -113,6 +113,46 @@ pub fn peer_identity(chain: Option<&[CertificateDer<'_>]>) -> Result<Identity, E
     cert_identity(leaf)
 }
 
+/// The identities a tunnel peer may prove for one destination, as ztunnel
+/// keys them: the workload's own (its namespace and service account), or
+/// one of its Services' `subjectAltNames`. Sorted and without repeats, so
+/// two equal sets pool together.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerIdentities(std::sync::Arc<[Identity]>);
+
+impl PeerIdentities {
+    pub fn new(identities: impl IntoIterator<Item = Identity>) -> Self {
+        let mut all: Vec<Identity> = identities.into_iter().collect();
+        all.sort();
+        all.dedup();
+        Self(all.into())
+    }
+
+    pub fn one(identity: Identity) -> Self {
+        Self(std::sync::Arc::from([identity]))
+    }
+
+    pub fn accepts(&self, peer: &Identity) -> bool {
+        self.0.binary_search(peer).is_ok()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Identity> {
+        self.0.iter()
+    }
+}
+
+impl fmt::Display for PeerIdentities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, id) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" or ")?;
+            }
+            write!(f, "{id}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Which peers may open tunnels to this node: one trust domain, and within
 /// it any namespace or only the listed ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +194,25 @@ mod tests {
         ] {
             assert!(bad.parse::<Identity>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_set_of_peer_identities_accepts_each_member_and_nothing_else() {
+        let a = Identity::new("cluster.local", "redis", "cart");
+        let b = Identity::new("cluster.local", "redis", "shop");
+        let set = PeerIdentities::new([b.clone(), a.clone(), b.clone()]);
+        assert!(set.accepts(&a) && set.accepts(&b));
+        assert!(!set.accepts(&Identity::new("cluster.local", "redis", "other")));
+        assert_eq!(
+            set,
+            PeerIdentities::new([a.clone(), b.clone()]),
+            "order and repeats do not matter"
+        );
+        assert_eq!(
+            set.to_string(),
+            "spiffe://cluster.local/ns/redis/sa/cart or spiffe://cluster.local/ns/redis/sa/shop"
+        );
+        assert_ne!(set, PeerIdentities::one(a));
     }
 
     #[test]

@@ -86,8 +86,7 @@ impl Dialer {
             let limit = self.connect_timeout + hbone::HANDSHAKE_TIMEOUT;
             let opened = tokio::time::timeout(
                 limit,
-                mesh.outbound
-                    .connect(addr, hbone::outbound::Origin::default()),
+                mesh.connect(addr, hbone::outbound::Origin::default()),
             )
             .await
             .map_err(|_| {
