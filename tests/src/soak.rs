@@ -383,6 +383,8 @@ pub struct FaultErrors {
     pub recovery: Duration,
     /// A few of them, for the reader.
     pub examples: Vec<String>,
+    /// The latest: what kept clients from being served longest.
+    pub last: Option<String>,
 }
 
 /// Errors per window (and `none`), with recovery times.
@@ -401,6 +403,7 @@ pub fn errors_by_fault(windows: &[Window], errors: &[ClientError]) -> Vec<FaultE
                 errors: mine.len(),
                 recovery,
                 examples: examples(&mine),
+                last: latest(&mine),
             }
         })
         .collect();
@@ -413,16 +416,21 @@ pub fn errors_by_fault(windows: &[Window], errors: &[ClientError]) -> Vec<FaultE
         errors: outside.len(),
         recovery: Duration::ZERO,
         examples: examples(&outside),
+        last: latest(&outside),
     });
     out
 }
 
+fn describe(e: &ClientError) -> String {
+    format!("+{:.1}s {}: {}", e.at.as_secs_f64(), e.client, e.what)
+}
+
 fn examples(errors: &[&ClientError]) -> Vec<String> {
-    errors
-        .iter()
-        .take(5)
-        .map(|e| format!("+{:.1}s {}: {}", e.at.as_secs_f64(), e.client, e.what))
-        .collect()
+    errors.iter().take(5).map(|e| describe(e)).collect()
+}
+
+fn latest(errors: &[&ClientError]) -> Option<String> {
+    errors.iter().max_by_key(|e| e.at).map(|e| describe(e))
 }
 
 /// p99 (and count) of request latencies per `bucket` of time.
@@ -651,14 +659,16 @@ impl Report {
         {
             let _ = writeln!(
                 s,
-                "    {:<18} {:>5} errors, last +{:>5.1}s | {:>5} errors, last +{:>5.1}s  {:?}",
+                "    {:<18} {:>5} errors, last +{:>5.1}s | {:>5} errors, last +{:>5.1}s",
                 f.fault,
                 f.errors,
                 f.recovery.as_secs_f64(),
                 d.errors,
                 d.recovery.as_secs_f64(),
-                f.examples.first()
             );
+            if let (Some(first), Some(last)) = (f.examples.first(), &f.last) {
+                let _ = writeln!(s, "      first {first}\n      last  {last}");
+            }
         }
         let _ = writeln!(s, "  wrong values: {}", self.wrong.len());
         let _ = writeln!(s, "  p99 latency per bucket (ms):");
@@ -927,9 +937,10 @@ mod tests {
             client: "short-0".into(),
             what: "refused".into(),
         };
-        let out = errors_by_fault(&ws, &[e(10_100), e(10_900), e(50_000)]);
+        let out = errors_by_fault(&ws, &[e(10_900), e(10_100), e(50_000)]);
         assert_eq!(out[0].errors, 2);
         assert_eq!(out[0].recovery, Duration::from_millis(900));
+        assert_eq!(out[0].last.as_deref(), Some("+10.9s short-0: refused"));
         assert_eq!(out[1].fault, "none");
         assert_eq!(out[1].errors, 1);
     }
