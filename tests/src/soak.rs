@@ -109,9 +109,9 @@ impl Planned {
 /// - a master's link down alone.
 ///
 /// A link never goes down inside a migration: `redis-cli --cluster
-/// reshard` sends `SETSLOT NODE` to every master and fails the whole
-/// reshard when one answers as a replica, which a cut-off master just
-/// failed over does.
+/// reshard` sends `SETSLOT NODE` to the masters it knew at its start, and
+/// one cut off and failed over meanwhile refuses it as a replica, which
+/// can fail the reshard (the harness, not the proxy).
 const CYCLE: [(u32, FaultKind, bool); 10] = [
     (100, FaultKind::Migration, false),
     (100, FaultKind::ProxyRestart, true),
