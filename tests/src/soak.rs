@@ -29,6 +29,10 @@ pub enum FaultKind {
     ProxyRestart,
     /// A node's veth set down for 3 s.
     LinkDown,
+    /// SIGKILL of the redirector serving a master's node's HBONE listener
+    /// (the proxy's tunnel to it resets), then a new one on the same
+    /// address.
+    HbonePeerRestart,
 }
 
 impl FaultKind {
@@ -39,20 +43,18 @@ impl FaultKind {
             Self::MasterKill => "master-kill",
             Self::ProxyRestart => "proxy-restart",
             Self::LinkDown => "link-down",
+            Self::HbonePeerRestart => "hbone-peer-restart",
         }
     }
 
     /// Graceful faults must lose no acknowledged write. A crashed or cut-off
-    /// master can: Redis replicates asynchronously.
+    /// master can: Redis replicates asynchronously. A killed HBONE peer is
+    /// graceful although it is a SIGKILL: every Redis keeps running, so a
+    /// write whose reply came back through the tunnel was applied and
+    /// stays; the reset only fails writes in flight, which nobody saw
+    /// acknowledged.
     pub fn graceful(self) -> bool {
         !matches!(self, Self::MasterKill | Self::LinkDown)
-    }
-
-    /// Which lane runs it: cluster faults one after another (each leaves a
-    /// healthy cluster for the next), proxy restarts beside them so the two
-    /// overlap.
-    pub fn on_proxy_lane(self) -> bool {
-        self == Self::ProxyRestart
     }
 }
 
@@ -61,42 +63,147 @@ impl FaultKind {
 pub struct Planned {
     pub at: Duration,
     pub kind: FaultKind,
+    /// Its number among the faults of its kind, from 1: the window's name.
+    pub n: usize,
+    /// Lands inside the main-lane fault planned for the same time: waits
+    /// for that one to start, then [`OVERLAP_DELAY`].
+    pub inside: bool,
 }
 
-/// Where in a cycle each fault starts, in thousandths of the cycle. A
-/// proxy restart planned at the same time as a cluster fault waits for
-/// that fault to start, then [`OVERLAP_DELAY`], so it lands inside it; the
-/// last fault starts before 3/4 so the load sees the cluster settle.
-const CYCLE: [(u32, FaultKind); 6] = [
-    (125, FaultKind::Migration),
-    (125, FaultKind::ProxyRestart),
-    (330, FaultKind::ManualFailover),
-    (330, FaultKind::ProxyRestart),
-    (500, FaultKind::MasterKill),
-    (700, FaultKind::LinkDown),
+/// Which thread runs a planned fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Lane {
+    /// One fault after another, each leaving a healthy cluster (and every
+    /// process up) for the next.
+    Main,
+    /// Faults of one kind landing inside main-lane faults.
+    Overlay(FaultKind),
+}
+
+impl Planned {
+    /// `migration#1`.
+    pub fn name(&self) -> String {
+        format!("{}#{}", self.kind.label(), self.n)
+    }
+
+    pub fn lane(&self) -> Lane {
+        if self.inside {
+            Lane::Overlay(self.kind)
+        } else {
+            Lane::Main
+        }
+    }
+}
+
+/// Where in a cycle each fault starts, in thousandths of the cycle, and
+/// whether it lands inside the main-lane fault of the same start. The last
+/// one starts before 3/4 so the load sees the cluster settle.
+///
+/// - a proxy restart inside a migration;
+/// - the HBONE peer in front of the replica taking over restarted inside
+///   a manual failover;
+/// - an HBONE peer restart alone, for figures of its own;
+/// - a master killed;
+/// - another master's link down and a proxy restart, both inside a
+///   second manual failover;
+/// - a master's link down alone.
+///
+/// A link never goes down inside a migration: `redis-cli --cluster
+/// reshard` sends `SETSLOT NODE` to the masters it knew at its start, and
+/// one cut off and failed over meanwhile refuses it as a replica, which
+/// can fail the reshard (the harness, not the proxy).
+const CYCLE: [(u32, FaultKind, bool); 10] = [
+    (100, FaultKind::Migration, false),
+    (100, FaultKind::ProxyRestart, true),
+    (250, FaultKind::ManualFailover, false),
+    (250, FaultKind::HbonePeerRestart, true),
+    (370, FaultKind::HbonePeerRestart, false),
+    (480, FaultKind::MasterKill, false),
+    (600, FaultKind::ManualFailover, false),
+    (600, FaultKind::LinkDown, true),
+    (600, FaultKind::ProxyRestart, true),
+    (730, FaultKind::LinkDown, false),
 ];
 
-/// How long after the cluster fault it shares a start with a proxy restart
-/// begins: a manual failover takes about a second, a migration longer.
+/// How long after the main-lane fault it shares a start with an overlay
+/// fault begins: a manual failover takes about a second, a migration
+/// longer.
 pub const OVERLAP_DELAY: Duration = Duration::from_millis(300);
 
 /// One cycle of faults every two minutes of load (at least one cycle).
 pub const CYCLE_LENGTH: Duration = Duration::from_secs(120);
 
-/// The faults for a soak of `total` load, in start order.
+/// The faults for a soak of `total` load, in start order (main-lane
+/// first among those of the same start).
 pub fn schedule(total: Duration) -> Vec<Planned> {
     let cycles = u32::try_from(total.as_secs() / CYCLE_LENGTH.as_secs())
         .unwrap_or(u32::MAX)
         .max(1);
     let cycle = total / cycles;
+    let mut seen: HashMap<FaultKind, usize> = HashMap::new();
     (0..cycles)
         .flat_map(|c| {
-            CYCLE.iter().map(move |&(permille, kind)| Planned {
-                at: cycle * c + cycle * permille / 1000,
-                kind,
+            CYCLE.iter().map(move |&(permille, kind, inside)| {
+                (cycle * c + cycle * permille / 1000, kind, inside)
             })
         })
+        .map(|(at, kind, inside)| {
+            let n = seen.entry(kind).or_insert(0);
+            *n += 1;
+            Planned {
+                at,
+                kind,
+                n: *n,
+                inside,
+            }
+        })
         .collect()
+}
+
+/// The plan of one lane, in start order.
+pub fn lane(plan: &[Planned], lane: Lane) -> Vec<Planned> {
+    plan.iter().copied().filter(|p| p.lane() == lane).collect()
+}
+
+/// Every lane the plan uses, the main lane first.
+pub fn lanes(plan: &[Planned]) -> Vec<Lane> {
+    let mut lanes: Vec<Lane> = plan.iter().map(Planned::lane).collect();
+    lanes.sort_unstable();
+    lanes.dedup();
+    lanes
+}
+
+/// `Err` unless every overlay fault shares its start with exactly one
+/// main-lane fault (the one it lands inside), and no lane has two faults
+/// planned at once.
+pub fn check_schedule(plan: &[Planned]) -> Result<(), String> {
+    for l in lanes(plan) {
+        let mine = lane(plan, l);
+        if let Some(w) = mine.windows(2).find(|w| w[0].at >= w[1].at) {
+            return Err(format!(
+                "{} and {} at once on {l:?}",
+                w[0].name(),
+                w[1].name()
+            ));
+        }
+    }
+    for p in plan.iter().filter(|p| p.inside) {
+        let hosts = plan.iter().filter(|m| !m.inside && m.at == p.at).count();
+        if hosts != 1 {
+            return Err(format!(
+                "{} lands inside {hosts} main-lane faults",
+                p.name()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The main-lane fault an overlay fault lands inside.
+pub fn host_of(plan: &[Planned], overlay: &Planned) -> Option<Planned> {
+    plan.iter()
+        .find(|m| !m.inside && overlay.inside && m.at == overlay.at)
+        .copied()
 }
 
 /// A fault as it happened: from when it began to when the cluster (or the
@@ -276,6 +383,8 @@ pub struct FaultErrors {
     pub recovery: Duration,
     /// A few of them, for the reader.
     pub examples: Vec<String>,
+    /// The latest: what kept clients from being served longest.
+    pub last: Option<String>,
 }
 
 /// Errors per window (and `none`), with recovery times.
@@ -294,6 +403,7 @@ pub fn errors_by_fault(windows: &[Window], errors: &[ClientError]) -> Vec<FaultE
                 errors: mine.len(),
                 recovery,
                 examples: examples(&mine),
+                last: latest(&mine),
             }
         })
         .collect();
@@ -306,16 +416,21 @@ pub fn errors_by_fault(windows: &[Window], errors: &[ClientError]) -> Vec<FaultE
         errors: outside.len(),
         recovery: Duration::ZERO,
         examples: examples(&outside),
+        last: latest(&outside),
     });
     out
 }
 
+fn describe(e: &ClientError) -> String {
+    format!("+{:.1}s {}: {}", e.at.as_secs_f64(), e.client, e.what)
+}
+
 fn examples(errors: &[&ClientError]) -> Vec<String> {
-    errors
-        .iter()
-        .take(5)
-        .map(|e| format!("+{:.1}s {}: {}", e.at.as_secs_f64(), e.client, e.what))
-        .collect()
+    errors.iter().take(5).map(|e| describe(e)).collect()
+}
+
+fn latest(errors: &[&ClientError]) -> Option<String> {
+    errors.iter().max_by_key(|e| e.at).map(|e| describe(e))
 }
 
 /// p99 (and count) of request latencies per `bucket` of time.
@@ -544,14 +659,16 @@ impl Report {
         {
             let _ = writeln!(
                 s,
-                "    {:<18} {:>5} errors, last +{:>5.1}s | {:>5} errors, last +{:>5.1}s  {:?}",
+                "    {:<18} {:>5} errors, last +{:>5.1}s | {:>5} errors, last +{:>5.1}s",
                 f.fault,
                 f.errors,
                 f.recovery.as_secs_f64(),
                 d.errors,
                 d.recovery.as_secs_f64(),
-                f.examples.first()
             );
+            if let (Some(first), Some(last)) = (f.examples.first(), &f.last) {
+                let _ = writeln!(s, "      first {first}\n      last  {last}");
+            }
         }
         let _ = writeln!(s, "  wrong values: {}", self.wrong.len());
         let _ = writeln!(s, "  p99 latency per bucket (ms):");
@@ -603,27 +720,78 @@ mod tests {
         }
     }
 
+    fn kinds(plan: &[Planned]) -> Vec<FaultKind> {
+        plan.iter().map(|p| p.kind).collect()
+    }
+
     #[test]
-    fn a_two_minute_schedule_has_every_fault_once_and_restarts_twice() {
+    fn a_two_minute_schedule_has_every_fault_and_overlaps_them() {
+        use FaultKind::*;
         let plan = schedule(secs(120));
-        let kinds: Vec<FaultKind> = plan.iter().map(|p| p.kind).collect();
         assert_eq!(
-            kinds,
+            kinds(&plan),
             [
-                FaultKind::Migration,
-                FaultKind::ProxyRestart,
-                FaultKind::ManualFailover,
-                FaultKind::ProxyRestart,
-                FaultKind::MasterKill,
-                FaultKind::LinkDown
+                Migration,
+                ProxyRestart,
+                ManualFailover,
+                HbonePeerRestart,
+                HbonePeerRestart,
+                MasterKill,
+                ManualFailover,
+                LinkDown,
+                ProxyRestart,
+                LinkDown
             ]
         );
         assert!(plan.windows(2).all(|w| w[0].at <= w[1].at));
-        assert_eq!(plan[0].at, secs(15));
-        // Each restart shares its start with a cluster fault, to overlap it.
-        assert_eq!(plan[1].at, plan[0].at);
-        assert_eq!(plan[3].at, plan[2].at);
+        assert_eq!(plan[0].at, secs(12));
+        assert!(check_schedule(&plan).is_ok());
+        // Not only proxy restarts overlap: an HBONE peer restart lands in
+        // a failover, and a link goes down in another.
+        let overlays: Vec<(FaultKind, FaultKind)> = plan
+            .iter()
+            .filter(|p| p.inside)
+            .map(|p| (host_of(&plan, p).expect("a host").kind, p.kind))
+            .collect();
+        assert_eq!(
+            overlays,
+            [
+                (Migration, ProxyRestart),
+                (ManualFailover, HbonePeerRestart),
+                (ManualFailover, LinkDown),
+                (ManualFailover, ProxyRestart)
+            ]
+        );
+        // Each of the two faults new to the overlap also happens alone,
+        // for figures of its own.
+        for kind in [HbonePeerRestart, LinkDown] {
+            assert!(plan.iter().any(|p| p.kind == kind && !p.inside));
+        }
         assert!(plan.last().is_some_and(|p| p.at < secs(90)));
+    }
+
+    #[test]
+    fn windows_are_named_by_kind_and_number_across_lanes() {
+        let plan = schedule(secs(120));
+        let names: Vec<String> = plan
+            .iter()
+            .filter(|p| p.kind == FaultKind::HbonePeerRestart)
+            .map(Planned::name)
+            .collect();
+        assert_eq!(names, ["hbone-peer-restart#1", "hbone-peer-restart#2"]);
+        // The first runs inside a failover, the second on the main lane.
+        assert_eq!(plan[3].lane(), Lane::Overlay(FaultKind::HbonePeerRestart));
+        assert_eq!(plan[4].lane(), Lane::Main);
+        assert_eq!(
+            lanes(&plan),
+            [
+                Lane::Main,
+                Lane::Overlay(FaultKind::ProxyRestart),
+                Lane::Overlay(FaultKind::LinkDown),
+                Lane::Overlay(FaultKind::HbonePeerRestart)
+            ]
+        );
+        assert_eq!(lane(&plan, Lane::Main).len(), 6);
     }
 
     #[test]
@@ -632,8 +800,46 @@ mod tests {
         assert_eq!(plan.len(), 5 * CYCLE.len());
         assert!(plan.windows(2).all(|w| w[0].at <= w[1].at));
         assert!(plan.iter().all(|p| p.at < secs(600)));
+        assert!(check_schedule(&plan).is_ok());
+        let last = plan.last().expect("faults");
+        assert_eq!(last.name(), "link-down#10");
         // Shorter than a cycle still gets one.
         assert_eq!(schedule(secs(30)).len(), CYCLE.len());
+    }
+
+    #[test]
+    fn an_overlay_without_its_host_or_two_faults_at_once_on_a_lane_are_refused() {
+        let p = |at, kind, inside| Planned {
+            at: secs(at),
+            kind,
+            n: 1,
+            inside,
+        };
+        let orphan = [
+            p(10, FaultKind::Migration, false),
+            p(11, FaultKind::LinkDown, true),
+        ];
+        assert!(check_schedule(&orphan).is_err());
+        let crowded = [
+            p(10, FaultKind::Migration, false),
+            p(10, FaultKind::MasterKill, false),
+        ];
+        assert!(check_schedule(&crowded).is_err());
+        let fine = [
+            p(10, FaultKind::ManualFailover, false),
+            p(10, FaultKind::LinkDown, true),
+            p(10, FaultKind::ProxyRestart, true),
+        ];
+        assert!(check_schedule(&fine).is_ok());
+        assert_eq!(host_of(&fine, &fine[1]), Some(fine[0]));
+    }
+
+    #[test]
+    fn an_hbone_peer_restart_is_graceful_and_a_cut_off_master_is_not() {
+        assert!(FaultKind::HbonePeerRestart.graceful());
+        assert!(FaultKind::ProxyRestart.graceful());
+        assert!(!FaultKind::LinkDown.graceful());
+        assert!(!FaultKind::MasterKill.graceful());
     }
 
     #[test]
@@ -731,9 +937,10 @@ mod tests {
             client: "short-0".into(),
             what: "refused".into(),
         };
-        let out = errors_by_fault(&ws, &[e(10_100), e(10_900), e(50_000)]);
+        let out = errors_by_fault(&ws, &[e(10_900), e(10_100), e(50_000)]);
         assert_eq!(out[0].errors, 2);
         assert_eq!(out[0].recovery, Duration::from_millis(900));
+        assert_eq!(out[0].last.as_deref(), Some("+10.9s short-0: refused"));
         assert_eq!(out[1].fault, "none");
         assert_eq!(out[1].errors, 1);
     }

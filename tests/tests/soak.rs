@@ -1,18 +1,21 @@
 //! The chaos soak: mixed traffic through the real proxy into a real 3+3
-//! Redis Cluster, each node in its own network namespace, while faults
-//! arrive on a schedule (slot migration, manual failover, kill -9 of a
-//! master, SIGKILL of redirector, a node's link down for 3 s). Every
-//! acknowledged write goes in a ledger and is read back at the end through
-//! the proxy and from the owning master. A direct cluster-aware client runs
-//! beside ours under the same faults, as the yardstick for what a crash
-//! loses in Redis itself.
+//! Redis Cluster, each node in its own network namespace with a redirector
+//! of its own serving HBONE, so every upstream connection of the proxy is
+//! a stream in an mTLS tunnel to the node's peer. Faults arrive on a
+//! schedule, some inside others (slot migration, manual failover, kill -9
+//! of a master, SIGKILL of the proxy, SIGKILL of an HBONE peer, a node's
+//! link down for 3 s). Every acknowledged write goes in a ledger and is
+//! read back at the end through the proxy and from the owning master. A
+//! direct cluster-aware client runs beside ours under the same faults, as
+//! the yardstick for what a crash loses in Redis itself.
 //!
 //! `SOAK_MINUTES` (default 2) sets the load's length; `cargo xtask soak
 //! --minutes N` runs this test with it. The report is printed and written
 //! to `target/soak/`.
 //!
-//! Network: the nodes, the proxy and every client live in namespaces made
-//! here (a hub with a bridge, one namespace per node) with no route out.
+//! Network: the nodes, their peers, the proxy and every client live in
+//! namespaces made here (a hub with a bridge, one namespace per node) with
+//! no route out.
 
 use std::{
     collections::HashMap,
@@ -21,8 +24,8 @@ use std::{
     path::{Path, PathBuf},
     process::Stdio,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -33,9 +36,12 @@ use testbed::{
     cluster::{RedisCluster, SLOTS, parse_cluster_nodes, slot_of},
     daemon::binary,
     netns::Netns,
-    process::{Child, Place, run_ok, wait_for},
+    process::{Child, Place, path_str, run_ok, wait_for},
     resp::{RespClient, encode},
-    soak::{self, ClientError, FaultKind, Ledger, Planned, Report, Resources, Window, check_leak},
+    soak::{
+        self, ClientError, FaultKind, Lane, Ledger, Planned, Report, Resources, Window, check_leak,
+    },
+    two_nodes::mint_node_certs,
     unique,
 };
 
@@ -133,10 +139,13 @@ impl Net {
     }
 }
 
-/// redirector as a plain proxy in the hub, restartable on the same address.
-struct SoakProxy {
+/// A redirector restartable on the same addresses: the proxy in the hub,
+/// or an HBONE peer in a node's namespace.
+struct Redirector {
+    /// For messages: `soak proxy`, `HBONE peer 10.78.0.11`.
+    what: String,
     place: Place,
-    seeds: String,
+    args: Vec<String>,
     dir: TempDir,
     starts: u32,
     child: Option<Child>,
@@ -144,21 +153,86 @@ struct SoakProxy {
     pid: Arc<AtomicU32>,
 }
 
-impl SoakProxy {
-    fn new(place: Place, seeds: &[SocketAddr]) -> Self {
-        let seeds: Vec<String> = seeds.iter().map(ToString::to_string).collect();
+/// Where the proxy's upstream connections cross to: every node's
+/// HBONE listener, on the node's own address (as Istio ambient does).
+const HBONE_PORT: u16 = 15008;
+/// The peers' admin listeners, on their node's address (for metrics).
+const PEER_ADMIN_PORT: u16 = 15020;
+/// The peers' own proxy listeners (idle): not 16379, Redis' cluster bus.
+const PEER_PROXY_PORT: u16 = 15379;
+/// How long a killed HBONE peer stays down before its restart.
+const PEER_DOWN: Duration = Duration::from_secs(1);
+
+impl Redirector {
+    fn new(what: String, place: Place, args: Vec<String>) -> Self {
         Self {
+            what,
             place,
-            seeds: seeds.join(","),
-            dir: TempDir::new("rdr-soak-proxy-"),
+            args,
+            dir: TempDir::new("rdr-soak-daemon-"),
             starts: 0,
             child: None,
             pid: Arc::new(AtomicU32::new(0)),
         }
     }
 
-    fn addr() -> SocketAddr {
-        SocketAddr::new(HUB_IP.parse().expect("ip"), PROXY_PORT)
+    /// The proxy in the hub: every cluster node is meshed, so each
+    /// upstream connection is a stream in a tunnel to that node's peer.
+    fn proxy(place: Place, seeds: &[SocketAddr], certs: &Path) -> Self {
+        let seeds: Vec<String> = seeds.iter().map(ToString::to_string).collect();
+        let meshed: Vec<String> = (0..NODES).map(node_ip).collect();
+        let args = [
+            "run",
+            "--steering",
+            "off",
+            "--proxy-addr",
+            &proxy_addr().to_string(),
+            "--admin-addr",
+            "127.0.0.1:15021",
+            "--cluster-seed",
+            &seeds.join(","),
+            // The load runs in the hub, unsteered: let it in.
+            "--allow-direct-from",
+            &format!("{HUB_IP}/32"),
+            "--hbone-certs",
+            path_str(certs),
+            "--hbone-listen",
+            "none",
+            "--mesh-endpoints",
+            &meshed.join(","),
+        ];
+        Self::new(
+            "soak proxy".into(),
+            place,
+            args.iter().map(ToString::to_string).collect(),
+        )
+    }
+
+    /// Node `i`'s redirector, there only for its HBONE listener: it
+    /// admits the proxy's tunnels and connects each stream to the node's
+    /// Redis. Its own proxy (a plain relay nobody dials) idles.
+    fn peer(i: usize, place: Place, certs: &Path) -> Self {
+        let ip = node_ip(i);
+        let args = [
+            "run",
+            "--steering",
+            "off",
+            "--proxy-addr",
+            &format!("{ip}:{PEER_PROXY_PORT}"),
+            "--backend",
+            "idle=tcp",
+            "--admin-addr",
+            &format!("{ip}:{PEER_ADMIN_PORT}"),
+            "--hbone-certs",
+            path_str(certs),
+            "--hbone-listen",
+            &format!("{ip}:{HBONE_PORT}"),
+        ];
+        Self::new(
+            format!("HBONE peer {ip}"),
+            place,
+            args.iter().map(ToString::to_string).collect(),
+        )
     }
 
     fn log_path(&self, n: u32) -> PathBuf {
@@ -169,27 +243,26 @@ impl SoakProxy {
         self.starts += 1;
         let log = self.log_path(self.starts);
         let mut cmd = self.place.command(binary());
-        cmd.args(["run", "--steering", "off"])
-            .args(["--proxy-addr", &Self::addr().to_string()])
-            .args(["--admin-addr", "127.0.0.1:15021"])
-            .args(["--cluster-seed", &self.seeds])
-            // The load runs in the hub, unsteered: let it in.
-            .args(["--allow-direct-from", &format!("{HUB_IP}/32")])
+        cmd.args(&self.args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("proxy log"));
-        let mut child = Child::spawn("redirector (soak proxy)", cmd);
-        wait_for("the proxy to be ready", Duration::from_secs(30), || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            assert!(child.is_running(), "redirector exited:\n{text}");
-            text.contains("redirector ready").then_some(())
-        });
+            .stderr(File::create(&log).expect("redirector log"));
+        let mut child = Child::spawn(format!("redirector ({})", self.what), cmd);
+        wait_for(
+            &format!("the {} to be ready", self.what),
+            Duration::from_secs(30),
+            || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                assert!(child.is_running(), "{} exited:\n{text}", self.what);
+                text.contains("redirector ready").then_some(())
+            },
+        );
         self.pid.store(child.pid(), Ordering::Relaxed);
         self.child = Some(child);
     }
 
-    /// SIGKILL: a crash, as far as the proxy knows.
+    /// SIGKILL: a crash, as far as the process knows.
     fn kill(&mut self) {
         self.pid.store(0, Ordering::Relaxed);
         if let Some(mut child) = self.child.take() {
@@ -206,6 +279,10 @@ impl SoakProxy {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
+}
+
+fn proxy_addr() -> SocketAddr {
+    SocketAddr::new(HUB_IP.parse().expect("ip"), PROXY_PORT)
 }
 
 fn resources(pid: u32, at: Duration) -> Option<Resources> {
@@ -895,129 +972,181 @@ fn sleep_until(t0: Instant, at: Duration) {
     }
 }
 
-/// A master that has a replica, chosen by `n` among those there are.
-fn pick_master(cluster: &RedisCluster, n: usize) -> (SocketAddr, SocketAddr) {
+/// A master that has a live replica and is not in `avoid`, chosen by `n`
+/// among those there are; and its replica.
+fn pick_master(cluster: &RedisCluster, n: usize, avoid: &[SocketAddr]) -> (SocketAddr, SocketAddr) {
     let masters: Vec<SocketAddr> = cluster
         .masters()
         .into_iter()
-        .filter(|m| !cluster.replicas_of(*m).is_empty())
+        .filter(|m| !avoid.contains(m) && !cluster.replicas_of(*m).is_empty())
         .collect();
-    assert!(!masters.is_empty(), "no master has a live replica");
+    assert!(
+        !masters.is_empty(),
+        "no master outside {avoid:?} has a live replica"
+    );
     let master = masters[n % masters.len()];
     (master, cluster.replicas_of(master)[0])
 }
 
-/// Runs the cluster faults of `plan` one after another.
-/// Each fault's planned start (ms) goes in `started` as it begins.
-fn cluster_lane(
-    cluster: &mut RedisCluster,
-    net: &Net,
-    plan: &[Planned],
+/// A main-lane fault under way: its planned start, and the nodes it acts
+/// on (the first is the one an overlay fault hits).
+type Current = Option<(Duration, Vec<SocketAddr>)>;
+
+/// Everything the fault lanes act on. The cluster's write lock is taken
+/// only to kill or restart a node; the schedule never overlaps a kill with
+/// another cluster fault.
+struct Rig<'a> {
+    plan: &'a [Planned],
+    cluster: &'a RwLock<RedisCluster>,
+    net: &'a Net,
+    proxy: &'a Mutex<Redirector>,
+    peers: &'a [Mutex<Redirector>],
     t0: Instant,
-    started: &AtomicU64,
-) -> Vec<Window> {
-    let mut windows = Vec::new();
-    let mut count: HashMap<FaultKind, usize> = HashMap::new();
-    for (i, p) in plan.iter().enumerate() {
-        sleep_until(t0, p.at);
-        let n = count.entry(p.kind).or_insert(0);
-        *n += 1;
-        let name = format!("{}#{n}", p.kind.label());
-        let start = t0.elapsed();
-        started.store(
-            u64::try_from(p.at.as_millis()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        eprintln!("+{:.1}s {name} starts", start.as_secs_f64());
-        let detail = match p.kind {
+    current: Mutex<Current>,
+}
+
+impl Rig<'_> {
+    fn cluster(&self) -> std::sync::RwLockReadGuard<'_, RedisCluster> {
+        self.cluster.read().expect("cluster lock")
+    }
+
+    /// Runs the faults of one lane one after another.
+    fn run_lane(&self, lane: Lane) -> Vec<Window> {
+        let mut windows = Vec::new();
+        for p in soak::lane(self.plan, lane) {
+            sleep_until(self.t0, p.at);
+            let host = if p.inside {
+                self.wait_for_host(&p)
+            } else {
+                None
+            };
+            let name = p.name();
+            let start = self.t0.elapsed();
+            eprintln!("+{:.1}s {name} starts", start.as_secs_f64());
+            let involved = host.as_ref().map_or(&[][..], |(_, nodes)| nodes);
+            let mut detail = self.inflict(&p, involved);
+            if let Some((h, _)) = &host {
+                detail.push_str(&format!(" (inside {})", h.name()));
+            }
+            let end = self.t0.elapsed();
+            eprintln!(
+                "+{:.1}s {name} over in {:.1}s: {detail}",
+                end.as_secs_f64(),
+                (end - start).as_secs_f64()
+            );
+            windows.push(Window {
+                kind: p.kind,
+                name,
+                start,
+                end,
+                detail,
+            });
+        }
+        windows
+    }
+
+    /// A main-lane fault says what it acts on before it begins.
+    fn announce(&self, p: &Planned, nodes: Vec<SocketAddr>) {
+        if !p.inside {
+            *self.current.lock().expect("current") = Some((p.at, nodes));
+        }
+    }
+
+    /// Waits until the main-lane fault `overlay` lands inside has begun,
+    /// then [`soak::OVERLAP_DELAY`]: that fault, and the nodes it acts on.
+    /// A late main lane delays the overlay; a stuck one does not stop it.
+    fn wait_for_host(&self, overlay: &Planned) -> Option<(Planned, Vec<SocketAddr>)> {
+        let host = soak::host_of(self.plan, overlay)?;
+        let waiting = Instant::now();
+        let nodes = loop {
+            if let Some((at, nodes)) = self.current.lock().expect("current").clone()
+                && at >= host.at
+            {
+                break if at == host.at { nodes } else { Vec::new() };
+            }
+            if waiting.elapsed() > Duration::from_secs(120) {
+                break Vec::new();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        std::thread::sleep(soak::OVERLAP_DELAY);
+        Some((host, nodes))
+    }
+
+    /// Injects `p`; `involved`: the nodes the fault it lands inside acts
+    /// on, which a link-down spares and an HBONE restart hits. Returns what
+    /// was done.
+    fn inflict(&self, p: &Planned, involved: &[SocketAddr]) -> String {
+        match p.kind {
             FaultKind::Migration => {
+                let cluster = self.cluster();
                 let masters = cluster.masters();
-                let (from, to) = (masters[i % masters.len()], masters[(i + 1) % masters.len()]);
+                let (from, to) = (
+                    masters[p.n % masters.len()],
+                    masters[(p.n + 1) % masters.len()],
+                );
+                self.announce(p, vec![from, to]);
                 let moved = cluster.reshard(MIGRATED_SLOTS, from, to);
                 format!("{} slots {from} -> {to}", moved.len())
             }
             FaultKind::ManualFailover => {
-                let (master, replica) = pick_master(cluster, i);
+                let cluster = self.cluster();
+                let (master, replica) = pick_master(&cluster, p.n, involved);
+                self.announce(p, vec![replica, master]);
                 cluster.failover(replica);
                 format!("{replica} took over from {master}")
             }
             FaultKind::MasterKill => {
-                let (master, replica) = pick_master(cluster, i + 1);
-                cluster.kill(master);
-                cluster.wait_healthy();
-                cluster.restart(master);
-                cluster.wait_healthy();
+                let (master, replica) = pick_master(&self.cluster(), p.n + 1, involved);
+                self.announce(p, vec![master, replica]);
+                self.cluster.write().expect("cluster lock").kill(master);
+                self.cluster().wait_healthy();
+                self.cluster.write().expect("cluster lock").restart(master);
+                self.cluster().wait_healthy();
                 format!("{master} killed, {replica} took over, {master} back as a replica")
             }
             FaultKind::LinkDown => {
-                let (master, _) = pick_master(cluster, i + 2);
-                net.set_link(master, false);
+                let (master, _) = pick_master(&self.cluster(), p.n + 2, involved);
+                self.announce(p, vec![master]);
+                self.net.set_link(master, false);
                 std::thread::sleep(LINK_DOWN);
-                net.set_link(master, true);
-                cluster.wait_healthy();
+                self.net.set_link(master, true);
+                self.cluster().wait_healthy();
                 format!("{master}'s link down for {LINK_DOWN:?}")
             }
-            FaultKind::ProxyRestart => unreachable!("on the proxy lane"),
-        };
-        let end = t0.elapsed();
-        eprintln!("+{:.1}s {name} over: {detail}", end.as_secs_f64());
-        windows.push(Window {
-            kind: p.kind,
-            name,
-            start,
-            end,
-            detail,
-        });
-    }
-    windows
-}
-
-/// SIGKILLs and restarts the proxy when `plan` says: once the cluster
-/// lane has started the fault planned for the same time (its planned
-/// start, in ms, is in `cluster_started`), [`soak::OVERLAP_DELAY`] later.
-fn proxy_lane(
-    proxy: &mut SoakProxy,
-    plan: &[Planned],
-    t0: Instant,
-    cluster_started: &AtomicU64,
-) -> Vec<Window> {
-    let mut windows = Vec::new();
-    for (n, p) in plan.iter().enumerate() {
-        sleep_until(t0, p.at);
-        let planned_ms = u64::try_from(p.at.as_millis()).unwrap_or(u64::MAX);
-        let waiting = Instant::now();
-        // A late cluster lane delays the restart; a stuck one does not
-        // stop it.
-        while cluster_started.load(Ordering::Relaxed) < planned_ms
-            && waiting.elapsed() < Duration::from_secs(120)
-        {
-            std::thread::sleep(Duration::from_millis(10));
+            FaultKind::ProxyRestart => {
+                self.announce(p, Vec::new());
+                let mut proxy = self.proxy.lock().expect("proxy lock");
+                let old = proxy.pid.load(Ordering::Relaxed);
+                proxy.kill();
+                proxy.start();
+                format!(
+                    "pid {old} SIGKILLed, pid {} ready",
+                    proxy.pid.load(Ordering::Relaxed)
+                )
+            }
+            FaultKind::HbonePeerRestart => {
+                // Inside another fault: the peer of the node it acts on
+                // first (the migration's source, the replica taking over).
+                // Alone: a master's, so tunnelled traffic is cut (another
+                // than the last one's, when the cluster did not change).
+                let node = involved.first().copied().unwrap_or_else(|| {
+                    let masters = self.cluster().masters();
+                    masters[(p.n + 1) % masters.len()]
+                });
+                self.announce(p, vec![node]);
+                let mut peer = self.peers[Net::index_of(node)].lock().expect("peer lock");
+                let old = peer.pid.load(Ordering::Relaxed);
+                peer.kill();
+                std::thread::sleep(PEER_DOWN);
+                peer.start();
+                format!(
+                    "{node}'s peer: pid {old} SIGKILLed, {PEER_DOWN:?} down, pid {} ready",
+                    peer.pid.load(Ordering::Relaxed)
+                )
+            }
         }
-        std::thread::sleep(soak::OVERLAP_DELAY);
-        let start = t0.elapsed();
-        let old = proxy.pid.load(Ordering::Relaxed);
-        proxy.kill();
-        proxy.start();
-        let end = t0.elapsed();
-        let detail = format!(
-            "pid {old} SIGKILLed, pid {} ready",
-            proxy.pid.load(Ordering::Relaxed)
-        );
-        eprintln!(
-            "+{:.1}s proxy-restart#{} over in {:?}: {detail}",
-            end.as_secs_f64(),
-            n + 1,
-            end - start
-        );
-        windows.push(Window {
-            kind: p.kind,
-            name: format!("{}#{}", p.kind.label(), n + 1),
-            start,
-            end,
-            detail,
-        });
     }
-    windows
 }
 
 /// Values of `keys` read from `addr` with pipelined GETs.
@@ -1055,6 +1184,62 @@ fn warm_up(addr: SocketAddr) {
     }
 }
 
+/// The proxy's established connections (in the hub, where it runs) to
+/// HBONE listeners, and to Redis ports: every node being meshed, there
+/// must be tunnels and nothing else upstream.
+fn proxy_upstreams(hub: &Place, pid: u32) -> (Vec<String>, Vec<String>) {
+    let out = hub.output("ss", &["-Htnp", "state", "established"]);
+    let mine = format!("pid={pid},");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let to = |port: u16| -> Vec<String> {
+        let port = format!(":{port} ");
+        text.lines()
+            .filter(|l| l.contains(&mine) && l.contains(&port))
+            .map(str::to_string)
+            .collect()
+    };
+    (to(HBONE_PORT), to(REDIS_PORT))
+}
+
+/// What crossed the tunnels, from the proxy's and the peers' metrics
+/// (each process's since its last start); and the bytes the peers took in.
+fn tunnel_figures(hub: &Place) -> (String, f64) {
+    let metric = testbed::http::sample;
+    let proxy = testbed::http::get_in(
+        hub,
+        SocketAddr::new([127, 0, 0, 1].into(), 15021),
+        "/metrics",
+    );
+    let mut received = 0.0;
+    let mut per_peer = Vec::new();
+    for i in 0..NODES {
+        let admin = SocketAddr::new(node_ip(i).parse().expect("ip"), PEER_ADMIN_PORT);
+        let text = testbed::http::get_in(hub, admin, "/metrics");
+        let bytes = metric(&text, "redirector_hbone_received_bytes_total");
+        received += bytes;
+        per_peer.push(format!(
+            "{}: {:.1} MB in, {} streams accepted",
+            node_ip(i),
+            bytes / 1e6,
+            metric(
+                &text,
+                "redirector_hbone_connect_responses_total{status=\"200\"}"
+            )
+        ));
+    }
+    let note = format!(
+        "HBONE: the last proxy opened {} tunnels and sent {:.1} MB through them; peers since \
+         their last start: {}",
+        metric(
+            &proxy,
+            "redirector_hbone_tunnels_opened_total{direction=\"outbound\"}"
+        ),
+        metric(&proxy, "redirector_hbone_sent_bytes_total") / 1e6,
+        per_peer.join("; ")
+    );
+    (note, received)
+}
+
 fn soak_minutes() -> f64 {
     std::env::var("SOAK_MINUTES")
         .ok()
@@ -1066,6 +1251,7 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
     testbed::require_kernel!();
     let load = Duration::from_secs_f64(soak_minutes() * 60.0);
     let plan = soak::schedule(load);
+    soak::check_schedule(&plan).expect("a valid fault schedule");
     let dir = TempDir::new("rdr-soak-");
     let net = Net::build();
     let hub = net.hub.place();
@@ -1075,16 +1261,28 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
         .enumerate()
         .map(|(i, (ns, _))| (ns.place(), Net::node_addr(i)))
         .collect();
-    let mut cluster = RedisCluster::start_across(&hub, &spread, 1, dir.path());
+    let cluster = RedisCluster::start_across(&hub, &spread, 1, dir.path());
     let seeds = cluster.seeds();
-    let mut proxy = SoakProxy::new(hub.clone(), &seeds);
+    // One CA; `a` for the proxy, `b` for every node's peer (one identity,
+    // the DaemonSet's).
+    mint_node_certs(dir.path());
+    let peers: Vec<Mutex<Redirector>> = spread
+        .iter()
+        .enumerate()
+        .map(|(i, (place, _))| {
+            let mut peer = Redirector::peer(i, place.clone(), &dir.path().join("b"));
+            peer.start();
+            Mutex::new(peer)
+        })
+        .collect();
+    let mut proxy = Redirector::proxy(hub.clone(), &seeds, &dir.path().join("a"));
     proxy.start();
 
     let hub_path = net.hub.path();
     let baseline = std::thread::scope(|s| {
         s.spawn(|| {
             enter(&hub_path);
-            warm_up(SoakProxy::addr());
+            warm_up(proxy_addr());
         })
         .join()
         .expect("warm-up");
@@ -1098,7 +1296,7 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
     let sampling = Arc::new(AtomicBool::new(true));
     let t0 = Instant::now();
     let ctx = Ctx {
-        target: SoakProxy::addr(),
+        target: proxy_addr(),
         netns: hub_path.clone(),
         t0,
         stop: Arc::clone(&stop),
@@ -1108,10 +1306,18 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
         ..ctx.clone()
     };
     let samples = Arc::new(Mutex::new(Vec::new()));
-    let (cluster_plan, proxy_plan): (Vec<Planned>, Vec<Planned>) =
-        plan.iter().partition(|p| !p.kind.on_proxy_lane());
     let pid = Arc::clone(&proxy.pid);
-    let cluster_started = AtomicU64::new(0);
+    let proxy = Mutex::new(proxy);
+    let cluster = RwLock::new(cluster);
+    let rig = Rig {
+        plan: &plan,
+        cluster: &cluster,
+        net: &net,
+        proxy: &proxy,
+        peers: &peers,
+        t0,
+        current: Mutex::new(None),
+    };
     let mut requests = 0u64;
 
     let (mut outcomes, direct_outcome, mut windows) = std::thread::scope(|s| {
@@ -1154,15 +1360,15 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
                 }
             })
         };
-        let cluster_ref = &mut cluster;
-        let net_ref = &net;
-        let started = &cluster_started;
-        let cluster_faults =
-            s.spawn(move || cluster_lane(cluster_ref, net_ref, &cluster_plan, t0, started));
-        let proxy_ref = &mut proxy;
-        let proxy_faults = s.spawn(move || proxy_lane(proxy_ref, &proxy_plan, t0, started));
-        let mut windows = cluster_faults.join().expect("cluster lane");
-        windows.extend(proxy_faults.join().expect("proxy lane"));
+        let rig = &rig;
+        let lanes: Vec<_> = soak::lanes(&plan)
+            .into_iter()
+            .map(|lane| s.spawn(move || rig.run_lane(lane)))
+            .collect();
+        let mut windows = Vec::new();
+        for lane in lanes {
+            windows.extend(lane.join().expect("fault lane"));
+        }
         sleep_until(t0, load);
         stop.store(true, Ordering::Relaxed);
         let mut outcomes: Vec<Outcome> = threads
@@ -1178,6 +1384,8 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
     });
     let load_ran = t0.elapsed();
     windows.sort_by_key(|w| w.start);
+    let cluster = cluster.into_inner().expect("cluster lock");
+    let mut proxy = proxy.into_inner().expect("proxy lock");
     let after = resources(proxy.pid.load(Ordering::Relaxed), load_ran);
     assert!(
         proxy.is_running(),
@@ -1192,7 +1400,7 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
     let after_burst = std::thread::scope(|s| {
         s.spawn(|| {
             enter(&hub_path);
-            warm_up(SoakProxy::addr());
+            warm_up(proxy_addr());
         })
         .join()
         .expect("second burst");
@@ -1237,7 +1445,7 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
     let (through_proxy, from_masters) = std::thread::scope(|s| {
         s.spawn(|| {
             enter(&hub_path);
-            let through = read_all(SoakProxy::addr(), &all_keys);
+            let through = read_all(proxy_addr(), &all_keys);
             let mut by_owner: HashMap<SocketAddr, Vec<&String>> = HashMap::new();
             for k in &all_keys {
                 by_owner.entry(owner(k)).or_default().push(k);
@@ -1267,7 +1475,9 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
     let direct_losses = soak::losses(&direct_ledger, &windows, read, &mut wrong);
     wrong.extend(fatal);
 
-    notes.push("HBONE peer restart: not part of this soak (see README, Chaos soak)".to_string());
+    let (tunnels, direct_to_redis) = proxy_upstreams(&hub, proxy.pid.load(Ordering::Relaxed));
+    let (tunnel_note, peer_bytes) = tunnel_figures(&hub);
+    notes.push(tunnel_note);
     let report = Report {
         load: load_ran,
         faults: windows.clone(),
@@ -1300,6 +1510,15 @@ fn a_chaos_soak_loses_no_write_acknowledged_through_a_graceful_fault() {
     eprintln!("report written to {}", path.display());
 
     // What the soak promises.
+    assert!(
+        !tunnels.is_empty() && direct_to_redis.is_empty(),
+        "the proxy's upstream connections: tunnels {tunnels:?}, straight to Redis \
+         {direct_to_redis:?}"
+    );
+    assert!(
+        peer_bytes > 0.0,
+        "no upstream traffic crossed the HBONE tunnels"
+    );
     assert!(
         report.wrong.is_empty(),
         "values that were never written, or errors that must never happen: {:#?}",
