@@ -165,8 +165,11 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         mesh: None,
         cluster: true,
     };
+    let mut tunnels_in = None;
     if let Some(hbone) = &config.hbone {
-        dialer.mesh = start_hbone(hbone, &dialer, &metrics).await?;
+        let (mesh, drain) = start_hbone(hbone, &dialer, &metrics).await?;
+        dialer.mesh = mesh;
+        tunnels_in = drain;
     }
     let gate = Arc::new(Gate::new(config.proxy.admission.clone(), orig_dst));
     // Each worker's routes: the node-wide gate, and its own relay for
@@ -377,8 +380,12 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
         serving_task.abort();
         let _ = serving_task.await;
         start_extra.stop_accepting();
+        // Peers open new tunnels to the successor; open streams finish.
+        if let Some(tunnels) = &tunnels_in {
+            tunnels.start();
+        }
         tokio::select! {
-            () = drain(&gate, &serving, config.drain_grace) => {}
+            () = drain(&gate, &serving, tunnels_in.as_ref(), config.drain_grace) => {}
             _ = sigterm.recv() => info!("second signal: not waiting for clients"),
             _ = sigint.recv() => info!("second signal: not waiting for clients"),
         }
@@ -421,24 +428,32 @@ impl Drop for ReadyFile {
     }
 }
 
-/// Waits for the connected clients to leave: idle ones are asked to, at a
+/// Waits for the connected clients, and the streams peers opened through
+/// this node's HBONE listener, to leave: idle clients are asked to, at a
 /// request boundary; the rest have `grace`.
-async fn drain(gate: &Gate, serving: &Serving, grace: Duration) {
+async fn drain(
+    gate: &Gate,
+    serving: &Serving,
+    tunnels_in: Option<&crate::hbone::inbound::Drain>,
+    grace: Duration,
+) {
     let started = tokio::time::Instant::now();
     loop {
         // Again each time: a client accepted just before the listeners
         // closed registers a moment later.
         serving.ask_clients_to_leave();
         let left = gate.connected_clients();
-        if left == 0 {
+        let streams = tunnels_in.map_or(0, crate::hbone::inbound::Drain::open_streams);
+        if left == 0 && streams == 0 {
             info!(took = ?started.elapsed(), "every client has left");
             return;
         }
         if started.elapsed() >= grace {
             info!(
                 left,
+                streams,
                 ?grace,
-                "drain grace period over: closing the clients left"
+                "drain grace period over: closing the clients and tunnel streams left"
             );
             return;
         }
@@ -551,8 +566,9 @@ async fn start_hbone(
     config: &HboneConfig,
     dialer: &Dialer,
     metrics: &MetricsRegistry,
-) -> Result<Option<Arc<Mesh>>, Error> {
+) -> Result<(Option<Arc<Mesh>>, Option<crate::hbone::inbound::Drain>), Error> {
     let tls = Tls::load(CertFiles::in_dir(&config.certs))?;
+    let mut drain = None;
     tls.spawn_reloader(config.reload_interval);
     let own = tls.current().identity.clone();
     if let Some(addr) = config.listen {
@@ -582,10 +598,11 @@ async fn start_hbone(
         .await
         .map_err(|source| Error::HboneListen { addr, source })?;
         info!(%addr, identity = %own, "HBONE listener up");
+        drain = Some(inbound.drain());
         tokio::spawn(inbound.run());
     }
     if config.meshed.is_empty() {
-        return Ok(None);
+        return Ok((None, drain));
     }
     let outbound = Outbound::new(
         tls,
@@ -596,10 +613,13 @@ async fn start_hbone(
         dialer.connect_timeout,
         config.idle_timeout,
     );
-    Ok(Some(Arc::new(Mesh {
-        outbound,
-        meshed: config.meshed.clone(),
-    })))
+    Ok((
+        Some(Arc::new(Mesh {
+            outbound,
+            meshed: config.meshed.clone(),
+        })),
+        drain,
+    ))
 }
 
 /// The eBPF log level is fixed when the programs load; follow the daemon's

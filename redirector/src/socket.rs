@@ -42,6 +42,8 @@ pub enum Listening {
     Proxy,
     /// `/metrics`, probes, `/status`.
     Admin,
+    /// The HBONE listener (15008): an upgrade's two daemons share it too.
+    Hbone,
 }
 
 /// A non-blocking listener on `addr`, with `SO_REUSEPORT`: a daemon's

@@ -33,6 +33,27 @@ pub struct Inbound {
     shared: Arc<Shared>,
 }
 
+/// Ends an [`Inbound`] gracefully: its listener closes (new tunnels go to
+/// an upgrade's new daemon, which listens on the same port), and its
+/// tunnels get a GOAWAY (no new streams; the open ones carry on).
+#[derive(Clone)]
+pub struct Drain {
+    shared: Arc<Shared>,
+}
+
+impl Drain {
+    pub fn start(&self) {
+        self.shared.draining.send_replace(true);
+    }
+
+    /// Streams still open through this listener.
+    pub fn open_streams(&self) -> usize {
+        self.shared
+            .open_streams
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 struct Shared {
     tls: Arc<Tls>,
     /// Presented instead of `tls` on these local addresses: the fronted
@@ -47,6 +68,8 @@ struct Shared {
     /// The listener's address: its port is never a valid target, and
     /// only a loopback listener may lead to loopback endpoints.
     listen: SocketAddr,
+    draining: tokio::sync::watch::Sender<bool>,
+    open_streams: std::sync::atomic::AtomicUsize,
 }
 
 impl Inbound {
@@ -59,7 +82,10 @@ impl Inbound {
         socket_mark: u32,
         connect_timeout: Duration,
     ) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = TcpListener::from_std(crate::socket::listener(
+            addr,
+            crate::socket::Listening::Hbone,
+        )?)?;
         let listen = listener.local_addr()?;
         Ok(Self {
             listener,
@@ -71,18 +97,31 @@ impl Inbound {
                 socket_mark,
                 connect_timeout,
                 listen,
+                draining: tokio::sync::watch::Sender::new(false),
+                open_streams: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
+    }
+
+    pub fn drain(&self) -> Drain {
+        Drain {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
-    /// Accepts tunnels until the task is dropped.
+    /// Accepts tunnels until the task is dropped or [`Drain::start`].
     pub async fn run(self) {
+        let mut draining = self.shared.draining.subscribe();
         loop {
-            match self.listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                _ = draining.wait_for(|d| *d) => return,
+            };
+            match accepted {
                 Ok((tcp, peer)) => {
                     let shared = Arc::clone(&self.shared);
                     tokio::spawn(async move {
@@ -127,6 +166,8 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
     shared.metrics.tunnel_opened("inbound");
     let _closed = TunnelClosed(Arc::clone(&shared.metrics), "inbound");
     let mut pinger = conn.ping_pong().map(|p| tokio::spawn(keepalive(p)));
+    let mut draining = shared.draining.subscribe();
+    let mut goaway_sent = false;
     let result = loop {
         let dead_peer = async {
             match pinger.as_mut() {
@@ -140,6 +181,12 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         let next = tokio::select! {
             next = conn.accept() => next,
             () = dead_peer => break Err(io::Error::other("keepalive: no pong in time")),
+            // Once: no new streams here; the open ones finish.
+            _ = draining.wait_for(|d| *d), if !goaway_sent => {
+                goaway_sent = true;
+                conn.graceful_shutdown();
+                continue;
+            }
         };
         match next {
             None => break Ok(()),
@@ -223,7 +270,18 @@ async fn serve_stream(
         Ok(send) => send,
         Err(_) => return,
     };
-    let guard = StreamGuard::new(Arc::clone(metrics), None);
+    let counted = Arc::clone(&shared);
+    counted
+        .open_streams
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let guard = StreamGuard::new(
+        Arc::clone(metrics),
+        Some(Box::new(move || {
+            counted
+                .open_streams
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        })),
+    );
     let mut stream = Stream::new(send, request.into_body(), guard);
     if let Err(e) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
         tracing::debug!(%peer, %target, error = %e, "tunnel stream ended with an error");

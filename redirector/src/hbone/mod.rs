@@ -845,6 +845,79 @@ mod tunnel_tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_draining_listener_hands_new_tunnels_to_its_successor_and_keeps_open_streams() {
+        let rig = rig().await;
+        let policy = || Policy {
+            trust_domain: "cluster.local".into(),
+            namespaces: vec![],
+        };
+        let listener = |addr: SocketAddr, metrics: &Arc<TunnelMetrics>| {
+            Inbound::bind(
+                addr,
+                issue(&rig.ca, &rig.node, "listener"),
+                Vec::new(),
+                policy(),
+                Arc::clone(metrics),
+                0,
+                Duration::from_secs(1),
+            )
+        };
+        let old_metrics = Arc::new(TunnelMetrics::detached());
+        let old = listener("127.0.0.8:0".parse().expect("addr"), &old_metrics)
+            .await
+            .expect("bind");
+        let addr = old.local_addr().expect("addr");
+        let old_drain = old.drain();
+        tokio::spawn(old.run());
+        let echo = echo_on("127.0.0.8").await;
+        let out = outbound(&rig, &rig.node, "client", Duration::from_secs(30));
+        let mut open = out
+            .connect_via(addr, echo, Origin::default())
+            .await
+            .expect("CONNECT through the old listener");
+        assert_eq!(old_drain.open_streams(), 1);
+
+        // An upgrade: the successor binds the same port beside it.
+        let new_metrics = Arc::new(TunnelMetrics::detached());
+        let new = listener(addr, &new_metrics)
+            .await
+            .expect("the successor shares the HBONE port");
+        tokio::spawn(new.run());
+        old_drain.start();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // A new stream: the pooled tunnel got a GOAWAY, so a fresh one,
+        // which only the successor's listener can take now.
+        let mut fresh = out
+            .connect_via(addr, echo, Origin::default())
+            .await
+            .expect("CONNECT after the old listener drained");
+        fresh.write_all(b"new").await.expect("write");
+        let mut back = [0u8; 3];
+        fresh.read_exact(&mut back).await.expect("echo");
+        assert_eq!(
+            new_metrics.connect_status_count(200),
+            1,
+            "served by the successor"
+        );
+        // The stream opened before goes on through the old daemon.
+        open.write_all(b"old").await.expect("write");
+        open.read_exact(&mut back)
+            .await
+            .expect("echo through the old tunnel");
+        assert_eq!(&back, b"old");
+        drop(open);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while old_drain.open_streams() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the old listener's last stream ends");
+        assert_eq!(old_metrics.connect_status_count(200), 1);
+    }
+
     /// A Redis that answers every read with an error.
     async fn refusing_redis() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
