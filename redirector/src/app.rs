@@ -63,6 +63,8 @@ pub enum Error {
     Signals(std::io::Error),
     #[error("HBONE certificates: {0}")]
     HboneCerts(#[from] crate::identity::tls::Error),
+    #[error("HBONE certificates from istiod: {0}")]
+    Istiod(#[from] crate::identity::istiod::Error),
     #[error(transparent)]
     Kubernetes(#[from] crate::k8s::Error),
     #[error("cannot read this process's network namespace cookie: {0}")]
@@ -567,9 +569,33 @@ async fn start_hbone(
     dialer: &Dialer,
     metrics: &MetricsRegistry,
 ) -> Result<(Option<Arc<Mesh>>, Option<crate::hbone::inbound::Drain>), Error> {
-    let tls = Tls::load(CertFiles::in_dir(&config.certs))?;
+    let tls = match &config.certs {
+        crate::config::CertSource::Files(dir) => {
+            let tls = Tls::load(CertFiles::in_dir(dir))?;
+            tls.spawn_reloader(config.reload_interval);
+            tls
+        }
+        crate::config::CertSource::Istiod(settings) => {
+            let client = Arc::new(crate::identity::istiod::CaClient::new(settings.clone())?);
+            // Nothing serves tunnels without a certificate: ask until one
+            // comes, or the daemon is stopped.
+            let configs = loop {
+                match client.issue().await {
+                    Ok(configs) => break configs,
+                    Err(e) => {
+                        warn!(error = %e, "no HBONE certificate from istiod yet; asking again");
+                        tokio::time::sleep(crate::identity::istiod::RETRY).await;
+                    }
+                }
+            };
+            info!(identity = %configs.identity, ca = %settings.address, "HBONE certificate from istiod");
+            let leaf = configs.leaf.clone();
+            let tls = Tls::in_memory(configs);
+            crate::identity::istiod::spawn_rotation(client, Arc::clone(&tls), leaf);
+            tls
+        }
+    };
     let mut drain = None;
-    tls.spawn_reloader(config.reload_interval);
     let own = tls.current().identity.clone();
     if let Some(addr) = config.listen {
         let policy = Policy {

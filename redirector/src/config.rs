@@ -116,12 +116,22 @@ pub struct RunConfig {
     pub kubernetes: Option<crate::k8s::K8sConfig>,
 }
 
+/// Where HBONE's certificates come from.
+#[derive(Clone, Debug)]
+pub enum CertSource {
+    /// A directory with `ca.pem`, `cert.pem` and `key.pem`, reloaded when
+    /// they change (any mesh, cert-manager, `redirector certs`).
+    Files(PathBuf),
+    /// Istio's CA: a key in memory, certificates renewed from istiod.
+    Istiod(crate::identity::istiod::Settings),
+}
+
 /// HBONE: who this node is, where it listens, and which endpoints are
 /// reached through their node's tunnel listener.
 #[derive(Clone, Debug)]
 pub struct HboneConfig {
-    /// The node's `ca.pem`, `cert.pem` and `key.pem`.
-    pub certs: PathBuf,
+    /// Where the node's mTLS material comes from.
+    pub certs: CertSource,
     /// The inbound listener; `None`: this node accepts no tunnels.
     pub listen: Option<SocketAddr>,
     /// The port peers' listeners use.

@@ -471,8 +471,34 @@ impl KubernetesArgs {
 struct HboneArgs {
     /// Directory with this node's ca.pem, cert.pem and key.pem; enables HBONE.
     /// Files are reloaded when they change.
-    #[arg(long, env = "REDIRECTOR_HBONE_CERTS")]
+    #[arg(
+        long,
+        env = "REDIRECTOR_HBONE_CERTS",
+        conflicts_with = "istio_ca_address"
+    )]
     hbone_certs: Option<PathBuf>,
+    /// Istio's CA (istiod's gRPC CreateCertificate), e.g.
+    /// https://istiod.istio-system.svc:15012: HBONE certificates are asked
+    /// for there (a key kept in memory, renewed half-way through each
+    /// certificate's life) instead of read from --hbone-certs; enables HBONE.
+    #[arg(long, env = "REDIRECTOR_ISTIO_CA_ADDRESS")]
+    istio_ca_address: Option<String>,
+    /// The mesh root (the istio-ca-root-cert ConfigMap's root-cert.pem).
+    #[arg(long, default_value = "/var/run/secrets/istio/root-cert.pem")]
+    istio_ca_root_cert: PathBuf,
+    /// The projected ServiceAccount token with the istio-ca audience.
+    #[arg(long, default_value = "/var/run/secrets/tokens/istio-token")]
+    istio_token: PathBuf,
+    /// Istio's cluster id.
+    #[arg(long, default_value = "Kubernetes")]
+    istio_cluster_id: String,
+    /// The identity to ask istiod for: spiffe://TD/ns/NS/sa/SA, this pod's
+    /// ServiceAccount.
+    #[arg(long, env = "REDIRECTOR_ISTIO_IDENTITY")]
+    istio_identity: Option<Identity>,
+    /// The certificate lifetime asked of istiod.
+    #[arg(long, default_value = "24h", value_parser = config::parse_duration)]
+    istio_cert_lifetime: Duration,
     /// Inbound tunnel listener; `none` accepts no tunnels.
     #[arg(long, default_value = "0.0.0.0:15008")]
     hbone_listen: String,
@@ -511,13 +537,30 @@ struct HboneArgs {
 
 impl HboneArgs {
     fn into_config(self) -> anyhow::Result<Option<config::HboneConfig>> {
-        let Some(certs) = self.hbone_certs else {
-            if !self.mesh_endpoints.is_empty() {
-                bail!(
-                    "--mesh-endpoints needs --hbone-certs: tunnels need this node's certificates"
-                );
+        let certs = match (self.hbone_certs, self.istio_ca_address) {
+            (Some(dir), _) => config::CertSource::Files(dir),
+            (None, Some(address)) => {
+                let identity = self.istio_identity.context(
+                    "--istio-ca-address needs --istio-identity (this pod's spiffe://TD/ns/NS/sa/SA)",
+                )?;
+                config::CertSource::Istiod(redirector::identity::istiod::Settings {
+                    address,
+                    root_cert: self.istio_ca_root_cert,
+                    token: self.istio_token,
+                    cluster_id: self.istio_cluster_id,
+                    identity,
+                    lifetime: self.istio_cert_lifetime,
+                    server_name: None,
+                })
             }
-            return Ok(None);
+            (None, None) => {
+                if !self.mesh_endpoints.is_empty() {
+                    bail!(
+                        "--mesh-endpoints needs --hbone-certs or --istio-ca-address: tunnels need this node's certificates"
+                    );
+                }
+                return Ok(None);
+            }
         };
         let listen = match self.hbone_listen.as_str() {
             "none" | "" => None,

@@ -51,6 +51,12 @@ pub struct Issued {
 impl Ca {
     /// A new self-signed root for `trust_domain`, valid for ten years.
     pub fn new(trust_domain: &str) -> Result<Self, Error> {
+        Self::valid_until(trust_domain, None)
+    }
+
+    /// A CA whose own certificate expired `ago` (tests of what an expired
+    /// root does to clients); `None`: valid for ten years.
+    pub fn valid_until(trust_domain: &str, expired_ago: Option<Duration>) -> Result<Self, Error> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
@@ -66,6 +72,11 @@ impl Ca {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         validity(&mut params, Duration::from_secs(10 * 365 * 24 * 3600));
+        if let Some(ago) = expired_ago {
+            let now = OffsetDateTime::now_utc();
+            params.not_before = now - Duration::from_secs(2 * 24 * 3600) - ago;
+            params.not_after = now - ago;
+        }
         let cert_pem = params.self_signed(&key)?.pem();
         Ok(Self { key, cert_pem })
     }
@@ -115,6 +126,34 @@ impl Ca {
     }
 
     /// A leaf certificate for `identity`, valid for 90 days.
+    /// Signs a certificate request as a mesh CA does: the SANs it asks
+    /// for, for `lifetime` (tests of the istiod client play istiod).
+    pub fn sign_request(&self, csr_pem: &str, lifetime: Duration) -> Result<String, Error> {
+        let mut request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        validity(&mut request.params, lifetime);
+        request.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        Ok(request.signed_by(&issuer)?.pem())
+    }
+
+    /// A server certificate for a DNS name (istiod's serving certificate,
+    /// in tests).
+    pub fn issue_server(&self, dns_name: &str) -> Result<Issued, Error> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![dns_name.to_string()])?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        validity(&mut params, Duration::from_secs(24 * 3600));
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(Issued {
+            chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     pub fn issue(&self, identity: &Identity) -> Result<Issued, Error> {
         self.issue_for(identity, Duration::from_secs(90 * 24 * 3600))
     }

@@ -5,6 +5,7 @@
 //! Istio issues it. rustls checks certificate chains but not URI SANs, so
 //! reading and checking the SAN is ours ([`peer_identity`]).
 
+pub mod istiod;
 pub mod mint;
 pub mod tls;
 

@@ -79,6 +79,8 @@ impl CertFiles {
 /// same files, and the identity they prove.
 pub struct Configs {
     pub identity: Identity,
+    /// The certificate proven (its validity drives a CA client's renewals).
+    pub leaf: CertificateDer<'static>,
     pub server: Arc<ServerConfig>,
     pub client: Arc<ClientConfig>,
 }
@@ -114,18 +116,35 @@ impl Configs {
         let leaf = chain
             .first()
             .ok_or_else(|| Error::NoCertificate(files.cert.clone()))?;
-        let identity = cert_identity(leaf).map_err(|source| Error::Identity {
+        cert_identity(leaf).map_err(|source| Error::Identity {
             path: files.cert.clone(),
             source,
         })?;
         let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
             .map_err(|e| file_error(&files.key)(e.to_string()))?;
+        Self::from_parts(ca, chain, key)
+    }
 
+    /// A set from certificates and a key held in memory (a CA client's).
+    pub fn from_parts(
+        ca: Vec<CertificateDer<'static>>,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, Error> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| Error::Config("no certificate in the chain".into()))?;
+        let identity =
+            cert_identity(leaf).map_err(|e| Error::Config(format!("the leaf certificate: {e}")))?;
+        let leaf = leaf.clone();
         let mut roots = RootCertStore::empty();
         for cert in ca {
             roots
                 .add(cert)
-                .map_err(|e| file_error(&files.ca)(e.to_string()))?;
+                .map_err(|e| Error::Config(format!("a trust root: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(Error::Config("no trust root".into()));
         }
         let roots = Arc::new(roots);
         let config = |e: rustls::Error| Error::Config(e.to_string());
@@ -156,6 +175,7 @@ impl Configs {
 
         Ok(Self {
             identity,
+            leaf,
             server: Arc::new(server),
             client: Arc::new(client),
         })
@@ -235,7 +255,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// The node's current mTLS configuration. New tunnels take the current
 /// set; tunnels already up keep the one they were made with.
 pub struct Tls {
-    files: CertFiles,
+    /// `None`: the certificates come from a CA client ([`Tls::replace`]).
+    files: Option<CertFiles>,
     current: RwLock<Arc<Configs>>,
     /// The files as last looked at (loaded, or refused).
     stamp: Mutex<Vec<Option<(SystemTime, u64)>>>,
@@ -246,10 +267,25 @@ impl Tls {
         let stamp = files.stamp();
         let configs = Configs::load(&files)?;
         Ok(Arc::new(Self {
-            files,
+            files: Some(files),
             current: RwLock::new(Arc::new(configs)),
             stamp: Mutex::new(stamp),
         }))
+    }
+
+    /// A set held in memory, replaced by its owner (the istiod CA client).
+    pub fn in_memory(configs: Configs) -> Arc<Self> {
+        Arc::new(Self {
+            files: None,
+            current: RwLock::new(Arc::new(configs)),
+            stamp: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// New tunnels take `configs` from now on (a rotation).
+    pub fn replace(&self, configs: Configs) {
+        tracing::info!(identity = %configs.identity, "mTLS certificates rotated");
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(configs);
     }
 
     pub fn current(&self) -> Arc<Configs> {
@@ -260,13 +296,16 @@ impl Tls {
     /// load (a rotation caught half-way) leaves the old one in place, is
     /// reported once, and is tried again when the files change again.
     pub fn reload_if_changed(&self) -> Result<bool, Error> {
-        let stamp = self.files.stamp();
+        let Some(files) = &self.files else {
+            return Ok(false);
+        };
+        let stamp = files.stamp();
         let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
         if *last == stamp {
             return Ok(false);
         }
         *last = stamp;
-        let configs = Configs::load(&self.files)?;
+        let configs = Configs::load(files)?;
         tracing::info!(identity = %configs.identity, "mTLS certificates reloaded");
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(configs);
         Ok(true)
