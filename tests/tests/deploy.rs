@@ -1130,10 +1130,15 @@ fn pod_doc(ds: &mut Value) -> &mut Value {
 /// Istio ambient's labels, and ztunnel's mark on steered sockets, so that
 /// istio-cni's in-pod capture leaves them to the node proxy (node_safety.rs
 /// checks the mark against that capture on the real kernel).
-const AMBIENT_ARGS: &[&str] = &["--ambient-label", "--steered-socket-mark=0x539/0xfff"];
+const AMBIENT_ARGS: &[&str] = &[
+    "--ambient-label",
+    "--steered-socket-mark=0x539/0xfff",
+    "--istio-ca-address=https://istiod.istio-system.svc:15012",
+    "--istio-identity=spiffe://cluster.local/ns/redirector-system/sa/redirector",
+];
 
 #[test]
-fn ambient_overlay_only_appends_ambient_labels_and_ztunnels_mark() {
+fn ambient_overlay_only_appends_ambient_labels_ztunnels_mark_and_the_istiod_ca() {
     let (base, overlay) = render_agent_overlay("deploy/overlays/ambient");
     let agent = container(pod_spec(overlay.daemon_set("redirector")), "redirector");
     let mut expected = AGENT_ARGS.to_vec();
@@ -1144,12 +1149,62 @@ fn ambient_overlay_only_appends_ambient_labels_and_ztunnels_mark() {
         "the base's args and the ambient flags"
     );
 
-    // Nothing but those arguments differs.
+    // The istiod client's token (istio-ca audience) and the mesh root,
+    // where the flags' defaults read them.
+    let help = help(&["run"]).expect("run --help");
+    for default in [
+        "/var/run/secrets/tokens/istio-token",
+        "/var/run/secrets/istio/root-cert.pem",
+    ] {
+        assert!(help.contains(default), "run --help names {default}");
+    }
+    let pod = pod_spec(overlay.daemon_set("redirector"));
+    let token = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "istio-token")
+        .and_then(|v| v.projected.as_ref())
+        .and_then(|p| p.sources.as_ref())
+        .and_then(|s| s.first())
+        .and_then(|s| s.service_account_token.as_ref())
+        .expect("a projected ServiceAccount token");
+    assert_eq!(token.audience.as_deref(), Some("istio-ca"));
+    assert_eq!(token.path, "istio-token");
+    assert_eq!(
+        volume_mount(agent, "/var/run/secrets/tokens").name,
+        "istio-token"
+    );
+    let root = volume_mount(agent, "/var/run/secrets/istio");
+    let root_volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == root.name)
+        .and_then(|v| v.config_map.as_ref())
+        .expect("the mesh root from a ConfigMap");
+    assert_eq!(root_volume.name, "istio-ca-root-cert");
+
+    // Nothing but those differs.
     let mut patched = base.doc(AGENT_DS).clone();
-    pod_doc(&mut patched)["containers"][0]["args"]
+    let pod_doc = pod_doc(&mut patched);
+    pod_doc["containers"][0]["args"]
         .as_array_mut()
         .expect("args")
         .extend(AMBIENT_ARGS.iter().map(|a| Value::from(*a)));
+    pod_doc["containers"][0]["volumeMounts"]
+        .as_array_mut()
+        .expect("mounts")
+        .extend([
+            serde_json::json!({"name": "istio-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true}),
+            serde_json::json!({"name": "istio-ca-root-cert", "mountPath": "/var/run/secrets/istio", "readOnly": true}),
+        ]);
+    pod_doc["volumes"].as_array_mut().expect("volumes").extend([
+        serde_json::json!({"name": "istio-token", "projected": {"sources": [
+            {"serviceAccountToken": {"audience": "istio-ca", "expirationSeconds": 43200, "path": "istio-token"}}
+        ]}}),
+        serde_json::json!({"name": "istio-ca-root-cert", "configMap": {"name": "istio-ca-root-cert"}}),
+    ]);
     assert_eq!(&patched, overlay.doc(AGENT_DS));
 }
 
