@@ -496,8 +496,8 @@ struct HboneArgs {
     /// ServiceAccount.
     #[arg(long, env = "REDIRECTOR_ISTIO_IDENTITY")]
     istio_identity: Option<Identity>,
-    /// The certificate lifetime asked of istiod.
-    #[arg(long, default_value = "24h", value_parser = config::parse_duration)]
+    /// The certificate lifetime asked of istiod (24 hours).
+    #[arg(long, default_value = "1440m", value_parser = config::parse_duration)]
     istio_cert_lifetime: Duration,
     /// Inbound tunnel listener; `none` accepts no tunnels.
     #[arg(long, default_value = "0.0.0.0:15008")]
