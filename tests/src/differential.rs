@@ -974,48 +974,6 @@ impl Generator {
     }
 }
 
-/// Commands the proxy runs as a task of their own (one command per slot,
-/// one per master, or `WATCH`/`EXEC` on a leased connection), which reach
-/// the nodes out of order with the commands around them in one pipeline:
-/// a known proxy difference (README, "Differential fuzzing").
-pub fn runs_as_own_task(c: &Command) -> bool {
-    is_keyspace_wide(c)
-        || matches!(
-            &c.args[0][..],
-            b"MGET"
-                | b"MSET"
-                | b"DEL"
-                | b"UNLINK"
-                | b"EXISTS"
-                | b"TOUCH"
-                | b"PING"
-                | b"WATCH"
-                | b"EXEC"
-        )
-}
-
-/// How the driver writes a unit: each range is sent in one write, and its
-/// replies read before the next range goes. A command the proxy runs as
-/// its own task gets a write of its own, unless `overtaking` asks to show
-/// the known difference; otherwise a unit is one pipeline.
-pub fn writes(unit: &[Command], overtaking: bool) -> Vec<std::ops::Range<usize>> {
-    let mut ranges = Vec::new();
-    let mut start = 0;
-    for (i, c) in unit.iter().enumerate() {
-        if !overtaking && runs_as_own_task(c) {
-            if start < i {
-                ranges.push(start..i);
-            }
-            ranges.push(i..i + 1);
-            start = i + 1;
-        }
-    }
-    if start < unit.len() {
-        ranges.push(start..unit.len());
-    }
-    ranges
-}
-
 /// Commands about the whole keyspace, which the proxy answers from every
 /// master, except inside a transaction, which runs on one.
 fn is_keyspace_wide(c: &Command) -> bool {
@@ -1129,28 +1087,6 @@ mod tests {
                 .any(|u| u.len() > 1 && u[0].args[0] != b"MULTI" && u[0].args[0] != b"WATCH"),
             "pipelines"
         );
-    }
-
-    #[test]
-    fn a_unit_is_one_write_except_commands_the_proxy_runs_as_their_own_task() {
-        let unit: Unit = [
-            &["WATCH", "k"][..],
-            &["SET", "k", "v"],
-            &["MULTI"],
-            &["GET", "k"],
-            &["EXEC"],
-        ]
-        .iter()
-        .map(|a| unit_of(a))
-        .collect();
-        assert_eq!(writes(&unit, false), vec![0..1, 1..4, 4..5]);
-        assert_eq!(writes(&unit, true), vec![0..5]);
-        let pipeline: Unit = [&["MGET", "a", "b"][..], &["SET", "a", "1"], &["INFO"]]
-            .iter()
-            .map(|a| unit_of(a))
-            .collect();
-        assert_eq!(writes(&pipeline, false), vec![0..1, 1..2, 2..3]);
-        assert_eq!(writes(&[], false), Vec::<std::ops::Range<usize>>::new());
     }
 
     #[test]

@@ -7,8 +7,6 @@
 //! `DIFFERENTIAL_SECONDS=N` runs seeds from `DIFFERENTIAL_SEED` (or one
 //! taken from the clock, printed) upwards for N seconds;
 //! `DIFFERENTIAL_SEED` alone replays that one seed.
-//! `DIFFERENTIAL_OVERTAKING=1` shows a known proxy difference
-//! (README, "Differential fuzzing").
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -18,7 +16,7 @@ use std::{
 use testbed::{
     TempDir,
     cluster::RedisCluster,
-    differential::driver::{self, Knobs, Sides},
+    differential::driver::{self, Sides},
     ports::free_port,
     process::Place,
     proxy::Proxy,
@@ -56,9 +54,6 @@ fn random_command_sequences_get_the_same_replies_through_the_proxy_as_from_one_r
 
     let seconds = env_u64("DIFFERENTIAL_SECONDS");
     let seed = env_u64("DIFFERENTIAL_SEED");
-    let knobs = Knobs {
-        overtaking: env_u64("DIFFERENTIAL_OVERTAKING").is_some_and(|v| v != 0),
-    };
     let started = Instant::now();
     let result = match (seconds, seed) {
         (Some(s), first) => {
@@ -69,15 +64,10 @@ fn random_command_sequences_get_the_same_replies_through_the_proxy_as_from_one_r
                     .as_secs()
             });
             println!("differential: seeds from {first} for {s} s");
-            driver::run(
-                sides,
-                first..,
-                Some(started + Duration::from_secs(s)),
-                knobs,
-            )
+            driver::run(sides, first.., Some(started + Duration::from_secs(s)))
         }
-        (None, Some(one)) => driver::run(sides, [one], None, knobs),
-        (None, None) => driver::run(sides, CI_SEEDS, None, knobs),
+        (None, Some(one)) => driver::run(sides, [one], None),
+        (None, None) => driver::run(sides, CI_SEEDS, None),
     };
     match result {
         Ok(stats) => println!(

@@ -706,6 +706,76 @@ fn client_tracking_invalidates_in_resp3_and_after_a_slot_migration() {
     assert_eq!(reply, "$1\r\n3\r\n");
 }
 
+/// Sends `commands` in one write; their replies, and the pushes that came
+/// among them.
+fn pipelined(c: &mut RespClient, commands: &[&[&str]]) -> (Vec<String>, Vec<String>) {
+    let bytes: Vec<u8> = commands
+        .iter()
+        .flat_map(|args| {
+            let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+            testbed::resp::encode(&args)
+        })
+        .collect();
+    c.send_raw(&bytes).expect("send");
+    let (mut replies, mut pushes) = (Vec::new(), Vec::new());
+    while replies.len() < commands.len() {
+        let frame = text(&c.read_reply().expect("reply"));
+        if frame.starts_with('>') {
+            pushes.push(frame);
+        } else {
+            replies.push(frame);
+        }
+    }
+    (replies, pushes)
+}
+
+#[test]
+fn client_caching_yes_tracks_the_read_right_after_it_in_a_pipeline() {
+    let s = setup();
+    let mut other = connect(s.proxy.addr());
+    let mut t = connect(s.proxy.addr());
+    let hello = call(&mut t, &["HELLO", "3"]);
+    assert!(hello.starts_with('%'), "{hello}");
+    assert_eq!(
+        call(&mut t, &["CLIENT", "TRACKING", "ON", "OPTIN"]),
+        "+OK\r\n"
+    );
+    for key in ["cached", "untracked"] {
+        assert_eq!(call(&mut other, &["SET", key, "1"]), "+OK\r\n");
+    }
+    let only_cached = |f: &str| f == push_for("cached");
+    // One write: CACHING YES applies to the GET right after it only, and
+    // that GET runs before the client's own SET after it.
+    let (replies, pushes) = pipelined(
+        &mut t,
+        &[
+            &["CLIENT", "CACHING", "YES"],
+            &["GET", "cached"],
+            &["SET", "cached", "2"],
+            &["GET", "untracked"],
+        ],
+    );
+    assert_eq!(
+        replies,
+        ["+OK\r\n", "$1\r\n1\r\n", "+OK\r\n", "$1\r\n1\r\n"]
+    );
+    assert!(pushes.iter().all(|p| only_cached(p)), "{pushes:?}");
+    // The untracked key's change must not be pushed; the tracked one's is.
+    assert_eq!(call(&mut other, &["SET", "untracked", "2"]), "+OK\r\n");
+    let (replies, pushes) = pipelined(&mut t, &[&["CLIENT", "CACHING", "YES"], &["GET", "cached"]]);
+    assert_eq!(replies, ["+OK\r\n", "$1\r\n2\r\n"]);
+    assert!(pushes.iter().all(|p| only_cached(p)), "{pushes:?}");
+    assert_eq!(call(&mut other, &["SET", "cached", "3"]), "+OK\r\n");
+    expect_frame(
+        &mut t,
+        &push_for("cached"),
+        only_cached,
+        Duration::from_secs(5),
+    );
+    let late = drain(&mut t, Duration::from_millis(300));
+    assert!(late.iter().all(|p| only_cached(p)), "{late:?}");
+}
+
 /// What a RESP2 subscriber of `__redis__:invalidate` gets for `key`.
 fn message_for(key: &str) -> String {
     format!(

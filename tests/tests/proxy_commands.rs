@@ -280,6 +280,175 @@ fn multi_key_commands_split_and_merge_like_one_redis_on(workers: usize) {
     p.same(&["DBSIZE"]);
 }
 
+/// Sends `commands` in one write and reads one reply per command, as text.
+fn pipeline(c: &mut RespClient, commands: &[&[&str]]) -> Vec<String> {
+    let bytes: Vec<u8> = commands
+        .iter()
+        .flat_map(|args| {
+            let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+            testbed::resp::encode(&args)
+        })
+        .collect();
+    c.send_raw(&bytes).expect("send the pipeline");
+    commands
+        .iter()
+        .map(|args| text(&c.read_reply().unwrap_or_else(|e| panic!("{args:?}: {e}"))))
+        .collect()
+}
+
+/// Two keys owned by different masters.
+fn keys_on_two_masters(cluster: &RedisCluster) -> (&'static str, &'static str) {
+    let owner = |k: &str| cluster.owner_of_slot(slot_of(k.as_bytes()));
+    let first = SPREAD[0];
+    let second = SPREAD
+        .iter()
+        .copied()
+        .find(|k| owner(k) != owner(first))
+        .expect("keys on two masters");
+    (first, second)
+}
+
+fn bulk(value: &str) -> String {
+    format!("${}\r\n{value}\r\n", value.len())
+}
+
+#[test]
+fn a_pipelined_write_after_a_split_mget_is_not_seen_by_it() {
+    let s = setup(&[]);
+    let (a, b) = keys_on_two_masters(&s.cluster);
+    let mut c = RespClient::connect(s.proxy.addr()).expect("proxy");
+    // One Redis runs a client's commands in order: each MGET sees the SET
+    // before it and none after it, whichever master holds the key.
+    for round in 1..=50 {
+        let (now, before) = (round.to_string(), (round - 1).to_string());
+        let replies = pipeline(
+            &mut c,
+            &[
+                &["SET", a, &now],
+                &["MGET", a, b],
+                &["SET", b, &now],
+                &["MGET", b, a],
+                &["DEL", a, b],
+                &["EXISTS", a, b],
+                &["MSET", a, &now, b, &now],
+            ],
+        );
+        let old_b = if round == 1 {
+            "$-1\r\n".to_string()
+        } else {
+            bulk(&before)
+        };
+        assert_eq!(
+            replies,
+            [
+                "+OK\r\n".to_string(),
+                format!("*2\r\n{}{old_b}", bulk(&now)),
+                "+OK\r\n".to_string(),
+                format!("*2\r\n{}{}", bulk(&now), bulk(&now)),
+                ":2\r\n".to_string(),
+                ":0\r\n".to_string(),
+                "+OK\r\n".to_string(),
+            ],
+            "round {round}"
+        );
+    }
+}
+
+#[test]
+fn a_pipelined_write_after_a_fan_out_is_not_counted_by_it() {
+    let s = setup(&[]);
+    let (a, b) = keys_on_two_masters(&s.cluster);
+    let mut c = RespClient::connect(s.proxy.addr()).expect("proxy");
+    for round in 1..=20 {
+        let replies = pipeline(
+            &mut c,
+            &[
+                &["FLUSHALL"],
+                &["DBSIZE"],
+                &["SET", a, "1"],
+                &["DBSIZE"],
+                &["SET", b, "1"],
+                &["KEYS", "*"],
+                &["DBSIZE"],
+            ],
+        );
+        assert_eq!(
+            &replies[..5],
+            ["+OK\r\n", ":0\r\n", "+OK\r\n", ":1\r\n", "+OK\r\n"],
+            "round {round}"
+        );
+        assert!(
+            replies[5].starts_with("*2\r\n"),
+            "round {round}: {}",
+            replies[5]
+        );
+        assert_eq!(replies[6], ":2\r\n", "round {round}");
+    }
+}
+
+#[test]
+fn exec_sees_the_pipelined_writes_before_it_and_a_pipelined_write_breaks_a_watch() {
+    let s = setup(&[]);
+    let mut c = RespClient::connect(s.proxy.addr()).expect("proxy");
+    for round in 1..=20 {
+        let value = format!("v{round}");
+        // The client's own SET, pipelined after its WATCH was answered,
+        // breaks the watch: Redis aborts the EXEC.
+        assert_eq!(c.call_str(&["WATCH", "w"]).expect("watch"), "+OK\r\n");
+        let replies = pipeline(
+            &mut c,
+            &[
+                &["SET", "w", "touched"],
+                &["MULTI"],
+                &["SET", "w", "in-exec"],
+                &["EXEC"],
+                &["GET", "w"],
+            ],
+        );
+        assert_eq!(
+            replies,
+            [
+                "+OK\r\n",
+                "+OK\r\n",
+                "+QUEUED\r\n",
+                "*-1\r\n",
+                "$7\r\ntouched\r\n"
+            ],
+            "round {round}: a write after WATCH"
+        );
+        // The same, WATCH pipelined too.
+        let replies = pipeline(
+            &mut c,
+            &[
+                &["WATCH", "w"],
+                &["SET", "w", "touched"],
+                &["MULTI"],
+                &["SET", "w", "in-exec"],
+                &["EXEC"],
+            ],
+        );
+        assert_eq!(replies[4], "*-1\r\n", "round {round}: WATCH pipelined");
+        // Without WATCH, EXEC runs after the SET before it and before the
+        // GET after it.
+        let replies = pipeline(
+            &mut c,
+            &[
+                &["SET", "w", &value],
+                &["MULTI"],
+                &["GET", "w"],
+                &["SET", "w", "from-exec"],
+                &["EXEC"],
+                &["GET", "w"],
+            ],
+        );
+        assert_eq!(
+            replies[4..],
+            [format!("*2\r\n{}+OK\r\n", bulk(&value)), bulk("from-exec")],
+            "round {round}: EXEC in order"
+        );
+    }
+}
+
 #[test]
 fn cluster_aware_clients_see_a_single_node_owning_every_slot() {
     let s = setup(&[]);

@@ -38,7 +38,7 @@ use crate::{
 };
 
 const ASKING: &[u8] = b"*1\r\n$6\r\nASKING\r\n";
-const CLUSTERDOWN: &str = "CLUSTERDOWN Hash slot not served";
+pub(super) const CLUSTERDOWN: &str = "CLUSTERDOWN Hash slot not served";
 
 /// Where a command goes: a slot (or none: any master), and whether it may
 /// be served by a replica.
@@ -352,27 +352,23 @@ pub async fn run(shared: Arc<Shared>, routed: Routed) -> Reply {
     complete(shared, routed, verdict).await
 }
 
-/// Runs a multi-key command as one command per slot, concurrently, and
-/// merges the replies as a single Redis would have answered.
-///
-/// `groups` holds, per slot, the argument ranges it carries: a key and the
-/// arguments that belong to it (MSET: its value). Arguments before the
-/// first key (the command name) start every part.
-pub async fn split(
-    shared: Arc<Shared>,
+/// A multi-key command as one command per slot. `groups` holds, per
+/// slot, the argument ranges it carries: a key and the arguments that
+/// belong to it (MSET: its value). Arguments before the first key (the
+/// command name) start every part.
+pub fn split_parts(
+    req: &Request,
+    groups: &[(u16, Vec<Range<usize>>)],
     protocol: Protocol,
-    req: Request,
-    groups: Vec<(u16, Vec<Range<usize>>)>,
-    how: Merge,
     readonly: bool,
-    via: Option<Arc<PrivateConns>>,
-) -> Bytes {
+    via: Option<&Arc<PrivateConns>>,
+) -> Vec<Routed> {
     let head = groups
         .iter()
         .flat_map(|(_, ranges)| ranges.iter().map(|r| r.start))
         .min()
         .unwrap_or(1);
-    let parts: Vec<Routed> = groups
+    groups
         .iter()
         .map(|(slot, ranges)| {
             let mut args: Vec<Bytes> = req.args[..head].to_vec();
@@ -386,20 +382,42 @@ pub async fn split(
                     readonly,
                 },
                 protocol,
-                via: via.clone(),
+                via: via.cloned(),
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Runs a split command's parts (see [`split_parts`]) concurrently and
+/// merges the replies as a single Redis would have answered.
+pub async fn split(
+    shared: Arc<Shared>,
+    protocol: Protocol,
+    parts: Vec<Routed>,
+    groups: Vec<(u16, Vec<Range<usize>>)>,
+    how: Merge,
+) -> Bytes {
     let replies = run_all(&shared, parts).await;
+    merge_split(&groups, how, &replies, protocol)
+}
+
+/// A split command's reply from its parts' final replies (one per group,
+/// in `groups` order).
+pub fn merge_split(
+    groups: &[(u16, Vec<Range<usize>>)],
+    how: Merge,
+    replies: &[Reply],
+    protocol: Protocol,
+) -> Bytes {
     if how != Merge::AllSucceeded
         && let Some(error) = replies.iter().find(|r| r.is_error())
     {
         return error.raw.clone();
     }
     if how == Merge::Values {
-        return values_in_key_order(&groups, &replies, protocol);
+        return values_in_key_order(groups, replies, protocol);
     }
-    merge::merge(how, &[], &replies, protocol)
+    merge::merge(how, &[], replies, protocol)
 }
 
 /// MGET-like parts' values, back in the caller's key order.
@@ -577,7 +595,21 @@ pub async fn fan_out(
     } else {
         broadcast(&shared, protocol, &targets, &req.raw, readonly).await
     };
-    let mut merged = merge::merge(how, &targets, &replies, protocol);
+    fan_out_merged(&shared, &req, &targets, how, &replies, protocol, &client)
+}
+
+/// A fan-out's reply from every target's, and what the proxy learns from
+/// it (loaded scripts and functions, its own settings).
+pub fn fan_out_merged(
+    shared: &Shared,
+    req: &Request,
+    targets: &[SocketAddr],
+    how: Merge,
+    replies: &[Reply],
+    protocol: Protocol,
+    client: &ClientEntry,
+) -> Bytes {
+    let mut merged = merge::merge(how, targets, replies, protocol);
     if req.arg_is(0, "config")
         && req.arg_is(1, "get")
         && let Some(value) = Value::decode(&merged, protocol)

@@ -29,6 +29,7 @@ pub mod discovery;
 pub mod exec;
 pub mod front;
 pub mod functions;
+pub mod gather;
 pub mod health;
 pub mod info;
 pub mod lease;

@@ -838,6 +838,36 @@ pub fn wrong_arity(name: &str) -> Bytes {
     ))
 }
 
+/// Whether a command runs as a barrier: dispatched only once the
+/// client's earlier commands have answered, its later ones held until it
+/// has (Redis runs one client's commands one at a time). So are commands
+/// on leases or over several steps, which the session's own jobs cannot
+/// carry in order: blocking ones, WAIT, SCAN (shard after shard), WATCH
+/// and EXEC (on the watch's lease) and the fan-outs not sent in turn.
+/// Single-slot, split and other fan-out commands go out in the session's
+/// turn instead, in order on the client's connections (`gather`).
+pub fn waits_for_earlier(plan: &Plan, info: Option<&CommandInfo>, req: &Request) -> bool {
+    match plan {
+        Plan::Blocking { .. }
+        | Plan::Wait
+        | Plan::Scan
+        | Plan::Txn(Txn::Watch { .. } | Txn::Exec) => true,
+        Plan::FanOut { merge, .. } => !fan_out_in_turn(info, req, *merge),
+        _ => false,
+    }
+}
+
+/// Whether a fan-out goes on the client's connections in the session's own
+/// turn (`gather`): all but INFO (asked in RESP2, with the proxy's own
+/// figures), CONFIG SET (the proxy's own settings are taken out first) and
+/// what Redis runs while a script is busy (on leases, so as not to queue
+/// behind that very script).
+pub fn fan_out_in_turn(info: Option<&CommandInfo>, req: &Request, how: Merge) -> bool {
+    how != Merge::Info
+        && !(req.arg_is(0, "config") && req.arg_is(1, "set"))
+        && !info.is_some_and(|i| i.flags.contains(Flags::ALLOW_BUSY))
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::LazyLock;
@@ -920,6 +950,45 @@ mod tests {
         match plan_of(&["SINTER", "a", "b"]) {
             Plan::Refuse(e) => assert!(e.starts_with(b"-CROSSSLOT")),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn commands_on_leases_or_over_several_steps_wait_for_the_earlier_ones() {
+        let waits = |args: &[&str], state: &SessionState<'_>| {
+            let r = req(args);
+            waits_for_earlier(&plan(&TABLE, &r, state), TABLE.lookup(&r.args), &r)
+        };
+        for args in [
+            &["BLPOP", "q", "0"][..],
+            &["WAIT", "1", "0"],
+            &["SCAN", "0"],
+            &["WATCH", "k"],
+            &["INFO", "keyspace"],
+            &["CONFIG", "SET", "maxmemory", "0"],
+            &["SCRIPT", "KILL"],
+        ] {
+            assert!(waits(args, &READY), "{args:?} is a barrier");
+        }
+        let in_multi = SessionState {
+            in_multi: true,
+            ..READY
+        };
+        assert!(waits(&["EXEC"], &in_multi), "EXEC is a barrier");
+        // Sent in the session's own turn, in order with the others.
+        for args in [
+            &["GET", "k"][..],
+            &["MGET", "a", "b", "c"],
+            &["DEL", "a", "b"],
+            &["DBSIZE"],
+            &["PING"],
+            &["KEYS", "*"],
+            &["FLUSHALL"],
+            &["CONFIG", "GET", "maxmemory"],
+            &["MULTI"],
+            &["UNWATCH"],
+        ] {
+            assert!(!waits(args, &READY), "{args:?} goes in turn");
         }
     }
 

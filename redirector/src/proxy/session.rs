@@ -30,6 +30,7 @@ use super::{
     clients::{ClientEntry, flags},
     exec::{self, Routed, Target},
     functions,
+    gather::{self, Gather},
     local::{self, Caller},
     login::{self, Accepted, Credentials},
     metrics::{CommandCounters, UNKNOWN_COMMAND},
@@ -202,10 +203,14 @@ enum Pending {
         routed: Routed,
         meta: Meta,
     },
+    /// A command whose parts went out with the session's own jobs
+    /// (`gather`); their replies arrive in the inbox from `first` on.
+    Gather(Box<Gather>, Meta),
     /// Work running in a task.
     Task(oneshot::Receiver<Bytes>, Option<Meta>),
-    /// A blocking command or a script, in a task: as in Redis, the
-    /// client's next commands run only once it has answered.
+    /// A blocking command, a script, SCAN, WATCH, EXEC or a fan-out on
+    /// leases, in a task: as in Redis, the client's next commands run only
+    /// once it has answered.
     Barrier(oneshot::Receiver<Bytes>, Option<Meta>),
     /// AUTH (or HELLO with AUTH) being checked, a barrier too: the
     /// session's next commands run as whoever it turns out to be.
@@ -294,6 +299,7 @@ enum Event {
 
 enum Resolution {
     Upstream(Result<Reply, super::UpstreamError>),
+    Gathered(Vec<Result<Reply, super::UpstreamError>>),
     Task(Bytes),
     Login(Login),
     Permit(Result<(), Bytes>),
@@ -582,6 +588,12 @@ impl Session {
                     Some(result) => Some(Resolution::Upstream(result)),
                     None => return false,
                 },
+                Some(Pending::Gather(gather, _)) => {
+                    match self.inbox.take_run(gather.first, gather.replies()) {
+                        Some(results) => Some(Resolution::Gathered(results)),
+                        None => return false,
+                    }
+                }
                 Some(Pending::Task(rx, _) | Pending::Barrier(rx, _)) => match rx.try_recv() {
                     Ok(raw) => Some(Resolution::Task(raw)),
                     Err(oneshot::error::TryRecvError::Empty) => return false,
@@ -652,6 +664,12 @@ impl Session {
                             Some(meta),
                         )
                     }
+                }
+            }
+            (Pending::Gather(gather, meta), Resolution::Gathered(results)) => {
+                match gather.finish(&self.shared, results) {
+                    gather::Finished::Reply(raw) => Pending::Ready(raw, Some(meta)),
+                    gather::Finished::Later(work) => Pending::Task(spawn_raw(work), Some(meta)),
                 }
             }
             (Pending::Task(_, meta), Resolution::Task(raw)) => Pending::Ready(raw, meta),
@@ -953,10 +971,34 @@ impl Session {
                     self.last_write_slot = groups.last().map(|(s, _)| *s);
                 }
                 let via = self.tracking.as_ref().map(|t| Arc::clone(t.conns()));
-                let rx = spawn_raw(async move {
-                    exec::split(shared, protocol, req, groups, merge, readonly, via).await
-                });
-                pending.push_back(Pending::Task(rx, Some(meta)));
+                let parts = exec::split_parts(&req, &groups, protocol, readonly, via.as_ref());
+                self.refresh_view();
+                let nodes: Result<Vec<SocketAddr>, Bytes> = parts
+                    .iter()
+                    .map(|part| exec::pick(&shared, &self.view, part.target))
+                    .collect();
+                let Ok(nodes) = nodes else {
+                    // A slot without an owner right now: the parts wait
+                    // for the topology, as a retry does.
+                    let rx = spawn_raw(exec::split(shared, protocol, parts, groups, merge));
+                    pending.push_back(Pending::Task(rx, Some(meta)));
+                    return;
+                };
+                let first = self.next_seq;
+                for (node, part) in nodes.into_iter().zip(&parts) {
+                    self.enqueue(node, &part.payload);
+                }
+                let work = gather::Work::Split {
+                    parts,
+                    groups,
+                    how: merge,
+                };
+                let gather = Gather {
+                    first,
+                    protocol,
+                    work,
+                };
+                pending.push_back(Pending::Gather(Box::new(gather), meta));
             }
             Plan::FanOut {
                 nodes,
@@ -964,14 +1006,40 @@ impl Session {
                 readonly,
             } => {
                 let entry = Arc::clone(&self.entry);
-                let rx = spawn_raw(async move {
-                    exec::fan_out(shared, protocol, req, nodes, merge, readonly, entry).await
-                });
-                pending.push_back(Pending::Task(rx, Some(meta)));
+                if !plan::fan_out_in_turn(info, &req, merge) {
+                    let rx = spawn_raw(async move {
+                        exec::fan_out(shared, protocol, req, nodes, merge, readonly, entry).await
+                    });
+                    self.barrier(pending, rx, meta);
+                    return;
+                }
+                self.refresh_view();
+                let targets = exec::fan_out_nodes(&self.view, nodes);
+                if targets.is_empty() {
+                    ready(pending, reply::error(exec::CLUSTERDOWN), meta);
+                    return;
+                }
+                let first = self.next_seq;
+                for &node in &targets {
+                    self.enqueue(node, &req.raw);
+                }
+                let work = gather::Work::FanOut {
+                    req,
+                    targets,
+                    how: merge,
+                    readonly,
+                    client: entry,
+                };
+                let gather = Gather {
+                    first,
+                    protocol,
+                    work,
+                };
+                pending.push_back(Pending::Gather(Box::new(gather), meta));
             }
             Plan::Scan => {
                 let rx = spawn_raw(async move { exec::scan(shared, protocol, req).await });
-                pending.push_back(Pending::Task(rx, Some(meta)));
+                self.barrier(pending, rx, meta);
             }
             Plan::Blocking { slot } => {
                 if info.is_some_and(|i| i.flags.contains(Flags::WRITE)) {
@@ -1152,7 +1220,7 @@ impl Session {
                         spawn_raw(
                             async move { txn::exec(shared, protocol, prev, next, *queued).await },
                         );
-                    pending.push_back(Pending::Task(rx, Some(meta)));
+                    self.barrier(pending, rx, meta);
                 }
             },
             Txn::Discard => match self.multi.take() {
@@ -1173,7 +1241,7 @@ impl Session {
                     spawn_raw(
                         async move { txn::watch(shared, protocol, prev, next, req, slot).await },
                     );
-                pending.push_back(Pending::Task(rx, Some(meta)));
+                self.barrier(pending, rx, meta);
             }
             Txn::Unwatch => {
                 let (prev, next) = self.next_baton();
@@ -1392,35 +1460,30 @@ impl Session {
             protocol: self.protocol,
             via,
         };
+        self.refresh_view();
         if let Some(caching) = caching {
             // CLIENT CACHING must precede the command on the connection
-            // that tracks it: both in one job, the command's reply kept.
+            // that tracks it: both in this turn's job, the command's reply
+            // kept.
+            if let Ok(node) = exec::pick(&self.shared, &self.view, routed.target) {
+                let first = self.enqueue(node, &caching);
+                self.enqueue(node, &routed.payload);
+                let gather = Gather {
+                    first,
+                    protocol: self.protocol,
+                    work: gather::Work::Caching { routed },
+                };
+                pending.push_back(Pending::Gather(Box::new(gather), meta));
+                return;
+            }
             let shared = Arc::clone(&self.shared);
             let rx = spawn_reply(async move { exec::with_caching(shared, routed, caching).await });
             pending.push_back(Pending::Task(rx, Some(meta)));
             return;
         }
-        if self.view.version != self.shared.topology.version() {
-            self.view = self.shared.topology.view();
-        }
         match exec::pick(&self.shared, &self.view, routed.target) {
             Ok(node) => {
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                match self.batch.iter_mut().find(|b| b.node == node) {
-                    Some(batched) => batched.add(&routed.payload, seq),
-                    None => {
-                        if self.batch.capacity() == 0 {
-                            self.batch = lend_batch();
-                        }
-                        self.batch.push(Batched {
-                            node,
-                            // The client's own bytes, shared, not copied.
-                            payload: Payload::One(routed.payload.clone()),
-                            seqs: smallvec::smallvec![seq],
-                        });
-                    }
-                }
+                let seq = self.enqueue(node, &routed.payload);
                 pending.push_back(Pending::Upstream { seq, routed, meta });
             }
             Err(e) => {
@@ -1433,6 +1496,48 @@ impl Session {
                 pending.push_back(Pending::Task(rx, Some(meta)));
             }
         }
+    }
+
+    /// The slot map, if a newer one was installed.
+    #[inline]
+    fn refresh_view(&mut self) {
+        if self.view.version != self.shared.topology.version() {
+            self.view = self.shared.topology.view();
+        }
+    }
+
+    /// Adds a command for `node` to this read's jobs, after the ones
+    /// already there; its reply's sequence number.
+    #[inline]
+    fn enqueue(&mut self, node: SocketAddr, payload: &Bytes) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        match self.batch.iter_mut().find(|b| b.node == node) {
+            Some(batched) => batched.add(payload, seq),
+            None => {
+                if self.batch.capacity() == 0 {
+                    self.batch = lend_batch();
+                }
+                self.batch.push(Batched {
+                    node,
+                    // The client's own bytes, shared, not copied.
+                    payload: Payload::One(payload.clone()),
+                    seqs: smallvec::smallvec![seq],
+                });
+            }
+        }
+        seq
+    }
+
+    /// Work in a task that the client's next commands wait for.
+    fn barrier(
+        &mut self,
+        pending: &mut VecDeque<Pending>,
+        rx: oneshot::Receiver<Bytes>,
+        meta: Meta,
+    ) {
+        self.barriers += 1;
+        pending.push_back(Pending::Barrier(rx, Some(meta)));
     }
 
     /// Sends what this read routed: one job per node, carrying every
@@ -1534,15 +1639,14 @@ impl Session {
         self.tracking.is_none() && info.is_some_and(|i| plan::is_script(&i.name))
     }
 
-    /// Whether the plan puts the command on a lease as a barrier (a
-    /// blocking command, WAIT, a script), so it must not overtake the
-    /// client's earlier commands.
+    /// Whether the command runs as a barrier (`plan::waits_for_earlier`, a
+    /// script on a lease, a command waiting for Redis's permission), so it
+    /// must not overtake the client's earlier commands.
     fn is_barrier(&self, plan: &Plan, info: Option<&CommandInfo>, req: &Request) -> bool {
         match plan {
-            Plan::Blocking { .. } | Plan::Wait => true,
             Plan::Route { .. } => self.script_on_lease(info),
             Plan::Local(_) => self.needs_permit(info, req),
-            _ => false,
+            plan => plan::waits_for_earlier(plan, info, req),
         }
     }
 
@@ -1639,7 +1743,7 @@ fn spawn_reply(work: impl Future<Output = Reply> + Send + 'static) -> oneshot::R
 
 async fn head(front: Option<&mut Pending>, inbox: &Inbox) -> Resolution {
     match front {
-        Some(Pending::Upstream { .. }) => {
+        Some(Pending::Upstream { .. } | Pending::Gather(..)) => {
             std::future::poll_fn(|cx| inbox.poll_filled(cx)).await;
             Resolution::Wake
         }

@@ -171,6 +171,20 @@ impl Inbox {
         state.slots.pop_front().flatten()
     }
 
+    /// The replies for `first` (the oldest slot) and the `count - 1` after
+    /// it, once all have arrived: the parts of one gathered command.
+    pub fn take_run(&self, first: u64, count: usize) -> Option<Vec<Result<Reply, UpstreamError>>> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.base != first
+            || state.slots.len() < count
+            || state.slots.iter().take(count).any(Option::is_none)
+        {
+            return None;
+        }
+        state.base += count as u64;
+        Some(state.slots.drain(..count).flatten().collect())
+    }
+
     /// Ready after a `put` since the last time it was (possibly of a
     /// reply already taken: check again).
     pub fn poll_filled(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
@@ -492,5 +506,42 @@ fn deliver(
                 let _ = tx.send(Ok(done.replies));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(raw: &'static [u8]) -> Result<Reply, UpstreamError> {
+        Ok(Reply::local(Bytes::from_static(raw)))
+    }
+
+    #[test]
+    fn a_run_of_replies_is_taken_only_once_all_have_come_and_in_order() {
+        let inbox = Inbox::default();
+        inbox.open_until(4);
+        assert!(inbox.take_run(0, 1).is_none(), "nothing came yet");
+        inbox.put(0, reply(b":0\r\n"));
+        inbox.put(2, reply(b":2\r\n"));
+        assert!(inbox.take_run(1, 2).is_none(), "not the oldest slot");
+        assert_eq!(
+            inbox.take(0).and_then(Result::ok).map(|r| r.raw),
+            Some(Bytes::from_static(b":0\r\n"))
+        );
+        assert!(inbox.take_run(1, 3).is_none(), "3 has not come");
+        inbox.put(1, reply(b":1\r\n"));
+        inbox.put(3, reply(b":3\r\n"));
+        assert!(inbox.take_run(1, 4).is_none(), "more than were opened");
+        let run: Vec<Bytes> = inbox
+            .take_run(1, 3)
+            .expect("all came")
+            .into_iter()
+            .map(|r| r.map(|r| r.raw).expect("replies"))
+            .collect();
+        assert_eq!(run, [&b":1\r\n"[..], b":2\r\n", b":3\r\n"]);
+        inbox.open_until(5);
+        inbox.put(4, reply(b":4\r\n"));
+        assert!(inbox.take(4).is_some(), "the next one is the oldest now");
     }
 }

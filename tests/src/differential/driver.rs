@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 
-use super::{Command, Generator, LOADED_SCRIPT, Unit, Verdict, compare, writes};
+use super::{Command, Generator, LOADED_SCRIPT, Unit, Verdict, compare};
 use crate::resp::RespClient;
 
 /// Units one seed runs before the next seed starts from empty keyspaces:
@@ -24,14 +24,6 @@ pub const UNITS_PER_SEED: usize = 3000;
 pub struct Sides {
     pub proxy: SocketAddr,
     pub redis: SocketAddr,
-}
-
-/// How the generator is set up (beyond the seed).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Knobs {
-    /// Pipelines go on after commands the proxy runs as their own task
-    /// (see [`writes`]), which shows a known proxy difference.
-    pub overtaking: bool,
 }
 
 /// What a clean run did.
@@ -73,7 +65,6 @@ pub struct Mismatch {
     pub proxy: String,
     pub redis: String,
     pub why: String,
-    pub knobs: Knobs,
     /// The shrunk sequence that still fails on its last command (empty if
     /// the failure did not replay).
     pub shrunk: Vec<String>,
@@ -98,12 +89,7 @@ impl fmt::Display for Mismatch {
                 writeln!(f, "    {c}")?;
             }
         }
-        let knob = if self.knobs.overtaking {
-            " DIFFERENTIAL_OVERTAKING=1"
-        } else {
-            ""
-        };
-        write!(f, "  reproduce: DIFFERENTIAL_SEED={}{knob}", self.seed)
+        write!(f, "  reproduce: DIFFERENTIAL_SEED={}", self.seed)
     }
 }
 
@@ -113,7 +99,6 @@ pub fn run(
     sides: Sides,
     seeds: impl IntoIterator<Item = u64>,
     deadline: Option<Instant>,
-    knobs: Knobs,
 ) -> Result<Stats, Box<Mismatch>> {
     let mut stats = Stats::default();
     for seed in seeds {
@@ -121,12 +106,12 @@ pub fn run(
             break;
         }
         stats.seeds.push(seed);
-        run_seed(sides, seed, knobs, &mut stats)?;
+        run_seed(sides, seed, &mut stats)?;
     }
     Ok(stats)
 }
 
-fn run_seed(sides: Sides, seed: u64, knobs: Knobs, stats: &mut Stats) -> Result<(), Box<Mismatch>> {
+fn run_seed(sides: Sides, seed: u64, stats: &mut Stats) -> Result<(), Box<Mismatch>> {
     let mut pair = Pair::fresh(sides);
     let sha = pair.load_script();
     let mut generator = Generator::new(seed, &sha);
@@ -134,13 +119,13 @@ fn run_seed(sides: Sides, seed: u64, knobs: Knobs, stats: &mut Stats) -> Result<
     let mut step = 0u64;
     for _ in 0..UNITS_PER_SEED {
         let unit = generator.unit();
-        for (command, (proxy, redis)) in unit.iter().zip(pair.call_unit(&unit, knobs.overtaking)) {
+        for (command, (proxy, redis)) in unit.iter().zip(pair.call_unit(&unit)) {
             match check(command, &proxy, &redis) {
                 Ok(Some(rule)) => *stats.masked.entry(rule).or_default() += 1,
                 Ok(None) => {}
                 Err(why) => {
                     history.push(unit.clone());
-                    let shrunk = shrink(sides, &sha, history, knobs.overtaking);
+                    let shrunk = shrink(sides, &sha, history);
                     return Err(Box::new(Mismatch {
                         seed,
                         step,
@@ -148,7 +133,6 @@ fn run_seed(sides: Sides, seed: u64, knobs: Knobs, stats: &mut Stats) -> Result<
                         proxy: show(&proxy),
                         redis: show(&redis),
                         why,
-                        knobs,
                         shrunk,
                     }));
                 }
@@ -191,9 +175,9 @@ const SHRINK_BUDGET: Duration = Duration::from_secs(90);
 /// sequence, replayed from empty keyspaces, still fails on its last unit.
 /// Returns the commands left, or nothing when the full prefix does not fail
 /// again (a timing-dependent failure).
-fn shrink(sides: Sides, sha: &str, mut units: Vec<Unit>, overtaking: bool) -> Vec<String> {
+fn shrink(sides: Sides, sha: &str, mut units: Vec<Unit>) -> Vec<String> {
     let started = Instant::now();
-    if !fails_last(sides, sha, &units, overtaking) {
+    if !fails_last(sides, sha, &units) {
         return Vec::new();
     }
     let mut chunk = units.len() / 2;
@@ -202,7 +186,7 @@ fn shrink(sides: Sides, sha: &str, mut units: Vec<Unit>, overtaking: bool) -> Ve
         while i + 1 < units.len() && started.elapsed() < SHRINK_BUDGET {
             let end = (i + chunk).min(units.len() - 1);
             let candidate: Vec<Unit> = units[..i].iter().chain(&units[end..]).cloned().collect();
-            if fails_last(sides, sha, &candidate, overtaking) {
+            if fails_last(sides, sha, &candidate) {
                 units = candidate;
             } else {
                 i = end;
@@ -215,12 +199,12 @@ fn shrink(sides: Sides, sha: &str, mut units: Vec<Unit>, overtaking: bool) -> Ve
 
 /// Whether replaying `units` from empty keyspaces fails on the last unit
 /// (and nowhere before it).
-fn fails_last(sides: Sides, sha: &str, units: &[Unit], overtaking: bool) -> bool {
+fn fails_last(sides: Sides, sha: &str, units: &[Unit]) -> bool {
     let mut pair = Pair::fresh(sides);
     let loaded = pair.load_script();
     debug_assert_eq!(loaded, sha);
     for (n, unit) in units.iter().enumerate() {
-        for (command, (p, r)) in unit.iter().zip(pair.call_unit(unit, overtaking)) {
+        for (command, (p, r)) in unit.iter().zip(pair.call_unit(unit)) {
             if check(command, &p, &r).is_err() {
                 return n + 1 == units.len();
             }
@@ -267,11 +251,11 @@ impl Pair {
     }
 
     /// The replies to a unit's commands, in order. A unit of one client
-    /// is pipelined, in the writes [`writes`] says; one with another
-    /// client's command goes a command at a time, as the interleaving
-    /// matters. Each side is sent to before either is read, so the two
-    /// round trips overlap.
-    fn call_unit(&mut self, unit: &[Command], overtaking: bool) -> Vec<(Reply, Reply)> {
+    /// is one pipeline, in one write (Redis runs it in order, and so must
+    /// the proxy); one with another client's command goes a command at a
+    /// time, as the interleaving matters. Each side is sent to before
+    /// either is read, so the two round trips overlap.
+    fn call_unit(&mut self, unit: &[Command]) -> Vec<(Reply, Reply)> {
         if unit.iter().any(|c| c.other) {
             return unit
                 .iter()
@@ -285,10 +269,7 @@ impl Pair {
                 })
                 .collect();
         }
-        writes(unit, overtaking)
-            .into_iter()
-            .flat_map(|range| exchange(&mut self.proxy, &mut self.redis, &unit[range]))
-            .collect()
+        exchange(&mut self.proxy, &mut self.redis, unit)
     }
 }
 
