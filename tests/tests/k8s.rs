@@ -650,7 +650,16 @@ fn the_daemonsets_own_mounts_let_the_agent_enroll_a_containerd_sandbox() {
         .volumes
         .iter()
         .flatten()
-        .filter_map(|v| Some((v.name.as_str(), v.host_path.as_ref()?.path.as_str())))
+        .filter_map(|v| {
+            // The pod's own emptyDir (the ready file): a directory of its
+            // own under the stand-in, as the kubelet would make.
+            let path = match (&v.host_path, &v.empty_dir) {
+                (Some(host), _) => host.path.as_str(),
+                (None, Some(_)) => "/var/lib/kubelet/pods/agent/volumes/empty-dir",
+                (None, None) => return None,
+            };
+            Some((v.name.as_str(), path))
+        })
         .collect();
     let volumes: Vec<VolumeMount> = agent
         .volume_mounts
@@ -753,11 +762,29 @@ fn the_daemonsets_own_mounts_let_the_agent_enroll_a_containerd_sandbox() {
         text.contains(testbed::daemon::LISTENING).then_some(())
     });
 
-    // The manifest's probes, as kubelet runs them, pass without Redis.
-    for (what, probe) in [
-        ("readiness", &agent.readiness_probe),
-        ("liveness", &agent.liveness_probe),
-    ] {
+    // The manifest's probes, as kubelet runs them, pass without Redis:
+    // readiness is an exec in the container (its own ready file),
+    let exec = agent
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.exec.as_ref())
+        .and_then(|e| e.command.clone())
+        .expect("an exec readiness probe");
+    wait_for(
+        "the readiness probe to pass",
+        Duration::from_secs(10),
+        || {
+            let status = fs
+                .command(&topo.node_place(), &exec[0], &exec[1..])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("run the readiness probe");
+            status.success().then_some(())
+        },
+    );
+    // liveness an HTTP GET on the admin port.
+    for (what, probe) in [("liveness", &agent.liveness_probe)] {
         let HTTPGetAction {
             host, path, port, ..
         } = probe
