@@ -2,7 +2,8 @@
 //! for a time (or a number of executions), from its committed seed corpus.
 //!
 //! All targets are built once (`cargo fuzz build`, release with debug
-//! assertions and AddressSanitizer), then each binary runs on its own:
+//! assertions and AddressSanitizer, or no sanitizer for long runs), then
+//! each binary runs on its own:
 //! libFuzzer adds what it finds to `target/fuzz/corpus/<target>` (the
 //! committed seeds in `fuzz/corpus/<target>` stay as they are), writes a
 //! crashing input under `target/fuzz/artifacts/<target>/`, and its log to
@@ -34,12 +35,33 @@ pub const TARGETS: &[(&str, Option<&str>)] = &[
     ("hbone_connect", Some("hbone.dict")),
 ];
 
+/// What the targets are built with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sanitizer {
+    /// AddressSanitizer: catches memory errors in the unsafe code below
+    /// (std, dependencies), at 2-3x the time per execution.
+    #[default]
+    Address,
+    /// None: the targets and the code they reach are safe Rust, so a long
+    /// run gets more executions for the same time.
+    None,
+}
+
+impl Sanitizer {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Address => "address",
+            Self::None => "none",
+        }
+    }
+}
+
 /// Seconds per target in `cargo xtask test`.
 pub const SMOKE_SECONDS: u64 = 20;
 
 /// Runs `targets` (default: all) for `seconds` each.
 pub fn run(seconds: u64, targets: &[String]) -> Result<()> {
-    run_until(seconds, None, targets).map(drop)
+    run_until(seconds, None, targets, Sanitizer::Address).map(drop)
 }
 
 /// The short run `cargo xtask test` makes of every target.
@@ -49,17 +71,22 @@ pub fn smoke() -> Result<()> {
 
 /// Runs `targets` (default: all) for `seconds` each, or until `runs`
 /// executions if that comes first; returns each target's figures.
-pub fn run_until(seconds: u64, runs: Option<u64>, targets: &[String]) -> Result<Vec<Stats>> {
+pub fn run_until(
+    seconds: u64,
+    runs: Option<u64>,
+    targets: &[String],
+    sanitizer: Sanitizer,
+) -> Result<Vec<Stats>> {
     let chosen = choose(targets)?;
     cargo_fuzz()?;
-    build()?;
+    build(sanitizer)?;
     let mut all = Vec::new();
     for (target, dict) in chosen {
         println!(
             "== fuzz {target}: {seconds} s{}",
             runs.map_or(String::new(), |r| format!(" or {r} executions"))
         );
-        let stats = run_target(target, dict, seconds, runs)?;
+        let stats = run_target(target, dict, seconds, runs, sanitizer)?;
         println!("   {stats}");
         all.push(stats);
     }
@@ -129,26 +156,47 @@ fn host() -> Result<String> {
         .context("rustc -vV names no host")
 }
 
+/// Where a sanitizer's build goes: each its own directory, as the flags
+/// differ for the whole dependency tree (one shared directory would
+/// rebuild it all at every switch).
+fn build_dir(sanitizer: Sanitizer) -> PathBuf {
+    let dir = fuzz_dir().join("target");
+    match sanitizer {
+        Sanitizer::Address => dir,
+        Sanitizer::None => dir.join("no-sanitizer"),
+    }
+}
+
 /// Every target, in one cargo invocation.
-fn build() -> Result<()> {
-    println!("== fuzz: building the targets (nightly, AddressSanitizer)");
+fn build(sanitizer: Sanitizer) -> Result<()> {
+    println!(
+        "== fuzz: building the targets (nightly, sanitizer: {})",
+        sanitizer.name()
+    );
     run_cmd(
         cargo_nightly()
             .args(["fuzz", "build", "--debug-assertions", "--fuzz-dir"])
             .arg(fuzz_dir())
+            .args(["--sanitizer", sanitizer.name(), "--target-dir"])
+            .arg(build_dir(sanitizer))
             .args(["--target", &host()?]),
     )
 }
 
-fn binary(target: &str) -> Result<PathBuf> {
-    Ok(fuzz_dir()
-        .join("target")
+fn binary(target: &str, sanitizer: Sanitizer) -> Result<PathBuf> {
+    Ok(build_dir(sanitizer)
         .join(host()?)
         .join("release")
         .join(target))
 }
 
-fn run_target(target: &str, dict: Option<&str>, seconds: u64, runs: Option<u64>) -> Result<Stats> {
+fn run_target(
+    target: &str,
+    dict: Option<&str>,
+    seconds: u64,
+    runs: Option<u64>,
+    sanitizer: Sanitizer,
+) -> Result<Stats> {
     let work = work_dir();
     let corpus = work.join("corpus").join(target);
     let artifacts = work.join("artifacts").join(target);
@@ -157,7 +205,7 @@ fn run_target(target: &str, dict: Option<&str>, seconds: u64, runs: Option<u64>)
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let seeds = fuzz_dir().join("corpus").join(target);
-    let mut cmd = Command::new(binary(target)?);
+    let mut cmd = Command::new(binary(target, sanitizer)?);
     // New inputs go to the first directory; the seeds are only read.
     cmd.arg(&corpus).arg(&seeds);
     cmd.arg(format!("-max_total_time={seconds}"));

@@ -76,6 +76,10 @@ enum Cmd {
         /// Only these targets (repeat); default: all.
         #[arg(long = "target")]
         targets: Vec<String>,
+        /// The sanitizer the targets are built with (`none`: faster, for
+        /// long runs; each has its own build directory).
+        #[arg(long, value_enum, default_value_t = fuzz::Sanitizer::Address)]
+        sanitizer: fuzz::Sanitizer,
         /// Seconds of differential fuzzing after the targets (0: none;
         /// skipped when --target names targets).
         #[arg(long, default_value_t = 600)]
@@ -151,10 +155,11 @@ fn main() -> Result<()> {
             seconds,
             runs,
             targets,
+            sanitizer,
             differential_seconds,
         } => {
             setup::all()?;
-            fuzz::run_until(seconds, runs, &targets)?;
+            fuzz::run_until(seconds, runs, &targets, sanitizer)?;
             if targets.is_empty() && differential_seconds > 0 {
                 let bin = build(Profile::Debug)?;
                 differential::run(&bin, differential_seconds, None)?;

@@ -546,8 +546,16 @@ pub fn convert_to_list(
         name: Option<&'a RawValue>,
     }
     let top = parse_object(text)?;
-    if !top.get("type").is_some_and(Value::is_string) {
-        return Err("no `type`".into());
+    match top.get("type") {
+        Some(Value::String(kind)) if kind == PLUGIN_TYPE => {
+            // Converted, it would be our entry twice: chaining again would
+            // rewrite the first as ours, unchaining would take both.
+            return Err(format!(
+                "its plugin is {PLUGIN_TYPE} itself, which only chains after a network plugin"
+            ));
+        }
+        Some(Value::String(_)) => {}
+        _ => return Err("no `type`".into()),
     }
     let single: Single = serde_json::from_str(text).map_err(|e| e.to_string())?;
     let cni_version = single.cni_version.ok_or("no `cniVersion`")?.get();
@@ -776,6 +784,28 @@ mod tests {
 
         assert!(convert_to_list("{\"type\":\"bridge\"}", "x.conf", &settings(false)).is_err());
         assert!(convert_to_list("{\"plugins\":[]}", "x.conf", &settings(false)).is_err());
+    }
+
+    #[test]
+    fn a_single_plugin_file_that_is_already_ours_is_refused_not_chained_in_twice() {
+        let ours_alone = r#"{
+  "cniVersion": "1.0.0",
+  "name": "mynet",
+  "type": "redirector-cni",
+  "agentSocket": "/var/run/elsewhere.sock"
+}
+"#;
+        let error = convert_to_list(ours_alone, "10-mynet.conf", &settings(false))
+            .expect_err("our plugin alone is no network to chain into");
+        assert!(error.contains("redirector-cni itself"), "{error}");
+        // The same key elsewhere (a nested plugin) is not the file's type.
+        let nested =
+            BRIDGE_CONF.replace("\"type\": \"host-local\"", "\"type\": \"redirector-cni\"");
+        let list = convert_to_list(&nested, "10-mynet.conf", &settings(false)).expect("list");
+        assert_eq!(
+            chain_into_list(&list, &settings(false)),
+            Ok(Chained::Unchanged)
+        );
     }
 
     #[test]

@@ -141,10 +141,14 @@ impl Encoder<'_> {
 
     /// `msg` must not contain CR or LF; it is cleaned if it does.
     pub fn error(&mut self, msg: &str) {
+        self.out.reserve(msg.len() + 3);
         self.out.put_u8(b'-');
-        for b in msg.bytes() {
-            self.out
-                .put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
+        // The runs between CRs and LFs copied whole, not byte by byte.
+        for (i, run) in msg.split(['\r', '\n']).enumerate() {
+            if i > 0 {
+                self.out.put_u8(b' ');
+            }
+            self.out.extend_from_slice(run.as_bytes());
         }
         self.out.extend_from_slice(b"\r\n");
     }
