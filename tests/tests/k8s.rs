@@ -784,7 +784,8 @@ fn the_daemonsets_own_mounts_let_the_agent_enroll_a_containerd_sandbox() {
         },
     );
     // liveness an HTTP GET on the admin port.
-    for (what, probe) in [("liveness", &agent.liveness_probe)] {
+    {
+        let (what, probe) = ("liveness", &agent.liveness_probe);
         let HTTPGetAction {
             host, path, port, ..
         } = probe
