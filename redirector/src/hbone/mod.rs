@@ -524,17 +524,7 @@ mod tunnel_tests {
     }
 
     async fn echo_server() -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = tcp.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        addr
+        echo_on("127.0.0.1").await
     }
 
     struct Rig {
@@ -684,6 +674,14 @@ mod tunnel_tests {
         assert_eq!(out.connections(), 1, "the tunnel itself stays up");
     }
 
+    /// The listeners' policy in these tests: the trust domain, any namespace.
+    fn any_namespace() -> Policy {
+        Policy {
+            trust_domain: "cluster.local".into(),
+            namespaces: vec![],
+        }
+    }
+
     /// An echo server on `ip`.
     async fn echo_on(ip: &str) -> SocketAddr {
         let listener = TcpListener::bind((ip, 0)).await.expect("bind");
@@ -710,10 +708,7 @@ mod tunnel_tests {
                 ip.parse().expect("ip"),
                 issue(&rig.ca, identity, "workload"),
             )],
-            Policy {
-                trust_domain: "cluster.local".into(),
-                namespaces: vec![],
-            },
+            any_namespace(),
             Arc::new(TunnelMetrics::detached()),
             0,
             Duration::from_secs(1),
@@ -803,10 +798,7 @@ mod tunnel_tests {
             SocketAddr::new("127.0.0.7".parse().expect("ip"), port),
             issue(&rig.ca, &rig.node, "peer-node"),
             Vec::new(),
-            Policy {
-                trust_domain: "cluster.local".into(),
-                namespaces: vec![],
-            },
+            any_namespace(),
             Arc::new(TunnelMetrics::detached()),
             0,
             Duration::from_secs(1),
@@ -848,16 +840,12 @@ mod tunnel_tests {
     #[tokio::test]
     async fn a_draining_listener_hands_new_tunnels_to_its_successor_and_keeps_open_streams() {
         let rig = rig().await;
-        let policy = || Policy {
-            trust_domain: "cluster.local".into(),
-            namespaces: vec![],
-        };
         let listener = |addr: SocketAddr, metrics: &Arc<TunnelMetrics>| {
             Inbound::bind(
                 addr,
                 issue(&rig.ca, &rig.node, "listener"),
                 Vec::new(),
-                policy(),
+                any_namespace(),
                 Arc::clone(metrics),
                 0,
                 Duration::from_secs(1),
