@@ -993,12 +993,7 @@ impl Session {
                     groups,
                     how: merge,
                 };
-                let gather = Gather {
-                    first,
-                    protocol,
-                    work,
-                };
-                pending.push_back(Pending::Gather(Box::new(gather), meta));
+                gather_from(pending, first, protocol, work, meta);
             }
             Plan::FanOut {
                 nodes,
@@ -1030,12 +1025,7 @@ impl Session {
                     readonly,
                     client: entry,
                 };
-                let gather = Gather {
-                    first,
-                    protocol,
-                    work,
-                };
-                pending.push_back(Pending::Gather(Box::new(gather), meta));
+                gather_from(pending, first, protocol, work, meta);
             }
             Plan::Scan => {
                 let rx = spawn_raw(async move { exec::scan(shared, protocol, req).await });
@@ -1468,12 +1458,8 @@ impl Session {
             if let Ok(node) = exec::pick(&self.shared, &self.view, routed.target) {
                 let first = self.enqueue(node, &caching);
                 self.enqueue(node, &routed.payload);
-                let gather = Gather {
-                    first,
-                    protocol: self.protocol,
-                    work: gather::Work::Caching { routed },
-                };
-                pending.push_back(Pending::Gather(Box::new(gather), meta));
+                let work = gather::Work::Caching { routed };
+                gather_from(pending, first, self.protocol, work, meta);
                 return;
             }
             let shared = Arc::clone(&self.shared);
@@ -1727,6 +1713,23 @@ fn write_owed(socket: &TcpStream, out: &mut BytesMut) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Queues a request whose parts went out from sequence number `first` on:
+/// its reply is merged once every part has answered.
+fn gather_from(
+    pending: &mut VecDeque<Pending>,
+    first: u64,
+    protocol: Protocol,
+    work: gather::Work,
+    meta: Meta,
+) {
+    let gather = Gather {
+        first,
+        protocol,
+        work,
+    };
+    pending.push_back(Pending::Gather(Box::new(gather), meta));
 }
 
 fn spawn_raw(work: impl Future<Output = Bytes> + Send + 'static) -> oneshot::Receiver<Bytes> {
