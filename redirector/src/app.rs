@@ -169,7 +169,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     };
     let mut tunnels_in = None;
     if let Some(hbone) = &config.hbone {
-        let (mesh, drain) = start_hbone(hbone, &dialer, &metrics).await?;
+        let (mesh, drain) = start_hbone(hbone, &dialer, &metrics, agent.as_deref()).await?;
         dialer.mesh = mesh;
         tunnels_in = drain;
     }
@@ -568,6 +568,7 @@ async fn start_hbone(
     config: &HboneConfig,
     dialer: &Dialer,
     metrics: &MetricsRegistry,
+    agent: Option<&Agent>,
 ) -> Result<(Option<Arc<Mesh>>, Option<crate::hbone::inbound::Drain>), Error> {
     let tls = match &config.certs {
         crate::config::CertSource::Files(dir) => {
@@ -627,7 +628,11 @@ async fn start_hbone(
         drain = Some(inbound.drain());
         tokio::spawn(inbound.run());
     }
-    if config.meshed.is_empty() {
+    // Validated: identities from the API come with the agent.
+    let learned = agent
+        .filter(|_| config.identities_from_api)
+        .map(|agent| agent.follow_mesh(own.trust_domain.clone()));
+    if config.meshed.is_empty() && learned.is_none() {
         return Ok((None, drain));
     }
     let outbound = Outbound::new(
@@ -643,6 +648,7 @@ async fn start_hbone(
         Some(Arc::new(Mesh {
             outbound,
             meshed: config.meshed.clone(),
+            learned,
         })),
         drain,
     ))

@@ -45,6 +45,8 @@ pub enum Error {
     NoSeeds,
     #[error("--kubernetes enrolls pods into steering: it cannot run with --steering off")]
     KubernetesNeedsSteering,
+    #[error("--mesh-identities-from-api reads the mesh from the API: it needs --kubernetes")]
+    MeshIdentitiesNeedKubernetes,
 }
 
 /// `VALUE/MASK` mark bits (`VALUE` alone: every bit of it).
@@ -139,6 +141,9 @@ pub struct HboneConfig {
     /// Redis endpoints on meshed nodes (with the workload identities that
     /// answer for them, where named).
     pub meshed: Vec<crate::hbone::MeshEndpoint>,
+    /// Ambient pods and Services are meshed too, with identities from the
+    /// API (needs the Kubernetes agent).
+    pub identities_from_api: bool,
     /// Inbound: certificates presented on these local addresses instead of
     /// the node's (fronted workloads).
     pub workload_certs: Vec<(std::net::IpAddr, PathBuf)>,
@@ -181,6 +186,9 @@ impl RunConfig {
         }
         if from_api && !self.steering {
             return Err(Error::KubernetesNeedsSteering);
+        }
+        if self.hbone.as_ref().is_some_and(|h| h.identities_from_api) && !from_api {
+            return Err(Error::MeshIdentitiesNeedKubernetes);
         }
         if self.socket_mark == 0 {
             return Err(Error::ZeroMark);

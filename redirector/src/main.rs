@@ -512,6 +512,13 @@ struct HboneArgs {
     /// for its Services' SANs). Everything else is dialled directly.
     #[arg(long = "mesh-endpoints", value_delimiter = ',')]
     mesh_endpoints: Vec<redirector::hbone::MeshEndpoint>,
+    /// Istio ambient: pods of ambient namespaces (and Services selecting
+    /// them) are meshed, each answered by its own workload identity (pod:
+    /// namespace and serviceAccountName; Service: its pods' and the
+    /// alpha.istio.io/kubernetes-serviceaccounts annotation's), read from
+    /// the API. Needs --kubernetes; --mesh-endpoints entries win.
+    #[arg(long)]
+    mesh_identities_from_api: bool,
     /// Identity peer nodes must prove [default: this node's own].
     #[arg(long)]
     hbone_peer_identity: Option<Identity>,
@@ -554,9 +561,9 @@ impl HboneArgs {
                 })
             }
             (None, None) => {
-                if !self.mesh_endpoints.is_empty() {
+                if !self.mesh_endpoints.is_empty() || self.mesh_identities_from_api {
                     bail!(
-                        "--mesh-endpoints needs --hbone-certs or --istio-ca-address: tunnels need this node's certificates"
+                        "--mesh-endpoints and --mesh-identities-from-api need --hbone-certs or --istio-ca-address: tunnels need this node's certificates"
                     );
                 }
                 return Ok(None);
@@ -574,6 +581,7 @@ impl HboneArgs {
             listen,
             peer_port: self.hbone_peer_port,
             meshed: self.mesh_endpoints,
+            identities_from_api: self.mesh_identities_from_api,
             workload_certs: self.hbone_workload_certs,
             peer_identity: self.hbone_peer_identity,
             allow_trust_domain: self.hbone_allow_trust_domain,

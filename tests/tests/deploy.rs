@@ -1135,6 +1135,7 @@ const AMBIENT_ARGS: &[&str] = &[
     "--steered-socket-mark=0x539/0xfff",
     "--istio-ca-address=https://istiod.istio-system.svc:15012",
     "--istio-identity=spiffe://cluster.local/ns/redirector-system/sa/redirector",
+    "--mesh-identities-from-api",
 ];
 
 #[test]

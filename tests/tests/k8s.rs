@@ -972,3 +972,197 @@ fn configmap_edits_add_rekind_and_remove_backends_live() {
     // The cluster backend never blinked.
     assert!(steered(&topo, 0));
 }
+
+/// The Redis pods' workload identity, as the stand-in for their ztunnel
+/// proves it.
+const REDIS_IDENTITY: &str = "spiffe://cluster.local/ns/redis/sa/redis-server";
+const STANDIN_ADMIN: &str = "127.0.0.1:15021";
+
+/// A pod of the `redis` namespace on another node, at `ip`, running as
+/// `account`.
+fn redis_pod(index: usize, ip: IpAddr, account: &str) -> Value {
+    json!({
+        "kind": "Pod",
+        "metadata": {
+            "name": format!("redis-{index}"),
+            "namespace": "redis",
+            "uid": format!("0a1b2c3d-0000-4000-8000-0000000001{index:02}"),
+        },
+        "spec": {"nodeName": "node-b", "serviceAccountName": account, "containers": [{"name": "redis", "image": "redis"}]},
+        "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]},
+    })
+}
+
+/// Istio ambient: with `--mesh-identities-from-api`, the Redis pods of an
+/// ambient namespace are reached through the HBONE listener on their own
+/// address (ztunnel's place in the pod; here a second redirector that
+/// presents the pod's workload certificate there, as ztunnel does), and
+/// that listener must prove the pod's service account as the API names
+/// it: a pod the API says runs as another account is refused, and the
+/// same address is accepted once the API agrees with the certificate.
+#[test]
+fn ambient_redis_pods_are_reached_through_hbone_as_the_account_the_api_names() {
+    use testbed::{
+        daemon::Daemon,
+        http::{get_in, sample},
+        topology::cluster_nodes,
+        two_nodes::{NODE_IDENTITY, certs},
+    };
+    require_kernel!();
+    let _kernel = exclusive();
+    let (mut topo, api) = node(1);
+    let kubelet = Kubelet::new(&topo);
+    api.apply(namespace("shop", &[OPT_IN]));
+    api.apply(pod("shop", "web-0", UID_WEB0, NODE, &[]));
+    let _web0 = kubelet.start_pod(&topo, 0, UID_WEB0);
+    // The Redis pods are in the ambient mesh, and the API first says they
+    // run as an account their certificate does not name.
+    api.apply(namespace(
+        "redis",
+        &[("istio.io/dataplane-mode", "ambient")],
+    ));
+    let redis_ips: Vec<IpAddr> = cluster_nodes().map(|n| n.ip()).collect();
+    for (i, ip) in redis_ips.iter().enumerate() {
+        api.apply(redis_pod(i, *ip, "intruder"));
+    }
+
+    let dir = topo.workdir().join("mesh");
+    let ca = dir.join("ca");
+    certs(&["ca", "--dir", path_str(&ca)]);
+    for (identity, out) in [(NODE_IDENTITY, "node"), (REDIS_IDENTITY, "redis")] {
+        certs(&[
+            "issue",
+            "--ca",
+            path_str(&ca),
+            "--identity",
+            identity,
+            "--out",
+            path_str(&dir.join(out)),
+        ]);
+    }
+    // ztunnel's stand-in: tunnels to the Redis pods' addresses are
+    // answered with their workload certificate.
+    let mut standin_args: Vec<String> = [
+        "--steering",
+        "off",
+        "--proxy-addr",
+        "127.0.0.1:16379",
+        "--cluster-seed",
+        "10.96.0.11:6379",
+        "--admin-addr",
+        STANDIN_ADMIN,
+        "--hbone-listen",
+        "0.0.0.0:15008",
+        "--hbone-certs",
+        path_str(&dir.join("node")),
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    for ip in &redis_ips {
+        standin_args.push("--hbone-workload-certs".into());
+        standin_args.push(format!("{ip}={}", path_str(&dir.join("redis"))));
+    }
+    let _standin = Daemon::start(
+        &topo.node_place(),
+        &dir.join("standin-pins"),
+        standin_args,
+        vec![],
+        dir.join("standin.log"),
+    );
+
+    let node_certs = dir.join("node");
+    let args = agent_args(
+        &topo,
+        &api,
+        &[
+            "--hbone-certs",
+            path_str(&node_certs),
+            "--hbone-listen",
+            "none",
+            "--mesh-identities-from-api",
+        ],
+    );
+    topo.start_daemon(args);
+    wait_for(
+        "the six Redis pods meshed from the API",
+        Duration::from_secs(15),
+        || (sample(&topo.metrics(), "redirector_k8s_mesh_addresses") == 6.0).then_some(()),
+    );
+    wait_for(
+        "the pods' listener refused for not proving the account the API names",
+        Duration::from_secs(15),
+        || {
+            (sample(
+                &topo.metrics(),
+                "redirector_hbone_tls_handshake_failures_total{reason=\"wrong_identity\"}",
+            ) >= 1.0)
+                .then_some(())
+        },
+    );
+    // What the steered client sees meanwhile: the refusal, named.
+    wait_for(
+        "the client told which identity was expected",
+        Duration::from_secs(15),
+        || {
+            let refusal = topo.pod(0).try_through_proxy(VIP).err()?;
+            (refusal.contains("CLUSTERDOWN")
+                && refusal
+                    .contains("expected identity spiffe://cluster.local/ns/redis/sa/intruder"))
+            .then_some(())
+        },
+    );
+    let standin_metrics = || {
+        get_in(
+            &topo.node_place(),
+            STANDIN_ADMIN.parse().expect("addr"),
+            "/metrics",
+        )
+    };
+    assert_eq!(
+        sample(
+            &standin_metrics(),
+            "redirector_hbone_connect_responses_total{status=\"200\"}"
+        ),
+        0.0,
+        "a CONNECT went through to a listener of the wrong identity"
+    );
+
+    // The API now agrees with the certificate: the same addresses pass.
+    for (i, ip) in redis_ips.iter().enumerate() {
+        api.apply(redis_pod(i, *ip, "redis-server"));
+    }
+    wait_for(
+        "the cluster reached once the API names the certificate's account",
+        Duration::from_secs(15),
+        || (topo.pod(0).try_through_proxy(VIP) == Ok(true)).then_some(()),
+    );
+    let web = topo.pod(0);
+    for i in 0..30 {
+        let key = format!("ambient:{i}");
+        assert_eq!(web.redis(&["SET", &key, &format!("v{i}")]), "OK");
+        assert_eq!(web.redis(&["GET", &key]), format!("v{i}"));
+    }
+    let through = sample(
+        &standin_metrics(),
+        "redirector_hbone_connect_responses_total{status=\"200\"}",
+    );
+    assert!(
+        through >= 3.0,
+        "the three masters are reached through their pods' listener: {through} CONNECTs"
+    );
+    // Every key landed in the cluster, read directly from the node.
+    let cluster = topo.cluster();
+    for i in 0..30 {
+        let key = format!("ambient:{i}");
+        let owner = cluster.owner_of_slot(testbed::cluster::slot_of(key.as_bytes()));
+        assert_eq!(cluster.cli(owner, &["GET", &key]).trim(), format!("v{i}"));
+    }
+    // A pod leaving the ambient mesh is no longer meshed.
+    api.apply(namespace("redis", &[]));
+    wait_for(
+        "the namespace's opt-out unmeshes its pods",
+        Duration::from_secs(15),
+        || (sample(&topo.metrics(), "redirector_k8s_mesh_addresses") == 0.0).then_some(()),
+    );
+}

@@ -25,7 +25,10 @@ use std::{
 
 use bytes::{Buf as _, Bytes};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::watch,
+};
 
 use metrics::TunnelMetrics;
 
@@ -49,18 +52,30 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Mesh {
     pub outbound: outbound::Outbound,
     pub meshed: Vec<MeshEndpoint>,
+    /// Pod and Service addresses of the ambient mesh, from the API
+    /// (`--mesh-identities-from-api`), with who answers for each.
+    pub learned: Option<watch::Receiver<Arc<AddressIdentities>>>,
 }
 
 impl Mesh {
     pub fn is_meshed(&self, ip: IpAddr) -> bool {
         self.meshed.iter().any(|e| e.cidr.contains(ip))
+            || self
+                .learned
+                .as_ref()
+                .is_some_and(|learned| learned.borrow().contains_key(&ip))
     }
 
     /// Who may answer for `ip`: the identities every entry that contains
-    /// it names, or, when none names one, the peer nodes' identity
-    /// (redirector to redirector).
+    /// it names; else those the API names for it; else the peer nodes'
+    /// identity (redirector to redirector). An operator's entry wins over
+    /// the API, so a wrong annotation can be overridden in place.
     pub fn expected(&self, ip: IpAddr) -> Option<PeerIdentities> {
-        expected_identities(&self.meshed, ip)
+        expected_identities(&self.meshed, ip).or_else(|| {
+            self.learned
+                .as_ref()
+                .and_then(|learned| learned.borrow().get(&ip).cloned())
+        })
     }
 
     /// A stream to `target`, through the listener on its address, from a
@@ -108,7 +123,7 @@ pub fn expected_identities(entries: &[MeshEndpoint], ip: IpAddr) -> Option<PeerI
     (!named.is_empty()).then(|| PeerIdentities::new(named))
 }
 
-use crate::identity::PeerIdentities;
+use crate::identity::{AddressIdentities, PeerIdentities};
 
 pub use crate::cidr::Cidr;
 
@@ -497,6 +512,7 @@ mod tunnel_tests {
     use tokio::{
         io::{AsyncReadExt as _, AsyncWriteExt as _},
         net::TcpListener,
+        sync::watch,
     };
 
     use super::{
@@ -505,7 +521,7 @@ mod tunnel_tests {
         outbound::{Origin, Outbound},
     };
     use crate::identity::{
-        Identity, Policy,
+        AddressIdentities, Identity, PeerIdentities, Policy,
         mint::Ca,
         tls::{CertFiles, Tls},
     };
@@ -732,6 +748,7 @@ mod tunnel_tests {
                 Duration::from_secs(30),
             ),
             meshed: entries.iter().map(|e| e.parse().expect("entry")).collect(),
+            learned: None,
         }
     }
 
@@ -783,6 +800,50 @@ mod tunnel_tests {
             exchange(&node, redis).await,
             Err(super::outbound::Error::WrongPeer { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn identities_learned_from_the_api_mesh_an_address_and_follow_its_changes() {
+        let rig = rig().await;
+        let cart = Identity::new("cluster.local", "shop", "cart-redis");
+        let listener = workload_listener(&rig, "127.0.0.8", 0, &cart).await;
+        let redis = echo_on("127.0.0.8").await;
+        let (api, learned) = watch::channel(Arc::new(AddressIdentities::new()));
+        let mut ambient = mesh(&rig, listener.port(), &[]);
+        ambient.learned = Some(learned);
+        assert!(
+            !ambient.is_meshed(redis.ip()),
+            "nothing meshed before the API names it"
+        );
+        api.send_replace(Arc::new(AddressIdentities::from([(
+            redis.ip(),
+            PeerIdentities::one(cart.clone()),
+        )])));
+        assert!(ambient.is_meshed(redis.ip()));
+        exchange(&ambient, redis)
+            .await
+            .expect("the pod's service account, as the API says");
+        // The pod is replaced by one of another account: the pooled tunnel
+        // (keyed by the identity set) is not reused, and the listener's
+        // certificate no longer passes.
+        api.send_replace(Arc::new(AddressIdentities::from([(
+            redis.ip(),
+            PeerIdentities::one(Identity::new("cluster.local", "shop", "other")),
+        )])));
+        assert!(matches!(
+            exchange(&ambient, redis).await,
+            Err(super::outbound::Error::WrongPeer { .. })
+        ));
+        // An operator's entry for the address wins over the API.
+        let mut pinned = mesh(
+            &rig,
+            listener.port(),
+            &["127.0.0.8=spiffe://cluster.local/ns/shop/sa/cart-redis"],
+        );
+        pinned.learned = ambient.learned.clone();
+        exchange(&pinned, redis)
+            .await
+            .expect("the operator's entry");
     }
 
     #[tokio::test]
@@ -931,6 +992,7 @@ mod tunnel_tests {
         let mesh = super::Mesh {
             outbound: outbound(&rig, &rig.node, "client", Duration::from_secs(30)),
             meshed: vec!["127.0.0.0/8".parse().expect("cidr")],
+            learned: None,
         };
         let dialer = crate::proxy::Dialer {
             mesh: Some(Arc::new(mesh)),

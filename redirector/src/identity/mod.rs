@@ -154,6 +154,10 @@ impl fmt::Display for PeerIdentities {
     }
 }
 
+/// Meshed addresses and who may answer for each (from the API:
+/// [`crate::k8s::workloads`]).
+pub type AddressIdentities = std::collections::HashMap<std::net::IpAddr, PeerIdentities>;
+
 /// Which peers may open tunnels to this node: one trust domain, and within
 /// it any namespace or only the listed ones.
 #[derive(Debug, Clone, PartialEq, Eq)]

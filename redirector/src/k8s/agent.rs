@@ -184,6 +184,15 @@ impl Agent {
         self.resolved.subscribe()
     }
 
+    /// The ambient mesh's addresses and identities, from watches of the
+    /// whole cluster started now.
+    pub fn follow_mesh(
+        &self,
+        trust_domain: String,
+    ) -> watch::Receiver<Arc<super::workloads::AddressIdentities>> {
+        super::workloads::follow(self.client.clone(), trust_domain, Arc::clone(&self.metrics))
+    }
+
     /// Whether the first lists of Namespaces and Pods are in.
     pub fn synced(&self) -> bool {
         let state = self.lock();

@@ -32,6 +32,7 @@ pub struct AgentMetrics {
     watch_errors: Family<ResourceLabels, Counter>,
     reconciles: Counter,
     cni_requests: Family<CniLabels, Counter>,
+    mesh_addresses: Gauge,
 }
 
 impl AgentMetrics {
@@ -83,6 +84,12 @@ impl AgentMetrics {
             "Requests from the CNI plugin, by command and outcome",
             this.cni_requests.clone(),
         );
+        registry.register(
+            "mesh_addresses",
+            "Pod and Service addresses in the ambient mesh, with the identities that must answer \
+             for them (--mesh-identities-from-api)",
+            this.mesh_addresses.clone(),
+        );
         this
     }
 
@@ -111,6 +118,11 @@ impl AgentMetrics {
 
     pub fn reconciled(&self) {
         self.reconciles.inc();
+    }
+
+    pub fn mesh_addresses(&self, n: usize) {
+        self.mesh_addresses
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn cni_request(&self, command: &'static str, outcome: &'static str) {

@@ -7,12 +7,16 @@
 //!   change, every relist (410 Gone) and every restart.
 //! - [`targets`] reads the operator's targets ConfigMap and resolves its
 //!   services to ClusterIPs.
+//! - [`workloads`] (with `--mesh-identities-from-api`) watches the whole
+//!   cluster's Namespaces, Pods and Services for the ambient mesh's
+//!   addresses and the identities that answer for them.
 //! - The CNI plugin ([`crate::cni`]) asks the agent to enroll a pod before
 //!   its containers start, so a pod's first connect is already steered.
 
 pub mod agent;
 pub mod metrics;
 pub mod targets;
+pub mod workloads;
 
 use std::{collections::BTreeMap, fmt, path::PathBuf, str::FromStr};
 
