@@ -627,16 +627,7 @@ impl Cached for Pod {
 
 fn service_entry(service: &Service) -> (ObjectRef, ServiceInfo) {
     let spec = service.spec.as_ref();
-    let cluster_ips = spec
-        .and_then(|s| {
-            s.cluster_ips
-                .clone()
-                .or_else(|| s.cluster_ip.clone().map(|ip| vec![ip]))
-        })
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
+    let cluster_ips = super::cluster_ips(service);
     let ports = spec
         .and_then(|s| s.ports.as_ref())
         .map(|ports| {

@@ -146,6 +146,23 @@ pub struct K8sConfig {
     pub cni_chain: Option<crate::cni::conf::InstallOptions>,
 }
 
+/// A Service's ClusterIPs (both families); a headless one's `None` does
+/// not parse, so it has none.
+pub fn cluster_ips(service: &k8s_openapi::api::core::v1::Service) -> Vec<std::net::IpAddr> {
+    service
+        .spec
+        .as_ref()
+        .and_then(|s| {
+            s.cluster_ips
+                .clone()
+                .or_else(|| s.cluster_ip.clone().map(|ip| vec![ip]))
+        })
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect()
+}
+
 /// A client for the configured API server.
 pub async fn client(api_server: Option<&str>) -> Result<kube::Client, Error> {
     let config = match api_server {

@@ -162,17 +162,6 @@ impl MeshPod {
 impl MeshService {
     pub fn from_service(service: &Service) -> Self {
         let spec = service.spec.as_ref();
-        let cluster_ips = spec
-            .and_then(|s| {
-                s.cluster_ips
-                    .clone()
-                    .or_else(|| s.cluster_ip.clone().map(|ip| vec![ip]))
-            })
-            .unwrap_or_default()
-            .iter()
-            // "None" (headless) does not parse: no address of its own.
-            .filter_map(|ip| ip.parse().ok())
-            .collect();
         let san_accounts = service
             .annotations()
             .get(SERVICE_ACCOUNTS_ANNOTATION)
@@ -186,7 +175,7 @@ impl MeshService {
             .unwrap_or_default();
         Self {
             namespace: service.namespace().unwrap_or_default(),
-            cluster_ips,
+            cluster_ips: super::cluster_ips(service),
             selector: spec.and_then(|s| s.selector.clone()),
             san_accounts,
         }
