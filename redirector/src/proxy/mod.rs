@@ -53,6 +53,16 @@ pub mod txn;
 pub mod upstream;
 pub mod wakeup;
 
+/// A command's arguments from words, for the tests of the units that
+/// read argv.
+#[cfg(test)]
+pub(crate) fn test_args(words: &[&str]) -> Vec<bytes::Bytes> {
+    words
+        .iter()
+        .map(|w| bytes::Bytes::copy_from_slice(w.as_bytes()))
+        .collect()
+}
+
 use std::{
     io,
     net::SocketAddr,

@@ -76,13 +76,7 @@ pub fn rewrite_get(reply: Value, port: u16) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(words: &[&str]) -> Vec<Bytes> {
-        words
-            .iter()
-            .map(|w| Bytes::copy_from_slice(w.as_bytes()))
-            .collect()
-    }
+    use crate::proxy::test_args as args;
 
     #[test]
     fn setting_the_proxys_own_port_to_itself_is_a_no_op() {

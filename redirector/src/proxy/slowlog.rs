@@ -225,13 +225,7 @@ pub fn logged_args(args: &[Bytes]) -> Vec<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(words: &[&str]) -> Vec<Bytes> {
-        words
-            .iter()
-            .map(|w| Bytes::copy_from_slice(w.as_bytes()))
-            .collect()
-    }
+    use crate::proxy::test_args as args;
 
     fn peer() -> SocketAddr {
         "127.0.0.1:5000".parse().unwrap()

@@ -707,13 +707,7 @@ pub fn deliver(shared: &Shared, client: u64, keys: Option<&[Value]>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(words: &[&str]) -> Vec<Bytes> {
-        words
-            .iter()
-            .map(|w| Bytes::copy_from_slice(w.as_bytes()))
-            .collect()
-    }
+    use crate::proxy::test_args as args;
 
     fn on(words: &[&str], current: Option<&Options>) -> Result<Options, String> {
         match parse(&args(words), current, |id| id == 7)? {
