@@ -46,6 +46,12 @@ impl Proxy {
     /// Starts a proxy with these `redirector run` arguments (after the
     /// listener and admin addresses) and waits until it is ready.
     pub fn start_with(args: &[String]) -> Self {
+        Self::start_until(args, crate::daemon::READY)
+    }
+
+    /// [`Self::start_with`], waiting for `ready_line` in the log instead
+    /// (e.g. [`crate::daemon::LISTENING`] when no backend answers yet).
+    pub fn start_until(args: &[String], ready_line: &str) -> Self {
         let dir = TempDir::new("rdr-proxy-");
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -71,7 +77,7 @@ impl Proxy {
                 child.is_running(),
                 "redirector exited during start-up:\n{text}"
             );
-            text.contains("redirector ready").then_some(())
+            text.contains(ready_line).then_some(())
         });
         Self {
             addr,

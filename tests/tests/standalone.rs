@@ -70,6 +70,32 @@ fn info_field(info: &str, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// A daemon that has just started listens before its backend is up (the
+/// DaemonSet's readiness does not wait for Redis); a direct client
+/// arriving then waits for the backend instead of an error.
+#[test]
+fn a_direct_client_of_a_starting_proxy_waits_for_its_backend() {
+    let dir = TempDir::new("rdr-late-primary-");
+    let late = SocketAddr::new(LOCALHOST, free_port());
+    let proxy = Proxy::start_until(
+        &["--backend".into(), format!("sessions=standalone:{late}")],
+        testbed::daemon::LISTENING,
+    );
+    let addr = proxy.addr();
+    let early = std::thread::spawn(move || cli(addr, &["PING"]));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!early.is_finished(), "answered before any Redis ran");
+    let _primary = RedisServer::start(
+        &Place::default(),
+        &[LOCALHOST],
+        late.port(),
+        dir.path(),
+        &[],
+    );
+    assert_eq!(early.join().expect("client").trim(), "PONG");
+    assert_eq!(cli(addr, &["PING"]).trim(), "PONG");
+}
+
 #[test]
 fn a_standalone_primary_serves_keys_of_any_slot_without_a_cluster_view() {
     let s = setup(&[]);

@@ -26,7 +26,7 @@ use std::{
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     sync::Notify,
 };
 use tracing::{Instrument as _, debug_span};
@@ -38,6 +38,7 @@ use super::{
     session,
 };
 use crate::steering::{OrigDstTable, orig_dst_addr};
+use redirector_ebpf::OrigDst;
 
 /// A backend as the accept path sees it.
 #[derive(Clone)]
@@ -72,6 +73,9 @@ pub enum Decision {
     /// Steered for a backend that is not serving (not discovered yet, or
     /// removed): carried to where the client was going, as if never steered.
     RelayToOriginal,
+    /// Direct, and the backend direct clients get is declared but not up
+    /// yet (the daemon is starting).
+    DirectBackendStarting,
     /// Direct, and no backend serves direct clients.
     NoDirectBackend,
 }
@@ -89,7 +93,7 @@ pub fn route(routes: &Routes, steered: Option<u32>) -> Decision {
     match (routes.by_id.get(&id), steered) {
         (Some(route), _) => Decision::Serve(route.clone()),
         (None, Some(_)) => Decision::RelayToOriginal,
-        (None, None) => Decision::NoDirectBackend,
+        (None, None) => Decision::DirectBackendStarting,
     }
 }
 
@@ -327,6 +331,10 @@ async fn accept_loop(listener: TcpListener, front: Arc<Front>) {
         let route = match route(&front.routes(), steered.as_ref().map(|o| o.backend_id)) {
             Decision::Serve(route) => route,
             Decision::RelayToOriginal => Route::Tcp(Arc::clone(&front.unrouted)),
+            Decision::DirectBackendStarting => {
+                tokio::spawn(serve_when_up(Arc::clone(&front), client, peer, local));
+                continue;
+            }
             Decision::NoDirectBackend => {
                 tracing::debug!(%peer, "direct client refused: no backend serves direct clients");
                 tokio::spawn(refuse_bytes(
@@ -336,42 +344,81 @@ async fn accept_loop(listener: TcpListener, front: Arc<Front>) {
                 continue;
             }
         };
-        let place = match front.gate.admit(origin) {
-            Ok(place) => place,
-            Err(refusal) => {
-                match &route {
-                    Route::Redis(shared) => shared.count_refused(&refusal),
-                    Route::Tcp(tcp) => tcp.metrics.client_rejected(refusal.reason()),
-                }
-                tracing::debug!(%peer, backend = route.name(), reason = refusal.reason(), "client refused");
-                tokio::spawn(refuse_bytes(client, refusal.reply()));
-                continue;
+        serve_route(&front, client, peer, local, steered, origin, route);
+    }
+}
+
+/// A direct client arriving while the backend direct clients get is still
+/// coming up (the daemon has just started) waits for it, as long as a
+/// client would wait on a connect, rather than get an error at once.
+async fn serve_when_up(front: Arc<Front>, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + DIRECT_BACKEND_WAIT;
+    loop {
+        let changed = front.changed.notified();
+        tokio::pin!(changed);
+        // Registered before the routes are read: no change is missed.
+        changed.as_mut().enable();
+        match route(&front.routes(), None) {
+            Decision::Serve(route) => {
+                let origin = Origin::Direct { source: peer.ip() };
+                return serve_route(&front, client, peer, local, None, origin, route);
             }
-        };
-        match route {
-            Route::Redis(shared) => {
-                let slot = shared.register_client(place, peer, local);
-                let id = slot.entry().id;
-                let span = debug_span!("client", backend = shared.metrics.backend(), id, %peer);
-                // A steered client believes it talks to the address it dialled.
-                let advertised = steered.as_ref().map_or(local, orig_dst_addr);
-                let session =
-                    session::serve(shared, client, session::Addresses { advertised }, id, slot);
-                tokio::spawn(session.instrument(span));
+            Decision::NoDirectBackend => break,
+            Decision::DirectBackendStarting | Decision::RelayToOriginal => {}
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            break;
+        }
+    }
+    tracing::debug!(%peer, "direct client refused: its backend did not come up in time");
+    refuse_bytes(client, b"-ERR the backend of this proxy is not up yet\r\n").await;
+}
+
+/// Admission, then the session (or relay) of an accepted, routed client.
+fn serve_route(
+    front: &Arc<Front>,
+    client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    steered: Option<OrigDst>,
+    origin: Origin,
+    route: Route,
+) {
+    let place = match front.gate.admit(origin) {
+        Ok(place) => place,
+        Err(refusal) => {
+            match &route {
+                Route::Redis(shared) => shared.count_refused(&refusal),
+                Route::Tcp(tcp) => tcp.metrics.client_rejected(refusal.reason()),
             }
-            Route::Tcp(tcp) => {
-                // A relay needs somewhere to go: a direct client of a tcp
-                // backend has no original destination.
-                let Some(orig) = steered.as_ref().map(orig_dst_addr) else {
-                    tokio::spawn(refuse_bytes(
-                        client,
-                        b"-ERR this proxy's direct backend is a tcp relay, which needs a steered connection\r\n",
-                    ));
-                    continue;
-                };
-                let span = debug_span!("relay", backend = %tcp.name, %peer, %orig);
-                tokio::spawn(tcp.relay(client, orig, place).instrument(span));
-            }
+            tracing::debug!(%peer, backend = route.name(), reason = refusal.reason(), "client refused");
+            tokio::spawn(refuse_bytes(client, refusal.reply()));
+            return;
+        }
+    };
+    match route {
+        Route::Redis(shared) => {
+            let slot = shared.register_client(place, peer, local);
+            let id = slot.entry().id;
+            let span = debug_span!("client", backend = shared.metrics.backend(), id, %peer);
+            // A steered client believes it talks to the address it dialled.
+            let advertised = steered.as_ref().map_or(local, orig_dst_addr);
+            let session =
+                session::serve(shared, client, session::Addresses { advertised }, id, slot);
+            tokio::spawn(session.instrument(span));
+        }
+        Route::Tcp(tcp) => {
+            // A relay needs somewhere to go: a direct client of a tcp
+            // backend has no original destination.
+            let Some(orig) = steered.as_ref().map(orig_dst_addr) else {
+                tokio::spawn(refuse_bytes(
+                    client,
+                    b"-ERR this proxy's direct backend is a tcp relay, which needs a steered connection\r\n",
+                ));
+                return;
+            };
+            let span = debug_span!("relay", backend = %tcp.name, %peer, %orig);
+            tokio::spawn(tcp.relay(client, orig, place).instrument(span));
         }
     }
 }
@@ -430,6 +477,8 @@ pub async fn probe(gate: &Gate, listener: SocketAddr, timeout: Duration) -> io::
 
 /// Probes in one heartbeat before it counts as failed.
 const PROBE_ATTEMPTS: usize = 8;
+/// How long a direct client waits for a starting daemon's backend.
+const DIRECT_BACKEND_WAIT: Duration = Duration::from_secs(5);
 
 /// One probe: true if this daemon answered, false if refused (another
 /// daemon's listener took it).
@@ -473,6 +522,7 @@ mod tests {
         match decision {
             Decision::Serve(route) => route.name().into(),
             Decision::RelayToOriginal => "relay".into(),
+            Decision::DirectBackendStarting => "wait".into(),
             Decision::NoDirectBackend => "refused".into(),
         }
     }
@@ -496,8 +546,9 @@ mod tests {
             direct: Some(1),
         };
         assert_eq!(name(&route(&routes, Some(7))), "relay");
-        // The direct backend is not up yet: nowhere to send direct clients.
-        assert_eq!(name(&route(&routes, None)), "refused");
+        // The direct backend is not up yet: direct clients wait for it.
+        assert_eq!(name(&route(&routes, None)), "wait");
+        // None is declared for them: nowhere to send them.
         assert_eq!(name(&route(&Routes::default(), None)), "refused");
     }
 }
