@@ -206,6 +206,12 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
     let listeners = proxy.local_addrs();
     // Another daemon listening there: an upgrade, this is the new one.
     let predecessor = handover::others_listen(&listeners, 0);
+    if !predecessor && let Some(kernel) = kernel.as_mut() {
+        // A beat still fresh with nobody listening is a crashed daemon's:
+        // it would steer clients to this listener before its backends are
+        // up (they would get errors instead of going direct).
+        kernel.beat(&config, 0, false);
+    }
     let (extra, start_extra) = workers::start_extra(config.workers, &listeners, make_front)?;
     let mut all_workers = vec![Worker {
         index: 0,

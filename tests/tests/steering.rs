@@ -325,6 +325,40 @@ fn restart_readopts_pins_and_fails_open_while_down() {
     assert_eq!(attached(&topo), programs);
 }
 
+/// After a crash the last heartbeat stays fresh for the liveness window;
+/// a daemon started in it must not let that beat steer clients to its
+/// listener while its backend is not up: they go direct (served), not to
+/// a proxy that could only answer with an error.
+#[test]
+fn a_daemon_restarted_after_a_crash_steers_nothing_until_its_backend_is_up() {
+    require_kernel!();
+    let _kernel = exclusive();
+    let mut topo = running(1, &[]);
+    topo.enroll(&topo.pod(0).netns);
+    assert!(topo.pod(0).through_proxy(VIP));
+    topo.daemon().kill();
+    topo.daemon = None;
+    let killed = std::time::Instant::now();
+    // The new daemon's backend never comes up: its seed refuses.
+    let mut args = topo.daemon_args();
+    args.extend(["--cluster-seed".into(), "127.0.0.1:1".into()]);
+    topo.start_daemon_until(args, "info", testbed::daemon::LISTENING);
+    let before = topo.counters();
+    for attempt in 0..3 {
+        assert_eq!(
+            topo.pod(0).try_through_proxy(VIP),
+            Ok(false),
+            "connect {attempt} beside a listening daemon without a backend"
+        );
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "too slow to prove anything (the crashed daemon's beat has aged out): {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(topo.counters().proxy_down, before.proxy_down + 3);
+}
+
 #[test]
 fn uninstall_leaves_nothing_behind() {
     require_kernel!();
