@@ -41,14 +41,38 @@ use testbed::{
     unique,
 };
 
-/// What `cargo xtask interop` is asked.
-pub struct Options {
-    /// The ztunnel binary (built with `--features testing`, for `FAKE_CA`).
-    pub ztunnel: PathBuf,
-    /// ztunnel's fake CA: `root-cert.pem` and `ca-key.pem` (its `src/tls`).
-    pub ztunnel_ca: Option<PathBuf>,
-    /// Redis round trips per direction.
-    pub round_trips: usize,
+/// The ztunnel to run: its binary and its fake CA's directory.
+pub struct Ztunnel {
+    binary: PathBuf,
+    /// `root-cert.pem` and `ca-key.pem` (its `src/tls`).
+    ca: PathBuf,
+}
+
+impl Ztunnel {
+    /// Checks `--ztunnel` and `--ztunnel-ca` (derived from the binary's
+    /// checkout when not given) before anything is built.
+    pub fn find(binary: &Path, ca: Option<PathBuf>) -> Result<Self> {
+        let binary = fs::canonicalize(binary)
+            .map_err(|e| anyhow!("--ztunnel {} does not exist: {e}", binary.display()))?;
+        let ca = match ca {
+            Some(dir) => dir,
+            None => default_ca(&binary).with_context(|| {
+                format!(
+                    "{} is not in a ztunnel checkout's build directory: \
+                     give --ztunnel-ca DIR (its src/tls: root-cert.pem, ca-key.pem)",
+                    binary.display()
+                )
+            })?,
+        };
+        for file in ["root-cert.pem", "ca-key.pem"] {
+            ensure!(
+                ca.join(file).exists(),
+                "--ztunnel-ca {}: no {file} (ztunnel's FAKE_CA root and key live in its src/tls)",
+                ca.display()
+            );
+        }
+        Ok(Self { binary, ca })
+    }
 }
 
 const REDIS_PORT: u16 = 6379;
@@ -100,7 +124,7 @@ fn default_ca(ztunnel: &Path) -> Option<PathBuf> {
         .find(|tls| tls.join("root-cert.pem").exists() && tls.join("ca-key.pem").exists())
 }
 
-pub fn run(bin: &Path, opts: &Options) -> Result<()> {
+pub fn run(bin: &Path, zt: &Ztunnel, round_trips: usize) -> Result<()> {
     if let Some(why) = testbed::require::missing() {
         bail!("{why}");
     }
@@ -108,26 +132,8 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         testbed::require::on_path("iptables"),
         "`iptables` is not installed: the pod's connects reach ztunnel through an iptables REDIRECT"
     );
-    ensure!(opts.round_trips > 0, "--round-trips must be at least 1");
-    let ztunnel = fs::canonicalize(&opts.ztunnel)
-        .map_err(|e| anyhow!("--ztunnel {} does not exist: {e}", opts.ztunnel.display()))?;
-    let ca_src = match &opts.ztunnel_ca {
-        Some(dir) => dir.clone(),
-        None => default_ca(&ztunnel).with_context(|| {
-            format!(
-                "{} is not in a ztunnel checkout's build directory: \
-                 give --ztunnel-ca DIR (its src/tls: root-cert.pem, ca-key.pem)",
-                ztunnel.display()
-            )
-        })?,
-    };
-    for file in ["root-cert.pem", "ca-key.pem"] {
-        ensure!(
-            ca_src.join(file).exists(),
-            "--ztunnel-ca {}: no {file} (ztunnel's FAKE_CA root and key live in its src/tls)",
-            ca_src.display()
-        );
-    }
+    ensure!(round_trips > 0, "--round-trips must be at least 1");
+    let (ztunnel, ca_src) = (&zt.binary, &zt.ca);
 
     let dir = crate::root().join("target").join("interop");
     let _ = fs::remove_dir_all(&dir);
@@ -137,13 +143,13 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         bin.display(),
         ztunnel.display()
     );
-    println!("   ztunnel {}", ztunnel_version(&ztunnel));
+    println!("   ztunnel {}", ztunnel_version(ztunnel));
     println!(
         "   logs, certificates and ztunnel's workloads in {}",
         dir.display()
     );
 
-    let certs = Certs::mint(bin, &ca_src, &dir)?;
+    let certs = Certs::mint(bin, ca_src, &dir)?;
     let node = Netns::create(&unique("rdr-iz-node"));
     let pod = Netns::create(&unique("rdr-iz-pod"));
     link_nodes(&node, &pod);
@@ -161,7 +167,7 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
     )?;
 
     let ztunnel_log = dir.join("ztunnel.log");
-    let mut zt = start_ztunnel(&ztunnel, &pod, &dir, &ztunnel_log)?;
+    let mut zt = start_ztunnel(ztunnel, &pod, &dir, &ztunnel_log)?;
     // The pod's connects to redirector's workloads go to ztunnel, as
     // istio-cni's rules send them (ztunnel dials port 15008: no loop).
     for ip in [FRONTED, UNCERTIFIED] {
@@ -172,8 +178,8 @@ pub fn run(bin: &Path, opts: &Options) -> Result<()> {
         .map_err(|e| e.context(format!("ztunnel's log: {}", ztunnel_log.display())))?;
 
     let admin = SocketAddr::new(node_ip, ADMIN_PORT);
-    let outbound = redirector_to_ztunnel(bin, &node, &certs, &pod_redis, opts.round_trips);
-    let inbound = ztunnel_to_redirector(&pod, &fronted_redis, opts.round_trips);
+    let outbound = redirector_to_ztunnel(bin, &node, &certs, &pod_redis, round_trips);
+    let inbound = ztunnel_to_redirector(&pod, &fronted_redis, round_trips);
     // Topology refreshes (one a second) meanwhile: discovery streams
     // redirector opens and ends.
     std::thread::sleep(SETTLE);

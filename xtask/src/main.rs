@@ -207,16 +207,10 @@ fn main() -> Result<()> {
             ztunnel_ca,
             round_trips,
         } => {
+            let ztunnel = interop::Ztunnel::find(&ztunnel, ztunnel_ca)?;
             setup::all()?;
             let bin = build(Profile::Debug)?;
-            interop::run(
-                &bin,
-                &interop::Options {
-                    ztunnel,
-                    ztunnel_ca,
-                    round_trips,
-                },
-            )
+            interop::run(&bin, &ztunnel, round_trips)
         }
         Cmd::Soak { minutes, release } => {
             setup::all()?;
