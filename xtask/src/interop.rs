@@ -555,7 +555,7 @@ impl Outbound {
     fn verdict(&self, access: &Access, stopped_cleanly: bool) -> Verdict {
         let mut verdict = Verdict::pass(format!(
             "{} through redirector's proxy to {NODE_B}:{REDIS_PORT} over HBONE via ztunnel (pod identity {POD_IDENTITY} proven); \
-             wrong identity refused ({}); ztunnel's inbound: {} streams from redirector complete, {} with an error",
+             wrong identity refused ({}); ztunnel's access log: {} of redirector's streams complete, {} with an error",
             self.latencies, self.refused, access.inbound, access.inbound_errors
         ));
         if access.inbound == 0 {
@@ -617,8 +617,8 @@ impl Inbound {
         let mut verdict = Verdict::pass(format!(
             "{} from the pod to {FRONTED}:{REDIS_PORT} through ztunnel to redirector, which presented {FRONTED_IDENTITY}; \
              {UNCERTIFIED} (node certificate only) refused by ztunnel ({}: {}); \
-             ztunnel's outbound: {} streams to redirector complete, {} with an error; \
-             redirector answered {answered} CONNECTs with 200 and saw ztunnel end {ends} streams (both directions) with END_STREAM, {resets} with a reset",
+             ztunnel's access log: {} of its streams to redirector complete, {} with an error; \
+             redirector's metrics: CONNECTs answered 200: {answered}, streams ztunnel ended (both directions) with END_STREAM: {ends}, with a reset: {resets}",
             self.latencies,
             self.refused,
             access.refusal.as_deref().unwrap_or("no reason logged"),
@@ -627,7 +627,7 @@ impl Inbound {
         ));
         if let Some(first) = access.tunnel_errors.first() {
             verdict.fail_because(&format!(
-                "ztunnel logged {} errors for its tunnels to redirector, first: {first}",
+                "tunnel errors in ztunnel's log: {}, the first: {first}",
                 access.tunnel_errors.len()
             ));
         }
