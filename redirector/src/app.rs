@@ -436,9 +436,9 @@ impl Drop for ReadyFile {
     }
 }
 
-/// Waits for the connected clients, and the streams peers opened through
-/// this node's HBONE listener, to leave: idle clients are asked to, at a
-/// request boundary; the rest have `grace`.
+/// Waits for the connected clients, and the streams and tunnels peers
+/// opened through this node's HBONE listener, to leave: idle clients are
+/// asked to, at a request boundary; the rest have `grace`.
 async fn drain(
     gate: &Gate,
     serving: &Serving,
@@ -452,7 +452,11 @@ async fn drain(
         serving.ask_clients_to_leave();
         let left = gate.connected_clients();
         let streams = tunnels_in.map_or(0, crate::hbone::inbound::Drain::open_streams);
-        if left == 0 && streams == 0 {
+        // Tunnels without streams close within a round trip of their GOAWAY
+        // (with TLS close_notify): wait for that too, or peers see an
+        // unexpected EOF when this process exits.
+        let tunnels = tunnels_in.map_or(0, crate::hbone::inbound::Drain::open_tunnels);
+        if left == 0 && streams == 0 && tunnels == 0 {
             info!(took = ?started.elapsed(), "every client has left");
             return;
         }
@@ -460,6 +464,7 @@ async fn drain(
             info!(
                 left,
                 streams,
+                tunnels,
                 ?grace,
                 "drain grace period over: closing the clients and tunnel streams left"
             );

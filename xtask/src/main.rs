@@ -6,6 +6,7 @@ mod conformance;
 mod demo;
 mod differential;
 mod fuzz;
+mod interop;
 mod setup;
 mod soak;
 
@@ -103,6 +104,25 @@ enum Cmd {
         #[arg(long, default_value_t = bench::LatencyParams::default().seconds)]
         latency_seconds: f64,
     },
+    /// redirector against a real ztunnel (Istio ambient's node proxy) in
+    /// network namespaces, both directions of HBONE, certificates from
+    /// ztunnel's FAKE_CA test root; one line per direction (not in CI:
+    /// ztunnel is not packaged).
+    Interop {
+        /// The ztunnel binary, built with `--features testing` (FAKE_CA
+        /// needs it), e.g. `cargo build --no-default-features --features
+        /// tls-ring,testing` in its checkout.
+        #[arg(long, value_name = "PATH")]
+        ztunnel: PathBuf,
+        /// ztunnel's fake CA: the directory with its test root
+        /// `root-cert.pem` and key `ca-key.pem` [default: src/tls of the
+        /// ztunnel checkout --ztunnel was built in].
+        #[arg(long, value_name = "DIR")]
+        ztunnel_ca: Option<PathBuf>,
+        /// Redis round trips (alternating SET and GET) per direction.
+        #[arg(long, default_value_t = 2000)]
+        round_trips: usize,
+    },
     /// The chaos soak: mixed load through the proxy into a 3+3 cluster in
     /// network namespaces while faults arrive; every acknowledged write is
     /// checked at the end (long: `test` runs a 2-minute one).
@@ -181,6 +201,16 @@ fn main() -> Result<()> {
                 seconds: latency_seconds,
             };
             bench::run(&bin, rounds, &only, latency)
+        }
+        Cmd::Interop {
+            ztunnel,
+            ztunnel_ca,
+            round_trips,
+        } => {
+            let ztunnel = interop::Ztunnel::find(&ztunnel, ztunnel_ca)?;
+            setup::all()?;
+            let bin = build(Profile::Debug)?;
+            interop::run(&bin, &ztunnel, round_trips)
         }
         Cmd::Soak { minutes, release } => {
             setup::all()?;

@@ -52,6 +52,17 @@ impl Drain {
             .open_streams
             .load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// Tunnels (TLS + HTTP/2 connections) still open: after [`Self::start`]
+    /// each closes once its streams are done, with a GOAWAY and TLS
+    /// `close_notify`. A process that exits before then drops them as they
+    /// are, which a peer's HTTP/2 client sees as an unexpected EOF (ztunnel
+    /// logs "Error in HBONE connection handshake" for each).
+    pub fn open_tunnels(&self) -> usize {
+        self.shared
+            .open_tunnels
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 struct Shared {
@@ -70,6 +81,7 @@ struct Shared {
     listen: SocketAddr,
     draining: tokio::sync::watch::Sender<bool>,
     open_streams: std::sync::atomic::AtomicUsize,
+    open_tunnels: std::sync::atomic::AtomicUsize,
 }
 
 impl Inbound {
@@ -99,6 +111,7 @@ impl Inbound {
                 listen,
                 draining: tokio::sync::watch::Sender::new(false),
                 open_streams: std::sync::atomic::AtomicUsize::new(0),
+                open_tunnels: std::sync::atomic::AtomicUsize::new(0),
             }),
         })
     }
@@ -163,8 +176,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         .handshake::<_, Bytes>(tls)
         .await
         .map_err(|e| io::Error::other(format!("HTTP/2 handshake from {peer}: {e}")))?;
-    shared.metrics.tunnel_opened("inbound");
-    let _closed = TunnelClosed(Arc::clone(&shared.metrics), "inbound");
+    let _closed = OpenTunnel::new(Arc::clone(&shared), "inbound");
     let mut pinger = conn.ping_pong().map(|p| tokio::spawn(keepalive(p)));
     let mut draining = shared.draining.subscribe();
     let mut goaway_sent = false;
@@ -206,11 +218,25 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
     result
 }
 
-struct TunnelClosed(Arc<TunnelMetrics>, &'static str);
+/// Counts a tunnel open (metrics, [`Drain::open_tunnels`]) until dropped.
+struct OpenTunnel(Arc<Shared>, &'static str);
 
-impl Drop for TunnelClosed {
+impl OpenTunnel {
+    fn new(shared: Arc<Shared>, direction: &'static str) -> Self {
+        shared.metrics.tunnel_opened(direction);
+        shared
+            .open_tunnels
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(shared, direction)
+    }
+}
+
+impl Drop for OpenTunnel {
     fn drop(&mut self) {
-        self.0.tunnel_closed(self.1);
+        self.0
+            .open_tunnels
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.metrics.tunnel_closed(self.1);
     }
 }
 

@@ -967,6 +967,81 @@ mod tunnel_tests {
         assert_eq!(old_metrics.connect_status_count(200), 1);
     }
 
+    /// What a peer's HTTP/2 client (ztunnel's) sees of a redirector that
+    /// stops: one that waits for `open_tunnels()` to reach 0 after the
+    /// drain has sent each idle tunnel a GOAWAY and TLS close_notify, so
+    /// the client's connection ends without an error. (Exiting at once
+    /// dropped it mid-connection: ztunnel logged "Error in HBONE connection
+    /// handshake: ... peer closed connection without sending TLS
+    /// close_notify" per tunnel, `cargo xtask interop`.)
+    #[test]
+    fn a_drained_listener_counts_a_tunnel_open_until_it_has_ended_cleanly() {
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+        };
+        // The daemon's runtime, on its own thread, shut down below as an
+        // exiting process would.
+        let daemon = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let ca = Ca::new("cluster.local").expect("ca");
+        let node = Identity::new("cluster.local", "redirector", "node");
+        let inbound = daemon
+            .block_on(Inbound::bind(
+                "127.0.0.1:0".parse().expect("addr"),
+                issue(&ca, &node, "draining"),
+                Vec::new(),
+                any_namespace(),
+                Arc::new(TunnelMetrics::detached()),
+                0,
+                Duration::from_secs(1),
+            ))
+            .expect("bind");
+        let addr = inbound.local_addr().expect("addr");
+        let drain = inbound.drain();
+        daemon.spawn(inbound.run());
+
+        let client = runtime();
+        let tls = issue(&ca, &node, "peer");
+        let (send, ended) = client.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.current().client));
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let stream = connector.connect(name, tcp).await.expect("tls");
+            let (send, conn) = h2::client::handshake(stream).await.expect("h2");
+            // Driven as ztunnel drives its pooled connections (PINGs
+            // answered); its result is what ztunnel logs.
+            let ended = tokio::spawn(conn);
+            let drain = &drain;
+            let settle = |want: usize| async move {
+                while drain.open_tunnels() != want {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), settle(1))
+                .await
+                .expect("the tunnel counted");
+            drain.start();
+            tokio::time::timeout(Duration::from_secs(5), settle(0))
+                .await
+                .expect("the idle tunnel closed after the drain");
+            // The client keeps its handle, as a pool does.
+            (send, ended)
+        });
+        daemon.shutdown_background();
+        let result = client
+            .block_on(async { tokio::time::timeout(Duration::from_secs(5), ended).await })
+            .expect("the client's connection ended")
+            .expect("joined");
+        assert!(result.is_ok(), "the peer saw {result:?}");
+        drop(send);
+    }
+
     /// A Redis that answers every read with an error.
     async fn refusing_redis() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
