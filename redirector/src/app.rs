@@ -708,3 +708,77 @@ async fn forward_kernel_logs(program_id: u32) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::identity::{
+        Identity,
+        istiod::fake::{Files, fake_istiod},
+        mint::Ca,
+    };
+
+    /// With `--istio-ca-address` the daemon's tunnels, both ways, carry the
+    /// certificate istiod issued: its own outbound side dials its own
+    /// listener, expecting its own identity (a peer node's), and an echo
+    /// answers through the stream.
+    #[tokio::test]
+    async fn with_istiod_both_tunnel_ends_carry_the_certificate_istiod_issued() {
+        let ca = Arc::new(Ca::new("cluster.local").expect("ca"));
+        let istiod = fake_istiod(Arc::clone(&ca), "token", Duration::from_secs(3600)).await;
+        let files = Files::new("app", ca.cert_pem(), "token");
+        let me = Identity::new("cluster.local", "redirector-system", "redirector");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let config = HboneConfig {
+            certs: crate::config::CertSource::Istiod(istiod.settings(
+                &files,
+                me,
+                Duration::from_secs(3600),
+            )),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], port))),
+            peer_port: port,
+            meshed: vec!["127.0.0.0/8".parse().expect("cidr")],
+            identities_from_api: false,
+            workload_certs: Vec::new(),
+            peer_identity: None,
+            allow_trust_domain: None,
+            allow_namespaces: Vec::new(),
+            idle_timeout: Duration::from_secs(30),
+            reload_interval: Duration::from_secs(1),
+        };
+        let metrics = MetricsRegistry::with_workers(1);
+        let (mesh, _drain) = start_hbone(&config, &Dialer::plain(), &metrics, None)
+            .await
+            .expect("HBONE up with istiod's certificate");
+        assert_eq!(
+            istiod.signed.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "one certificate asked for"
+        );
+        let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let target = echo.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut tcp, _) = echo.accept().await.expect("accept");
+            let (mut r, mut w) = tcp.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        let mesh = mesh.expect("meshed endpoints: an outbound side");
+        let mut stream = mesh
+            .connect(target, crate::hbone::outbound::Origin::default())
+            .await
+            .expect("a tunnel proven by istiod's certificate both ways");
+        stream.write_all(b"PING").await.expect("write");
+        let mut back = [0u8; 4];
+        stream.read_exact(&mut back).await.expect("echo");
+        assert_eq!(&back, b"PING");
+    }
+}

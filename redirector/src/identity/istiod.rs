@@ -268,8 +268,9 @@ pub fn spawn_rotation(client: Arc<CaClient>, tls: Arc<Tls>, current_leaf: Certif
     });
 }
 
+/// istiod's CA played in-process, for the tests here and the daemon's.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fake {
     use std::{
         convert::Infallible,
         net::SocketAddr,
@@ -283,14 +284,14 @@ mod tests {
     use super::*;
     use crate::identity::mint::Ca;
 
-    const ISTIOD: &str = "istiod.istio-system.svc";
+    pub const ISTIOD: &str = "istiod.istio-system.svc";
 
     /// Plays istiod's CA: `CreateCertificate` over TLS (a certificate for
     /// istiod's name from the mesh root), signing with `ca` for `lifetime`
     /// when the bearer token is `token`.
-    struct FakeIstiod {
-        addr: SocketAddr,
-        signed: Arc<AtomicUsize>,
+    pub struct FakeIstiod {
+        pub addr: SocketAddr,
+        pub signed: Arc<AtomicUsize>,
     }
 
     #[derive(Clone)]
@@ -337,7 +338,7 @@ mod tests {
         }
     }
 
-    async fn fake_istiod(ca: Arc<Ca>, token: &'static str, lifetime: Duration) -> FakeIstiod {
+    pub async fn fake_istiod(ca: Arc<Ca>, token: &'static str, lifetime: Duration) -> FakeIstiod {
         let serving = ca.issue_server(ISTIOD).expect("istiod certificate");
         let certs = parse_certs(serving.chain_pem.as_bytes()).expect("chain");
         let key = PrivateKeyDer::from_pem_slice(serving.key_pem.as_bytes()).expect("key");
@@ -395,10 +396,10 @@ mod tests {
     }
 
     /// A directory with the mesh root and a token, removed on drop.
-    struct Files(PathBuf);
+    pub struct Files(pub PathBuf);
 
     impl Files {
-        fn new(name: &str, root_pem: &str, token: &str) -> Self {
+        pub fn new(name: &str, root_pem: &str, token: &str) -> Self {
             let dir =
                 std::env::temp_dir().join(format!("rdr-istiod-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
@@ -415,21 +416,38 @@ mod tests {
         }
     }
 
+    impl FakeIstiod {
+        /// A client's settings for this CA, with the root and token in `files`.
+        pub fn settings(&self, files: &Files, identity: Identity, lifetime: Duration) -> Settings {
+            Settings {
+                address: format!("https://{}", self.addr),
+                root_cert: files.0.join("root-cert.pem"),
+                token: files.0.join("istio-token"),
+                cluster_id: "Kubernetes".into(),
+                identity,
+                lifetime,
+                server_name: Some(ISTIOD.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::{
+        fake::{FakeIstiod, Files, fake_istiod},
+        *,
+    };
+    use crate::identity::mint::Ca;
+
     fn me() -> Identity {
         Identity::new("cluster.local", "redirector-system", "redirector")
     }
 
     fn client(istiod: &FakeIstiod, files: &Files, lifetime: Duration) -> CaClient {
-        CaClient::new(Settings {
-            address: format!("https://{}", istiod.addr),
-            root_cert: files.0.join("root-cert.pem"),
-            token: files.0.join("istio-token"),
-            cluster_id: "Kubernetes".into(),
-            identity: me(),
-            lifetime,
-            server_name: Some(ISTIOD.into()),
-        })
-        .expect("client")
+        CaClient::new(istiod.settings(files, me(), lifetime)).expect("client")
     }
 
     #[tokio::test]
