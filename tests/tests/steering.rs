@@ -391,25 +391,39 @@ fn uninstall_leaves_nothing_behind() {
     assert!(bpftool::cgroup_program_ids(&root).is_empty());
     let tree = bpftool::text(&["cgroup", "tree", &root]);
     assert!(!tree.contains("redir_"), "{tree}");
-    let still_loaded: Vec<_> = bpftool::json(&["prog", "list"])
-        .as_array()
-        .expect("prog list")
-        .iter()
-        .filter(|p| {
-            p["id"].as_u64().is_some_and(|id| prog_ids.contains(&id))
-                || p["name"].as_str().is_some_and(|n| n.starts_with("redir_"))
-        })
-        .cloned()
-        .collect();
-    assert!(still_loaded.is_empty(), "programs left: {still_loaded:?}");
-    let maps_left: Vec<_> = bpftool::json(&["map", "list"])
-        .as_array()
-        .expect("map list")
-        .iter()
-        .filter_map(|m| m["id"].as_u64())
-        .filter(|id| map_ids.contains(id))
-        .collect();
-    assert!(maps_left.is_empty(), "maps left: {maps_left:?}");
+    let left = || {
+        let programs: Vec<_> = bpftool::json(&["prog", "list"])
+            .as_array()
+            .expect("prog list")
+            .iter()
+            .filter(|p| {
+                p["id"].as_u64().is_some_and(|id| prog_ids.contains(&id))
+                    || p["name"].as_str().is_some_and(|n| n.starts_with("redir_"))
+            })
+            .cloned()
+            .collect();
+        let maps: Vec<_> = bpftool::json(&["map", "list"])
+            .as_array()
+            .expect("map list")
+            .iter()
+            .filter_map(|m| m["id"].as_u64())
+            .filter(|id| map_ids.contains(id))
+            .collect();
+        (programs, maps)
+    };
+    // The exited daemon's listeners held redir_reuseport through their
+    // reuseport group, which the kernel frees after an RCU grace period,
+    // not at exit: under load that took a moment (seen in CI).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (programs, maps) = loop {
+        let (programs, maps) = left();
+        if (programs.is_empty() && maps.is_empty()) || std::time::Instant::now() > deadline {
+            break (programs, maps);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(programs.is_empty(), "programs left: {programs:?}");
+    assert!(maps.is_empty(), "maps left: {maps:?}");
     assert!(!topo.pin_dir().exists(), "pin dir left behind");
 
     // The pod now simply goes direct, and a second uninstall is a no-op.
