@@ -502,6 +502,30 @@ struct Outbound {
 
 /// Commands through redirector's proxy to the pod's Redis behind ztunnel,
 /// and a tunnel that expects the wrong identity.
+/// `n` SET/GET round trips from `place` to `to` (`what`), then the last
+/// key read back from the Redis they must land in, directly.
+fn round_trips_landing(
+    place: &Place,
+    to: SocketAddr,
+    what: &str,
+    (redis, redis_name): (&RedisServer, &str),
+    prefix: &str,
+    n: usize,
+) -> Result<Latencies> {
+    let mut client =
+        RespClient::connect_in(place, to).with_context(|| format!("connect to {what} {to}"))?;
+    let latencies = round_trips(&mut client, prefix, n)?;
+    drop(client);
+    let last = (n - 1) / 2;
+    let stored = redis.cli(&["GET", &format!("{prefix}:{last}")]);
+    ensure!(
+        stored.trim() == format!("v{last}"),
+        "{redis_name} has {:?} for {prefix}:{last}, not v{last}",
+        stored.trim()
+    );
+    Ok(latencies)
+}
+
 fn redirector_to_ztunnel(
     bin: &Path,
     node: &Netns,
@@ -510,17 +534,14 @@ fn redirector_to_ztunnel(
     n: usize,
 ) -> Result<Outbound> {
     let proxy = SocketAddr::new(NODE_A.parse()?, PROXY_PORT);
-    let mut client = RespClient::connect_in(&node.place(), proxy)
-        .with_context(|| format!("connect to redirector's proxy {proxy}"))?;
-    let latencies = round_trips(&mut client, "via-redirector", n)?;
-    drop(client);
-    let last = (n - 1) / 2;
-    let stored = pod_redis.cli(&["GET", &format!("via-redirector:{last}")]);
-    ensure!(
-        stored.trim() == format!("v{last}"),
-        "the pod's Redis has {:?} for via-redirector:{last}, not v{last}",
-        stored.trim()
-    );
+    let latencies = round_trips_landing(
+        &node.place(),
+        proxy,
+        "redirector's proxy",
+        (pod_redis, "the pod's Redis"),
+        "via-redirector",
+        n,
+    )?;
     // The same endpoint, expecting another identity: refused before any byte.
     let out = node
         .place()
@@ -582,17 +603,14 @@ struct Inbound {
 /// then to the address redirector holds no workload certificate for.
 fn ztunnel_to_redirector(pod: &Netns, fronted_redis: &RedisServer, n: usize) -> Result<Inbound> {
     let fronted = SocketAddr::new(FRONTED.into(), REDIS_PORT);
-    let mut client = RespClient::connect_in(&pod.place(), fronted)
-        .with_context(|| format!("connect to {fronted} (through ztunnel)"))?;
-    let latencies = round_trips(&mut client, "via-ztunnel", n)?;
-    drop(client);
-    let last = (n - 1) / 2;
-    let stored = fronted_redis.cli(&["GET", &format!("via-ztunnel:{last}")]);
-    ensure!(
-        stored.trim() == format!("v{last}"),
-        "the fronted Redis has {:?} for via-ztunnel:{last}, not v{last}",
-        stored.trim()
-    );
+    let latencies = round_trips_landing(
+        &pod.place(),
+        fronted,
+        "the fronted workload (through ztunnel)",
+        (fronted_redis, "the fronted Redis"),
+        "via-ztunnel",
+        n,
+    )?;
     // ztunnel accepts the pod's connect, then must refuse the tunnel: the
     // certificate on 10.77.0.8 is the node's, not session-redis's.
     let uncertified = SocketAddr::new(UNCERTIFIED.into(), REDIS_PORT);
