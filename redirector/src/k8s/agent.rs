@@ -17,18 +17,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
-use kube::{
-    Api, Resource, ResourceExt as _,
-    runtime::{WatchStreamExt as _, watcher},
-};
+use kube::{Api, Resource, ResourceExt as _, runtime::watcher};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{
-    Error, K8sConfig, ObjectRef,
+    Change, Error, K8sConfig, ObjectRef,
     metrics::AgentMetrics,
     targets::{self, Resolved, ServiceInfo},
 };
@@ -211,34 +207,25 @@ impl Agent {
     where
         K: Cached + Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     {
-        let mut stream = watcher(api, config).default_backoff().boxed();
-        let mut listing: Vec<K> = Vec::new();
-        while let Some(event) = stream.next().await {
-            let event = match event {
-                Ok(event) => event,
-                Err(e) => {
-                    // The watcher relists by itself (410 Gone included).
-                    warn!(resource = K::KIND, error = %e, "watch failed; retrying");
-                    self.metrics.watch_error(K::KIND);
-                    continue;
-                }
-            };
-            {
-                let mut state = self.lock();
-                match event {
-                    watcher::Event::Init => listing.clear(),
-                    watcher::Event::InitApply(object) => listing.push(object),
-                    watcher::Event::InitDone => {
-                        debug!(resource = K::KIND, objects = listing.len(), "listed");
-                        self.metrics.listed(K::KIND);
-                        K::replace_all(&mut state, std::mem::take(&mut listing));
+        super::follow(
+            api,
+            config,
+            K::KIND,
+            &self.metrics,
+            |k| k,
+            |change| {
+                {
+                    let mut state = self.lock();
+                    match change {
+                        Change::Listed(objects) => K::replace_all(&mut state, objects),
+                        Change::Applied(object) => object.upsert(&mut state),
+                        Change::Deleted(object) => object.remove(&mut state),
                     }
-                    watcher::Event::Apply(object) => object.upsert(&mut state),
-                    watcher::Event::Delete(object) => object.remove(&mut state),
                 }
-            }
-            self.changed.notify_one();
-        }
+                self.changed.notify_one();
+            },
+        )
+        .await;
     }
 
     async fn reconcile_loop(self: Arc<Self>) {

@@ -146,6 +146,53 @@ pub struct K8sConfig {
     pub cni_chain: Option<crate::cni::conf::InstallOptions>,
 }
 
+/// What a watch says, once its lists are whole.
+pub(crate) enum Change<K> {
+    /// A complete list (at start, and at every relist, 410 Gone included).
+    Listed(Vec<K>),
+    Applied(K),
+    Deleted(K),
+}
+
+/// Follows a kube-runtime watch (list, then watch from the list's
+/// resourceVersion, relist with backoff after any error), handing `apply`
+/// each complete list and each change after it, every object first made
+/// into what the caller keeps (`keep`: a list of the whole cluster's pods
+/// is not held whole); counts lists and errors.
+pub(crate) async fn follow<K, T>(
+    api: kube::Api<K>,
+    config: kube::runtime::watcher::Config,
+    resource: &'static str,
+    metrics: &metrics::AgentMetrics,
+    keep: impl Fn(K) -> T,
+    mut apply: impl FnMut(Change<T>),
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + 'static,
+{
+    use futures::StreamExt as _;
+    use kube::runtime::{WatchStreamExt as _, watcher};
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut listing: Vec<T> = Vec::new();
+    while let Some(event) = stream.next().await {
+        match event {
+            // The watcher relists by itself (410 Gone included).
+            Err(e) => {
+                tracing::warn!(resource, error = %e, "watch failed; retrying");
+                metrics.watch_error(resource);
+            }
+            Ok(watcher::Event::Init) => listing.clear(),
+            Ok(watcher::Event::InitApply(object)) => listing.push(keep(object)),
+            Ok(watcher::Event::InitDone) => {
+                tracing::debug!(resource, objects = listing.len(), "listed");
+                metrics.listed(resource);
+                apply(Change::Listed(std::mem::take(&mut listing)));
+            }
+            Ok(watcher::Event::Apply(object)) => apply(Change::Applied(keep(object))),
+            Ok(watcher::Event::Delete(object)) => apply(Change::Deleted(keep(object))),
+        }
+    }
+}
+
 /// A Service's ClusterIPs (both families); a headless one's `None` does
 /// not parse, so it has none.
 pub fn cluster_ips(service: &k8s_openapi::api::core::v1::Service) -> Vec<std::net::IpAddr> {

@@ -16,21 +16,19 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
-use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
-use kube::{
-    Api, Resource, ResourceExt as _,
-    runtime::{WatchStreamExt as _, watcher},
-};
+use kube::{Api, Resource, ResourceExt as _, runtime::watcher};
 use serde::de::DeserializeOwned;
-use tokio::sync::{Mutex, Notify, watch};
-use tracing::{debug, info, warn};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info};
 
-use super::{AMBIENT_NAMESPACE_LABEL, AMBIENT_POD_OPT_OUT_LABEL, Label, metrics::AgentMetrics};
+use super::{
+    AMBIENT_NAMESPACE_LABEL, AMBIENT_POD_OPT_OUT_LABEL, Change, Label, metrics::AgentMetrics,
+};
 pub use crate::identity::AddressIdentities;
 use crate::identity::{Identity, PeerIdentities};
 
@@ -188,6 +186,8 @@ struct Directory {
     namespaces: HashMap<String, BTreeMap<String, String>>,
     pods: HashMap<String, MeshPod>,
     services: HashMap<String, MeshService>,
+    /// How many of the three watches have their first list in.
+    listed: u8,
 }
 
 /// Starts the watches; the receiver holds the map (empty until every
@@ -198,14 +198,9 @@ pub fn follow(
     metrics: Arc<AgentMetrics>,
 ) -> watch::Receiver<Arc<AddressIdentities>> {
     let (publish, receiver) = watch::channel(Arc::new(AddressIdentities::new()));
-    let directory = Arc::new(Mutex::new(Directory::default()));
-    let changed = Arc::new(Notify::new());
-    let (synced_tx, synced) = watch::channel(0_u8);
-    let synced_tx = Arc::new(synced_tx);
     let each = Watch {
-        directory: Arc::clone(&directory),
-        changed: Arc::clone(&changed),
-        synced: Arc::clone(&synced_tx),
+        directory: Arc::new(Mutex::new(Directory::default())),
+        changed: Arc::new(Notify::new()),
         metrics: Arc::clone(&metrics),
     };
     tokio::spawn(each.clone().run(
@@ -220,7 +215,7 @@ pub fn follow(
         |d| &mut d.pods,
         |pod: &Pod| Some((pod.metadata.uid.clone()?, MeshPod::from_pod(pod))),
     ));
-    tokio::spawn(each.run(
+    tokio::spawn(each.clone().run(
         Api::<Service>::all(client),
         "mesh_services",
         |d| &mut d.services,
@@ -228,13 +223,13 @@ pub fn follow(
     ));
     tokio::spawn(async move {
         loop {
-            changed.notified().await;
+            each.changed.notified().await;
             tokio::time::sleep(SETTLE).await;
-            if *synced.borrow() < 3 {
-                continue;
-            }
             let map = {
-                let d = directory.lock().await;
+                let d = each.lock();
+                if d.listed < 3 {
+                    continue;
+                }
                 address_identities(
                     &trust_domain,
                     &d.namespaces,
@@ -261,12 +256,14 @@ pub fn follow(
 struct Watch {
     directory: Arc<Mutex<Directory>>,
     changed: Arc<Notify>,
-    /// How many watches have their first list in.
-    synced: Arc<watch::Sender<u8>>,
     metrics: Arc<AgentMetrics>,
 }
 
 impl Watch {
+    fn lock(&self) -> MutexGuard<'_, Directory> {
+        self.directory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Keeps one map of the directory equal to the API's objects of `K`.
     async fn run<K, V>(
         self,
@@ -278,46 +275,32 @@ impl Watch {
         K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
         V: Send,
     {
-        let mut stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
-        let mut listing = HashMap::new();
         let mut first = true;
-        while let Some(event) = stream.next().await {
-            let event = match event {
-                Ok(event) => event,
-                Err(e) => {
-                    // The watcher relists by itself (410 Gone included).
-                    warn!(resource, error = %e, "watch failed; retrying");
-                    self.metrics.watch_error(resource);
-                    continue;
-                }
-            };
-            let mut directory = self.directory.lock().await;
-            match event {
-                watcher::Event::Init => listing.clear(),
-                watcher::Event::InitApply(object) => listing.extend(entry(&object)),
-                watcher::Event::InitDone => {
-                    self.metrics.listed(resource);
-                    *slot(&mut directory) = std::mem::take(&mut listing);
-                    if std::mem::take(&mut first) {
-                        self.synced.send_modify(|n| *n += 1);
+        let config = watcher::Config::default();
+        let keep = |object: K| entry(&object);
+        super::follow(api, config, resource, &self.metrics, keep, |change| {
+            {
+                let mut directory = self.lock();
+                match change {
+                    Change::Listed(objects) => {
+                        *slot(&mut directory) = objects.into_iter().flatten().collect();
+                        if std::mem::take(&mut first) {
+                            directory.listed += 1;
+                        }
                     }
-                }
-                watcher::Event::Apply(object) => {
-                    if let Some((key, value)) = entry(&object) {
+                    Change::Applied(Some((key, value))) => {
                         slot(&mut directory).insert(key, value);
                     }
-                }
-                watcher::Event::Delete(object) => {
-                    if let Some((key, _)) = entry(&object) {
+                    Change::Deleted(Some((key, _))) => {
                         slot(&mut directory).remove(&key);
                     }
+                    // No key (no UID): nothing kept for it.
+                    Change::Applied(None) | Change::Deleted(None) => {}
                 }
             }
-            drop(directory);
             self.changed.notify_one();
-        }
+        })
+        .await;
     }
 }
 
