@@ -212,7 +212,7 @@ pub fn run(bin: &Path, zt: &Ztunnel, round_trips: usize) -> Result<()> {
     }
     println!("redirector -> ztunnel: {line1}");
     println!("ztunnel -> redirector: {line2}");
-    if line1.pass && line2.pass {
+    if line1.passed() && line2.passed() {
         Ok(())
     } else {
         bail!("interop failed; logs in {}", dir.display())
@@ -735,9 +735,8 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     }
 }
 
-/// One direction's line.
+/// One direction's line: it passes when nothing failed it.
 struct Verdict {
-    pass: bool,
     what: String,
     why: Vec<String>,
 }
@@ -745,7 +744,6 @@ struct Verdict {
 impl Verdict {
     fn pass(what: String) -> Self {
         Self {
-            pass: true,
             what,
             why: Vec::new(),
         }
@@ -753,21 +751,23 @@ impl Verdict {
 
     fn fail(why: String) -> Self {
         Self {
-            pass: false,
             what: String::new(),
             why: vec![why],
         }
     }
 
     fn fail_because(&mut self, why: &str) {
-        self.pass = false;
         self.why.push(why.to_string());
+    }
+
+    fn passed(&self) -> bool {
+        self.why.is_empty()
     }
 }
 
 impl std::fmt::Display for Verdict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.pass {
+        if self.passed() {
             write!(f, "PASS  {}", self.what)
         } else {
             write!(f, "FAIL  {}", self.why.join("; "))?;
