@@ -459,17 +459,19 @@ fn deliver(
     to_wake: &mut Vec<Arc<Inbox>>,
     pushes: Option<&mpsc::UnboundedSender<Reply>>,
 ) -> Result<(), String> {
+    // One lock for every reply of this read (the writer, in the same task,
+    // takes it only to queue what it sends).
+    let mut queue = inflight.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         // Only private connections switch protocol (their client's HELLO):
         // shared ones skip the look at the queue.
-        if pushes.is_some() && !buf.is_empty() {
-            let mut queue = inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(front) = queue.front_mut()
-                && front.delivered == 0
-                && let Some(next) = front.switch_to.take()
-            {
-                *protocol = next;
-            }
+        if pushes.is_some()
+            && !buf.is_empty()
+            && let Some(front) = queue.front_mut()
+            && front.delivered == 0
+            && let Some(next) = front.switch_to.take()
+        {
+            *protocol = next;
         }
         let Some(reply) = reply::decode(buf, *protocol).map_err(|e| e.to_string())? else {
             return Ok(());
@@ -482,7 +484,6 @@ fn deliver(
             }
             continue;
         }
-        let mut queue = inflight.lock().unwrap_or_else(|e| e.into_inner());
         let Some(front) = queue.front_mut() else {
             return Err("reply with no request outstanding".into());
         };
@@ -500,7 +501,6 @@ fn deliver(
         front.remaining -= 1;
         if front.remaining == 0 {
             let done = queue.pop_front().expect("front exists");
-            drop(queue);
             // The client may have gone; its reply is simply dropped.
             if let Sink::Oneshot(tx) = done.sink {
                 let _ = tx.send(Ok(done.replies));

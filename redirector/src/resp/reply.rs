@@ -70,10 +70,116 @@ pub struct DecodeError(String);
 
 /// Takes one complete reply off the front of `buf`, if there is one.
 pub fn decode(buf: &mut BytesMut, protocol: Protocol) -> Result<Option<Reply>, DecodeError> {
+    let (kind, len) = match quick_frame(buf, protocol) {
+        Quick::Frame(kind, len) => (kind, len),
+        Quick::Incomplete => return Ok(None),
+        Quick::Unsure => match general_frame(buf, protocol)? {
+            Some(frame) => frame,
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(Reply {
+        raw: buf.split_to(len).freeze(),
+        kind,
+    }))
+}
+
+/// A bulk string's length as `decode` frames it by hand: larger ones are
+/// left to the general decoder (Redis caps a bulk at 512 MiB).
+const QUICK_BULK_MAX: usize = 512 * 1024 * 1024;
+
+/// What a look at a reply's first line tells.
+#[derive(Debug, PartialEq, Eq)]
+enum Quick {
+    Frame(ReplyKind, usize),
+    /// A bulk string whose header is complete and valid, and whose data
+    /// has not all come.
+    Incomplete,
+    /// Anything else: the general decoder decides.
+    Unsure,
+}
+
+/// The replies nearly every command gets (a bulk string, a status, an
+/// error, an integer, a RESP3 null), framed by hand: the general decoder's
+/// parser combinators cost more than the rest of a GET reply's trip.
+/// Whatever is not plainly one of those, or not all there, goes to it.
+fn quick_frame(buf: &[u8], protocol: Protocol) -> Quick {
+    let Some((&prefix, rest)) = buf.split_first() else {
+        return Quick::Unsure;
+    };
+    if !matches!(prefix, b'$' | b'+' | b'-' | b':' | b'_') {
+        return Quick::Unsure;
+    }
+    // The first line, up to its `\r\n`.
+    let Some(cr) = rest.iter().position(|&b| b == b'\r') else {
+        return Quick::Unsure;
+    };
+    if rest.get(cr + 1) != Some(&b'\n') {
+        return Quick::Unsure;
+    }
+    let line = &rest[..cr];
+    let line_len = 1 + cr + 2;
+    match prefix {
+        b'+' => Quick::Frame(ReplyKind::Other, line_len),
+        b'-' => Quick::Frame(ReplyKind::Error, line_len),
+        b':' => match strict_int(line) {
+            Some(n) => Quick::Frame(ReplyKind::Integer(n), line_len),
+            None => Quick::Unsure,
+        },
+        b'_' if protocol == Protocol::Resp3 && line.is_empty() => {
+            Quick::Frame(ReplyKind::Other, line_len)
+        }
+        b'$' => match strict_int(line) {
+            Some(-1) if protocol == Protocol::Resp2 => Quick::Frame(ReplyKind::Other, line_len),
+            Some(n) if n >= 0 && (n as usize) <= QUICK_BULK_MAX => {
+                let end = line_len + n as usize + 2;
+                if buf.len() < end {
+                    Quick::Incomplete
+                } else if &buf[end - 2..end] == b"\r\n" {
+                    Quick::Frame(ReplyKind::Other, end)
+                } else {
+                    Quick::Unsure
+                }
+            }
+            _ => Quick::Unsure,
+        },
+        _ => Quick::Unsure,
+    }
+}
+
+/// An integer as Redis writes one: an optional minus, then `0` alone or
+/// digits without a leading zero, within 18 digits.
+fn strict_int(line: &[u8]) -> Option<i64> {
+    let (negative, digits) = match line.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, line),
+    };
+    if digits.is_empty()
+        || digits.len() > 18
+        || (digits[0] == b'0' && (digits.len() > 1 || negative))
+    {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + i64::from(d - b'0');
+    }
+    Some(if negative { -n } else { n })
+}
+
+/// Frames one reply with redis-protocol: its kind and length, `None` when
+/// more bytes are needed.
+fn general_frame(
+    buf: &[u8],
+    protocol: Protocol,
+) -> Result<Option<(ReplyKind, usize)>, DecodeError> {
     if buf.is_empty() {
         return Ok(None);
     }
-    let (kind, len) = match protocol {
+    Ok(Some(match protocol {
         Protocol::Resp2 => match resp2_decode::decode_range(buf) {
             Ok(Some((frame, len))) => {
                 let kind = match frame {
@@ -99,10 +205,6 @@ pub fn decode(buf: &mut BytesMut, protocol: Protocol) -> Result<Option<Reply>, D
             Ok(None) => return Ok(None),
             Err(e) => return Err(DecodeError(e.to_string())),
         },
-    };
-    Ok(Some(Reply {
-        raw: buf.split_to(len).freeze(),
-        kind,
     }))
 }
 
@@ -249,6 +351,68 @@ pub fn ok() -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hand_framed_replies_agree_with_the_general_decoder_at_every_cut() {
+        let replies: &[&[u8]] = &[
+            b"+OK\r\n",
+            b"-MOVED 3999 127.0.0.1:7001\r\n",
+            b"-ERR a\rb\r\n",
+            b":42\r\n",
+            b":-7\r\n",
+            b":0\r\n",
+            b":007\r\n",
+            b":-0\r\n",
+            b":12x\r\n",
+            b":9223372036854775807\r\n",
+            b"$5\r\nhello\r\n",
+            b"$0\r\n\r\n",
+            b"$-1\r\n",
+            b"$-2\r\n",
+            b"$05\r\nhello\r\n",
+            b"$3\r\nab\r\n\r\n",
+            b"$2\r\nabXY",
+            b"$4\r\na\r\nb\r\n",
+            b"_\r\n",
+            b"_x\r\n",
+            b"*2\r\n$1\r\na\r\n:1\r\n",
+            b"+a\rb\r\n",
+            b"#t\r\n",
+            b">2\r\n$10\r\ninvalidate\r\n_\r\n",
+        ];
+        for protocol in [Protocol::Resp2, Protocol::Resp3] {
+            for reply in replies {
+                // Each reply alone, cut at every length, and followed by
+                // another reply.
+                let mut whole = reply.to_vec();
+                whole.extend_from_slice(b"+next\r\n");
+                for cut in 0..=whole.len() {
+                    let buf = &whole[..cut];
+                    let general = general_frame(buf, protocol).ok();
+                    match quick_frame(buf, protocol) {
+                        Quick::Frame(kind, len) => {
+                            assert_eq!(general, Some(Some((kind, len))), "{protocol:?} {buf:?}");
+                        }
+                        Quick::Incomplete => {
+                            assert_eq!(general, Some(None), "{protocol:?} {buf:?}");
+                        }
+                        Quick::Unsure => {}
+                    }
+                }
+            }
+        }
+        // The common replies never reach the general decoder.
+        let quick = |buf: &[u8]| quick_frame(buf, Protocol::Resp2);
+        assert_eq!(
+            quick(b"$5\r\nhello\r\n"),
+            Quick::Frame(ReplyKind::Other, 11)
+        );
+        assert_eq!(quick(b"$5\r\nhel"), Quick::Incomplete);
+        assert_eq!(quick(b"$-1\r\n"), Quick::Frame(ReplyKind::Other, 5));
+        assert_eq!(quick(b"+OK\r\n"), Quick::Frame(ReplyKind::Other, 5));
+        assert_eq!(quick(b"-ERR x\r\n"), Quick::Frame(ReplyKind::Error, 8));
+        assert_eq!(quick(b":-7\r\n"), Quick::Frame(ReplyKind::Integer(-7), 5));
+    }
 
     #[test]
     fn replies_are_framed_and_classified() {
