@@ -107,9 +107,9 @@ impl CommandCounters {
 
     pub fn record(&self, ok: bool) {
         if ok {
-            self.ok.inc();
+            self.ok.inc_as_owner();
         } else {
-            self.error.inc();
+            self.error.inc_as_owner();
         }
     }
 }

@@ -552,8 +552,9 @@ impl BackendCore {
         self.total_commands.total()
     }
 
+    /// Called by the worker's own sessions only (`inc_as_owner`).
     pub fn count_command(&self) {
-        self.total_commands.inc();
+        self.total_commands.inc_as_owner();
     }
 
     /// A rotating index, for spreading keyless commands and replica reads.
