@@ -45,7 +45,7 @@ fn check_raw(raw: &Bytes, args: &[Bytes]) {
     let mut again = BytesMut::from(&raw[..]);
     match request::parse(&mut again, &Limits::default()) {
         Ok(Parsed::Request(req)) => {
-            assert_eq!(req.args, args);
+            assert_eq!(&req.args[..], args);
             assert!(again.is_empty());
         }
         other => panic!("a forwarded frame does not parse again: {other:?}"),

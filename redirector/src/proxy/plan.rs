@@ -900,7 +900,7 @@ mod tests {
         Request::from_args(
             args.iter()
                 .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-                .collect(),
+                .collect::<Vec<_>>(),
         )
     }
 

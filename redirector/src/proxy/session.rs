@@ -41,7 +41,7 @@ use super::{
 };
 use crate::{
     cluster::{
-        commands::{AclCategories, CommandInfo, Flags},
+        commands::{AclCategories, CommandInfo, CommandTable, Flags},
         topology::View,
     },
     resp::{
@@ -316,6 +316,10 @@ impl Session {
         // identity's Shared derefs to the same core): no copy per client.
         let core = Arc::clone(&self.shared);
         let settings = &core.settings;
+        // Held here, not read through `self.shared` per command: a command's
+        // table entry then borrows from the session's own handle, and
+        // dispatching it takes no reference count.
+        let commands = &core.commands;
         // Lent from the worker's pool while bytes are in flight, and given
         // back whenever the client is idle: an idle client holds no buffer
         // (see `buffers`); busy clients grow theirs.
@@ -347,7 +351,7 @@ impl Session {
                 && !inbuf.is_empty()
                 && pending.len() < settings.max_pipeline
             {
-                backlog = self.parse_and_dispatch(&mut inbuf, &mut pending, settings);
+                backlog = self.parse_and_dispatch(&mut inbuf, &mut pending, settings, commands);
                 self.entry.set_qbuf(inbuf.len());
             }
             if out.capacity() == 0 && !pending.is_empty() {
@@ -360,7 +364,7 @@ impl Session {
                 && let Some(req) = self.stashed.take()
             {
                 self.read_at = Instant::now();
-                self.dispatch(*req, &mut pending);
+                self.dispatch(*req, &mut pending, commands);
                 self.flush_batch();
                 continue;
             }
@@ -533,7 +537,7 @@ impl Session {
                         let (req, _) = *held;
                         self.entry.set_flag(flags::BLOCKED, false);
                         self.read_at = Instant::now();
-                        self.dispatch(req, &mut pending);
+                        self.dispatch(req, &mut pending, commands);
                         self.flush_batch();
                     }
                 }
@@ -717,8 +721,9 @@ impl Session {
         inbuf: &mut BytesMut,
         pending: &mut VecDeque<Pending>,
         settings: &super::Settings,
+        commands: &CommandTable,
     ) -> bool {
-        let backlog = self.parse_requests(inbuf, pending, settings);
+        let backlog = self.parse_requests(inbuf, pending, settings, commands);
         self.flush_batch();
         backlog
     }
@@ -728,6 +733,7 @@ impl Session {
         inbuf: &mut BytesMut,
         pending: &mut VecDeque<Pending>,
         settings: &super::Settings,
+        commands: &CommandTable,
     ) -> bool {
         self.read_at = Instant::now();
         self.entry.active_at(self.read_at);
@@ -742,7 +748,7 @@ impl Session {
             match request::parse(inbuf, &settings.limits) {
                 Ok(Parsed::Request(req)) => {
                     parsed += 1;
-                    self.dispatch(req, pending);
+                    self.dispatch(req, pending, commands);
                 }
                 Ok(Parsed::Incomplete { needed }) => {
                     if needed > 0 {
@@ -825,10 +831,9 @@ impl Session {
         }
     }
 
-    fn dispatch(&mut self, req: Request, pending: &mut VecDeque<Pending>) {
-        let shared = Arc::clone(&self.shared);
-        let info = shared.commands.lookup(&req.args);
-        let plan = plan::plan_known(&shared.commands, info, &req, &self.state());
+    fn dispatch(&mut self, req: Request, pending: &mut VecDeque<Pending>, commands: &CommandTable) {
+        let info = commands.lookup(&req.args);
+        let plan = plan::plan_known(commands, info, &req, &self.state());
         // As in Redis, a blocking command or a script starts only once the
         // client's earlier commands have run.
         if !pending.is_empty() && self.is_barrier(&plan, info, &req) {
@@ -839,13 +844,13 @@ impl Session {
         // What Redis rejects before it looks at a pause (an unknown command,
         // a wrong arity) is answered at once.
         let valid = info.is_some_and(|i| i.arity_ok(req.args.len()));
-        if valid && let Some(until) = shared.clients.held_until(|| self.writes(info, &req)) {
+        if valid && let Some(until) = self.shared.clients.held_until(|| self.writes(info, &req)) {
             // Redis counts a paused client as blocked.
             self.entry.set_flag(flags::BLOCKED, true);
             self.held = Some(Box::new((req, until)));
             return;
         }
-        shared.count_command();
+        self.shared.count_command();
         let mut lower = [0u8; 32];
         let name_len = req.args[0].len();
         let name: &[u8] = if name_len <= lower.len() && info.is_some() {
@@ -869,15 +874,15 @@ impl Session {
         // As Redis shows it while the command runs: in the query buffer.
         self.entry.set_qbuf(req.raw.len());
         if info.is_some_and(plan::changes_credentials) {
-            shared.logins.forget_checks();
+            self.shared.logins.forget_checks();
         }
-        if shared.clients.is_monitored() && info.is_some_and(plan::monitored) {
-            shared.clients.feed(self.entry.addr, &req.args);
+        if self.shared.clients.is_monitored() && info.is_some_and(plan::monitored) {
+            self.shared.clients.feed(self.entry.addr, &req.args);
         }
         let metric = self.metric_index(name);
         let silent = self.silence();
         // Redis keeps some commands out of its slow log (AUTH, EXEC, ...).
-        let slow = (shared.slowlog.enabled()
+        let slow = (self.shared.slowlog.enabled()
             && info.is_some_and(|i| !i.flags.contains(Flags::SKIP_SLOWLOG)))
         .then(|| req.raw.clone());
         let meta = Meta {
@@ -937,12 +942,15 @@ impl Session {
         let ready = |pending: &mut VecDeque<Pending>, raw: Bytes, meta: Meta| {
             pending.push_back(Pending::Ready(raw, Some(meta)));
         };
-        let (shared, protocol) = (Arc::clone(&self.shared), self.protocol);
+        // The backend handle is cloned only where work leaves the session
+        // (a task): a routed command takes no reference count.
+        let protocol = self.protocol;
         match plan {
             Plan::Local(local) if self.needs_permit(info, &req) => {
                 let name = info.map_or_else(String::new, |i| i.name.to_string());
-                let (user, args) = (self.user.to_string(), req.args.clone());
+                let (user, args) = (self.user.to_string(), req.args.to_vec());
                 let (tx, rx) = oneshot::channel();
+                let shared = Arc::clone(&self.shared);
                 tokio::spawn(async move {
                     let _ = tx.send(login::permitted(shared, user, args, name).await);
                 });
@@ -975,12 +983,18 @@ impl Session {
                 self.refresh_view();
                 let nodes: Result<Vec<SocketAddr>, Bytes> = parts
                     .iter()
-                    .map(|part| exec::pick(&shared, &self.view, part.target))
+                    .map(|part| exec::pick(&self.shared, &self.view, part.target))
                     .collect();
                 let Ok(nodes) = nodes else {
                     // A slot without an owner right now: the parts wait
                     // for the topology, as a retry does.
-                    let rx = spawn_raw(exec::split(shared, protocol, parts, groups, merge));
+                    let rx = spawn_raw(exec::split(
+                        Arc::clone(&self.shared),
+                        protocol,
+                        parts,
+                        groups,
+                        merge,
+                    ));
                     pending.push_back(Pending::Task(rx, Some(meta)));
                     return;
                 };
@@ -1002,6 +1016,7 @@ impl Session {
             } => {
                 let entry = Arc::clone(&self.entry);
                 if !plan::fan_out_in_turn(info, &req, merge) {
+                    let shared = Arc::clone(&self.shared);
                     let rx = spawn_raw(async move {
                         exec::fan_out(shared, protocol, req, nodes, merge, readonly, entry).await
                     });
@@ -1028,6 +1043,7 @@ impl Session {
                 gather_from(pending, first, protocol, work, meta);
             }
             Plan::Scan => {
+                let shared = Arc::clone(&self.shared);
                 let rx = spawn_raw(async move { exec::scan(shared, protocol, req).await });
                 self.barrier(pending, rx, meta);
             }
@@ -1062,14 +1078,14 @@ impl Session {
                         match queued.push(req, slot, writes) {
                             Ok(()) => Bytes::from_static(b"+QUEUED\r\n"),
                             Err(e) => {
-                                shared.count_local_error(&e);
+                                self.shared.count_local_error(&e);
                                 e
                             }
                         }
                     }
                     Err(e) => {
                         queued.dirty = true;
-                        shared.count_local_error(&e);
+                        self.shared.count_local_error(&e);
                         e
                     }
                 };
@@ -1078,7 +1094,7 @@ impl Session {
                 ready(pending, raw, meta);
             }
             Plan::Refuse(raw) => {
-                shared.count_local_error(&raw);
+                self.shared.count_local_error(&raw);
                 ready(pending, raw, meta);
             }
         }
