@@ -298,7 +298,6 @@ enum Event {
 }
 
 enum Resolution {
-    Upstream(Result<Reply, super::UpstreamError>),
     Gathered(Vec<Result<Reply, super::UpstreamError>>),
     Task(Bytes),
     Login(Login),
@@ -588,10 +587,30 @@ impl Session {
                 None => return false,
                 Some(Pending::Close) => return true,
                 Some(Pending::Ready(..)) => None,
-                Some(Pending::Upstream { seq, .. }) => match self.inbox.take(*seq) {
-                    Some(result) => Some(Resolution::Upstream(result)),
-                    None => return false,
-                },
+                Some(Pending::Upstream { seq, .. }) => {
+                    // The replies of every command routed in a row at the
+                    // head that have come, taken under one lock and
+                    // resolved in place.
+                    let first = *seq;
+                    let run = pending
+                        .iter()
+                        .zip(first..)
+                        .take_while(|(p, n)| matches!(p, Pending::Upstream { seq, .. } if seq == n))
+                        .count();
+                    let arrived = self.inbox.take_arrived(first, run);
+                    if arrived.is_empty() {
+                        return false;
+                    }
+                    for (entry, result) in pending.iter_mut().zip(arrived) {
+                        let Pending::Upstream { routed, meta, .. } =
+                            std::mem::replace(entry, Pending::Close)
+                        else {
+                            unreachable!("the run holds only routed commands");
+                        };
+                        *entry = self.upstream_resolved(routed, meta, result);
+                    }
+                    continue;
+                }
                 Some(Pending::Gather(gather, _)) => {
                     match self.inbox.take_run(gather.first, gather.replies()) {
                         Some(results) => Some(Resolution::Gathered(results)),
@@ -651,25 +670,31 @@ impl Session {
         }
     }
 
+    /// A routed command's reply: ready, or a retry (MOVED, ASK, a lost
+    /// connection) in a task.
+    fn upstream_resolved(
+        &self,
+        routed: Routed,
+        meta: Meta,
+        result: Result<Reply, super::UpstreamError>,
+    ) -> Pending {
+        match exec::judge_one(result, routed.target.readonly) {
+            exec::Verdict::Done(reply) => Pending::Ready(reply.raw, Some(meta)),
+            verdict => {
+                let shared = Arc::clone(&self.shared);
+                Pending::Task(
+                    spawn_reply(async move { exec::complete(shared, routed, verdict).await }),
+                    Some(meta),
+                )
+            }
+        }
+    }
+
     fn resolve_head(&mut self, pending: &mut VecDeque<Pending>, resolution: Resolution) {
         let Some(front) = pending.pop_front() else {
             return;
         };
         let resolved = match (front, resolution) {
-            (Pending::Upstream { routed, meta, .. }, Resolution::Upstream(result)) => {
-                match exec::judge_one(result, routed.target.readonly) {
-                    exec::Verdict::Done(reply) => Pending::Ready(reply.raw, Some(meta)),
-                    verdict => {
-                        let shared = Arc::clone(&self.shared);
-                        Pending::Task(
-                            spawn_reply(
-                                async move { exec::complete(shared, routed, verdict).await },
-                            ),
-                            Some(meta),
-                        )
-                    }
-                }
-            }
             (Pending::Gather(gather, meta), Resolution::Gathered(results)) => {
                 match gather.finish(&self.shared, results) {
                     gather::Finished::Reply(raw) => Pending::Ready(raw, Some(meta)),

@@ -116,6 +116,26 @@ struct InboxState {
     slots: VecDeque<Option<Result<Reply, UpstreamError>>>,
 }
 
+impl InboxState {
+    /// Stores the reply for `seq`; false if its slot is gone (the session
+    /// was reset) or was never opened.
+    fn fill(&mut self, seq: u64, reply: Result<Reply, UpstreamError>) -> bool {
+        let Some(index) = seq.checked_sub(self.base) else {
+            return false;
+        };
+        match self.slots.get_mut(index as usize) {
+            Some(slot) => {
+                *slot = Some(reply);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Replies taken from an inbox in one go (a pipeline's worth stays inline).
+pub type Arrived = smallvec::SmallVec<[Result<Reply, UpstreamError>; 8]>;
+
 impl Inbox {
     /// Opens slots up to sequence number `end` (exclusive). A session
     /// numbers a read's commands itself and opens their slots with one call,
@@ -144,31 +164,38 @@ impl Inbox {
     /// Stores a reply without waking the session: an upstream reader fills
     /// every reply of one read, then wakes each session once.
     fn fill(&self, seq: u64, reply: Result<Reply, UpstreamError>) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(index) = seq.checked_sub(state.base) else {
-            return false;
-        };
-        match state.slots.get_mut(index as usize) {
-            Some(slot) => {
-                *slot = Some(reply);
-                true
-            }
-            None => false,
-        }
+        self.slots().fill(seq, reply)
+    }
+
+    /// The slots, locked: a reader fills a job's replies under one lock.
+    fn slots(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn wake(&self) {
         self.filled.wake();
     }
 
-    /// The reply for `seq` (the oldest slot) if it has arrived.
-    pub fn take(&self, seq: u64) -> Option<Result<Reply, UpstreamError>> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.base != seq || state.slots.front().is_none_or(Option::is_none) {
-            return None;
+    /// The replies that have come for `first` (the oldest slot) and the
+    /// slots after it, in order, up to `most` and up to the first that has
+    /// not come: the replies of a pipeline's commands, under one lock.
+    pub fn take_arrived(&self, first: u64, most: usize) -> Arrived {
+        let mut state = self.slots();
+        let mut arrived = Arrived::new();
+        if state.base != first {
+            return arrived;
         }
-        state.base += 1;
-        state.slots.pop_front().flatten()
+        while arrived.len() < most {
+            match state.slots.front_mut().and_then(Option::take) {
+                Some(reply) => {
+                    state.slots.pop_front();
+                    arrived.push(reply);
+                }
+                None => break,
+            }
+        }
+        state.base += arrived.len() as u64;
+        arrived
     }
 
     /// The replies for `first` (the oldest slot) and the `count - 1` after
@@ -488,17 +515,37 @@ fn deliver(
             return Err("reply with no request outstanding".into());
         };
         match &front.sink {
-            Sink::Oneshot(_) => front.replies.push(reply),
+            Sink::Oneshot(_) => {
+                front.replies.push(reply);
+                front.delivered += 1;
+                front.remaining -= 1;
+            }
             Sink::Inbox { inbox, seqs } => {
-                if inbox.fill(seqs[front.delivered], Ok(reply))
-                    && !to_wake.last().is_some_and(|last| Arc::ptr_eq(last, inbox))
-                {
+                // This job's other replies already read go in under the
+                // same lock (a shared connection gets no pushes, and
+                // never switches protocol).
+                let mut slots = inbox.slots();
+                let mut filled = slots.fill(seqs[front.delivered], Ok(reply));
+                front.delivered += 1;
+                front.remaining -= 1;
+                while front.remaining > 0 && pushes.is_none() {
+                    let Some(next) = reply::decode(buf, *protocol).map_err(|e| e.to_string())?
+                    else {
+                        break;
+                    };
+                    if next.kind == reply::ReplyKind::Push {
+                        continue;
+                    }
+                    filled |= slots.fill(seqs[front.delivered], Ok(next));
+                    front.delivered += 1;
+                    front.remaining -= 1;
+                }
+                drop(slots);
+                if filled && !to_wake.last().is_some_and(|last| Arc::ptr_eq(last, inbox)) {
                     to_wake.push(Arc::clone(inbox));
                 }
             }
         }
-        front.delivered += 1;
-        front.remaining -= 1;
         if front.remaining == 0 {
             let done = queue.pop_front().expect("front exists");
             // The client may have gone; its reply is simply dropped.
@@ -525,10 +572,15 @@ mod tests {
         inbox.put(0, reply(b":0\r\n"));
         inbox.put(2, reply(b":2\r\n"));
         assert!(inbox.take_run(1, 2).is_none(), "not the oldest slot");
-        assert_eq!(
-            inbox.take(0).and_then(Result::ok).map(|r| r.raw),
-            Some(Bytes::from_static(b":0\r\n"))
-        );
+        let raws = |arrived: Arrived| -> Vec<Bytes> {
+            arrived
+                .into_iter()
+                .map(|r| r.map(|r| r.raw).expect("replies"))
+                .collect()
+        };
+        assert!(inbox.take_arrived(1, 4).is_empty(), "not the oldest slot");
+        // Only what came in a row: 2 waits for 1.
+        assert_eq!(raws(inbox.take_arrived(0, 4)), [&b":0\r\n"[..]]);
         assert!(inbox.take_run(1, 3).is_none(), "3 has not come");
         inbox.put(1, reply(b":1\r\n"));
         inbox.put(3, reply(b":3\r\n"));
@@ -540,8 +592,13 @@ mod tests {
             .map(|r| r.map(|r| r.raw).expect("replies"))
             .collect();
         assert_eq!(run, [&b":1\r\n"[..], b":2\r\n", b":3\r\n"]);
-        inbox.open_until(5);
-        inbox.put(4, reply(b":4\r\n"));
-        assert!(inbox.take(4).is_some(), "the next one is the oldest now");
+        inbox.open_until(8);
+        for seq in 4..7 {
+            inbox.put(seq, reply(b":n\r\n"));
+        }
+        // At most as many as asked for, and on from where they stopped.
+        assert_eq!(inbox.take_arrived(4, 2).len(), 2);
+        assert_eq!(inbox.take_arrived(6, 5).len(), 1, "7 has not come");
+        assert!(inbox.take_arrived(7, 5).is_empty());
     }
 }
