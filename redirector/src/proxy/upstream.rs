@@ -401,6 +401,9 @@ async fn write_jobs(
     inflight: &Mutex<VecDeque<InFlight>>,
 ) -> Result<(), String> {
     let mut batch = BytesMut::with_capacity(16 * 1024);
+    // The jobs' bytes, let go together once written: a locked decrement
+    // of a reference count right after each copy waits for its stores.
+    let mut copied: Vec<Bytes> = Vec::new();
     loop {
         // A private connection's first job goes out before any other.
         let next = match first.take() {
@@ -425,6 +428,7 @@ async fn write_jobs(
             let mut job = first;
             loop {
                 batch.extend_from_slice(&job.payload);
+                copied.push(job.payload);
                 let collect = matches!(job.sink, Sink::Oneshot(_));
                 queue.push_back(InFlight {
                     remaining: job.replies,
@@ -446,6 +450,7 @@ async fn write_jobs(
             .write_all(&batch)
             .await
             .map_err(|e| format!("write failed: {e}"))?;
+        copied.clear();
     }
 }
 
