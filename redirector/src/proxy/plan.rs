@@ -20,6 +20,7 @@ use crate::{
         commands::{AclCategories, CommandInfo, CommandTable, Flags},
         slot,
     },
+    fasthash::FnvHashMap,
     resp::{Protocol, reply, request::Request},
 };
 
@@ -360,10 +361,11 @@ const OVERRIDES: &[(&str, Override, &str)] = &[
 ];
 
 fn find_override(name: &str) -> Option<Override> {
-    OVERRIDES
-        .iter()
-        .find(|(n, ..)| *n == name)
-        .map(|(_, o, _)| *o)
+    // Looked up for every command: a scan of the list with a string
+    // compare per entry was 2.4% of a pipelined GET's instructions.
+    static BY_NAME: std::sync::LazyLock<FnvHashMap<&str, Override>> =
+        std::sync::LazyLock::new(|| OVERRIDES.iter().map(|(n, o, _)| (*n, *o)).collect());
+    BY_NAME.get(name).copied()
 }
 
 /// The planner's override list, for documentation: (command, reason).
