@@ -601,17 +601,18 @@ impl Session {
                         .zip(first..)
                         .take_while(|(p, n)| matches!(p, Pending::Upstream { seq, .. } if seq == n))
                         .count();
-                    let arrived = self.inbox.take_arrived(first, run);
-                    if arrived.is_empty() {
-                        return false;
-                    }
-                    for (entry, result) in pending.iter_mut().zip(arrived) {
+                    let mut entries = pending.iter_mut();
+                    let taken = self.inbox.take_arrived(first, run, |result| {
+                        let entry = entries.next().expect("one entry per reply taken");
                         let Pending::Upstream { routed, meta, .. } =
                             std::mem::replace(entry, Pending::Close)
                         else {
                             unreachable!("the run holds only routed commands");
                         };
-                        *entry = self.upstream_resolved(routed, meta, result);
+                        *entry = upstream_resolved(&self.shared, routed, meta, result);
+                    });
+                    if taken == 0 {
+                        return false;
                     }
                     continue;
                 }
@@ -673,26 +674,6 @@ impl Session {
                 if written.len() < written.inline_size() {
                     written.push(raw);
                 }
-            }
-        }
-    }
-
-    /// A routed command's reply: ready, or a retry (MOVED, ASK, a lost
-    /// connection) in a task.
-    fn upstream_resolved(
-        &self,
-        routed: Routed,
-        meta: Meta,
-        result: Result<Reply, super::UpstreamError>,
-    ) -> Pending {
-        match exec::judge_one(result, routed.target.readonly) {
-            exec::Verdict::Done(reply) => Pending::Ready(reply.raw, Some(meta)),
-            verdict => {
-                let shared = Arc::clone(&self.shared);
-                Pending::Task(
-                    spawn_reply(async move { exec::complete(shared, routed, verdict).await }),
-                    Some(meta),
-                )
             }
         }
     }
@@ -1740,6 +1721,26 @@ struct Hello {
 }
 
 /// Sets `timer` to fire at `deadline`, making it on first use only.
+/// A routed command's reply: ready, or a retry (MOVED, ASK, a lost
+/// connection) in a task.
+fn upstream_resolved(
+    shared: &Arc<Shared>,
+    routed: Routed,
+    meta: Meta,
+    result: Result<Reply, super::UpstreamError>,
+) -> Pending {
+    match exec::judge_one(result, routed.target.readonly) {
+        exec::Verdict::Done(reply) => Pending::Ready(reply.raw, Some(meta)),
+        verdict => {
+            let shared = Arc::clone(shared);
+            Pending::Task(
+                spawn_reply(async move { exec::complete(shared, routed, verdict).await }),
+                Some(meta),
+            )
+        }
+    }
+}
+
 fn arm(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, deadline: tokio::time::Instant) {
     match timer.as_mut() {
         Some(timer) => timer.as_mut().reset(deadline),

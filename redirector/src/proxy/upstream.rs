@@ -133,9 +133,6 @@ impl InboxState {
     }
 }
 
-/// Replies taken from an inbox in one go (a pipeline's worth stays inline).
-pub type Arrived = smallvec::SmallVec<[Result<Reply, UpstreamError>; 8]>;
-
 impl Inbox {
     /// Opens slots up to sequence number `end` (exclusive). A session
     /// numbers a read's commands itself and opens their slots with one call,
@@ -176,26 +173,31 @@ impl Inbox {
         self.filled.wake();
     }
 
-    /// The replies that have come for `first` (the oldest slot) and the
-    /// slots after it, in order, up to `most` and up to the first that has
-    /// not come: the replies of a pipeline's commands, under one lock.
-    pub fn take_arrived(&self, first: u64, most: usize) -> Arrived {
+    /// Hands `each` the replies that have come for `first` (the oldest
+    /// slot) and the slots after it, in order, up to `most` and up to the
+    /// first that has not come: the replies of a pipeline's commands, under
+    /// one lock (`each` must not use this inbox). Returns how many.
+    pub fn take_arrived(
+        &self,
+        first: u64,
+        most: usize,
+        mut each: impl FnMut(Result<Reply, UpstreamError>),
+    ) -> usize {
         let mut state = self.slots();
-        let mut arrived = Arrived::new();
         if state.base != first {
-            return arrived;
+            return 0;
         }
-        while arrived.len() < most {
-            match state.slots.front_mut().and_then(Option::take) {
-                Some(reply) => {
-                    state.slots.pop_front();
-                    arrived.push(reply);
-                }
-                None => break,
-            }
+        let mut taken = 0;
+        while taken < most {
+            let Some(reply) = state.slots.front_mut().and_then(Option::take) else {
+                break;
+            };
+            state.slots.pop_front();
+            each(reply);
+            taken += 1;
         }
-        state.base += arrived.len() as u64;
-        arrived
+        state.base += taken as u64;
+        taken
     }
 
     /// The replies for `first` (the oldest slot) and the `count - 1` after
@@ -577,15 +579,15 @@ mod tests {
         inbox.put(0, reply(b":0\r\n"));
         inbox.put(2, reply(b":2\r\n"));
         assert!(inbox.take_run(1, 2).is_none(), "not the oldest slot");
-        let raws = |arrived: Arrived| -> Vec<Bytes> {
-            arrived
-                .into_iter()
-                .map(|r| r.map(|r| r.raw).expect("replies"))
-                .collect()
+        let take = |first, most| {
+            let mut raws: Vec<Bytes> = Vec::new();
+            let n = inbox.take_arrived(first, most, |r| raws.push(r.expect("replies").raw));
+            assert_eq!(n, raws.len());
+            raws
         };
-        assert!(inbox.take_arrived(1, 4).is_empty(), "not the oldest slot");
+        assert!(take(1, 4).is_empty(), "not the oldest slot");
         // Only what came in a row: 2 waits for 1.
-        assert_eq!(raws(inbox.take_arrived(0, 4)), [&b":0\r\n"[..]]);
+        assert_eq!(take(0, 4), [&b":0\r\n"[..]]);
         assert!(inbox.take_run(1, 3).is_none(), "3 has not come");
         inbox.put(1, reply(b":1\r\n"));
         inbox.put(3, reply(b":3\r\n"));
@@ -602,8 +604,8 @@ mod tests {
             inbox.put(seq, reply(b":n\r\n"));
         }
         // At most as many as asked for, and on from where they stopped.
-        assert_eq!(inbox.take_arrived(4, 2).len(), 2);
-        assert_eq!(inbox.take_arrived(6, 5).len(), 1, "7 has not come");
-        assert!(inbox.take_arrived(7, 5).is_empty());
+        assert_eq!(take(4, 2).len(), 2);
+        assert_eq!(take(6, 5).len(), 1, "7 has not come");
+        assert!(take(7, 5).is_empty());
     }
 }
