@@ -8,7 +8,10 @@ use redis_protocol::{
     resp3::{decode::complete as resp3_decode, types::RangeFrame as Range3},
 };
 
-use super::{Protocol, request::itoa_buf};
+use super::{
+    Protocol,
+    request::{itoa_buf, parse_int},
+};
 
 /// One reply frame from Redis.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,14 +125,14 @@ fn quick_frame(buf: &[u8], protocol: Protocol) -> Quick {
     match prefix {
         b'+' => Quick::Frame(ReplyKind::Other, line_len),
         b'-' => Quick::Frame(ReplyKind::Error, line_len),
-        b':' => match strict_int(line) {
+        b':' => match parse_int(line) {
             Some(n) => Quick::Frame(ReplyKind::Integer(n), line_len),
             None => Quick::Unsure,
         },
         b'_' if protocol == Protocol::Resp3 && line.is_empty() => {
             Quick::Frame(ReplyKind::Other, line_len)
         }
-        b'$' => match strict_int(line) {
+        b'$' => match parse_int(line) {
             Some(-1) if protocol == Protocol::Resp2 => Quick::Frame(ReplyKind::Other, line_len),
             Some(n) if n >= 0 && (n as usize) <= QUICK_BULK_MAX => {
                 let end = line_len + n as usize + 2;
@@ -145,29 +148,6 @@ fn quick_frame(buf: &[u8], protocol: Protocol) -> Quick {
         },
         _ => Quick::Unsure,
     }
-}
-
-/// An integer as Redis writes one: an optional minus, then `0` alone or
-/// digits without a leading zero, within 18 digits.
-fn strict_int(line: &[u8]) -> Option<i64> {
-    let (negative, digits) = match line.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, line),
-    };
-    if digits.is_empty()
-        || digits.len() > 18
-        || (digits[0] == b'0' && (digits.len() > 1 || negative))
-    {
-        return None;
-    }
-    let mut n: i64 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        n = n * 10 + i64::from(d - b'0');
-    }
-    Some(if negative { -n } else { n })
 }
 
 /// Frames one reply with redis-protocol: its kind and length, `None` when

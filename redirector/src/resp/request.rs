@@ -162,8 +162,9 @@ fn header(buf: &[u8], at: usize) -> Result<Option<(i64, usize)>, ()> {
 /// A header's integer as Redis reads it (`string2ll`): an optional minus
 /// sign, then `0` alone or digits without a leading zero. A frame is
 /// forwarded as it came, so a form Redis refuses (`$03`, `*-0`) must be
-/// refused here: the node would drop the connection it shares.
-fn parse_int(digits: &[u8]) -> Option<i64> {
+/// refused here: the node would drop the connection it shares. Replies
+/// are framed by hand with it too: Redis writes its integers this way.
+pub(crate) fn parse_int(digits: &[u8]) -> Option<i64> {
     let (negative, digits) = match digits.split_first() {
         Some((b'-', rest)) => (true, rest),
         _ => (false, digits),
