@@ -355,7 +355,12 @@ fn lint() -> Result<()> {
         "warnings",
     ]))?;
     // Offline (--frozen): what needs no network. Advisories need the
-    // RustSec database; README.md says how to check them.
+    // RustSec database; README.md says how to check them. cargo deny reads
+    // every platform's packages (windows-sys too), which a build for this
+    // one never downloads: fetched first, from the registry, or a fresh
+    // machine fails here.
+    println!("== cargo fetch (every platform's packages, for cargo deny)");
+    run(cargo().args(["fetch", "--locked"]))?;
     println!("== cargo deny (licenses, duplicate versions, sources; deny.toml)");
     run(cargo().args(["deny", "--frozen", "check", "licenses", "bans", "sources"]))
 }
