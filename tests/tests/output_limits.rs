@@ -248,7 +248,8 @@ fn a_subscriber_over_its_soft_limit_is_dropped_after_its_seconds_even_when_traff
 }
 
 #[test]
-fn a_pipeliner_not_reading_is_dropped_over_a_normal_limit_set_with_config_set() {
+fn a_pipeliner_not_reading_is_dropped_over_a_normal_limit_set_with_config_set_that_the_nodes_never_see()
+ {
     let cluster = RedisCluster::start_local(3, 0);
     let proxy = Proxy::start(&cluster.seeds(), &[]);
     let addr = proxy.addr();
@@ -281,8 +282,44 @@ fn a_pipeliner_not_reading_is_dropped_over_a_normal_limit_set_with_config_set() 
             .expect("CONFIG SET"),
         "+OK\r\n"
     );
+    // The proxy's own setting: a node holding it would cut the proxy's
+    // pooled connections, which carry many clients' replies together.
+    assert_eq!(
+        admin
+            .call_str(&["CONFIG", "GET", "client-output-buffer-limit"])
+            .expect("CONFIG GET"),
+        "*2\r\n$26\r\nclient-output-buffer-limit\r\n$73\r\nnormal 1048576 0 0 slave 268435456 67108864 60 pubsub 33554432 8388608 60\r\n"
+    );
+    for node in cluster.nodes() {
+        assert_eq!(
+            cluster
+                .cli(node, &["CONFIG", "GET", "client-output-buffer-limit"])
+                .trim(),
+            "client-output-buffer-limit\nnormal 0 0 0 slave 268435456 67108864 60 pubsub 33554432 8388608 60",
+            "{node} kept its own"
+        );
+    }
     let big = "b".repeat(100_000);
     admin.call_str(&["SET", "big", &big]).expect("SET big");
+    // Clients that read their replies, each owed less than the limit and
+    // together more: every one is served (on shared connections, which a
+    // node holding the limit cut over and over).
+    let readers: Vec<_> = (0..24)
+        .map(|_| {
+            let expected = format!("${}\r\n{big}\r\n", big.len());
+            std::thread::spawn(move || {
+                let mut c = client(addr);
+                for _ in 0..3 {
+                    assert_eq!(c.call_str(&["GET", "big"]).expect("GET big"), expected);
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader
+            .join()
+            .expect("a client reading its replies got them all");
+    }
 
     // 1000 GETs of 100 kB, none read: 100 MB owed, over 1 MiB.
     let mut s = TcpStream::connect(addr).expect("connect");

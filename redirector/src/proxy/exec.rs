@@ -573,13 +573,24 @@ pub async fn fan_out(
     if how == Merge::Info {
         return info_reply(&shared, protocol, &req, &targets, &client).await;
     }
-    // The proxy's own configs (port) are answered as the proxy's.
+    // The proxy's own configs (port, client-output-buffer-limit) are
+    // answered as the proxy's, and its output limits kept once the nodes
+    // accept the rest (CONFIG SET is all or nothing).
     let mut req = req;
+    let mut own_limits = None;
     if req.arg_is(0, "config") && req.arg_is(1, "set") {
+        if own_config::sets_output_limits(&req.args) {
+            own_limits = Some(req.args.clone());
+        }
         match own_config::strip_own_set(&req.args, client.laddr.port()) {
             Ok(Some(args)) if args.len() != req.args.len() => req = Request::from_args(args),
             Ok(Some(_)) => {}
-            Ok(None) => return reply::ok(),
+            Ok(None) => {
+                if let Some(args) = &own_limits {
+                    shared.output_limits.configured(args);
+                }
+                return reply::ok();
+            }
             Err(e) => return e,
         }
     }
@@ -595,7 +606,13 @@ pub async fn fan_out(
     } else {
         broadcast(&shared, protocol, &targets, &req.raw, readonly).await
     };
-    fan_out_merged(&shared, &req, &targets, how, &replies, protocol, &client)
+    let merged = fan_out_merged(&shared, &req, &targets, how, &replies, protocol, &client);
+    if let Some(args) = own_limits
+        && !merged.starts_with(b"-")
+    {
+        shared.output_limits.configured(&args);
+    }
+    merged
 }
 
 /// A fan-out's reply from every target's, and what the proxy learns from
@@ -614,7 +631,11 @@ pub fn fan_out_merged(
         && req.arg_is(1, "get")
         && let Some(value) = Value::decode(&merged, protocol)
     {
-        merged = own_config::rewrite_get(value, client.laddr.port()).encode(protocol);
+        let own = own_config::Own {
+            port: client.laddr.port(),
+            output_limits: shared.output_limits.get(),
+        };
+        merged = own_config::rewrite_get(value, &own).encode(protocol);
     }
     // A loaded script's flags, for EVALSHA under CLIENT PAUSE WRITE.
     if req.arg_is(0, "script")
@@ -653,7 +674,6 @@ pub fn fan_out_merged(
     // The slow log's settings are the proxy's too.
     if req.arg_is(0, "config") && req.arg_is(1, "set") && !merged.starts_with(b"-") {
         shared.slowlog.configured(&req.args);
-        shared.output_limits.configured(&req.args);
     }
     // CONFIG RESETSTAT resets the proxy's own statistics too.
     if req.arg_is(0, "config") && req.arg_is(1, "resetstat") && !merged.starts_with(b"-") {

@@ -5,8 +5,8 @@
 //! As Redis does, each class of client has a hard limit (disconnect at once)
 //! and a soft one (disconnect once over it for longer than some seconds);
 //! 0 turns either off. The syntax, defaults and checks are Redis's own, so
-//! `CONFIG SET client-output-buffer-limit` through the proxy (which the
-//! nodes validate) sets both the nodes' and the proxy's. The proxy has no
+//! `CONFIG SET client-output-buffer-limit` through the proxy sets the
+//! proxy's, not the nodes' (`own_config` says why). The proxy has no
 //! replicas: the replica class is kept and shown, and applies to nobody.
 //! Pure: the session carries the verdicts out.
 
@@ -200,9 +200,9 @@ impl LiveLimits {
         *self.0.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A `CONFIG SET` the nodes accepted: keep the proxy's copy of the
-    /// limits it names. A value the proxy cannot read changes nothing
-    /// (the nodes validated it with the same rules).
+    /// A `CONFIG SET` accepted: keep the limits it names. A value the
+    /// proxy cannot read changes nothing (`own_config` refused it first,
+    /// with the same rules).
     pub fn configured(&self, args: &[bytes::Bytes]) {
         for pair in args.get(2..).unwrap_or_default().chunks_exact(2) {
             if !pair[0].eq_ignore_ascii_case(b"client-output-buffer-limit") {
