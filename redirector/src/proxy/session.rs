@@ -15,6 +15,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -142,6 +143,43 @@ thread_local! {
 
 fn lend_batch() -> Vec<Batched> {
     SPARE_BATCH.with(std::cell::Cell::take)
+}
+
+thread_local! {
+    /// Empty reply queues per worker thread, lent to a session while it
+    /// owes replies and given back when it goes idle: an idle client holds
+    /// no queue (a queue of one is 120 bytes), and a busy one allocates
+    /// none per request.
+    static SPARE_QUEUES: std::cell::RefCell<Vec<VecDeque<Pending>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Queues kept per thread; more are freed.
+const QUEUES_KEPT: usize = 256;
+
+/// A queue with room for one reply owed, what a request-reply client needs
+/// (pipelines grow it).
+fn lend_queue() -> VecDeque<Pending> {
+    SPARE_QUEUES
+        .with(|spare| spare.borrow_mut().pop())
+        .unwrap_or_else(|| VecDeque::with_capacity(1))
+}
+
+/// Takes an empty queue back, leaving the session none; one grown by a
+/// long pipeline is freed, not kept.
+fn give_back_queue(queue: &mut VecDeque<Pending>) {
+    if queue.capacity() == 0 || !queue.is_empty() {
+        return;
+    }
+    let queue = std::mem::take(queue);
+    if queue.capacity() <= 16 {
+        SPARE_QUEUES.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < QUEUES_KEPT {
+                spare.push(queue);
+            }
+        });
+    }
 }
 
 fn give_back_batch(batch: Vec<Batched>) {
@@ -324,9 +362,8 @@ impl Session {
         // (see `buffers`); busy clients grow theirs.
         let mut inbuf = BytesMut::new();
         let mut out = BytesMut::new();
-        // Room for one reply owed, what a request-reply client needs (a
-        // grown queue would keep four per idle client); pipelines grow it.
-        let mut pending: VecDeque<Pending> = VecDeque::with_capacity(1);
+        // Lent like the buffers, while replies are owed (`lend_queue`).
+        let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut eof = false;
         let mut backlog = false;
         let inbox = Arc::clone(&self.inbox);
@@ -350,6 +387,9 @@ impl Session {
                 && !inbuf.is_empty()
                 && pending.len() < settings.max_pipeline
             {
+                if pending.capacity() == 0 {
+                    pending = lend_queue();
+                }
                 backlog = self.parse_and_dispatch(&mut inbuf, &mut pending, settings, commands);
                 self.entry.set_qbuf(inbuf.len());
             }
@@ -422,6 +462,7 @@ impl Session {
             if pending.is_empty() && inbuf.is_empty() && out.is_empty() {
                 buffers::release(&mut inbuf);
                 buffers::release(&mut out);
+                give_back_queue(&mut pending);
             }
 
             let can_read =
@@ -467,20 +508,56 @@ impl Session {
                 .held
                 .as_ref()
                 .map(|held| Box::pin(core.clients.wait_unpaused(held.1)));
-            let event = tokio::select! {
-                biased;
-                () = std::future::poll_fn(|cx| entry.poll_attention(cx)) => Event::Attention,
-                resolution = head(pending.front_mut(), &inbox) => Event::Resolved(resolution),
-                out = next_pubsub(self.pubsub.as_mut()) => Event::PubSub(out),
-                line = next_line(self.monitor.as_mut()) => Event::Monitor(line),
-                () = poll_opt(unpaused.as_mut()) => Event::Unpaused,
+            // One poll over the sources this session has, in this order
+            // (a `select!` would poll a future per branch, present or not,
+            // and keep them all in the session's future: every idle client
+            // paid for them).
+            let writable = !out.is_empty();
+            let mut soft_due = soft_deadline.and(soft_timer.as_mut());
+            let mut idle_due = idle_deadline.and(idle_timer.as_mut());
+            let event = std::future::poll_fn(|cx| {
+                if entry.poll_attention(cx).is_ready() {
+                    return Poll::Ready(Event::Attention);
+                }
+                if let Poll::Ready(resolution) = poll_head(pending.front_mut(), &inbox, cx) {
+                    return Poll::Ready(Event::Resolved(resolution));
+                }
+                if let Some(handle) = self.pubsub.as_mut()
+                    && let Poll::Ready(out) = handle.out.poll_recv(cx)
+                {
+                    return Poll::Ready(Event::PubSub(out));
+                }
+                if let Some(feed) = self.monitor.as_mut()
+                    && let Poll::Ready(line) = feed.poll_recv(cx)
+                {
+                    return Poll::Ready(Event::Monitor(line));
+                }
+                if let Some(unpaused) = unpaused.as_mut()
+                    && unpaused.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Event::Unpaused);
+                }
                 // Readiness as a read polls it (the socket's own waker
                 // slot), not `readable()`, which links a waiter per turn.
-                ready = std::future::poll_fn(|cx| reader.as_ref().poll_read_ready(cx)), if can_read => Event::Readable(ready),
-                ready = std::future::poll_fn(|cx| reader.as_ref().poll_write_ready(cx)), if !out.is_empty() => Event::Writable(ready),
-                () = poll_opt(soft_deadline.and(soft_timer.as_mut())) => Event::SoftLimitDue,
-                () = poll_opt(idle_deadline.and(idle_timer.as_mut())) => Event::Idle,
-            };
+                if can_read && let Poll::Ready(ready) = reader.as_ref().poll_read_ready(cx) {
+                    return Poll::Ready(Event::Readable(ready));
+                }
+                if writable && let Poll::Ready(ready) = reader.as_ref().poll_write_ready(cx) {
+                    return Poll::Ready(Event::Writable(ready));
+                }
+                if let Some(timer) = soft_due.as_mut()
+                    && timer.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Event::SoftLimitDue);
+                }
+                if let Some(timer) = idle_due.as_mut()
+                    && timer.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Event::Idle);
+                }
+                Poll::Pending
+            })
+            .await;
             drop(unpaused);
             match event {
                 Event::Resolved(Resolution::Wake) => {}
@@ -1793,54 +1870,58 @@ fn spawn_reply(work: impl Future<Output = Reply> + Send + 'static) -> oneshot::R
     spawn_raw(async move { work.await.raw })
 }
 
-async fn head(front: Option<&mut Pending>, inbox: &Inbox) -> Resolution {
+/// Whether what the oldest owed reply waits for has come: the inbox's
+/// wake-up, or its task's answer (never, when nothing waits).
+fn poll_head(front: Option<&mut Pending>, inbox: &Inbox, cx: &mut Context<'_>) -> Poll<Resolution> {
     match front {
         Some(Pending::Upstream { .. } | Pending::Gather(..)) => {
-            std::future::poll_fn(|cx| inbox.poll_filled(cx)).await;
-            Resolution::Wake
+            inbox.poll_filled(cx).map(|()| Resolution::Wake)
         }
-        Some(Pending::Task(rx, _) | Pending::Barrier(rx, _)) => Resolution::Task(
-            rx.await
-                .unwrap_or_else(|_| reply::error("ERR redirector: internal task failed")),
-        ),
-        Some(Pending::Login(rx, _)) => {
-            Resolution::Login(rx.await.unwrap_or_else(|_| Login::failed_task()))
-        }
-        Some(Pending::Permit(rx, ..)) => Resolution::Permit(
-            rx.await
-                .unwrap_or_else(|_| Err(reply::error("ERR redirector: internal task failed"))),
-        ),
-        _ => std::future::pending().await,
+        Some(Pending::Task(rx, _) | Pending::Barrier(rx, _)) => Pin::new(rx).poll(cx).map(|r| {
+            Resolution::Task(
+                r.unwrap_or_else(|_| reply::error("ERR redirector: internal task failed")),
+            )
+        }),
+        Some(Pending::Login(rx, _)) => Pin::new(rx)
+            .poll(cx)
+            .map(|r| Resolution::Login(r.unwrap_or_else(|_| Login::failed_task()))),
+        Some(Pending::Permit(rx, ..)) => Pin::new(rx).poll(cx).map(|r| {
+            Resolution::Permit(
+                r.unwrap_or_else(|_| Err(reply::error("ERR redirector: internal task failed"))),
+            )
+        }),
+        _ => Poll::Pending,
     }
-}
-
-async fn next_pubsub(handle: Option<&mut pubsub::Handle>) -> Option<pubsub::Out> {
-    match handle {
-        Some(handle) => handle.out.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn next_line(feed: Option<&mut mpsc::UnboundedReceiver<Bytes>>) -> Option<Bytes> {
-    match feed {
-        Some(feed) => feed.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Polls `future` when there is one; never ready otherwise.
-fn poll_opt<F: std::future::Future + Unpin>(
-    mut future: Option<&mut F>,
-) -> impl std::future::Future<Output = F::Output> + '_ {
-    std::future::poll_fn(move |cx| match future.as_mut() {
-        Some(future) => Pin::new(&mut **future).poll(cx),
-        None => std::task::Poll::Pending,
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_session_holds_no_reply_queue_and_a_busy_one_reuses_a_lent_one() {
+        let mut queue = lend_queue();
+        assert!(queue.capacity() >= 1);
+        queue.push_back(Pending::Close);
+        give_back_queue(&mut queue);
+        assert_eq!(queue.len(), 1, "a queue still owing replies is kept");
+        queue.clear();
+        let lent = queue.as_slices().0.as_ptr();
+        give_back_queue(&mut queue);
+        assert_eq!(queue.capacity(), 0, "nothing allocated while idle");
+        let again = lend_queue();
+        assert_eq!(
+            again.as_slices().0.as_ptr(),
+            lent,
+            "the same allocation, lent again"
+        );
+        let mut grown: VecDeque<Pending> = VecDeque::with_capacity(1024);
+        give_back_queue(&mut grown);
+        assert!(
+            lend_queue().capacity() < 1024,
+            "a long pipeline's queue is freed"
+        );
+    }
 
     #[test]
     fn one_routed_command_goes_upstream_as_the_clients_own_bytes() {
