@@ -6,12 +6,14 @@
 //! - latency: added latency through the proxy at a fixed, realistic rate,
 //!   open loop, against direct in the same run ([`openloop`]);
 //! - connect(): what the eBPF programs cost a connect ([`connect`]);
-//! - workers: `--workers 1` against 2 on W2 ([`workloads`]).
+//! - workers: `--workers 1` against 2 on W2 ([`workloads`]);
+//! - idle: RSS per idle client at 10k and 50k clients ([`idle`]).
 //!
 //! `--only` runs some of these parts (`workloads`, `latency`, `connect`,
-//! `workers`).
+//! `workers`, `idle`).
 
 mod connect;
+mod idle;
 mod openloop;
 mod workloads;
 
@@ -32,6 +34,8 @@ pub enum Part {
     Connect,
     /// `--workers 1` vs 2 on W2, the client pinned to the other CPU.
     Workers,
+    /// RSS per idle client, 10k and 50k clients.
+    Idle,
 }
 
 /// Runs the parts in `only` (every part when empty).
@@ -52,6 +56,9 @@ pub fn run(bin: &Path, rounds: usize, only: &[Part], latency: LatencyParams) -> 
     }
     if selected(Part::Connect) {
         connect::connect_latency(rounds)?;
+    }
+    if selected(Part::Idle) {
+        idle::idle_clients()?;
     }
     Ok(())
 }
