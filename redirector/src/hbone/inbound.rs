@@ -156,6 +156,11 @@ impl Inbound {
 async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> io::Result<()> {
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr()?.ip();
+    // A second handle on the socket, for the lingering close below (TLS
+    // and HTTP/2 own the first until they end).
+    let tcp = tcp.into_std()?;
+    let lingering = tcp.try_clone()?;
+    let tcp = TcpStream::from_std(tcp)?;
     let tls = shared
         .workloads
         .iter()
@@ -215,7 +220,35 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
     if let Some(pinger) = pinger {
         pinger.abort();
     }
+    if result.is_ok() {
+        // The connection ended cleanly: HTTP/2 sent its GOAWAY, TLS its
+        // close_notify, TCP its FIN. Closing now, with the peer's last
+        // bytes (its own close_notify, a PING's ack) unread, would answer
+        // them with a reset, and the peer's client would see a broken
+        // pipe instead of a clean end. So the tunnel reads until the peer
+        // closes too (bounded), and counts as open until then.
+        drop(conn);
+        linger(TcpStream::from_std(lingering)?).await;
+    }
     result
+}
+
+/// How long a cleanly ended tunnel waits for its peer to close its side.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Reads (and drops) what the peer still sends, until it closes or
+/// [`LINGER`] has passed.
+async fn linger(mut tcp: TcpStream) {
+    let drain = async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut tcp, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// Counts a tunnel open (metrics, [`Drain::open_tunnels`]) until dropped.
