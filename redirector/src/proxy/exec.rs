@@ -574,25 +574,23 @@ pub async fn fan_out(
         return info_reply(&shared, protocol, &req, &targets, &client).await;
     }
     // The proxy's own configs (port, client-output-buffer-limit) are
-    // answered as the proxy's, and its output limits kept once the nodes
-    // accept the rest (CONFIG SET is all or nothing).
+    // answered as the proxy's, and the settings it keeps (output limits,
+    // slow log) are taken from the CONFIG SET as sent once the nodes accept
+    // the rest (CONFIG SET is all or nothing).
     let mut req = req;
-    let mut own_limits = None;
+    let mut config_set = None;
     if req.arg_is(0, "config") && req.arg_is(1, "set") {
-        if own_config::sets_output_limits(&req.args) {
-            own_limits = Some(req.args.clone());
-        }
-        match own_config::strip_own_set(&req.args, client.laddr.port()) {
-            Ok(Some(args)) if args.len() != req.args.len() => req = Request::from_args(args),
+        let sent = req.args.clone();
+        match own_config::strip_own_set(&sent, client.laddr.port()) {
+            Ok(Some(args)) if args.len() != sent.len() => req = Request::from_args(args),
             Ok(Some(_)) => {}
             Ok(None) => {
-                if let Some(args) = &own_limits {
-                    shared.output_limits.configured(args);
-                }
+                keep_settings(&shared, &sent);
                 return reply::ok();
             }
             Err(e) => return e,
         }
+        config_set = Some(sent);
     }
     // What Redis runs while a script is busy (SCRIPT KILL, FUNCTION KILL,
     // FUNCTION STATS) must not wait on a shared connection queued behind
@@ -607,12 +605,18 @@ pub async fn fan_out(
         broadcast(&shared, protocol, &targets, &req.raw, readonly).await
     };
     let merged = fan_out_merged(&shared, &req, &targets, how, &replies, protocol, &client);
-    if let Some(args) = own_limits
+    if let Some(sent) = config_set
         && !merged.starts_with(b"-")
     {
-        shared.output_limits.configured(&args);
+        keep_settings(&shared, &sent);
     }
     merged
+}
+
+/// An accepted `CONFIG SET`'s settings that are the proxy's too.
+fn keep_settings(shared: &Shared, args: &[Bytes]) {
+    shared.slowlog.configured(args);
+    shared.output_limits.configured(args);
 }
 
 /// A fan-out's reply from every target's, and what the proxy learns from
@@ -670,10 +674,6 @@ pub fn fan_out_merged(
             .any(|sub| req.arg_is(1, sub))
     {
         shared.functions.forget();
-    }
-    // The slow log's settings are the proxy's too.
-    if req.arg_is(0, "config") && req.arg_is(1, "set") && !merged.starts_with(b"-") {
-        shared.slowlog.configured(&req.args);
     }
     // CONFIG RESETSTAT resets the proxy's own statistics too.
     if req.arg_is(0, "config") && req.arg_is(1, "resetstat") && !merged.starts_with(b"-") {

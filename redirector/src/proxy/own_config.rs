@@ -62,14 +62,6 @@ pub fn strip_own_set(args: &[Bytes], port: u16) -> Result<Option<Vec<Bytes>>, By
     Ok((kept.len() > 2).then_some(kept))
 }
 
-/// Whether a `CONFIG SET` names `client-output-buffer-limit`.
-pub fn sets_output_limits(args: &[Bytes]) -> bool {
-    args.get(2..)
-        .unwrap_or_default()
-        .chunks_exact(2)
-        .any(|pair| pair[0].eq_ignore_ascii_case(OUTPUT_LIMIT))
-}
-
 fn is_own(name: &[u8]) -> bool {
     is_port(name) || name.eq_ignore_ascii_case(OUTPUT_LIMIT)
 }
@@ -155,7 +147,6 @@ mod tests {
             strip_own_set(&set, 15379),
             Ok(Some(args(&["config", "set", "maxmemory", "0"])))
         );
-        assert!(sets_output_limits(&set));
         assert_eq!(
             strip_own_set(
                 &args(&[
@@ -177,12 +168,6 @@ mod tests {
                 b"-ERR CONFIG SET failed (possibly related to argument 'client-output-buffer-limit') - Error in hard, soft or soft_seconds setting in buffer limit configuration.\r\n"
             ))
         );
-        assert!(!sets_output_limits(&args(&[
-            "config",
-            "set",
-            "maxmemory",
-            "0"
-        ])));
     }
 
     #[test]
