@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod differential;
 pub mod grafana;
 pub mod http;
+pub mod idle;
 pub mod kubeapi;
 pub mod netns;
 pub mod ports;
