@@ -21,7 +21,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
     sync::{mpsc, oneshot},
 };
@@ -348,7 +348,7 @@ impl Session {
     async fn run(&mut self, stream: &mut TcpStream) {
         // Borrowed halves: dropping the stream just closes it, where an
         // owned write half would cost a shutdown() syscall first.
-        let (reader, mut writer) = stream.split();
+        let (mut reader, mut writer) = stream.split();
         // The backend's settings, which a login does not change (another
         // identity's Shared derefs to the same core): no copy per client.
         let core = Arc::clone(&self.shared);
@@ -581,12 +581,17 @@ impl Session {
                     if inbuf.capacity() == 0 {
                         inbuf = buffers::take();
                     }
-                    match reader.as_ref().try_read_buf(&mut inbuf) {
-                        Ok(0) => eof = true,
-                        Ok(_) => {}
+                    // One poll of a read, not `try_read`: a read that leaves
+                    // room in the buffer has drained the socket and clears
+                    // its readiness, where `try_read` keeps it and the next
+                    // turn pays a recv that finds nothing (one syscall per
+                    // request of a client that waits for each reply).
+                    let mut read = std::pin::pin!(reader.read_buf(&mut inbuf));
+                    match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+                        Poll::Ready(Ok(0) | Err(_)) => eof = true,
+                        Poll::Ready(Ok(_)) => {}
                         // A spurious wake: readiness was cleared, wait again.
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => eof = true,
+                        Poll::Pending => {}
                     }
                 }
                 Event::PubSub(Some(pubsub::Out::Frame(frame))) => out.extend_from_slice(&frame),
