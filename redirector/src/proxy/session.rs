@@ -200,7 +200,10 @@ impl Batched {
     fn add(&mut self, raw: &Bytes, seq: u64) {
         match &mut self.payload {
             Payload::One(first) => {
-                let mut joined = BytesMut::with_capacity(first.len() + raw.len());
+                // Room for a few more like them: growing from exactly two
+                // commands reallocated about once per three pipelined
+                // commands (callgrind: 4% of a pipelined GET).
+                let mut joined = BytesMut::with_capacity(4 * (first.len() + raw.len()));
                 joined.extend_from_slice(first);
                 joined.extend_from_slice(raw);
                 self.payload = Payload::Many(joined);
@@ -662,8 +665,11 @@ impl Session {
     /// Writes every resolved reply at the head of the queue into `out`.
     /// Returns true when the connection must close now.
     fn drain(&mut self, pending: &mut VecDeque<Pending>, out: &mut BytesMut) -> bool {
-        // One clock read for every reply this drain writes.
+        // One clock read for every reply this drain writes, and one time
+        // taken per read the replies' commands came in (a pipeline's share
+        // one start).
         let mut now: Option<Instant> = None;
+        let mut took_since: Option<(Instant, Duration)> = None;
         // Replies copied out are let go together when the drain returns: a
         // reference count's locked decrement right after each copy waited
         // for that copy's stores (8% of the proxy on pipelined GETs).
@@ -734,11 +740,18 @@ impl Session {
                 let mut silent = false;
                 if let Some(meta) = meta {
                     let now = *now.get_or_insert_with(Instant::now);
+                    let took = match took_since {
+                        Some((started, took)) if started == meta.started => took,
+                        _ => {
+                            let took = now.saturating_duration_since(meta.started);
+                            took_since = Some((meta.started, took));
+                            took
+                        }
+                    };
                     let ok = !matches!(raw.first(), Some(b'-' | b'!'));
                     self.metric_cache[meta.metric].record(ok);
-                    self.shared.metrics.latency(now - meta.started);
+                    self.shared.metrics.latency(took);
                     silent = meta.silent;
-                    let took = now - meta.started;
                     if let Some(command) = &meta.slow
                         && self.shared.slowlog.is_slow(took)
                     {
