@@ -109,6 +109,13 @@ struct Outcome {
     lost: u64,
     /// [`QUANTILES`] of each slice, microseconds.
     slices: Vec<[f64; 3]>,
+    /// The whole machine's CPU over this target's slices (`/proc/stat`):
+    /// busy and total clock ticks, over every core.
+    machine: (u64, u64),
+    /// This load generator's own CPU over them, clock ticks.
+    generator: u64,
+    /// Requests sent in them.
+    sent: u64,
 }
 
 impl Outcome {
@@ -120,7 +127,34 @@ impl Outcome {
             window: Duration::ZERO,
             lost: 0,
             slices: Vec::new(),
+            machine: (0, 0),
+            generator: 0,
+            sent: 0,
         })
+    }
+
+    /// Runs a slice and adds it, with the CPU it took.
+    fn measure(&mut self, run: impl FnOnce() -> Result<Slice>) -> Result<()> {
+        let (machine, generator) = (machine_ticks(), user_sys_ticks(std::process::id()));
+        let slice = run()?;
+        let (machine_after, generator_after) =
+            (machine_ticks(), user_sys_ticks(std::process::id()));
+        self.machine.0 += machine_after.0.saturating_sub(machine.0);
+        self.machine.1 += machine_after.1.saturating_sub(machine.1);
+        self.generator +=
+            (generator_after.0 + generator_after.1).saturating_sub(generator.0 + generator.1);
+        self.sent += slice.sent;
+        self.add(slice)
+    }
+
+    /// Percent of the machine's CPU (all cores) busy during the slices.
+    fn machine_busy(&self) -> f64 {
+        100.0 * self.machine.0 as f64 / self.machine.1.max(1) as f64
+    }
+
+    /// The generator's CPU per request sent, microseconds (10 ms ticks).
+    fn generator_us(&self) -> f64 {
+        self.generator as f64 * 10_000.0 / self.sent.max(1) as f64
     }
 
     fn add(&mut self, slice: Slice) -> Result<()> {
@@ -177,7 +211,7 @@ pub fn measure(
         prefill(place, *addr, keys)?;
     }
     let (mut direct, mut proxied) = (Outcome::new()?, Outcome::new()?);
-    let (mut ticks, mut proxy_requests) = ((0, 0), 0);
+    let mut ticks = (0, 0);
     let slices = rounds.max(MIN_SLICES);
     for slice in 1..=slices {
         eprintln!(
@@ -187,7 +221,7 @@ pub fn measure(
         let targets = (0..params.connections)
             .map(|i| masters[i % masters.len()].clone())
             .collect();
-        direct.add(run_slice(place, targets, params, slices)?)?;
+        direct.measure(|| run_slice(place, targets, params, slices))?;
 
         eprintln!(
             "slice {slice}/{slices}: latency at {} req/s proxy",
@@ -197,17 +231,16 @@ pub fn measure(
             .map(|i| (proxy, masters[i % masters.len()].1.clone()))
             .collect();
         let before = user_sys_ticks(proxy_pid);
-        let result = run_slice(place, targets, params, slices)?;
+        proxied.measure(|| run_slice(place, targets, params, slices))?;
         let after = user_sys_ticks(proxy_pid);
         ticks.0 += after.0.saturating_sub(before.0);
         ticks.1 += after.1.saturating_sub(before.1);
-        proxy_requests += result.sent;
-        proxied.add(result)?;
     }
     eprintln!(
         "latency: measured in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    let proxy_requests = proxied.sent.max(1) as f64;
     Ok(Report {
         params,
         slices,
@@ -215,8 +248,8 @@ pub fn measure(
         proxy: proxied,
         // Clock ticks are 10 ms.
         proxy_cpu: (
-            ticks.0 as f64 * 0.01 / proxy_requests.max(1) as f64,
-            ticks.1 as f64 * 0.01 / proxy_requests.max(1) as f64,
+            ticks.0 as f64 * 0.01 / proxy_requests,
+            ticks.1 as f64 * 0.01 / proxy_requests,
         ),
     })
 }
@@ -298,6 +331,32 @@ pub fn print(report: &Report) {
         user * 1e6,
         sys * 1e6
     );
+    // Latency at a rate is queueing as much as work: on a small machine the
+    // proxy's CPU may be what fills it (README, "latency at a fixed rate").
+    println!(
+        "machine CPU busy (all cores, every process) during the slices: direct {:.0}%, proxy {:.0}%; the load generator's own CPU per request: direct {:.1} us, proxy {:.1} us",
+        report.direct.machine_busy(),
+        report.proxy.machine_busy(),
+        report.direct.generator_us(),
+        report.proxy.generator_us()
+    );
+}
+
+/// The machine's busy and total CPU clock ticks over every core: the
+/// first line of `/proc/stat` (idle and iowait are not busy).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
 }
 
 /// utime and stime of a process, in clock ticks (`/proc/<pid>/stat`).
@@ -781,6 +840,13 @@ mod tests {
         let mut out = Vec::new();
         encode(&mut out, false, b"key:000000000042");
         assert_eq!(out, b"*2\r\n$3\r\nGET\r\n$16\r\nkey:000000000042\r\n");
+    }
+
+    #[test]
+    fn the_machine_is_read_busy_part_of_the_time() {
+        let (busy, total) = machine_ticks();
+        assert!(total > 0, "no CPU ticks read from /proc/stat");
+        assert!(busy <= total);
     }
 
     #[test]
