@@ -324,8 +324,9 @@ struct Session {
 
 enum Event {
     Resolved(Resolution),
-    /// The client's socket has bytes (or EOF) to read.
-    Readable(std::io::Result<()>),
+    /// A read of the client's socket: bytes came (`Ok(n > 0)`), or EOF
+    /// (`Ok(0)`), or an error.
+    Read(std::io::Result<usize>),
     /// The client's socket takes bytes again: write what it is owed.
     Writable(std::io::Result<()>),
     /// The client has been over its soft output limit for its seconds.
@@ -540,10 +541,24 @@ impl Session {
                 {
                     return Poll::Ready(Event::Unpaused);
                 }
-                // Readiness as a read polls it (the socket's own waker
-                // slot), not `readable()`, which links a waiter per turn.
-                if can_read && let Poll::Ready(ready) = reader.as_ref().poll_read_ready(cx) {
-                    return Poll::Ready(Event::Readable(ready));
+                // Read here, in the poll: the socket's own waker slot, not
+                // `readable()`, which links a waiter per turn; and a read
+                // future of one poll, not `try_read`: a read that leaves
+                // room in the buffer has drained the socket and clears its
+                // readiness, where `try_read` keeps it and the next turn
+                // pays a recv that finds nothing (one syscall per request
+                // of a client that waits for each reply). Not awaited: an
+                // await of its own grew every session's task by a step.
+                if can_read && reader.as_ref().poll_read_ready(cx).is_ready() {
+                    if inbuf.capacity() == 0 {
+                        inbuf = buffers::take();
+                    }
+                    if let Poll::Ready(read) = std::pin::pin!(reader.read_buf(&mut inbuf)).poll(cx)
+                    {
+                        return Poll::Ready(Event::Read(read));
+                    }
+                    // A spurious wake: readiness is cleared, and the read
+                    // waits on the socket's waker like the other sources.
                 }
                 if writable && let Poll::Ready(ready) = reader.as_ref().poll_write_ready(cx) {
                     return Poll::Ready(Event::Writable(ready));
@@ -565,7 +580,8 @@ impl Session {
             match event {
                 Event::Resolved(Resolution::Wake) => {}
                 Event::Resolved(resolution) => self.resolve_head(&mut pending, resolution),
-                Event::Readable(Err(_)) => eof = true,
+                Event::Read(Ok(0) | Err(_)) => eof = true,
+                Event::Read(Ok(_)) => {}
                 // The loop writes what is owed, or sees the error.
                 Event::Writable(Ok(())) => {}
                 Event::Writable(Err(_)) => {
@@ -578,23 +594,6 @@ impl Session {
                         buffers::release(&mut inbuf);
                         buffers::release(&mut out);
                         return;
-                    }
-                }
-                Event::Readable(Ok(())) => {
-                    if inbuf.capacity() == 0 {
-                        inbuf = buffers::take();
-                    }
-                    // One poll of a read, not `try_read`: a read that leaves
-                    // room in the buffer has drained the socket and clears
-                    // its readiness, where `try_read` keeps it and the next
-                    // turn pays a recv that finds nothing (one syscall per
-                    // request of a client that waits for each reply).
-                    let mut read = std::pin::pin!(reader.read_buf(&mut inbuf));
-                    match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
-                        Poll::Ready(Ok(0) | Err(_)) => eof = true,
-                        Poll::Ready(Ok(_)) => {}
-                        // A spurious wake: readiness was cleared, wait again.
-                        Poll::Pending => {}
                     }
                 }
                 Event::PubSub(Some(pubsub::Out::Frame(frame))) => out.extend_from_slice(&frame),
