@@ -6,13 +6,13 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, TcpStream},
+    net::TcpStream,
     time::Duration,
 };
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-use crate::{TempDir, ports::free_port, process::Place, proxy::Proxy, redis::RedisServer};
+use crate::{TempDir, proxy::Proxy, redis::RedisServer};
 
 /// Sockets besides the clients' (the proxy's own, the harness's).
 pub const SPARE_FDS: u64 = 500;
@@ -42,13 +42,7 @@ impl IdleClients {
     /// and go quiet.
     pub fn open(count: u64) -> Self {
         let dir = TempDir::new("rdr-idle-");
-        let redis = RedisServer::start(
-            &Place::default(),
-            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-            free_port(),
-            dir.path(),
-            &["--maxclients", "1000"],
-        );
+        let redis = RedisServer::start_local(dir.path(), &["--maxclients", "1000"]);
         redis.cli(&["SET", "idle", "v"]);
         let max = (count + SPARE_FDS).to_string();
         let proxy = Proxy::start_standalone(

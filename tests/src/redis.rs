@@ -46,6 +46,18 @@ impl RedisServer {
         server
     }
 
+    /// [`Self::start`] on 127.0.0.1, on a free port, in this host's
+    /// namespace: the usual test backend.
+    pub fn start_local(dir: &Path, extra: &[&str]) -> Self {
+        Self::start(
+            &Place::default(),
+            &[IpAddr::from([127, 0, 0, 1])],
+            crate::ports::free_port(),
+            dir,
+            extra,
+        )
+    }
+
     /// [`Self::start`] as a replica of `primary`, once it has synced.
     pub fn start_replica(
         place: &Place,

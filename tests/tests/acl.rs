@@ -6,17 +6,13 @@
 //! @dangerous commands are refused. Real redis-server, real proxy binary.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     thread,
     time::{Duration, Instant},
 };
 
-use testbed::{
-    TempDir, cluster::RedisCluster, ports::free_port, process::Place, proxy::Proxy,
-    redis::RedisServer, resp::RespClient,
-};
+use testbed::{TempDir, cluster::RedisCluster, proxy::Proxy, redis::RedisServer, resp::RespClient};
 
-const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 const WRONGPASS: &str = "-WRONGPASS invalid username-password pair or user is disabled.\r\n";
 
 /// The proxy first, so it stops before the server it fronts.
@@ -31,13 +27,7 @@ struct Setup {
 /// without a password of its own.
 fn setup(extra: &[&str]) -> Setup {
     let dir = TempDir::new("rdr-acl-");
-    let server = RedisServer::start(
-        &Place::default(),
-        &[LOCALHOST],
-        free_port(),
-        dir.path(),
-        &[],
-    );
+    let server = RedisServer::start_local(dir.path(), &[]);
     add_users(|args| server.cli(args));
     let proxy = Proxy::start_standalone(server.addr(), &[], extra);
     Setup {
@@ -178,13 +168,7 @@ fn a_client_never_gets_the_proxys_rights() {
     // default user needs a password: a client that has not authenticated
     // is served without credentials, so Redis refuses it.
     let dir = TempDir::new("rdr-acl-");
-    let server = RedisServer::start(
-        &Place::default(),
-        &[LOCALHOST],
-        free_port(),
-        dir.path(),
-        &[],
-    );
+    let server = RedisServer::start_local(dir.path(), &[]);
     let cli = |args: &[&str]| server.cli(args);
     add_users(cli);
     assert_eq!(
@@ -294,13 +278,7 @@ fn repeated_wrong_passwords_are_slowed_down() {
 #[test]
 fn proxy_mode_refuses_admin_commands_and_keeps_serving() {
     let dir = TempDir::new("rdr-acl-");
-    let server = RedisServer::start(
-        &Place::default(),
-        &[LOCALHOST],
-        free_port(),
-        dir.path(),
-        &[],
-    );
+    let server = RedisServer::start_local(dir.path(), &[]);
     assert_eq!(
         server.cli(&["CONFIG", "SET", "requirepass", "up"]).trim(),
         "OK"

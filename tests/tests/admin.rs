@@ -7,14 +7,12 @@
 
 use std::{
     io::{ErrorKind, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
 };
 
-use testbed::{
-    TempDir, ports::free_port, process::Place, proxy::Proxy, redis::RedisServer, resp::RespClient,
-};
+use testbed::{TempDir, ports::free_port, proxy::Proxy, redis::RedisServer, resp::RespClient};
 
 /// The daemon's limits (`admin::Limits::default()`).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,13 +31,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let dir = TempDir::new("rdr-admin-");
-    let server = RedisServer::start(
-        &Place::default(),
-        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        free_port(),
-        dir.path(),
-        &[],
-    );
+    let server = RedisServer::start_local(dir.path(), &[]);
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let proxy = Proxy::start_standalone(
         server.addr(),

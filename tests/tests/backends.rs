@@ -1254,13 +1254,7 @@ fn bad_backend_configuration_is_refused_at_startup_with_the_offending_line() {
     // other it neither serves clients nor reports ready; then it exits,
     // naming that backend and its address.
     let redis_dir = TempDir::new("rdr-badcfg-redis-");
-    let live = RedisServer::start(
-        &Place::default(),
-        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        free_port(),
-        redis_dir.path(),
-        &[],
-    );
+    let live = RedisServer::start_local(redis_dir.path(), &[]);
     let dead = format!("127.0.0.1:{}", free_port());
     let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));

@@ -8,17 +8,12 @@
 //! taken from the clock, printed) upwards for N seconds;
 //! `DIFFERENTIAL_SEED` alone replays that one seed.
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    time::{Duration, Instant, SystemTime},
-};
+use std::time::{Duration, Instant, SystemTime};
 
 use testbed::{
     TempDir,
     cluster::RedisCluster,
     differential::driver::{self, Sides},
-    ports::free_port,
-    process::Place,
     proxy::Proxy,
     redis::RedisServer,
 };
@@ -40,13 +35,7 @@ fn random_command_sequences_get_the_same_replies_through_the_proxy_as_from_one_r
     let cluster = RedisCluster::start_local(3, 1);
     let proxy = Proxy::start(&cluster.seeds(), &[]);
     let dir = TempDir::new("rdr-differential-");
-    let redis = RedisServer::start(
-        &Place::default(),
-        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        free_port(),
-        dir.path(),
-        &[],
-    );
+    let redis = RedisServer::start_local(dir.path(), &[]);
     let sides = Sides {
         proxy: proxy.addr(),
         redis: redis.addr(),

@@ -3,7 +3,7 @@
 //! the semantics are the same.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -11,8 +11,7 @@ use bytes::Bytes;
 use testbed::{
     TempDir,
     cluster::{RedisCluster, slot_of},
-    ports::free_port,
-    process::{Place, wait_for},
+    process::wait_for,
     proxy::Proxy,
     redis::RedisServer,
     resp::RespClient,
@@ -64,13 +63,7 @@ fn setup(proxy_args: &[&str]) -> Setup {
     let cluster = RedisCluster::start_local(3, 1);
     let proxy = Proxy::start(&cluster.seeds(), proxy_args);
     let dir = TempDir::new("rdr-standalone-");
-    let redis = RedisServer::start(
-        &Place::default(),
-        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        free_port(),
-        dir.path(),
-        &[],
-    );
+    let redis = RedisServer::start_local(dir.path(), &[]);
     Setup {
         cluster,
         proxy,
