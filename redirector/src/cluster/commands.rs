@@ -392,6 +392,10 @@ pub struct CommandInfo {
     pub key_specs: Vec<KeySpec>,
     pub subcommands: Vec<CommandInfo>,
     method: KeyMethod,
+    /// Set by the proxy's planner ([`CommandTable::mark_plain`]): it has no
+    /// rule of its own for this command, so a ready session routes it by
+    /// its keys alone, without the planner's name checks.
+    pub plain: bool,
 }
 
 impl CommandInfo {
@@ -556,7 +560,15 @@ impl CommandInfo {
             key_specs,
             subcommands,
             method,
+            plain: false,
         })
+    }
+
+    /// The top-level command's name (`config` for `config|get`).
+    pub fn container_name(&self) -> &str {
+        self.name
+            .split_once('|')
+            .map_or(&self.name, |(container, _)| container)
     }
 }
 
@@ -669,6 +681,17 @@ impl CommandTable {
                 .and_then(|sub| cmd.subcommand(sub))
                 .unwrap_or(cmd),
         )
+    }
+
+    /// Sets every command's (and subcommand's) [`CommandInfo::plain`] to
+    /// `is_plain`'s verdict on it.
+    pub fn mark_plain(&mut self, is_plain: impl Fn(&CommandInfo) -> bool) {
+        for info in self.commands.values_mut() {
+            info.plain = is_plain(info);
+            for sub in &mut info.subcommands {
+                sub.plain = is_plain(sub);
+            }
+        }
     }
 
     /// Number of top-level commands.

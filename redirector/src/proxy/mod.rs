@@ -406,10 +406,11 @@ impl Shared {
             settings,
             topology,
             pools,
-            commands,
+            mut commands,
             metrics,
             redis_version,
         } = parts;
+        commands.mark_plain(plan::is_plain);
         let worker = metrics.worker();
         let control = Arc::clone(pools.dialer());
         // In passthrough a client that has not authenticated is served

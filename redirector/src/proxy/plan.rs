@@ -386,6 +386,15 @@ pub fn plan_known(
     req: &Request,
     state: &SessionState,
 ) -> Plan {
+    // Most traffic: a ready session's plain command, routed by its keys as
+    // the checks below would conclude, without reading its name again.
+    if let Some(info) = info.filter(|i| i.plain)
+        && state.authed
+        && !state.in_multi
+        && !state.subscribed_resp2
+    {
+        return plain_route(req, info, state);
+    }
     // Lowercase on the stack: this runs for every request. A longer name
     // is no connection command; the table decides what it is.
     let mut lower = [0u8; 32];
@@ -499,6 +508,41 @@ pub fn plan_known(
             Err(e) => Plan::Refuse(e),
         },
     }
+}
+
+/// A [`CommandInfo::plain`] command of a ready session: what the full
+/// planner concludes for it, reached without its name checks.
+fn plain_route(req: &Request, info: &CommandInfo, state: &SessionState) -> Plan {
+    if !info.arity_ok(req.args.len()) {
+        return Plan::Refuse(wrong_arity(&info.name));
+    }
+    let readonly = info.flags.contains(Flags::READONLY) && !info.flags.contains(Flags::WRITE);
+    match slot_for(req, info, state) {
+        Ok(slot) => Plan::Route { slot, readonly },
+        Err(e) => Plan::Refuse(e),
+    }
+}
+
+/// Whether the planner has no rule of its own for `info`, whatever the
+/// request's arguments: not a command the proxy answers or treats apart
+/// by name, no override, not blocking, no request policy (fan-out or
+/// split), not ACL-gated (`@admin`/`@dangerous`: refused in proxy auth
+/// mode, permit-checked in passthrough), not a script whose body names
+/// its keys. A ready session routes such a command by its keys alone
+/// ([`CommandTable::mark_plain`]); the planner's tests check both paths
+/// agree on every command of the table.
+pub fn is_plain(info: &CommandInfo) -> bool {
+    let word = info.container_name();
+    let alone = Request::from_args(vec![Bytes::copy_from_slice(word.as_bytes())]);
+    connection_command(word.as_bytes(), &alone).is_none()
+        && !matches!(word, "watch" | "auth" | "hello" | "quit" | "reset")
+        && find_override(&info.name).is_none()
+        && !info.flags.contains(Flags::BLOCKING)
+        && policies(info).0.is_none()
+        && !info
+            .acl
+            .intersects(AclCategories::ADMIN | AclCategories::DANGEROUS)
+        && !matches!(word, "eval" | "eval_ro")
 }
 
 /// Proxy auth mode: an `@admin`/`@dangerous` command (by the server's
@@ -886,7 +930,16 @@ mod tests {
         let (frame, _, _) = decode_bytes_mut(&mut buf)
             .expect("valid RESP")
             .expect("complete reply");
-        CommandTable::from_command_reply(&frame).expect("parses")
+        let mut table = CommandTable::from_command_reply(&frame).expect("parses");
+        table.mark_plain(is_plain);
+        table
+    });
+
+    /// The table as the full planner alone reads it.
+    static UNMARKED: LazyLock<CommandTable> = LazyLock::new(|| {
+        let mut table = TABLE.clone();
+        table.mark_plain(|_| false);
+        table
     });
 
     const READY: SessionState<'static> = SessionState {
@@ -908,6 +961,79 @@ mod tests {
 
     fn plan_of(args: &[&str]) -> Plan {
         plan(&TABLE, &req(args), &READY)
+    }
+
+    #[test]
+    fn plain_commands_are_planned_as_the_full_planner_plans_them() {
+        let states = [
+            READY,
+            SessionState {
+                one_shard: true,
+                ..READY
+            },
+            SessionState {
+                authed: false,
+                ..READY
+            },
+            SessionState {
+                in_multi: true,
+                ..READY
+            },
+            SessionState {
+                subscribed_resp2: true,
+                ..READY
+            },
+        ];
+        let mut plain = 0;
+        for info in TABLE
+            .iter()
+            .flat_map(|i| std::iter::once(i).chain(&i.subcommands))
+        {
+            plain += usize::from(info.plain);
+            let words: Vec<&str> = info.name.split('|').collect();
+            for tail in [
+                &[][..],
+                &["k"],
+                &["k", "v"],
+                &["{t}a", "{t}b", "{t}c", "1"],
+                &["a", "b", "c"],
+                &["k", "0", "5", "STORE", "d"],
+            ] {
+                let r = req(&[&words[..], tail].concat());
+                for state in &states {
+                    assert_eq!(
+                        plan(&TABLE, &r, state),
+                        plan(&UNMARKED, &r, state),
+                        "{} {tail:?} in {state:?}",
+                        info.name
+                    );
+                }
+            }
+        }
+        // The fast path is taken by the traffic it is for, and not by
+        // what the proxy treats apart.
+        let marked = |name: &str| TABLE.lookup(&req(&[name]).args).is_some_and(|i| i.plain);
+        assert!(plain > 100, "{plain} plain commands");
+        for name in ["get", "set", "incr", "hset", "lpush", "zadd", "expire"] {
+            assert!(marked(name), "{name} is plain");
+        }
+        for name in [
+            "ping",
+            "client",
+            "watch",
+            "blpop",
+            "keys",
+            "mget",
+            "eval",
+            "flushall",
+            "subscribe",
+            "publish",
+            "info",
+            "scan",
+            "exec",
+        ] {
+            assert!(!marked(name), "{name} is not plain");
+        }
     }
 
     #[test]

@@ -963,15 +963,8 @@ impl Session {
             return;
         }
         self.shared.count_command();
-        let mut lower = [0u8; 32];
-        let name_len = req.args[0].len();
-        let name: &[u8] = if name_len <= lower.len() && info.is_some() {
-            lower[..name_len].copy_from_slice(&req.args[0]);
-            lower[..name_len].make_ascii_lowercase();
-            &lower[..name_len]
-        } else {
-            UNKNOWN_COMMAND
-        };
+        // The metric's name: the table's own lowercase one.
+        let name = info.map_or(UNKNOWN_COMMAND, |i| i.container_name().as_bytes());
         // CLIENT LIST's cmd=, written only when it changes (a pipeline of
         // one command takes no lock per command). The address only tells
         // table entries apart; it is never dereferenced.
