@@ -756,6 +756,10 @@ pub fn keys_slot(req: &Request, info: &CommandInfo) -> Result<Option<u16>, Bytes
         };
         let step = info.step.max(1) as usize;
         let (first, last) = (info.first_key as usize, last.min(argc - 1).max(0) as usize);
+        if first == last {
+            // One key (GET, SET, INCR, ...).
+            return Ok(req.args.get(first).map(|key| slot::slot(key)));
+        }
         let mut slots = (first..=last)
             .step_by(step)
             .map(|i| slot::slot(&req.args[i]));

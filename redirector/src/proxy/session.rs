@@ -192,6 +192,9 @@ fn give_back_batch(batch: Vec<Batched>) {
 /// Room a joined job keeps for more commands, at most, beyond its first two.
 const JOB_ROOM: usize = 16 * 1024;
 
+/// Sequence numbers a joined job starts with room for.
+const JOB_SEQS: usize = 8;
+
 /// A job's bytes: one command's, as the client sent them (no copy), or
 /// several commands' joined.
 enum Payload {
@@ -212,6 +215,9 @@ impl Batched {
                 joined.extend_from_slice(first);
                 joined.extend_from_slice(raw);
                 self.payload = Payload::Many(joined);
+                // Likewise for their sequence numbers: eight in one
+                // allocation, not grown at the third and the fifth.
+                self.seqs.reserve(JOB_SEQS - self.seqs.len());
             }
             Payload::Many(joined) => joined.extend_from_slice(raw),
         }
