@@ -143,7 +143,28 @@ pub fn parse(buf: &mut BytesMut, limits: &Limits) -> Result<Parsed, ProtocolErro
 }
 
 /// Reads a `<prefix><integer>\r\n` line at `at`; `None` if not all there.
+#[inline]
 fn header(buf: &[u8], at: usize) -> Result<Option<(i64, usize)>, ()> {
+    // Most headers (`*2`, `$3`, `$16`) hold one or two digits: read those
+    // in place; anything else takes the full line's checks.
+    match buf.get(at + 1..at + 5) {
+        Some(&[d, b'\r', b'\n', _]) if d.is_ascii_digit() => {
+            return Ok(Some((i64::from(d - b'0'), at + 4)));
+        }
+        Some(&[d1 @ b'1'..=b'9', d2, b'\r', b'\n']) if d2.is_ascii_digit() => {
+            return Ok(Some((
+                i64::from(d1 - b'0') * 10 + i64::from(d2 - b'0'),
+                at + 5,
+            )));
+        }
+        _ => {}
+    }
+    header_line(buf, at)
+}
+
+/// [`header`], for any line.
+#[inline(never)]
+fn header_line(buf: &[u8], at: usize) -> Result<Option<(i64, usize)>, ()> {
     let rest = &buf[at + 1..];
     // Redis caps header lines too; a line longer than this is garbage.
     let window = &rest[..rest.len().min(32)];
@@ -444,6 +465,31 @@ mod tests {
             rest,
             Err(ProtocolError("unbalanced quotes in request".into()))
         );
+    }
+
+    #[test]
+    fn short_headers_are_read_as_any_header_line_is() {
+        // Every line of up to six bytes over the bytes that matter.
+        let alphabet = b"0159-\r\nx";
+        let mut lines: Vec<Vec<u8>> = vec![Vec::new()];
+        for _ in 0..6 {
+            let longer: Vec<Vec<u8>> = lines
+                .iter()
+                .filter(|l| l.len() == lines.last().map_or(0, Vec::len))
+                .flat_map(|l| alphabet.iter().map(move |&b| [&l[..], &[b]].concat()))
+                .collect();
+            lines.extend(longer);
+        }
+        assert!(lines.len() > 250_000);
+        for line in &lines {
+            let buf = [&b"*"[..], line].concat();
+            assert_eq!(
+                header(&buf, 0),
+                header_line(&buf, 0),
+                "{:?}",
+                String::from_utf8_lossy(&buf)
+            );
+        }
     }
 
     #[test]
