@@ -987,6 +987,10 @@ mod tests {
                 subscribed_resp2: true,
                 ..READY
             },
+            SessionState {
+                admin: Admin::Refused { backend: "b" },
+                ..READY
+            },
         ];
         let mut plain = 0;
         for info in TABLE
