@@ -127,7 +127,7 @@ struct LinkCreateAttr {
     flags: u32,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+pub(crate) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
     // SAFETY: `attr` is a live, correctly sized `bpf_attr` prefix; the
     // kernel reads the bytes it knows and treats the rest as zero.
     let fd = unsafe {

@@ -7,6 +7,7 @@
 //! no default route, so nothing can leave the machine even if steering fails.
 
 pub mod bpfprog;
+pub mod bpfstats;
 pub mod bpftool;
 pub mod browser;
 pub mod cgroup;
