@@ -14,13 +14,17 @@
 /// removes the old set once its own programs are attached (see
 /// `steering::install`). Bump it with every change to a type here, a map
 /// type or a capacity.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Names of the pinned maps, as they appear under the pin directory and in
 /// `bpftool map list`. The kernel keeps at most 15 characters of a map name.
 pub mod map_names {
     pub const ENROLLED: &str = "rdr_enrolled";
     pub const TARGETS: &str = "rdr_targets";
+    /// A bitmap of the ports in `rdr_targets` (`BPF_MAP_TYPE_ARRAY` of
+    /// `PORT_WORDS` words): a connect to any other port is let go after one
+    /// array read, without hashing a key.
+    pub const REDIS_PORTS: &str = "rdr_redis_ports";
     pub const PROXY: &str = "rdr_proxy";
     /// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`): freed with its socket.
     pub const PENDING: &str = "rdr_pending";
@@ -32,8 +36,16 @@ pub mod map_names {
     /// aya-log's ring buffer. Pinned too, so programs loaded by different
     /// daemon runs (adopted ones, upgraded ones) all log into one buffer.
     pub const LOGS: &str = "AYA_LOGS";
-    pub const ALL: [&str; 8] = [
-        ENROLLED, TARGETS, PROXY, PENDING, ORIG_DST, COUNTERS, LISTENER, LOGS,
+    pub const ALL: [&str; 9] = [
+        ENROLLED,
+        TARGETS,
+        REDIS_PORTS,
+        PROXY,
+        PENDING,
+        ORIG_DST,
+        COUNTERS,
+        LISTENER,
+        LOGS,
     ];
 }
 
@@ -56,6 +68,8 @@ pub mod program_names {
 pub const MAX_ENROLLED: u32 = 16_384;
 pub const MAX_TARGETS: u32 = 1_024;
 pub const MAX_ORIG_DST: u32 = 65_536;
+/// Words of `rdr_redis_ports`: one bit per port.
+pub const PORT_WORDS: u32 = 65_536 / 64;
 /// `rdr_listener` slots: the proxy's IPv4 and IPv6 listeners.
 pub const LISTENER_IPV4: u32 = 0;
 pub const LISTENER_IPV6: u32 = 1;
@@ -91,6 +105,26 @@ pub struct TargetKey {
     pub addr: [u8; 16],
     pub port: u16,
     pub _pad: u16,
+}
+
+/// The `rdr_redis_ports` word that holds `port`'s bit.
+pub const fn port_word(port: u16) -> u32 {
+    (port >> 6) as u32
+}
+
+/// `port`'s bit in its `rdr_redis_ports` word.
+pub const fn port_bit(port: u16) -> u64 {
+    1 << (port & 63)
+}
+
+/// The `rdr_redis_ports` words for a set of ports (targets' ports, with
+/// repeats).
+pub fn port_bitmap(ports: impl IntoIterator<Item = u16>) -> [u64; PORT_WORDS as usize] {
+    let mut words = [0u64; PORT_WORDS as usize];
+    for port in ports {
+        words[port_word(port) as usize] |= port_bit(port);
+    }
+    words
 }
 
 /// Value of `rdr_targets`.
@@ -276,6 +310,18 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<SockTuple>(), 36);
         assert_eq!(size_of::<Counters>(), 64);
+    }
+
+    #[test]
+    fn the_port_bitmap_holds_exactly_the_targets_ports() {
+        let ports = [0, 1, 63, 64, 6379, 6379, 26379, 65535];
+        let words = port_bitmap(ports);
+        for port in 0..=u16::MAX {
+            let set = words[port_word(port) as usize] & port_bit(port) != 0;
+            assert_eq!(set, ports.contains(&port), "port {port}");
+        }
+        assert_eq!(PORT_WORDS, 1024);
+        assert_eq!(port_word(u16::MAX), PORT_WORDS - 1);
     }
 
     #[test]

@@ -35,8 +35,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use redirector_ebpf::{
     Counters, Enrollment, LISTENER_IPV4, LISTENER_IPV6, MAX_ENROLLED, MAX_LISTENERS, MAX_ORIG_DST,
-    MAX_TARGETS, NetnsKey, ORIG_CLAIMED, OrigDst, PROXY_FULL, ProxyConfig, SockTuple, Target,
-    TargetKey, ipv4_mapped, is_ipv4_mapped, is_loopback,
+    MAX_TARGETS, NetnsKey, ORIG_CLAIMED, OrigDst, PORT_WORDS, PROXY_FULL, ProxyConfig, SockTuple,
+    Target, TargetKey, ipv4_mapped, is_ipv4_mapped, is_loopback, port_bit, port_word,
 };
 
 /// cgroup sock_addr verdict: let the (possibly rewritten) connect proceed.
@@ -58,6 +58,12 @@ static ENROLLED: HashMap<NetnsKey, Enrollment, { MAX_ENROLLED as usize }> = Hash
 
 #[btf_map(name = "rdr_targets")]
 static TARGETS: HashMap<TargetKey, Target, { MAX_TARGETS as usize }> = HashMap::new();
+
+/// One bit per port that some target has; kept a superset of
+/// `rdr_targets`' ports by the daemon (bits set before a target goes in,
+/// cleared after it goes).
+#[btf_map(name = "rdr_redis_ports")]
+static REDIS_PORTS: Array<u64, { PORT_WORDS as usize }> = Array::new();
 
 #[btf_map(name = "rdr_proxy")]
 static PROXY: Array<ProxyConfig, 1> = Array::new();
@@ -209,7 +215,13 @@ unsafe fn is_tcp(sa: *mut bpf_sock_addr) -> bool {
 /// `ctx.sock_addr` must point to the hook's context.
 #[inline(always)]
 unsafe fn steer(ctx: &SockAddrContext, addr: [u8; 16], port: u16) -> Option<*const ProxyConfig> {
-    // Cheapest test first: almost every connect on a node is not to Redis.
+    // Cheapest test first: almost every connect on a node is not to a Redis
+    // port, and one array read (no key to hash) says so. Measured with
+    // `cargo xtask bench --only connect`: two hash lookups were ~150 ns of
+    // a ~30 µs connect that never goes near Redis.
+    if REDIS_PORTS.get(port_word(port))? & port_bit(port) == 0 {
+        return None;
+    }
     let exact = TargetKey {
         addr,
         port,

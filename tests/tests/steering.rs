@@ -383,8 +383,8 @@ fn uninstall_leaves_nothing_behind() {
                 .unwrap_or_else(|| panic!("no map id for {}", pin.display()))
         })
         .collect();
-    // Seven rdr_ maps and aya-log's ring buffer.
-    assert_eq!(map_ids.len(), 8, "{map_ids:?}");
+    // Eight rdr_ maps and aya-log's ring buffer.
+    assert_eq!(map_ids.len(), 9, "{map_ids:?}");
 
     // uninstall while the daemon runs: it notices and exits.
     let out = topo.cli(&["uninstall"]);
@@ -484,6 +484,8 @@ fn readme_bpftool_commands_show_cookie_and_fields() {
         "\"proxy_own\"".to_string(),
         "\"socket_mark\"".to_string(),
         format!("\"port\": {REDIS_PORT}"),
+        // The port bitmap's word for the Redis port, with the port's bit.
+        format!("\"value\": {}", redirector_ebpf::port_bit(REDIS_PORT)),
         "redir_connect4".to_string(),
         "redir_sockops".to_string(),
         "multi".to_string(),

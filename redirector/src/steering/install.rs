@@ -27,12 +27,13 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapInfo},
+    maps::{Array, HashMap, Map, MapData, MapInfo},
     programs::{CgroupAttachMode, Program, ProgramFd, links::FdLink, loaded_programs},
 };
 use redirector_ebpf::{
     Counters, Enrollment, MAX_ENROLLED, MAX_LISTENERS, MAX_ORIG_DST, MAX_TARGETS, NetnsKey,
-    OrigDst, ProxyConfig, SockTuple, Target, TargetKey, map_names, program_names,
+    OrigDst, PORT_WORDS, ProxyConfig, SockTuple, Target, TargetKey, map_names, port_bitmap,
+    program_names,
 };
 
 use super::{Error, Layout, fs as kfs, sys};
@@ -369,7 +370,32 @@ fn carry_over(layout: &Layout, old_dir: &Path) -> io::Result<()> {
         &old_dir.join(map_names::TARGETS),
         &layout.map(map_names::TARGETS),
     )?;
+    fill_redis_ports(layout)?;
     tracing::info!(from = %old_dir.display(), enrolled, targets, "carried over from an older map layout");
+    Ok(())
+}
+
+/// Sets the port bitmap's bits for the targets in this layout's target map,
+/// before the new programs (which read the bitmap first) replace the old.
+fn fill_redis_ports(layout: &Layout) -> io::Result<()> {
+    let targets: HashMap<MapData, TargetKey, Target> = HashMap::try_from(Map::HashMap(
+        MapData::from_pin(layout.map(map_names::TARGETS)).map_err(io::Error::other)?,
+    ))
+    .map_err(io::Error::other)?;
+    let mut ports: Array<MapData, u64> = Array::try_from(Map::Array(
+        MapData::from_pin(layout.map(map_names::REDIS_PORTS)).map_err(io::Error::other)?,
+    ))
+    .map_err(io::Error::other)?;
+    let keys = targets
+        .keys()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io::Error::other)?;
+    let words = port_bitmap(keys.iter().map(|key| key.port));
+    for (index, word) in (0u32..).zip(words) {
+        if word != 0 {
+            ports.set(index, word, 0).map_err(io::Error::other)?;
+        }
+    }
     Ok(())
 }
 
@@ -421,7 +447,7 @@ fn remove_stale_links(layout: &Layout) -> Result<(), Error> {
 /// kernel would accept them and the programs would misread every entry.
 fn check_pinned_maps(layout: &Layout) -> Result<(), Error> {
     use std::mem::size_of;
-    let expected: [(&str, usize, usize, u32); 7] = [
+    let expected: [(&str, usize, usize, u32); 8] = [
         (
             map_names::ENROLLED,
             size_of::<NetnsKey>(),
@@ -434,6 +460,7 @@ fn check_pinned_maps(layout: &Layout) -> Result<(), Error> {
             size_of::<Target>(),
             MAX_TARGETS,
         ),
+        (map_names::REDIS_PORTS, 4, size_of::<u64>(), PORT_WORDS),
         (map_names::PROXY, 4, size_of::<ProxyConfig>(), 1),
         // Socket storage: keyed by a socket fd, no capacity.
         (map_names::PENDING, 4, size_of::<OrigDst>(), 0),

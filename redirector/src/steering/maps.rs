@@ -11,8 +11,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockMap};
 use redirector_ebpf::{
-    Counters, Enrollment, LISTENER_IPV4, LISTENER_IPV6, NetnsKey, OrigDst, ProxyConfig, SockTuple,
-    Target, TargetKey, ipv4_mapped, map_names,
+    Counters, Enrollment, LISTENER_IPV4, LISTENER_IPV6, NetnsKey, OrigDst, PORT_WORDS, ProxyConfig,
+    SockTuple, Target, TargetKey, ipv4_mapped, map_names, port_bitmap,
 };
 
 use super::{Error, Layout};
@@ -103,6 +103,27 @@ impl fmt::Display for TargetSpec {
     }
 }
 
+/// A port bitmap word to write: its index and value.
+pub type PortWord = (u32, u64);
+
+/// How to take the port bitmap from `current` to `wanted` without a moment
+/// where a port of a target in either set is missing: the words to write
+/// before the targets change (each `current | wanted`), then the words to
+/// write after (`wanted`). Words that do not change are not written.
+pub fn port_word_updates(current: &[u64], wanted: &[u64]) -> (Vec<PortWord>, Vec<PortWord>) {
+    let (mut first, mut last) = (Vec::new(), Vec::new());
+    for (index, (&now, &then)) in (0u32..).zip(current.iter().zip(wanted)) {
+        let both = now | then;
+        if both != now {
+            first.push((index, both));
+        }
+        if then != both {
+            last.push((index, then));
+        }
+    }
+    (first, last)
+}
+
 /// IPv4 becomes IPv4-mapped, as in every map key.
 pub fn ip_to_bytes(ip: IpAddr) -> [u8; 16] {
     match ip {
@@ -119,6 +140,7 @@ pub fn bytes_to_ip(bytes: [u8; 16]) -> IpAddr {
 pub struct Maps {
     enrolled: HashMap<MapData, NetnsKey, Enrollment>,
     targets: HashMap<MapData, TargetKey, Target>,
+    redis_ports: Array<MapData, u64>,
     proxy: Array<MapData, ProxyConfig>,
     counters: PerCpuArray<MapData, Counters>,
 }
@@ -128,6 +150,7 @@ impl Maps {
         Ok(Self {
             enrolled: typed(layout, map_names::ENROLLED)?,
             targets: typed(layout, map_names::TARGETS)?,
+            redis_ports: typed(layout, map_names::REDIS_PORTS)?,
             proxy: typed(layout, map_names::PROXY)?,
             counters: typed(layout, map_names::COUNTERS)?,
         })
@@ -187,12 +210,19 @@ impl Maps {
     }
 
     /// Makes the target map exactly `targets`, touching only what changed so
-    /// steering of unchanged services never blinks.
+    /// steering of unchanged services never blinks. The port bitmap the
+    /// programs read first stays a superset of the targets' ports
+    /// throughout: a port's bit is set before its first target goes in and
+    /// cleared after its last one goes.
     pub fn set_targets(&mut self, targets: &[(TargetSpec, u32)]) -> Result<(), Error> {
         let map_err = |source| Error::Map {
             map: map_names::TARGETS,
             source,
         };
+        let current = self.redis_port_words()?;
+        let wanted_ports = port_bitmap(targets.iter().map(|(spec, _)| spec.port));
+        let (first, last) = port_word_updates(&current, &wanted_ports);
+        self.write_port_words(&first)?;
         let wanted: HashSet<TargetKey> = targets.iter().map(|(spec, _)| spec.key()).collect();
         let stale: Vec<TargetKey> = self
             .targets
@@ -208,6 +238,32 @@ impl Maps {
         }
         for key in stale {
             self.targets.remove(&key).map_err(map_err)?;
+        }
+        self.write_port_words(&last)
+    }
+
+    /// The port bitmap's words, as the programs read them.
+    fn redis_port_words(&self) -> Result<Vec<u64>, Error> {
+        (0..PORT_WORDS)
+            .map(|index| {
+                self.redis_ports
+                    .get(&index, 0)
+                    .map_err(|source| Error::Map {
+                        map: map_names::REDIS_PORTS,
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    fn write_port_words(&mut self, updates: &[PortWord]) -> Result<(), Error> {
+        for &(index, word) in updates {
+            self.redis_ports
+                .set(index, word, 0)
+                .map_err(|source| Error::Map {
+                    map: map_names::REDIS_PORTS,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -335,7 +391,44 @@ pub fn orig_dst_addr(orig: &OrigDst) -> SocketAddr {
 
 #[cfg(test)]
 mod tests {
+    use redirector_ebpf::{port_bit, port_word};
+
     use super::*;
+
+    #[test]
+    fn the_port_bitmap_never_drops_a_port_while_targets_change() {
+        let cases: [(&[u16], &[u16]); 5] = [
+            (&[], &[6379]),
+            (&[6379], &[]),
+            (&[6379, 7000], &[6379, 26379]),
+            (&[6379, 6380], &[6381]),
+            (&[6379], &[6379]),
+        ];
+        for (before, after) in cases {
+            let current = port_bitmap(before.iter().copied());
+            let wanted = port_bitmap(after.iter().copied());
+            let (first, last) = port_word_updates(&current, &wanted);
+            let mut words = current;
+            for (index, word) in first {
+                words[index as usize] = word;
+            }
+            // Between the two writes the targets change: every port of
+            // either set must be there.
+            for port in before.iter().chain(after) {
+                assert_ne!(
+                    words[port_word(*port) as usize] & port_bit(*port),
+                    0,
+                    "{port}"
+                );
+            }
+            for (index, word) in last {
+                words[index as usize] = word;
+            }
+            assert_eq!(words, wanted, "{before:?} -> {after:?}");
+        }
+        let same = port_bitmap([6379]);
+        assert_eq!(port_word_updates(&same, &same), (Vec::new(), Vec::new()));
+    }
 
     #[test]
     fn target_specs_parse_as_operators_write_them() {
