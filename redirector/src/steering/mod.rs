@@ -6,9 +6,9 @@
 //! daemon restart changes nothing for the kernel:
 //!
 //! ```text
-//! <pin-dir>/maps-v2/rdr_enrolled, rdr_targets, rdr_proxy, rdr_pending,
-//!                   rdr_orig_dst, rdr_counters, rdr_listener
-//!                                            maps of map ABI v2 (see ARCHITECTURE.md)
+//! <pin-dir>/maps-v3/rdr_enrolled, rdr_targets, rdr_redis_ports, rdr_proxy,
+//!                   rdr_pending, rdr_orig_dst, rdr_counters, rdr_listener
+//!                                            maps of map ABI v3 (see ARCHITECTURE.md)
 //! <pin-dir>/links/redir_connect4, ...        cgroup links, one per program
 //! ```
 //!
