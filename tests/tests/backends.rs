@@ -583,7 +583,7 @@ fn measure(rig: &ThreeBackends, n: u32) -> [(f64, f64); 2] {
 ///   Not loops of one-shot `redis-cli`: two fork-and-execs every 20 ms took
 ///   enough of a 2-core machine to move the measured clients' p99 by
 ///   themselves (0.56 ms quiet, 3.4 ms loaded in one CI run), and the bound
-///   is against the quiet figure.
+///   is against the lower of the quiet and loaded figures.
 fn hammer_sessions(rig: &ThreeBackends) -> Vec<Child> {
     let addr = service(SESSIONS);
     let (host, port) = (addr.ip().to_string(), addr.port().to_string());
@@ -617,19 +617,20 @@ fn hammer_sessions(rig: &ThreeBackends) -> Vec<Child> {
         .collect()
 }
 
-/// `python3 -c` source: `HOST PORT ARG...` sends the command on a new
-/// connection every 20 ms, reads one reply (an error counts), closes.
+/// `python3 -c` source: `HOST PORT ARG...` sends the command with redis-py
+/// on a new connection every 20 ms, waits for its reply (an error reply
+/// or a failed connect counts as one), closes.
 const ONE_SHOT_CLIENT: &str = r#"
-import socket, sys, time
-host, port, args = sys.argv[1], int(sys.argv[2]), [a.encode() for a in sys.argv[3:]]
-request = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+import sys, time, redis
+host, port, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 while True:
+    client = redis.Redis(host=host, port=port, socket_timeout=5, socket_connect_timeout=5)
     try:
-        with socket.create_connection((host, port), timeout=5) as conn:
-            conn.sendall(request)
-            conn.recv(256)
-    except OSError:
+        client.execute_command(*args)
+    except redis.RedisError:
         pass
+    finally:
+        client.close()
     time.sleep(0.02)
 "#;
 
