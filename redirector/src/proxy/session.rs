@@ -38,7 +38,7 @@ use super::{
     monitor, output_limit,
     plan::{self, Admin, Local, Plan, SessionState, Txn},
     pubsub, tracking, txn,
-    upstream::{Conn, Inbox, Job, Seqs, Sink},
+    upstream::{Conn, Inbox, Job, Payload, Seqs, Sink, lend_seqs},
 };
 use crate::{
     cluster::{
@@ -189,48 +189,21 @@ fn give_back_batch(batch: Vec<Batched>) {
     }
 }
 
-/// Room a joined job keeps for more commands, at most, beyond its first two.
-const JOB_ROOM: usize = 16 * 1024;
-
-/// Sequence numbers a joined job starts with room for.
-const JOB_SEQS: usize = 8;
-
-/// A job's bytes: one command's, as the client sent them (no copy), or
-/// several commands' joined.
-enum Payload {
-    One(Bytes),
-    Many(BytesMut),
-}
-
 impl Batched {
     fn add(&mut self, raw: &Bytes, seq: u64) {
         match &mut self.payload {
-            Payload::One(first) => {
-                // Room for a few more like them: growing from exactly two
-                // commands reallocated about once per three pipelined
-                // commands (callgrind: 4% of a pipelined GET). Bounded, so
-                // two large values never reserve four times their size.
-                let both = first.len() + raw.len();
-                let mut joined = BytesMut::with_capacity(both + (3 * both).min(JOB_ROOM));
+            Payload::Shared(first) => {
+                // A pooled buffer (4 KiB, grown for large values): joining
+                // two commands allocates nothing, nor does a third.
+                let mut joined = buffers::take();
                 joined.extend_from_slice(first);
                 joined.extend_from_slice(raw);
-                self.payload = Payload::Many(joined);
-                // Likewise for their sequence numbers: eight in one
-                // allocation, not grown at the third and the fifth.
-                self.seqs.reserve(JOB_SEQS - self.seqs.len());
+                self.payload = Payload::Joined(joined);
+                self.seqs = lend_seqs(&self.seqs);
             }
-            Payload::Many(joined) => joined.extend_from_slice(raw),
+            Payload::Joined(joined) => joined.extend_from_slice(raw),
         }
         self.seqs.push(seq);
-    }
-}
-
-impl Payload {
-    fn into_bytes(self) -> Bytes {
-        match self {
-            Self::One(raw) => raw,
-            Self::Many(joined) => joined.freeze(),
-        }
     }
 }
 
@@ -1634,7 +1607,7 @@ impl Session {
                 self.batch.push(Batched {
                     node,
                     // The client's own bytes, shared, not copied.
-                    payload: Payload::One(payload.clone()),
+                    payload: Payload::Shared(payload.clone()),
                     seqs: smallvec::smallvec![seq],
                 });
             }
@@ -1669,7 +1642,7 @@ impl Session {
         } in batch.drain(..)
         {
             let job = Job {
-                payload: payload.into_bytes(),
+                payload,
                 replies: seqs.len(),
                 sink: Sink::Inbox {
                     inbox: Arc::clone(&self.inbox),
@@ -1949,11 +1922,10 @@ mod tests {
         let raw = Bytes::from_static(b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n");
         let batched = Batched {
             node: "127.0.0.1:7000".parse().unwrap(),
-            payload: Payload::One(raw.clone()),
+            payload: Payload::Shared(raw.clone()),
             seqs: smallvec::smallvec![7],
         };
-        let sent = batched.payload.into_bytes();
-        assert_eq!(sent.as_ptr(), raw.as_ptr(), "shared, not copied");
+        assert_eq!(batched.payload.as_ptr(), raw.as_ptr(), "shared, not copied");
         assert!(!batched.seqs.spilled(), "the sequence number is inline");
     }
 
@@ -1963,7 +1935,7 @@ mod tests {
         let second = Bytes::from_static(b"*2\r\n$3\r\nGET\r\n$1\r\nb\r\n");
         let mut batched = Batched {
             node: "127.0.0.1:7000".parse().unwrap(),
-            payload: Payload::One(first.clone()),
+            payload: Payload::Shared(first.clone()),
             seqs: smallvec::smallvec![3],
         };
         batched.add(&second, 4);
@@ -1972,7 +1944,11 @@ mod tests {
         let mut expected = first.to_vec();
         expected.extend_from_slice(&second);
         expected.extend_from_slice(&first);
-        assert_eq!(&batched.payload.into_bytes()[..], &expected[..]);
+        assert_eq!(&batched.payload[..], &expected[..]);
+        assert!(
+            batched.seqs.capacity() >= 8,
+            "one lent list holds a pipeline's share of a node"
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::{
 };
 
 use super::{
-    UpstreamError,
+    UpstreamError, buffers,
     dial::{Dialer, UpstreamRead, UpstreamWrite},
     health::Health,
     metrics::ProxyMetrics,
@@ -51,8 +51,73 @@ pub enum Sink {
 }
 
 /// The sequence numbers a job's replies go to: inline for the usual one or
-/// two commands, so a routed command allocates nothing for them.
+/// two commands, so a routed command allocates nothing for them; a
+/// pipeline's (16 commands over 3 masters: about 5 per node) take a list
+/// lent by the worker ([`lend_seqs`]). Inline room for eight made every job
+/// larger to move: 5% more instructions per W1 GET under callgrind.
 pub type Seqs = smallvec::SmallVec<[u64; 2]>;
+
+/// Sequence numbers a lent list has room for.
+const SEQS_ROOM: usize = 8;
+/// Lists kept per worker thread, and the longest kept.
+const SEQS_KEPT: usize = 256;
+const SEQS_LARGEST_KEPT: usize = 64;
+
+thread_local! {
+    static SPARE_SEQS: std::cell::RefCell<Vec<Vec<u64>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A job's sequence numbers, `seqs` first, in a list with room for more.
+pub fn lend_seqs(seqs: &[u64]) -> Seqs {
+    let mut list = SPARE_SEQS
+        .with(|spare| spare.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(SEQS_ROOM));
+    list.extend_from_slice(seqs);
+    Seqs::from_vec(list)
+}
+
+/// Takes a finished job's list back.
+fn give_back_seqs(seqs: Seqs) {
+    if !seqs.spilled() || seqs.capacity() > SEQS_LARGEST_KEPT {
+        return;
+    }
+    let mut list = seqs.into_vec();
+    list.clear();
+    SPARE_SEQS.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < SEQS_KEPT {
+            spare.push(list);
+        }
+    });
+}
+
+/// A job's bytes.
+pub enum Payload {
+    /// One command's, as the client sent them: shared, not copied.
+    Shared(Bytes),
+    /// Several commands joined in a buffer lent by the worker's pool, given
+    /// back once the writer has copied it: a pipeline's job allocates
+    /// nothing (callgrind: three allocations per joined job were 4% of a
+    /// pipelined GET).
+    Joined(BytesMut),
+}
+
+impl From<Bytes> for Payload {
+    fn from(bytes: Bytes) -> Self {
+        Self::Shared(bytes)
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Shared(bytes) => bytes,
+            Self::Joined(buf) => buf,
+        }
+    }
+}
 
 impl Sink {
     fn fail(self, error: UpstreamError, delivered: usize) {
@@ -71,7 +136,7 @@ impl Sink {
 
 pub struct Job {
     /// One or more encoded commands.
-    pub payload: Bytes,
+    pub payload: Payload,
     /// How many reply frames the payload produces.
     pub replies: usize,
     pub sink: Sink,
@@ -85,7 +150,7 @@ impl Job {
         let (tx, rx) = oneshot::channel();
         (
             Self {
-                payload,
+                payload: payload.into(),
                 replies,
                 sink: Sink::Oneshot(tx),
                 switch_to: None,
@@ -430,7 +495,10 @@ async fn write_jobs(
             let mut job = first;
             loop {
                 batch.extend_from_slice(&job.payload);
-                copied.push(job.payload);
+                match job.payload {
+                    Payload::Shared(bytes) => copied.push(bytes),
+                    Payload::Joined(buf) => buffers::give_back(buf),
+                }
                 let collect = matches!(job.sink, Sink::Oneshot(_));
                 queue.push_back(InFlight {
                     remaining: job.replies,
@@ -555,9 +623,12 @@ fn deliver(
         }
         if front.remaining == 0 {
             let done = queue.pop_front().expect("front exists");
-            // The client may have gone; its reply is simply dropped.
-            if let Sink::Oneshot(tx) = done.sink {
-                let _ = tx.send(Ok(done.replies));
+            match done.sink {
+                // The client may have gone; its reply is simply dropped.
+                Sink::Oneshot(tx) => {
+                    let _ = tx.send(Ok(done.replies));
+                }
+                Sink::Inbox { seqs, .. } => give_back_seqs(seqs),
             }
         }
     }
@@ -569,6 +640,23 @@ mod tests {
 
     fn reply(raw: &'static [u8]) -> Result<Reply, UpstreamError> {
         Ok(Reply::local(Bytes::from_static(raw)))
+    }
+
+    #[test]
+    fn a_finished_jobs_sequence_list_is_lent_again_and_a_grown_one_is_freed() {
+        let seqs = lend_seqs(&[1, 2]);
+        assert!(seqs.spilled() && seqs.capacity() >= SEQS_ROOM);
+        let ptr = seqs.as_ptr();
+        give_back_seqs(seqs);
+        let again = lend_seqs(&[5]);
+        assert_eq!(&again[..], &[5]);
+        assert_eq!(again.as_ptr(), ptr, "the same list, reused");
+        let kept = || SPARE_SEQS.with(|spare| spare.borrow().len());
+        let grown = lend_seqs(&[0; SEQS_LARGEST_KEPT + 1]);
+        give_back_seqs(grown);
+        assert_eq!(kept(), 0, "a list grown by a long pipeline is freed");
+        give_back_seqs(again);
+        assert_eq!(kept(), 1);
     }
 
     #[test]
