@@ -59,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn check(req: &Request, state: &SessionState) {
-    let info = TABLE.lookup(&req.args);
+    let info = TABLE.lookup(req.args());
     let planned = plan::plan(&TABLE, req, state);
     assert_eq!(planned, plan::plan_known(&TABLE, info, req, state));
     let slot_ok = |slot: u16| slot < SLOTS;
@@ -77,7 +77,7 @@ fn check(req: &Request, state: &SessionState) {
                 assert!(slot_ok(*slot), "{planned:?} for {req:?}");
                 for range in ranges {
                     assert!(range.start >= 1 && range.start < range.end);
-                    assert!(range.end <= req.args.len(), "{planned:?} for {req:?}");
+                    assert!(range.end <= req.argc(), "{planned:?} for {req:?}");
                 }
             }
         }
@@ -96,7 +96,7 @@ fn check(req: &Request, state: &SessionState) {
     } else {
         check_error(&plan::unknown_command(req));
     }
-    if let Some(body) = req.args.get(1) {
+    if let Some(body) = req.args().get(1) {
         let _ = plan::script_declares_no_writes(body);
     }
 }

@@ -26,8 +26,8 @@ fn split_all(data: &[u8], limits: &Limits) {
         match request::parse(&mut buf, limits) {
             Ok(Parsed::Request(req)) => {
                 assert!(buf.len() < before, "a request must consume bytes");
-                assert!(!req.args.is_empty(), "a request has a command name");
-                check_raw(&req.raw, &req.args);
+                assert!(!req.args().is_empty(), "a request has a command name");
+                check_raw(&req.raw, req.args());
             }
             Ok(Parsed::Incomplete { needed }) => {
                 assert!(needed <= limits.max_bulk_len + 2);
@@ -45,7 +45,7 @@ fn check_raw(raw: &Bytes, args: &[Bytes]) {
     let mut again = BytesMut::from(&raw[..]);
     match request::parse(&mut again, &Limits::default()) {
         Ok(Parsed::Request(req)) => {
-            assert_eq!(&req.args[..], args);
+            assert_eq!(&req.args()[..], args);
             assert!(again.is_empty());
         }
         other => panic!("a forwarded frame does not parse again: {other:?}"),

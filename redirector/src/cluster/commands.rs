@@ -708,12 +708,14 @@ impl CommandTable {
     /// resolves to the subcommand entry when args[1] names one
     /// (case-insensitive), to the container otherwise.
     pub fn lookup(&self, args: &[Bytes]) -> Option<&CommandInfo> {
-        let cmd = self.get(args.first()?)?;
-        Some(
-            args.get(1)
-                .and_then(|sub| cmd.subcommand(sub))
-                .unwrap_or(cmd),
-        )
+        self.lookup_words(args.first().map(|a| &a[..]), args.get(1).map(|a| &a[..]))
+    }
+
+    /// [`Self::lookup`], from the name and the word after it.
+    #[inline]
+    pub fn lookup_words(&self, name: Option<&[u8]>, next: Option<&[u8]>) -> Option<&CommandInfo> {
+        let cmd = self.get(name?)?;
+        Some(next.and_then(|sub| cmd.subcommand(sub)).unwrap_or(cmd))
     }
 
     /// Sets every command's (and subcommand's) [`CommandInfo::plain`] to

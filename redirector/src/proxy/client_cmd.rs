@@ -92,13 +92,13 @@ const HELP: &[&str] = &[
 
 pub fn client(req: &Request, cx: &mut Context<'_>) -> Outcome {
     let protocol = cx.protocol;
-    let Some(sub) = req.args.get(1).map(|s| s.to_ascii_lowercase()) else {
+    let Some(sub) = req.args().get(1).map(|s| s.to_ascii_lowercase()) else {
         return Outcome::Reply(wrong_arity("client"));
     };
     // The server's table knows the subcommands and their arity.
-    match cx.shared.commands.lookup(&req.args) {
+    match cx.shared.commands.lookup_words(req.arg(0), req.arg(1)) {
         Some(info) if info.name.contains('|') => {
-            if !info.arity_ok(req.args.len()) {
+            if !info.arity_ok(req.argc()) {
                 return Outcome::Reply(wrong_arity(&info.name));
             }
         }
@@ -106,14 +106,14 @@ pub fn client(req: &Request, cx: &mut Context<'_>) -> Outcome {
         _ => {
             return Outcome::Reply(reply::error(&format!(
                 "ERR unknown subcommand '{}'. Try CLIENT HELP.",
-                String::from_utf8_lossy(&req.args[1])
+                String::from_utf8_lossy(&req.args()[1])
                     .chars()
                     .take(128)
                     .collect::<String>()
             )));
         }
     }
-    let arg = |i: usize| req.args.get(i).map(|a| a.to_ascii_lowercase());
+    let arg = |i: usize| req.args().get(i).map(|a| a.to_ascii_lowercase());
     let entry = cx.entry;
     let int = |n: i64| reply::build(protocol, |e| e.integer(n));
     let raw = match sub.as_slice() {
@@ -132,7 +132,7 @@ pub fn client(req: &Request, cx: &mut Context<'_>) -> Outcome {
             None => e.null(),
         }),
         b"setname" => {
-            let name = &req.args[2];
+            let name = &req.args()[2];
             if name.iter().any(|&b| !(b'!'..=b'~').contains(&b)) {
                 reply::error(
                     "ERR Client names cannot contain spaces, newlines or special characters.",
@@ -189,7 +189,7 @@ pub fn client(req: &Request, cx: &mut Context<'_>) -> Outcome {
         b"setinfo" | b"no-touch" => reply::ok(),
         _ => reply::error(&format!(
             "ERR unknown subcommand or wrong number of arguments for '{}'. Try CLIENT HELP.",
-            String::from_utf8_lossy(&req.args[1])
+            String::from_utf8_lossy(&req.args()[1])
         )),
     };
     Outcome::Reply(raw)
@@ -198,8 +198,8 @@ pub fn client(req: &Request, cx: &mut Context<'_>) -> Outcome {
 /// `CLIENT LIST [TYPE type] [ID id ...]`.
 fn list(req: &Request, shared: &Shared, protocol: Protocol) -> Bytes {
     let all = shared.clients.all();
-    let chosen: Vec<Arc<ClientEntry>> = if req.args.len() == 4 && req.arg_is(2, "type") {
-        let kind = req.args[3].to_ascii_lowercase();
+    let chosen: Vec<Arc<ClientEntry>> = if req.argc() == 4 && req.arg_is(2, "type") {
+        let kind = req.args()[3].to_ascii_lowercase();
         match kind.as_slice() {
             b"normal" => all.into_iter().filter(|c| !c.is_pubsub()).collect(),
             b"pubsub" => all.into_iter().filter(|c| c.is_pubsub()).collect(),
@@ -208,13 +208,13 @@ fn list(req: &Request, shared: &Shared, protocol: Protocol) -> Bytes {
             _ => {
                 return reply::error(&format!(
                     "ERR Unknown client type '{}'",
-                    String::from_utf8_lossy(&req.args[3])
+                    String::from_utf8_lossy(&req.args()[3])
                 ));
             }
         }
-    } else if req.args.len() > 3 && req.arg_is(2, "id") {
+    } else if req.argc() > 3 && req.arg_is(2, "id") {
         let mut out = Vec::new();
-        for id in &req.args[3..] {
+        for id in &req.args()[3..] {
             let Some(id) = std::str::from_utf8(id)
                 .ok()
                 .and_then(|s| s.parse::<i64>().ok())
@@ -226,7 +226,7 @@ fn list(req: &Request, shared: &Shared, protocol: Protocol) -> Bytes {
             }
         }
         out
-    } else if req.args.len() != 2 {
+    } else if req.argc() != 2 {
         return reply::error("ERR syntax error");
     } else {
         all
@@ -242,7 +242,7 @@ fn list(req: &Request, shared: &Shared, protocol: Protocol) -> Bytes {
 /// `CLIENT KILL addr` (OK or an error) or `CLIENT KILL filter value ...`
 /// (how many were killed). Killing oneself closes after the reply.
 fn kill(req: &Request, shared: &Shared, me: &ClientEntry, protocol: Protocol) -> Outcome {
-    let filter = match KillFilter::parse(&req.args[2..]) {
+    let filter = match KillFilter::parse(&req.args()[2..]) {
         Ok(filter) => filter,
         Err(e) => return Outcome::Reply(reply::error(e)),
     };
@@ -301,12 +301,12 @@ pub fn run_at_exec(req: &Request, shared: &Shared) -> Bytes {
 
 /// `CLIENT PAUSE timeout [WRITE|ALL]`: holds this proxy's clients.
 fn pause(req: &Request, shared: &Shared) -> Bytes {
-    let mode = match req.args.get(3).map(|m| m.to_ascii_lowercase()).as_deref() {
+    let mode = match req.args().get(3).map(|m| m.to_ascii_lowercase()).as_deref() {
         None | Some(b"all") => PauseMode::All,
         Some(b"write") => PauseMode::Write,
         Some(_) => return reply::error("ERR CLIENT PAUSE mode must be WRITE or ALL"),
     };
-    let Some(ms) = std::str::from_utf8(&req.args[2])
+    let Some(ms) = std::str::from_utf8(&req.args()[2])
         .ok()
         .and_then(|s| s.parse::<i64>().ok())
     else {
@@ -324,7 +324,7 @@ fn pause(req: &Request, shared: &Shared) -> Bytes {
 /// `CLIENT UNBLOCK id [TIMEOUT|ERROR]`: the blocked command's node is asked
 /// to unblock the proxy's connection that carries it.
 fn unblock(req: &Request, shared: &Arc<Shared>, protocol: Protocol) -> Outcome {
-    let error = match req.args.get(3).map(|m| m.to_ascii_lowercase()).as_deref() {
+    let error = match req.args().get(3).map(|m| m.to_ascii_lowercase()).as_deref() {
         None | Some(b"timeout") => false,
         Some(b"error") => true,
         Some(_) => {
@@ -333,7 +333,7 @@ fn unblock(req: &Request, shared: &Arc<Shared>, protocol: Protocol) -> Outcome {
             ));
         }
     };
-    let Some(id) = std::str::from_utf8(&req.args[2])
+    let Some(id) = std::str::from_utf8(&req.args()[2])
         .ok()
         .and_then(|s| s.parse::<i64>().ok())
     else {
@@ -370,7 +370,7 @@ fn unblock(req: &Request, shared: &Arc<Shared>, protocol: Protocol) -> Outcome {
 fn tracking(req: &Request, cx: &mut Context<'_>) -> Outcome {
     let shared = cx.shared;
     let current = cx.tracking.as_ref().map(|h| &h.options);
-    let switch = tracking::parse(&req.args[2..], current, |id| {
+    let switch = tracking::parse(&req.args()[2..], current, |id| {
         shared.clients.get(id).is_some()
     });
     let options = match switch {
@@ -438,7 +438,7 @@ fn caching(req: &Request, cx: &mut Context<'_>) -> Bytes {
             "ERR CLIENT CACHING can be called only when the client is in tracking mode with OPTIN or OPTOUT mode enabled",
         );
     };
-    match req.args[2].to_ascii_lowercase().as_slice() {
+    match req.args()[2].to_ascii_lowercase().as_slice() {
         b"yes" if handle.options.optin => handle.set_caching(true),
         b"yes" => {
             return reply::error(

@@ -371,9 +371,9 @@ pub fn split_parts(
     groups
         .iter()
         .map(|(slot, ranges)| {
-            let mut args: Vec<Bytes> = req.args[..head].to_vec();
+            let mut args: Vec<Bytes> = req.args()[..head].to_vec();
             for range in ranges {
-                args.extend_from_slice(&req.args[range.clone()]);
+                args.extend_from_slice(&req.args()[range.clone()]);
             }
             Routed {
                 payload: request::encode(&args),
@@ -580,7 +580,7 @@ pub async fn fan_out(
     let mut req = req;
     let mut config_set = None;
     if req.arg_is(0, "config") && req.arg_is(1, "set") {
-        let sent = req.args.clone();
+        let sent = req.args().clone();
         match own_config::strip_own_set(&sent, client.laddr.port()) {
             Ok(Some(args)) if args.len() != sent.len() => req = Request::from_args(args),
             Ok(Some(_)) => {}
@@ -595,10 +595,13 @@ pub async fn fan_out(
     // What Redis runs while a script is busy (SCRIPT KILL, FUNCTION KILL,
     // FUNCTION STATS) must not wait on a shared connection queued behind
     // that very script: it goes on leases.
-    let allow_busy = shared.commands.lookup(&req.args).is_some_and(|i| {
-        i.flags
-            .contains(crate::cluster::commands::Flags::ALLOW_BUSY)
-    });
+    let allow_busy = shared
+        .commands
+        .lookup_words(req.arg(0), req.arg(1))
+        .is_some_and(|i| {
+            i.flags
+                .contains(crate::cluster::commands::Flags::ALLOW_BUSY)
+        });
     let replies = if allow_busy {
         broadcast_leased(&shared, protocol, &targets, &req.raw).await
     } else {
@@ -645,7 +648,7 @@ pub fn fan_out_merged(
     if req.arg_is(0, "script")
         && req.arg_is(1, "load")
         && let (Some(body), Some(Value::Bulk(sha))) =
-            (req.args.get(2), Value::decode(&merged, protocol))
+            (req.args().get(2), Value::decode(&merged, protocol))
     {
         let slot = match super::script_keys::script_keys(body, &shared.commands) {
             super::script_keys::ScriptKeys::Slot(slot) => Some(slot),
@@ -660,7 +663,7 @@ pub fn fan_out_merged(
     }
     if req.arg_is(0, "function") && !merged.starts_with(b"-") {
         if req.arg_is(1, "load")
-            && let Some(code) = req.args.last()
+            && let Some(code) = req.args().last()
         {
             shared.functions.library_loaded(code, &shared.commands);
         } else if req.arg_is(1, "flush") || req.arg_is(1, "restore") {
@@ -690,7 +693,7 @@ async fn info_reply(
     masters: &[SocketAddr],
     client: &ClientEntry,
 ) -> Bytes {
-    let args: Vec<String> = req.args[1..]
+    let args: Vec<String> = req.args()[1..]
         .iter()
         .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())
         .collect();
@@ -809,14 +812,14 @@ pub fn array_elements(raw: &Bytes, protocol: Protocol) -> Option<Vec<Bytes>> {
 /// a small keyspace comes back whole, with cursor 0, as from one Redis.
 pub async fn scan(shared: Arc<Shared>, protocol: Protocol, req: Request) -> Bytes {
     let Some(cursor) = req
-        .args
+        .args()
         .get(1)
         .and_then(|c| std::str::from_utf8(c).ok())
         .and_then(|c| c.parse::<u64>().ok())
     else {
         return reply::error("ERR invalid cursor");
     };
-    let count = scan_count(&req.args).unwrap_or(10);
+    let count = scan_count(req.args()).unwrap_or(10);
     let view = shared.topology.view();
     let mut firsts: Vec<u16> = view.shards().iter().map(|s| s.first_slot()).collect();
     firsts.sort_unstable();
@@ -830,7 +833,7 @@ pub async fn scan(shared: Arc<Shared>, protocol: Protocol, req: Request) -> Byte
     let mut calls = 0;
     loop {
         let (shard_slot, node_cursor) = position;
-        let mut args = req.args.clone();
+        let mut args = req.args().clone();
         args[1] = Bytes::from(node_cursor.to_string());
         let routed = Routed {
             payload: request::encode(&args),
@@ -944,7 +947,7 @@ pub async fn blocking_call(
     // every master the first time, so EVALSHA and SCRIPT EXISTS find it
     // whichever shard they reach.
     if (req.arg_is(0, "eval") || req.arg_is(0, "eval_ro"))
-        && let Some(body) = req.args.get(1)
+        && let Some(body) = req.args().get(1)
         && shared.functions.first_eval(body)
     {
         let masters: Vec<SocketAddr> = shared.topology.view().masters().collect();

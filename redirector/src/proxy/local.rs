@@ -55,24 +55,24 @@ pub fn node_id() -> &'static str {
 }
 
 pub fn ping(req: &Request, protocol: Protocol, subscribed: bool) -> Bytes {
-    match (req.args.len(), subscribed && protocol == Protocol::Resp2) {
+    match (req.argc(), subscribed && protocol == Protocol::Resp2) {
         (1, false) => Bytes::from_static(b"+PONG\r\n"),
-        (2, false) => reply::build(protocol, |e| e.bulk(&req.args[1])),
+        (2, false) => reply::build(protocol, |e| e.bulk(&req.args()[1])),
         // A subscribed RESP2 client gets PING replies in pub/sub form.
         (1 | 2, true) => reply::build(protocol, |e| {
             e.array(2);
             e.bulk(b"pong");
-            e.bulk(req.args.get(1).map_or(&b""[..], |m| &m[..]));
+            e.bulk(req.args().get(1).map_or(&b""[..], |m| &m[..]));
         }),
         _ => wrong_arity("ping"),
     }
 }
 
 pub fn echo(req: &Request, protocol: Protocol) -> Bytes {
-    if req.args.len() != 2 {
+    if req.argc() != 2 {
         return wrong_arity("echo");
     }
-    reply::build(protocol, |e| e.bulk(&req.args[1]))
+    reply::build(protocol, |e| e.bulk(&req.args()[1]))
 }
 
 pub fn time(protocol: Protocol) -> Bytes {
@@ -89,10 +89,10 @@ pub fn time(protocol: Protocol) -> Bytes {
 /// SELECT: database 0 only. A cluster has no other; a standalone Redis
 /// does, but the proxy's pooled connections all use 0.
 pub fn select(req: &Request, standalone: bool) -> Bytes {
-    if req.args.len() != 2 {
+    if req.argc() != 2 {
         return wrong_arity("select");
     }
-    match std::str::from_utf8(&req.args[1])
+    match std::str::from_utf8(&req.args()[1])
         .ok()
         .and_then(|s| s.parse::<i64>().ok())
     {
@@ -134,7 +134,7 @@ pub fn hello_reply(shared: &Shared, caller: &Caller<'_>) -> Bytes {
 /// that carry a slot: COUNTKEYSINSLOT, GETKEYSINSLOT).
 pub fn cluster(req: &Request, caller: &Caller<'_>) -> Bytes {
     let sub = req
-        .args
+        .args()
         .get(1)
         .map(|s| s.to_ascii_lowercase())
         .unwrap_or_default();
@@ -197,10 +197,12 @@ pub fn cluster(req: &Request, caller: &Caller<'_>) -> Bytes {
         }),
         b"myid" => reply::build(protocol, |e| e.bulk(id.as_bytes())),
         b"keyslot" => {
-            if req.args.len() != 3 {
+            if req.argc() != 3 {
                 return wrong_arity("cluster|keyslot");
             }
-            reply::build(protocol, |e| e.integer(i64::from(slot::slot(&req.args[2]))))
+            reply::build(protocol, |e| {
+                e.integer(i64::from(slot::slot(&req.args()[2])))
+            })
         }
         b"" => wrong_arity("cluster"),
         other => unsupported(&format!(

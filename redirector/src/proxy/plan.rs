@@ -375,11 +375,16 @@ pub fn overrides() -> impl Iterator<Item = (&'static str, &'static str)> {
 
 /// Plans `req` for a session in `state`.
 pub fn plan(table: &CommandTable, req: &Request, state: &SessionState) -> Plan {
-    plan_known(table, table.lookup(&req.args), req, state)
+    plan_known(
+        table,
+        table.lookup_words(req.arg(0), req.arg(1)),
+        req,
+        state,
+    )
 }
 
 /// [`plan`] with the command's table entry already looked up (`info`:
-/// `table.lookup(&req.args)`), as the session has it.
+/// `table.lookup_words(req.arg(0), req.arg(1))`), as the session has it.
 pub fn plan_known(
     table: &CommandTable,
     info: Option<&CommandInfo>,
@@ -398,7 +403,7 @@ pub fn plan_known(
     // Lowercase on the stack: this runs for every request. A longer name
     // is no connection command; the table decides what it is.
     let mut lower = [0u8; 32];
-    let raw = req.args.first().map_or(&b""[..], |n| &n[..]);
+    let raw = req.arg(0).unwrap_or_default();
     let name: &[u8] = match lower.get_mut(..raw.len()) {
         Some(buf) => {
             buf.copy_from_slice(raw);
@@ -454,7 +459,7 @@ pub fn plan_known(
     let Some(info) = info else {
         return Plan::Refuse(unknown_command(req));
     };
-    if !info.arity_ok(req.args.len()) {
+    if !info.arity_ok(req.argc()) {
         return Plan::Refuse(wrong_arity(&info.name));
     }
     if name == b"watch" {
@@ -513,7 +518,7 @@ pub fn plan_known(
 /// A [`CommandInfo::plain`] command of a ready session: what the full
 /// planner concludes for it, reached without its name checks.
 fn plain_route(req: &Request, info: &CommandInfo, state: &SessionState) -> Plan {
-    if !info.arity_ok(req.args.len()) {
+    if !info.arity_ok(req.argc()) {
         return Plan::Refuse(wrong_arity(&info.name));
     }
     let readonly = info.flags.contains(Flags::READONLY) && !info.flags.contains(Flags::WRITE);
@@ -575,7 +580,7 @@ fn undeclared_keys_slot(table: &CommandTable, req: &Request, info: &CommandInfo)
     if &*info.name != "eval" && &*info.name != "eval_ro" {
         return None;
     }
-    match script_keys(req.args.get(1)?, table) {
+    match script_keys(req.args().get(1)?, table) {
         ScriptKeys::Slot(slot) => Some(slot),
         ScriptKeys::None | ScriptKeys::Unknown => None,
     }
@@ -597,7 +602,7 @@ fn connection_command(name: &[u8], req: &Request) -> Option<Plan> {
             // COUNTKEYSINSLOT / GETKEYSINSLOT carry a slot: to its owner.
             if req.arg_is(1, "countkeysinslot") || req.arg_is(1, "getkeysinslot") {
                 let slot = req
-                    .args
+                    .args()
                     .get(2)
                     .and_then(|s| std::str::from_utf8(s).ok())
                     .and_then(|s| s.parse::<u16>().ok())
@@ -646,7 +651,7 @@ fn overridden(found: Override, info: &CommandInfo, req: &Request, state: &Sessio
             Ok(slot) => Plan::Route { slot, readonly },
             Err(e) => Plan::Refuse(e),
         },
-        Override::Publish => match req.args.get(1) {
+        Override::Publish => match req.args().get(1) {
             Some(channel) => Plan::Publish {
                 slot: slot::slot(channel),
             },
@@ -680,7 +685,7 @@ pub fn is_pubsub(name: &[u8]) -> bool {
 /// A multi_shard command: one plan per slot, or a plain route when every
 /// key shares one.
 fn split_plan(req: &Request, info: &CommandInfo, merge: Merge, readonly: bool) -> Plan {
-    let keys = match info.key_indices(&req.args) {
+    let keys = match info.key_indices(req.args()) {
         Ok(keys) if !keys.is_empty() => keys,
         // Let Redis answer what the table cannot resolve.
         _ => {
@@ -693,8 +698,8 @@ fn split_plan(req: &Request, info: &CommandInfo, merge: Merge, readonly: bool) -
     let mut groups: Vec<(u16, Vec<std::ops::Range<usize>>)> = Vec::new();
     for (n, &key) in keys.iter().enumerate() {
         // A key carries the arguments up to the next key (MSET's value).
-        let end = keys.get(n + 1).copied().unwrap_or(req.args.len());
-        let s = slot::slot(&req.args[key]);
+        let end = keys.get(n + 1).copied().unwrap_or(req.argc());
+        let s = slot::slot(&req.args()[key]);
         match groups.iter_mut().find(|(g, _)| *g == s) {
             Some((_, ranges)) => ranges.push(key..end),
             None => groups.push((s, std::iter::once(key..end).collect())),
@@ -723,7 +728,7 @@ fn check_queued(
     let Some(info) = info else {
         return Err(unknown_command(req));
     };
-    if !info.arity_ok(req.args.len()) {
+    if !info.arity_ok(req.argc()) {
         return Err(wrong_arity(&info.name));
     }
     if info.flags.contains(Flags::NO_MULTI) {
@@ -751,7 +756,7 @@ pub fn keys_slot(req: &Request, info: &CommandInfo) -> Result<Option<u16>, Bytes
     // index list. Movable keys need the key specs.
     let fixed = !info.flags.contains(Flags::MOVABLEKEYS) && info.first_key > 0;
     if fixed {
-        let argc = req.args.len() as i64;
+        let argc = req.argc() as i64;
         let last = if info.last_key < 0 {
             argc + info.last_key
         } else {
@@ -761,11 +766,11 @@ pub fn keys_slot(req: &Request, info: &CommandInfo) -> Result<Option<u16>, Bytes
         let (first, last) = (info.first_key as usize, last.min(argc - 1).max(0) as usize);
         if first == last {
             // One key (GET, SET, INCR, ...).
-            return Ok(req.args.get(first).map(|key| slot::slot(key)));
+            return Ok(req.arg(first).map(slot::slot));
         }
         let mut slots = (first..=last)
             .step_by(step)
-            .map(|i| slot::slot(&req.args[i]));
+            .filter_map(|i| req.arg(i).map(slot::slot));
         let Some(head) = slots.next() else {
             return Ok(None);
         };
@@ -775,10 +780,10 @@ pub fn keys_slot(req: &Request, info: &CommandInfo) -> Result<Option<u16>, Bytes
         return Ok(Some(head));
     }
     let keys = info
-        .key_indices(&req.args)
-        .or_else(|_| info.key_indices_partial(&req.args))
+        .key_indices(req.args())
+        .or_else(|_| info.key_indices_partial(req.args()))
         .unwrap_or_default();
-    let mut slots = keys.iter().map(|&i| slot::slot(&req.args[i]));
+    let mut slots = keys.iter().map(|&i| slot::slot(&req.args()[i]));
     let Some(first) = slots.next() else {
         return Ok(None);
     };
@@ -795,7 +800,7 @@ pub fn may_block(req: &Request) -> bool {
     if name != b"xread" && name != b"xreadgroup" {
         return true;
     }
-    req.args
+    req.args()
         .iter()
         .take_while(|a| !a.eq_ignore_ascii_case(b"streams"))
         .any(|a| a.eq_ignore_ascii_case(b"block"))
@@ -817,7 +822,7 @@ pub fn may_replicate(info: &CommandInfo, req: &Request) -> bool {
     }
     !(&*info.name == "eval"
         && req
-            .args
+            .args()
             .get(1)
             .is_some_and(|body| script_declares_no_writes(body)))
 }
@@ -866,7 +871,7 @@ pub fn is_script(name: &str) -> bool {
 /// Redis's own words for a command it does not know (processCommand).
 pub fn unknown_command(req: &Request) -> Bytes {
     let mut args = String::new();
-    for arg in req.args.iter().skip(1) {
+    for arg in req.args().iter().skip(1) {
         if args.len() >= 128 {
             break;
         }
@@ -875,7 +880,7 @@ pub fn unknown_command(req: &Request) -> Bytes {
         let shown: String = text.chars().take(room).collect();
         args.push_str(&format!("'{shown}' "));
     }
-    let name: String = String::from_utf8_lossy(&req.args[0])
+    let name: String = String::from_utf8_lossy(&req.args()[0])
         .chars()
         .take(128)
         .collect();
@@ -1023,7 +1028,7 @@ mod tests {
         }
         // The fast path is taken by the traffic it is for, and not by
         // what the proxy treats apart.
-        let marked = |name: &str| TABLE.lookup(&req(&[name]).args).is_some_and(|i| i.plain);
+        let marked = |name: &str| TABLE.lookup(req(&[name]).args()).is_some_and(|i| i.plain);
         assert!(plain > 100, "{plain} plain commands");
         for name in ["get", "set", "incr", "hset", "lpush", "zadd", "expire"] {
             assert!(marked(name), "{name} is plain");
@@ -1051,7 +1056,7 @@ mod tests {
     fn pause_write_holds_what_may_replicate() {
         let held = |args: &[&str]| {
             let r = req(args);
-            may_replicate(TABLE.lookup(&r.args).expect("known"), &r)
+            may_replicate(TABLE.lookup_words(r.arg(0), r.arg(1)).expect("known"), &r)
         };
         assert!(held(&["SET", "k", "v"]));
         assert!(held(&["PFCOUNT", "hll"]), "hidden may_replicate");
@@ -1064,7 +1069,7 @@ mod tests {
 
     #[test]
     fn monitor_shows_scripts_but_not_admin_commands() {
-        let shown = |args: &[&str]| monitored(TABLE.lookup(&req(args).args).expect("known"));
+        let shown = |args: &[&str]| monitored(TABLE.lookup(req(args).args()).expect("known"));
         assert!(shown(&["EVAL", "return 1", "0"]));
         assert!(shown(&["SET", "k", "v"]));
         assert!(!shown(&["CONFIG", "SET", "a", "b"]));
@@ -1096,7 +1101,11 @@ mod tests {
     fn commands_on_leases_or_over_several_steps_wait_for_the_earlier_ones() {
         let waits = |args: &[&str], state: &SessionState<'_>| {
             let r = req(args);
-            waits_for_earlier(&plan(&TABLE, &r, state), TABLE.lookup(&r.args), &r)
+            waits_for_earlier(
+                &plan(&TABLE, &r, state),
+                TABLE.lookup_words(r.arg(0), r.arg(1)),
+                &r,
+            )
         };
         for args in [
             &["BLPOP", "q", "0"][..],
@@ -1377,7 +1386,7 @@ mod tests {
     #[test]
     fn credential_changes_are_recognised() {
         let changes =
-            |args: &[&str]| changes_credentials(TABLE.lookup(&req(args).args).expect("known"));
+            |args: &[&str]| changes_credentials(TABLE.lookup(req(args).args()).expect("known"));
         assert!(changes(&["ACL", "SETUSER", "app", "resetpass"]));
         assert!(changes(&["ACL", "DELUSER", "app"]));
         assert!(changes(&["CONFIG", "SET", "requirepass", "x"]));

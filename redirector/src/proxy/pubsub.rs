@@ -208,7 +208,7 @@ impl Actor {
 
     async fn command(&mut self, req: Request, frames: &Frames) -> Result<(), UpstreamError> {
         let name = req.name_lower();
-        let names: Vec<Bytes> = req.args[1..].to_vec();
+        let names: Vec<Bytes> = req.args()[1..].to_vec();
         match name.as_slice() {
             b"subscribe" => self.subscribe(Kind::Channel, names, frames).await,
             b"ssubscribe" => self.subscribe(Kind::Shard, names, frames).await,

@@ -923,7 +923,7 @@ impl Session {
     }
 
     fn dispatch(&mut self, req: Request, pending: &mut VecDeque<Pending>, commands: &CommandTable) {
-        let info = commands.lookup(&req.args);
+        let info = commands.lookup_words(req.arg(0), req.arg(1));
         let plan = plan::plan_known(commands, info, &req, &self.state());
         // As in Redis, a blocking command or a script starts only once the
         // client's earlier commands have run.
@@ -934,7 +934,7 @@ impl Session {
         // CLIENT PAUSE holds writes (or everything) until it ends.
         // What Redis rejects before it looks at a pause (an unknown command,
         // a wrong arity) is answered at once.
-        let valid = info.is_some_and(|i| i.arity_ok(req.args.len()));
+        let valid = info.is_some_and(|i| i.arity_ok(req.argc()));
         if valid && let Some(until) = self.shared.clients.held_until(|| self.writes(info, &req)) {
             // Redis counts a paused client as blocked.
             self.entry.set_flag(flags::BLOCKED, true);
@@ -961,7 +961,7 @@ impl Session {
             self.shared.logins.forget_checks();
         }
         if self.shared.clients.is_monitored() && info.is_some_and(plan::monitored) {
-            self.shared.clients.feed(self.entry.addr, &req.args);
+            self.shared.clients.feed(self.entry.addr, req.args());
         }
         let metric = self.metric_index(name);
         let silent = self.silence();
@@ -981,17 +981,17 @@ impl Session {
     /// Whether CLIENT PAUSE WRITE holds this command: it writes, may
     /// replicate (EVAL, PUBLISH, ...), or is an EXEC of writes.
     fn writes(&self, info: Option<&CommandInfo>, req: &Request) -> bool {
-        if req.args[0].eq_ignore_ascii_case(b"exec") {
+        if req.args()[0].eq_ignore_ascii_case(b"exec") {
             return self.multi.as_ref().is_some_and(|q| q.writes);
         }
         if info.is_some_and(|i| &*i.name == "evalsha")
-            && let Some(sha) = req.args.get(1)
+            && let Some(sha) = req.args().get(1)
         {
             return !self.shared.functions.script_no_writes(sha);
         }
         // FCALL writes unless its function declares no-writes.
         if info.is_some_and(|i| &*i.name == "fcall")
-            && let Some(function) = req.args.get(1)
+            && let Some(function) = req.args().get(1)
         {
             return match self.shared.functions.no_writes(function) {
                 Some(no_writes) => !no_writes,
@@ -1007,7 +1007,7 @@ impl Session {
     /// EVALSHA/FCALL without keys: the shard the script's literal keys
     /// name, learnt when it went through SCRIPT LOAD or FUNCTION LOAD.
     fn loaded_script_slot(&self, info: Option<&CommandInfo>, req: &Request) -> Option<u16> {
-        let name = req.args.get(1)?;
+        let name = req.args().get(1)?;
         match &*info?.name {
             "evalsha" | "evalsha_ro" => self.shared.functions.script_slot(name),
             "fcall" | "fcall_ro" => self.shared.functions.function_slot(name),
@@ -1032,7 +1032,7 @@ impl Session {
         match plan {
             Plan::Local(local) if self.needs_permit(info, &req) => {
                 let name = info.map_or_else(String::new, |i| i.name.to_string());
-                let (user, args) = (self.user.to_string(), req.args.to_vec());
+                let (user, args) = (self.user.to_string(), req.args().to_vec());
                 let (tx, rx) = oneshot::channel();
                 let shared = Arc::clone(&self.shared);
                 tokio::spawn(async move {
@@ -1193,7 +1193,7 @@ impl Session {
             Local::Select => local::select(req, self.shared.topology.is_standalone()),
             Local::Ok => reply::ok(),
             Local::AclWhoami => reply::build(self.protocol, |e| e.bulk(self.user.as_bytes())),
-            Local::Slowlog => self.shared.slowlog.command(&req.args, self.protocol),
+            Local::Slowlog => self.shared.slowlog.command(req.args(), self.protocol),
             Local::Quit => {
                 pending.push_back(Pending::Ready(reply::ok(), Some(meta)));
                 pending.push_back(Pending::Close);
@@ -1347,9 +1347,9 @@ impl Session {
     }
 
     fn auth(&mut self, req: &Request) -> Step {
-        let (user, password) = match req.args.len() {
-            2 => (None, req.args[1].clone()),
-            3 => (Some(req.args[1].clone()), req.args[2].clone()),
+        let (user, password) = match req.argc() {
+            2 => (None, req.args()[1].clone()),
+            3 => (Some(req.args()[1].clone()), req.args()[2].clone()),
             _ => return Step::Now(plan::wrong_arity("auth")),
         };
         let settings = &self.shared.settings;
@@ -1445,7 +1445,7 @@ impl Session {
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]`.
     fn hello(&mut self, req: &Request) -> Step {
         let mut protocol = self.protocol;
-        if let Some(version) = req.args.get(1) {
+        if let Some(version) = req.args().get(1) {
             protocol = match &version[..] {
                 b"2" => Protocol::Resp2,
                 b"3" => Protocol::Resp3,
@@ -1455,20 +1455,20 @@ impl Session {
         let mut i = 2;
         let mut name = None;
         let mut credentials = None;
-        while i < req.args.len() {
-            if req.arg_is(i, "auth") && i + 2 < req.args.len() {
+        while i < req.argc() {
+            if req.arg_is(i, "auth") && i + 2 < req.argc() {
                 credentials = Some(Credentials {
-                    user: Some(req.args[i + 1].clone()),
-                    password: req.args[i + 2].clone(),
+                    user: Some(req.args()[i + 1].clone()),
+                    password: req.args()[i + 2].clone(),
                 });
                 i += 3;
-            } else if req.arg_is(i, "setname") && i + 1 < req.args.len() {
-                name = Some(req.args[i + 1].clone());
+            } else if req.arg_is(i, "setname") && i + 1 < req.argc() {
+                name = Some(req.args()[i + 1].clone());
                 i += 2;
             } else {
                 return Step::Now(reply::error(&format!(
                     "ERR Syntax error in HELLO option '{}'",
-                    String::from_utf8_lossy(&req.args[i])
+                    String::from_utf8_lossy(&req.args()[i])
                 )));
             }
         }
@@ -1745,7 +1745,7 @@ impl Session {
             && info.is_some_and(|i| {
                 i.acl
                     .intersects(AclCategories::ADMIN | AclCategories::DANGEROUS)
-                    && i.arity_ok(req.args.len())
+                    && i.arity_ok(req.argc())
             })
     }
 }

@@ -97,7 +97,7 @@ impl SlowLog {
             id,
             time,
             duration_us: micros,
-            args: logged_args(&req.args),
+            args: logged_args(req.args()),
             peer: peer.to_string(),
             name: name.unwrap_or_default(),
         });
