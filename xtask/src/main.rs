@@ -123,6 +123,16 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         round_trips: usize,
     },
+    /// The latency bench's floor: a relay that only copies bytes (started
+    /// by `bench`, not for use on its own).
+    #[command(hide = true)]
+    RelayFloor {
+        /// LISTEN=UPSTREAM, e.g. 127.0.0.1:7390=127.0.0.1:7000 (repeat).
+        #[arg(long = "pair", required = true)]
+        pairs: Vec<String>,
+        #[arg(long, value_enum)]
+        model: bench::RelayModel,
+    },
     /// The chaos soak: mixed load through the proxy into a 3+3 cluster in
     /// network namespaces while faults arrive; every acknowledged write is
     /// checked at the end (long: `test` runs a 2-minute one).
@@ -153,6 +163,7 @@ fn main() -> Result<()> {
             lint()
         }
         Cmd::Test => test(),
+        Cmd::RelayFloor { pairs, model } => bench::relay_floor(model, &pairs),
         Cmd::Demo { once } => {
             setup::all()?;
             let bin = build(Profile::Debug)?;

@@ -15,6 +15,7 @@
 mod connect;
 mod idle;
 mod openloop;
+mod relay;
 mod workloads;
 
 use std::path::Path;
@@ -22,6 +23,7 @@ use std::path::Path;
 use anyhow::Result;
 
 pub use openloop::Params as LatencyParams;
+pub use relay::Model as RelayModel;
 
 /// The parts of the bench, for `--only`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -36,6 +38,15 @@ pub enum Part {
     Workers,
     /// RSS per idle client, 10k and 50k clients.
     Idle,
+}
+
+/// `cargo xtask relay-floor`: the latency part's do-nothing relay.
+pub fn relay_floor(model: RelayModel, pairs: &[String]) -> Result<()> {
+    let pairs = pairs
+        .iter()
+        .map(|pair| relay::parse_pair(pair))
+        .collect::<Result<Vec<_>>>()?;
+    relay::serve(model, &pairs)
 }
 
 /// Runs the parts in `only` (every part when empty).

@@ -20,7 +20,11 @@
 //! sample. Latencies go into one HDR histogram per connection (nanoseconds,
 //! 3 significant digits), merged per target.
 //!
-//! Targets alternate in slices (direct, proxy, direct, proxy, ...): the
+//! The floor ([`relay`]): the same slices through a relay that only copies
+//! bytes tell what any hop adds on this machine, and so what share of the
+//! proxy's added latency is its own.
+//!
+//! Targets alternate in slices (direct, proxy, relay, direct, ...): the
 //! measured time per target is split over as many slices as rounds, at
 //! least [`MIN_SLICES`], and each slice opens fresh connections and discards
 //! its first [`WARMUP`]. The added latency is taken per pair of adjacent
@@ -51,6 +55,8 @@ use testbed::{
     cluster::{RedisCluster, slot_of},
     process::Place,
 };
+
+use super::relay;
 
 /// The load: `rate` requests/s spread evenly over `connections`, for
 /// `seconds` of measurement per target (split over the slices).
@@ -92,6 +98,8 @@ type Key = [u8; KEY_LEN];
 const VALUE: &[u8; 32] = b"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
 /// Histogram range: 1 ns to 60 s, 3 significant digits.
 const HIST_MAX_NS: u64 = 60_000_000_000;
+/// The relay floor's first listening port (one per master).
+const RELAY_FIRST_PORT: u16 = 7390;
 /// The epoll token of the timerfd; connections use their index.
 const TIMER_TOKEN: u64 = u64::MAX;
 
@@ -177,6 +185,8 @@ pub struct Report {
     slices: usize,
     direct: Outcome,
     proxy: Outcome,
+    /// Through each [`relay`] model: what a hop costs here whoever makes it.
+    floors: Vec<(relay::Model, Outcome)>,
     /// Proxy CPU at this rate, user and system, seconds per request.
     proxy_cpu: (f64, f64),
 }
@@ -210,6 +220,24 @@ pub fn measure(
     for (addr, keys) in &masters {
         prefill(place, *addr, keys)?;
     }
+    // Each relay model listens once per master, for the same connections'
+    // keys.
+    let mut relays = Vec::new();
+    for (n, model) in [relay::Model::Threads, relay::Model::EventLoop]
+        .into_iter()
+        .enumerate()
+    {
+        let listeners: Vec<(SocketAddr, SocketAddr)> = masters
+            .iter()
+            .enumerate()
+            .map(|(i, (addr, _))| {
+                let port = RELAY_FIRST_PORT + u16::try_from(n * 10 + i).unwrap_or(0);
+                (SocketAddr::from(([127, 0, 0, 1], port)), *addr)
+            })
+            .collect();
+        let child = relay::start(place, model, &listeners)?;
+        relays.push((model, listeners, child, Outcome::new()?));
+    }
     let (mut direct, mut proxied) = (Outcome::new()?, Outcome::new()?);
     let mut ticks = (0, 0);
     let slices = rounds.max(MIN_SLICES);
@@ -235,6 +263,20 @@ pub fn measure(
         let after = user_sys_ticks(proxy_pid);
         ticks.0 += after.0.saturating_sub(before.0);
         ticks.1 += after.1.saturating_sub(before.1);
+
+        for (model, listeners, _, outcome) in &mut relays {
+            eprintln!(
+                "slice {slice}/{slices}: latency at {} req/s through a relay that only copies bytes ({model:?})",
+                params.rate
+            );
+            let targets = (0..params.connections)
+                .map(|i| {
+                    let m = i % masters.len();
+                    (listeners[m].0, masters[m].1.clone())
+                })
+                .collect();
+            outcome.measure(|| run_slice(place, targets, params, slices))?;
+        }
     }
     eprintln!(
         "latency: measured in {:.1} s",
@@ -246,6 +288,10 @@ pub fn measure(
         slices,
         direct,
         proxy: proxied,
+        floors: relays
+            .into_iter()
+            .map(|(model, _, _, outcome)| (model, outcome))
+            .collect(),
         // Clock ticks are 10 ms.
         proxy_cpu: (
             ticks.0 as f64 * 0.01 / proxy_requests,
@@ -270,7 +316,15 @@ pub fn print(report: &Report) {
         "{:<8} {:>14} {:>10} {:>10} {:>10} {:>10} {:>6}  send lag p50/p99 us",
         "target", "achieved rps", "p50 us", "p99 us", "p99.9 us", "max us", "lost",
     );
-    for (name, o) in [("direct", &report.direct), ("proxy", &report.proxy)] {
+    let rows = [("direct", &report.direct), ("proxy", &report.proxy)]
+        .into_iter()
+        .chain(
+            report
+                .floors
+                .iter()
+                .map(|(model, o)| (relay_name(*model), o)),
+        );
+    for (name, o) in rows {
         println!(
             "{name:<8} {:>14.0} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>6}  {:.1}/{:.1}",
             o.rate(),
@@ -284,14 +338,8 @@ pub fn print(report: &Report) {
         );
     }
     // Per pair of adjacent slices, proxy minus direct, per percentile.
-    let pairs: Vec<[f64; 3]> = report
-        .direct
-        .slices
-        .iter()
-        .zip(&report.proxy.slices)
-        .map(|(d, p)| [0, 1, 2].map(|i| p[i] - d[i]))
-        .collect();
-    let added = [0, 1, 2].map(|i| median(pairs.iter().map(|pair| pair[i]).collect()));
+    let pairs = slice_pairs(&report.direct, &report.proxy);
+    let added = medians(&pairs);
     let verdict = |value: f64, target: f64| if value <= target { "ok" } else { "MISSED" };
     println!(
         "added latency (proxy - direct), median of {} slice pairs: p50 {:.1} us (target <= {TARGET_P50_US} us): {}, p99 {:.1} us (target <= {TARGET_P99_US} us): {}, p99.9 {:.1} us",
@@ -315,7 +363,45 @@ pub fn print(report: &Report) {
         "added p50/p99/p99.9 per slice pair, us: {}",
         per_pair.join(", ")
     );
-    for (name, o) in [("direct", &report.direct), ("proxy", &report.proxy)] {
+    // The floor: what a hop that only copies bytes adds (the cheaper relay,
+    // per percentile), and what the proxy adds beyond it.
+    let mut floor = [f64::INFINITY; 3];
+    for (model, o) in &report.floors {
+        let hop = medians(&slice_pairs(&report.direct, o));
+        let beyond = medians(&slice_pairs(o, &report.proxy));
+        println!(
+            "added by a relay that only copies bytes ({}), median of slice pairs: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us; the proxy beyond it: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us",
+            relay_about(*model),
+            hop[0],
+            hop[1],
+            hop[2],
+            beyond[0],
+            beyond[1],
+            beyond[2]
+        );
+        for i in 0..3 {
+            floor[i] = floor[i].min(hop[i]);
+        }
+    }
+    for (name, value, target) in [
+        ("p50", floor[0], TARGET_P50_US),
+        ("p99", floor[1], TARGET_P99_US),
+    ] {
+        if value > target {
+            println!(
+                "the added {name} target ({target} us) is below what the cheaper relay, which only copies bytes, adds on this machine ({value:.1} us): out of reach for a userspace hop here"
+            );
+        }
+    }
+    let rows = [("direct", &report.direct), ("proxy", &report.proxy)]
+        .into_iter()
+        .chain(
+            report
+                .floors
+                .iter()
+                .map(|(model, o)| (relay_name(*model), o)),
+        );
+    for (name, o) in rows {
         if o.rate() < 0.95 * f64::from(rate) || o.lost > 0 {
             println!(
                 "warning: {name} did not keep up with {rate} req/s ({:.0} achieved, {} lost): its latencies include the backlog",
@@ -340,6 +426,37 @@ pub fn print(report: &Report) {
         report.direct.generator_us(),
         report.proxy.generator_us()
     );
+}
+
+/// A relay model's row name.
+fn relay_name(model: relay::Model) -> &'static str {
+    match model {
+        relay::Model::Threads => "relay-t",
+        relay::Model::EventLoop => "relay-e",
+    }
+}
+
+fn relay_about(model: relay::Model) -> &'static str {
+    match model {
+        relay::Model::Threads => "relay-t: a thread per direction, blocking reads",
+        relay::Model::EventLoop => {
+            "relay-e: one tokio current-thread event loop, copy_bidirectional"
+        }
+    }
+}
+
+/// Per pair of adjacent slices, `later` minus `base`, per percentile.
+fn slice_pairs(base: &Outcome, later: &Outcome) -> Vec<[f64; 3]> {
+    base.slices
+        .iter()
+        .zip(&later.slices)
+        .map(|(b, l)| [0, 1, 2].map(|i| l[i] - b[i]))
+        .collect()
+}
+
+/// The median over pairs, per percentile.
+fn medians(pairs: &[[f64; 3]]) -> [f64; 3] {
+    [0, 1, 2].map(|i| median(pairs.iter().map(|pair| pair[i]).collect()))
 }
 
 /// The machine's busy and total CPU clock ticks over every core: the

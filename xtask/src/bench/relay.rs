@@ -1,0 +1,160 @@
+//! The floor under the latency figure: a relay that does nothing but copy
+//! bytes, measured in the same open-loop slices as direct and the proxy.
+//!
+//! Any userspace hop between a client and Redis adds two wake-ups of the
+//! hop (request in, reply back), two `recv`s and two `send`s, each `send`
+//! running the receiver's TCP path. This relay pays exactly that and no
+//! more: one thread per direction of each connection, blocked in `read`,
+//! writing what it read at once (no epoll, no parsing, no queue, Nagle
+//! off). What it adds over direct is what this machine charges for a hop,
+//! whoever makes it; the proxy's own share is what it adds beyond that.
+//!
+//! It runs as a child process (`cargo xtask relay-floor`, hidden), in the
+//! bench's network namespace, one listener per Redis master.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use testbed::process::{Child, Place, wait_for};
+
+/// How the relay waits for bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Model {
+    /// One thread per direction of each connection, blocked in `read`.
+    Threads,
+    /// One thread, one event loop (tokio's current-thread runtime, as the
+    /// proxy's workers), `copy_bidirectional` per connection.
+    EventLoop,
+}
+
+/// Serves every `(listen, upstream)` pair until killed.
+pub fn serve(model: Model, pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
+    if pairs.is_empty() {
+        bail!("relay-floor: no --pair LISTEN=UPSTREAM given");
+    }
+    match model {
+        Model::Threads => serve_threads(pairs),
+        Model::EventLoop => serve_event_loop(pairs),
+    }
+}
+
+fn serve_threads(pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
+    let mut listeners = Vec::new();
+    for &(listen, upstream) in pairs {
+        let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+        listeners.push(thread::spawn(move || accept(&listener, upstream)));
+    }
+    for listener in listeners {
+        listener
+            .join()
+            .map_err(|_| anyhow::anyhow!("a relay listener panicked"))??;
+    }
+    Ok(())
+}
+
+fn accept(listener: &TcpListener, upstream: SocketAddr) -> Result<()> {
+    for client in listener.incoming() {
+        let client = client?;
+        let server = TcpStream::connect(upstream).with_context(|| format!("connect {upstream}"))?;
+        client.set_nodelay(true)?;
+        server.set_nodelay(true)?;
+        let (client_tx, server_tx) = (client.try_clone()?, server.try_clone()?);
+        thread::spawn(move || pump(client, server_tx));
+        thread::spawn(move || pump(server, client_tx));
+    }
+    Ok(())
+}
+
+/// Copies `from` to `to` until either side ends.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+    let _ = from.shutdown(Shutdown::Read);
+}
+
+fn serve_event_loop(pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    runtime.block_on(async {
+        let mut listeners = Vec::new();
+        for &(listen, upstream) in pairs {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("bind {listen}"))?;
+            listeners.push(tokio::spawn(accept_events(listener, upstream)));
+        }
+        for listener in listeners {
+            listener.await??;
+        }
+        Ok(())
+    })
+}
+
+async fn accept_events(
+    listener: tokio::net::TcpListener,
+    upstream: SocketAddr,
+) -> std::io::Result<()> {
+    loop {
+        let (mut client, _) = listener.accept().await?;
+        let mut server = tokio::net::TcpStream::connect(upstream).await?;
+        client.set_nodelay(true)?;
+        server.set_nodelay(true)?;
+        tokio::spawn(async move {
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        });
+    }
+}
+
+/// Starts the relay in `place` (killed when the returned child drops) and
+/// waits until every listener accepts.
+pub fn start(place: &Place, model: Model, pairs: &[(SocketAddr, SocketAddr)]) -> Result<Child> {
+    let mut cmd = place.command(std::env::current_exe().context("the xtask binary")?);
+    cmd.arg("relay-floor").arg("--model").arg(match model {
+        Model::Threads => "threads",
+        Model::EventLoop => "event-loop",
+    });
+    for (listen, upstream) in pairs {
+        cmd.arg("--pair").arg(format!("{listen}={upstream}"));
+    }
+    let child = Child::spawn("relay-floor", cmd);
+    for (listen, _) in pairs {
+        wait_for(
+            &format!("the relay floor listening on {listen}"),
+            Duration::from_secs(10),
+            || {
+                place
+                    .connect(*listen, Duration::from_millis(200))
+                    .ok()
+                    .map(drop)
+            },
+        );
+    }
+    Ok(child)
+}
+
+/// Parses `LISTEN=UPSTREAM`.
+pub fn parse_pair(pair: &str) -> Result<(SocketAddr, SocketAddr)> {
+    let (listen, upstream) = pair
+        .split_once('=')
+        .with_context(|| format!("{pair:?}: expected LISTEN=UPSTREAM"))?;
+    Ok((
+        listen.parse().with_context(|| format!("{listen:?}"))?,
+        upstream.parse().with_context(|| format!("{upstream:?}"))?,
+    ))
+}
