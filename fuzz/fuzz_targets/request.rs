@@ -27,7 +27,7 @@ fn split_all(data: &[u8], limits: &Limits) {
             Ok(Parsed::Request(req)) => {
                 assert!(buf.len() < before, "a request must consume bytes");
                 assert!(!req.args().is_empty(), "a request has a command name");
-                check_raw(&req.raw, req.args());
+                check_raw(req.raw(), req.args());
             }
             Ok(Parsed::Incomplete { needed }) => {
                 assert!(needed <= limits.max_bulk_len + 2);

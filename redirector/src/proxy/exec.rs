@@ -603,9 +603,9 @@ pub async fn fan_out(
                 .contains(crate::cluster::commands::Flags::ALLOW_BUSY)
         });
     let replies = if allow_busy {
-        broadcast_leased(&shared, protocol, &targets, &req.raw).await
+        broadcast_leased(&shared, protocol, &targets, req.raw()).await
     } else {
-        broadcast(&shared, protocol, &targets, &req.raw, readonly).await
+        broadcast(&shared, protocol, &targets, req.raw(), readonly).await
     };
     let merged = fan_out_merged(&shared, &req, &targets, how, &replies, protocol, &client);
     if let Some(sent) = config_set
@@ -959,7 +959,7 @@ pub async fn blocking_call(
         broadcast_leased(&shared, Protocol::Resp2, &masters, &load).await;
     }
     let routed = Routed {
-        payload: req.raw,
+        payload: req.into_raw(),
         target: Target {
             slot,
             readonly: false,

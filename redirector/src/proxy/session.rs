@@ -782,7 +782,7 @@ impl Session {
                     Ok(()) => {
                         let (local, req) = *held;
                         // As Redis shows it while the command runs.
-                        self.entry.set_qbuf(req.raw.len());
+                        self.entry.set_qbuf(req.raw().len());
                         // Its replies take the permit's place, in order.
                         let mut replies = VecDeque::new();
                         self.local(local, &req, &mut replies, meta);
@@ -956,7 +956,7 @@ impl Session {
             }
         }
         // As Redis shows it while the command runs: in the query buffer.
-        self.entry.set_qbuf(req.raw.len());
+        self.entry.set_qbuf(req.raw().len());
         if info.is_some_and(plan::changes_credentials) {
             self.shared.logins.forget_checks();
         }
@@ -968,7 +968,7 @@ impl Session {
         // Redis keeps some commands out of its slow log (AUTH, EXEC, ...).
         let slow = (self.shared.slowlog.enabled()
             && info.is_some_and(|i| !i.flags.contains(Flags::SKIP_SLOWLOG)))
-        .then(|| req.raw.clone());
+        .then(|| req.raw().clone());
         let meta = Meta {
             started: self.read_at,
             metric,
@@ -1115,7 +1115,7 @@ impl Session {
                 }
                 let first = self.next_seq;
                 for &node in &targets {
-                    self.enqueue(node, &req.raw);
+                    self.enqueue(node, req.raw());
                 }
                 let work = gather::Work::FanOut {
                     req,
@@ -1545,7 +1545,7 @@ impl Session {
             .as_mut()
             .and_then(|handle| handle.take_caching());
         let routed = Routed {
-            payload: req.raw,
+            payload: req.into_raw(),
             target: Target { slot, readonly },
             protocol: self.protocol,
             via,

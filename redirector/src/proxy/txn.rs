@@ -180,7 +180,7 @@ pub async fn watch(
                 }
             }
         };
-        match watch.lease.call(&req.raw, 1).await {
+        match watch.lease.call(req.raw(), 1).await {
             Ok(replies) => {
                 if let Some((moved_slot, addr)) = redirect_in(&replies) {
                     // The slot moved: watch on the new owner instead. Keys
@@ -248,7 +248,7 @@ async fn run_exec(
     request::encode_into(&mut payload, &[Bytes::from_static(b"MULTI")]);
     for (i, command) in queued.commands.iter().enumerate() {
         if !queued.at_exec.contains(&i) {
-            payload.extend_from_slice(&command.raw);
+            payload.extend_from_slice(command.raw());
         }
     }
     request::encode_into(&mut payload, &[Bytes::from_static(b"EXEC")]);

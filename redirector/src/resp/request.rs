@@ -3,9 +3,10 @@
 //! A request is a RESP array of bulk strings (or an inline command line).
 //! Before anything is buffered or decoded, the frame's headers are checked
 //! against [`Limits`]: a hostile client cannot make the proxy buffer a 2 GB
-//! bulk or recurse into a 10,000-deep array. A complete, well-formed frame
-//! is then sliced into its arguments without copying (the unit tests check
-//! every split against redis-protocol's decoder).
+//! bulk or recurse into a 10,000-deep array. In a complete, well-formed
+//! frame the arguments are read where they lie, and sliced out without
+//! copying when a handler wants them as `Bytes` (the unit tests check every
+//! split against redis-protocol's decoder).
 
 use std::sync::OnceLock;
 
@@ -48,8 +49,9 @@ type Spans = smallvec::SmallVec<[(usize, usize); 4]>;
 #[derive(Clone, Debug)]
 pub struct Request {
     /// The request as it arrived, re-encoded only for inline commands, so
-    /// routed commands are forwarded without copying.
-    pub raw: Bytes,
+    /// routed commands are forwarded without copying. Private: `spans`
+    /// index it.
+    raw: Bytes,
     spans: Spans,
     /// The arguments as `Bytes`, sliced out of `raw` the first time a
     /// planner or handler asks for them. A routed command reads its name
@@ -69,26 +71,23 @@ impl Eq for Request {}
 impl Request {
     pub fn from_args(args: impl Into<Args>) -> Self {
         let args = args.into();
-        let len = args.iter().map(|a| a.len() + 16).sum::<usize>() + 16;
-        let mut out = BytesMut::with_capacity(len);
+        let mut out = BytesMut::with_capacity(encoded_len(&args));
         let mut spans = Spans::with_capacity(args.len());
-        let mut itoa = itoa_buf();
-        out.extend_from_slice(b"*");
-        out.extend_from_slice(itoa.format(args.len()));
-        out.extend_from_slice(b"\r\n");
-        for arg in &args {
-            out.extend_from_slice(b"$");
-            out.extend_from_slice(itoa.format(arg.len()));
-            out.extend_from_slice(b"\r\n");
-            spans.push((out.len(), out.len() + arg.len()));
-            out.extend_from_slice(arg);
-            out.extend_from_slice(b"\r\n");
-        }
+        encode_noting(&mut out, &args, |start, end| spans.push((start, end)));
         Self {
             raw: out.freeze(),
             spans,
             args: OnceLock::from(Box::new(args)),
         }
+    }
+
+    /// The request's bytes, as sent (inline commands: as RESP).
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+
+    pub fn into_raw(self) -> Bytes {
+        self.raw
     }
 
     /// The arguments; `args()[0]` is the command name, as sent.
@@ -131,13 +130,23 @@ impl Request {
 
 /// Encodes args as a RESP array of bulk strings.
 pub fn encode(args: &[Bytes]) -> Bytes {
-    let len = args.iter().map(|a| a.len() + 16).sum::<usize>() + 16;
-    let mut out = BytesMut::with_capacity(len);
+    let mut out = BytesMut::with_capacity(encoded_len(args));
     encode_into(&mut out, args);
     out.freeze()
 }
 
 pub fn encode_into(out: &mut BytesMut, args: &[Bytes]) {
+    encode_noting(out, args, |_, _| {});
+}
+
+/// Room for `args` encoded (headers of up to 16 bytes).
+fn encoded_len(args: &[Bytes]) -> usize {
+    args.iter().map(|a| a.len() + 16).sum::<usize>() + 16
+}
+
+/// Encodes `args`, telling `noted` where each argument's bytes lie in
+/// `out`.
+fn encode_noting(out: &mut BytesMut, args: &[Bytes], mut noted: impl FnMut(usize, usize)) {
     let mut itoa = itoa_buf();
     out.extend_from_slice(b"*");
     out.extend_from_slice(itoa.format(args.len()));
@@ -146,6 +155,7 @@ pub fn encode_into(out: &mut BytesMut, args: &[Bytes]) {
         out.extend_from_slice(b"$");
         out.extend_from_slice(itoa.format(arg.len()));
         out.extend_from_slice(b"\r\n");
+        noted(out.len(), out.len() + arg.len());
         out.extend_from_slice(arg);
         out.extend_from_slice(b"\r\n");
     }
