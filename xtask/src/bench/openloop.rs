@@ -300,6 +300,15 @@ pub fn measure(
     })
 }
 
+impl Report {
+    /// Every measured target with its row name: direct, proxy, the relays.
+    fn targets(&self) -> impl Iterator<Item = (&'static str, &Outcome)> {
+        [("direct", &self.direct), ("proxy", &self.proxy)]
+            .into_iter()
+            .chain(self.floors.iter().map(|(model, o)| (relay_name(*model), o)))
+    }
+}
+
 pub fn print(report: &Report) {
     let Params {
         rate,
@@ -316,15 +325,7 @@ pub fn print(report: &Report) {
         "{:<8} {:>14} {:>10} {:>10} {:>10} {:>10} {:>6}  send lag p50/p99 us",
         "target", "achieved rps", "p50 us", "p99 us", "p99.9 us", "max us", "lost",
     );
-    let rows = [("direct", &report.direct), ("proxy", &report.proxy)]
-        .into_iter()
-        .chain(
-            report
-                .floors
-                .iter()
-                .map(|(model, o)| (relay_name(*model), o)),
-        );
-    for (name, o) in rows {
+    for (name, o) in report.targets() {
         println!(
             "{name:<8} {:>14.0} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>6}  {:.1}/{:.1}",
             o.rate(),
@@ -393,15 +394,7 @@ pub fn print(report: &Report) {
             );
         }
     }
-    let rows = [("direct", &report.direct), ("proxy", &report.proxy)]
-        .into_iter()
-        .chain(
-            report
-                .floors
-                .iter()
-                .map(|(model, o)| (relay_name(*model), o)),
-        );
-    for (name, o) in rows {
+    for (name, o) in report.targets() {
         if o.rate() < 0.95 * f64::from(rate) || o.lost > 0 {
             println!(
                 "warning: {name} did not keep up with {rate} req/s ({:.0} achieved, {} lost): its latencies include the backlog",
