@@ -14,7 +14,7 @@ use super::{
     AuthMode, Shared,
     clients::{ClientEntry, KillFilter, PauseMode, flags},
     exec,
-    plan::wrong_arity,
+    plan::{self, wrong_arity},
     session::ReplyMode,
     tracking::{self, Switch},
 };
@@ -96,7 +96,7 @@ pub fn client(req: &Request, cx: &mut Context<'_>) -> Outcome {
         return Outcome::Reply(wrong_arity("client"));
     };
     // The server's table knows the subcommands and their arity.
-    match cx.shared.commands.lookup_words(req.arg(0), req.arg(1)) {
+    match plan::lookup(&cx.shared.commands, req) {
         Some(info) if info.name.contains('|') => {
             if !info.arity_ok(req.argc()) {
                 return Outcome::Reply(wrong_arity(&info.name));

@@ -595,13 +595,10 @@ pub async fn fan_out(
     // What Redis runs while a script is busy (SCRIPT KILL, FUNCTION KILL,
     // FUNCTION STATS) must not wait on a shared connection queued behind
     // that very script: it goes on leases.
-    let allow_busy = shared
-        .commands
-        .lookup_words(req.arg(0), req.arg(1))
-        .is_some_and(|i| {
-            i.flags
-                .contains(crate::cluster::commands::Flags::ALLOW_BUSY)
-        });
+    let allow_busy = super::plan::lookup(&shared.commands, &req).is_some_and(|i| {
+        i.flags
+            .contains(crate::cluster::commands::Flags::ALLOW_BUSY)
+    });
     let replies = if allow_busy {
         broadcast_leased(&shared, protocol, &targets, req.raw()).await
     } else {

@@ -373,18 +373,19 @@ pub fn overrides() -> impl Iterator<Item = (&'static str, &'static str)> {
     OVERRIDES.iter().map(|(name, _, why)| (*name, *why))
 }
 
+/// The table entry that governs `req` (a subcommand's, when its second
+/// word names one), read from the frame in place.
+pub fn lookup<'t>(table: &'t CommandTable, req: &Request) -> Option<&'t CommandInfo> {
+    table.lookup_words(req.arg(0), req.arg(1))
+}
+
 /// Plans `req` for a session in `state`.
 pub fn plan(table: &CommandTable, req: &Request, state: &SessionState) -> Plan {
-    plan_known(
-        table,
-        table.lookup_words(req.arg(0), req.arg(1)),
-        req,
-        state,
-    )
+    plan_known(table, lookup(table, req), req, state)
 }
 
 /// [`plan`] with the command's table entry already looked up (`info`:
-/// `table.lookup_words(req.arg(0), req.arg(1))`), as the session has it.
+/// [`lookup`]), as the session has it.
 pub fn plan_known(
     table: &CommandTable,
     info: Option<&CommandInfo>,
@@ -1056,7 +1057,7 @@ mod tests {
     fn pause_write_holds_what_may_replicate() {
         let held = |args: &[&str]| {
             let r = req(args);
-            may_replicate(TABLE.lookup_words(r.arg(0), r.arg(1)).expect("known"), &r)
+            may_replicate(lookup(&TABLE, &r).expect("known"), &r)
         };
         assert!(held(&["SET", "k", "v"]));
         assert!(held(&["PFCOUNT", "hll"]), "hidden may_replicate");
@@ -1101,11 +1102,7 @@ mod tests {
     fn commands_on_leases_or_over_several_steps_wait_for_the_earlier_ones() {
         let waits = |args: &[&str], state: &SessionState<'_>| {
             let r = req(args);
-            waits_for_earlier(
-                &plan(&TABLE, &r, state),
-                TABLE.lookup_words(r.arg(0), r.arg(1)),
-                &r,
-            )
+            waits_for_earlier(&plan(&TABLE, &r, state), lookup(&TABLE, &r), &r)
         };
         for args in [
             &["BLPOP", "q", "0"][..],

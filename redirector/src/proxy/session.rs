@@ -923,7 +923,7 @@ impl Session {
     }
 
     fn dispatch(&mut self, req: Request, pending: &mut VecDeque<Pending>, commands: &CommandTable) {
-        let info = commands.lookup_words(req.arg(0), req.arg(1));
+        let info = plan::lookup(commands, &req);
         let plan = plan::plan_known(commands, info, &req, &self.state());
         // As in Redis, a blocking command or a script starts only once the
         // client's earlier commands have run.
