@@ -2,11 +2,48 @@
 //! and taken back when it goes idle: thousands of idle PHP-FPM or Node.js
 //! connections then hold no buffer at all, and a busy one reuses a warm
 //! buffer instead of allocating. One free list per worker thread (no lock,
-//! no sharing across threads), bounded.
+//! no sharing across threads), bounded: [`Spares`], which the session's
+//! reply queues and the jobs' sequence lists use too.
 
 use std::cell::RefCell;
 
 use bytes::BytesMut;
+
+/// A worker thread's spare containers of one kind, emptied, at most `kept`
+/// of them: lent to whoever needs one, taken back when done with, so the
+/// hot path allocates none. The caller decides what is worth keeping (a
+/// container grown by a burst is freed, not kept: the list must not pin a
+/// burst's memory).
+pub struct Spares<T> {
+    list: RefCell<Vec<T>>,
+    kept: usize,
+}
+
+impl<T> Spares<T> {
+    pub const fn new(kept: usize) -> Self {
+        Self {
+            list: RefCell::new(Vec::new()),
+            kept,
+        }
+    }
+
+    pub fn take(&self) -> Option<T> {
+        self.list.borrow_mut().pop()
+    }
+
+    /// Keeps `spare`, or frees it if `kept` are already here.
+    pub fn keep(&self, spare: T) {
+        let mut list = self.list.borrow_mut();
+        if list.len() < self.kept {
+            list.push(spare);
+        }
+    }
+
+    /// How many are kept now.
+    pub fn count(&self) -> usize {
+        self.list.borrow().len()
+    }
+}
 
 /// A fresh buffer's size: one request or reply of a typical app fits.
 pub const SIZE: usize = 4 * 1024;
@@ -17,13 +54,13 @@ const KEPT: usize = 256;
 const LARGEST_KEPT: usize = 64 * 1024;
 
 thread_local! {
-    static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    static FREE: Spares<BytesMut> = const { Spares::new(KEPT) };
 }
 
 /// A buffer with room for at least [`SIZE`] / 4 bytes.
 pub fn take() -> BytesMut {
     let mut buf = FREE
-        .with(|free| free.borrow_mut().pop())
+        .with(Spares::take)
         .unwrap_or_else(|| BytesMut::with_capacity(SIZE));
     if buf.capacity() < SIZE / 4 {
         // A tail of a buffer whose head went out with a request: `reserve`
@@ -39,12 +76,7 @@ pub fn give_back(mut buf: BytesMut) {
         return;
     }
     buf.clear();
-    FREE.with(|free| {
-        let mut free = free.borrow_mut();
-        if free.len() < KEPT {
-            free.push(buf);
-        }
-    });
+    FREE.with(|free| free.keep(buf));
 }
 
 /// Takes `buf`'s buffer back, leaving it empty and unallocated.

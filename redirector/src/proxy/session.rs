@@ -27,7 +27,9 @@ use tokio::{
 };
 
 use super::{
-    AuthMode, ClientSlot, Shared, buffers, client_cmd,
+    AuthMode, ClientSlot, Shared,
+    buffers::{self, Spares},
+    client_cmd,
     clients::{ClientEntry, flags},
     exec::{self, Routed, Target},
     functions,
@@ -150,8 +152,7 @@ thread_local! {
     /// owes replies and given back when it goes idle: an idle client holds
     /// no queue (a queue of one is 120 bytes), and a busy one allocates
     /// none per request.
-    static SPARE_QUEUES: std::cell::RefCell<Vec<VecDeque<Pending>>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE_QUEUES: Spares<VecDeque<Pending>> = const { Spares::new(QUEUES_KEPT) };
 }
 
 /// Queues kept per thread; more are freed.
@@ -161,7 +162,7 @@ const QUEUES_KEPT: usize = 256;
 /// (pipelines grow it).
 fn lend_queue() -> VecDeque<Pending> {
     SPARE_QUEUES
-        .with(|spare| spare.borrow_mut().pop())
+        .with(Spares::take)
         .unwrap_or_else(|| VecDeque::with_capacity(1))
 }
 
@@ -173,12 +174,7 @@ fn give_back_queue(queue: &mut VecDeque<Pending>) {
     }
     let queue = std::mem::take(queue);
     if queue.capacity() <= 16 {
-        SPARE_QUEUES.with(|spare| {
-            let mut spare = spare.borrow_mut();
-            if spare.len() < QUEUES_KEPT {
-                spare.push(queue);
-            }
-        });
+        SPARE_QUEUES.with(|spare| spare.keep(queue));
     }
 }
 

@@ -23,7 +23,8 @@ use tokio::{
 };
 
 use super::{
-    UpstreamError, buffers,
+    UpstreamError,
+    buffers::{self, Spares},
     dial::{Dialer, UpstreamRead, UpstreamWrite},
     health::Health,
     metrics::ProxyMetrics,
@@ -64,13 +65,13 @@ const SEQS_KEPT: usize = 256;
 const SEQS_LARGEST_KEPT: usize = 64;
 
 thread_local! {
-    static SPARE_SEQS: std::cell::RefCell<Vec<Vec<u64>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE_SEQS: Spares<Vec<u64>> = const { Spares::new(SEQS_KEPT) };
 }
 
 /// A job's sequence numbers, `seqs` first, in a list with room for more.
 pub fn lend_seqs(seqs: &[u64]) -> Seqs {
     let mut list = SPARE_SEQS
-        .with(|spare| spare.borrow_mut().pop())
+        .with(Spares::take)
         .unwrap_or_else(|| Vec::with_capacity(SEQS_ROOM));
     list.extend_from_slice(seqs);
     Seqs::from_vec(list)
@@ -83,12 +84,7 @@ fn give_back_seqs(seqs: Seqs) {
     }
     let mut list = seqs.into_vec();
     list.clear();
-    SPARE_SEQS.with(|spare| {
-        let mut spare = spare.borrow_mut();
-        if spare.len() < SEQS_KEPT {
-            spare.push(list);
-        }
-    });
+    SPARE_SEQS.with(|spare| spare.keep(list));
 }
 
 /// A job's bytes.
@@ -665,7 +661,7 @@ mod tests {
         let again = lend_seqs(&[5]);
         assert_eq!(&again[..], &[5]);
         assert_eq!(again.as_ptr(), ptr, "the same list, reused");
-        let kept = || SPARE_SEQS.with(|spare| spare.borrow().len());
+        let kept = || SPARE_SEQS.with(Spares::count);
         let grown = lend_seqs(&[0; SEQS_LARGEST_KEPT + 1]);
         give_back_seqs(grown);
         assert_eq!(kept(), 0, "a list grown by a long pipeline is freed");
