@@ -40,6 +40,7 @@ impl<T> Spares<T> {
     }
 
     /// How many are kept now.
+    #[cfg(test)]
     pub fn count(&self) -> usize {
         self.list.borrow().len()
     }
