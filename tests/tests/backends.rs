@@ -706,6 +706,18 @@ fn killing_one_backends_redis_does_not_slow_the_other_two() {
         connect_failures >= 1.0,
         "the proxy never tried the dead primary while the others were measured:\n{sessions_metrics}"
     );
+    // The proxy's p99 before the failure, quiet and loaded: the median of
+    // its four series (cart and shop, SET and GET), which take the same path
+    // through the same worker. One series' lucky run must not set the bar
+    // (a CI run had shop GET at 2.2 ms quiet, the other three near 4 ms).
+    // The lower of the two: the sessions clients' load must not hide a
+    // slowdown.
+    let (quiet_p99, loaded_p99) = (median_p99(&quiet), median_p99(&before));
+    let limit = 2.0 * quiet_p99.min(loaded_p99).max(floor_ms);
+    println!(
+        "proxy p99 before the failure: {quiet_p99:.3} ms quiet, {loaded_p99:.3} ms with sessions \
+         loaded; every series must stay within {limit:.3} ms while sessions is down"
+    );
     for (i, backend) in [CART, SHOP].into_iter().enumerate() {
         for (test, q, b, d) in [
             ("SET", quiet[i].0, before[i].0, during[i].0),
@@ -717,13 +729,11 @@ fn killing_one_backends_redis_does_not_slow_the_other_two() {
                  {measured_for:?} of the kill)",
                 NAMES[backend]
             );
-            // Against the lower of the two figures before the failure: its
-            // clients' load must not hide a slowdown.
-            let limit = 2.0 * q.min(b).max(floor_ms);
             assert!(
                 d <= limit,
                 "{} {test} p99 went from {q:.3} ms (quiet) / {b:.3} ms (loaded) to {d:.3} ms \
-                 (limit {limit:.3} ms) while sessions was down\n--- daemon log\n{}",
+                 (limit {limit:.3} ms: twice the proxy's p99 before the failure) while \
+                 sessions was down\n--- daemon log\n{}",
                 NAMES[backend],
                 tail(&rig.log(), 40)
             );
@@ -743,6 +753,13 @@ fn killing_one_backends_redis_does_not_slow_the_other_two() {
             NAMES[backend]
         );
     }
+}
+
+/// The median of the four p99s of one [`measure`]: the middle two's mean.
+fn median_p99(series: &[(f64, f64); 2]) -> f64 {
+    let mut all = [series[0].0, series[0].1, series[1].0, series[1].1];
+    all.sort_by(f64::total_cmp);
+    f64::midpoint(all[1], all[2])
 }
 
 fn tail(text: &str, lines: usize) -> String {
