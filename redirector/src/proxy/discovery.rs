@@ -196,13 +196,93 @@ pub async fn refresher(
     on_change: impl Fn(&View) + Send + 'static,
 ) {
     let mut last = Instant::now();
+    let mut outage = Outage::default();
     loop {
         topology.wait_for_refresh(interval, last, min_gap).await;
         last = Instant::now();
-        match refresh(&topology, &dialer, &metrics).await {
-            Ok(true) => on_change(&topology.view()),
-            Ok(false) => {}
-            Err(e) => warn!(error = %e, "topology refresh failed"),
+        let result = refresh(&topology, &dialer, &metrics).await;
+        match outage.record(result.is_ok(), last) {
+            Report::Quiet => {}
+            Report::Failing { failures, since } => {
+                if let Err(e) = &result {
+                    warn!(
+                        error = %e,
+                        failures,
+                        failing_for = ?since,
+                        "topology refresh failed"
+                    );
+                }
+            }
+            Report::Recovered { failures, after } => {
+                info!(failures, after = ?after, "topology refresh succeeds again");
+            }
+        }
+        if let Ok(true) = result {
+            on_change(&topology.view());
+        }
+    }
+}
+
+/// How often a refresh that keeps failing is logged again. Refreshes are
+/// asked for at each failed command (every `min_gap` under load), so a dead
+/// backend would otherwise log five warnings a second; the metric
+/// `redirector_topology_refreshes_total` counts every one.
+const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(30);
+
+/// What to log for one refresh outcome.
+#[derive(Debug, PartialEq, Eq)]
+enum Report {
+    Quiet,
+    /// A warning: the first failure of an outage, then one per
+    /// [`OUTAGE_REPORT_EVERY`], with the failures so far.
+    Failing {
+        failures: u64,
+        since: Duration,
+    },
+    /// The first success after an outage.
+    Recovered {
+        failures: u64,
+        after: Duration,
+    },
+}
+
+/// A run of failed refreshes, for logging it without flooding.
+#[derive(Debug, Default)]
+struct Outage {
+    /// (first failure, last warning, failures so far) while failing.
+    current: Option<(Instant, Instant, u64)>,
+}
+
+impl Outage {
+    fn record(&mut self, ok: bool, now: Instant) -> Report {
+        match (ok, &mut self.current) {
+            (true, None) => Report::Quiet,
+            (true, Some((first, _, failures))) => {
+                let report = Report::Recovered {
+                    failures: *failures,
+                    after: now.duration_since(*first),
+                };
+                self.current = None;
+                report
+            }
+            (false, None) => {
+                self.current = Some((now, now, 1));
+                Report::Failing {
+                    failures: 1,
+                    since: Duration::ZERO,
+                }
+            }
+            (false, Some((first, warned, failures))) => {
+                *failures += 1;
+                if now.duration_since(*warned) < OUTAGE_REPORT_EVERY {
+                    return Report::Quiet;
+                }
+                *warned = now;
+                Report::Failing {
+                    failures: *failures,
+                    since: now.duration_since(*first),
+                }
+            }
         }
     }
 }
@@ -210,6 +290,46 @@ pub async fn refresher(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_warns_once_then_every_thirty_seconds_and_reports_its_end() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut outage = Outage::default();
+        assert_eq!(outage.record(true, at(0)), Report::Quiet);
+        assert_eq!(
+            outage.record(false, at(100)),
+            Report::Failing {
+                failures: 1,
+                since: Duration::ZERO
+            }
+        );
+        // Five a second for half a minute: silent.
+        for i in 1..150 {
+            assert_eq!(outage.record(false, at(100 + i * 200)), Report::Quiet);
+        }
+        assert_eq!(
+            outage.record(false, at(30_100)),
+            Report::Failing {
+                failures: 151,
+                since: Duration::from_secs(30)
+            }
+        );
+        assert_eq!(outage.record(false, at(30_300)), Report::Quiet);
+        assert_eq!(
+            outage.record(true, at(30_500)),
+            Report::Recovered {
+                failures: 152,
+                after: Duration::from_millis(30_400)
+            }
+        );
+        assert_eq!(outage.record(true, at(30_700)), Report::Quiet);
+        // A new outage warns at once.
+        assert!(matches!(
+            outage.record(false, at(30_900)),
+            Report::Failing { failures: 1, .. }
+        ));
+    }
 
     #[test]
     fn replicas_that_are_up_are_read_from_cluster_nodes() {
