@@ -361,6 +361,14 @@ impl Logins {
     }
 }
 
+/// A session's turn, in requests: it parses at most this many of a
+/// client's commands before the worker's other clients get a turn (a long
+/// pipeline the proxy answers itself, PING, must not hold the thread), and
+/// its inbox wakes it once this many replies are ready in a row even while
+/// more are owed (a client that streams its commands gets replies a turn's
+/// worth at a time, not only when its pipeline runs dry).
+const TURN: usize = 128;
+
 /// How often idle users' pools are looked at.
 const USERS_SWEEP: Duration = Duration::from_secs(1);
 

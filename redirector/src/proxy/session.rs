@@ -55,9 +55,8 @@ use crate::{
 };
 
 /// Requests taken from one client's buffer before the other clients of the
-/// worker get a turn: a long pipeline of replies the proxy answers itself
-/// (PING) must not hold the thread for its whole length.
-const REQUESTS_PER_TURN: usize = 128;
+/// worker get a turn.
+const REQUESTS_PER_TURN: usize = super::TURN;
 
 /// While the daemon goes away: a client quiet this long between two
 /// requests is closed, to reconnect to whoever serves next.

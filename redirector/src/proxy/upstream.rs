@@ -171,11 +171,8 @@ pub struct Inbox {
 }
 
 /// How many replies come in a row at the head before the session is woken
-/// for them even while others are still owed: a client that streams its
-/// commands gets its replies a turn's worth at a time (as many as a session
-/// parses per turn, `session::REQUESTS_PER_TURN`), not only when the
-/// pipeline runs dry.
-const WAKE_AFTER: usize = 128;
+/// for them even while others are still owed: a turn's worth.
+const WAKE_AFTER: usize = super::TURN;
 
 #[derive(Default)]
 struct InboxState {
