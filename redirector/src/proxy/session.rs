@@ -751,6 +751,9 @@ impl Session {
         }
     }
 
+    /// Out of line: what it may run (a gather's task, a command held for
+    /// its permission) would grow the frame of every drain.
+    #[inline(never)]
     fn resolve_head(&mut self, pending: &mut VecDeque<Pending>, resolution: Resolution) {
         let Some(front) = pending.pop_front() else {
             return;
@@ -1824,13 +1827,10 @@ fn upstream_resolved(
 ) -> Pending {
     match exec::judge_one(result, routed.target.readonly) {
         exec::Verdict::Done(reply) => Pending::Ready(reply.raw, Some(meta)),
-        verdict => {
-            let shared = Arc::clone(shared);
-            Pending::Task(
-                spawn_reply(async move { exec::complete(shared, routed, verdict).await }),
-                Some(meta),
-            )
-        }
+        verdict => Pending::Task(
+            spawn_complete(Arc::clone(shared), routed, verdict),
+            Some(meta),
+        ),
     }
 }
 
@@ -1888,7 +1888,7 @@ fn spawn_reply(work: impl Future<Output = Reply> + Send + 'static) -> oneshot::R
 
 // The tasks a routed command may need, built out of line: a future is
 // built on its spawner's stack at its full size, and inlined into
-// `route` these two made the frame of every routed command 7.7 KiB.
+// `route` and `drain` these two made their frames 7.7 and 6.4 KiB.
 
 #[cold]
 #[inline(never)]
