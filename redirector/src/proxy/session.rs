@@ -1026,19 +1026,34 @@ impl Session {
         pending: &mut VecDeque<Pending>,
         meta: Meta,
     ) {
-        if let Plan::Route {
-            slot: Some(slot),
-            readonly,
-        } = plan
-            && !self.script_on_lease(info)
-        {
-            if !readonly {
-                self.last_write_slot = Some(slot);
+        match plan {
+            Plan::Route { slot, readonly } => {
+                self.carry_out_route(req, slot, readonly, info, pending, meta);
             }
-            self.route(req, Some(slot), readonly, pending, meta);
+            plan => self.carry_out_any(plan, req, info, pending, meta),
+        }
+    }
+
+    /// [`Plan::Route`]: to the slot's node, or on a lease for a script.
+    #[inline]
+    fn carry_out_route(
+        &mut self,
+        req: Request,
+        slot: Option<u16>,
+        readonly: bool,
+        info: Option<&CommandInfo>,
+        pending: &mut VecDeque<Pending>,
+        meta: Meta,
+    ) {
+        let slot = slot.or_else(|| self.loaded_script_slot(info, &req));
+        if !readonly {
+            self.last_write_slot = slot.or(self.last_write_slot);
+        }
+        if self.script_on_lease(info) {
+            self.blocking(req, slot, false, pending, meta);
             return;
         }
-        self.carry_out_any(plan, req, info, pending, meta);
+        self.route(req, slot, readonly, pending, meta);
     }
 
     #[inline(never)]
@@ -1070,15 +1085,7 @@ impl Session {
             }
             Plan::Local(local) => self.local(local, &req, pending, meta),
             Plan::Route { slot, readonly } => {
-                let slot = slot.or_else(|| self.loaded_script_slot(info, &req));
-                if !readonly {
-                    self.last_write_slot = slot.or(self.last_write_slot);
-                }
-                if self.script_on_lease(info) {
-                    self.blocking(req, slot, false, pending, meta);
-                    return;
-                }
-                self.route(req, slot, readonly, pending, meta);
+                self.carry_out_route(req, slot, readonly, info, pending, meta);
             }
             Plan::Publish { slot } => self.route(req, Some(slot), false, pending, meta),
             Plan::Split {
