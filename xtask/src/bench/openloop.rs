@@ -426,6 +426,7 @@ fn relay_name(model: relay::Model) -> &'static str {
     match model {
         relay::Model::Threads => "relay-t",
         relay::Model::EventLoop => "relay-e",
+        relay::Model::Responder => "responder",
     }
 }
 
@@ -435,6 +436,7 @@ fn relay_about(model: relay::Model) -> &'static str {
         relay::Model::EventLoop => {
             "relay-e: one tokio current-thread event loop, copy_bidirectional"
         }
+        relay::Model::Responder => "responder: answers itself, no upstream",
     }
 }
 

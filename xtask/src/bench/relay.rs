@@ -11,6 +11,10 @@
 //!
 //! It runs as a child process (`cargo xtask relay-floor`, hidden), in the
 //! bench's network namespace, one listener per Redis master.
+//!
+//! The same relays, and a responder that has no upstream at all, are the
+//! user-time floor of the workloads part: what this machine charges a
+//! process's user time for the I/O of a hop alone (`workloads`, "floor").
 
 use std::{
     io::{Read as _, Write as _},
@@ -30,6 +34,13 @@ pub enum Model {
     /// One thread, one event loop (tokio's current-thread runtime, as the
     /// proxy's workers), `copy_bidirectional` per connection.
     EventLoop,
+    /// No upstream at all: a thread per connection, blocked in `read`,
+    /// answering every request itself (a nil per `*` read, which is one
+    /// per request in redis-benchmark's GET and SET traffic, whose keys and
+    /// values hold none). One `recv`, one `send` and one wake-up per
+    /// request and nothing else: the client side of any hop, the least a
+    /// proxy can be charged for.
+    Responder,
 }
 
 /// Serves every `(listen, upstream)` pair until killed.
@@ -40,6 +51,49 @@ pub fn serve(model: Model, pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
     match model {
         Model::Threads => serve_threads(pairs),
         Model::EventLoop => serve_event_loop(pairs),
+        Model::Responder => serve_responder(pairs),
+    }
+}
+
+/// [`Model::Responder`]: the pairs' upstreams are not used.
+fn serve_responder(pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
+    let mut listeners = Vec::new();
+    for &(listen, _) in pairs {
+        let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+        listeners.push(thread::spawn(move || -> Result<()> {
+            for client in listener.incoming() {
+                let client = client?;
+                client.set_nodelay(true)?;
+                thread::spawn(move || answer(client));
+            }
+            Ok(())
+        }));
+    }
+    for listener in listeners {
+        listener
+            .join()
+            .map_err(|_| anyhow::anyhow!("a responder listener panicked"))??;
+    }
+    Ok(())
+}
+
+/// Answers each `*` read with a nil until the client leaves.
+fn answer(mut client: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::with_capacity(64 * 1024);
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                out.clear();
+                for _ in buf[..n].iter().filter(|&&b| b == b'*') {
+                    out.extend_from_slice(b"$-1\r\n");
+                }
+                if client.write_all(&out).is_err() {
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -128,6 +182,7 @@ pub fn start(place: &Place, model: Model, pairs: &[(SocketAddr, SocketAddr)]) ->
     cmd.arg("relay-floor").arg("--model").arg(match model {
         Model::Threads => "threads",
         Model::EventLoop => "event-loop",
+        Model::Responder => "responder",
     });
     for (listen, upstream) in pairs {
         cmd.arg("--pair").arg(format!("{listen}={upstream}"));

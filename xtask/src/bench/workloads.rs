@@ -17,6 +17,11 @@
 //! directly and through a third proxy (127.0.0.1:7382) that serves it as a
 //! `--backend NAME=standalone:ADDR`, alternating in the same rounds.
 //!
+//! The user-time floor: W1 and W2 against that redis-server directly (its
+//! own CPU), through a [`relay`] that copies bytes, and against a
+//! responder that answers without an upstream, each process's user and
+//! kernel CPU per request measured as the proxy's, in the same rounds.
+//!
 //! The latency figure ([`openloop`]) uses the same cluster and proxy.
 
 use std::{
@@ -37,7 +42,7 @@ use testbed::{
     unique,
 };
 
-use super::openloop;
+use super::{openloop, relay};
 
 const PROXY_PORT: u16 = 7379;
 /// The proxy whose upstream connections run through an HBONE tunnel.
@@ -51,6 +56,9 @@ const STANDALONE_PORT: u16 = 7100;
 const STANDALONE_PROXY_PORT: u16 = 7382;
 /// The workload measured on the standalone backend too.
 const STANDALONE_WORKLOAD: &str = "W1 -c 50 -P 1";
+/// The floor's copy relay (to the standalone Redis) and responder.
+const FLOOR_RELAY_PORT: u16 = 7383;
+const FLOOR_RESPONDER_PORT: u16 = 7384;
 const WORKERS: &str = "1";
 
 struct Workload {
@@ -210,6 +218,25 @@ fn redis_benchmark(
     // The standalone backend: per test, direct and proxy samples.
     let mut on_standalone: BTreeMap<String, Series> = BTreeMap::new();
     let mut standalone_cpu = Vec::new();
+    let floor_relay = relay::start(
+        place,
+        relay::Model::Threads,
+        &[(
+            SocketAddr::from(([127, 0, 0, 1], FLOOR_RELAY_PORT)),
+            standalone.addr(),
+        )],
+    )?;
+    let floor_responder = relay::start(
+        place,
+        relay::Model::Responder,
+        &[(
+            SocketAddr::from(([127, 0, 0, 1], FLOOR_RESPONDER_PORT)),
+            standalone.addr(),
+        )],
+    )?;
+    // Per workload with a user target: Redis's own, the relay's and the
+    // responder's CPU per request.
+    let mut floors: BTreeMap<&str, [Vec<CpuCost>; 3]> = BTreeMap::new();
     for round in 1..=rounds {
         for w in WORKLOADS {
             eprintln!("round {round}/{rounds}: {} direct", w.name);
@@ -263,8 +290,26 @@ fn redis_benchmark(
                     on_standalone.entry(test).or_default().proxy.push(sample);
                 }
             }
+            if CPU_TARGETS.iter().any(|(name, ..)| *name == w.name) {
+                let costs = floors.entry(w.name).or_default();
+                let floor_runs = [
+                    ("redis-server itself", STANDALONE_PORT, standalone.pid()),
+                    ("a copy relay", FLOOR_RELAY_PORT, floor_relay.pid()),
+                    ("a responder", FLOOR_RESPONDER_PORT, floor_responder.pid()),
+                ];
+                for (at, (what, port, pid)) in floor_runs.into_iter().enumerate() {
+                    eprintln!("round {round}/{rounds}: {} floor, {what}", w.name);
+                    let before = cpu_split(pid);
+                    let results = benchmark_port(place, w, port)?;
+                    let after = cpu_split(pid);
+                    let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
+                    costs[at].push(CpuCost::of(before, after, requests));
+                }
+            }
         }
     }
+    drop(floor_responder);
+    drop(floor_relay);
     let w4 = php_w4(place, dir, rounds)?;
     drop(standalone_proxy);
     drop(standalone);
@@ -336,6 +381,7 @@ fn redis_benchmark(
             ),
         }
     }
+    print_floors(&floors, &cpu);
     println!();
     println!(
         "Through an HBONE tunnel (mTLS HTTP/2 CONNECT to a second redirector) vs the same proxy without it, same rounds:"
@@ -390,6 +436,47 @@ fn redis_benchmark(
         );
     }
     Ok(())
+}
+
+/// The user-time floor next to the proxy's user time and its target.
+fn print_floors(floors: &BTreeMap<&str, [Vec<CpuCost>; 3]>, proxy: &BTreeMap<&str, Vec<CpuCost>>) {
+    println!();
+    println!(
+        "User-time floor, same rounds (one redis-server on 127.0.0.1:{STANDALONE_PORT}; user + kernel µs per request, medians):"
+    );
+    let about = [
+        "redis-server itself, direct",
+        "a copy relay (2 recv, 2 send, 2 wake-ups)",
+        "a responder (1 recv, 1 send, 1 wake-up)",
+    ];
+    for (name, _, user_target) in CPU_TARGETS {
+        let Some(costs) = floors.get(name) else {
+            continue;
+        };
+        let [redis, relay, responder] = costs.each_ref().map(|c| CpuCost::median(c));
+        for (what, cost) in about.iter().zip([redis, relay, responder]) {
+            println!(
+                "{name:<16} {what:<42} {:>5.2} + {:>5.2}",
+                cost.user_us, cost.system_us
+            );
+        }
+        let spent = CpuCost::median(proxy.get(name).map(Vec::as_slice).unwrap_or(&[]));
+        println!(
+            "{name:<16} {:<42} {:>5.2} + {:>5.2}  user target {user_target:.2}: {}",
+            "the proxy",
+            spent.user_us,
+            spent.system_us,
+            if responder.user_us >= user_target {
+                "OUT OF REACH (a responder without upstream is charged more)".to_string()
+            } else {
+                format!(
+                    "the responder's I/O takes {:.2} µs of it, {:.2} µs are left for the upstream side and the proxy's own work",
+                    responder.user_us,
+                    user_target - responder.user_us
+                )
+            }
+        );
+    }
 }
 
 fn plain_proxy_args() -> Vec<String> {
