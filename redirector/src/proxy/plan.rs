@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     cluster::{
-        commands::{AclCategories, CommandInfo, CommandTable, Flags},
+        commands::{AclCategories, CommandInfo, CommandTable, Flags, LastCommand},
         slot,
     },
     fasthash::FnvHashMap,
@@ -377,6 +377,16 @@ pub fn overrides() -> impl Iterator<Item = (&'static str, &'static str)> {
 /// word names one), read from the frame in place.
 pub fn lookup<'t>(table: &'t CommandTable, req: &Request) -> Option<&'t CommandInfo> {
     table.lookup_words(req.arg(0), req.arg(1))
+}
+
+/// [`lookup`], remembering the name in `last` for the next request of a
+/// pipeline.
+pub fn lookup_cached<'t>(
+    table: &'t CommandTable,
+    req: &Request,
+    last: &mut LastCommand<'t>,
+) -> Option<&'t CommandInfo> {
+    table.lookup_words_cached(req.arg(0), req.arg(1), last)
 }
 
 /// Plans `req` for a session in `state`.

@@ -44,7 +44,7 @@ use super::{
 };
 use crate::{
     cluster::{
-        commands::{AclCategories, CommandInfo, CommandTable, Flags},
+        commands::{AclCategories, CommandInfo, CommandTable, Flags, LastCommand},
         topology::View,
     },
     resp::{
@@ -660,7 +660,11 @@ impl Session {
                 Some(Pending::Upstream { seq, .. }) => {
                     // The replies of every command routed in a row at the
                     // head that have come, taken under one lock and
-                    // resolved in place.
+                    // resolved in place. None come yet (as right after
+                    // the dispatch): no lock.
+                    if !self.inbox.any_arrived() {
+                        return false;
+                    }
                     let first = *seq;
                     let run = pending
                         .iter()
@@ -827,6 +831,8 @@ impl Session {
         self.read_at = Instant::now();
         self.entry.active_at(self.read_at);
         let mut parsed = 0;
+        // A pipeline mostly repeats one command: its entry is kept.
+        let mut last = LastCommand::default();
         while pending.len() < settings.max_pipeline
             && parsed < REQUESTS_PER_TURN
             && !self.closing
@@ -837,7 +843,8 @@ impl Session {
             match request::parse(inbuf, &settings.limits) {
                 Ok(Parsed::Request(req)) => {
                     parsed += 1;
-                    self.dispatch(req, pending, commands);
+                    let info = plan::lookup_cached(commands, &req, &mut last);
+                    self.dispatch_known(req, info, pending, commands);
                 }
                 Ok(Parsed::Incomplete { needed }) => {
                     if needed > 0 {
@@ -922,6 +929,17 @@ impl Session {
 
     fn dispatch(&mut self, req: Request, pending: &mut VecDeque<Pending>, commands: &CommandTable) {
         let info = plan::lookup(commands, &req);
+        self.dispatch_known(req, info, pending, commands);
+    }
+
+    /// [`Self::dispatch`], the command's table entry already looked up.
+    fn dispatch_known(
+        &mut self,
+        req: Request,
+        info: Option<&CommandInfo>,
+        pending: &mut VecDeque<Pending>,
+        commands: &CommandTable,
+    ) {
         let plan = plan::plan_known(commands, info, &req, &self.state());
         // As in Redis, a blocking command or a script starts only once the
         // client's earlier commands have run.

@@ -11,8 +11,8 @@ use std::{
     collections::VecDeque,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
@@ -166,8 +166,39 @@ impl Job {
 #[derive(Default)]
 pub struct Inbox {
     state: Mutex<InboxState>,
+    /// `state.ready` as of the last lock's release: the session looks here
+    /// before it locks, and a drain right after a dispatch, whose replies
+    /// cannot have come yet, takes no lock.
+    ready: AtomicUsize,
     /// Woken when the session has something to write (`InboxState::fill`).
     filled: Wakeup,
+}
+
+/// The inbox's state, locked; its release publishes `ready`.
+struct Slots<'a> {
+    state: MutexGuard<'a, InboxState>,
+    published: &'a AtomicUsize,
+}
+
+impl std::ops::Deref for Slots<'_> {
+    type Target = InboxState;
+    fn deref(&self) -> &InboxState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Slots<'_> {
+    fn deref_mut(&mut self) -> &mut InboxState {
+        &mut self.state
+    }
+}
+
+impl Drop for Slots<'_> {
+    fn drop(&mut self) {
+        // Still under the lock: a reader that sees a count sees its
+        // replies when it locks.
+        self.published.store(self.state.ready, Ordering::Release);
+    }
 }
 
 /// How many replies come in a row at the head before the session is woken
@@ -215,7 +246,7 @@ impl Inbox {
     /// numbers a read's commands itself and opens their slots with one call,
     /// before any of them is sent.
     pub fn open_until(&self, end: u64) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.slots();
         let open = state.base + state.slots.len() as u64;
         // One slot for a request-reply client: grown by default to four,
         // they would stay allocated while it idles.
@@ -236,8 +267,18 @@ impl Inbox {
     }
 
     /// The slots, locked: a reader fills a job's replies under one lock.
-    fn slots(&self) -> std::sync::MutexGuard<'_, InboxState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn slots(&self) -> Slots<'_> {
+        Slots {
+            state: self.state.lock().unwrap_or_else(|e| e.into_inner()),
+            published: &self.ready,
+        }
+    }
+
+    /// Whether the oldest open slot's reply may have come. False means
+    /// [`Self::take_arrived`] would take nothing now; a reply that comes
+    /// after the look wakes the session as ever.
+    pub fn any_arrived(&self) -> bool {
+        self.ready.load(Ordering::Acquire) > 0
     }
 
     fn wake(&self) {
@@ -275,7 +316,7 @@ impl Inbox {
     /// The replies for `first` (the oldest slot) and the `count - 1` after
     /// it, once all have arrived: the parts of one gathered command.
     pub fn take_run(&self, first: u64, count: usize) -> Option<Vec<Result<Reply, UpstreamError>>> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.slots();
         if state.base != first
             || state.slots.len() < count
             || state.slots.iter().take(count).any(Option::is_none)
@@ -677,6 +718,25 @@ mod tests {
         assert!(state.fill(1, reply(b":1\r\n")), "all four have come");
         assert_eq!(state.ready, 4);
         assert!(!state.fill(9, reply(b":9\r\n")), "never opened");
+    }
+
+    #[test]
+    fn the_lock_free_look_says_whether_the_oldest_reply_has_come() {
+        let inbox = Inbox::default();
+        inbox.open_until(3);
+        assert!(!inbox.any_arrived(), "nothing has come");
+        inbox.put(1, reply(b":1\r\n"));
+        assert!(!inbox.any_arrived(), "the oldest is still owed");
+        inbox.put(0, reply(b":0\r\n"));
+        assert!(inbox.any_arrived());
+        let mut taken = Vec::new();
+        assert_eq!(inbox.take_arrived(0, 3, |r| taken.push(r)), 2);
+        assert_eq!(taken.len(), 2);
+        assert!(!inbox.any_arrived(), "both were taken; the third is owed");
+        inbox.put(2, reply(b":2\r\n"));
+        assert!(inbox.any_arrived());
+        assert_eq!(inbox.take_run(2, 1).map(|r| r.len()), Some(1));
+        assert!(!inbox.any_arrived());
     }
 
     #[test]
