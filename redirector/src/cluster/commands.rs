@@ -416,6 +416,12 @@ impl CommandInfo {
 
     /// The subcommand named `name` (the word after the container,
     /// case-insensitive).
+    /// The entry that governs a command whose next word is `next`: the
+    /// subcommand it names, if any, else this one.
+    fn resolve(&self, next: Option<&[u8]>) -> &Self {
+        next.and_then(|sub| self.subcommand(sub)).unwrap_or(self)
+    }
+
     pub fn subcommand(&self, name: &[u8]) -> Option<&CommandInfo> {
         self.subcommands.iter().find(|sub| {
             sub.name
@@ -718,7 +724,8 @@ impl CommandTable {
         last: &mut LastCommand<'t>,
     ) -> Option<&'t CommandInfo> {
         let Some(word) = packed_name(name) else {
-            return self.long.get(name.to_ascii_lowercase().as_slice());
+            // A long name: not kept.
+            return self.get(name);
         };
         if let Some((seen, info)) = last.0
             && seen == word
@@ -738,8 +745,7 @@ impl CommandTable {
         next: Option<&[u8]>,
         last: &mut LastCommand<'t>,
     ) -> Option<&'t CommandInfo> {
-        let cmd = self.get_cached(name?, last)?;
-        Some(next.and_then(|sub| cmd.subcommand(sub)).unwrap_or(cmd))
+        Some(self.get_cached(name?, last)?.resolve(next))
     }
 
     /// Resolves the entry that governs `args` (args[0] = command name): a
@@ -753,8 +759,7 @@ impl CommandTable {
     /// [`Self::lookup`], from the name and the word after it.
     #[inline]
     pub fn lookup_words(&self, name: Option<&[u8]>, next: Option<&[u8]>) -> Option<&CommandInfo> {
-        let cmd = self.get(name?)?;
-        Some(next.and_then(|sub| cmd.subcommand(sub)).unwrap_or(cmd))
+        Some(self.get(name?)?.resolve(next))
     }
 
     /// Sets every command's (and subcommand's) [`CommandInfo::plain`] to

@@ -49,31 +49,17 @@ pub fn serve(model: Model, pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
         bail!("relay-floor: no --pair LISTEN=UPSTREAM given");
     }
     match model {
-        Model::Threads => serve_threads(pairs),
+        Model::Threads => serve_blocking(pairs, relay),
         Model::EventLoop => serve_event_loop(pairs),
-        Model::Responder => serve_responder(pairs),
+        Model::Responder => serve_blocking(pairs, respond),
     }
 }
 
-/// [`Model::Responder`]: the pairs' upstreams are not used.
-fn serve_responder(pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
-    let mut listeners = Vec::new();
-    for &(listen, _) in pairs {
-        let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
-        listeners.push(thread::spawn(move || -> Result<()> {
-            for client in listener.incoming() {
-                let client = client?;
-                client.set_nodelay(true)?;
-                thread::spawn(move || answer(client));
-            }
-            Ok(())
-        }));
-    }
-    for listener in listeners {
-        listener
-            .join()
-            .map_err(|_| anyhow::anyhow!("a responder listener panicked"))??;
-    }
+/// [`Model::Responder`]'s client (its upstream is not used): a thread
+/// answers it.
+fn respond(client: TcpStream, _upstream: SocketAddr) -> Result<()> {
+    client.set_nodelay(true)?;
+    thread::spawn(move || answer(client));
     Ok(())
 }
 
@@ -97,11 +83,21 @@ fn answer(mut client: TcpStream) {
     }
 }
 
-fn serve_threads(pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
+/// A thread per listener, blocked in `accept`, handing each client and the
+/// pair's upstream to `serve` (the thread models).
+fn serve_blocking(
+    pairs: &[(SocketAddr, SocketAddr)],
+    serve: fn(TcpStream, SocketAddr) -> Result<()>,
+) -> Result<()> {
     let mut listeners = Vec::new();
     for &(listen, upstream) in pairs {
         let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
-        listeners.push(thread::spawn(move || accept(&listener, upstream)));
+        listeners.push(thread::spawn(move || -> Result<()> {
+            for client in listener.incoming() {
+                serve(client?, upstream)?;
+            }
+            Ok(())
+        }));
     }
     for listener in listeners {
         listener
@@ -111,16 +107,15 @@ fn serve_threads(pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
     Ok(())
 }
 
-fn accept(listener: &TcpListener, upstream: SocketAddr) -> Result<()> {
-    for client in listener.incoming() {
-        let client = client?;
-        let server = TcpStream::connect(upstream).with_context(|| format!("connect {upstream}"))?;
-        client.set_nodelay(true)?;
-        server.set_nodelay(true)?;
-        let (client_tx, server_tx) = (client.try_clone()?, server.try_clone()?);
-        thread::spawn(move || pump(client, server_tx));
-        thread::spawn(move || pump(server, client_tx));
-    }
+/// [`Model::Threads`]' client: a connection to the upstream and a thread
+/// per direction.
+fn relay(client: TcpStream, upstream: SocketAddr) -> Result<()> {
+    let server = TcpStream::connect(upstream).with_context(|| format!("connect {upstream}"))?;
+    client.set_nodelay(true)?;
+    server.set_nodelay(true)?;
+    let (client_tx, server_tx) = (client.try_clone()?, server.try_clone()?);
+    thread::spawn(move || pump(client, server_tx));
+    thread::spawn(move || pump(server, client_tx));
     Ok(())
 }
 

@@ -218,22 +218,12 @@ fn redis_benchmark(
     // The standalone backend: per test, direct and proxy samples.
     let mut on_standalone: BTreeMap<String, Series> = BTreeMap::new();
     let mut standalone_cpu = Vec::new();
-    let floor_relay = relay::start(
-        place,
-        relay::Model::Threads,
-        &[(
-            SocketAddr::from(([127, 0, 0, 1], FLOOR_RELAY_PORT)),
-            standalone.addr(),
-        )],
-    )?;
-    let floor_responder = relay::start(
-        place,
-        relay::Model::Responder,
-        &[(
-            SocketAddr::from(([127, 0, 0, 1], FLOOR_RESPONDER_PORT)),
-            standalone.addr(),
-        )],
-    )?;
+    let floor = |model, port| {
+        let listen = SocketAddr::from(([127, 0, 0, 1], port));
+        relay::start(place, model, &[(listen, standalone.addr())])
+    };
+    let floor_relay = floor(relay::Model::Threads, FLOOR_RELAY_PORT)?;
+    let floor_responder = floor(relay::Model::Responder, FLOOR_RESPONDER_PORT)?;
     // Per workload with a user target: Redis's own, the relay's and the
     // responder's CPU per request.
     let mut floors: BTreeMap<&str, [Vec<CpuCost>; 3]> = BTreeMap::new();
