@@ -426,6 +426,7 @@ fn relay_name(model: relay::Model) -> &'static str {
     match model {
         relay::Model::Threads => "relay-t",
         relay::Model::EventLoop => "relay-e",
+        relay::Model::Epoll => "relay-p",
         relay::Model::Responder => "responder",
     }
 }
@@ -436,6 +437,7 @@ fn relay_about(model: relay::Model) -> &'static str {
         relay::Model::EventLoop => {
             "relay-e: one tokio current-thread event loop, copy_bidirectional"
         }
+        relay::Model::Epoll => "relay-p: one plain epoll loop, no runtime",
         relay::Model::Responder => "responder: answers itself, no upstream",
     }
 }

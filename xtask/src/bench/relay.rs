@@ -34,6 +34,13 @@ pub enum Model {
     /// One thread, one event loop (tokio's current-thread runtime, as the
     /// proxy's workers), `copy_bidirectional` per connection.
     EventLoop,
+    /// One thread, one level-triggered epoll over every connection, and no
+    /// runtime: a ready socket's bytes are read once and written to its
+    /// peer at once, from one buffer. The least user-space work any
+    /// event-driven hop can do per request (no task, no waker, no queue),
+    /// so its user time is the floor of a proxy's, whatever it is
+    /// written in.
+    Epoll,
     /// No upstream at all: a thread per connection, blocked in `read`,
     /// answering every request itself (a nil per `*` read, which is one
     /// per request in redis-benchmark's GET and SET traffic, whose keys and
@@ -51,6 +58,7 @@ pub fn serve(model: Model, pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
     match model {
         Model::Threads => serve_blocking(pairs, relay),
         Model::EventLoop => serve_event_loop(pairs),
+        Model::Epoll => serve_epoll(pairs),
         Model::Responder => serve_blocking(pairs, respond),
     }
 }
@@ -170,6 +178,96 @@ async fn accept_events(
     }
 }
 
+/// [`Model::Epoll`]: listeners and connections in one epoll; a token is a
+/// listener's index (below `pairs.len()`) or a connection's fd plus that.
+fn serve_epoll(pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
+    use std::os::fd::{AsRawFd as _, RawFd};
+
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    let mut listeners = Vec::new();
+    for (at, &(listen, upstream)) in pairs.iter().enumerate() {
+        let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+        listener.set_nonblocking(true)?;
+        epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, at as u64))?;
+        listeners.push((listener, upstream));
+    }
+    let base = listeners.len() as u64;
+    // By fd: the stream and the fd of its peer.
+    let mut streams: Vec<Option<(TcpStream, RawFd)>> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut events = [EpollEvent::empty(); 64];
+    loop {
+        let ready = match epoll.wait(&mut events, EpollTimeout::NONE) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("epoll_wait"),
+        };
+        for event in &events[..ready] {
+            let token = event.data();
+            if token < base {
+                let (listener, upstream) = &listeners[token as usize];
+                while let Ok((client, _)) = listener.accept() {
+                    let server = TcpStream::connect(upstream)
+                        .with_context(|| format!("connect {upstream}"))?;
+                    for stream in [&client, &server] {
+                        stream.set_nodelay(true)?;
+                        stream.set_nonblocking(true)?;
+                    }
+                    let (c, s) = (client.as_raw_fd(), server.as_raw_fd());
+                    for (stream, fd) in [(&client, c), (&server, s)] {
+                        epoll.add(
+                            stream,
+                            EpollEvent::new(EpollFlags::EPOLLIN, base + fd as u64),
+                        )?;
+                    }
+                    let most = c.max(s) as usize;
+                    if streams.len() <= most {
+                        streams.resize_with(most + 1, || None);
+                    }
+                    streams[c as usize] = Some((client, s));
+                    streams[s as usize] = Some((server, c));
+                }
+                continue;
+            }
+            let fd = (token - base) as usize;
+            let Some((from, peer)) = streams.get(fd).and_then(Option::as_ref) else {
+                continue;
+            };
+            let peer = *peer as usize;
+            let copied = match (&*from).read(&mut buf) {
+                Ok(0) => false,
+                Ok(n) => streams[peer]
+                    .as_ref()
+                    .is_some_and(|(to, _)| write_all_spinning(to, &buf[..n])),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+                Err(_) => false,
+            };
+            if !copied {
+                // Dropping both streams closes them, which takes them out
+                // of the epoll.
+                streams[fd] = None;
+                streams[peer] = None;
+            }
+        }
+    }
+}
+
+/// Writes all of `bytes` to a non-blocking stream, retrying while its
+/// send buffer is full (a request or reply of this bench never fills it).
+fn write_all_spinning(mut to: &TcpStream, mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        match to.write(bytes) {
+            Ok(0) => return false,
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::yield_now(),
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// Starts the relay in `place` (killed when the returned child drops) and
 /// waits until every listener accepts.
 pub fn start(place: &Place, model: Model, pairs: &[(SocketAddr, SocketAddr)]) -> Result<Child> {
@@ -177,6 +275,7 @@ pub fn start(place: &Place, model: Model, pairs: &[(SocketAddr, SocketAddr)]) ->
     cmd.arg("relay-floor").arg("--model").arg(match model {
         Model::Threads => "threads",
         Model::EventLoop => "event-loop",
+        Model::Epoll => "epoll",
         Model::Responder => "responder",
     });
     for (listen, upstream) in pairs {

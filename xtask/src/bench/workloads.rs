@@ -18,9 +18,11 @@
 //! `--backend NAME=standalone:ADDR`, alternating in the same rounds.
 //!
 //! The user-time floor: W1 and W2 against that redis-server directly (its
-//! own CPU), through a [`relay`] that copies bytes, and against a
-//! responder that answers without an upstream, each process's user and
-//! kernel CPU per request measured as the proxy's, in the same rounds.
+//! own CPU), through two [`relay`]s that copy bytes (one on tokio's
+//! current-thread runtime, the proxy's I/O model; one on a plain epoll
+//! loop, no runtime), and against a responder that answers without an
+//! upstream, each process's user and kernel CPU per request measured as
+//! the proxy's, in the same rounds.
 //!
 //! The latency figure ([`openloop`]) uses the same cluster and proxy.
 
@@ -56,9 +58,21 @@ const STANDALONE_PORT: u16 = 7100;
 const STANDALONE_PROXY_PORT: u16 = 7382;
 /// The workload measured on the standalone backend too.
 const STANDALONE_WORKLOAD: &str = "W1 -c 50 -P 1";
-/// The floor's copy relay (to the standalone Redis) and responder.
-const FLOOR_RELAY_PORT: u16 = 7383;
-const FLOOR_RESPONDER_PORT: u16 = 7384;
+/// The floor's copy relays (to the standalone Redis) and responder: model,
+/// port, and what it is. The verdict reads them by these positions.
+const FLOORS: [(relay::Model, u16, &str); 3] = [
+    (
+        relay::Model::EventLoop,
+        7383,
+        "a copy relay on tokio (the proxy's runtime)",
+    ),
+    (relay::Model::Epoll, 7385, "a copy relay on plain epoll"),
+    (
+        relay::Model::Responder,
+        7384,
+        "a responder (1 recv, 1 send, 1 wake-up)",
+    ),
+];
 const WORKERS: &str = "1";
 
 struct Workload {
@@ -218,15 +232,16 @@ fn redis_benchmark(
     // The standalone backend: per test, direct and proxy samples.
     let mut on_standalone: BTreeMap<String, Series> = BTreeMap::new();
     let mut standalone_cpu = Vec::new();
-    let floor = |model, port| {
-        let listen = SocketAddr::from(([127, 0, 0, 1], port));
-        relay::start(place, model, &[(listen, standalone.addr())])
-    };
-    let floor_relay = floor(relay::Model::Threads, FLOOR_RELAY_PORT)?;
-    let floor_responder = floor(relay::Model::Responder, FLOOR_RESPONDER_PORT)?;
-    // Per workload with a user target: Redis's own, the relay's and the
-    // responder's CPU per request.
-    let mut floors: BTreeMap<&str, [Vec<CpuCost>; 3]> = BTreeMap::new();
+    let floor_processes = FLOORS
+        .iter()
+        .map(|&(model, port, _)| {
+            let listen = SocketAddr::from(([127, 0, 0, 1], port));
+            relay::start(place, model, &[(listen, standalone.addr())])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Per workload with a user target: Redis's own CPU per request, then
+    // each of `FLOORS`'.
+    let mut floors: BTreeMap<&str, [Vec<CpuCost>; 4]> = BTreeMap::new();
     for round in 1..=rounds {
         for w in WORKLOADS {
             eprintln!("round {round}/{rounds}: {} direct", w.name);
@@ -282,12 +297,15 @@ fn redis_benchmark(
             }
             if CPU_TARGETS.iter().any(|(name, ..)| *name == w.name) {
                 let costs = floors.entry(w.name).or_default();
-                let floor_runs = [
-                    ("redis-server itself", STANDALONE_PORT, standalone.pid()),
-                    ("a copy relay", FLOOR_RELAY_PORT, floor_relay.pid()),
-                    ("a responder", FLOOR_RESPONDER_PORT, floor_responder.pid()),
-                ];
-                for (at, (what, port, pid)) in floor_runs.into_iter().enumerate() {
+                let floor_runs =
+                    std::iter::once(("redis-server itself", STANDALONE_PORT, standalone.pid()))
+                        .chain(
+                            FLOORS
+                                .iter()
+                                .zip(&floor_processes)
+                                .map(|(&(_, port, what), process)| (what, port, process.pid())),
+                        );
+                for (at, (what, port, pid)) in floor_runs.enumerate() {
                     eprintln!("round {round}/{rounds}: {} floor, {what}", w.name);
                     let before = cpu_split(pid);
                     let results = benchmark_port(place, w, port)?;
@@ -298,8 +316,7 @@ fn redis_benchmark(
             }
         }
     }
-    drop(floor_responder);
-    drop(floor_relay);
+    drop(floor_processes);
     let w4 = php_w4(place, dir, rounds)?;
     drop(standalone_proxy);
     drop(standalone);
@@ -429,43 +446,49 @@ fn redis_benchmark(
 }
 
 /// The user-time floor next to the proxy's user time and its target.
-fn print_floors(floors: &BTreeMap<&str, [Vec<CpuCost>; 3]>, proxy: &BTreeMap<&str, Vec<CpuCost>>) {
+fn print_floors(floors: &BTreeMap<&str, [Vec<CpuCost>; 4]>, proxy: &BTreeMap<&str, Vec<CpuCost>>) {
     println!();
     println!(
         "User-time floor, same rounds (one redis-server on 127.0.0.1:{STANDALONE_PORT}; user + kernel µs per request, medians):"
     );
-    let about = [
-        "redis-server itself, direct",
-        "a copy relay (2 recv, 2 send, 2 wake-ups)",
-        "a responder (1 recv, 1 send, 1 wake-up)",
-    ];
+    let about = std::iter::once("redis-server itself, direct").chain(FLOORS.map(|(.., what)| what));
     for (name, _, user_target) in CPU_TARGETS {
         let Some(costs) = floors.get(name) else {
             continue;
         };
-        let [redis, relay, responder] = costs.each_ref().map(|c| CpuCost::median(c));
-        for (what, cost) in about.iter().zip([redis, relay, responder]) {
+        let medians = costs.each_ref().map(|c| CpuCost::median(c));
+        for (what, cost) in about.clone().zip(medians) {
             println!(
-                "{name:<16} {what:<42} {:>5.2} + {:>5.2}",
+                "{name:<16} {what:<44} {:>5.2} + {:>5.2}",
                 cost.user_us, cost.system_us
             );
         }
+        let [_, on_tokio, on_epoll, _] = medians.map(|c| c.user_us);
         let spent = CpuCost::median(proxy.get(name).map(Vec::as_slice).unwrap_or(&[]));
         println!(
-            "{name:<16} {:<42} {:>5.2} + {:>5.2}  user target {user_target:.2}: {}",
+            "{name:<16} {:<44} {:>5.2} + {:>5.2}  user target {user_target:.2}: {}",
             "the proxy",
             spent.user_us,
             spent.system_us,
-            if responder.user_us >= user_target {
-                "OUT OF REACH (a responder without upstream is charged more)".to_string()
-            } else {
-                format!(
-                    "the responder's I/O takes {:.2} µs of it, {:.2} µs are left for the upstream side and the proxy's own work",
-                    responder.user_us,
-                    user_target - responder.user_us
-                )
-            }
+            user_floor_verdict(user_target, on_tokio, on_epoll)
         );
+    }
+}
+
+/// What a user-time target leaves a proxy, given what a bare copy relay is
+/// charged on tokio and on plain epoll in the same rounds.
+fn user_floor_verdict(target: f64, on_tokio: f64, on_epoll: f64) -> String {
+    if on_epoll >= target {
+        format!("OUT OF REACH for any hop (a plain epoll copy relay is charged {on_epoll:.2})")
+    } else if on_tokio >= target {
+        format!(
+            "OUT OF REACH on tokio (its bare copy relay is charged {on_tokio:.2}); a plain epoll relay is charged {on_epoll:.2}, so only a data path off the runtime could meet it"
+        )
+    } else {
+        format!(
+            "tokio's bare copy relay takes {on_tokio:.2} µs of it, {:.2} µs are left for the proxy's own work",
+            target - on_tokio
+        )
     }
 }
 
@@ -827,4 +850,26 @@ fn median_f(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted[sorted.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::user_floor_verdict;
+
+    #[test]
+    fn a_user_target_below_the_plain_epoll_relay_is_out_of_reach_for_any_hop() {
+        assert!(user_floor_verdict(0.15, 0.7, 0.18).starts_with("OUT OF REACH for any hop"));
+    }
+
+    #[test]
+    fn a_user_target_below_tokios_relay_alone_is_out_of_reach_on_tokio() {
+        let verdict = user_floor_verdict(0.5, 0.7, 0.18);
+        assert!(verdict.starts_with("OUT OF REACH on tokio"), "{verdict}");
+    }
+
+    #[test]
+    fn a_user_target_above_tokios_relay_leaves_the_difference_to_the_proxy() {
+        let verdict = user_floor_verdict(0.33, 0.08, 0.03);
+        assert!(verdict.contains("0.25 µs are left"), "{verdict}");
+    }
 }
