@@ -210,8 +210,33 @@ struct Meta {
     metric: usize,
     /// CLIENT REPLY OFF/SKIP: the reply is not written.
     silent: bool,
+    /// Whether the slow log may want the command (it is on, and the
+    /// command is not one Redis keeps out of it).
+    logs_slow: bool,
     /// The command as sent, while the slow log may want it.
     slow: Option<Bytes>,
+}
+
+impl Meta {
+    /// Keeps a copy of the command's bytes for the slow log, if it may
+    /// want them: where the bytes themselves go on (a task, a lease).
+    fn keeping(mut self, command: &Bytes) -> Self {
+        if self.logs_slow && self.slow.is_none() {
+            self.slow = Some(command.clone());
+        }
+        self
+    }
+
+    /// Keeps the command's own bytes for the slow log, if it may want
+    /// them: a routed command's, once its reply has come. A copy taken at
+    /// dispatch cost every command a reference count's increment and
+    /// decrement (1.2% of the proxy's CPU on pipelined GETs).
+    fn taking(mut self, command: Bytes) -> Self {
+        if self.logs_slow && self.slow.is_none() {
+            self.slow = Some(command);
+        }
+        self
+    }
 }
 
 enum Pending {
@@ -982,14 +1007,15 @@ impl Session {
         let metric = self.metric_index(name);
         let silent = self.silence();
         // Redis keeps some commands out of its slow log (AUTH, EXEC, ...).
-        let slow = (self.shared.slowlog.enabled()
-            && info.is_some_and(|i| !i.flags.contains(Flags::SKIP_SLOWLOG)))
-        .then(|| req.raw().clone());
+        // The command's bytes are kept for it on the way (`Meta::keeping`).
+        let logs_slow = self.shared.slowlog.enabled()
+            && info.is_some_and(|i| !i.flags.contains(Flags::SKIP_SLOWLOG));
         let meta = Meta {
             started: self.read_at,
             metric,
             silent,
-            slow,
+            logs_slow,
+            slow: None,
         };
         self.carry_out(plan, req, info, pending, meta);
     }
@@ -1045,10 +1071,14 @@ impl Session {
         meta: Meta,
     ) {
         match plan {
+            // A routed command's bytes reach the slow log with its reply.
             Plan::Route { slot, readonly } => {
                 self.carry_out_route(req, slot, readonly, info, pending, meta);
             }
-            plan => self.carry_out_any(plan, req, info, pending, meta),
+            plan => {
+                let meta = meta.keeping(req.raw());
+                self.carry_out_any(plan, req, info, pending, meta);
+            }
         }
     }
 
@@ -1068,6 +1098,7 @@ impl Session {
             self.last_write_slot = slot.or(self.last_write_slot);
         }
         if self.script_on_lease(info) {
+            let meta = meta.keeping(req.raw());
             self.blocking(req, slot, false, pending, meta);
             return;
         }
@@ -1604,6 +1635,7 @@ impl Session {
         };
         self.refresh_view();
         if let Some(caching) = caching {
+            let meta = meta.keeping(&routed.payload);
             // CLIENT CACHING must precede the command on the connection
             // that tracks it: both in this turn's job, the command's reply
             // kept.
@@ -1628,6 +1660,7 @@ impl Session {
                 let first = exec::Verdict::Retry {
                     reply: Reply::local(e),
                 };
+                let meta = meta.keeping(&routed.payload);
                 let rx = spawn_complete(Arc::clone(&self.shared), routed, first);
                 pending.push_back(Pending::Task(rx, Some(meta)));
             }
@@ -1851,11 +1884,14 @@ fn upstream_resolved(
     result: Result<Reply, super::UpstreamError>,
 ) -> Pending {
     match exec::judge_one(result, routed.target.readonly) {
-        exec::Verdict::Done(reply) => Pending::Ready(reply.raw, Some(meta)),
-        verdict => Pending::Task(
-            spawn_complete(Arc::clone(shared), routed, verdict),
-            Some(meta),
-        ),
+        exec::Verdict::Done(reply) => Pending::Ready(reply.raw, Some(meta.taking(routed.payload))),
+        verdict => {
+            let meta = meta.keeping(&routed.payload);
+            Pending::Task(
+                spawn_complete(Arc::clone(shared), routed, verdict),
+                Some(meta),
+            )
+        }
     }
 }
 
