@@ -26,9 +26,13 @@ impl Wakeup {
 
     /// Ready once woken since the last time it was ready. The waker is
     /// registered before the flag is read, so a wake in between is seen.
+    /// The flag is read before it is cleared: most polls find it unset (a
+    /// session polls its inbox and its registry entry at every turn), and
+    /// a plain load is not a locked instruction; a wake after the load
+    /// finds the waker registered.
     pub fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.waker.register(cx.waker());
-        if self.woken.swap(false, Ordering::AcqRel) {
+        if self.woken.load(Ordering::Acquire) && self.woken.swap(false, Ordering::AcqRel) {
             Poll::Ready(())
         } else {
             Poll::Pending
