@@ -223,9 +223,13 @@ pub fn measure(
     // Each relay model listens once per master, for the same connections'
     // keys.
     let mut relays = Vec::new();
-    for (n, model) in [relay::Model::Threads, relay::Model::EventLoop]
-        .into_iter()
-        .enumerate()
+    for (n, model) in [
+        relay::Model::Threads,
+        relay::Model::EventLoop,
+        relay::Model::Epoll,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let listeners: Vec<(SocketAddr, SocketAddr)> = masters
             .iter()
