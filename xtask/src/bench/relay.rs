@@ -272,12 +272,9 @@ fn write_all_spinning(mut to: &TcpStream, mut bytes: &[u8]) -> bool {
 /// waits until every listener accepts.
 pub fn start(place: &Place, model: Model, pairs: &[(SocketAddr, SocketAddr)]) -> Result<Child> {
     let mut cmd = place.command(std::env::current_exe().context("the xtask binary")?);
-    cmd.arg("relay-floor").arg("--model").arg(match model {
-        Model::Threads => "threads",
-        Model::EventLoop => "event-loop",
-        Model::Epoll => "epoll",
-        Model::Responder => "responder",
-    });
+    // The name `relay-floor --model` parses it back from (clap's).
+    let name = clap::ValueEnum::to_possible_value(&model).context("a relay model's name")?;
+    cmd.arg("relay-floor").arg("--model").arg(name.get_name());
     for (listen, upstream) in pairs {
         cmd.arg("--pair").arg(format!("{listen}={upstream}"));
     }
