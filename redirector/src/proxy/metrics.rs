@@ -476,8 +476,9 @@ impl ProxyMetrics {
         counters
     }
 
-    pub fn latency(&self, elapsed: Duration) {
-        self.latency.observe(elapsed);
+    /// `n` commands that each took `elapsed` (one pipelined read's).
+    pub fn latencies(&self, elapsed: Duration, n: u64) {
+        self.latency.observe_many(elapsed, n);
     }
 
     fn redirection(&self, kind: &'static str) {

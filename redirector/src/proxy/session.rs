@@ -202,6 +202,22 @@ impl Batched {
     }
 }
 
+/// What one drain carries from reply to reply.
+#[derive(Default)]
+struct Writing {
+    /// One clock read for every reply the drain writes.
+    now: Option<Instant>,
+    /// One time taken per read the replies' commands came in (a
+    /// pipeline's share one start), and how many replies took it: observed
+    /// in the latency histogram once per read, when the next read's reply
+    /// or the drain's end comes.
+    took_since: Option<(Instant, Duration, u64)>,
+    /// Replies copied out, let go together when the drain returns: a
+    /// reference count's locked decrement right after each copy waited for
+    /// that copy's stores (8% of the proxy on pipelined GETs).
+    written: smallvec::SmallVec<[Bytes; 16]>,
+}
+
 /// Per-command bookkeeping for metrics.
 struct Meta {
     /// When the read carrying the command returned.
@@ -668,15 +684,21 @@ impl Session {
     /// Writes every resolved reply at the head of the queue into `out`.
     /// Returns true when the connection must close now.
     fn drain(&mut self, pending: &mut VecDeque<Pending>, out: &mut BytesMut) -> bool {
-        // One clock read for every reply this drain writes, and one time
-        // taken per read the replies' commands came in (a pipeline's share
-        // one start).
-        let mut now: Option<Instant> = None;
-        let mut took_since: Option<(Instant, Duration)> = None;
-        // Replies copied out are let go together when the drain returns: a
-        // reference count's locked decrement right after each copy waited
-        // for that copy's stores (8% of the proxy on pipelined GETs).
-        let mut written: smallvec::SmallVec<[Bytes; 16]> = smallvec::SmallVec::new();
+        let mut writing = Writing::default();
+        let close = self.drain_into(pending, out, &mut writing);
+        if let Some((_, took, n)) = writing.took_since {
+            self.shared.metrics.latencies(took, n);
+        }
+        close
+    }
+
+    /// [`Self::drain`], with what the replies written share.
+    fn drain_into(
+        &mut self,
+        pending: &mut VecDeque<Pending>,
+        out: &mut BytesMut,
+        writing: &mut Writing,
+    ) -> bool {
         loop {
             let resolution = match pending.front_mut() {
                 None => return false,
@@ -696,7 +718,15 @@ impl Session {
                         .zip(first..)
                         .take_while(|(p, n)| matches!(p, Pending::Upstream { seq, .. } if seq == n))
                         .count();
+                    // Each reply is written as it is taken while all before
+                    // it were: resolved in place and popped later, it was
+                    // moved whole (120 bytes) twice more, and reading it
+                    // back right after its stores stalled (perf). From the
+                    // first that is not done (a redirect, a retry), the rest
+                    // wait in place behind it.
                     let mut entries = pending.iter_mut();
+                    let mut sent = 0;
+                    let mut in_order = true;
                     let taken = self.inbox.take_arrived(first, run, |result| {
                         let entry = entries.next().expect("one entry per reply taken");
                         let Pending::Upstream { routed, meta, .. } =
@@ -704,8 +734,25 @@ impl Session {
                         else {
                             unreachable!("the run holds only routed commands");
                         };
-                        *entry = upstream_resolved(&self.shared, routed, meta, result);
+                        match exec::judge_one(result, routed.target.readonly) {
+                            exec::Verdict::Done(reply) if in_order => {
+                                self.write_reply(
+                                    writing,
+                                    out,
+                                    reply.raw,
+                                    Some(meta.taking(routed.payload)),
+                                );
+                                sent += 1;
+                            }
+                            verdict => {
+                                in_order = false;
+                                *entry = upstream_settled(&self.shared, routed, meta, verdict);
+                            }
+                        }
                     });
+                    // The replies written were the queue's head, each left
+                    // as a `Close` no one reads.
+                    pending.drain(..sent);
                     if taken == 0 {
                         return false;
                     }
@@ -744,39 +791,53 @@ impl Session {
                 continue;
             }
             if let Some(Pending::Ready(raw, meta)) = pending.pop_front() {
-                let mut silent = false;
-                if let Some(meta) = meta {
-                    let now = *now.get_or_insert_with(Instant::now);
-                    let took = match took_since {
-                        Some((started, took)) if started == meta.started => took,
-                        _ => {
-                            let took = now.saturating_duration_since(meta.started);
-                            took_since = Some((meta.started, took));
-                            took
-                        }
-                    };
-                    let ok = !matches!(raw.first(), Some(b'-' | b'!'));
-                    self.metric_cache[meta.metric].record(ok);
-                    self.shared.metrics.latency(took);
-                    silent = meta.silent;
-                    if let Some(command) = &meta.slow
-                        && self.shared.slowlog.is_slow(took)
-                    {
-                        self.shared.slowlog.record(
-                            command,
-                            took,
-                            self.entry.addr,
-                            self.entry.name(),
-                        );
-                    }
-                }
-                if !silent {
-                    out.extend_from_slice(&raw);
-                }
-                if written.len() < written.inline_size() {
-                    written.push(raw);
-                }
+                self.write_reply(writing, out, raw, meta);
             }
+        }
+    }
+
+    /// Writes one reply owed to the client (unless it asked for none) and
+    /// counts its command.
+    fn write_reply(
+        &self,
+        writing: &mut Writing,
+        out: &mut BytesMut,
+        raw: Bytes,
+        meta: Option<Meta>,
+    ) {
+        let mut silent = false;
+        if let Some(meta) = meta {
+            let now = *writing.now.get_or_insert_with(Instant::now);
+            let took = match &mut writing.took_since {
+                Some((started, took, n)) if *started == meta.started => {
+                    *n += 1;
+                    *took
+                }
+                since => {
+                    if let Some((_, took, n)) = since.take() {
+                        self.shared.metrics.latencies(took, n);
+                    }
+                    let took = now.saturating_duration_since(meta.started);
+                    *since = Some((meta.started, took, 1));
+                    took
+                }
+            };
+            let ok = !matches!(raw.first(), Some(b'-' | b'!'));
+            self.metric_cache[meta.metric].record(ok);
+            silent = meta.silent;
+            if let Some(command) = &meta.slow
+                && self.shared.slowlog.is_slow(took)
+            {
+                self.shared
+                    .slowlog
+                    .record(command, took, self.entry.addr, self.entry.name());
+            }
+        }
+        if !silent {
+            out.extend_from_slice(&raw);
+        }
+        if writing.written.len() < writing.written.inline_size() {
+            writing.written.push(raw);
         }
     }
 
@@ -1877,13 +1938,15 @@ struct Hello {
 /// Sets `timer` to fire at `deadline`, making it on first use only.
 /// A routed command's reply: ready, or a retry (MOVED, ASK, a lost
 /// connection) in a task.
-fn upstream_resolved(
+/// What a routed command's first attempt left the client waiting for: its
+/// reply, or a task following a redirect or retrying.
+fn upstream_settled(
     shared: &Arc<Shared>,
     routed: Routed,
     meta: Meta,
-    result: Result<Reply, super::UpstreamError>,
+    verdict: exec::Verdict,
 ) -> Pending {
-    match exec::judge_one(result, routed.target.readonly) {
+    match verdict {
         exec::Verdict::Done(reply) => Pending::Ready(reply.raw, Some(meta.taking(routed.payload))),
         verdict => {
             let meta = meta.keeping(&routed.payload);

@@ -272,11 +272,17 @@ impl LatencyShard {
     /// Only the worker this shard belongs to observes (its sessions'
     /// replies): see [`owner_add`].
     pub fn observe(&self, elapsed: Duration) {
+        self.observe_many(elapsed, 1);
+    }
+
+    /// `n` observations of the same time: the replies of one pipelined
+    /// read, which share its start.
+    pub fn observe_many(&self, elapsed: Duration, n: u64) {
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         let cells = &self.cells[self.index];
-        owner_add(&cells.count, 1);
-        owner_add(&cells.sum_ns, ns);
-        owner_add(&cells.buckets[bucket_of(ns)], 1);
+        owner_add(&cells.count, n);
+        owner_add(&cells.sum_ns, ns.saturating_mul(n));
+        owner_add(&cells.buckets[bucket_of(ns)], n);
     }
 }
 
@@ -334,6 +340,20 @@ mod tests {
         assert_eq!(bucket_of(FIRST_BOUND_NS << 15), 15);
         assert_eq!(bucket_of((FIRST_BOUND_NS << 15) + 1), LATENCY_BUCKETS);
         assert_eq!(bucket_of(u64::MAX), LATENCY_BUCKETS);
+    }
+
+    #[test]
+    fn a_reads_replies_observed_at_once_count_as_if_observed_one_by_one() {
+        let at_once = ShardedLatency::new(1);
+        let one_by_one = ShardedLatency::new(1);
+        at_once.shard(0).observe_many(Duration::from_micros(30), 16);
+        for _ in 0..16 {
+            one_by_one.shard(0).observe(Duration::from_micros(30));
+        }
+        at_once.shard(0).observe(Duration::from_micros(700));
+        one_by_one.shard(0).observe(Duration::from_micros(700));
+        assert_eq!(at_once.merged(), one_by_one.merged());
+        assert_eq!(at_once.merged().1, 17);
     }
 
     #[test]
