@@ -305,10 +305,12 @@ impl Serving {
         };
         let topology = Arc::new(topology);
         *health.topology.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&topology));
+        // Discovery's one connection, kept for the refresher below.
+        let mut control = discovery::Control::default();
         let (commands, redis_version) = loop {
             let discovered =
                 async {
-                    discovery::refresh(&topology, &dialer, &metrics).await?;
+                    discovery::refresh(&topology, &mut control, &dialer, &metrics).await?;
                     // A refresh that succeeded installed a map with a master.
                     let master = topology.view().masters().next().ok_or_else(|| {
                         discovery::Error::Reply {
@@ -316,7 +318,7 @@ impl Serving {
                             message: "no master known yet".into(),
                         }
                     })?;
-                    discovery::fetch_commands(&dialer, master).await
+                    discovery::fetch_commands(&mut control, &dialer, master).await
                 };
             match discovered.await {
                 Ok(found) => break found,
@@ -388,6 +390,7 @@ impl Serving {
         *health.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         discovery::refresher(
             topology,
+            control,
             Arc::new(dialer),
             metrics,
             self.defaults.refresh_interval,

@@ -1074,7 +1074,12 @@ mod tunnel_tests {
             ..crate::proxy::Dialer::plain()
         };
         // The answer is an error; the call is over either way.
-        let view = crate::proxy::discovery::fetch_view(&dialer, redis).await;
+        let view = crate::proxy::discovery::fetch_view(
+            &mut crate::proxy::discovery::Control::default(),
+            &dialer,
+            redis,
+        )
+        .await;
         assert!(view.is_err(), "a refusing Redis gives no slot map");
         tokio::time::timeout(Duration::from_secs(5), async {
             while rig.server_metrics.stream_ends_received("end_stream") < 1 {

@@ -29,26 +29,76 @@ pub enum Error {
     Reply { addr: SocketAddr, message: String },
 }
 
-async fn call(dialer: &Dialer, addr: SocketAddr, args: &[&'static [u8]]) -> Result<Bytes, Error> {
-    let mut conn = Leased::open(dialer, addr, Protocol::Resp2).await?;
-    let args: Vec<Bytes> = args.iter().map(|a| Bytes::from_static(a)).collect();
-    let mut replies = conn.call(&request::encode(&args), 1).await?;
-    let reply = replies.pop().ok_or_else(|| Error::Reply {
-        addr,
-        message: "no reply".into(),
-    })?;
-    if let Some(message) = reply.error_message() {
-        return Err(Error::Reply {
+/// The connection discovery asks its questions on, kept from one question,
+/// and one refresh, to the next while it is to the node asked. A connection
+/// per question cost every node's proxy two connects to a seed per refresh
+/// (every 5 s by default), each a handshake (and AUTH, and TLS) that Redis
+/// counts in `total_connections_received`; a DaemonSet multiplies that by
+/// the nodes. Reused only while Redis has not closed it and nothing is left
+/// unread on it; a question that fails or goes unanswered drops it.
+#[derive(Default)]
+pub struct Control {
+    conn: Option<Leased>,
+}
+
+impl Control {
+    async fn call(
+        &mut self,
+        dialer: &Dialer,
+        addr: SocketAddr,
+        args: &[&'static [u8]],
+    ) -> Result<Bytes, Error> {
+        if !self
+            .conn
+            .as_mut()
+            .is_some_and(|conn| conn.addr == addr && conn.is_reusable())
+        {
+            self.conn = None;
+            self.conn = Some(Leased::open(dialer, addr, Protocol::Resp2).await?);
+        }
+        let conn = self.conn.as_mut().expect("opened above");
+        let args: Vec<Bytes> = args.iter().map(|a| Bytes::from_static(a)).collect();
+        // Bounded: a kept connection skips the handshake whose timeout used
+        // to bound a node that accepts but never answers (stopped, hung),
+        // and such a node must not hold the refresher, and every topology
+        // change after it, until it recovers.
+        let limit = dialer.connect_timeout;
+        let answered = tokio::time::timeout(limit, conn.call(&request::encode(&args), 1)).await;
+        let mut replies = match answered {
+            Ok(Ok(replies)) => replies,
+            Ok(Err(e)) => {
+                self.conn = None;
+                return Err(e.into());
+            }
+            Err(_) => {
+                self.conn = None;
+                return Err(Error::Reply {
+                    addr,
+                    message: format!("no answer within {limit:?}"),
+                });
+            }
+        };
+        let reply = replies.pop().ok_or_else(|| Error::Reply {
             addr,
-            message: String::from_utf8_lossy(message).into_owned(),
-        });
+            message: "no reply".into(),
+        })?;
+        if let Some(message) = reply.error_message() {
+            return Err(Error::Reply {
+                addr,
+                message: String::from_utf8_lossy(message).into_owned(),
+            });
+        }
+        Ok(reply.raw)
     }
-    Ok(reply.raw)
 }
 
 /// Asks `addr` for the slot map.
-pub async fn fetch_view(dialer: &Dialer, addr: SocketAddr) -> Result<View, Error> {
-    let raw = call(dialer, addr, &[b"CLUSTER", b"SLOTS"]).await?;
+pub async fn fetch_view(
+    control: &mut Control,
+    dialer: &Dialer,
+    addr: SocketAddr,
+) -> Result<View, Error> {
+    let raw = control.call(dialer, addr, &[b"CLUSTER", b"SLOTS"]).await?;
     let frame = reply::frame2(&raw).ok_or_else(|| Error::Reply {
         addr,
         message: "undecodable CLUSTER SLOTS reply".into(),
@@ -59,7 +109,7 @@ pub async fn fetch_view(dialer: &Dialer, addr: SocketAddr) -> Result<View, Error
     })?;
     // Best effort: without it, commands for every node miss only the
     // replicas that have not synced yet.
-    if let Ok(raw) = call(dialer, addr, &[b"CLUSTER", b"NODES"]).await
+    if let Ok(raw) = control.call(dialer, addr, &[b"CLUSTER", b"NODES"]).await
         && let Some(crate::resp::value::Value::Bulk(text)) =
             crate::resp::value::Value::decode(&raw, Protocol::Resp2)
     {
@@ -70,8 +120,12 @@ pub async fn fetch_view(dialer: &Dialer, addr: SocketAddr) -> Result<View, Error
 
 /// A standalone backend's primary must be one: a replica refuses writes,
 /// and a cluster node would answer MOVED the proxy is not looking for.
-async fn standalone_role(dialer: &Dialer, primary: SocketAddr) -> Result<(), Error> {
-    let raw = call(dialer, primary, &[b"ROLE"]).await?;
+async fn standalone_role(
+    control: &mut Control,
+    dialer: &Dialer,
+    primary: SocketAddr,
+) -> Result<(), Error> {
+    let raw = control.call(dialer, primary, &[b"ROLE"]).await?;
     let role = match crate::resp::value::Value::decode(&raw, Protocol::Resp2) {
         Some(crate::resp::value::Value::Array(items)) => items.first().and_then(|r| {
             r.as_bytes()
@@ -113,10 +167,11 @@ pub fn replicas_in_cluster_nodes(text: &str) -> Vec<SocketAddr> {
 
 /// The command table and the server version, from `addr`.
 pub async fn fetch_commands(
+    control: &mut Control,
     dialer: &Dialer,
     addr: SocketAddr,
 ) -> Result<(CommandTable, String), Error> {
-    let raw = call(dialer, addr, &[b"COMMAND"]).await?;
+    let raw = control.call(dialer, addr, &[b"COMMAND"]).await?;
     let frame = reply::frame2(&raw).ok_or_else(|| Error::Reply {
         addr,
         message: "undecodable COMMAND reply".into(),
@@ -125,7 +180,7 @@ pub async fn fetch_commands(
         addr,
         message: e.to_string(),
     })?;
-    let info = call(dialer, addr, &[b"INFO", b"server"]).await?;
+    let info = control.call(dialer, addr, &[b"INFO", b"server"]).await?;
     let version = String::from_utf8_lossy(&info)
         .lines()
         .find_map(|l| {
@@ -139,11 +194,12 @@ pub async fn fetch_commands(
 /// Tries every candidate until one answers; installs the view.
 pub async fn refresh(
     topology: &Topology,
+    control: &mut Control,
     dialer: &Dialer,
     metrics: &ProxyMetrics,
 ) -> Result<bool, Error> {
     if let Some((primary, replicas)) = topology.standalone_nodes() {
-        let checked = standalone_role(dialer, primary).await;
+        let checked = standalone_role(control, dialer, primary).await;
         metrics.topology_refresh(checked.is_ok());
         checked?;
         let changed = topology.install(View::standalone(primary, replicas.to_vec()));
@@ -154,7 +210,7 @@ pub async fn refresh(
     }
     let mut last = None;
     for addr in topology.candidates() {
-        match fetch_view(dialer, addr).await {
+        match fetch_view(control, dialer, addr).await {
             // A node that lost its slots (or is still joining) answers with
             // a partial map; only a covered map is trusted.
             Ok(view) if view.covered_slots() == crate::cluster::slot::SLOTS => {
@@ -189,6 +245,7 @@ pub async fn refresh(
 /// Keeps the slot map fresh until dropped.
 pub async fn refresher(
     topology: Arc<Topology>,
+    mut control: Control,
     dialer: Arc<Dialer>,
     metrics: Arc<ProxyMetrics>,
     interval: Duration,
@@ -200,7 +257,7 @@ pub async fn refresher(
     loop {
         topology.wait_for_refresh(interval, last, min_gap).await;
         last = Instant::now();
-        let result = refresh(&topology, &dialer, &metrics).await;
+        let result = refresh(&topology, &mut control, &dialer, &metrics).await;
         match outage.record(result.is_ok(), last) {
             Report::Quiet => {}
             Report::Failing { failures, since } => {
