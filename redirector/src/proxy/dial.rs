@@ -65,7 +65,25 @@ pub struct Dialer {
     pub cluster: bool,
 }
 
+/// How a node is reached now: directly, or through a tunnel whose listener
+/// must prove one of these identities.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamPath {
+    Direct,
+    Tunnel(Option<crate::identity::PeerIdentities>),
+}
+
 impl Dialer {
+    /// How [`Self::connect`] would reach `addr` now. A connection kept
+    /// across dials is opened again when this changes: the API meshed the
+    /// node, or names another account for it.
+    pub fn path_to(&self, addr: SocketAddr) -> UpstreamPath {
+        match self.mesh.as_ref().filter(|m| m.is_meshed(addr.ip())) {
+            Some(mesh) => UpstreamPath::Tunnel(mesh.expected(addr.ip())),
+            None => UpstreamPath::Direct,
+        }
+    }
+
     /// Unmarked, no credentials, no mesh: tests and local tools.
     pub fn plain() -> Self {
         Self {

@@ -12,7 +12,12 @@ use std::{
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
-use super::{UpstreamError, dial::Dialer, lease::Leased, metrics::ProxyMetrics};
+use super::{
+    UpstreamError,
+    dial::{Dialer, UpstreamPath},
+    lease::Leased,
+    metrics::ProxyMetrics,
+};
 use crate::{
     cluster::{
         commands::CommandTable,
@@ -34,12 +39,17 @@ pub enum Error {
 /// per question cost every node's proxy two connects to a seed per refresh
 /// (every 5 s by default), each a handshake (and AUTH, and TLS) that Redis
 /// counts in `total_connections_received`; a DaemonSet multiplies that by
-/// the nodes. Reused only while Redis has not closed it and nothing is left
-/// unread on it; a question that fails or goes unanswered drops it.
+/// the nodes. Reused only while Redis has not closed it, nothing is left
+/// unread on it and the node is reached the way it was (a pod the API
+/// meshes since is asked through its tunnel, as the account the API names);
+/// a question that fails or goes unanswered drops it.
 #[derive(Default)]
 pub struct Control {
-    conn: Option<Leased>,
+    conn: Option<(Leased, UpstreamPath)>,
 }
+
+/// The least time a discovery question is given (see [`Control::call`]).
+const MIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Control {
     async fn call(
@@ -48,21 +58,23 @@ impl Control {
         addr: SocketAddr,
         args: &[&'static [u8]],
     ) -> Result<Bytes, Error> {
-        if !self
-            .conn
-            .as_mut()
-            .is_some_and(|conn| conn.addr == addr && conn.is_reusable())
-        {
+        let path = dialer.path_to(addr);
+        if !self.conn.as_mut().is_some_and(|(conn, opened)| {
+            conn.addr == addr && *opened == path && conn.is_reusable()
+        }) {
             self.conn = None;
-            self.conn = Some(Leased::open(dialer, addr, Protocol::Resp2).await?);
+            let conn = Leased::open(dialer, addr, Protocol::Resp2).await?;
+            self.conn = Some((conn, path));
         }
-        let conn = self.conn.as_mut().expect("opened above");
+        let (conn, _) = self.conn.as_mut().expect("opened above");
         let args: Vec<Bytes> = args.iter().map(|a| Bytes::from_static(a)).collect();
         // Bounded: a kept connection skips the handshake whose timeout used
         // to bound a node that accepts but never answers (stopped, hung),
         // and such a node must not hold the refresher, and every topology
-        // change after it, until it recovers.
-        let limit = dialer.connect_timeout;
+        // change after it, until it recovers. At least a second: a connect
+        // timeout tuned short for failover must not fail a `COMMAND` reply
+        // (about 200 KiB) from a busy node.
+        let limit = dialer.connect_timeout.max(MIN_ANSWER_TIMEOUT);
         let answered = tokio::time::timeout(limit, conn.call(&request::encode(&args), 1)).await;
         let mut replies = match answered {
             Ok(Ok(replies)) => replies,
