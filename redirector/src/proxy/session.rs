@@ -1939,11 +1939,9 @@ struct Hello {
     name: Option<Bytes>,
 }
 
-/// Sets `timer` to fire at `deadline`, making it on first use only.
-/// A routed command's reply: ready, or a retry (MOVED, ASK, a lost
-/// connection) in a task.
 /// What a routed command's first attempt left the client waiting for: its
-/// reply, or a task following a redirect or retrying.
+/// reply, or a task following a redirect (MOVED, ASK) or retrying (a lost
+/// connection).
 fn upstream_settled(
     shared: &Arc<Shared>,
     routed: Routed,
@@ -1962,6 +1960,7 @@ fn upstream_settled(
     }
 }
 
+/// Sets `timer` to fire at `deadline`, making it on first use only.
 fn arm(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, deadline: tokio::time::Instant) {
     match timer.as_mut() {
         Some(timer) => timer.as_mut().reset(deadline),
