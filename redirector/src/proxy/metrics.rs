@@ -118,6 +118,20 @@ impl CommandCounters {
 /// the metric's cardinality.
 pub const UNKNOWN_COMMAND: &[u8] = b"unknown";
 
+/// How well one upstream connection batches: its writes and the commands
+/// they carried.
+pub struct UpstreamBatching {
+    writes: CounterShard,
+    commands: CounterShard,
+}
+
+impl UpstreamBatching {
+    pub fn wrote(&self, commands: usize) {
+        self.writes.inc();
+        self.commands.inc_by(commands as u64);
+    }
+}
+
 /// The proxy's metric families, registered once; each backend records
 /// into its own series of them ([`ProxyFamilies::backend`]).
 #[derive(Clone)]
@@ -135,6 +149,8 @@ pub struct ProxyFamilies {
     upstream_active: Family<NodeLabels, Gauge>,
     upstream_opened: Family<NodeLabels, Counter>,
     upstream_failed: Family<NodeLabels, Counter>,
+    upstream_writes: PerWorker<NodeLabels, ShardedCounter>,
+    upstream_commands: PerWorker<NodeLabels, ShardedCounter>,
     leases_reused: PerWorker<BackendLabels, ShardedCounter>,
     protocol_errors: PerWorker<BackendLabels, ShardedCounter>,
     relayed: PerWorker<DirectionLabels, ShardedCounter>,
@@ -161,6 +177,8 @@ impl ProxyFamilies {
             upstream_active: Family::default(),
             upstream_opened: Family::default(),
             upstream_failed: Family::default(),
+            upstream_writes: Family::new_with_constructor(shards),
+            upstream_commands: Family::new_with_constructor(shards),
             leases_reused: Family::new_with_constructor(shards),
             protocol_errors: Family::new_with_constructor(shards),
             relayed: Family::new_with_constructor(shards),
@@ -234,6 +252,19 @@ impl ProxyFamilies {
             "upstream_connect_failures",
             "Failed connection attempts to each Redis node",
             families.upstream_failed.clone(),
+        );
+        registry.register(
+            "upstream_writes",
+            "Writes to each Redis node on its shared connections; \
+             upstream_commands_sent / upstream_writes is how many commands \
+             (of any clients) one write carried",
+            families.upstream_writes.clone(),
+        );
+        registry.register(
+            "upstream_commands_sent",
+            "Commands written to each Redis node on its shared connections \
+             (counted by the replies they are owed)",
+            families.upstream_commands.clone(),
         );
         registry.register(
             "leases_reused",
@@ -576,6 +607,8 @@ impl ProxyMetrics {
             f.upstream_active.remove(&labels);
             f.upstream_opened.remove(&labels);
             f.upstream_failed.remove(&labels);
+            f.upstream_writes.remove(&labels);
+            f.upstream_commands.remove(&labels);
         }
     }
 
@@ -600,6 +633,24 @@ impl ProxyMetrics {
             .upstream_active
             .get_or_create(&self.node(addr))
             .dec();
+    }
+
+    /// What a connection to `addr` counts its writes with, on this worker.
+    pub fn upstream_batching(&self, addr: SocketAddr) -> UpstreamBatching {
+        self.seen(addr);
+        let labels = self.node(addr);
+        UpstreamBatching {
+            writes: self
+                .families
+                .upstream_writes
+                .get_or_create(&labels)
+                .shard(self.worker),
+            commands: self
+                .families
+                .upstream_commands
+                .get_or_create(&labels)
+                .shard(self.worker),
+        }
     }
 
     pub fn upstream_connect_failed(&self, addr: SocketAddr) {

@@ -1,0 +1,138 @@
+//! How many clients' commands one write to a Redis node carries. Real
+//! `redis-server` nodes and the real proxy on 127.0.0.1; the proxy is held
+//! with SIGSTOP so that every client's command and a node's reply are ready
+//! together, in a known order, when it continues.
+
+use std::time::{Duration, Instant};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use testbed::{
+    cluster::{RedisCluster, slot_of},
+    proxy::Proxy,
+    resp::RespClient,
+};
+
+/// A process stopped with SIGSTOP, continued when dropped, even if the test
+/// fails.
+struct Stopped(Pid);
+
+impl Stopped {
+    /// Returns once every thread has stopped: `kill` returns before they
+    /// do, and a thread still running could take what arrives next.
+    fn stop(pid: u32) -> Self {
+        let pid = Pid::from_raw(i32::try_from(pid).expect("pid"));
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+        let stopped = Self(pid);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            assert!(Instant::now() < deadline, "{pid} did not stop");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        stopped
+    }
+}
+
+/// Whether every thread of `pid` is in state `T` (stopped).
+fn all_threads_stopped(pid: Pid) -> bool {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the proxy's threads");
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // `pid (comm) S ...`: the state follows the last `)`.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
+}
+
+/// Keeps Redis busy for 300 ms (a script blocks the server: it answers no
+/// other connection meanwhile), then answers 1. Scripts go on a leased
+/// connection of their own, not the shared one counted here.
+const BUSY_300MS: &str = "local t0 = redis.call('TIME') \
+    repeat local t = redis.call('TIME') \
+    until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > 300000 \
+    return 1";
+
+/// The proxy's shared connection to a node used to write a job as soon as
+/// its task ran. Woken by a reply from Redis in the middle of a turn, it
+/// wrote the jobs of the clients that had run before it and left the rest
+/// of the turn for another write (and Redis another read). Now it waits for
+/// the turn's queued clients: ten commands ready before the node's reply
+/// and ten after it go out in one write.
+#[test]
+fn commands_ready_in_one_turn_go_to_a_node_in_one_write_around_its_replies() {
+    let cluster = RedisCluster::start_local(3, 0);
+    let proxy = Proxy::start(
+        &cluster.seeds(),
+        &["--workers", "1", "--topology-refresh", "60m"],
+    );
+    let node = cluster.owner_of_slot(slot_of(b"{batch}"));
+    let writes = format!(r#"redirector_upstream_writes_total{{node="{node}"}}"#);
+    let commands = format!(r#"redirector_upstream_commands_sent_total{{node="{node}"}}"#);
+
+    let mut busy = RespClient::connect(proxy.addr()).expect("connect");
+    let mut waiting = RespClient::connect(proxy.addr()).expect("connect");
+    let mut clients: Vec<RespClient> = (0..20)
+        .map(|_| RespClient::connect(proxy.addr()).expect("connect"))
+        .collect();
+    // Every session is set up and idle, the node's connection open.
+    for client in clients.iter_mut().chain([&mut busy, &mut waiting]) {
+        assert_eq!(
+            client.call_str(&["GET", "{batch}warm"]).expect("GET"),
+            "$-1\r\n"
+        );
+    }
+    let writes_before = proxy.metric(&writes);
+    let commands_before = proxy.metric(&commands);
+    assert!(writes_before >= 22.0, "the warm-up GETs were counted");
+
+    busy.send(&[b"EVAL", BUSY_300MS.as_bytes(), b"1", b"{batch}busy"])
+        .expect("send EVAL");
+    std::thread::sleep(Duration::from_millis(20));
+    // Written on the shared connection; answered once the script ends.
+    waiting
+        .send(&[b"GET", b"{batch}waiting"])
+        .expect("send GET");
+    // The proxy has written both and waits, idle, for the answers.
+    std::thread::sleep(Duration::from_millis(50));
+    let held = Stopped::stop(proxy.pid());
+    for (i, client) in clients[..10].iter_mut().enumerate() {
+        client
+            .send(&[b"GET", format!("{{batch}}{i}").as_bytes()])
+            .expect("send GET");
+    }
+    // The script has ended: the node's answers wait for the proxy behind
+    // the first ten commands.
+    std::thread::sleep(Duration::from_millis(450));
+    for (i, client) in clients[10..].iter_mut().enumerate() {
+        client
+            .send(&[b"GET", format!("{{batch}}{}", i + 10).as_bytes()])
+            .expect("send GET");
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    drop(held);
+
+    assert_eq!(busy.read_reply().expect("EVAL's reply"), &b":1\r\n"[..]);
+    assert_eq!(waiting.read_reply().expect("GET's reply"), &b"$-1\r\n"[..]);
+    for client in &mut clients {
+        assert_eq!(client.read_reply().expect("GET's reply"), &b"$-1\r\n"[..]);
+    }
+    assert_eq!(
+        proxy.metric(&commands) - commands_before,
+        21.0,
+        "twenty-one GETs were written to {node}"
+    );
+    assert_eq!(
+        proxy.metric(&writes) - writes_before,
+        2.0,
+        "one write for the waiting GET, one for the twenty sent while it waited"
+    );
+}
