@@ -3,7 +3,11 @@
 //! with SIGSTOP so that every client's command and a node's reply are ready
 //! together, in a known order, when it continues.
 
-use std::time::{Duration, Instant};
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
 
 use nix::{
     sys::signal::{Signal, kill},
@@ -53,13 +57,37 @@ impl Drop for Stopped {
     }
 }
 
-/// Keeps Redis busy for 300 ms (a script blocks the server: it answers no
+/// Keeps Redis busy for 500 ms (a script blocks the server: it answers no
 /// other connection meanwhile), then answers 1. Scripts go on a leased
 /// connection of their own, not the shared one counted here.
-const BUSY_300MS: &str = "local t0 = redis.call('TIME') \
+const BUSY_500MS: &str = "local t0 = redis.call('TIME') \
     repeat local t = redis.call('TIME') \
-    until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > 300000 \
+    until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > 500000 \
     return 1";
+
+/// Whether `node` leaves a `PING` unanswered for 100 ms (a script runs).
+fn is_busy(node: SocketAddr) -> bool {
+    let mut probe = TcpStream::connect(node).expect("connect to the node");
+    probe
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("read timeout");
+    probe.write_all(b"PING\r\n").expect("send PING");
+    let mut pong = [0u8; 7];
+    match probe.read_exact(&mut pong) {
+        Ok(()) => false,
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => true,
+        Err(e) => panic!("PING {node}: {e}"),
+    }
+}
+
+/// Waits (up to 10 s) until `done` holds.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
 
 /// The proxy's shared connection to a node used to write a job as soon as
 /// its task ran. Woken by a reply from Redis in the middle of a turn, it
@@ -94,30 +122,32 @@ fn commands_ready_in_one_turn_go_to_a_node_in_one_write_around_its_replies() {
     let commands_before = proxy.metric(&commands);
     assert!(writes_before >= 22.0, "the warm-up GETs were counted");
 
-    busy.send(&[b"EVAL", BUSY_300MS.as_bytes(), b"1", b"{batch}busy"])
+    busy.send(&[b"EVAL", BUSY_500MS.as_bytes(), b"1", b"{batch}busy"])
         .expect("send EVAL");
-    std::thread::sleep(Duration::from_millis(20));
+    wait_until("the script runs", || is_busy(node));
     // Written on the shared connection; answered once the script ends.
     waiting
         .send(&[b"GET", b"{batch}waiting"])
         .expect("send GET");
-    // The proxy has written both and waits, idle, for the answers.
-    std::thread::sleep(Duration::from_millis(50));
+    wait_until("the waiting GET is written", || {
+        proxy.metric(&writes) == writes_before + 1.0
+    });
     let held = Stopped::stop(proxy.pid());
     for (i, client) in clients[..10].iter_mut().enumerate() {
         client
             .send(&[b"GET", format!("{{batch}}{i}").as_bytes()])
             .expect("send GET");
     }
-    // The script has ended: the node's answers wait for the proxy behind
-    // the first ten commands.
-    std::thread::sleep(Duration::from_millis(450));
+    // Once the script has ended, Redis answers the waiting GET in the same
+    // loop as a new PING: the answer waits for the proxy behind the first
+    // ten commands.
+    wait_until("the script ends", || !is_busy(node));
+    std::thread::sleep(Duration::from_millis(20));
     for (i, client) in clients[10..].iter_mut().enumerate() {
         client
             .send(&[b"GET", format!("{{batch}}{}", i + 10).as_bytes()])
             .expect("send GET");
     }
-    std::thread::sleep(Duration::from_millis(50));
     drop(held);
 
     assert_eq!(busy.read_reply().expect("EVAL's reply"), &b":1\r\n"[..]);
