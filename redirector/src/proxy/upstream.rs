@@ -1,11 +1,12 @@
 //! A shared, multiplexed, pipelined connection to one Redis node.
 //!
-//! Any number of client sessions hand it [`Job`]s. The writer coalesces
-//! every job queued by the end of the worker's turn into one write, recording each job's
-//! reply sink in order; the reader matches replies to sinks in the same
-//! order (Redis answers a connection's commands in order). A job's payload
-//! is written contiguously, so multi-command units such as `ASKING` + a
-//! command can never be interleaved with other clients' commands.
+//! Any number of client sessions hand it [`Job`]s. The writer (a task of
+//! its own) coalesces every job queued by the end of the worker's turn
+//! into one write, recording each job's reply sink in order; the reader
+//! matches replies to sinks in the same order (Redis answers a
+//! connection's commands in order). A job's payload is written
+//! contiguously, so multi-command units such as `ASKING` + a command can
+//! never be interleaved with other clients' commands.
 
 use std::{
     collections::VecDeque,
