@@ -213,6 +213,46 @@ pub fn run_ok(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A process stopped with SIGSTOP (its sockets still take what peers send,
+/// in the kernel's buffers; it answers nothing), continued when dropped,
+/// even if the test fails.
+pub struct Stopped(Pid);
+
+impl Stopped {
+    /// Returns once every thread of `pid` has stopped: `kill` returns
+    /// before they do, and a thread still running could take what arrives
+    /// next.
+    pub fn stop(pid: u32) -> Self {
+        let pid = Pid::from_raw(i32::try_from(pid).expect("pid"));
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+        let stopped = Self(pid);
+        wait_for(&format!("{pid} to stop"), Duration::from_secs(5), || {
+            all_threads_stopped(pid).then_some(())
+        });
+        stopped
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
+}
+
+/// Whether every thread of `pid` is in state `T` (stopped).
+fn all_threads_stopped(pid: Pid) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // `pid (comm) S ...`: the state follows the last `)`.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
+}
+
 /// Polls `check` until it returns `Some` or `timeout` passes.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

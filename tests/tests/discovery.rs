@@ -3,30 +3,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
-use testbed::{cluster::RedisCluster, proxy::Proxy, resp::RespClient};
-
-/// A `redis-server` stopped with SIGSTOP (it accepts connections, in the
-/// kernel's backlog, and answers nothing), continued when dropped, even if
-/// the test fails.
-struct Stopped(Pid);
-
-impl Stopped {
-    fn stop(pid: u32) -> Self {
-        let pid = Pid::from_raw(i32::try_from(pid).expect("pid"));
-        kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
-        Self(pid)
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = kill(self.0, Signal::SIGCONT);
-    }
-}
+use testbed::{cluster::RedisCluster, process::Stopped, proxy::Proxy, resp::RespClient};
 
 /// How many times each node was asked for the slot map.
 fn slot_map_asks(nodes: &mut [RespClient]) -> Vec<u64> {

@@ -6,56 +6,17 @@
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
 use testbed::{
     cluster::{RedisCluster, slot_of},
+    process::{Stopped, wait_for},
     proxy::Proxy,
     resp::RespClient,
 };
 
-/// A process stopped with SIGSTOP, continued when dropped, even if the test
-/// fails.
-struct Stopped(Pid);
-
-impl Stopped {
-    /// Returns once every thread has stopped: `kill` returns before they
-    /// do, and a thread still running could take what arrives next.
-    fn stop(pid: u32) -> Self {
-        let pid = Pid::from_raw(i32::try_from(pid).expect("pid"));
-        kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
-        let stopped = Self(pid);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !all_threads_stopped(pid) {
-            assert!(Instant::now() < deadline, "{pid} did not stop");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        stopped
-    }
-}
-
-/// Whether every thread of `pid` is in state `T` (stopped).
-fn all_threads_stopped(pid: Pid) -> bool {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the proxy's threads");
-    tasks.flatten().all(|task| {
-        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
-            // `pid (comm) S ...`: the state follows the last `)`.
-            stat.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
-        })
-    })
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = kill(self.0, Signal::SIGCONT);
-    }
-}
+const SECONDS_10: Duration = Duration::from_secs(10);
 
 /// Keeps Redis busy for 500 ms (a script blocks the server: it answers no
 /// other connection meanwhile), then answers 1. Scripts go on a leased
@@ -77,15 +38,6 @@ fn is_busy(node: SocketAddr) -> bool {
         Ok(()) => false,
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => true,
         Err(e) => panic!("PING {node}: {e}"),
-    }
-}
-
-/// Waits (up to 10 s) until `done` holds.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -124,13 +76,15 @@ fn commands_ready_in_one_turn_go_to_a_node_in_one_write_around_its_replies() {
 
     busy.send(&[b"EVAL", BUSY_500MS.as_bytes(), b"1", b"{batch}busy"])
         .expect("send EVAL");
-    wait_until("the script runs", || is_busy(node));
+    wait_for("the script to run", SECONDS_10, || {
+        is_busy(node).then_some(())
+    });
     // Written on the shared connection; answered once the script ends.
     waiting
         .send(&[b"GET", b"{batch}waiting"])
         .expect("send GET");
-    wait_until("the waiting GET is written", || {
-        proxy.metric(&writes) == writes_before + 1.0
+    wait_for("the waiting GET to be written", SECONDS_10, || {
+        (proxy.metric(&writes) == writes_before + 1.0).then_some(())
     });
     let held = Stopped::stop(proxy.pid());
     for (i, client) in clients[..10].iter_mut().enumerate() {
@@ -141,7 +95,9 @@ fn commands_ready_in_one_turn_go_to_a_node_in_one_write_around_its_replies() {
     // Once the script has ended, Redis answers the waiting GET in the same
     // loop as a new PING: the answer waits for the proxy behind the first
     // ten commands.
-    wait_until("the script ends", || !is_busy(node));
+    wait_for("the script to end", SECONDS_10, || {
+        (!is_busy(node)).then_some(())
+    });
     std::thread::sleep(Duration::from_millis(20));
     for (i, client) in clients[10..].iter_mut().enumerate() {
         client
