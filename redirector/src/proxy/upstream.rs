@@ -501,19 +501,19 @@ async fn run(
     });
     // The queue comes back with the writer, to fail what is left in it; a
     // writer that panicked (or a runtime shutting down) takes it along.
-    let (outcome, rx) = tokio::select! {
+    let (outcome, joined) = tokio::select! {
         r = read_replies(reader, leftover, protocol, &inflight, pushes.as_ref()) => {
             drop(stop_writing);
-            match (&mut writing).await {
-                Ok((_, rx)) => (r, Some(rx)),
-                Err(e) => (r, fail_writer(&e)),
-            }
+            (r, (&mut writing).await.map(|(_, rx)| rx))
         }
         joined = &mut writing => match joined {
-            Ok((r, rx)) => (r, Some(rx)),
-            Err(e) => (Err(format!("writer failed: {e}")), fail_writer(&e)),
+            Ok((r, rx)) => (r, Ok(rx)),
+            Err(e) => (Err(format!("writer failed: {e}")), Err(e)),
         },
     };
+    let rx = joined
+        .inspect_err(|error| tracing::error!(%addr, %error, "upstream writer task failed"))
+        .ok();
     closed.store(true, Ordering::Relaxed);
     metrics.upstream_closed(addr);
     // Let go of (no handles left) or lost: only a loss costs the client
@@ -538,12 +538,6 @@ async fn run(
     if lost {
         flush(&pushes);
     }
-}
-
-/// A writer task that did not come back: logged, and its queue is gone.
-fn fail_writer(error: &tokio::task::JoinError) -> Option<mpsc::UnboundedReceiver<Job>> {
-    tracing::error!(%error, "upstream writer task failed");
-    None
 }
 
 async fn write_jobs(
