@@ -491,11 +491,7 @@ async fn run(
     let mut writing = tokio::spawn({
         let inflight = Arc::clone(&inflight);
         async move {
-            let outcome = tokio::select! {
-                r = write_jobs(writer, first, &mut rx, &inflight, &batching) => r,
-                // The reader ended; its outcome is the connection's.
-                _ = stopped => Ok(()),
-            };
+            let outcome = write_jobs(writer, first, &mut rx, &inflight, &batching, stopped).await;
             (outcome, rx)
         }
     });
@@ -546,16 +542,32 @@ async fn write_jobs(
     rx: &mut mpsc::UnboundedReceiver<Job>,
     inflight: &Mutex<VecDeque<InFlight>>,
     batching: &UpstreamBatching,
+    mut stopped: oneshot::Receiver<()>,
 ) -> Result<(), String> {
     let mut batch = BytesMut::with_capacity(16 * 1024);
     // The jobs' bytes, let go together once written: a locked decrement
     // of a reference count right after each copy waits for its stores.
     let mut copied: Vec<Bytes> = Vec::new();
     loop {
+        // The reader ended (its outcome is the connection's): stop, but
+        // only while waiting, where every job is still queued or already
+        // in flight, so each is failed as not sent or as lost. Stopped
+        // during the yield below, a taken job was dropped unanswered and
+        // its client waited forever (seen once in the HBONE peer-restart
+        // test). A write in progress ends first: on a broken connection,
+        // which is what ends a reader, it fails at once.
         // A private connection's first job goes out before any other.
         let next = match first.take() {
-            Some(gate) => Some(gate.await.map_err(|_| "setup abandoned".to_string())?),
-            None => rx.recv().await,
+            Some(gate) => tokio::select! {
+                biased;
+                _ = &mut stopped => return Ok(()),
+                job = gate => Some(job.map_err(|_| "setup abandoned".to_string())?),
+            },
+            None => tokio::select! {
+                biased;
+                _ = &mut stopped => return Ok(()),
+                job = rx.recv() => job,
+            },
         };
         // All handles dropped (the pool let go of this connection): finish
         // once the replies already owed have arrived.
@@ -565,7 +577,11 @@ async fn write_jobs(
                 .unwrap_or_else(|e| e.into_inner())
                 .is_empty()
             {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                tokio::select! {
+                    biased;
+                    _ = &mut stopped => return Ok(()),
+                    () = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+                }
             }
             return Ok(());
         };
