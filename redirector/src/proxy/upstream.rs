@@ -488,13 +488,14 @@ async fn run(
     // so the writer runs where its first job of a turn queued it, behind
     // the sessions already queued (see `write_jobs`).
     let (stop_writing, stopped) = oneshot::channel::<()>();
-    let mut writing = tokio::spawn({
-        let inflight = Arc::clone(&inflight);
-        async move {
-            let outcome = write_jobs(writer, first, &mut rx, &inflight, &batching, stopped).await;
-            (outcome, rx)
-        }
-    });
+    let mut writing = tokio::spawn(writer_task(
+        writer,
+        first,
+        rx,
+        Arc::clone(&inflight),
+        batching,
+        stopped,
+    ));
     // The queue comes back with the writer, to fail what is left in it; a
     // writer that panicked (or a runtime shutting down) takes it along.
     let (outcome, joined) = tokio::select! {
@@ -534,6 +535,19 @@ async fn run(
     if lost {
         flush(&pushes);
     }
+}
+
+/// The writer task: its outcome, and the queue back, to fail what is left.
+async fn writer_task(
+    writer: UpstreamWrite,
+    first: Option<oneshot::Receiver<Job>>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    inflight: Arc<Mutex<VecDeque<InFlight>>>,
+    batching: UpstreamBatching,
+    stopped: oneshot::Receiver<()>,
+) -> (Result<(), String>, mpsc::UnboundedReceiver<Job>) {
+    let outcome = write_jobs(writer, first, &mut rx, &inflight, &batching, stopped).await;
+    (outcome, rx)
 }
 
 async fn write_jobs(
@@ -857,5 +871,67 @@ mod tests {
         assert_eq!(take(4, 2).len(), 2);
         assert_eq!(take(6, 5).len(), 1, "7 has not come");
         assert!(take(7, 5).is_empty());
+    }
+
+    /// The writer takes a job, then yields so the turn's other jobs join
+    /// its write. A reader that ends in between must not cost that job its
+    /// answer: it goes out and is tracked in flight (then failed as lost
+    /// with the connection), never dropped with the writer. Stopping the
+    /// writer at the yield once left a client waiting forever (11f6d32).
+    #[test]
+    fn a_writer_stopped_while_it_holds_a_taken_job_sends_it_and_tracks_it() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let node = listener.local_addr().expect("addr");
+            let conn = tokio::net::TcpStream::connect(node).await.expect("connect");
+            let (mut redis, _) = listener.accept().await.expect("accept");
+            let (_read, write) = conn.into_split();
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (job, mut answer) = Job::new(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), 1);
+            tx.send(job).map_err(|_| ()).expect("queued");
+            let inflight = Arc::new(Mutex::new(VecDeque::new()));
+            let (stop, stopped) = oneshot::channel();
+            let batching = ProxyMetrics::detached().upstream_batching(node);
+            let mut writer = std::pin::pin!(writer_task(
+                UpstreamWrite::Tcp(write),
+                None,
+                rx,
+                Arc::clone(&inflight),
+                batching,
+                stopped,
+            ));
+            let first =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(writer.as_mut().poll(cx))).await;
+            assert!(first.is_pending(), "the writer waits at its yield");
+            assert!(
+                inflight.lock().expect("lock").is_empty(),
+                "the job is taken, and not in flight yet"
+            );
+            assert!(
+                matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+                "the job is held, not answered"
+            );
+            drop(stop);
+            let (outcome, _rx) = writer.await;
+            assert_eq!(outcome, Ok(()));
+            assert_eq!(
+                inflight.lock().expect("lock").len(),
+                1,
+                "the held job was written and is tracked in flight"
+            );
+            assert!(
+                matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+                "its answer is still owed (the connection's end fails it as lost), not dropped"
+            );
+            let mut sent = [0u8; 14];
+            redis.read_exact(&mut sent).await.expect("the node got it");
+            assert_eq!(&sent, b"*1\r\n$4\r\nPING\r\n");
+        });
     }
 }
