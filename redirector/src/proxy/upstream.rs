@@ -884,54 +884,58 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime");
+        // The writer task of 6933159 raced the stop against the writer in a
+        // `select!`, which polls its branches in a random order: it lost
+        // the job in about half the tries.
         rt.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let node = listener.local_addr().expect("addr");
-            let conn = tokio::net::TcpStream::connect(node).await.expect("connect");
-            let (mut redis, _) = listener.accept().await.expect("accept");
-            let (_read, write) = conn.into_split();
-            let (tx, rx) = mpsc::unbounded_channel();
-            let (job, mut answer) = Job::new(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), 1);
-            tx.send(job).map_err(|_| ()).expect("queued");
-            let inflight = Arc::new(Mutex::new(VecDeque::new()));
-            let (stop, stopped) = oneshot::channel();
-            let batching = ProxyMetrics::detached().upstream_batching(node);
-            let mut writer = std::pin::pin!(writer_task(
-                UpstreamWrite::Tcp(write),
-                None,
-                rx,
-                Arc::clone(&inflight),
-                batching,
-                stopped,
-            ));
-            let first =
-                std::future::poll_fn(|cx| std::task::Poll::Ready(writer.as_mut().poll(cx))).await;
-            assert!(first.is_pending(), "the writer waits at its yield");
-            assert!(
-                inflight.lock().expect("lock").is_empty(),
-                "the job is taken, and not in flight yet"
-            );
-            assert!(
-                matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
-                "the job is held, not answered"
-            );
-            drop(stop);
-            let (outcome, _rx) = writer.await;
-            assert_eq!(outcome, Ok(()));
-            assert_eq!(
-                inflight.lock().expect("lock").len(),
-                1,
-                "the held job was written and is tracked in flight"
-            );
-            assert!(
-                matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
-                "its answer is still owed (the connection's end fails it as lost), not dropped"
-            );
-            let mut sent = [0u8; 14];
-            redis.read_exact(&mut sent).await.expect("the node got it");
-            assert_eq!(&sent, b"*1\r\n$4\r\nPING\r\n");
+            for _ in 0..32 {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let node = listener.local_addr().expect("addr");
+                let conn = tokio::net::TcpStream::connect(node).await.expect("connect");
+                let (mut redis, _) = listener.accept().await.expect("accept");
+                let (_read, write) = conn.into_split();
+                let (tx, rx) = mpsc::unbounded_channel();
+                let (job, mut answer) = Job::new(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"), 1);
+                tx.send(job).map_err(|_| ()).expect("queued");
+                let inflight = Arc::new(Mutex::new(VecDeque::new()));
+                let (stop, stopped) = oneshot::channel();
+                let batching = ProxyMetrics::detached().upstream_batching(node);
+                let mut writer = std::pin::pin!(writer_task(
+                    UpstreamWrite::Tcp(write),
+                    None,
+                    rx,
+                    Arc::clone(&inflight),
+                    batching,
+                    stopped,
+                ));
+                let in_flight = || inflight.lock().expect("lock").len();
+                // Neither answered nor dropped unanswered (a closed channel).
+                let mut owed =
+                    || matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+                let first =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(writer.as_mut().poll(cx)))
+                        .await;
+                assert!(first.is_pending(), "the writer waits at its yield");
+                assert_eq!(in_flight(), 0, "the job is taken, and not in flight yet");
+                assert!(owed(), "the job is held, not answered");
+                drop(stop);
+                let (outcome, _rx) = writer.await;
+                assert_eq!(outcome, Ok(()));
+                assert_eq!(
+                    in_flight(),
+                    1,
+                    "the held job was written and is tracked in flight"
+                );
+                assert!(
+                    owed(),
+                    "its answer is still owed (the connection's end fails it as lost), not dropped"
+                );
+                let mut sent = [0u8; 14];
+                redis.read_exact(&mut sent).await.expect("the node got it");
+                assert_eq!(&sent, b"*1\r\n$4\r\nPING\r\n");
+            }
         });
     }
 }
