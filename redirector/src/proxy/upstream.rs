@@ -550,6 +550,19 @@ async fn writer_task(
     (outcome, rx)
 }
 
+/// One of the writer's waits: `wait`'s output, or `None` once the reader
+/// has ended (the stop is looked at first).
+async fn unless_stopped<F: std::future::Future>(
+    stopped: &mut oneshot::Receiver<()>,
+    wait: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        _ = stopped => None,
+        out = wait => Some(out),
+    }
+}
+
 async fn write_jobs(
     mut writer: UpstreamWrite,
     mut first: Option<oneshot::Receiver<Job>>,
@@ -564,24 +577,27 @@ async fn write_jobs(
     let mut copied: Vec<Bytes> = Vec::new();
     loop {
         // The reader ended (its outcome is the connection's): stop, but
-        // only while waiting, where every job is still queued or already
-        // in flight, so each is failed as not sent or as lost. Stopped
-        // during the yield below, a taken job was dropped unanswered and
-        // its client waited forever (seen once in the HBONE peer-restart
-        // test). A write in progress ends first: on a broken connection,
-        // which is what ends a reader, it fails at once.
+        // only in the waits below (`unless_stopped`), where every job is
+        // still queued or already in flight, so each is failed as not sent
+        // or as lost. Stopped during the yield further down, a taken job
+        // was dropped unanswered and its client waited forever (seen once
+        // in the HBONE peer-restart test). A write in progress ends first:
+        // on a broken connection, which is what ends a reader, it fails at
+        // once.
         // A private connection's first job goes out before any other.
         let next = match first.take() {
-            Some(gate) => tokio::select! {
-                biased;
-                _ = &mut stopped => return Ok(()),
-                job = gate => Some(job.map_err(|_| "setup abandoned".to_string())?),
-            },
-            None => tokio::select! {
-                biased;
-                _ = &mut stopped => return Ok(()),
-                job = rx.recv() => job,
-            },
+            Some(gate) => {
+                let Some(job) = unless_stopped(&mut stopped, gate).await else {
+                    return Ok(());
+                };
+                Some(job.map_err(|_| "setup abandoned".to_string())?)
+            }
+            None => {
+                let Some(job) = unless_stopped(&mut stopped, rx.recv()).await else {
+                    return Ok(());
+                };
+                job
+            }
         };
         // All handles dropped (the pool let go of this connection): finish
         // once the replies already owed have arrived.
@@ -591,10 +607,9 @@ async fn write_jobs(
                 .unwrap_or_else(|e| e.into_inner())
                 .is_empty()
             {
-                tokio::select! {
-                    biased;
-                    _ = &mut stopped => return Ok(()),
-                    () = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+                let nap = tokio::time::sleep(std::time::Duration::from_millis(10));
+                if unless_stopped(&mut stopped, nap).await.is_none() {
+                    return Ok(());
                 }
             }
             return Ok(());
