@@ -431,7 +431,6 @@ fn relay_name(model: relay::Model) -> &'static str {
         relay::Model::Threads => "relay-t",
         relay::Model::EventLoop => "relay-e",
         relay::Model::Epoll => "relay-p",
-        relay::Model::Uring => "relay-u",
         relay::Model::Responder => "responder",
     }
 }
@@ -443,7 +442,6 @@ fn relay_about(model: relay::Model) -> &'static str {
             "relay-e: one tokio current-thread event loop, copy_bidirectional"
         }
         relay::Model::Epoll => "relay-p: one plain epoll loop, no runtime",
-        relay::Model::Uring => "relay-u: one io_uring loop, syscalls batched",
         relay::Model::Responder => "responder: answers itself, no upstream",
     }
 }

@@ -41,13 +41,6 @@ pub enum Model {
     /// so its user time is the floor of a proxy's, whatever it is
     /// written in.
     Epoll,
-    /// One thread, one io_uring over every connection: a receive stays
-    /// posted on each socket, and what it brings is sent to the peer with
-    /// the next receive linked behind the send, so a request costs two
-    /// completions and every ready socket of a turn shares one
-    /// `io_uring_enter`. Whether batching the syscalls lowers the kernel's
-    /// share of a hop, which the epoll loop pays one syscall at a time.
-    Uring,
     /// No upstream at all: a thread per connection, blocked in `read`,
     /// answering every request itself (a nil per `*` read, which is one
     /// per request in redis-benchmark's GET and SET traffic, whose keys and
@@ -66,7 +59,6 @@ pub fn serve(model: Model, pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
         Model::Threads => serve_blocking(pairs, relay),
         Model::EventLoop => serve_event_loop(pairs),
         Model::Epoll => serve_epoll(pairs),
-        Model::Uring => uring::serve(pairs),
         Model::Responder => serve_blocking(pairs, respond),
     }
 }
@@ -262,183 +254,6 @@ fn serve_epoll(pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
     }
 }
 
-/// [`Model::Uring`].
-mod uring {
-    use std::{
-        net::{SocketAddr, TcpListener, TcpStream},
-        os::fd::{AsRawFd as _, FromRawFd as _, RawFd},
-    };
-
-    use anyhow::{Context as _, Result};
-    use io_uring::{IoUring, opcode, squeue, types};
-
-    /// Bytes a socket's receive may bring at once; a W1/W2 pipeline of
-    /// this bench is far smaller.
-    const BUF: usize = 64 * 1024;
-    /// `IORING_RECVSEND_POLL_FIRST`: a re-posted receive waits for data
-    /// instead of first trying a read that would find none.
-    const POLL_FIRST: u16 = 1;
-
-    /// What a completion is about: `token >> 2` is a listener's index or
-    /// the socket's fd, the low bits what was posted.
-    const ACCEPT: u64 = 0;
-    const RECV: u64 = 1;
-    const SEND: u64 = 2;
-
-    /// One socket of a relayed pair, by fd. Its buffer holds what its
-    /// receive brings until the send to the peer has taken it; the kernel
-    /// may write to it while a receive is posted, so a socket is dropped
-    /// only once its last receive has completed.
-    struct Socket {
-        stream: TcpStream,
-        peer: RawFd,
-        buf: Box<[u8]>,
-        closing: bool,
-    }
-
-    /// One thread submits and reaps, so the kernel may defer completion
-    /// work to the next `io_uring_enter` rather than interrupt (6.1+).
-    fn ring(entries: u32) -> std::io::Result<IoUring> {
-        IoUring::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(entries)
-    }
-
-    pub(super) fn probe() -> std::io::Result<()> {
-        ring(2).map(drop)
-    }
-
-    pub(super) fn serve(pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
-        let mut ring = ring(1024).context("io_uring_setup")?;
-        let mut listeners = Vec::new();
-        for &(listen, upstream) in pairs {
-            let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
-            listeners.push((listener, upstream));
-        }
-        let mut pending = Vec::new();
-        for (at, (listener, _)) in listeners.iter().enumerate() {
-            pending.push(accept(listener, at));
-        }
-        let mut sockets: Vec<Option<Socket>> = Vec::new();
-        loop {
-            for entry in pending.drain(..) {
-                if ring.submission().is_full() {
-                    ring.submit().context("io_uring_enter")?;
-                }
-                // SAFETY: every buffer an entry points into is a live
-                // socket's, kept until that socket's receive completes.
-                unsafe { ring.submission().push(&entry) }.context("the submission queue")?;
-            }
-            match ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(e).context("io_uring_enter"),
-            }
-            let done: Vec<(u64, i32)> = ring
-                .completion()
-                .map(|cqe| (cqe.user_data(), cqe.result()))
-                .collect();
-            for (token, result) in done {
-                let (what, at) = (token & 3, (token >> 2) as usize);
-                match what {
-                    ACCEPT => {
-                        let (listener, upstream) = &listeners[at];
-                        pending.push(accept(listener, at));
-                        if result < 0 {
-                            continue;
-                        }
-                        // SAFETY: the fd the accept completed with is ours.
-                        let client = unsafe { TcpStream::from_raw_fd(result) };
-                        let server = TcpStream::connect(upstream)
-                            .with_context(|| format!("connect {upstream}"))?;
-                        for stream in [&client, &server] {
-                            stream.set_nodelay(true)?;
-                        }
-                        let (c, s) = (client.as_raw_fd(), server.as_raw_fd());
-                        let most = c.max(s) as usize;
-                        if sockets.len() <= most {
-                            sockets.resize_with(most + 1, || None);
-                        }
-                        for (stream, peer) in [(client, s), (server, c)] {
-                            let fd = stream.as_raw_fd();
-                            let mut socket = Socket {
-                                stream,
-                                peer,
-                                buf: vec![0; BUF].into_boxed_slice(),
-                                closing: false,
-                            };
-                            pending.push(recv(fd, &mut socket.buf));
-                            sockets[fd as usize] = Some(socket);
-                        }
-                    }
-                    RECV => {
-                        let Some(socket) = sockets[at].as_mut() else {
-                            continue;
-                        };
-                        if socket.closing || result <= 0 {
-                            let peer = socket.peer as usize;
-                            // Ends the peer's posted receive, whose
-                            // completion then drops it.
-                            let _ = socket.stream.shutdown(std::net::Shutdown::Both);
-                            sockets[at] = None;
-                            // The peer may be gone already and its fd
-                            // number taken by a new connection's socket,
-                            // whose peer is another.
-                            if let Some(other) = sockets.get_mut(peer).and_then(Option::as_mut)
-                                && other.peer == at as RawFd
-                                && !other.closing
-                            {
-                                other.closing = true;
-                                let _ = other.stream.shutdown(std::net::Shutdown::Both);
-                            }
-                            continue;
-                        }
-                        // Send what came to the peer, then post the next
-                        // receive into the same buffer once the send has
-                        // taken it (linked; MSG_WAITALL resends a short
-                        // write). A send completes silently unless it fails.
-                        let n = result as u32;
-                        let send =
-                            opcode::Send::new(types::Fd(socket.peer), socket.buf.as_ptr(), n)
-                                .flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
-                                .build()
-                                .flags(squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS)
-                                .user_data(((at as u64) << 2) | SEND);
-                        pending.push(send);
-                        pending.push(recv(at as RawFd, &mut socket.buf));
-                    }
-                    // A failed send: its linked receive completes cancelled
-                    // and closes the pair.
-                    _ => {
-                        if let Some(socket) = sockets[at].as_mut() {
-                            socket.closing = true;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn accept(listener: &TcpListener, at: usize) -> squeue::Entry {
-        opcode::Accept::new(
-            types::Fd(listener.as_raw_fd()),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        )
-        .flags(libc::SOCK_CLOEXEC)
-        .build()
-        .user_data(((at as u64) << 2) | ACCEPT)
-    }
-
-    fn recv(fd: RawFd, buf: &mut [u8]) -> squeue::Entry {
-        opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32)
-            .ioprio(POLL_FIRST)
-            .build()
-            .user_data(((fd as u64) << 2) | RECV)
-    }
-}
-
 /// Writes all of `bytes` to a non-blocking stream, retrying while its
 /// send buffer is full (a request or reply of this bench never fills it).
 fn write_all_spinning(mut to: &TcpStream, mut bytes: &[u8]) -> bool {
@@ -451,15 +266,6 @@ fn write_all_spinning(mut to: &TcpStream, mut bytes: &[u8]) -> bool {
         }
     }
     true
-}
-
-/// Why `model` cannot run on this kernel, if it cannot: io_uring may be
-/// switched off (`kernel.io_uring_disabled`) or filtered by seccomp.
-pub fn unavailable(model: Model) -> Option<String> {
-    (model == Model::Uring)
-        .then(uring::probe)
-        .and_then(|probe| probe.err())
-        .map(|e| format!("io_uring_setup: {e}"))
 }
 
 /// Starts the relay in `place` (killed when the returned child drops) and
@@ -548,8 +354,8 @@ mod tests {
         panic!("the {model:?} relay never listened on {listen}");
     }
 
-    /// Rounds of clients that come and go, so a new connection takes the
-    /// fd numbers a closed one left while its peer may still be closing.
+    /// Rounds of clients that come and go, so new connections take the fd
+    /// numbers closed ones left.
     fn relays_every_round_of_short_lived_clients(model: Model) {
         let listen = start(model);
         for round in 0..30 {
@@ -577,11 +383,39 @@ mod tests {
     }
 
     #[test]
-    fn the_io_uring_relay_copies_both_ways_across_reconnections() {
-        // Fails loudly where io_uring is off: the bench would lose a row.
-        if let Some(why) = super::unavailable(Model::Uring) {
-            panic!("io_uring is unavailable here: {why}");
-        }
-        relays_every_round_of_short_lived_clients(Model::Uring);
+    fn the_tokio_relay_copies_both_ways_across_reconnections() {
+        relays_every_round_of_short_lived_clients(Model::EventLoop);
+    }
+
+    #[test]
+    fn the_threaded_relay_copies_both_ways_across_reconnections() {
+        relays_every_round_of_short_lived_clients(Model::Threads);
+    }
+
+    #[test]
+    fn the_responder_answers_each_request_with_a_nil_without_its_upstream() {
+        // Its upstream is never dialled: this address has no listener.
+        let listen = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let nowhere = SocketAddr::from(([127, 0, 0, 1], 1));
+        thread::spawn(move || serve(Model::Responder, &[(listen, nowhere)]));
+        let mut client = (0..100)
+            .find_map(|_| {
+                TcpStream::connect(listen)
+                    .inspect_err(|_| thread::sleep(Duration::from_millis(20)))
+                    .ok()
+            })
+            .expect("the responder listens");
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client
+            .write_all(b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+            .unwrap();
+        let mut got = [0u8; 10];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"$-1\r\n$-1\r\n");
     }
 }

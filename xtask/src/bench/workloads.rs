@@ -18,11 +18,11 @@
 //! `--backend NAME=standalone:ADDR`, alternating in the same rounds.
 //!
 //! The user-time floor: W1 and W2 against that redis-server directly (its
-//! own CPU), through three [`relay`]s that copy bytes (one on tokio's
+//! own CPU), through two [`relay`]s that copy bytes (one on tokio's
 //! current-thread runtime, the proxy's I/O model; one on a plain epoll
-//! loop, no runtime; one on io_uring, its syscalls batched), and against a
-//! responder that answers without an upstream, each process's user and
-//! kernel CPU per request measured as the proxy's, in the same rounds.
+//! loop, no runtime), and against a responder that answers without an
+//! upstream, each process's user and kernel CPU per request measured as
+//! the proxy's, in the same rounds.
 //!
 //! The latency figure ([`openloop`]) uses the same cluster and proxy.
 
@@ -60,14 +60,13 @@ const STANDALONE_PROXY_PORT: u16 = 7382;
 const STANDALONE_WORKLOAD: &str = "W1 -c 50 -P 1";
 /// The floor's copy relays (to the standalone Redis) and responder: model,
 /// port, and what it is. The verdict reads them by these positions.
-const FLOORS: [(relay::Model, u16, &str); 4] = [
+const FLOORS: [(relay::Model, u16, &str); 3] = [
     (
         relay::Model::EventLoop,
         7383,
         "a copy relay on tokio (the proxy's runtime)",
     ),
     (relay::Model::Epoll, 7385, "a copy relay on plain epoll"),
-    (relay::Model::Uring, 7386, "a copy relay on io_uring"),
     (
         relay::Model::Responder,
         7384,
@@ -233,22 +232,16 @@ fn redis_benchmark(
     // The standalone backend: per test, direct and proxy samples.
     let mut on_standalone: BTreeMap<String, Series> = BTreeMap::new();
     let mut standalone_cpu = Vec::new();
-    // A kernel or sandbox without io_uring (`kernel.io_uring_disabled`,
-    // a seccomp profile) loses that row, not the part.
     let floor_processes = FLOORS
         .iter()
         .map(|&(model, port, _)| {
-            if let Some(why) = relay::unavailable(model) {
-                eprintln!("the {model:?} relay floor is not measured: {why}");
-                return Ok(None);
-            }
             let listen = SocketAddr::from(([127, 0, 0, 1], port));
-            relay::start(place, model, &[(listen, standalone.addr())]).map(Some)
+            relay::start(place, model, &[(listen, standalone.addr())])
         })
         .collect::<Result<Vec<_>>>()?;
     // Per workload with a user target: Redis's own CPU per request, then
     // each of `FLOORS`'.
-    let mut floors: BTreeMap<&str, [Vec<CpuCost>; 5]> = BTreeMap::new();
+    let mut floors: BTreeMap<&str, [Vec<CpuCost>; 4]> = BTreeMap::new();
     for round in 1..=rounds {
         for w in WORKLOADS {
             eprintln!("round {round}/{rounds}: {} direct", w.name);
@@ -304,16 +297,15 @@ fn redis_benchmark(
             }
             if CPU_TARGETS.iter().any(|(name, ..)| *name == w.name) {
                 let costs = floors.entry(w.name).or_default();
-                let floor_runs = std::iter::once((
-                    "redis-server itself",
-                    STANDALONE_PORT,
-                    Some(standalone.pid()),
-                ))
-                .chain(FLOORS.iter().zip(&floor_processes).map(
-                    |(&(_, port, what), process)| (what, port, process.as_ref().map(Child::pid)),
-                ));
+                let floor_runs =
+                    std::iter::once(("redis-server itself", STANDALONE_PORT, standalone.pid()))
+                        .chain(
+                            FLOORS
+                                .iter()
+                                .zip(&floor_processes)
+                                .map(|(&(_, port, what), process)| (what, port, process.pid())),
+                        );
                 for (at, (what, port, pid)) in floor_runs.enumerate() {
-                    let Some(pid) = pid else { continue };
                     eprintln!("round {round}/{rounds}: {} floor, {what}", w.name);
                     let before = cpu_split(pid);
                     let results = benchmark_port(place, w, port)?;
@@ -454,7 +446,7 @@ fn redis_benchmark(
 }
 
 /// The user-time floor next to the proxy's user time and its target.
-fn print_floors(floors: &BTreeMap<&str, [Vec<CpuCost>; 5]>, proxy: &BTreeMap<&str, Vec<CpuCost>>) {
+fn print_floors(floors: &BTreeMap<&str, [Vec<CpuCost>; 4]>, proxy: &BTreeMap<&str, Vec<CpuCost>>) {
     println!();
     println!(
         "User-time floor, same rounds (one redis-server on 127.0.0.1:{STANDALONE_PORT}; user + kernel µs per request, medians):"
@@ -465,17 +457,13 @@ fn print_floors(floors: &BTreeMap<&str, [Vec<CpuCost>; 5]>, proxy: &BTreeMap<&st
             continue;
         };
         let medians = costs.each_ref().map(|c| CpuCost::median(c));
-        for ((what, cost), runs) in about.clone().zip(medians).zip(costs) {
-            if runs.is_empty() {
-                println!("{name:<16} {what:<44} not measured (unavailable here)");
-                continue;
-            }
+        for (what, cost) in about.clone().zip(medians) {
             println!(
                 "{name:<16} {what:<44} {:>5.2} + {:>5.2}",
                 cost.user_us, cost.system_us
             );
         }
-        let [_, on_tokio, on_epoll, _, _] = medians.map(|c| c.user_us);
+        let [_, on_tokio, on_epoll, _] = medians.map(|c| c.user_us);
         let spent = CpuCost::median(proxy.get(name).map(Vec::as_slice).unwrap_or(&[]));
         println!(
             "{name:<16} {:<44} {:>5.2} + {:>5.2}  user target {user_target:.2}: {}",
