@@ -314,6 +314,8 @@ mod tests {
         time::Duration,
     };
 
+    use testbed::{ports::free_port, process::wait_for};
+
     use super::{Model, serve};
 
     /// An upstream that echoes whatever it reads, a thread per connection.
@@ -336,28 +338,24 @@ mod tests {
         addr
     }
 
-    /// Starts `model` on a free loopback port (left running: `serve` does
-    /// not return) and gives its address once it accepts.
-    fn start(model: Model) -> SocketAddr {
-        let listen = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let upstream = echo_upstream();
+    /// Starts `model` in front of `upstream` on a free loopback port (left
+    /// running: `serve` does not return) and gives its address once it
+    /// accepts.
+    fn start(model: Model, upstream: SocketAddr) -> SocketAddr {
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         thread::spawn(move || serve(model, &[(listen, upstream)]));
-        for _ in 0..100 {
-            if TcpStream::connect(listen).is_ok() {
-                return listen;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        panic!("the {model:?} relay never listened on {listen}");
+        wait_for(
+            &format!("the {model:?} relay listening on {listen}"),
+            Duration::from_secs(2),
+            || TcpStream::connect(listen).ok().map(drop),
+        );
+        listen
     }
 
     /// Rounds of clients that come and go, so new connections take the fd
     /// numbers closed ones left.
     fn relays_every_round_of_short_lived_clients(model: Model) {
-        let listen = start(model);
+        let listen = start(model, echo_upstream());
         for round in 0..30 {
             let mut clients: Vec<TcpStream> = (0..4)
                 .map(|_| TcpStream::connect(listen).unwrap())
@@ -395,19 +393,8 @@ mod tests {
     #[test]
     fn the_responder_answers_each_request_with_a_nil_without_its_upstream() {
         // Its upstream is never dialled: this address has no listener.
-        let listen = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
         let nowhere = SocketAddr::from(([127, 0, 0, 1], 1));
-        thread::spawn(move || serve(Model::Responder, &[(listen, nowhere)]));
-        let mut client = (0..100)
-            .find_map(|_| {
-                TcpStream::connect(listen)
-                    .inspect_err(|_| thread::sleep(Duration::from_millis(20)))
-                    .ok()
-            })
-            .expect("the responder listens");
+        let mut client = TcpStream::connect(start(Model::Responder, nowhere)).unwrap();
         client
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
