@@ -432,6 +432,7 @@ fn relay_name(model: relay::Model) -> &'static str {
         relay::Model::EventLoop => "relay-e",
         relay::Model::Epoll => "relay-p",
         relay::Model::Responder => "responder",
+        relay::Model::SlotRouter => "router",
     }
 }
 
@@ -443,6 +444,7 @@ fn relay_about(model: relay::Model) -> &'static str {
         }
         relay::Model::Epoll => "relay-p: one plain epoll loop, no runtime",
         relay::Model::Responder => "responder: answers itself, no upstream",
+        relay::Model::SlotRouter => "router: routes by slot on one plain epoll loop",
     }
 }
 

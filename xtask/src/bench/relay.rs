@@ -15,6 +15,8 @@
 //! The same relays, and a responder that has no upstream at all, are the
 //! user-time floor of the workloads part: what this machine charges a
 //! process's user time for the I/O of a hop alone (`workloads`, "floor").
+//! A [`slot_router`](super::slot_router) in front of the cluster is its CPU
+//! floor: the least a cluster proxy is charged.
 
 use std::{
     io::{Read as _, Write as _},
@@ -48,6 +50,11 @@ pub enum Model {
     /// request and nothing else: the client side of any hop, the least a
     /// proxy can be charged for.
     Responder,
+    /// A Redis Cluster proxy that does nothing but route: one epoll loop,
+    /// requests hashed to their slot's primary over one shared connection
+    /// each, writes batched per turn ([`super::slot_router`]). Its pair's
+    /// upstream is a seed node of the cluster.
+    SlotRouter,
 }
 
 /// Serves every `(listen, upstream)` pair until killed.
@@ -60,6 +67,10 @@ pub fn serve(model: Model, pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
         Model::EventLoop => serve_event_loop(pairs),
         Model::Epoll => serve_epoll(pairs),
         Model::Responder => serve_blocking(pairs, respond),
+        Model::SlotRouter => match pairs {
+            &[(listen, seed)] => super::slot_router::serve(listen, seed),
+            _ => bail!("relay-floor: the slot router serves one --pair LISTEN=SEED"),
+        },
     }
 }
 

@@ -24,6 +24,11 @@
 //! upstream, each process's user and kernel CPU per request measured as
 //! the proxy's, in the same rounds.
 //!
+//! The CPU floor: W1 and W2 through a [`slot_router`](super::slot_router)
+//! in front of the same cluster (127.0.0.1:7386), right after the proxy in
+//! each round: the least a cluster proxy is charged per request, next to
+//! the proxy's CPU and its target.
+//!
 //! The latency figure ([`openloop`]) uses the same cluster and proxy.
 
 use std::{
@@ -73,6 +78,8 @@ const FLOORS: [(relay::Model, u16, &str); 3] = [
         "a responder (1 recv, 1 send, 1 wake-up)",
     ),
 ];
+/// The CPU floor: a slot router in front of the cluster.
+const SLOT_ROUTER_PORT: u16 = 7386;
 const WORKERS: &str = "1";
 
 struct Workload {
@@ -239,6 +246,15 @@ fn redis_benchmark(
             relay::start(place, model, &[(listen, standalone.addr())])
         })
         .collect::<Result<Vec<_>>>()?;
+    let slot_router = relay::start(
+        place,
+        relay::Model::SlotRouter,
+        &[(
+            SocketAddr::from(([127, 0, 0, 1], SLOT_ROUTER_PORT)),
+            CLUSTER_SEED.parse()?,
+        )],
+    )?;
+    let mut router_cpu: BTreeMap<&str, Vec<CpuCost>> = BTreeMap::new();
     // Per workload with a user target: Redis's own CPU per request, then
     // each of `FLOORS`'.
     let mut floors: BTreeMap<&str, [Vec<CpuCost>; 4]> = BTreeMap::new();
@@ -262,6 +278,20 @@ fn redis_benchmark(
                 .push(CpuCost::of(before, after, requests));
             for (test, sample) in results {
                 series.entry((w.name, test)).or_default().proxy.push(sample);
+            }
+            if CPU_TARGETS.iter().any(|(name, ..)| *name == w.name) {
+                eprintln!(
+                    "round {round}/{rounds}: {} CPU floor, a slot router",
+                    w.name
+                );
+                let before = cpu_split(slot_router.pid());
+                let results = benchmark_port(place, w, SLOT_ROUTER_PORT)?;
+                let after = cpu_split(slot_router.pid());
+                let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
+                router_cpu
+                    .entry(w.name)
+                    .or_default()
+                    .push(CpuCost::of(before, after, requests));
             }
             if TUNNEL_WORKLOADS.contains(&w.name) {
                 eprintln!(
@@ -317,6 +347,7 @@ fn redis_benchmark(
         }
     }
     drop(floor_processes);
+    drop(slot_router);
     let w4 = php_w4(place, dir, rounds)?;
     drop(standalone_proxy);
     drop(standalone);
@@ -388,6 +419,7 @@ fn redis_benchmark(
             ),
         }
     }
+    print_cpu_floor(&router_cpu, &cpu);
     print_floors(&floors, &cpu);
     println!();
     println!(
@@ -443,6 +475,47 @@ fn redis_benchmark(
         );
     }
     Ok(())
+}
+
+/// The CPU floor (a slot router's CPU) next to the proxy's and its target.
+fn print_cpu_floor(router: &BTreeMap<&str, Vec<CpuCost>>, proxy: &BTreeMap<&str, Vec<CpuCost>>) {
+    println!();
+    println!(
+        "CPU floor, same rounds (a slot router on one plain epoll loop in front of the same cluster; medians):"
+    );
+    for (name, target, _) in CPU_TARGETS {
+        let Some(costs) = router.get(name) else {
+            continue;
+        };
+        let floor = CpuCost::median(costs);
+        let spent = CpuCost::median(proxy.get(name).map(Vec::as_slice).unwrap_or(&[]));
+        println!(
+            "{name:<16} slot router {:.3} s per 100k (user {:.2} + kernel {:.2} µs per request), the proxy {:.3} s; target {target:.3} s: {}",
+            floor.per_100k,
+            floor.user_us,
+            floor.system_us,
+            spent.per_100k,
+            cpu_floor_verdict(target, floor.per_100k, spent.per_100k)
+        );
+    }
+}
+
+/// What a CPU target leaves a cluster proxy, given what the slot router is
+/// charged in the same rounds (seconds per 100k requests).
+fn cpu_floor_verdict(target: f64, router: f64, proxy: f64) -> String {
+    if router >= target {
+        format!(
+            "OUT OF REACH for any cluster proxy on this machine (routing alone is charged {router:.3} s)"
+        )
+    } else if proxy <= target {
+        "met".to_string()
+    } else {
+        format!(
+            "routing alone leaves {:.3} s for the proxy's own work; it spends {:.3} s on it",
+            target - router,
+            proxy - router
+        )
+    }
 }
 
 /// The user-time floor next to the proxy's user time and its target.
@@ -854,7 +927,21 @@ fn median_f(values: &[f64]) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::user_floor_verdict;
+    use super::{cpu_floor_verdict, user_floor_verdict};
+
+    #[test]
+    fn a_cpu_target_below_the_slot_routers_cost_is_out_of_reach_for_any_cluster_proxy() {
+        assert!(cpu_floor_verdict(0.66, 0.8, 0.93).starts_with("OUT OF REACH"));
+    }
+
+    #[test]
+    fn a_cpu_target_above_the_slot_routers_cost_leaves_the_difference_to_the_proxy() {
+        assert_eq!(
+            cpu_floor_verdict(0.66, 0.5, 0.7),
+            "routing alone leaves 0.160 s for the proxy's own work; it spends 0.200 s on it"
+        );
+        assert_eq!(cpu_floor_verdict(0.66, 0.5, 0.6), "met");
+    }
 
     #[test]
     fn a_user_target_below_the_plain_epoll_relay_is_out_of_reach_for_any_hop() {
