@@ -505,7 +505,7 @@ fn print_cpu_floor(router: &BTreeMap<&str, Vec<CpuCost>>, proxy: &BTreeMap<&str,
 fn cpu_floor_verdict(target: f64, router: f64, proxy: f64) -> String {
     if router >= target {
         format!(
-            "OUT OF REACH for any cluster proxy on this machine (routing alone is charged {router:.3} s)"
+            "OUT OF REACH on this machine: routing alone, with one upstream write per turn, is charged {router:.3} s"
         )
     } else if proxy <= target {
         "met".to_string()
@@ -930,7 +930,7 @@ mod tests {
     use super::{cpu_floor_verdict, user_floor_verdict};
 
     #[test]
-    fn a_cpu_target_below_the_slot_routers_cost_is_out_of_reach_for_any_cluster_proxy() {
+    fn a_cpu_target_below_the_slot_routers_cost_is_out_of_reach_on_this_machine() {
         assert!(cpu_floor_verdict(0.66, 0.8, 0.93).starts_with("OUT OF REACH"));
     }
 
