@@ -26,6 +26,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use nix::sys::epoll::{Epoll, EpollEvent, EpollTimeout};
 use testbed::process::{Child, Place, wait_for};
 
 /// How the relay waits for bytes.
@@ -194,7 +195,7 @@ async fn accept_events(
 fn serve_epoll(pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
     use std::os::fd::{AsRawFd as _, RawFd};
 
-    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    use nix::sys::epoll::{EpollCreateFlags, EpollFlags};
 
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
     let mut listeners = Vec::new();
@@ -210,11 +211,7 @@ fn serve_epoll(pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut events = [EpollEvent::empty(); 64];
     loop {
-        let ready = match epoll.wait(&mut events, EpollTimeout::NONE) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e).context("epoll_wait"),
-        };
+        let ready = wait(&epoll, &mut events)?;
         for event in &events[..ready] {
             let token = event.data();
             if token < base {
@@ -265,9 +262,20 @@ fn serve_epoll(pairs: &[(SocketAddr, SocketAddr)]) -> Result<()> {
     }
 }
 
+/// Waits for events without a timeout, again when a signal interrupts.
+pub(super) fn wait(epoll: &Epoll, events: &mut [EpollEvent]) -> Result<usize> {
+    loop {
+        match epoll.wait(events, EpollTimeout::NONE) {
+            Ok(n) => return Ok(n),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e).context("epoll_wait"),
+        }
+    }
+}
+
 /// Writes all of `bytes` to a non-blocking stream, retrying while its
 /// send buffer is full (a request or reply of this bench never fills it).
-fn write_all_spinning(mut to: &TcpStream, mut bytes: &[u8]) -> bool {
+pub(super) fn write_all_spinning(mut to: &TcpStream, mut bytes: &[u8]) -> bool {
     while !bytes.is_empty() {
         match to.write(bytes) {
             Ok(0) => return false,
