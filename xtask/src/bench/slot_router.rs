@@ -253,7 +253,7 @@ fn slot_map(seed: SocketAddr) -> Result<(Vec<SocketAddr>, Vec<u8>)> {
 }
 
 /// A client: what it sent and has not been routed yet, replies ready to
-/// go, and a slot per reply still owed, in request order.
+/// go, and the replies it is still owed.
 struct Client {
     stream: TcpStream,
     /// Tells this client from an earlier one at the same slab index, whose
@@ -261,45 +261,64 @@ struct Client {
     generation: u32,
     unrouted: Vec<u8>,
     out: Vec<u8>,
-    /// Sequence number of `owed[0]`.
-    first_owed: u64,
-    next_seq: u64,
-    /// Per reply owed, in order: where in `held` it is once it came before
-    /// an earlier one (one buffer per client, not one per reply).
-    owed: VecDeque<Option<Range<usize>>>,
-    held: Vec<u8>,
+    owed: Owed,
     /// In `to_flush` this turn.
     flushing: bool,
 }
 
-impl Client {
-    /// Takes the reply for `seq`: into `out` if every earlier one is there,
-    /// else held in its slot.
-    fn reply(&mut self, seq: u64, raw: &[u8]) {
+/// A client's replies still owed, in request order: those that come before
+/// an earlier one wait here; the rest go to its output at once.
+#[derive(Default)]
+struct Owed {
+    /// Sequence number of `slots[0]`.
+    first: u64,
+    /// Sequence number of the next request.
+    next: u64,
+    /// Per reply owed: the reply, once it came early.
+    slots: VecDeque<Option<Vec<u8>>>,
+    /// Buffers of early replies already written, lent again: no
+    /// allocation per early reply, and no more buffers than were ever
+    /// held at once.
+    spare: Vec<Vec<u8>>,
+}
+
+impl Owed {
+    /// Opens a slot for the next request's reply and gives its number.
+    fn open(&mut self) -> u64 {
+        self.slots.push_back(None);
+        self.next += 1;
+        self.next - 1
+    }
+
+    /// Takes the reply for `seq`: into `out`, with every held one after it
+    /// that can follow, if every earlier one is out; else held.
+    fn reply(&mut self, seq: u64, raw: &[u8], out: &mut Vec<u8>) {
         let Some(at) = seq
-            .checked_sub(self.first_owed)
+            .checked_sub(self.first)
             .and_then(|at| usize::try_from(at).ok())
         else {
             return;
         };
         if at > 0 {
-            if let Some(slot) = self.owed.get_mut(at) {
-                *slot = Some(self.held.len()..self.held.len() + raw.len());
-                self.held.extend_from_slice(raw);
+            if let Some(slot) = self.slots.get_mut(at) {
+                let mut early = self.spare.pop().unwrap_or_default();
+                early.clear();
+                early.extend_from_slice(raw);
+                *slot = Some(early);
             }
             return;
         }
-        self.out.extend_from_slice(raw);
-        self.owed.pop_front();
-        self.first_owed += 1;
-        while let Some(Some(_)) = self.owed.front() {
-            if let Some(Some(held)) = self.owed.pop_front() {
-                self.out.extend_from_slice(&self.held[held]);
-            }
-            self.first_owed += 1;
+        if self.slots.pop_front().is_none() {
+            return;
         }
-        if self.owed.is_empty() {
-            self.held.clear();
+        out.extend_from_slice(raw);
+        self.first += 1;
+        while let Some(Some(_)) = self.slots.front() {
+            if let Some(Some(early)) = self.slots.pop_front() {
+                out.extend_from_slice(&early);
+                self.spare.push(early);
+            }
+            self.first += 1;
         }
     }
 }
@@ -363,10 +382,7 @@ pub fn serve(listen: SocketAddr, seed: SocketAddr) -> Result<()> {
                         generation: generations[index],
                         unrouted: Vec::new(),
                         out: Vec::new(),
-                        first_owed: 0,
-                        next_seq: 0,
-                        owed: VecDeque::new(),
-                        held: Vec::new(),
+                        owed: Owed::default(),
                         flushing: false,
                     });
                 }
@@ -431,11 +447,11 @@ fn route(
     };
     // Parsed where it was read, unless an earlier read left part of a
     // request.
-    let held = !client.unrouted.is_empty();
-    if held {
+    let partial = !client.unrouted.is_empty();
+    if partial {
         client.unrouted.extend_from_slice(&read_buf[..n]);
     }
-    let bytes: &[u8] = if held {
+    let bytes: &[u8] = if partial {
         &client.unrouted
     } else {
         &read_buf[..n]
@@ -452,14 +468,11 @@ fn route(
         });
         let upstream = &mut upstreams[primary];
         upstream.queued.extend_from_slice(&bytes[at..at + len]);
-        upstream
-            .waiting
-            .push_back((index, client.generation, client.next_seq));
-        client.next_seq += 1;
-        client.owed.push_back(None);
+        let seq = client.owed.open();
+        upstream.waiting.push_back((index, client.generation, seq));
         at += len;
     }
-    if held {
+    if partial {
         client.unrouted.drain(..at);
     } else {
         client.unrouted.extend_from_slice(&read_buf[at..n]);
@@ -493,7 +506,9 @@ fn deliver(
             .as_mut()
             .filter(|client| client.generation == generation)
         {
-            client.reply(seq, &upstream.unread[at..next]);
+            client
+                .owed
+                .reply(seq, &upstream.unread[at..next], &mut client.out);
             if !client.flushing {
                 client.flushing = true;
                 to_flush.push(index);
@@ -520,7 +535,51 @@ mod tests {
         process::wait_for,
     };
 
-    use super::{Framed, Malformed, Value, request, serve, slot, value};
+    use super::{Framed, Malformed, Owed, Value, request, serve, slot, value};
+
+    #[test]
+    fn replies_that_come_early_wait_for_the_earlier_ones_then_go_out_in_order() {
+        let mut owed = Owed::default();
+        let seqs: Vec<u64> = (0..4).map(|_| owed.open()).collect();
+        assert_eq!(seqs, [0, 1, 2, 3]);
+        let mut out = Vec::new();
+        owed.reply(2, b"+two\r\n", &mut out);
+        owed.reply(1, b"+one\r\n", &mut out);
+        assert!(out.is_empty(), "nothing before the first reply");
+        owed.reply(0, b"+zero\r\n", &mut out);
+        assert_eq!(out, b"+zero\r\n+one\r\n+two\r\n");
+        owed.reply(3, b"+three\r\n", &mut out);
+        assert_eq!(out, b"+zero\r\n+one\r\n+two\r\n+three\r\n");
+        // A reply for no open slot (a number already answered) is dropped.
+        owed.reply(1, b"+again\r\n", &mut out);
+        assert_eq!(out, b"+zero\r\n+one\r\n+two\r\n+three\r\n");
+    }
+
+    #[test]
+    fn a_client_that_always_has_replies_owed_reuses_the_buffers_it_held() {
+        let mut owed = Owed::default();
+        let mut out = Vec::new();
+        let mut expected = Vec::new();
+        let mut oldest = owed.open();
+        for round in 0..1_000 {
+            // Two more in flight; the newer comes first and waits, then the
+            // oldest comes: one reply and one held reply stay owed across
+            // rounds, so the client is never without replies owed.
+            let (older, newer) = (owed.open(), owed.open());
+            owed.reply(newer, format!("+n{round}\r\n").as_bytes(), &mut out);
+            owed.reply(oldest, format!("+o{round}\r\n").as_bytes(), &mut out);
+            expected.extend(format!("+o{round}\r\n").into_bytes());
+            if round > 0 {
+                expected.extend(format!("+n{}\r\n", round - 1).into_bytes());
+            }
+            assert_eq!(out, expected, "round {round}");
+            oldest = older;
+            // One buffer held, one spare from the round before: the same
+            // two lent in turn, never a third.
+            let buffers = owed.spare.len() + owed.slots.iter().flatten().count();
+            assert_eq!(buffers, if round == 0 { 1 } else { 2 }, "round {round}");
+        }
+    }
 
     /// One RESP command.
     fn command(args: &[&str]) -> Vec<u8> {
