@@ -98,13 +98,10 @@ fn value(buf: &[u8], from: usize) -> Result<Option<(Value<'_>, usize)>, Malforme
             let Ok(len) = usize::try_from(integer(line)?) else {
                 return Ok(Some((Value::Nil, next)));
             };
-            let Some(text) = buf.get(next..next + len) else {
-                return Ok(None);
-            };
             if buf.len() < next + len + 2 {
                 return Ok(None);
             }
-            return Ok(Some((Value::Text(text), next + len + 2)));
+            return Ok(Some((Value::Text(&buf[next..next + len]), next + len + 2)));
         }
         b'*' => {
             let Ok(count) = usize::try_from(integer(line)?) else {
@@ -256,9 +253,6 @@ fn slot_map(seed: SocketAddr) -> Result<(Vec<SocketAddr>, Vec<u8>)> {
 /// go, and the replies it is still owed.
 struct Client {
     stream: TcpStream,
-    /// Tells this client from an earlier one at the same slab index, whose
-    /// replies may still come.
-    generation: u32,
     unrouted: Vec<u8>,
     out: Vec<u8>,
     owed: Owed,
@@ -323,6 +317,14 @@ impl Owed {
     }
 }
 
+/// A place in the client slab. Its generation tells the client in it from
+/// an earlier one at the same index, whose replies may still come.
+#[derive(Default)]
+struct Seat {
+    generation: u32,
+    client: Option<Client>,
+}
+
 /// One connection to a primary, shared by every client.
 struct Upstream {
     stream: TcpStream,
@@ -356,8 +358,7 @@ pub fn serve(listen: SocketAddr, seed: SocketAddr) -> Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     listener.set_nonblocking(true)?;
     epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))?;
-    let mut clients: Vec<Option<Client>> = Vec::new();
-    let mut generations: Vec<u32> = Vec::new();
+    let mut clients: Vec<Seat> = Vec::new();
     let mut vacant: Vec<usize> = Vec::new();
     let mut to_flush: Vec<usize> = Vec::new();
     let mut events = [EpollEvent::empty(); 256];
@@ -371,15 +372,14 @@ pub fn serve(listen: SocketAddr, seed: SocketAddr) -> Result<()> {
                     stream.set_nodelay(true)?;
                     stream.set_nonblocking(true)?;
                     let index = vacant.pop().unwrap_or_else(|| {
-                        clients.push(None);
-                        generations.push(0);
+                        clients.push(Seat::default());
                         clients.len() - 1
                     });
-                    generations[index] = generations[index].wrapping_add(1);
                     epoll.add(&stream, EpollEvent::new(EpollFlags::EPOLLIN, index as u64))?;
-                    clients[index] = Some(Client {
+                    let seat = &mut clients[index];
+                    seat.generation = seat.generation.wrapping_add(1);
+                    seat.client = Some(Client {
                         stream,
-                        generation: generations[index],
                         unrouted: Vec::new(),
                         out: Vec::new(),
                         owed: Owed::default(),
@@ -394,14 +394,23 @@ pub fn serve(listen: SocketAddr, seed: SocketAddr) -> Result<()> {
                 deliver(upstream, &mut read_buf, &mut clients, &mut to_flush)?;
             } else {
                 let index = usize::try_from(token)?;
-                let routed = match clients.get_mut(index).and_then(Option::as_mut) {
-                    Some(client) => route(client, index, &mut read_buf, &owner, &mut upstreams),
+                let Some(seat) = clients.get_mut(index) else {
+                    continue;
+                };
+                let routed = match seat.client.as_mut() {
+                    Some(client) => route(
+                        client,
+                        (index, seat.generation),
+                        &mut read_buf,
+                        &owner,
+                        &mut upstreams,
+                    ),
                     None => continue,
                 };
                 if !routed {
                     // Dropping the stream closes it, which takes it out of
                     // the epoll; replies still owed to it are dropped.
-                    clients[index] = None;
+                    seat.client = None;
                     vacant.push(index);
                 }
             }
@@ -416,25 +425,26 @@ pub fn serve(listen: SocketAddr, seed: SocketAddr) -> Result<()> {
             }
         }
         for index in to_flush.drain(..) {
-            let Some(client) = clients[index].as_mut() else {
+            let Some(client) = clients[index].client.as_mut() else {
                 continue;
             };
             client.flushing = false;
             if write_all_spinning(&client.stream, &client.out) {
                 client.out.clear();
             } else {
-                clients[index] = None;
+                clients[index].client = None;
                 vacant.push(index);
             }
         }
     }
 }
 
-/// Reads what `client` sent and queues each complete request on its slot's
-/// primary. False when the client is gone or sent what cannot be routed.
+/// Reads what `client` (at slab index and generation `seat`) sent and
+/// queues each complete request on its slot's primary. False when the
+/// client is gone or sent what cannot be routed.
 fn route(
     client: &mut Client,
-    index: usize,
+    (index, generation): (usize, u32),
     read_buf: &mut [u8],
     owner: &[u8],
     upstreams: &mut [Upstream],
@@ -469,7 +479,7 @@ fn route(
         let upstream = &mut upstreams[primary];
         upstream.queued.extend_from_slice(&bytes[at..at + len]);
         let seq = client.owed.open();
-        upstream.waiting.push_back((index, client.generation, seq));
+        upstream.waiting.push_back((index, generation, seq));
         at += len;
     }
     if partial {
@@ -484,7 +494,7 @@ fn route(
 fn deliver(
     upstream: &mut Upstream,
     read_buf: &mut [u8],
-    clients: &mut [Option<Client>],
+    clients: &mut [Seat],
     to_flush: &mut Vec<usize>,
 ) -> Result<()> {
     let n = match upstream.stream.read(read_buf) {
@@ -502,9 +512,11 @@ fn deliver(
             .waiting
             .pop_front()
             .context("a reply with no request outstanding")?;
-        if let Some(client) = clients[index]
+        let seat = &mut clients[index];
+        if let Some(client) = seat
+            .client
             .as_mut()
-            .filter(|client| client.generation == generation)
+            .filter(|_| seat.generation == generation)
         {
             client
                 .owed

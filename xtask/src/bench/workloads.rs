@@ -284,14 +284,12 @@ fn redis_benchmark(
                     "round {round}/{rounds}: {} CPU floor, a slot router",
                     w.name
                 );
-                let before = cpu_split(slot_router.pid());
-                let results = benchmark_port(place, w, SLOT_ROUTER_PORT)?;
-                let after = cpu_split(slot_router.pid());
-                let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
-                router_cpu
-                    .entry(w.name)
-                    .or_default()
-                    .push(CpuCost::of(before, after, requests));
+                router_cpu.entry(w.name).or_default().push(charged(
+                    place,
+                    w,
+                    SLOT_ROUTER_PORT,
+                    slot_router.pid(),
+                )?);
             }
             if TUNNEL_WORKLOADS.contains(&w.name) {
                 eprintln!(
@@ -337,11 +335,7 @@ fn redis_benchmark(
                         );
                 for (at, (what, port, pid)) in floor_runs.enumerate() {
                     eprintln!("round {round}/{rounds}: {} floor, {what}", w.name);
-                    let before = cpu_split(pid);
-                    let results = benchmark_port(place, w, port)?;
-                    let after = cpu_split(pid);
-                    let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
-                    costs[at].push(CpuCost::of(before, after, requests));
+                    costs[at].push(charged(place, w, port, pid)?);
                 }
             }
         }
@@ -475,6 +469,16 @@ fn redis_benchmark(
         );
     }
     Ok(())
+}
+
+/// What process `pid` is charged per request while `w` runs against `port`
+/// (its results are not kept: the floors are measured for their CPU).
+fn charged(place: &Place, w: &Workload, port: u16, pid: u32) -> Result<CpuCost> {
+    let before = cpu_split(pid);
+    let results = benchmark_port(place, w, port)?;
+    let after = cpu_split(pid);
+    let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
+    Ok(CpuCost::of(before, after, requests))
 }
 
 /// The CPU floor (a slot router's CPU) next to the proxy's and its target.
