@@ -7,6 +7,11 @@ fn main() -> anyhow::Result<()> {
     // keep it to real diagnostics.
     // SAFETY: build scripts are single-threaded at this point.
     unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
+    // The workspace's release profile links the daemon with whole-program
+    // LTO; the programs are one crate built as a unit already, and the
+    // kernel's verifier has passed them as they are built without it.
+    // SAFETY: as above.
+    unsafe { std::env::set_var("CARGO_PROFILE_RELEASE_LTO", "false") };
     let ebpf = aya_build::Package {
         name: "redirector-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../redirector-ebpf"),
