@@ -269,13 +269,8 @@ fn redis_benchmark(
                     .push(sample);
             }
             eprintln!("round {round}/{rounds}: {} proxy", w.name);
-            let before = cpu_split(proxy.pid());
-            let results = benchmark(place, w, false)?;
-            let after = cpu_split(proxy.pid());
-            let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
-            cpu.entry(w.name)
-                .or_default()
-                .push(CpuCost::of(before, after, requests));
+            let (results, cost) = charged_run(proxy.pid(), w, || benchmark(place, w, false))?;
+            cpu.entry(w.name).or_default().push(cost);
             for (test, sample) in results {
                 series.entry((w.name, test)).or_default().proxy.push(sample);
             }
@@ -474,11 +469,22 @@ fn redis_benchmark(
 /// What process `pid` is charged per request while `w` runs against `port`
 /// (its results are not kept: the floors are measured for their CPU).
 fn charged(place: &Place, w: &Workload, port: u16, pid: u32) -> Result<CpuCost> {
+    charged_run(pid, w, || benchmark_port(place, w, port)).map(|(_, cost)| cost)
+}
+
+/// Runs `w` through `run` (one result per test, each of `w.requests`
+/// requests) and gives its results and what process `pid` was charged
+/// per request meanwhile.
+fn charged_run<T>(
+    pid: u32,
+    w: &Workload,
+    run: impl FnOnce() -> Result<Vec<T>>,
+) -> Result<(Vec<T>, CpuCost)> {
     let before = cpu_split(pid);
-    let results = benchmark_port(place, w, port)?;
+    let results = run()?;
     let after = cpu_split(pid);
     let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
-    Ok(CpuCost::of(before, after, requests))
+    Ok((results, CpuCost::of(before, after, requests)))
 }
 
 /// The CPU floor (a slot router's CPU) next to the proxy's and its target.
@@ -871,13 +877,10 @@ fn workers_scaling(bin: &Path, place: &Place, dir: &Path, rounds: usize) -> Resu
     for round in 1..=rounds {
         for (name, port, proxy) in &proxies {
             eprintln!("round {round}/{rounds}: {} {name}", w.name);
-            let before = cpu_split(proxy.pid());
-            let results = run_benchmark_on(place, w, &["-p", &port.to_string()], false, Some("1"))?;
-            let after = cpu_split(proxy.pid());
-            let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
-            cpu.entry(name)
-                .or_default()
-                .push(CpuCost::of(before, after, requests));
+            let (results, cost) = charged_run(proxy.pid(), w, || {
+                run_benchmark_on(place, w, &["-p", &port.to_string()], false, Some("1"))
+            })?;
+            cpu.entry(name).or_default().push(cost);
             for (test, sample) in results {
                 samples.entry((name, test)).or_default().push(sample);
             }
