@@ -44,7 +44,7 @@ use testbed::{
     TempDir,
     cluster::RedisCluster,
     netns::Netns,
-    process::{Child, Place, cpu_split, cpu_ticks, wait_for},
+    process::{Child, Place, cpu_split, wait_for},
     redis::RedisServer,
     unique,
 };
@@ -322,11 +322,10 @@ fn redis_benchmark(
                     "round {round}/{rounds}: {} standalone through the proxy",
                     w.name
                 );
-                let before = cpu_ticks(standalone_proxy.pid());
-                let results = benchmark_port(place, w, STANDALONE_PROXY_PORT)?;
-                let ticks = cpu_ticks(standalone_proxy.pid()) - before;
-                let requests = w.requests * u64::try_from(results.len()).unwrap_or(1);
-                standalone_cpu.push(ticks as f64 * 0.01 / requests as f64 * 100_000.0);
+                let (results, cost) = charged_run(standalone_proxy.pid(), w, || {
+                    benchmark_port(place, w, STANDALONE_PROXY_PORT)
+                })?;
+                standalone_cpu.push(cost.per_100k);
                 for (test, sample) in results {
                     on_standalone.entry(test).or_default().proxy.push(sample);
                 }
