@@ -13,6 +13,7 @@
 use std::{
     collections::VecDeque,
     net::SocketAddr,
+    ops::ControlFlow,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -368,163 +369,118 @@ enum Resolution {
     Wake,
 }
 
+/// A session's I/O state, kept by its driver between steps: the buffers and
+/// the reply queue (each lent from the worker's pools only while bytes or
+/// replies are in flight, see `buffers` and `lend_queue`), and what the
+/// loop carries from turn to turn.
+#[derive(Default)]
+struct Flow {
+    /// Bytes read from the client and not parsed yet.
+    inbuf: BytesMut,
+    /// Bytes owed to the client and not written yet.
+    out: BytesMut,
+    pending: VecDeque<Pending>,
+    /// The client has sent its last byte (or its socket failed).
+    eof: bool,
+    /// Complete requests left in `inbuf` by a turn's or the pipeline's limit.
+    backlog: bool,
+    /// How long the client has been owed more than its soft output limit.
+    soft_clock: output_limit::SoftClock,
+}
+
+/// What a session waits for until its next step. Its driver also waits for
+/// the sources the session holds (the oldest owed reply, pub/sub, MONITOR,
+/// CLIENT PAUSE, the registry's attention).
+struct Wait {
+    /// The client's socket, for requests or EOF.
+    read: bool,
+    /// The client's socket, for room to write what it is owed.
+    write: bool,
+    /// A step wrote to the client: the driver spends its task's budget, as
+    /// an awaited write would, so a client with a long backlog yields to
+    /// the others.
+    wrote: bool,
+    /// Close the client if nothing comes for this long.
+    idle: Option<Duration>,
+    /// When the client, still over its soft output limit, is dropped.
+    soft_limit: Option<Instant>,
+}
+
+/// What a step leaves its driver to do.
+enum Next {
+    Wait(Wait),
+    /// A turn's worth of requests was taken and more are buffered: give the
+    /// worker's other clients a turn, then step again.
+    Yield,
+    /// Close the connection, after writing everything owed if `flush`.
+    Close {
+        flush: bool,
+    },
+}
+
+/// Where a step writes what the client is owed: as much as the socket takes
+/// now, without waiting. The step itself never waits, so a driver other
+/// than a tokio task can run it.
+trait ClientSocket {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize>;
+}
+
+impl ClientSocket for TcpStream {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        TcpStream::try_write(self, buf)
+    }
+}
+
 impl Session {
+    /// The session's tokio driver: waits for what the last step asked for
+    /// and steps with what came.
     async fn run(&mut self, stream: &mut TcpStream) {
         // Borrowed halves: dropping the stream just closes it, where an
         // owned write half would cost a shutdown() syscall first.
         let (mut reader, mut writer) = stream.split();
         // The backend's settings, which a login does not change (another
         // identity's Shared derefs to the same core): no copy per client.
-        let core = Arc::clone(&self.shared);
-        let settings = &core.settings;
         // Held here, not read through `self.shared` per command: a command's
         // table entry then borrows from the session's own handle, and
         // dispatching it takes no reference count.
-        let commands = &core.commands;
-        // Lent from the worker's pool while bytes are in flight, and given
-        // back whenever the client is idle: an idle client holds no buffer
-        // (see `buffers`); busy clients grow theirs.
-        let mut inbuf = BytesMut::new();
-        let mut out = BytesMut::new();
-        // Lent like the buffers, while replies are owed (`lend_queue`).
-        let mut pending: VecDeque<Pending> = VecDeque::new();
-        let mut eof = false;
-        let mut backlog = false;
+        let core = Arc::clone(&self.shared);
+        let mut flow = Flow::default();
         let inbox = Arc::clone(&self.inbox);
         let entry = Arc::clone(&self.entry);
         let mut idle_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
-        // How long the client has been owed more than its soft output
-        // limit, and a timer to drop it even if nothing more comes.
-        let mut soft_clock = output_limit::SoftClock::default();
+        // A timer to drop a client over its soft output limit even if
+        // nothing more comes.
         let mut soft_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         loop {
-            // Replies owed and not yet taken by the client hold up its next
-            // requests (backpressure, as a blocked write did): only pushed
-            // frames (pub/sub, MONITOR, invalidations) still pile up, and
-            // those are what the output limits bound.
-            let flushed = out.is_empty();
-            if flushed
-                && self.held.is_none()
-                && self.barriers == 0
-                && self.stashed.is_none()
-                && !self.closing
-                && !inbuf.is_empty()
-                && pending.len() < settings.max_pipeline
-            {
-                if pending.capacity() == 0 {
-                    pending = lend_queue();
+            let wait = match self.step(&core, &mut flow, reader.as_ref()) {
+                Next::Wait(wait) => wait,
+                Next::Yield => {
+                    // A turn's worth (`REQUESTS_PER_TURN`) at a time: the
+                    // other clients on this worker get a turn between them.
+                    tokio::task::yield_now().await;
+                    continue;
                 }
-                backlog = self.parse_and_dispatch(&mut inbuf, &mut pending, settings, commands);
-                self.entry.set_qbuf(inbuf.len());
-            }
-            if out.capacity() == 0 && !pending.is_empty() {
-                out = buffers::take();
-            }
-            let close_now = self.drain(&mut pending, &mut out);
-            // The earlier commands have answered: the stashed one runs.
-            if pending.is_empty()
-                && !close_now
-                && let Some(req) = self.stashed.take()
-            {
-                self.read_at = Instant::now();
-                self.dispatch(*req, &mut pending, commands);
-                self.flush_batch();
-                continue;
-            }
-            if close_now {
-                // The last replies (QUIT's +OK) go out, and nothing after
-                // them.
-                let _ = writer.write_all(&out).await;
-                buffers::release(&mut inbuf);
-                buffers::release(&mut out);
-                return;
-            }
-            if !out.is_empty() {
-                // As much as the socket takes now; the rest waits for it to
-                // be writable, while the session goes on serving events.
-                if write_owed(reader.as_ref(), &mut out).is_err() {
-                    buffers::release(&mut inbuf);
-                    buffers::release(&mut out);
-                    return;
-                }
-                // A write spends the task's budget, as an awaited write
-                // does: a client with a long backlog yields to the others.
-                tokio::task::coop::consume_budget().await;
-                if out.is_empty() {
-                    soft_clock.reset();
-                    if out.capacity() > 1024 * 1024 {
-                        out = BytesMut::new();
+                Next::Close { flush } => {
+                    if flush {
+                        // The last replies (QUIT's +OK) go out, and nothing
+                        // after them.
+                        let _ = writer.write_all(&flow.out).await;
                     }
-                } else if self.over_output_limit(out.len(), &mut soft_clock) {
-                    buffers::release(&mut inbuf);
-                    buffers::release(&mut out);
+                    buffers::release(&mut flow.inbuf);
+                    buffers::release(&mut flow.out);
                     return;
                 }
-            }
-            // Requests already buffered wait only for room in the pipeline,
-            // never for more input (the client may be done sending).
-            if backlog
-                && out.is_empty()
-                && self.held.is_none()
-                && self.barriers == 0
-                && self.stashed.is_none()
-                && !self.closing
-                && pending.len() < settings.max_pipeline
-            {
-                // A turn's worth (`REQUESTS_PER_TURN`) at a time: the other
-                // clients on this worker get a turn between them.
-                tokio::task::yield_now().await;
-                continue;
-            }
-            if eof && pending.is_empty() && !backlog && self.held.is_none() && out.is_empty() {
-                buffers::release(&mut inbuf);
-                buffers::release(&mut out);
-                return;
-            }
-            // Idle: nothing owed, nothing half-read. The buffers go back
-            // to the pool until the client sends again.
-            if pending.is_empty() && inbuf.is_empty() && out.is_empty() {
-                buffers::release(&mut inbuf);
-                buffers::release(&mut out);
-                give_back_queue(&mut pending);
-            }
-
-            let can_read =
-                !eof && !self.closing && out.is_empty() && pending.len() < settings.max_pipeline;
-            let subscribed = self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active);
-            let idle = settings
-                .idle_timeout
-                .filter(|_| pending.is_empty() && !subscribed && self.monitor.is_none());
-            // Only at a request boundary: nothing owed, nothing half-sent.
-            let leaving = entry.leaves_when_quiet()
-                && pending.is_empty()
-                && inbuf.is_empty()
-                && out.is_empty()
-                && self.held.is_none()
-                && !subscribed
-                && self.monitor.is_none();
-            let idle = if leaving {
-                Some(idle.map_or(QUIET_BEFORE_LEAVING, |d| d.min(QUIET_BEFORE_LEAVING)))
-            } else {
-                idle
             };
-            if inbuf.capacity() != 0 && inbuf.capacity() - inbuf.len() < 1024 {
-                inbuf.reserve(16 * 1024);
+            if wait.wrote {
+                tokio::task::coop::consume_budget().await;
             }
             // Timers live in boxes, made only when wanted: in the future
             // itself they would cost every idle client their size.
-            let idle_deadline = idle.map(|d| tokio::time::Instant::now() + d);
+            let idle_deadline = wait.idle.map(|d| tokio::time::Instant::now() + d);
             if let Some(deadline) = idle_deadline {
                 arm(&mut idle_timer, deadline);
             }
-            // Only a client over its soft limit reads the limits here.
-            let soft_deadline = if soft_clock.is_running() && !out.is_empty() {
-                soft_clock
-                    .deadline(core.output_limits.get().of(self.output_class()))
-                    .map(tokio::time::Instant::from_std)
-            } else {
-                None
-            };
+            let soft_deadline = wait.soft_limit.map(tokio::time::Instant::from_std);
             if let Some(deadline) = soft_deadline {
                 arm(&mut soft_timer, deadline);
             }
@@ -536,10 +492,10 @@ impl Session {
             // (a `select!` would poll a future per branch, present or not,
             // and keep them all in the session's future: every idle client
             // paid for them).
-            let writable = !out.is_empty();
             let mut soft_due = soft_deadline.and(soft_timer.as_mut());
             let mut idle_due = idle_deadline.and(idle_timer.as_mut());
-            let event = std::future::poll_fn(|cx| {
+            let Flow { inbuf, pending, .. } = &mut flow;
+            let came = std::future::poll_fn(|cx| {
                 if entry.poll_attention(cx).is_ready() {
                     return Poll::Ready(Event::Attention);
                 }
@@ -569,18 +525,19 @@ impl Session {
                 // pays a recv that finds nothing (one syscall per request
                 // of a client that waits for each reply). Not awaited: an
                 // await of its own grew every session's task by a step.
-                if can_read && reader.as_ref().poll_read_ready(cx).is_ready() {
+                if wait.read && reader.as_ref().poll_read_ready(cx).is_ready() {
                     if inbuf.capacity() == 0 {
-                        inbuf = buffers::take();
+                        *inbuf = buffers::take();
                     }
-                    if let Poll::Ready(read) = std::pin::pin!(reader.read_buf(&mut inbuf)).poll(cx)
-                    {
+                    if let Poll::Ready(read) = std::pin::pin!(reader.read_buf(inbuf)).poll(cx) {
                         return Poll::Ready(Event::Read(read));
                     }
                     // A spurious wake: readiness is cleared, and the read
                     // waits on the socket's waker like the other sources.
                 }
-                if writable && let Poll::Ready(ready) = reader.as_ref().poll_write_ready(cx) {
+                if wait.write
+                    && let Poll::Ready(ready) = reader.as_ref().poll_write_ready(cx)
+                {
                     return Poll::Ready(Event::Writable(ready));
                 }
                 if let Some(timer) = soft_due.as_mut()
@@ -597,59 +554,197 @@ impl Session {
             })
             .await;
             drop(unpaused);
-            match event {
-                Event::Resolved(Resolution::Wake) => {}
-                Event::Resolved(resolution) => self.resolve_head(&mut pending, resolution),
-                Event::Read(Ok(0) | Err(_)) => eof = true,
-                Event::Read(Ok(_)) => {}
-                // The loop writes what is owed, or sees the error.
-                Event::Writable(Ok(())) => {}
-                Event::Writable(Err(_)) => {
-                    buffers::release(&mut inbuf);
-                    buffers::release(&mut out);
-                    return;
-                }
-                Event::SoftLimitDue => {
-                    if self.over_output_limit(out.len(), &mut soft_clock) {
-                        buffers::release(&mut inbuf);
-                        buffers::release(&mut out);
-                        return;
-                    }
-                }
-                Event::PubSub(Some(pubsub::Out::Frame(frame))) => out.extend_from_slice(&frame),
-                Event::PubSub(Some(pubsub::Out::Close) | None) => {
-                    pending.push_back(Pending::Close);
-                    self.closing = true;
-                }
-                // Never ahead of a reply still owed (MONITOR's own +OK).
-                Event::Monitor(Some(line)) if pending.is_empty() => out.extend_from_slice(&line),
-                Event::Monitor(Some(line)) => pending.push_back(Pending::Ready(line, None)),
-                Event::Monitor(None) => self.monitor = None,
-                // After the replies already queued: an invalidation never
-                // overtakes the reply of a read it races with.
-                Event::Attention => {
-                    if entry.is_killed() {
-                        return;
-                    }
-                    for frame in entry.take_pushed() {
-                        pending.push_back(Pending::Ready(frame, None));
-                    }
-                }
-                Event::Unpaused => {
-                    if let Some(held) = self.held.take() {
-                        let (req, _) = *held;
-                        self.entry.set_flag(flags::BLOCKED, false);
-                        self.read_at = Instant::now();
-                        self.dispatch(req, &mut pending, commands);
-                        self.flush_batch();
-                    }
-                }
-                Event::Idle => {
-                    tracing::debug!("idle timeout");
-                    return;
-                }
+            if self.take_in(&core, &mut flow, came).is_break() {
+                buffers::release(&mut flow.inbuf);
+                buffers::release(&mut flow.out);
+                return;
             }
         }
+    }
+
+    /// One turn of the session, without waiting: parses and dispatches
+    /// what the client sent, writes the replies that are ready in order,
+    /// and says what to wait for next. Out of line: the driver's future
+    /// keeps only the waiting, and a second driver calls the same code.
+    #[inline(never)]
+    fn step(&mut self, core: &Shared, flow: &mut Flow, socket: &impl ClientSocket) -> Next {
+        let settings = &core.settings;
+        let commands = &core.commands;
+        let mut wrote = false;
+        loop {
+            // Replies owed and not yet taken by the client hold up its next
+            // requests (backpressure, as a blocked write did): only pushed
+            // frames (pub/sub, MONITOR, invalidations) still pile up, and
+            // those are what the output limits bound.
+            let flushed = flow.out.is_empty();
+            if flushed
+                && self.held.is_none()
+                && self.barriers == 0
+                && self.stashed.is_none()
+                && !self.closing
+                && !flow.inbuf.is_empty()
+                && flow.pending.len() < settings.max_pipeline
+            {
+                if flow.pending.capacity() == 0 {
+                    flow.pending = lend_queue();
+                }
+                flow.backlog =
+                    self.parse_and_dispatch(&mut flow.inbuf, &mut flow.pending, settings, commands);
+                self.entry.set_qbuf(flow.inbuf.len());
+            }
+            if flow.out.capacity() == 0 && !flow.pending.is_empty() {
+                flow.out = buffers::take();
+            }
+            let close_now = self.drain(&mut flow.pending, &mut flow.out);
+            // The earlier commands have answered: the stashed one runs.
+            if flow.pending.is_empty()
+                && !close_now
+                && let Some(req) = self.stashed.take()
+            {
+                self.read_at = Instant::now();
+                self.dispatch(*req, &mut flow.pending, commands);
+                self.flush_batch();
+                continue;
+            }
+            if close_now {
+                return Next::Close { flush: true };
+            }
+            if !flow.out.is_empty() {
+                // As much as the socket takes now; the rest waits for it to
+                // be writable, while the session goes on serving events.
+                if write_owed(socket, &mut flow.out).is_err() {
+                    return Next::Close { flush: false };
+                }
+                wrote = true;
+                if flow.out.is_empty() {
+                    flow.soft_clock.reset();
+                    if flow.out.capacity() > 1024 * 1024 {
+                        flow.out = BytesMut::new();
+                    }
+                } else if self.over_output_limit(flow.out.len(), &mut flow.soft_clock) {
+                    return Next::Close { flush: false };
+                }
+            }
+            break;
+        }
+        let Flow {
+            inbuf,
+            out,
+            pending,
+            eof,
+            backlog,
+            soft_clock,
+        } = flow;
+        // Requests already buffered wait only for room in the pipeline,
+        // never for more input (the client may be done sending).
+        if *backlog
+            && out.is_empty()
+            && self.held.is_none()
+            && self.barriers == 0
+            && self.stashed.is_none()
+            && !self.closing
+            && pending.len() < settings.max_pipeline
+        {
+            return Next::Yield;
+        }
+        if *eof && pending.is_empty() && !*backlog && self.held.is_none() && out.is_empty() {
+            return Next::Close { flush: false };
+        }
+        // Idle: nothing owed, nothing half-read. The buffers go back to the
+        // pool until the client sends again.
+        if pending.is_empty() && inbuf.is_empty() && out.is_empty() {
+            buffers::release(inbuf);
+            buffers::release(out);
+            give_back_queue(pending);
+        }
+        let read =
+            !*eof && !self.closing && out.is_empty() && pending.len() < settings.max_pipeline;
+        let subscribed = self.pubsub.as_ref().is_some_and(pubsub::Handle::is_active);
+        let idle = settings
+            .idle_timeout
+            .filter(|_| pending.is_empty() && !subscribed && self.monitor.is_none());
+        // Only at a request boundary: nothing owed, nothing half-sent.
+        let leaving = self.entry.leaves_when_quiet()
+            && pending.is_empty()
+            && inbuf.is_empty()
+            && out.is_empty()
+            && self.held.is_none()
+            && !subscribed
+            && self.monitor.is_none();
+        let idle = if leaving {
+            Some(idle.map_or(QUIET_BEFORE_LEAVING, |d| d.min(QUIET_BEFORE_LEAVING)))
+        } else {
+            idle
+        };
+        if inbuf.capacity() != 0 && inbuf.capacity() - inbuf.len() < 1024 {
+            inbuf.reserve(16 * 1024);
+        }
+        // Only a client over its soft limit reads the limits here.
+        let soft_limit = if soft_clock.is_running() && !out.is_empty() {
+            soft_clock.deadline(core.output_limits.get().of(self.output_class()))
+        } else {
+            None
+        };
+        Next::Wait(Wait {
+            read,
+            write: !out.is_empty(),
+            wrote,
+            idle,
+            soft_limit,
+        })
+    }
+
+    /// What came while the session waited, taken in before its next step;
+    /// `Break` when the connection ends now.
+    fn take_in(&mut self, core: &Shared, flow: &mut Flow, came: Event) -> ControlFlow<()> {
+        let pending = &mut flow.pending;
+        match came {
+            Event::Resolved(Resolution::Wake) => {}
+            Event::Resolved(resolution) => self.resolve_head(pending, resolution),
+            Event::Read(Ok(0) | Err(_)) => flow.eof = true,
+            Event::Read(Ok(_)) => {}
+            // The step writes what is owed, or sees the error.
+            Event::Writable(Ok(())) => {}
+            Event::Writable(Err(_)) => return ControlFlow::Break(()),
+            Event::SoftLimitDue => {
+                if self.over_output_limit(flow.out.len(), &mut flow.soft_clock) {
+                    return ControlFlow::Break(());
+                }
+            }
+            Event::PubSub(Some(pubsub::Out::Frame(frame))) => flow.out.extend_from_slice(&frame),
+            Event::PubSub(Some(pubsub::Out::Close) | None) => {
+                pending.push_back(Pending::Close);
+                self.closing = true;
+            }
+            // Never ahead of a reply still owed (MONITOR's own +OK).
+            Event::Monitor(Some(line)) if pending.is_empty() => flow.out.extend_from_slice(&line),
+            Event::Monitor(Some(line)) => pending.push_back(Pending::Ready(line, None)),
+            Event::Monitor(None) => self.monitor = None,
+            // After the replies already queued: an invalidation never
+            // overtakes the reply of a read it races with.
+            Event::Attention => {
+                if self.entry.is_killed() {
+                    return ControlFlow::Break(());
+                }
+                for frame in self.entry.take_pushed() {
+                    pending.push_back(Pending::Ready(frame, None));
+                }
+            }
+            Event::Unpaused => {
+                if let Some(held) = self.held.take() {
+                    let (req, _) = *held;
+                    self.entry.set_flag(flags::BLOCKED, false);
+                    self.read_at = Instant::now();
+                    self.dispatch(req, pending, &core.commands);
+                    self.flush_batch();
+                }
+            }
+            Event::Idle => {
+                tracing::debug!("idle timeout");
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
     }
 
     /// The class whose output limit this client is held to.
@@ -1971,7 +2066,7 @@ fn arm(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, deadline: tokio::time::
 /// Writes as much of `out` as the socket takes without waiting, and keeps
 /// the rest. A full write clears `out` (keeping its whole allocation);
 /// `Err` when the client is gone.
-fn write_owed(socket: &TcpStream, out: &mut BytesMut) -> std::io::Result<()> {
+fn write_owed(socket: &impl ClientSocket, out: &mut BytesMut) -> std::io::Result<()> {
     while !out.is_empty() {
         match socket.try_write(out) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
