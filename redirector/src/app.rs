@@ -195,6 +195,7 @@ pub async fn run(config: RunConfig) -> Result<Exit, Error> {
             Arc::clone(&gate),
             unrouted,
             metrics.proxy().worker_accepted(worker),
+            config.session_loop,
         ))
     };
     let front = make_front(0);

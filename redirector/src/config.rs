@@ -10,7 +10,7 @@ use redirector_ebpf::ProxyConfig;
 
 use crate::{
     backend::Declared,
-    proxy::{Settings, UpstreamAuth, pool::PoolConfig},
+    proxy::{Settings, UpstreamAuth, host::SessionLoop, pool::PoolConfig},
     steering::ip_to_bytes,
 };
 
@@ -112,6 +112,8 @@ pub struct RunConfig {
     pub refresh_interval: Duration,
     /// Proxy workers: threads with a runtime and listeners each.
     pub workers: usize,
+    /// Which loop runs the client sessions.
+    pub session_loop: SessionLoop,
     /// HBONE tunnels between nodes; `None`: every node is dialled directly.
     pub hbone: Option<HboneConfig>,
     /// The Kubernetes node agent: pods and targets from the API server.
@@ -327,6 +329,7 @@ mod tests {
             ready_file: None,
             refresh_interval: Duration::from_secs(5),
             workers: 1,
+            session_loop: SessionLoop::default(),
             hbone: None,
             kubernetes: None,
             pin_dir: "/sys/fs/bpf/redirector".into(),

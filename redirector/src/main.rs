@@ -17,7 +17,10 @@ use redirector::{
         tls::{CertFiles, Tls},
     },
     netns::{self, NetnsRef},
-    proxy::{AuthMode, DownstreamAuth, ReadPolicy, Settings, UpstreamAuth, pool::PoolConfig},
+    proxy::{
+        AuthMode, DownstreamAuth, ReadPolicy, Settings, UpstreamAuth, host::SessionLoop,
+        pool::PoolConfig,
+    },
     resp::request::Limits,
     status,
     steering::{self, Layout, Maps},
@@ -352,6 +355,11 @@ struct RunArgs {
     /// listeners, upstream connections and metric shards.
     #[arg(long, env = "REDIRECTOR_WORKERS", default_value_t = 1)]
     workers: usize,
+    /// Which loop runs client sessions: `task` (a tokio task per client)
+    /// or `epoll` (each worker's own epoll loop; being measured, see
+    /// ARCHITECTURE.md).
+    #[arg(long, env = "REDIRECTOR_SESSION_LOOP", value_enum, default_value_t = SessionLoop::Task)]
+    session_loop: SessionLoop,
     #[command(flatten)]
     hbone: HboneArgs,
     #[command(flatten)]
@@ -1050,6 +1058,7 @@ fn run(pin_dir: PathBuf, mut args: RunArgs) -> anyhow::Result<ExitCode> {
         ready_file: args.ready_file,
         refresh_interval: args.topology_refresh.max(Duration::from_millis(100)),
         workers: args.workers.max(1),
+        session_loop: args.session_loop,
         pin_dir,
         cgroup_root: args.cgroup_root,
         proxy_addrs: args.proxy_addrs,

@@ -376,6 +376,27 @@ fn lint() -> Result<()> {
     run(cargo().args(["deny", "--frozen", "check", "licenses", "bans", "sources"]))
 }
 
+/// The integration tests run a second time on `--session-loop epoll`:
+/// every one whose proxy serves clients (not the steering, CNI, agent or
+/// HBONE ones, whose proxies' sessions these already cover).
+const SESSION_LOOP_TESTS: &[&str] = &[
+    "acl",
+    "backends",
+    "conformance",
+    "differential",
+    "idle_clients",
+    "one_redis",
+    "output_limits",
+    "proxy_clients",
+    "proxy_commands",
+    "proxy_failover",
+    "proxy_hostile",
+    "proxy_reshard",
+    "proxy_scan",
+    "standalone",
+    "upstream_batching",
+];
+
 fn test() -> Result<()> {
     setup::all()?;
     if std::env::var_os("CI").is_some() && !nix::unistd::geteuid().is_root() {
@@ -406,6 +427,19 @@ fn test() -> Result<()> {
         .env("REDIRECTOR_BIN", &bin)
         // Kernel tests fail instead of skipping when they cannot run.
         .env(testbed::require::REQUIRED_ENV, "1"))?;
+    // The worker's own epoll loop (`--session-loop epoll`) is not the
+    // default yet: the tests of what a client sees run on it too, through
+    // the variable every proxy they start reads.
+    println!("== client-facing tests on --session-loop epoll");
+    let mut on_epoll = cargo();
+    on_epoll.args(["test", "--package", "redirector-tests"]);
+    for test in SESSION_LOOP_TESTS {
+        on_epoll.args(["--test", test]);
+    }
+    run(on_epoll
+        .env("REDIRECTOR_BIN", &bin)
+        .env(testbed::require::REQUIRED_ENV, "1")
+        .env("REDIRECTOR_SESSION_LOOP", "epoll"))?;
     println!("== fuzz smoke ({} s per target)", fuzz::SMOKE_SECONDS);
     fuzz::smoke()?;
     println!("== all tests passed");

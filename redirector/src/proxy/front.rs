@@ -34,6 +34,7 @@ use tracing::{Instrument as _, debug_span};
 use super::{
     Error, Shared,
     admission::{self, Origin, Refusal, Tally},
+    host::{self, SessionLoop},
     relay::TcpBackend,
     session,
 };
@@ -196,16 +197,23 @@ pub struct Front {
     pub changed: Notify,
     /// Connections this worker's listeners accepted.
     accepted: Counter,
+    session_loop: SessionLoop,
 }
 
 impl Front {
-    pub fn new(gate: Arc<Gate>, unrouted: Arc<TcpBackend>, accepted: Counter) -> Self {
+    pub fn new(
+        gate: Arc<Gate>,
+        unrouted: Arc<TcpBackend>,
+        accepted: Counter,
+        session_loop: SessionLoop,
+    ) -> Self {
         Self {
             gate,
             routes: RwLock::new(Arc::new(Routes::default())),
             unrouted,
             changed: Notify::new(),
             accepted,
+            session_loop,
         }
     }
 
@@ -403,9 +411,19 @@ fn serve_route(
             let span = debug_span!("client", backend = shared.metrics.backend(), id, %peer);
             // A steered client believes it talks to the address it dialled.
             let advertised = steered.as_ref().map_or(local, orig_dst_addr);
-            let session =
-                session::serve(shared, client, session::Addresses { advertised }, id, slot);
-            tokio::spawn(session.instrument(span));
+            let addresses = session::Addresses { advertised };
+            match front.session_loop {
+                SessionLoop::Task => {
+                    let session = session::serve(shared, client, addresses, id, slot);
+                    tokio::spawn(session.instrument(span));
+                }
+                SessionLoop::Epoll => {
+                    let hosted = session::Hosted::new(shared, addresses, id, slot);
+                    if let Err(e) = host::adopt(hosted, client, span) {
+                        tracing::warn!(%peer, error = %e, "client dropped");
+                    }
+                }
+            }
         }
         Route::Tcp(tcp) => {
             // A relay needs somewhere to go: a direct client of a tcp

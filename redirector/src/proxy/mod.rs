@@ -31,6 +31,7 @@ pub mod front;
 pub mod functions;
 pub mod gather;
 pub mod health;
+pub mod host;
 pub mod info;
 pub mod lease;
 pub mod local;

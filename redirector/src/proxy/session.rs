@@ -92,41 +92,47 @@ pub fn serve(
     slot: ClientSlot,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     // TCP_NODELAY is inherited from the listener.
-    let entry = Arc::clone(slot.entry());
-    let mut session = Session {
-        authed: starts_authed(&shared),
-        shared: Arc::clone(&shared),
-        unauthenticated: Arc::clone(&shared),
-        id,
-        advertised,
-        protocol: Protocol::Resp2,
-        user: super::clients::default_user(),
-        multi: None,
-        baton: None,
-        pubsub: None,
-        last_write_slot: None,
-        closing: false,
-        view: shared.topology.view(),
-        conns: Vec::new(),
-        inbox: Arc::new(Inbox::default()),
-        next_seq: 0,
-        batch: Vec::new(),
-        metric_cache: Vec::new(),
-        read_at: Instant::now(),
-        entry,
-        reply_mode: ReplyMode::On,
-        monitor: None,
-        held: None,
-        barriers: 0,
-        stashed: None,
-        last_cmd: usize::MAX,
-        tracking: None,
-        _slot: slot,
-    };
+    let mut session = Session::new(shared, advertised, id, slot);
     // The session is borrowed where the block holds it: an `async fn`
     // taking it by value would keep it twice (argument and local).
     // The stream too: borrowed, it is not also copied into `run`'s state.
     async move { session.run(&mut stream).await }
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, advertised: SocketAddr, id: u64, slot: ClientSlot) -> Self {
+        let entry = Arc::clone(slot.entry());
+        Session {
+            authed: starts_authed(&shared),
+            shared: Arc::clone(&shared),
+            unauthenticated: Arc::clone(&shared),
+            id,
+            advertised,
+            protocol: Protocol::Resp2,
+            user: super::clients::default_user(),
+            multi: None,
+            baton: None,
+            pubsub: None,
+            last_write_slot: None,
+            closing: false,
+            view: shared.topology.view(),
+            conns: Vec::new(),
+            inbox: Arc::new(Inbox::default()),
+            next_seq: 0,
+            batch: Vec::new(),
+            metric_cache: Vec::new(),
+            read_at: Instant::now(),
+            entry,
+            reply_mode: ReplyMode::On,
+            monitor: None,
+            held: None,
+            barriers: 0,
+            stashed: None,
+            last_cmd: usize::MAX,
+            tracking: None,
+            _slot: slot,
+        }
+    }
 }
 
 /// The commands one read routed to one node, sent as one job.
@@ -431,6 +437,283 @@ impl ClientSocket for TcpStream {
     }
 }
 
+/// A hosted client's socket: a plain non-blocking socket in the worker
+/// loop's epoll (edge-triggered), with the readiness its edges reported and
+/// no read or write has used up yet.
+pub struct HostedSocket {
+    stream: std::net::TcpStream,
+    readable: std::cell::Cell<bool>,
+    writable: std::cell::Cell<bool>,
+}
+
+impl HostedSocket {
+    /// Ready to read and write until a call says otherwise: a socket that
+    /// had bytes before it joined the epoll gets no edge for them.
+    pub fn new(stream: std::net::TcpStream) -> Self {
+        Self {
+            stream,
+            readable: std::cell::Cell::new(true),
+            writable: std::cell::Cell::new(true),
+        }
+    }
+
+    pub fn stream(&self) -> &std::net::TcpStream {
+        &self.stream
+    }
+
+    pub fn into_stream(self) -> std::net::TcpStream {
+        self.stream
+    }
+
+    /// An edge from the epoll: what the socket may do now.
+    pub fn mark(&self, readable: bool, writable: bool) {
+        if readable {
+            self.readable.set(true);
+        }
+        if writable {
+            self.writable.set(true);
+        }
+    }
+
+    /// Reads into `buf`'s spare room. A read that leaves room has drained
+    /// the socket, so its readiness ends there (the next bytes bring an
+    /// edge), as tokio's does: no second `recv` that finds nothing.
+    fn read_into(&self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd as _;
+        // A read into no room returns 0, which is EOF.
+        if buf.capacity() == buf.len() {
+            buf.reserve(16 * 1024);
+        }
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len();
+        // SAFETY: `recv` writes at most `room` bytes into the spare
+        // capacity, and only the bytes it wrote are then counted as set.
+        let n = unsafe { libc::recv(self.stream.as_raw_fd(), spare.as_mut_ptr().cast(), room, 0) };
+        if n < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::WouldBlock {
+                self.readable.set(false);
+            }
+            return Err(error);
+        }
+        let n = n.unsigned_abs();
+        // SAFETY: the first `n` spare bytes were written by `recv` above.
+        unsafe { buf.set_len(buf.len() + n) };
+        if n < room {
+            self.readable.set(false);
+        }
+        Ok(n)
+    }
+}
+
+impl ClientSocket for HostedSocket {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::io::Write as _;
+        let written = (&self.stream).write(buf);
+        if let Err(e) = &written
+            && e.kind() == std::io::ErrorKind::WouldBlock
+        {
+            self.writable.set(false);
+        }
+        written
+    }
+}
+
+/// A session on its worker's loop ([`super::host`]) instead of a task of
+/// its own: the same steps, driven by the socket's edges and by wakes of
+/// the sources it holds.
+pub struct Hosted {
+    session: Session,
+    flow: Flow,
+    core: Arc<Shared>,
+    /// What the last step asked to wait for.
+    wait: Wait,
+    /// The last step yielded with requests buffered: the next turn steps
+    /// again before it waits for anything (its `wait` is stale).
+    yielded: bool,
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    soft_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The end of a CLIENT PAUSE holding the session's next command.
+    unpaused: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+/// Where a hosted session stands after [`Hosted::advance`].
+pub enum Progress {
+    /// Waits for an edge or a wake.
+    Waits,
+    /// Has more buffered requests: advance it again after the worker's
+    /// other clients (and upstream writers) had a turn.
+    Yields,
+    /// Ends: write `rest` (QUIT's reply), then close.
+    Closes { rest: BytesMut },
+}
+
+impl Hosted {
+    pub fn new(
+        shared: Arc<Shared>,
+        Addresses { advertised }: Addresses,
+        id: u64,
+        slot: ClientSlot,
+    ) -> Self {
+        Self {
+            core: Arc::clone(&shared),
+            session: Session::new(shared, advertised, id, slot),
+            flow: Flow::default(),
+            wait: Wait {
+                read: true,
+                write: false,
+                wrote: false,
+                idle: None,
+                soft_limit: None,
+            },
+            yielded: false,
+            idle_timer: None,
+            soft_timer: None,
+            unpaused: None,
+        }
+    }
+
+    /// Takes in what the socket's edges and the session's sources have,
+    /// stepping after each, until the session waits for more. `cx` wakes
+    /// the loop for this session.
+    pub fn advance(&mut self, socket: &HostedSocket, cx: &mut Context<'_>) -> Progress {
+        self.turns(socket, cx, false)
+    }
+
+    /// Steps first, then as [`Self::advance`]: a new session, or one that
+    /// yielded with requests still buffered.
+    pub fn resume(&mut self, socket: &HostedSocket, cx: &mut Context<'_>) -> Progress {
+        self.turns(socket, cx, true)
+    }
+
+    fn turns(&mut self, socket: &HostedSocket, cx: &mut Context<'_>, step_first: bool) -> Progress {
+        let mut stepping = step_first || self.yielded;
+        loop {
+            if !stepping {
+                match self.poll_sources(socket, cx) {
+                    Poll::Ready(came) => {
+                        if self
+                            .session
+                            .take_in(&self.core, &mut self.flow, came)
+                            .is_break()
+                        {
+                            return self.close(BytesMut::new());
+                        }
+                    }
+                    Poll::Pending => return Progress::Waits,
+                }
+            }
+            stepping = false;
+            match self.session.step(&self.core, &mut self.flow, socket) {
+                Next::Wait(wait) => {
+                    self.yielded = false;
+                    self.waits_for(wait);
+                }
+                Next::Yield => {
+                    self.yielded = true;
+                    return Progress::Yields;
+                }
+                Next::Close { flush } => {
+                    let rest = if flush {
+                        let mut rest = std::mem::take(&mut self.flow.out);
+                        // Most often it all goes now.
+                        if write_owed(socket, &mut rest).is_err() {
+                            rest.clear();
+                        }
+                        rest
+                    } else {
+                        BytesMut::new()
+                    };
+                    return self.close(rest);
+                }
+            }
+        }
+    }
+
+    fn close(&mut self, rest: BytesMut) -> Progress {
+        buffers::release(&mut self.flow.inbuf);
+        buffers::release(&mut self.flow.out);
+        Progress::Closes { rest }
+    }
+
+    /// Arms what a step asked to wait for (as the tokio driver does after
+    /// each step).
+    fn waits_for(&mut self, wait: Wait) {
+        if let Some(d) = wait.idle {
+            arm(&mut self.idle_timer, tokio::time::Instant::now() + d);
+        }
+        if let Some(deadline) = wait.soft_limit {
+            arm(
+                &mut self.soft_timer,
+                tokio::time::Instant::from_std(deadline),
+            );
+        }
+        self.wait = wait;
+        match (&self.session.held, &self.unpaused) {
+            (Some(held), None) => {
+                let core = Arc::clone(&self.core);
+                let until = held.1;
+                self.unpaused = Some(Box::pin(async move {
+                    core.clients.wait_unpaused(until).await;
+                }));
+            }
+            (None, Some(_)) => self.unpaused = None,
+            _ => {}
+        }
+    }
+
+    /// What came, in the tokio driver's order: the held sources, the
+    /// socket's edges, then the timers.
+    fn poll_sources(&mut self, socket: &HostedSocket, cx: &mut Context<'_>) -> Poll<Event> {
+        let wait = &self.wait;
+        let session = &mut self.session;
+        let held = poll_held(
+            &session.entry,
+            &session.inbox,
+            &mut self.flow.pending,
+            &mut session.pubsub,
+            &mut session.monitor,
+            self.unpaused.as_mut(),
+            cx,
+        );
+        if held.is_ready() {
+            if matches!(held, Poll::Ready(Event::Unpaused)) {
+                self.unpaused = None;
+            }
+            return held;
+        }
+        if wait.read && socket.readable.get() {
+            if self.flow.inbuf.capacity() == 0 {
+                self.flow.inbuf = buffers::take();
+            }
+            match socket.read_into(&mut self.flow.inbuf) {
+                Ok(n) => return Poll::Ready(Event::Read(Ok(n))),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    cx.waker().wake_by_ref();
+                }
+                Err(e) => return Poll::Ready(Event::Read(Err(e))),
+            }
+        }
+        if wait.write && socket.writable.get() {
+            return Poll::Ready(Event::Writable(Ok(())));
+        }
+        if wait.soft_limit.is_some()
+            && let Some(timer) = self.soft_timer.as_mut()
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Event::SoftLimitDue);
+        }
+        if wait.idle.is_some()
+            && let Some(timer) = self.idle_timer.as_mut()
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Event::Idle);
+        }
+        Poll::Pending
+    }
+}
+
 impl Session {
     /// The session's tokio driver: waits for what the last step asked for
     /// and steps with what came.
@@ -496,26 +779,16 @@ impl Session {
             let mut idle_due = idle_deadline.and(idle_timer.as_mut());
             let Flow { inbuf, pending, .. } = &mut flow;
             let came = std::future::poll_fn(|cx| {
-                if entry.poll_attention(cx).is_ready() {
-                    return Poll::Ready(Event::Attention);
-                }
-                if let Poll::Ready(resolution) = poll_head(pending.front_mut(), &inbox, cx) {
-                    return Poll::Ready(Event::Resolved(resolution));
-                }
-                if let Some(handle) = self.pubsub.as_mut()
-                    && let Poll::Ready(out) = handle.out.poll_recv(cx)
-                {
-                    return Poll::Ready(Event::PubSub(out));
-                }
-                if let Some(feed) = self.monitor.as_mut()
-                    && let Poll::Ready(line) = feed.poll_recv(cx)
-                {
-                    return Poll::Ready(Event::Monitor(line));
-                }
-                if let Some(unpaused) = unpaused.as_mut()
-                    && unpaused.as_mut().poll(cx).is_ready()
-                {
-                    return Poll::Ready(Event::Unpaused);
+                if let Poll::Ready(came) = poll_held(
+                    &entry,
+                    &inbox,
+                    pending,
+                    &mut self.pubsub,
+                    &mut self.monitor,
+                    unpaused.as_mut(),
+                    cx,
+                ) {
+                    return Poll::Ready(came);
                 }
                 // Read here, in the poll: the socket's own waker slot, not
                 // `readable()`, which links a waiter per turn; and a read
@@ -2130,6 +2403,44 @@ fn spawn_with_caching(
     caching: Bytes,
 ) -> oneshot::Receiver<Bytes> {
     spawn_reply(async move { exec::with_caching(shared, routed, caching).await })
+}
+
+/// The sources a session waits on besides its socket and timers, in this
+/// order: the registry's attention, the oldest owed reply, pub/sub,
+/// MONITOR, the end of a CLIENT PAUSE. The session's fields, not the
+/// session: its driver holds the others.
+#[inline(always)]
+fn poll_held<U: Future<Output = ()> + ?Sized>(
+    entry: &ClientEntry,
+    inbox: &Inbox,
+    pending: &mut VecDeque<Pending>,
+    pubsub: &mut Option<pubsub::Handle>,
+    monitor: &mut Option<mpsc::UnboundedReceiver<Bytes>>,
+    unpaused: Option<&mut Pin<Box<U>>>,
+    cx: &mut Context<'_>,
+) -> Poll<Event> {
+    if entry.poll_attention(cx).is_ready() {
+        return Poll::Ready(Event::Attention);
+    }
+    if let Poll::Ready(resolution) = poll_head(pending.front_mut(), inbox, cx) {
+        return Poll::Ready(Event::Resolved(resolution));
+    }
+    if let Some(handle) = pubsub.as_mut()
+        && let Poll::Ready(out) = handle.out.poll_recv(cx)
+    {
+        return Poll::Ready(Event::PubSub(out));
+    }
+    if let Some(feed) = monitor.as_mut()
+        && let Poll::Ready(line) = feed.poll_recv(cx)
+    {
+        return Poll::Ready(Event::Monitor(line));
+    }
+    if let Some(unpaused) = unpaused
+        && unpaused.as_mut().poll(cx).is_ready()
+    {
+        return Poll::Ready(Event::Unpaused);
+    }
+    Poll::Pending
 }
 
 /// Whether what the oldest owed reply waits for has come: the inbox's
