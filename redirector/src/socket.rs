@@ -97,3 +97,45 @@ pub fn bound(addr: SocketAddr, listening: Listening) -> io::Result<StdTcpListene
     )?;
     Ok(StdTcpListener::from(fd))
 }
+
+/// Accepts one connection from a non-blocking listener as a plain
+/// non-blocking socket, registered in no reactor: for a worker's own epoll
+/// loop, which would otherwise take it out of tokio's (`accept4` with
+/// `SOCK_NONBLOCK`: no `fcntl`, no `getpeername`, no `epoll_ctl` pair).
+pub fn accept_plain(
+    listener: &impl std::os::fd::AsRawFd,
+) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    use nix::sys::socket::{SockaddrLike as _, SockaddrStorage};
+    use std::os::fd::FromRawFd as _;
+    let mut storage = std::mem::MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_storage>())
+        .unwrap_or(libc::socklen_t::MAX);
+    // SAFETY: `storage` is a zeroed sockaddr_storage and `len` its size;
+    // accept4 writes at most that much, and the length it wrote.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            storage.as_mut_ptr().cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is the connection accept4 just opened, owned by no one
+    // else.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    // SAFETY: `storage` holds the `len` bytes of address accept4 wrote.
+    let peer = unsafe { SockaddrStorage::from_raw(storage.as_ptr().cast(), Some(len)) }
+        .ok_or_else(|| io::Error::other("accept gave no peer address"))?;
+    let peer = peer
+        .as_sockaddr_in()
+        .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+        .or_else(|| {
+            peer.as_sockaddr_in6()
+                .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+        })
+        .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
+    Ok((stream, peer))
+}

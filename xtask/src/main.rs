@@ -377,8 +377,9 @@ fn lint() -> Result<()> {
 }
 
 /// The integration tests run a second time on `--session-loop epoll`:
-/// every one whose proxy serves clients (not the steering, CNI, agent or
-/// HBONE ones, whose proxies' sessions these already cover).
+/// every one whose proxy serves clients, and steering's, for steered
+/// connections accepted into the loop (not the CNI, agent or HBONE ones,
+/// whose proxies' sessions these already cover).
 const SESSION_LOOP_TESTS: &[&str] = &[
     "acl",
     "backends",
@@ -394,6 +395,7 @@ const SESSION_LOOP_TESTS: &[&str] = &[
     "proxy_reshard",
     "proxy_scan",
     "standalone",
+    "steering",
     "upstream_batching",
 ];
 

@@ -25,7 +25,7 @@ use std::{
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncReadExt as _, AsyncWriteExt as _, Interest, unix::AsyncFd},
     net::{TcpListener, TcpStream},
     sync::Notify,
 };
@@ -38,7 +38,10 @@ use super::{
     relay::TcpBackend,
     session,
 };
-use crate::steering::{OrigDstTable, orig_dst_addr};
+use crate::{
+    socket,
+    steering::{OrigDstTable, orig_dst_addr},
+};
 use redirector_ebpf::OrigDst;
 
 /// A backend as the accept path sees it.
@@ -289,7 +292,7 @@ impl Proxy {
     pub async fn serve(self, front: Arc<Front>) {
         let mut tasks = tokio::task::JoinSet::new();
         for (addr, socket) in self.sockets {
-            match TcpListener::from_std(socket) {
+            match Acceptor::new(socket, front.session_loop) {
                 Ok(listener) => {
                     tasks.spawn(accept_loop(listener, Arc::clone(&front)));
                 }
@@ -300,7 +303,84 @@ impl Proxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, front: Arc<Front>) {
+/// A proxy listener, in tokio's reactor. For the epoll session loop it
+/// accepts plain sockets, which go straight into the worker's loop instead
+/// of joining tokio's reactor first.
+enum Acceptor {
+    Tokio(TcpListener),
+    Plain(AsyncFd<StdTcpListener>),
+}
+
+impl Acceptor {
+    fn new(socket: StdTcpListener, session_loop: SessionLoop) -> io::Result<Self> {
+        match session_loop {
+            SessionLoop::Task => TcpListener::from_std(socket).map(Self::Tokio),
+            SessionLoop::Epoll => {
+                // SAFETY: the listener's fd is valid and open, owned by the
+                // listener, which the `AsyncFd` owns and never replaces.
+                unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
+                    .map(Self::Plain)
+                    .map_err(Into::into)
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Self::Tokio(listener) => listener.local_addr(),
+            Self::Plain(listener) => listener.get_ref().local_addr(),
+        }
+    }
+
+    async fn accept(&self) -> io::Result<(Accepted, SocketAddr)> {
+        match self {
+            Self::Tokio(listener) => {
+                let (client, peer) = listener.accept().await?;
+                Ok((Accepted::Tokio(client), peer))
+            }
+            Self::Plain(listener) => {
+                let (client, peer) = listener
+                    .async_io(Interest::READABLE, socket::accept_plain)
+                    .await?;
+                Ok((Accepted::Plain(client), peer))
+            }
+        }
+    }
+}
+
+/// An accepted client's socket: in tokio's reactor, or a plain one no
+/// reactor has seen (see [`Acceptor`]).
+enum Accepted {
+    Tokio(TcpStream),
+    Plain(std::net::TcpStream),
+}
+
+impl Accepted {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Self::Tokio(client) => client.local_addr(),
+            Self::Plain(client) => client.local_addr(),
+        }
+    }
+
+    /// In the worker's reactor, for a task to serve.
+    fn into_tokio(self) -> io::Result<TcpStream> {
+        match self {
+            Self::Tokio(client) => Ok(client),
+            Self::Plain(client) => TcpStream::from_std(client),
+        }
+    }
+
+    /// Out of any reactor, for the worker's epoll loop.
+    fn into_plain(self) -> io::Result<std::net::TcpStream> {
+        match self {
+            Self::Tokio(client) => client.into_std(),
+            Self::Plain(client) => Ok(client),
+        }
+    }
+}
+
+async fn accept_loop(listener: Acceptor, front: Arc<Front>) {
     // A listener on a specific address accepts only connections to that
     // address: no getsockname per client then.
     let bound = listener
@@ -359,7 +439,7 @@ async fn accept_loop(listener: TcpListener, front: Arc<Front>) {
 /// A direct client arriving while the backend direct clients get is still
 /// coming up (the daemon has just started) waits for it, as long as a
 /// client would wait on a connect, rather than get an error at once.
-async fn serve_when_up(front: Arc<Front>, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
+async fn serve_when_up(front: Arc<Front>, client: Accepted, peer: SocketAddr, local: SocketAddr) {
     let deadline = tokio::time::Instant::now() + DIRECT_BACKEND_WAIT;
     loop {
         let changed = front.changed.notified();
@@ -385,7 +465,7 @@ async fn serve_when_up(front: Arc<Front>, client: TcpStream, peer: SocketAddr, l
 /// Admission, then the session (or relay) of an accepted, routed client.
 fn serve_route(
     front: &Arc<Front>,
-    client: TcpStream,
+    client: Accepted,
     peer: SocketAddr,
     local: SocketAddr,
     steered: Option<OrigDst>,
@@ -414,12 +494,19 @@ fn serve_route(
             let addresses = session::Addresses { advertised };
             match front.session_loop {
                 SessionLoop::Task => {
+                    let Some(client) = in_reactor(client, peer) else {
+                        return;
+                    };
                     let session = session::serve(shared, client, addresses, id, slot);
                     tokio::spawn(session.instrument(span));
                 }
                 SessionLoop::Epoll => {
                     let hosted = session::Hosted::new(shared, addresses, id, slot);
-                    if let Err(e) = host::adopt(hosted, client, span) {
+                    let adopted = client
+                        .into_plain()
+                        .map_err(host::Error::Adopt)
+                        .and_then(|client| host::adopt(hosted, client, span));
+                    if let Err(e) = adopted {
                         tracing::warn!(%peer, error = %e, "client dropped");
                     }
                 }
@@ -435,21 +522,39 @@ fn serve_route(
                 ));
                 return;
             };
+            let Some(client) = in_reactor(client, peer) else {
+                return;
+            };
             let span = debug_span!("relay", backend = %tcp.name, %peer, %orig);
             tokio::spawn(tcp.relay(client, orig, place).instrument(span));
         }
     }
 }
 
+/// The client as tokio's, for a task; `None` (logged) if it cannot join
+/// the reactor.
+fn in_reactor(client: Accepted, peer: SocketAddr) -> Option<TcpStream> {
+    client
+        .into_tokio()
+        .inspect_err(|e| tracing::warn!(%peer, error = %e, "client dropped"))
+        .ok()
+}
+
 /// Tells a refused client why, as Redis does, and closes.
-async fn refuse_bytes(mut client: tokio::net::TcpStream, reply: &'static [u8]) {
+async fn refuse_bytes(client: Accepted, reply: &'static [u8]) {
+    let Ok(mut client) = client.into_tokio() else {
+        return;
+    };
     let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(reply)).await;
 }
 
 /// Answers the heartbeat's probe: its `ECHO` comes back as a bulk string.
 /// It proves the accept loop and the runtime's tasks run, without asking
 /// any backend (a Redis outage must not stop steering to the others).
-async fn answer_probe(mut client: tokio::net::TcpStream) {
+async fn answer_probe(client: Accepted) {
+    let Ok(mut client) = client.into_tokio() else {
+        return;
+    };
     let mut request = [0u8; 64];
     let read = tokio::time::timeout(Duration::from_secs(1), client.read(&mut request)).await;
     if matches!(read, Ok(Ok(n)) if n > 0) {

@@ -145,13 +145,13 @@ thread_local! {
 }
 
 /// Hands an accepted client's session to this worker's loop, starting the
-/// loop with the worker's first client. Must run on the worker's runtime.
+/// loop with the worker's first client. Must run on the worker's runtime;
+/// `stream` is a non-blocking socket in no reactor.
 pub fn adopt(
     hosted: Hosted,
-    stream: tokio::net::TcpStream,
+    stream: std::net::TcpStream,
     span: tracing::Span,
 ) -> Result<(), Error> {
-    let stream = stream.into_std().map_err(Error::Adopt)?;
     HOST.with(|host| {
         let mut host = host.borrow_mut();
         if host.is_none() {
