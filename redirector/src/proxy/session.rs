@@ -447,18 +447,15 @@ pub struct HostedSocket {
 }
 
 impl HostedSocket {
-    /// Ready to read and write until a call says otherwise: a socket that
-    /// had bytes before it joined the epoll gets no edge for them.
+    /// Ready to read and write until a call says otherwise: the first
+    /// step tries at once, rather than wait for the edges the socket's
+    /// registration brings.
     pub fn new(stream: std::net::TcpStream) -> Self {
         Self {
             stream,
             readable: std::cell::Cell::new(true),
             writable: std::cell::Cell::new(true),
         }
-    }
-
-    pub fn stream(&self) -> &std::net::TcpStream {
-        &self.stream
     }
 
     pub fn into_stream(self) -> std::net::TcpStream {
@@ -588,10 +585,20 @@ impl Hosted {
 
     fn turns(&mut self, socket: &HostedSocket, cx: &mut Context<'_>, step_first: bool) -> Progress {
         let mut stepping = step_first || self.yielded;
+        let mut read = false;
         loop {
             if !stepping {
+                // One read of the socket per turn, as one read per task
+                // poll: a client that streams (its read filled the buffer)
+                // yields to the worker's others, and to the upstream
+                // writers, between reads.
+                if read && self.wait.read && socket.readable.get() {
+                    self.yielded = true;
+                    return Progress::Yields;
+                }
                 match self.poll_sources(socket, cx) {
                     Poll::Ready(came) => {
+                        read |= matches!(came, Event::Read(Ok(1..)));
                         if self
                             .session
                             .take_in(&self.core, &mut self.flow, came)
