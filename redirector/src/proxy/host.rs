@@ -15,7 +15,7 @@
 use std::{
     cell::RefCell,
     io,
-    os::fd::{AsFd as _, AsRawFd, BorrowedFd, RawFd},
+    os::fd::{AsFd as _, AsRawFd, RawFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -351,11 +351,5 @@ impl Host {
             }
             .instrument(span),
         );
-    }
-}
-
-impl std::os::fd::AsFd for EpollFd {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.0.0.as_fd()
     }
 }
