@@ -126,6 +126,9 @@ struct Client {
     wake: Arc<SessionWake>,
     waker: Waker,
     span: tracing::Span,
+    /// In `Host::yielded`: a session that yields again in the same turn
+    /// (stepped on an edge, then on a wake) is resumed once.
+    resume_queued: bool,
 }
 
 struct Host {
@@ -223,6 +226,7 @@ impl Host {
             waker: Waker::from(Arc::clone(&wake)),
             wake,
             span,
+            resume_queued: false,
         });
         self.run(token, true);
         Ok(())
@@ -289,7 +293,8 @@ impl Host {
         let mut resuming = std::mem::take(&mut self.resuming);
         std::mem::swap(&mut resuming, &mut self.yielded);
         for &token in &resuming {
-            if self.clients.contains(token) {
+            if let Some(client) = self.clients.get_mut(token) {
+                client.resume_queued = false;
                 self.run(token, true);
             }
         }
@@ -317,7 +322,11 @@ impl Host {
         };
         match progress {
             Progress::Waits => {}
-            Progress::Yields => self.yielded.push(token),
+            Progress::Yields if client.resume_queued => {}
+            Progress::Yields => {
+                client.resume_queued = true;
+                self.yielded.push(token);
+            }
             Progress::Closes { rest } => {
                 let client = self.clients.remove(token);
                 let Client {
