@@ -355,10 +355,10 @@ struct RunArgs {
     /// listeners, upstream connections and metric shards.
     #[arg(long, env = "REDIRECTOR_WORKERS", default_value_t = 1)]
     workers: usize,
-    /// Which loop runs client sessions: `task` (a tokio task per client)
-    /// or `epoll` (each worker's own epoll loop; being measured, see
-    /// ARCHITECTURE.md).
-    #[arg(long, env = "REDIRECTOR_SESSION_LOOP", value_enum, default_value_t = SessionLoop::Task)]
+    /// Which loop runs client sessions: `epoll` (each worker's own epoll
+    /// loop) or `task` (a tokio task per client, the earlier default; see
+    /// ARCHITECTURE.md, "Who runs a session").
+    #[arg(long, env = "REDIRECTOR_SESSION_LOOP", value_enum, default_value_t = SessionLoop::Epoll)]
     session_loop: SessionLoop,
     #[command(flatten)]
     hbone: HboneArgs,

@@ -376,10 +376,10 @@ fn lint() -> Result<()> {
     run(cargo().args(["deny", "--frozen", "check", "licenses", "bans", "sources"]))
 }
 
-/// The integration tests run a second time on `--session-loop epoll`:
-/// every one whose proxy serves clients, and steering's, for steered
-/// connections accepted into the loop (not the CNI, agent or HBONE ones,
-/// whose proxies' sessions these already cover).
+/// The integration tests run a second time on `--session-loop task`, the
+/// loop that is not the default: every one whose proxy serves clients, and
+/// steering's, for steered connections accepted by a task (not the CNI,
+/// agent or HBONE ones, whose proxies' sessions these already cover).
 const SESSION_LOOP_TESTS: &[&str] = &[
     "acl",
     "backends",
@@ -429,19 +429,19 @@ fn test() -> Result<()> {
         .env("REDIRECTOR_BIN", &bin)
         // Kernel tests fail instead of skipping when they cannot run.
         .env(testbed::require::REQUIRED_ENV, "1"))?;
-    // The worker's own epoll loop (`--session-loop epoll`) is not the
-    // default yet: the tests of what a client sees run on it too, through
-    // the variable every proxy they start reads.
-    println!("== client-facing tests on --session-loop epoll");
-    let mut on_epoll = cargo();
-    on_epoll.args(["test", "--package", "redirector-tests"]);
+    // A session per tokio task (`--session-loop task`) is still built, the
+    // earlier default: the tests of what a client sees run on it too,
+    // through the variable every proxy they start reads.
+    println!("== client-facing tests on --session-loop task");
+    let mut on_tasks = cargo();
+    on_tasks.args(["test", "--package", "redirector-tests"]);
     for test in SESSION_LOOP_TESTS {
-        on_epoll.args(["--test", test]);
+        on_tasks.args(["--test", test]);
     }
-    run(on_epoll
+    run(on_tasks
         .env("REDIRECTOR_BIN", &bin)
         .env(testbed::require::REQUIRED_ENV, "1")
-        .env("REDIRECTOR_SESSION_LOOP", "epoll"))?;
+        .env("REDIRECTOR_SESSION_LOOP", "task"))?;
     println!("== fuzz smoke ({} s per target)", fuzz::SMOKE_SECONDS);
     fuzz::smoke()?;
     println!("== all tests passed");

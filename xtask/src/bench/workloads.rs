@@ -29,6 +29,12 @@
 //! each round: the least a cluster proxy is charged per request, next to
 //! the proxy's CPU and its target.
 //!
+//! The other session loop: W1 and W2 through a second proxy on the same
+//! cluster (127.0.0.1:7387) that runs its sessions on `--session-loop
+//! task`, a tokio task per client (ARCHITECTURE.md, "Who runs a session"),
+//! right after the proxy in each round, its ratios and CPU printed next to
+//! the default loop's.
+//!
 //! The latency figure ([`openloop`]) uses the same cluster and proxy.
 
 use std::{
@@ -80,6 +86,9 @@ const FLOORS: [(relay::Model, u16, &str); 3] = [
 ];
 /// The CPU floor: a slot router in front of the cluster.
 const SLOT_ROUTER_PORT: u16 = 7386;
+/// The same proxy with its sessions on the loop that is not the default.
+const SESSION_LOOP_PROXY_PORT: u16 = 7387;
+const SESSION_LOOP: &str = "task";
 const WORKERS: &str = "1";
 
 struct Workload {
@@ -178,6 +187,8 @@ struct Series {
     direct: Vec<Sample>,
     proxy: Vec<Sample>,
     tunnel: Vec<Sample>,
+    /// Through the proxy on `--session-loop task`.
+    session_loop: Vec<Sample>,
 }
 
 /// Starts the cluster and the proxy, then runs W1-W4 (with the tunnel and
@@ -268,6 +279,11 @@ fn redis_benchmark(
         )],
     )?;
     let mut router_cpu: BTreeMap<&str, Vec<CpuCost>> = BTreeMap::new();
+    let mut loop_args = plain_proxy_args();
+    loop_args[1] = format!("127.0.0.1:{SESSION_LOOP_PROXY_PORT}");
+    loop_args.extend(["--session-loop".into(), SESSION_LOOP.into()]);
+    let loop_proxy = start_proxy(bin, place, dir, "session-loop-proxy", &loop_args)?;
+    let mut loop_cpu: BTreeMap<&str, Vec<CpuCost>> = BTreeMap::new();
     // Per workload with a user target: Redis's own CPU per request, then
     // each of `FLOORS`'.
     let mut floors: BTreeMap<&str, [Vec<CpuCost>; 4]> = BTreeMap::new();
@@ -288,6 +304,21 @@ fn redis_benchmark(
                 series.entry((w.name, test)).or_default().proxy.push(sample);
             }
             if CPU_TARGETS.iter().any(|(name, ..)| *name == w.name) {
+                eprintln!(
+                    "round {round}/{rounds}: {} proxy on --session-loop {SESSION_LOOP}",
+                    w.name
+                );
+                let (results, cost) = charged_run(loop_proxy.pid(), w, || {
+                    benchmark_port(place, w, SESSION_LOOP_PROXY_PORT)
+                })?;
+                loop_cpu.entry(w.name).or_default().push(cost);
+                for (test, sample) in results {
+                    series
+                        .entry((w.name, test))
+                        .or_default()
+                        .session_loop
+                        .push(sample);
+                }
                 eprintln!(
                     "round {round}/{rounds}: {} CPU floor, a slot router",
                     w.name
@@ -349,6 +380,7 @@ fn redis_benchmark(
     }
     drop(floor_processes);
     drop(slot_router);
+    drop(loop_proxy);
     let w4 = php_w4(place, dir, rounds)?;
     drop(standalone_proxy);
     drop(standalone);
@@ -423,6 +455,7 @@ fn redis_benchmark(
         }
     }
     print_cpu_floor(&router_cpu, &cpu);
+    print_session_loop(&series, &loop_cpu, &cpu);
     print_floors(&floors, &cpu);
     println!();
     println!(
@@ -520,6 +553,67 @@ fn print_cpu_floor(router: &BTreeMap<&str, Vec<CpuCost>>, proxy: &BTreeMap<&str,
             floor.system_us,
             spent.per_100k,
             cpu_floor_verdict(target, floor.per_100k, spent.per_100k)
+        );
+    }
+}
+
+/// The proxy on the other session loop: its ratios to direct and its CPU,
+/// next to the default loop's in the same rounds.
+fn print_session_loop(
+    series: &BTreeMap<(&str, String), Series>,
+    on_loop: &BTreeMap<&str, Vec<CpuCost>>,
+    on_tasks: &BTreeMap<&str, Vec<CpuCost>>,
+) {
+    println!();
+    println!(
+        "The proxy on --session-loop {SESSION_LOOP} (127.0.0.1:{SESSION_LOOP_PROXY_PORT}), same rounds, medians:"
+    );
+    for (name, total, user) in CPU_TARGETS {
+        let Some(costs) = on_loop.get(name) else {
+            continue;
+        };
+        let Some(w) = WORKLOADS.iter().find(|w| w.name == name) else {
+            continue;
+        };
+        for &(test, target) in w.targets {
+            let Some(s) = series.get(&(name, test.to_string())) else {
+                continue;
+            };
+            if s.session_loop.is_empty() {
+                continue;
+            }
+            let direct = median(&s.direct).rps;
+            let (on_loop, on_tasks) = (median(&s.session_loop).rps, median(&s.proxy).rps);
+            println!(
+                "{name:<16} {test:<4} ratio to direct {:.2} (default loop {:.2}); target {target:.2}: {}",
+                on_loop / direct,
+                on_tasks / direct,
+                if on_loop / direct >= target {
+                    "ok"
+                } else {
+                    "MISSED"
+                }
+            );
+        }
+        let spent = CpuCost::median(costs);
+        let tasks = CpuCost::median(on_tasks.get(name).map(Vec::as_slice).unwrap_or(&[]));
+        println!(
+            "{name:<16} CPU {:.3} s per 100k ({:.2}x the default loop's {:.3} s; target {total:.3} s): {}; user {:.2} + kernel {:.2} µs per request (user target {user:.2} µs): {}",
+            spent.per_100k,
+            spent.per_100k / tasks.per_100k,
+            tasks.per_100k,
+            if spent.per_100k <= total {
+                "ok"
+            } else {
+                "MISSED"
+            },
+            spent.user_us,
+            spent.system_us,
+            if spent.user_us <= user {
+                "ok"
+            } else {
+                "MISSED"
+            }
         );
     }
 }
