@@ -279,8 +279,7 @@ fn redis_benchmark(
         )],
     )?;
     let mut router_cpu: BTreeMap<&str, Vec<CpuCost>> = BTreeMap::new();
-    let mut loop_args = plain_proxy_args();
-    loop_args[1] = format!("127.0.0.1:{SESSION_LOOP_PROXY_PORT}");
+    let mut loop_args = cluster_proxy_args(SESSION_LOOP_PROXY_PORT);
     loop_args.extend(["--session-loop".into(), SESSION_LOOP.into()]);
     let loop_proxy = start_proxy(bin, place, dir, "session-loop-proxy", &loop_args)?;
     let mut loop_cpu: BTreeMap<&str, Vec<CpuCost>> = BTreeMap::new();
@@ -684,9 +683,14 @@ fn user_floor_verdict(target: f64, on_tokio: f64, on_epoll: f64) -> String {
 }
 
 fn plain_proxy_args() -> Vec<String> {
+    cluster_proxy_args(PROXY_PORT)
+}
+
+/// A proxy on `port` in front of the cluster.
+fn cluster_proxy_args(port: u16) -> Vec<String> {
     vec![
         "--proxy-addr".into(),
-        format!("127.0.0.1:{PROXY_PORT}"),
+        format!("127.0.0.1:{port}"),
         "--cluster-seed".into(),
         CLUSTER_SEED.into(),
     ]
