@@ -307,9 +307,8 @@ fn redis_benchmark(
                     "round {round}/{rounds}: {} proxy on --session-loop {SESSION_LOOP}",
                     w.name
                 );
-                let (results, cost) = charged_run(loop_proxy.pid(), w, || {
-                    benchmark_port(place, w, SESSION_LOOP_PROXY_PORT)
-                })?;
+                let (results, cost) =
+                    charged_port(place, w, SESSION_LOOP_PROXY_PORT, loop_proxy.pid())?;
                 loop_cpu.entry(w.name).or_default().push(cost);
                 for (test, sample) in results {
                     series
@@ -352,9 +351,8 @@ fn redis_benchmark(
                     "round {round}/{rounds}: {} standalone through the proxy",
                     w.name
                 );
-                let (results, cost) = charged_run(standalone_proxy.pid(), w, || {
-                    benchmark_port(place, w, STANDALONE_PROXY_PORT)
-                })?;
+                let (results, cost) =
+                    charged_port(place, w, STANDALONE_PROXY_PORT, standalone_proxy.pid())?;
                 standalone_cpu.push(cost.per_100k);
                 for (test, sample) in results {
                     on_standalone.entry(test).or_default().proxy.push(sample);
@@ -515,7 +513,18 @@ fn redis_benchmark(
 /// What process `pid` is charged per request while `w` runs against `port`
 /// (its results are not kept: the floors are measured for their CPU).
 fn charged(place: &Place, w: &Workload, port: u16, pid: u32) -> Result<CpuCost> {
-    charged_run(pid, w, || benchmark_port(place, w, port)).map(|(_, cost)| cost)
+    charged_port(place, w, port, pid).map(|(_, cost)| cost)
+}
+
+/// `w` against a proxy on `port`: its results, and what process `pid` was
+/// charged per request meanwhile.
+fn charged_port(
+    place: &Place,
+    w: &Workload,
+    port: u16,
+    pid: u32,
+) -> Result<(Vec<(String, Sample)>, CpuCost)> {
+    charged_run(pid, w, || benchmark_port(place, w, port))
 }
 
 /// Runs `w` through `run` (one result per test, each of `w.requests`
@@ -560,15 +569,15 @@ fn print_cpu_floor(router: &BTreeMap<&str, Vec<CpuCost>>, proxy: &BTreeMap<&str,
 /// next to the default loop's in the same rounds.
 fn print_session_loop(
     series: &BTreeMap<(&str, String), Series>,
-    on_loop: &BTreeMap<&str, Vec<CpuCost>>,
-    on_tasks: &BTreeMap<&str, Vec<CpuCost>>,
+    other: &BTreeMap<&str, Vec<CpuCost>>,
+    default: &BTreeMap<&str, Vec<CpuCost>>,
 ) {
     println!();
     println!(
         "The proxy on --session-loop {SESSION_LOOP} (127.0.0.1:{SESSION_LOOP_PROXY_PORT}), same rounds, medians:"
     );
     for (name, total, user) in CPU_TARGETS {
-        let Some(costs) = on_loop.get(name) else {
+        let Some(costs) = other.get(name) else {
             continue;
         };
         let Some(w) = WORKLOADS.iter().find(|w| w.name == name) else {
@@ -582,12 +591,12 @@ fn print_session_loop(
                 continue;
             }
             let direct = median(&s.direct).rps;
-            let (on_loop, on_tasks) = (median(&s.session_loop).rps, median(&s.proxy).rps);
+            let (on_other, on_default) = (median(&s.session_loop).rps, median(&s.proxy).rps);
             println!(
                 "{name:<16} {test:<4} ratio to direct {:.2} (default loop {:.2}); target {target:.2}: {}",
-                on_loop / direct,
-                on_tasks / direct,
-                if on_loop / direct >= target {
+                on_other / direct,
+                on_default / direct,
+                if on_other / direct >= target {
                     "ok"
                 } else {
                     "MISSED"
@@ -595,12 +604,12 @@ fn print_session_loop(
             );
         }
         let spent = CpuCost::median(costs);
-        let tasks = CpuCost::median(on_tasks.get(name).map(Vec::as_slice).unwrap_or(&[]));
+        let by_default = CpuCost::median(default.get(name).map(Vec::as_slice).unwrap_or(&[]));
         println!(
             "{name:<16} CPU {:.3} s per 100k ({:.2}x the default loop's {:.3} s; target {total:.3} s): {}; user {:.2} + kernel {:.2} µs per request (user target {user:.2} µs): {}",
             spent.per_100k,
-            spent.per_100k / tasks.per_100k,
-            tasks.per_100k,
+            spent.per_100k / by_default.per_100k,
+            by_default.per_100k,
             if spent.per_100k <= total {
                 "ok"
             } else {
