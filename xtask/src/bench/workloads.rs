@@ -416,7 +416,7 @@ fn redis_benchmark(
                 direct.p99,
                 proxied.p50,
                 proxied.p99,
-                if ratio >= target { "ok" } else { "MISSED" }
+                met(ratio >= target)
             );
         }
     }
@@ -434,16 +434,8 @@ fn redis_benchmark(
                 "proxy CPU per 100k requests, {:<16} {:.3} s (target {total:.3} s): {}; {split} (user target {user:.2} µs): {}",
                 w.name,
                 spent.per_100k,
-                if spent.per_100k <= *total {
-                    "ok"
-                } else {
-                    "MISSED"
-                },
-                if spent.user_us <= *user {
-                    "ok"
-                } else {
-                    "MISSED"
-                }
+                met(spent.per_100k <= *total),
+                met(spent.user_us <= *user)
             ),
             None => println!(
                 "proxy CPU per 100k requests, {:<16} {:.3} s; {split}",
@@ -504,10 +496,15 @@ fn redis_benchmark(
         println!();
         println!(
             "W4 PHP, phpredis, a fresh connection per request (SET+GET), 4 processes: proxy (Redis class) {proxied:.0} req/s, direct (RedisCluster) {direct:.0} req/s, ratio {ratio:.2} (target 2.00+): {}",
-            if ratio >= 2.0 { "ok" } else { "MISSED" }
+            met(ratio >= 2.0)
         );
     }
     Ok(())
+}
+
+/// The verdict printed after a figure and its target.
+fn met(ok: bool) -> &'static str {
+    if ok { "ok" } else { "MISSED" }
 }
 
 /// What process `pid` is charged per request while `w` runs against `port`
@@ -596,11 +593,7 @@ fn print_session_loop(
                 "{name:<16} {test:<4} ratio to direct {:.2} (default loop {:.2}); target {target:.2}: {}",
                 on_other / direct,
                 on_default / direct,
-                if on_other / direct >= target {
-                    "ok"
-                } else {
-                    "MISSED"
-                }
+                met(on_other / direct >= target)
             );
         }
         let spent = CpuCost::median(costs);
@@ -610,18 +603,10 @@ fn print_session_loop(
             spent.per_100k,
             spent.per_100k / by_default.per_100k,
             by_default.per_100k,
-            if spent.per_100k <= total {
-                "ok"
-            } else {
-                "MISSED"
-            },
+            met(spent.per_100k <= total),
             spent.user_us,
             spent.system_us,
-            if spent.user_us <= user {
-                "ok"
-            } else {
-                "MISSED"
-            }
+            met(spent.user_us <= user)
         );
     }
 }
