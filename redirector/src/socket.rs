@@ -6,8 +6,15 @@
 //! namespace would dial itself forever. The proxy's dialer and both HBONE
 //! directions use it, so none of them depends on another for a socket.
 
-use std::{io, net::SocketAddr, net::TcpListener as StdTcpListener, time::Duration};
+use std::{
+    cell::Cell,
+    io,
+    net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream},
+    os::fd::AsRawFd as _,
+    time::Duration,
+};
 
+use bytes::BytesMut;
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -138,4 +145,90 @@ pub fn accept_plain(
         })
         .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
     Ok((stream, peer))
+}
+
+/// A socket in the worker loop's epoll (`proxy::host`), a client's or an
+/// upstream connection's: plain, non-blocking, edge-triggered, with the
+/// readiness its edges reported and no read or write has used up yet.
+pub struct EdgeSocket {
+    stream: StdTcpStream,
+    readable: Cell<bool>,
+    writable: Cell<bool>,
+}
+
+impl EdgeSocket {
+    /// Ready to read and write until a call says otherwise: the first
+    /// step tries at once, rather than wait for the edges the socket's
+    /// registration brings.
+    pub fn new(stream: StdTcpStream) -> Self {
+        Self {
+            stream,
+            readable: Cell::new(true),
+            writable: Cell::new(true),
+        }
+    }
+
+    pub fn into_stream(self) -> StdTcpStream {
+        self.stream
+    }
+
+    /// An edge from the epoll: what the socket may do now.
+    pub fn mark(&self, readable: bool, writable: bool) {
+        if readable {
+            self.readable.set(true);
+        }
+        if writable {
+            self.writable.set(true);
+        }
+    }
+
+    /// Reads into `buf`'s spare room. A read that leaves room has drained
+    /// the socket, so its readiness ends there (the next bytes bring an
+    /// edge), as tokio's does: no second `recv` that finds nothing.
+    pub fn read_into(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        // A read into no room returns 0, which is EOF.
+        if buf.capacity() == buf.len() {
+            buf.reserve(16 * 1024);
+        }
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len();
+        // SAFETY: `recv` writes at most `room` bytes into the spare
+        // capacity, and only the bytes it wrote are then counted as set.
+        let n = unsafe { libc::recv(self.stream.as_raw_fd(), spare.as_mut_ptr().cast(), room, 0) };
+        if n < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::WouldBlock {
+                self.readable.set(false);
+            }
+            return Err(error);
+        }
+        let n = n.unsigned_abs();
+        // SAFETY: the first `n` spare bytes were written by `recv` above.
+        unsafe { buf.set_len(buf.len() + n) };
+        if n < room {
+            self.readable.set(false);
+        }
+        Ok(n)
+    }
+
+    pub fn is_readable(&self) -> bool {
+        self.readable.get()
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable.get()
+    }
+
+    /// Writes what the socket takes now; its write readiness ends at a
+    /// `WouldBlock`.
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        use std::io::Write as _;
+        let written = (&self.stream).write(buf);
+        if let Err(e) = &written
+            && e.kind() == io::ErrorKind::WouldBlock
+        {
+            self.writable.set(false);
+        }
+        written
+    }
 }

@@ -21,11 +21,11 @@ use super::{
     ReadPolicy, Shared, UpstreamError,
     clients::ClientEntry,
     info,
+    jobs::{Job, JobResult},
     merge::{self, Merge},
     own_config,
     plan::Nodes,
     tracking::PrivateConns,
-    upstream::{Job, JobResult},
 };
 use crate::{
     cluster::topology::View,

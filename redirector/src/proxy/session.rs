@@ -35,13 +35,14 @@ use super::{
     exec::{self, Routed, Target},
     functions,
     gather::{self, Gather},
+    jobs::{Inbox, Job, Payload, Seqs, Sink, lend_seqs},
     local::{self, Caller},
     login::{self, Accepted, Credentials},
     metrics::{CommandCounters, UNKNOWN_COMMAND},
     monitor, output_limit,
     plan::{self, Admin, Local, Plan, SessionState, Txn},
     pubsub, tracking, txn,
-    upstream::{Conn, Inbox, Job, Payload, Seqs, Sink, lend_seqs},
+    upstream::Conn,
 };
 use crate::{
     cluster::{
@@ -53,6 +54,7 @@ use crate::{
         reply::{self, Reply},
         request::{self, Parsed, Request},
     },
+    socket::EdgeSocket,
 };
 
 /// Requests taken from one client's buffer before the other clients of the
@@ -437,82 +439,9 @@ impl ClientSocket for TcpStream {
     }
 }
 
-/// A hosted client's socket: a plain non-blocking socket in the worker
-/// loop's epoll (edge-triggered), with the readiness its edges reported and
-/// no read or write has used up yet.
-pub struct HostedSocket {
-    stream: std::net::TcpStream,
-    readable: std::cell::Cell<bool>,
-    writable: std::cell::Cell<bool>,
-}
-
-impl HostedSocket {
-    /// Ready to read and write until a call says otherwise: the first
-    /// step tries at once, rather than wait for the edges the socket's
-    /// registration brings.
-    pub fn new(stream: std::net::TcpStream) -> Self {
-        Self {
-            stream,
-            readable: std::cell::Cell::new(true),
-            writable: std::cell::Cell::new(true),
-        }
-    }
-
-    pub fn into_stream(self) -> std::net::TcpStream {
-        self.stream
-    }
-
-    /// An edge from the epoll: what the socket may do now.
-    pub fn mark(&self, readable: bool, writable: bool) {
-        if readable {
-            self.readable.set(true);
-        }
-        if writable {
-            self.writable.set(true);
-        }
-    }
-
-    /// Reads into `buf`'s spare room. A read that leaves room has drained
-    /// the socket, so its readiness ends there (the next bytes bring an
-    /// edge), as tokio's does: no second `recv` that finds nothing.
-    fn read_into(&self, buf: &mut BytesMut) -> std::io::Result<usize> {
-        use std::os::fd::AsRawFd as _;
-        // A read into no room returns 0, which is EOF.
-        if buf.capacity() == buf.len() {
-            buf.reserve(16 * 1024);
-        }
-        let spare = buf.spare_capacity_mut();
-        let room = spare.len();
-        // SAFETY: `recv` writes at most `room` bytes into the spare
-        // capacity, and only the bytes it wrote are then counted as set.
-        let n = unsafe { libc::recv(self.stream.as_raw_fd(), spare.as_mut_ptr().cast(), room, 0) };
-        if n < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::WouldBlock {
-                self.readable.set(false);
-            }
-            return Err(error);
-        }
-        let n = n.unsigned_abs();
-        // SAFETY: the first `n` spare bytes were written by `recv` above.
-        unsafe { buf.set_len(buf.len() + n) };
-        if n < room {
-            self.readable.set(false);
-        }
-        Ok(n)
-    }
-}
-
-impl ClientSocket for HostedSocket {
+impl ClientSocket for EdgeSocket {
     fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
-        use std::io::Write as _;
-        let written = (&self.stream).write(buf);
-        if let Err(e) = &written
-            && e.kind() == std::io::ErrorKind::WouldBlock
-        {
-            self.writable.set(false);
-        }
-        written
+        EdgeSocket::try_write(self, buf)
     }
 }
 
@@ -573,17 +502,17 @@ impl Hosted {
     /// Takes in what the socket's edges and the session's sources have,
     /// stepping after each, until the session waits for more. `cx` wakes
     /// the loop for this session.
-    pub fn advance(&mut self, socket: &HostedSocket, cx: &mut Context<'_>) -> Progress {
+    pub fn advance(&mut self, socket: &EdgeSocket, cx: &mut Context<'_>) -> Progress {
         self.turns(socket, cx, false)
     }
 
     /// Steps first, then as [`Self::advance`]: a new session, or one that
     /// yielded with requests still buffered.
-    pub fn resume(&mut self, socket: &HostedSocket, cx: &mut Context<'_>) -> Progress {
+    pub fn resume(&mut self, socket: &EdgeSocket, cx: &mut Context<'_>) -> Progress {
         self.turns(socket, cx, true)
     }
 
-    fn turns(&mut self, socket: &HostedSocket, cx: &mut Context<'_>, step_first: bool) -> Progress {
+    fn turns(&mut self, socket: &EdgeSocket, cx: &mut Context<'_>, step_first: bool) -> Progress {
         let mut stepping = step_first || self.yielded;
         let mut read = false;
         loop {
@@ -592,7 +521,7 @@ impl Hosted {
                 // poll: a client that streams (its read filled the buffer)
                 // yields to the worker's others, and to the upstream
                 // writers, between reads.
-                if read && self.wait.read && socket.readable.get() {
+                if read && self.wait.read && socket.is_readable() {
                     self.yielded = true;
                     return Progress::Yields;
                 }
@@ -671,7 +600,7 @@ impl Hosted {
 
     /// What came, in the tokio driver's order: the held sources, the
     /// socket's edges, then the timers.
-    fn poll_sources(&mut self, socket: &HostedSocket, cx: &mut Context<'_>) -> Poll<Event> {
+    fn poll_sources(&mut self, socket: &EdgeSocket, cx: &mut Context<'_>) -> Poll<Event> {
         let wait = &self.wait;
         let session = &mut self.session;
         let held = poll_held(
@@ -689,7 +618,7 @@ impl Hosted {
             }
             return held;
         }
-        if wait.read && socket.readable.get() {
+        if wait.read && socket.is_readable() {
             if self.flow.inbuf.capacity() == 0 {
                 self.flow.inbuf = buffers::take();
             }
@@ -702,7 +631,7 @@ impl Hosted {
                 Err(e) => return Poll::Ready(Event::Read(Err(e))),
             }
         }
-        if wait.write && socket.writable.get() {
+        if wait.write && socket.is_writable() {
             return Poll::Ready(Event::Writable(Ok(())));
         }
         if wait.soft_limit.is_some()

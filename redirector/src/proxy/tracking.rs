@@ -28,11 +28,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    Shared,
-    clients::flags,
-    upstream::{Conn, Job},
-};
+use super::{Shared, clients::flags, jobs::Job, upstream::Conn};
 use crate::resp::{
     Protocol,
     reply::{self, Reply},
@@ -370,7 +366,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// The one reply of a one-command job, or the error it ended with.
-fn first_reply(result: Result<super::upstream::JobResult, oneshot::error::RecvError>) -> Bytes {
+fn first_reply(result: Result<super::jobs::JobResult, oneshot::error::RecvError>) -> Bytes {
     match result {
         Ok(Ok(replies)) => replies
             .into_iter()

@@ -1,10 +1,13 @@
 //! A shared, multiplexed, pipelined connection to one Redis node.
 //!
-//! Any number of client sessions hand it [`Job`]s. The writer (a task of
-//! its own) coalesces every job queued by the end of the worker's turn
-//! into one write, recording each job's reply sink in order; the reader
-//! matches replies to sinks in the same order (Redis answers a
-//! connection's commands in order). A job's payload is written
+//! Any number of client sessions hand it [`Job`]s. On a worker running the
+//! session loop, a node reached directly gets a connection in that loop
+//! (`host_upstream`). Otherwise (`--session-loop task`, HBONE tunnels, a
+//! tracking client's private connections) it is a task pair: the writer
+//! coalesces every job queued by the end of the worker's turn into one
+//! write, recording each job's reply sink in order; the reader matches
+//! replies to sinks in the same order (Redis answers a connection's
+//! commands in order). Either way a job's payload is written
 //! contiguously, so multi-command units such as `ASKING` + a command can
 //! never be interleaved with other clients' commands.
 
@@ -12,8 +15,8 @@ use std::{
     collections::VecDeque,
     net::SocketAddr,
     sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
     },
 };
 
@@ -24,335 +27,37 @@ use tokio::{
 };
 
 use super::{
-    UpstreamError,
-    buffers::{self, Spares},
-    dial::{Dialer, UpstreamRead, UpstreamWrite},
+    UpstreamError, buffers,
+    dial::{Dialer, Upstream, UpstreamPath, UpstreamRead, UpstreamWrite},
     health::Health,
+    host_upstream,
+    jobs::{self, InFlight, Inbox, Job, Payload},
     metrics::{ProxyMetrics, UpstreamBatching},
-    wakeup::Wakeup,
 };
-use crate::resp::{
-    Protocol,
-    reply::{self, Reply},
-};
+use crate::resp::{Protocol, reply::Reply};
 
 /// How many bytes of queued jobs one write may coalesce.
 const MAX_BATCH: usize = 256 * 1024;
 
-/// What a job resolves to: its reply frames, in order.
-pub type JobResult = Result<Vec<Reply>, UpstreamError>;
-
-/// Where a job's replies go.
-pub enum Sink {
-    /// All of them, together, to one waiter (tasks: retries, fan-outs).
-    Oneshot(oneshot::Sender<JobResult>),
-    /// One reply per sequence number, into a session's inbox: a client's
-    /// whole pipeline to a node travels as one job and is answered with one
-    /// wake-up, not one channel per command.
-    Inbox { inbox: Arc<Inbox>, seqs: Seqs },
-}
-
-/// The sequence numbers a job's replies go to: inline for the usual one or
-/// two commands, so a routed command allocates nothing for them; a
-/// pipeline's (16 commands over 3 masters: about 5 per node) take a list
-/// lent by the worker ([`lend_seqs`]). Inline room for eight made every job
-/// larger to move: 5% more instructions per W1 GET under callgrind.
-pub type Seqs = smallvec::SmallVec<[u64; 2]>;
-
-/// Sequence numbers a lent list has room for.
-const SEQS_ROOM: usize = 8;
-/// Lists kept per worker thread, and the longest kept.
-const SEQS_KEPT: usize = 256;
-const SEQS_LARGEST_KEPT: usize = 64;
-
-thread_local! {
-    static SPARE_SEQS: Spares<Vec<u64>> = const { Spares::new(SEQS_KEPT) };
-}
-
-/// A job's sequence numbers, `seqs` first, in a list with room for more.
-pub fn lend_seqs(seqs: &[u64]) -> Seqs {
-    let mut list = SPARE_SEQS
-        .with(Spares::take)
-        .unwrap_or_else(|| Vec::with_capacity(SEQS_ROOM));
-    list.extend_from_slice(seqs);
-    Seqs::from_vec(list)
-}
-
-/// Takes a finished job's list back.
-fn give_back_seqs(seqs: Seqs) {
-    if !seqs.spilled() || seqs.capacity() > SEQS_LARGEST_KEPT {
-        return;
-    }
-    let mut list = seqs.into_vec();
-    list.clear();
-    SPARE_SEQS.with(|spare| spare.keep(list));
-}
-
-/// A job's bytes.
-pub enum Payload {
-    /// One command's, as the client sent them: shared, not copied.
-    Shared(Bytes),
-    /// Several commands joined in a buffer lent by the worker's pool, given
-    /// back once the writer has copied it: a pipeline's job allocates
-    /// nothing (callgrind: three allocations per joined job were 4% of a
-    /// pipelined GET).
-    Joined(BytesMut),
-}
-
-impl From<Bytes> for Payload {
-    fn from(bytes: Bytes) -> Self {
-        Self::Shared(bytes)
-    }
-}
-
-impl std::ops::Deref for Payload {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match self {
-            Self::Shared(bytes) => bytes,
-            Self::Joined(buf) => buf,
-        }
-    }
-}
-
-impl Sink {
-    fn fail(self, error: UpstreamError, delivered: usize) {
-        match self {
-            Self::Oneshot(tx) => {
-                let _ = tx.send(Err(error));
-            }
-            Self::Inbox { inbox, seqs } => {
-                for &seq in &seqs[delivered..] {
-                    inbox.put(seq, Err(error.clone()));
-                }
-            }
-        }
-    }
-}
-
-pub struct Job {
-    /// One or more encoded commands.
-    pub payload: Payload,
-    /// How many reply frames the payload produces.
-    pub replies: usize,
-    pub sink: Sink,
-    /// HELLO on a private connection: its replies are read in this
-    /// protocol, and so is everything after.
-    pub switch_to: Option<Protocol>,
-}
-
-impl Job {
-    pub fn new(payload: Bytes, replies: usize) -> (Self, oneshot::Receiver<JobResult>) {
-        let (tx, rx) = oneshot::channel();
-        (
-            Self {
-                payload: payload.into(),
-                replies,
-                sink: Sink::Oneshot(tx),
-                switch_to: None,
-            },
-            rx,
-        )
-    }
-
-    /// Fails a job that could not be queued.
-    pub fn fail(self, error: UpstreamError) {
-        self.sink.fail(error, 0);
-    }
-}
-
-/// A session's reply slots, filled by upstream readers in any order and
-/// taken by the session in request order.
-#[derive(Default)]
-pub struct Inbox {
-    state: Mutex<InboxState>,
-    /// `state.ready` as of the last lock's release: the session looks here
-    /// before it locks, and a drain right after a dispatch, whose replies
-    /// cannot have come yet, takes no lock.
-    ready: AtomicUsize,
-    /// Woken when the session has something to write (`InboxState::fill`).
-    filled: Wakeup,
-}
-
-/// The inbox's state, locked; its release publishes `ready`.
-struct Slots<'a> {
-    state: MutexGuard<'a, InboxState>,
-    published: &'a AtomicUsize,
-}
-
-impl std::ops::Deref for Slots<'_> {
-    type Target = InboxState;
-    fn deref(&self) -> &InboxState {
-        &self.state
-    }
-}
-
-impl std::ops::DerefMut for Slots<'_> {
-    fn deref_mut(&mut self) -> &mut InboxState {
-        &mut self.state
-    }
-}
-
-impl Drop for Slots<'_> {
-    fn drop(&mut self) {
-        // Still under the lock: a reader that sees a count sees its
-        // replies when it locks.
-        self.published.store(self.state.ready, Ordering::Release);
-    }
-}
-
-/// How many replies come in a row at the head before the session is woken
-/// for them even while others are still owed: a turn's worth.
-const WAKE_AFTER: usize = super::TURN;
-
-#[derive(Default)]
-struct InboxState {
-    /// Sequence number of `slots[0]`.
-    base: u64,
-    slots: VecDeque<Option<Result<Reply, UpstreamError>>>,
-    /// How many slots from `slots[0]` on have their reply, in a row.
-    ready: usize,
-}
-
-impl InboxState {
-    /// Stores the reply for `seq`. Returns whether to wake the session:
-    /// when every slot it opened has its reply, or a turn's worth in a row
-    /// at the head have. A session opens slots and sends their commands in
-    /// one step (`flush_batch`, no await between), so the last reply always
-    /// comes. Waking at each delivery instead cost up to three wake-ups and
-    /// 1.25 client writes per 16-command read spread over three nodes, where
-    /// Redis writes once. False too if its slot is gone or was never opened.
-    fn fill(&mut self, seq: u64, reply: Result<Reply, UpstreamError>) -> bool {
-        let Some(index) = seq.checked_sub(self.base) else {
-            return false;
-        };
-        let Some(slot) = self.slots.get_mut(index as usize) else {
-            return false;
-        };
-        *slot = Some(reply);
-        if index as usize != self.ready {
-            return false;
-        }
-        let before = self.ready;
-        while self.slots.get(self.ready).is_some_and(Option::is_some) {
-            self.ready += 1;
-        }
-        self.ready == self.slots.len() || (before < WAKE_AFTER && self.ready >= WAKE_AFTER)
-    }
-}
-
-impl Inbox {
-    /// Opens slots up to sequence number `end` (exclusive). A session
-    /// numbers a read's commands itself and opens their slots with one call,
-    /// before any of them is sent.
-    pub fn open_until(&self, end: u64) {
-        let mut state = self.slots();
-        let open = state.base + state.slots.len() as u64;
-        // One slot for a request-reply client: grown by default to four,
-        // they would stay allocated while it idles.
-        if state.slots.capacity() == 0 {
-            state
-                .slots
-                .reserve_exact(usize::try_from(end.saturating_sub(open)).unwrap_or(1));
-        }
-        for _ in open..end {
-            state.slots.push_back(None);
-        }
-    }
-
-    pub fn put(&self, seq: u64, reply: Result<Reply, UpstreamError>) {
-        if self.slots().fill(seq, reply) {
-            self.wake();
-        }
-    }
-
-    /// The slots, locked: a reader fills a job's replies under one lock.
-    fn slots(&self) -> Slots<'_> {
-        Slots {
-            state: self.state.lock().unwrap_or_else(|e| e.into_inner()),
-            published: &self.ready,
-        }
-    }
-
-    /// Whether the oldest open slot's reply may have come. False means
-    /// [`Self::take_arrived`] would take nothing now; a reply that comes
-    /// after the look wakes the session as ever.
-    pub fn any_arrived(&self) -> bool {
-        self.ready.load(Ordering::Acquire) > 0
-    }
-
-    fn wake(&self) {
-        self.filled.wake();
-    }
-
-    /// Hands `each` the replies that have come for `first` (the oldest
-    /// slot) and the slots after it, in order, up to `most` and up to the
-    /// first that has not come: the replies of a pipeline's commands, under
-    /// one lock (`each` must not use this inbox). Returns how many.
-    pub fn take_arrived(
-        &self,
-        first: u64,
-        most: usize,
-        mut each: impl FnMut(Result<Reply, UpstreamError>),
-    ) -> usize {
-        let mut state = self.slots();
-        if state.base != first {
-            return 0;
-        }
-        let mut taken = 0;
-        while taken < most {
-            let Some(reply) = state.slots.front_mut().and_then(Option::take) else {
-                break;
-            };
-            state.slots.pop_front();
-            each(reply);
-            taken += 1;
-        }
-        state.base += taken as u64;
-        state.ready -= taken;
-        taken
-    }
-
-    /// The replies for `first` (the oldest slot) and the `count - 1` after
-    /// it, once all have arrived: the parts of one gathered command.
-    pub fn take_run(&self, first: u64, count: usize) -> Option<Vec<Result<Reply, UpstreamError>>> {
-        let mut state = self.slots();
-        if state.base != first
-            || state.slots.len() < count
-            || state.slots.iter().take(count).any(Option::is_none)
-        {
-            return None;
-        }
-        state.base += count as u64;
-        state.ready -= count;
-        Some(state.slots.drain(..count).flatten().collect())
-    }
-
-    /// Ready after a wake-up since the last time it was (`InboxState::fill`
-    /// says when; possibly for replies already taken: check again).
-    pub fn poll_filled(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        self.filled.poll(cx)
-    }
-}
-
-struct InFlight {
-    remaining: usize,
-    delivered: usize,
-    replies: Vec<Reply>,
-    sink: Sink,
-    switch_to: Option<Protocol>,
-}
-
 /// A handle to a running connection; cheap to clone.
 #[derive(Clone)]
-pub struct Conn {
-    tx: mpsc::UnboundedSender<Job>,
-    closed: Arc<AtomicBool>,
+pub struct Conn(Link);
+
+#[derive(Clone)]
+enum Link {
+    /// A reader task and a writer task, fed by a channel.
+    Tasks {
+        tx: mpsc::UnboundedSender<Job>,
+        closed: Arc<AtomicBool>,
+    },
+    /// An entry of the worker's loop (`host_upstream`).
+    Hosted(Arc<host_upstream::Handle>),
 }
 
 impl Conn {
-    /// Starts connecting in the background; jobs sent meanwhile wait.
+    /// Starts connecting in the background; jobs sent meanwhile wait. On a
+    /// worker that runs the session loop, a node reached directly gets a
+    /// connection in that loop; otherwise, a task pair.
     pub fn spawn(
         addr: SocketAddr,
         protocol: Protocol,
@@ -360,6 +65,33 @@ impl Conn {
         metrics: Arc<ProxyMetrics>,
         health: Arc<Health>,
     ) -> Self {
+        if dialer.path_to(addr) == UpstreamPath::Direct {
+            let forward = {
+                let (metrics, health) = (Arc::clone(&metrics), Arc::clone(&health));
+                Box::new(move |stream, leftover, closed| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let ends = Ends {
+                        addr,
+                        protocol,
+                        metrics,
+                        health,
+                        closed,
+                    };
+                    tokio::spawn(serve(ends, (stream, leftover), rx, None));
+                    tx
+                })
+            };
+            let dial = host_upstream::Dial {
+                addr,
+                protocol,
+                dialer: Arc::clone(&dialer),
+                metrics: Arc::clone(&metrics),
+                health: Arc::clone(&health),
+            };
+            if let Some(handle) = host_upstream::spawn(dial, forward) {
+                return Self(Link::Hosted(Arc::new(handle)));
+            }
+        }
         Self::start(addr, protocol, dialer, metrics, health, None)
     }
 
@@ -394,10 +126,10 @@ impl Conn {
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let closed = Arc::new(AtomicBool::new(false));
-        let conn = Self {
+        let conn = Self(Link::Tasks {
             tx,
             closed: Arc::clone(&closed),
-        };
+        });
         let ends = Ends {
             addr,
             protocol,
@@ -410,15 +142,23 @@ impl Conn {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Relaxed) || self.tx.is_closed()
+        match &self.0 {
+            Link::Tasks { tx, closed } => closed.load(Ordering::Relaxed) || tx.is_closed(),
+            Link::Hosted(handle) => handle.is_closed(),
+        }
     }
 
     /// Queues a job; gives it back if the connection is gone.
     pub fn send(&self, job: Job) -> Result<(), Job> {
-        if self.closed.load(Ordering::Relaxed) {
-            return Err(job);
+        match &self.0 {
+            Link::Tasks { tx, closed } => {
+                if closed.load(Ordering::Relaxed) {
+                    return Err(job);
+                }
+                tx.send(job).map_err(|e| e.0)
+            }
+            Link::Hosted(handle) => handle.send(job),
         }
-        self.tx.send(job).map_err(|e| e.0)
     }
 }
 
@@ -446,39 +186,50 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Job>,
     private: Option<Private>,
 ) {
+    let addr = ends.addr;
+    match dialer.open(addr, ends.protocol).await {
+        Ok(opened) => {
+            ends.health.connected(addr);
+            serve(ends, opened, rx, private).await;
+        }
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "upstream connect failed");
+            ends.metrics.upstream_connect_failed(addr);
+            ends.health.failed(addr);
+            ends.closed.store(true, Ordering::Relaxed);
+            rx.close();
+            while let Ok(job) = rx.try_recv() {
+                job.fail(UpstreamError::NotSent(addr, e.to_string()));
+            }
+            if let Some(private) = private {
+                flush_all(&private.pushes);
+            }
+        }
+    }
+}
+
+/// What a private connection's client gets when the connection is lost.
+fn flush_all(pushes: &mpsc::UnboundedSender<Reply>) {
+    let _ = pushes.send(Reply::local(Bytes::from_static(FLUSH_ALL)));
+}
+
+/// Runs an open connection until it ends, then fails what it still owes.
+async fn serve(
+    ends: Ends,
+    (stream, leftover): (Upstream, BytesMut),
+    rx: mpsc::UnboundedReceiver<Job>,
+    private: Option<Private>,
+) {
     let Ends {
         addr,
         protocol,
         metrics,
-        health,
+        health: _,
         closed,
     } = ends;
     let (pushes, first) = match private {
         Some(Private { pushes, first }) => (Some(pushes), Some(first)),
         None => (None, None),
-    };
-    let flush = |pushes: &Option<mpsc::UnboundedSender<Reply>>| {
-        if let Some(pushes) = pushes {
-            let _ = pushes.send(Reply::local(Bytes::from_static(FLUSH_ALL)));
-        }
-    };
-    let (stream, leftover) = match dialer.open(addr, protocol).await {
-        Ok(opened) => {
-            health.connected(addr);
-            opened
-        }
-        Err(e) => {
-            tracing::debug!(%addr, error = %e, "upstream connect failed");
-            metrics.upstream_connect_failed(addr);
-            health.failed(addr);
-            closed.store(true, Ordering::Relaxed);
-            rx.close();
-            while let Ok(job) = rx.try_recv() {
-                job.fail(UpstreamError::NotSent(addr, e.to_string()));
-            }
-            flush(&pushes);
-            return;
-        }
     };
     metrics.upstream_opened(addr);
     let batching = metrics.upstream_batching(addr);
@@ -532,8 +283,8 @@ async fn run(
             job.fail(UpstreamError::NotSent(addr, reason.clone()));
         }
     }
-    if lost {
-        flush(&pushes);
+    if lost && let Some(pushes) = &pushes {
+        flush_all(pushes);
     }
 }
 
@@ -634,20 +385,14 @@ async fn write_jobs(
             let mut queue = inflight.lock().unwrap_or_else(|e| e.into_inner());
             let mut job = first;
             loop {
-                batch.extend_from_slice(&job.payload);
-                match job.payload {
+                commands += job.replies;
+                let (payload, flight) = job.into_flight();
+                batch.extend_from_slice(&payload);
+                match payload {
                     Payload::Shared(bytes) => copied.push(bytes),
                     Payload::Joined(buf) => buffers::give_back(buf),
                 }
-                commands += job.replies;
-                let collect = matches!(job.sink, Sink::Oneshot(_));
-                queue.push_back(InFlight {
-                    remaining: job.replies,
-                    delivered: 0,
-                    replies: Vec::with_capacity(if collect { job.replies } else { 0 }),
-                    sink: job.sink,
-                    switch_to: job.switch_to,
-                });
+                queue.push_back(flight);
                 if batch.len() >= MAX_BATCH {
                     break;
                 }
@@ -676,7 +421,15 @@ async fn read_replies(
     // Sessions that got replies from the current read, woken once each.
     let mut to_wake: Vec<Arc<Inbox>> = Vec::new();
     loop {
-        let decoded = deliver(&mut buf, &mut protocol, inflight, &mut to_wake, pushes);
+        // One lock for every reply of this read (the writer, in the same
+        // task, takes it only to queue what it sends).
+        let decoded = jobs::deliver(
+            &mut buf,
+            &mut protocol,
+            &mut inflight.lock().unwrap_or_else(|e| e.into_inner()),
+            &mut to_wake,
+            pushes,
+        );
         for inbox in to_wake.drain(..) {
             inbox.wake();
         }
@@ -695,198 +448,9 @@ async fn read_replies(
     }
 }
 
-/// Hands every complete reply in `buf` to its job, in order.
-fn deliver(
-    buf: &mut BytesMut,
-    protocol: &mut Protocol,
-    inflight: &Mutex<VecDeque<InFlight>>,
-    to_wake: &mut Vec<Arc<Inbox>>,
-    pushes: Option<&mpsc::UnboundedSender<Reply>>,
-) -> Result<(), String> {
-    // One lock for every reply of this read (the writer, in the same task,
-    // takes it only to queue what it sends).
-    let mut queue = inflight.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        // Only private connections switch protocol (their client's HELLO):
-        // shared ones skip the look at the queue.
-        if pushes.is_some()
-            && !buf.is_empty()
-            && let Some(front) = queue.front_mut()
-            && front.delivered == 0
-            && let Some(next) = front.switch_to.take()
-        {
-            *protocol = next;
-        }
-        let Some(reply) = reply::decode(buf, *protocol).map_err(|e| e.to_string())? else {
-            return Ok(());
-        };
-        if reply.kind == reply::ReplyKind::Push {
-            // A private connection's pushes are its client's (tracking
-            // invalidations); shared connections never ask for any.
-            if let Some(pushes) = pushes {
-                let _ = pushes.send(reply);
-            }
-            continue;
-        }
-        let Some(front) = queue.front_mut() else {
-            return Err("reply with no request outstanding".into());
-        };
-        match &front.sink {
-            Sink::Oneshot(_) => {
-                front.replies.push(reply);
-                front.delivered += 1;
-                front.remaining -= 1;
-            }
-            Sink::Inbox { inbox, seqs } => {
-                // This job's other replies already read go in under the
-                // same lock (a shared connection gets no pushes, and
-                // never switches protocol).
-                let mut slots = inbox.slots();
-                let mut wake = slots.fill(seqs[front.delivered], Ok(reply));
-                front.delivered += 1;
-                front.remaining -= 1;
-                while front.remaining > 0 && pushes.is_none() {
-                    let Some(next) = reply::decode(buf, *protocol).map_err(|e| e.to_string())?
-                    else {
-                        break;
-                    };
-                    if next.kind == reply::ReplyKind::Push {
-                        continue;
-                    }
-                    wake |= slots.fill(seqs[front.delivered], Ok(next));
-                    front.delivered += 1;
-                    front.remaining -= 1;
-                }
-                drop(slots);
-                if wake && !to_wake.last().is_some_and(|last| Arc::ptr_eq(last, inbox)) {
-                    to_wake.push(Arc::clone(inbox));
-                }
-            }
-        }
-        if front.remaining == 0 {
-            let done = queue.pop_front().expect("front exists");
-            match done.sink {
-                // The client may have gone; its reply is simply dropped.
-                Sink::Oneshot(tx) => {
-                    let _ = tx.send(Ok(done.replies));
-                }
-                Sink::Inbox { seqs, .. } => give_back_seqs(seqs),
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn reply(raw: &'static [u8]) -> Result<Reply, UpstreamError> {
-        Ok(Reply::local(Bytes::from_static(raw)))
-    }
-
-    #[test]
-    fn a_finished_jobs_sequence_list_is_lent_again_and_a_grown_one_is_freed() {
-        let seqs = lend_seqs(&[1, 2]);
-        assert!(seqs.spilled() && seqs.capacity() >= SEQS_ROOM);
-        let ptr = seqs.as_ptr();
-        give_back_seqs(seqs);
-        let again = lend_seqs(&[5]);
-        assert_eq!(&again[..], &[5]);
-        assert_eq!(again.as_ptr(), ptr, "the same list, reused");
-        let kept = || SPARE_SEQS.with(Spares::count);
-        let grown = lend_seqs(&[0; SEQS_LARGEST_KEPT + 1]);
-        give_back_seqs(grown);
-        assert_eq!(kept(), 0, "a list grown by a long pipeline is freed");
-        give_back_seqs(again);
-        assert_eq!(kept(), 1);
-    }
-
-    #[test]
-    fn a_session_is_woken_once_every_reply_it_is_owed_has_come_not_at_each_one() {
-        let mut state = InboxState::default();
-        state.slots.extend([None, None, None, None]);
-        assert!(!state.fill(3, reply(b":3\r\n")), "the head has not come");
-        assert!(!state.fill(0, reply(b":0\r\n")), "1 and 2 are still owed");
-        assert!(!state.fill(2, reply(b":2\r\n")));
-        assert!(state.fill(1, reply(b":1\r\n")), "all four have come");
-        assert_eq!(state.ready, 4);
-        assert!(!state.fill(9, reply(b":9\r\n")), "never opened");
-    }
-
-    #[test]
-    fn the_lock_free_look_says_whether_the_oldest_reply_has_come() {
-        let inbox = Inbox::default();
-        inbox.open_until(3);
-        assert!(!inbox.any_arrived(), "nothing has come");
-        inbox.put(1, reply(b":1\r\n"));
-        assert!(!inbox.any_arrived(), "the oldest is still owed");
-        inbox.put(0, reply(b":0\r\n"));
-        assert!(inbox.any_arrived());
-        let mut taken = Vec::new();
-        assert_eq!(inbox.take_arrived(0, 3, |r| taken.push(r)), 2);
-        assert_eq!(taken.len(), 2);
-        assert!(!inbox.any_arrived(), "both were taken; the third is owed");
-        inbox.put(2, reply(b":2\r\n"));
-        assert!(inbox.any_arrived());
-        assert_eq!(inbox.take_run(2, 1).map(|r| r.len()), Some(1));
-        assert!(!inbox.any_arrived());
-    }
-
-    #[test]
-    fn a_streaming_client_is_woken_for_a_turns_worth_of_replies_before_the_rest() {
-        let inbox = Inbox::default();
-        let opened = WAKE_AFTER as u64 * 2;
-        inbox.open_until(opened);
-        let wakes = (0..opened)
-            .filter(|&seq| inbox.slots().fill(seq, reply(b"+OK\r\n")))
-            .collect::<Vec<_>>();
-        assert_eq!(wakes, [WAKE_AFTER as u64 - 1, opened - 1]);
-        assert_eq!(inbox.take_arrived(0, WAKE_AFTER, |_| {}), WAKE_AFTER);
-        assert_eq!(inbox.slots().ready, WAKE_AFTER, "the rest are still ready");
-        inbox.open_until(opened + 1);
-        assert!(
-            inbox.slots().fill(opened, reply(b"+OK\r\n")),
-            "the last owed reply wakes it"
-        );
-    }
-
-    #[test]
-    fn a_run_of_replies_is_taken_only_once_all_have_come_and_in_order() {
-        let inbox = Inbox::default();
-        inbox.open_until(4);
-        assert!(inbox.take_run(0, 1).is_none(), "nothing came yet");
-        inbox.put(0, reply(b":0\r\n"));
-        inbox.put(2, reply(b":2\r\n"));
-        assert!(inbox.take_run(1, 2).is_none(), "not the oldest slot");
-        let take = |first, most| {
-            let mut raws: Vec<Bytes> = Vec::new();
-            let n = inbox.take_arrived(first, most, |r| raws.push(r.expect("replies").raw));
-            assert_eq!(n, raws.len());
-            raws
-        };
-        assert!(take(1, 4).is_empty(), "not the oldest slot");
-        // Only what came in a row: 2 waits for 1.
-        assert_eq!(take(0, 4), [&b":0\r\n"[..]]);
-        assert!(inbox.take_run(1, 3).is_none(), "3 has not come");
-        inbox.put(1, reply(b":1\r\n"));
-        inbox.put(3, reply(b":3\r\n"));
-        assert!(inbox.take_run(1, 4).is_none(), "more than were opened");
-        let run: Vec<Bytes> = inbox
-            .take_run(1, 3)
-            .expect("all came")
-            .into_iter()
-            .map(|r| r.map(|r| r.raw).expect("replies"))
-            .collect();
-        assert_eq!(run, [&b":1\r\n"[..], b":2\r\n", b":3\r\n"]);
-        inbox.open_until(8);
-        for seq in 4..7 {
-            inbox.put(seq, reply(b":n\r\n"));
-        }
-        // At most as many as asked for, and on from where they stopped.
-        assert_eq!(take(4, 2).len(), 2);
-        assert_eq!(take(6, 5).len(), 1, "7 has not come");
-        assert!(take(7, 5).is_empty());
-    }
 
     /// The writer takes a job, then yields so the turn's other jobs join
     /// its write. A reader that ends in between must not cost that job its

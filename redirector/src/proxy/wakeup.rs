@@ -1,11 +1,20 @@
-//! A one-waiter wake-up that costs no lock: the session's waits on its reply
-//! inbox and on its registry entry (CLIENT KILL, pushed frames). A tokio
-//! `Notify` locks its waiter list at every poll and again when the wait is
-//! dropped; the session polls both waits at every turn of its loop.
+//! Wake-ups on the request path.
+//!
+//! [`Wakeup`]: a one-waiter wake-up that costs no lock: the session's waits
+//! on its reply inbox and on its registry entry (CLIENT KILL, pushed
+//! frames). A tokio `Notify` locks its waiter list at every poll and again
+//! when the wait is dropped; the session polls both waits at every turn of
+//! its loop.
+//!
+//! [`ReadyList`]: what wakes the worker's loop (`host`) for one of its
+//! entries, a session or an upstream connection.
 
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
-    task::{Context, Poll},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, Waker},
 };
 
 use futures::task::AtomicWaker;
@@ -37,6 +46,83 @@ impl Wakeup {
         } else {
             Poll::Pending
         }
+    }
+}
+
+/// The loop's entries woken by their sources, for the loop to take in its
+/// turn; pushed from anywhere, taken by the loop.
+#[derive(Default)]
+pub struct ReadyList {
+    state: Mutex<ReadyState>,
+}
+
+#[derive(Default)]
+struct ReadyState {
+    tokens: Vec<usize>,
+    /// The loop's task, taken by the first wake after it registered.
+    host: Option<Waker>,
+    /// The loop is in its turn, and takes what is pushed before the turn
+    /// ends (`end_turn`): its deliveries wake sessions without waking it.
+    in_turn: bool,
+}
+
+impl ReadyList {
+    pub fn push(&self, token: usize) {
+        let host = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.tokens.push(token);
+            if state.in_turn {
+                None
+            } else {
+                state.host.take()
+            }
+        };
+        if let Some(host) = host {
+            host.wake();
+        }
+    }
+
+    /// Wakes the loop for work of its own (an upstream connection's queued
+    /// jobs), unless it is in its turn.
+    pub fn nudge(&self) {
+        let host = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if state.in_turn {
+                None
+            } else {
+                state.host.take()
+            }
+        };
+        if let Some(host) = host {
+            host.wake();
+        }
+    }
+
+    pub fn begin_turn(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).in_turn = true;
+    }
+
+    /// Swaps the woken entries into `into` (emptied first).
+    pub fn take(&self, into: &mut Vec<usize>) {
+        into.clear();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::swap(&mut state.tokens, into);
+    }
+
+    /// Ends the loop's turn and registers its task for the next wake;
+    /// false, and still in the turn, if entries were woken since the last
+    /// `take`.
+    pub fn end_turn(&self, host: &Waker) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.tokens.is_empty() {
+            return false;
+        }
+        state.in_turn = false;
+        match &state.host {
+            Some(registered) if registered.will_wake(host) => {}
+            _ => state.host = Some(host.clone()),
+        }
+        true
     }
 }
 
@@ -75,5 +161,32 @@ mod tests {
             wakeup.poll(&mut cx).is_pending(),
             "two wakes, one readiness"
         );
+    }
+
+    #[test]
+    fn the_loop_is_woken_outside_its_turn_and_takes_what_comes_during_it() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let host = Waker::from(Arc::clone(&count));
+        let woken = || count.0.load(Ordering::Relaxed);
+        let ready = ReadyList::default();
+        let mut taken = Vec::new();
+        ready.begin_turn();
+        assert!(ready.end_turn(&host), "nothing came");
+        ready.push(3);
+        assert_eq!(woken(), 1, "woken outside its turn");
+        ready.push(4);
+        assert_eq!(woken(), 1, "once, until it registers again");
+        ready.begin_turn();
+        ready.take(&mut taken);
+        assert_eq!(taken, [3, 4]);
+        ready.push(5);
+        ready.nudge();
+        assert_eq!(woken(), 1, "not woken in its turn");
+        assert!(!ready.end_turn(&host), "5 came during the turn");
+        ready.take(&mut taken);
+        assert_eq!(taken, [5]);
+        assert!(ready.end_turn(&host));
+        ready.nudge();
+        assert_eq!(woken(), 2, "a nudge wakes it outside its turn");
     }
 }
