@@ -35,10 +35,10 @@ use slab::Slab;
 use tokio::sync::mpsc;
 
 use super::{
-    UpstreamError, buffers,
+    UpstreamError,
     dial::{Dialer, Upstream},
     health::Health,
-    jobs::{self, InFlight, Inbox, Job, Payload},
+    jobs::{self, InFlight, Inbox, Job},
     metrics::{ProxyMetrics, UpstreamBatching},
     wakeup::ReadyList,
 };
@@ -68,8 +68,7 @@ struct Upstreams {
     /// The loop is in its turn and flushes before it ends: a job queued
     /// now needs no wake-up.
     in_turn: bool,
-    /// Jobs' shared bytes, let go together once copied (as the writer
-    /// task does: a locked decrement right after each copy waits for it).
+    /// Jobs' shared bytes, let go together once copied (`Job::copy_into`).
     copied: Vec<Bytes>,
     /// Inboxes that got replies from one read, woken once each.
     to_wake: Vec<Arc<Inbox>>,
@@ -483,13 +482,8 @@ impl Open {
         let mut commands = 0;
         for job in queued.drain(..) {
             commands += job.replies;
-            let (payload, flight) = job.into_flight();
-            self.out.extend_from_slice(&payload);
-            match payload {
-                Payload::Shared(bytes) => copied.push(bytes),
-                Payload::Joined(buf) => buffers::give_back(buf),
-            }
-            self.inflight.push_back(flight);
+            self.inflight
+                .push_back(job.copy_into(&mut self.out, copied));
         }
         self.batching.wrote(commands);
     }

@@ -16,7 +16,11 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{UpstreamError, buffers::Spares, wakeup::Wakeup};
+use super::{
+    UpstreamError,
+    buffers::{self, Spares},
+    wakeup::Wakeup,
+};
 use crate::resp::{
     Protocol,
     reply::{self, Reply},
@@ -329,17 +333,24 @@ pub(super) struct InFlight {
 }
 
 impl Job {
-    /// Splits a job being written into its bytes and what stays owed.
-    pub(super) fn into_flight(self) -> (Payload, InFlight) {
+    /// Copies the job's bytes to the end of a connection's output, and
+    /// returns what stays owed. Shared bytes go to `copied`, to be let go
+    /// together after the write (a locked decrement right after each copy
+    /// waits for it); a lent buffer goes back to the worker's pool.
+    pub(super) fn copy_into(self, out: &mut BytesMut, copied: &mut Vec<Bytes>) -> InFlight {
+        out.extend_from_slice(&self.payload);
+        match self.payload {
+            Payload::Shared(bytes) => copied.push(bytes),
+            Payload::Joined(buf) => buffers::give_back(buf),
+        }
         let collect = matches!(self.sink, Sink::Oneshot(_));
-        let flight = InFlight {
+        InFlight {
             remaining: self.replies,
             delivered: 0,
             replies: Vec::with_capacity(if collect { self.replies } else { 0 }),
             sink: self.sink,
             switch_to: self.switch_to,
-        };
-        (self.payload, flight)
+        }
     }
 }
 

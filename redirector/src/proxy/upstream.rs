@@ -27,11 +27,11 @@ use tokio::{
 };
 
 use super::{
-    UpstreamError, buffers,
+    UpstreamError,
     dial::{Dialer, Upstream, UpstreamPath, UpstreamRead, UpstreamWrite},
     health::Health,
     host_upstream,
-    jobs::{self, InFlight, Inbox, Job, Payload},
+    jobs::{self, InFlight, Inbox, Job},
     metrics::{ProxyMetrics, UpstreamBatching},
 };
 use crate::resp::{Protocol, reply::Reply};
@@ -386,13 +386,7 @@ async fn write_jobs(
             let mut job = first;
             loop {
                 commands += job.replies;
-                let (payload, flight) = job.into_flight();
-                batch.extend_from_slice(&payload);
-                match payload {
-                    Payload::Shared(bytes) => copied.push(bytes),
-                    Payload::Joined(buf) => buffers::give_back(buf),
-                }
-                queue.push_back(flight);
+                queue.push_back(job.copy_into(&mut batch, &mut copied));
                 if batch.len() >= MAX_BATCH {
                     break;
                 }
