@@ -68,25 +68,19 @@ struct ReadyState {
 
 impl ReadyList {
     pub fn push(&self, token: usize) {
-        let host = {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.tokens.push(token);
-            if state.in_turn {
-                None
-            } else {
-                state.host.take()
-            }
-        };
-        if let Some(host) = host {
-            host.wake();
-        }
+        self.wake(Some(token));
     }
 
     /// Wakes the loop for work of its own (an upstream connection's queued
     /// jobs), unless it is in its turn.
     pub fn nudge(&self) {
+        self.wake(None);
+    }
+
+    fn wake(&self, token: Option<usize>) {
         let host = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.tokens.extend(token);
             if state.in_turn {
                 None
             } else {
