@@ -308,7 +308,8 @@ impl Host {
             let mut after: Pin<Box<dyn Future<Output = ()> + Send>> =
                 Box::pin(tokio::task::yield_now());
             if after.as_mut().poll(cx).is_ready() {
-                // Not deferred (no runtime context): write now.
+                // tokio's first poll is always pending; a yield that did not
+                // wait is written now, and never polled again.
                 host_upstream::flush();
             } else {
                 self.flush_after = Some(after);
