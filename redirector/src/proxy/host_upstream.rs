@@ -265,18 +265,19 @@ fn with(f: impl FnOnce(&mut Upstreams)) {
     });
 }
 
-impl Upstreams {
-    /// The entry `common` names, if it is still that connection's (a
-    /// token is reused once its connection has gone).
-    fn entry(&mut self, common: &Arc<Common>) -> Option<&mut Entry> {
-        self.conns
-            .get_mut(common.token)
-            .filter(|entry| Arc::ptr_eq(&entry.common, common))
-    }
+/// The entry `common` names, if it is still that connection's (a token is
+/// reused once its connection has gone). Borrows the slab alone, so the
+/// epoll and the dirty list stay at hand.
+fn entry<'a>(conns: &'a mut Slab<Entry>, common: &Arc<Common>) -> Option<&'a mut Entry> {
+    conns
+        .get_mut(common.token)
+        .filter(|entry| Arc::ptr_eq(&entry.common, common))
+}
 
+impl Upstreams {
     fn queue(&mut self, common: &Arc<Common>, job: Job) -> Result<(), Job> {
         let in_turn = self.in_turn;
-        let Some(entry) = self.entry(common) else {
+        let Some(entry) = entry(&mut self.conns, common) else {
             return Err(job);
         };
         if let Link::Forwarded(tx) = &entry.link {
@@ -307,11 +308,7 @@ impl Upstreams {
             | EpollFlags::EPOLLOUT
             | EpollFlags::EPOLLRDHUP
             | EpollFlags::EPOLLET;
-        let Some(entry) = self
-            .conns
-            .get_mut(token)
-            .filter(|entry| Arc::ptr_eq(&entry.common, common))
-        else {
+        let Some(entry) = entry(&mut self.conns, common) else {
             // Let go while it was dialing.
             return;
         };
@@ -513,9 +510,7 @@ impl Open {
     /// Reads until the socket is drained, handing replies to their jobs.
     fn read(&mut self, to_wake: &mut Vec<Arc<Inbox>>) -> Result<(), String> {
         loop {
-            if self.inbuf.capacity() - self.inbuf.len() < 8 * 1024 {
-                self.inbuf.reserve(32 * 1024);
-            }
+            jobs::make_read_room(&mut self.inbuf);
             match self.socket.read_into(&mut self.inbuf) {
                 Ok(0) => return Err("closed by Redis".into()),
                 Ok(_) => {

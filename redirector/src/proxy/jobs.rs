@@ -354,6 +354,14 @@ impl Job {
     }
 }
 
+/// Makes room in a connection's read buffer for the next read: Redis's
+/// replies to a write of many clients' jobs come in one go.
+pub(super) fn make_read_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 8 * 1024 {
+        buf.reserve(32 * 1024);
+    }
+}
+
 /// Hands every complete reply in `buf` to its job, in order.
 pub(super) fn deliver(
     buf: &mut BytesMut,

@@ -67,14 +67,13 @@ impl Conn {
     ) -> Self {
         if dialer.path_to(addr) == UpstreamPath::Direct {
             let forward = {
-                let (metrics, health) = (Arc::clone(&metrics), Arc::clone(&health));
+                let metrics = Arc::clone(&metrics);
                 Box::new(move |stream, leftover, closed| {
                     let (tx, rx) = mpsc::unbounded_channel();
                     let ends = Ends {
                         addr,
                         protocol,
                         metrics,
-                        health,
                         closed,
                     };
                     tokio::spawn(serve(ends, (stream, leftover), rx, None));
@@ -134,10 +133,9 @@ impl Conn {
             addr,
             protocol,
             metrics,
-            health,
             closed,
         };
-        tokio::spawn(run(ends, dialer, rx, private));
+        tokio::spawn(run(ends, (dialer, health), rx, private));
         conn
     }
 
@@ -173,29 +171,29 @@ struct Ends {
     addr: SocketAddr,
     protocol: Protocol,
     metrics: Arc<ProxyMetrics>,
-    health: Arc<Health>,
     closed: Arc<AtomicBool>,
 }
 
 /// A RESP3 `invalidate` push with no keys: "flush everything".
 pub const FLUSH_ALL: &[u8] = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
 
+/// Dials, then serves; the node's health learns how the dial went.
 async fn run(
     ends: Ends,
-    dialer: Arc<Dialer>,
+    (dialer, health): (Arc<Dialer>, Arc<Health>),
     mut rx: mpsc::UnboundedReceiver<Job>,
     private: Option<Private>,
 ) {
     let addr = ends.addr;
     match dialer.open(addr, ends.protocol).await {
         Ok(opened) => {
-            ends.health.connected(addr);
+            health.connected(addr);
             serve(ends, opened, rx, private).await;
         }
         Err(e) => {
             tracing::debug!(%addr, error = %e, "upstream connect failed");
             ends.metrics.upstream_connect_failed(addr);
-            ends.health.failed(addr);
+            health.failed(addr);
             ends.closed.store(true, Ordering::Relaxed);
             rx.close();
             while let Ok(job) = rx.try_recv() {
@@ -224,7 +222,6 @@ async fn serve(
         addr,
         protocol,
         metrics,
-        health: _,
         closed,
     } = ends;
     let (pushes, first) = match private {
@@ -428,9 +425,7 @@ async fn read_replies(
             inbox.wake();
         }
         decoded?;
-        if buf.capacity() - buf.len() < 8 * 1024 {
-            buf.reserve(32 * 1024);
-        }
+        jobs::make_read_room(&mut buf);
         if reader
             .read_buf(&mut buf)
             .await
