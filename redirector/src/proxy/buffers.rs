@@ -63,12 +63,18 @@ pub fn take() -> BytesMut {
     let mut buf = FREE
         .with(Spares::take)
         .unwrap_or_else(|| BytesMut::with_capacity(SIZE));
+    rewind(&mut buf);
+    buf
+}
+
+/// Gives an empty buffer its room back: it may be the tail of a buffer
+/// whose head went out with a request, and `reserve` reclaims the whole
+/// allocation once nothing else holds it (as at a request boundary), in
+/// place.
+pub fn rewind(buf: &mut BytesMut) {
     if buf.capacity() < SIZE / 4 {
-        // A tail of a buffer whose head went out with a request: `reserve`
-        // reclaims the whole allocation once nothing else holds it.
         buf.reserve(SIZE);
     }
-    buf
 }
 
 /// Takes a buffer back (emptied); a buffer with nothing allocated is left.
@@ -104,6 +110,23 @@ mod tests {
         big.extend_from_slice(b"x");
         give_back(big);
         assert_ne!(take().capacity(), LARGEST_KEPT * 2);
+    }
+
+    #[test]
+    fn a_kept_buffer_gets_its_room_back_in_place_once_its_requests_are_gone() {
+        let mut buf = take();
+        let start = buf.as_ptr();
+        // Requests read into it in one go, then split off its front one
+        // by one, each let go once answered.
+        buf.resize(SIZE - 100, b'x');
+        while buf.len() >= 40 {
+            drop(buf.split_to(40).freeze());
+        }
+        buf.clear();
+        assert!(buf.capacity() < SIZE / 4, "split requests shrank it");
+        rewind(&mut buf);
+        assert!(buf.capacity() >= SIZE);
+        assert_eq!(buf.as_ptr(), start, "the same allocation, from its start");
     }
 
     #[test]

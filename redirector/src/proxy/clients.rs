@@ -20,7 +20,7 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
 
-use super::wakeup::Wakeup;
+use super::{clock::Stamp, wakeup::Wakeup};
 use crate::resp::Protocol;
 
 /// Client flags, as the `flags=` field of CLIENT LIST spells them.
@@ -42,7 +42,7 @@ pub struct ClientEntry {
     pub id: u64,
     pub addr: SocketAddr,
     pub laddr: SocketAddr,
-    created: Instant,
+    created: Stamp,
     /// Milliseconds after `created` of the last command.
     last_ms: AtomicU64,
     flags: AtomicU32,
@@ -91,9 +91,8 @@ impl ClientEntry {
 
     /// Commands were read at `at`: the client is not idle. (The session's
     /// own clock reading: no clock call per command.)
-    pub fn active_at(&self, at: Instant) {
-        let ms = u64::try_from(at.saturating_duration_since(self.created).as_millis())
-            .unwrap_or(u64::MAX);
+    pub fn active_at(&self, at: Stamp) {
+        let ms = u64::try_from(at.since(self.created).as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
@@ -369,7 +368,7 @@ impl Clients {
             id,
             addr,
             laddr,
-            created: Instant::now(),
+            created: Stamp::now(),
             last_ms: AtomicU64::new(0),
             flags: AtomicU32::new(0),
             resp: AtomicU8::new(2),

@@ -48,6 +48,13 @@ const EVENTS: usize = 256;
 /// another worker waking them) cannot hold the thread.
 const ROUNDS: usize = 8;
 
+/// How long a session stays quiet before the loop gives its buffers and
+/// reply queue back to the worker's pools: 10-20 ms. A request-reply
+/// client keeps them from one request to its next (Redis, too, shrinks an
+/// idle client's query buffer only later, in its cron); a client that
+/// idles costs what it did.
+const QUIET_SPELL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Which loop runs client sessions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum SessionLoop {
@@ -109,6 +116,10 @@ struct Client {
     /// In `Host::yielded`: a session that yields again in the same turn
     /// (stepped on an edge, then on a wake) is resumed once.
     resume_queued: bool,
+    /// In `Host::quiet`: idle, holding buffers to give back.
+    quiet_listed: bool,
+    /// The quiet spell (`Host::spells`) in which it last had work.
+    busy_in: u64,
 }
 
 struct Host {
@@ -124,6 +135,11 @@ struct Host {
     /// worker's I/O driver (`yield_now`), so that the requests it brings
     /// join them (see `turn`).
     flush_after: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Idle sessions that hold buffers, and the end of the current quiet
+    /// spell, at which those with no work in it give them back.
+    quiet: Vec<usize>,
+    spells: u64,
+    spell_ends: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 thread_local! {
@@ -182,6 +198,9 @@ impl Host {
             yielded: Vec::new(),
             resuming: Vec::new(),
             flush_after: None,
+            quiet: Vec::new(),
+            spells: 0,
+            spell_ends: None,
         })
     }
 
@@ -203,6 +222,7 @@ impl Host {
             .0
             .add(stream.as_fd(), EpollEvent::new(flags, token as u64));
         registered.map_err(|e| Error::Adopt(e.into()))?;
+        hosted.hosted_by(self.ready.id(), token);
         let wake = Arc::new(SessionWake {
             token,
             queued: AtomicBool::new(false),
@@ -215,6 +235,8 @@ impl Host {
             wake,
             span,
             resume_queued: false,
+            quiet_listed: false,
+            busy_in: 0,
         });
         self.run(token, true);
         Ok(())
@@ -298,12 +320,13 @@ impl Host {
             if flush_now {
                 host_upstream::flush();
             }
-            if self.ready.end_turn(cx.waker()) {
+            if !host_upstream::has_woken() && self.ready.end_turn(cx.waker()) {
                 ended = true;
                 break;
             }
         }
         host_upstream::end_turn();
+        self.end_quiet_spell(cx);
         if self.flush_after.is_none() && host_upstream::any_queued() {
             let mut after: Pin<Box<dyn Future<Output = ()> + Send>> =
                 Box::pin(tokio::task::yield_now());
@@ -321,11 +344,52 @@ impl Host {
         Poll::Pending
     }
 
+    /// At the end of each quiet spell, gives back the buffers of the idle
+    /// sessions that had no work in it; the others wait for the next.
+    fn end_quiet_spell(&mut self, cx: &mut Context<'_>) {
+        if self.quiet.is_empty() {
+            return;
+        }
+        let ends = self
+            .spell_ends
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(QUIET_SPELL)));
+        if ends.as_mut().poll(cx).is_pending() {
+            return;
+        }
+        let spell = self.spells;
+        self.spells += 1;
+        let clients = &mut self.clients;
+        self.quiet.retain(|&token| {
+            let Some(client) = clients.get_mut(token) else {
+                return false;
+            };
+            if !client.quiet_listed {
+                // A token reused by a session not listed.
+                return false;
+            }
+            if client.busy_in == spell && client.hosted.holds_idle_buffers() {
+                return true;
+            }
+            client.hosted.release_idle();
+            client.quiet_listed = false;
+            false
+        });
+        if self.quiet.is_empty() {
+            self.spell_ends = None;
+        } else if let Some(ends) = self.spell_ends.as_mut() {
+            // Armed again, and polled so that its end wakes the loop.
+            ends.as_mut()
+                .reset(tokio::time::Instant::now() + QUIET_SPELL);
+            let _ = ends.as_mut().poll(cx);
+        }
+    }
+
     /// Steps the sessions woken by their sources, and settles the upstream
     /// connections woken by their handles' end.
     fn run_woken(&mut self) {
         let mut woken = std::mem::take(&mut self.woken);
         self.ready.take(&mut woken);
+        host_upstream::take_woken(&mut woken);
         for &token in &woken {
             if token & UPSTREAM != 0 {
                 host_upstream::on_woken(token & !UPSTREAM);
@@ -366,9 +430,21 @@ impl Host {
             }
         };
         match progress {
-            Progress::Waits => {}
-            Progress::Yields if client.resume_queued => {}
+            Progress::Waits => {
+                if client.hosted.holds_idle_buffers() {
+                    if !client.quiet_listed {
+                        client.quiet_listed = true;
+                        self.quiet.push(token);
+                    }
+                } else {
+                    client.busy_in = self.spells;
+                }
+            }
+            Progress::Yields if client.resume_queued => {
+                client.busy_in = self.spells;
+            }
             Progress::Yields => {
+                client.busy_in = self.spells;
                 client.resume_queued = true;
                 self.yielded.push(token);
             }

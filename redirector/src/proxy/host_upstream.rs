@@ -72,6 +72,9 @@ struct Upstreams {
     copied: Vec<Bytes>,
     /// Inboxes that got replies from one read, woken once each.
     to_wake: Vec<Arc<Inbox>>,
+    /// Sessions of this loop whose inboxes got replies: stepped by the
+    /// loop in this turn (`take_woken`), not woken through the ready list.
+    woken: Vec<usize>,
 }
 
 /// What an entry and its handles share.
@@ -160,6 +163,7 @@ pub fn install(epoll: Epoll, ready: Arc<ReadyList>) {
             in_turn: false,
             copied: Vec::new(),
             to_wake: Vec::new(),
+            woken: Vec::new(),
         });
     });
 }
@@ -231,6 +235,22 @@ pub fn begin_turn() {
 /// The loop's turn has ended: a job queued from now on wakes it.
 pub fn end_turn() {
     with(|upstreams| upstreams.in_turn = false);
+}
+
+/// Adds to `into` the sessions of this loop that replies read since the
+/// last call are for (`Inbox::wake_in`).
+pub fn take_woken(into: &mut Vec<usize>) {
+    with(|upstreams| into.append(&mut upstreams.woken));
+}
+
+/// Whether sessions are left for [`take_woken`].
+pub fn has_woken() -> bool {
+    UPSTREAMS.with(|upstreams| {
+        upstreams
+            .borrow()
+            .as_ref()
+            .is_some_and(|upstreams| !upstreams.woken.is_empty())
+    })
 }
 
 /// An edge of connection `token`'s socket.
@@ -387,8 +407,9 @@ impl Upstreams {
         if outcome.is_ok() && open.socket.is_readable() {
             outcome = open.read(&mut self.to_wake);
         }
+        let loop_id = self.ready.id();
         for inbox in self.to_wake.drain(..) {
-            inbox.wake();
+            self.woken.extend(inbox.wake_in(loop_id));
         }
         match outcome {
             Ok(()) => self.settle(token),

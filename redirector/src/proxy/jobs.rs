@@ -8,7 +8,7 @@
 use std::{
     collections::VecDeque,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, OnceLock,
         atomic::{AtomicUsize, Ordering},
     },
 };
@@ -160,6 +160,11 @@ pub struct Inbox {
     ready: AtomicUsize,
     /// Woken when the session has something to write (`InboxState::fill`).
     filled: Wakeup,
+    /// The worker loop hosting the session ([`ReadyList::id`](super::wakeup::ReadyList::id))
+    /// and its token there: that loop's own upstream connections mark the
+    /// inbox filled and have the loop step the session in the same turn,
+    /// with no waker, lock or locked instruction on the way.
+    host: OnceLock<(usize, usize)>,
 }
 
 /// The inbox's state, locked; its release publishes `ready`.
@@ -271,6 +276,27 @@ impl Inbox {
 
     pub(super) fn wake(&self) {
         self.filled.wake();
+    }
+
+    /// Says the session is hosted by loop `loop_id` under `token`; set once,
+    /// before its first command is sent.
+    pub fn hosted_by(&self, loop_id: usize, token: usize) {
+        let _ = self.host.set((loop_id, token));
+    }
+
+    /// Marks the inbox filled and returns the session's token, if loop
+    /// `loop_id` hosts it and will step it; else wakes it as ever.
+    pub(super) fn wake_in(&self, loop_id: usize) -> Option<usize> {
+        match self.host.get() {
+            Some(&(host, token)) if host == loop_id => {
+                self.filled.mark();
+                Some(token)
+            }
+            _ => {
+                self.wake();
+                None
+            }
+        }
     }
 
     /// Hands `each` the replies that have come for `first` (the oldest
@@ -475,6 +501,34 @@ mod tests {
         assert!(state.fill(1, reply(b":1\r\n")), "all four have come");
         assert_eq!(state.ready, 4);
         assert!(!state.fill(9, reply(b":9\r\n")), "never opened");
+    }
+
+    #[test]
+    fn the_loop_hosting_a_session_steps_it_itself_and_any_other_wakes_its_waker() {
+        use std::{
+            sync::atomic::AtomicUsize,
+            task::{Context, Wake, Waker},
+        };
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let inbox = Inbox::default();
+        assert!(inbox.poll_filled(&mut cx).is_pending());
+        assert_eq!(inbox.wake_in(7), None, "no loop hosts it yet");
+        assert_eq!(count.0.load(Ordering::Relaxed), 1, "so its waker is woken");
+        assert!(inbox.poll_filled(&mut cx).is_ready());
+        inbox.hosted_by(7, 42);
+        assert_eq!(inbox.wake_in(7), Some(42), "its own loop steps it");
+        assert_eq!(count.0.load(Ordering::Relaxed), 1, "with no wake-up");
+        assert!(inbox.poll_filled(&mut cx).is_ready(), "and finds it filled");
+        assert_eq!(inbox.wake_in(8), None, "another worker's loop");
+        assert_eq!(count.0.load(Ordering::Relaxed), 2, "wakes it as ever");
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod admission;
 pub mod buffers;
 pub mod client_cmd;
 pub mod clients;
+pub mod clock;
 pub mod dial;
 pub mod discovery;
 pub mod exec;

@@ -33,6 +33,13 @@ impl Wakeup {
         self.waker.wake();
     }
 
+    /// Remembers a wake-up without waking the waiter: for a caller that
+    /// runs the waiter itself next (the worker's loop, for a session it
+    /// hosts).
+    pub fn mark(&self) {
+        self.woken.store(true, Ordering::Release);
+    }
+
     /// Ready once woken since the last time it was ready. The waker is
     /// registered before the flag is read, so a wake in between is seen.
     /// The flag is read before it is cleared: most polls find it unset (a
@@ -90,6 +97,12 @@ impl ReadyList {
         if let Some(host) = host {
             host.wake();
         }
+    }
+
+    /// Tells this loop apart from the other workers' (its address: a
+    /// loop lives as long as its thread).
+    pub fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
     }
 
     pub fn begin_turn(&self) {
