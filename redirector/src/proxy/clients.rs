@@ -238,6 +238,11 @@ impl ClientEntry {
         self.attention.poll(cx)
     }
 
+    /// The session polls its attention with `waker` alone from now on.
+    pub fn attention_polled_with(&self, waker: &std::task::Waker) {
+        self.attention.polled_with(waker);
+    }
+
     /// Seconds since the connection was accepted.
     pub fn age(&self) -> u64 {
         self.created.elapsed().as_secs()

@@ -222,16 +222,17 @@ impl Host {
             .0
             .add(stream.as_fd(), EpollEvent::new(flags, token as u64));
         registered.map_err(|e| Error::Adopt(e.into()))?;
-        hosted.hosted_by(self.ready.id(), token);
         let wake = Arc::new(SessionWake {
             token,
             queued: AtomicBool::new(false),
             ready: Arc::clone(&self.ready),
         });
+        let waker = Waker::from(Arc::clone(&wake));
+        hosted.hosted_by(self.ready.id(), token, &waker);
         entry.insert(Client {
             hosted,
             socket: EdgeSocket::new(stream),
-            waker: Waker::from(Arc::clone(&wake)),
+            waker,
             wake,
             span,
             resume_queued: false,

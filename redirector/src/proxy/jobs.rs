@@ -11,6 +11,7 @@ use std::{
         Arc, Mutex, MutexGuard, OnceLock,
         atomic::{AtomicUsize, Ordering},
     },
+    task::Waker,
 };
 
 use bytes::{Bytes, BytesMut};
@@ -278,10 +279,12 @@ impl Inbox {
         self.filled.wake();
     }
 
-    /// Says the session is hosted by loop `loop_id` under `token`; set once,
-    /// before its first command is sent.
-    pub fn hosted_by(&self, loop_id: usize, token: usize) {
+    /// Says the session is hosted by loop `loop_id` under `token`, and
+    /// polls with `waker` alone; set once, before its first command is
+    /// sent.
+    pub fn hosted_by(&self, loop_id: usize, token: usize, waker: &Waker) {
         let _ = self.host.set((loop_id, token));
+        self.filled.polled_with(waker);
     }
 
     /// Marks the inbox filled and returns the session's token, if loop
@@ -523,7 +526,7 @@ mod tests {
         assert_eq!(inbox.wake_in(7), None, "no loop hosts it yet");
         assert_eq!(count.0.load(Ordering::Relaxed), 1, "so its waker is woken");
         assert!(inbox.poll_filled(&mut cx).is_ready());
-        inbox.hosted_by(7, 42);
+        inbox.hosted_by(7, 42, &waker);
         assert_eq!(inbox.wake_in(7), Some(42), "its own loop steps it");
         assert_eq!(count.0.load(Ordering::Relaxed), 1, "with no wake-up");
         assert!(inbox.poll_filled(&mut cx).is_ready(), "and finds it filled");

@@ -16,7 +16,7 @@ use std::{
     ops::ControlFlow,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::{Duration, Instant},
 };
 
@@ -517,8 +517,9 @@ impl Hosted {
     /// Says which loop hosts the session, and under which token: that
     /// loop's upstream connections step it without waking it
     /// (`Inbox::hosted_by`).
-    pub fn hosted_by(&self, loop_id: usize, token: usize) {
-        self.session.inbox.hosted_by(loop_id, token);
+    pub fn hosted_by(&self, loop_id: usize, token: usize, waker: &Waker) {
+        self.session.inbox.hosted_by(loop_id, token, waker);
+        self.session.entry.attention_polled_with(waker);
     }
 
     /// Takes in what the socket's edges and the session's sources have,

@@ -11,7 +11,7 @@
 
 use std::{
     sync::{
-        Mutex,
+        Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, Waker},
@@ -25,12 +25,26 @@ use futures::task::AtomicWaker;
 pub struct Wakeup {
     waker: AtomicWaker,
     woken: AtomicBool,
+    /// The one waker the waiter polls with, when it has one (a session on
+    /// the worker's loop): never taken, so never registered again. A
+    /// registration is two locked instructions, and a hosted session
+    /// polls its inbox and its registry entry twice per step.
+    fixed: OnceLock<Waker>,
 }
 
 impl Wakeup {
     pub fn wake(&self) {
         self.woken.store(true, Ordering::Release);
-        self.waker.wake();
+        match self.fixed.get() {
+            Some(waker) => waker.wake_by_ref(),
+            None => self.waker.wake(),
+        }
+    }
+
+    /// Says the waiter polls with `waker` (or one that wakes the same)
+    /// from now on.
+    pub fn polled_with(&self, waker: &Waker) {
+        let _ = self.fixed.set(waker.clone());
     }
 
     /// Remembers a wake-up without waking the waiter: for a caller that
@@ -47,7 +61,9 @@ impl Wakeup {
     /// a plain load is not a locked instruction; a wake after the load
     /// finds the waker registered.
     pub fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.waker.register(cx.waker());
+        if self.fixed.get().is_none() {
+            self.waker.register(cx.waker());
+        }
         if self.woken.load(Ordering::Acquire) && self.woken.swap(false, Ordering::AcqRel) {
             Poll::Ready(())
         } else {
@@ -163,6 +179,31 @@ mod tests {
         wakeup.wake();
         assert_eq!(count.0.load(Ordering::Relaxed), 1, "the waiter is woken");
         wakeup.wake();
+        assert!(wakeup.poll(&mut cx).is_ready());
+        assert!(
+            wakeup.poll(&mut cx).is_pending(),
+            "two wakes, one readiness"
+        );
+    }
+
+    #[test]
+    fn a_waiter_with_one_waker_is_woken_at_every_wake_without_polling_again() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let wakeup = Wakeup::default();
+        wakeup.polled_with(&waker);
+        wakeup.wake();
+        assert_eq!(count.0.load(Ordering::Relaxed), 1, "woken before any poll");
+        assert!(wakeup.poll(&mut cx).is_ready());
+        assert!(wakeup.poll(&mut cx).is_pending());
+        wakeup.wake();
+        wakeup.wake();
+        assert_eq!(
+            count.0.load(Ordering::Relaxed),
+            3,
+            "the waker is kept, never taken"
+        );
         assert!(wakeup.poll(&mut cx).is_ready());
         assert!(
             wakeup.poll(&mut cx).is_pending(),
