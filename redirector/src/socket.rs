@@ -203,16 +203,9 @@ impl EdgeSocket {
                 room,
                 0,
             )
-        };
-        if n < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::WouldBlock {
-                self.readable.set(false);
-            }
-            return Err(error);
         }
-        let n = n.unsigned_abs();
-        // SAFETY: the first `n` spare bytes were written by `recv` above.
+        .inspect_err(|e| ends_at_would_block(e, &self.readable))?;
+        // SAFETY: the first `n` spare bytes were written by `recvfrom` above.
         unsafe { buf.set_len(buf.len() + n) };
         if n < room {
             self.readable.set(false);
@@ -233,7 +226,7 @@ impl EdgeSocket {
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         // SAFETY: `sendto` reads at most `buf.len()` bytes of `buf`; no
         // destination address is given (the socket is connected).
-        let n = unsafe {
+        unsafe {
             direct_syscall(
                 libc::SYS_sendto,
                 self.stream.as_raw_fd(),
@@ -241,15 +234,15 @@ impl EdgeSocket {
                 buf.len(),
                 libc::MSG_NOSIGNAL,
             )
-        };
-        if n < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::WouldBlock {
-                self.writable.set(false);
-            }
-            return Err(error);
         }
-        Ok(n.unsigned_abs())
+        .inspect_err(|e| ends_at_would_block(e, &self.writable))
+    }
+}
+
+/// A readiness ends where the socket says it would block.
+fn ends_at_would_block(error: &io::Error, ready: &Cell<bool>) {
+    if error.kind() == io::ErrorKind::WouldBlock {
+        ready.set(false);
     }
 }
 
@@ -268,10 +261,10 @@ unsafe fn direct_syscall(
     buf: *mut libc::c_void,
     len: usize,
     flags: libc::c_int,
-) -> isize {
+) -> io::Result<usize> {
     let none: *mut libc::c_void = std::ptr::null_mut();
     // SAFETY: the caller's promise on `buf`; the address arguments are
     // null, which both calls take as none.
     let n = unsafe { libc::syscall(call, fd, buf, len, flags, none, none) };
-    n as isize
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }

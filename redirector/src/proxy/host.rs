@@ -441,13 +441,12 @@ impl Host {
                     client.busy_in = self.spells;
                 }
             }
-            Progress::Yields if client.resume_queued => {
-                client.busy_in = self.spells;
-            }
             Progress::Yields => {
                 client.busy_in = self.spells;
-                client.resume_queued = true;
-                self.yielded.push(token);
+                if !client.resume_queued {
+                    client.resume_queued = true;
+                    self.yielded.push(token);
+                }
             }
             Progress::Closes { rest } => {
                 let client = self.clients.remove(token);

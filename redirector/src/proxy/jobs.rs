@@ -508,19 +508,8 @@ mod tests {
 
     #[test]
     fn the_loop_hosting_a_session_steps_it_itself_and_any_other_wakes_its_waker() {
-        use std::{
-            sync::atomic::AtomicUsize,
-            task::{Context, Wake, Waker},
-        };
-        struct Count(AtomicUsize);
-        impl Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(Arc::clone(&count));
-        let mut cx = Context::from_waker(&waker);
+        let (count, waker) = super::super::wakeup::tests::counting_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
         let inbox = Inbox::default();
         assert!(inbox.poll_filled(&mut cx).is_pending());
         assert_eq!(inbox.wake_in(7), None, "no loop hosts it yet");

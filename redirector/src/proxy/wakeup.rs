@@ -150,7 +150,7 @@ impl ReadyList {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::{
         sync::{
             Arc,
@@ -161,7 +161,8 @@ mod tests {
 
     use super::*;
 
-    struct Count(AtomicUsize);
+    /// A waker that counts its wakes.
+    pub(in crate::proxy) struct Count(pub(in crate::proxy) AtomicUsize);
 
     impl Wake for Count {
         fn wake(self: Arc<Self>) {
@@ -169,10 +170,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_wake_before_the_poll_is_kept_and_seen_once() {
+    pub(in crate::proxy) fn counting_waker() -> (Arc<Count>, Waker) {
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(Arc::clone(&count));
+        (count, waker)
+    }
+
+    #[test]
+    fn a_wake_before_the_poll_is_kept_and_seen_once() {
+        let (count, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let wakeup = Wakeup::default();
         assert!(wakeup.poll(&mut cx).is_pending());
@@ -188,8 +194,7 @@ mod tests {
 
     #[test]
     fn a_waiter_with_one_waker_is_woken_at_every_wake_without_polling_again() {
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(Arc::clone(&count));
+        let (count, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         let wakeup = Wakeup::default();
         wakeup.polled_with(&waker);
@@ -213,8 +218,7 @@ mod tests {
 
     #[test]
     fn the_loop_is_woken_outside_its_turn_and_takes_what_comes_during_it() {
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let host = Waker::from(Arc::clone(&count));
+        let (count, host) = counting_waker();
         let woken = || count.0.load(Ordering::Relaxed);
         let ready = ReadyList::default();
         let mut taken = Vec::new();
