@@ -1291,7 +1291,10 @@ impl Session {
         let mut parsed = 0;
         // A pipeline mostly repeats one command: its entry is kept.
         let mut last = LastCommand::default();
-        while pending.len() < settings.max_pipeline
+        // An emptied buffer is not parsed again only to hear it is
+        // incomplete: most reads hold whole requests.
+        while !inbuf.is_empty()
+            && pending.len() < settings.max_pipeline
             && parsed < REQUESTS_PER_TURN
             && !self.closing
             && self.held.is_none()
