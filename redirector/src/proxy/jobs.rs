@@ -424,6 +424,7 @@ pub(super) fn deliver(
         let Some(front) = queue.front_mut() else {
             return Err("reply with no request outstanding".into());
         };
+        let mut owes_wake = false;
         match &front.sink {
             Sink::Oneshot(_) => {
                 front.replies.push(reply);
@@ -451,8 +452,11 @@ pub(super) fn deliver(
                     front.remaining -= 1;
                 }
                 drop(slots);
-                if wake && !to_wake.last().is_some_and(|last| Arc::ptr_eq(last, inbox)) {
-                    to_wake.push(Arc::clone(inbox));
+                // A finished job hands its own reference over below: a
+                // clone and a drop are a locked instruction each.
+                owes_wake = wake && front.remaining == 0;
+                if wake && front.remaining > 0 {
+                    owe_wake(to_wake, Arc::clone(inbox));
                 }
             }
         }
@@ -463,9 +467,22 @@ pub(super) fn deliver(
                 Sink::Oneshot(tx) => {
                     let _ = tx.send(Ok(done.replies));
                 }
-                Sink::Inbox { seqs, .. } => give_back_seqs(seqs),
+                Sink::Inbox { inbox, seqs } => {
+                    give_back_seqs(seqs);
+                    if owes_wake {
+                        owe_wake(to_wake, inbox);
+                    }
+                }
             }
         }
+    }
+}
+
+/// Adds `inbox` to the ones to wake once the read is done, once for a run
+/// of its jobs.
+fn owe_wake(to_wake: &mut Vec<Arc<Inbox>>, inbox: Arc<Inbox>) {
+    if !to_wake.last().is_some_and(|last| Arc::ptr_eq(last, &inbox)) {
+        to_wake.push(inbox);
     }
 }
 
@@ -492,6 +509,40 @@ mod tests {
         assert_eq!(kept(), 0, "a list grown by a long pipeline is freed");
         give_back_seqs(again);
         assert_eq!(kept(), 1);
+    }
+
+    #[test]
+    fn a_read_owes_each_filled_inbox_one_wake_and_a_finished_job_hands_over_its_reference() {
+        let (first, second) = (Arc::new(Inbox::default()), Arc::new(Inbox::default()));
+        first.open_until(2);
+        second.open_until(1);
+        let job = |inbox: &Arc<Inbox>, seqs: &[u64]| InFlight {
+            remaining: seqs.len(),
+            delivered: 0,
+            replies: Vec::new(),
+            sink: Sink::Inbox {
+                inbox: Arc::clone(inbox),
+                seqs: lend_seqs(seqs),
+            },
+            switch_to: None,
+        };
+        let mut queue = VecDeque::from([job(&first, &[0]), job(&first, &[1]), job(&second, &[0])]);
+        let mut buf = BytesMut::from(&b":1\r\n:2\r\n:3\r\n"[..]);
+        let mut to_wake = Vec::new();
+        deliver(
+            &mut buf,
+            &mut Protocol::Resp2,
+            &mut queue,
+            &mut to_wake,
+            None,
+        )
+        .expect("delivered");
+        assert!(queue.is_empty() && buf.is_empty());
+        let woken: Vec<_> = to_wake.iter().map(Arc::as_ptr).collect();
+        assert_eq!(woken, [Arc::as_ptr(&first), Arc::as_ptr(&second)]);
+        assert_eq!(Arc::strong_count(&first), 2, "ours and the one owed wake");
+        assert_eq!(Arc::strong_count(&second), 2);
+        assert!(first.any_arrived() && second.any_arrived());
     }
 
     #[test]
