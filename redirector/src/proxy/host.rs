@@ -250,9 +250,9 @@ impl Host {
         let mut more = false;
         self.ready.begin_turn();
         host_upstream::begin_turn();
-        // Jobs queued in one turn are written in the next, with the jobs
-        // that the requests come meanwhile add, as the writer tasks' yield
-        // did (ARCHITECTURE, step 3). Written at the end of each turn, Redis
+        // Jobs queued in one turn are written in the next, together with
+        // the jobs of the requests that came meanwhile, as the writer
+        // tasks' yield did (ARCHITECTURE, step 3). Written at the end of each turn, Redis
         // read 5.5 commands per read in W1, not 8.8, and the proxy made 0.07
         // more syscalls per request. The next turn follows at once, with no
         // poll of tokio's driver between (a `yield_now` cost one more

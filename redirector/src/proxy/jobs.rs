@@ -512,7 +512,7 @@ mod tests {
     }
 
     #[test]
-    fn a_read_owes_each_filled_inbox_one_wake_and_a_finished_job_hands_over_its_reference() {
+    fn a_read_owes_each_filled_inbox_one_wake_in_job_order_and_keeps_no_other_reference() {
         let (first, second) = (Arc::new(Inbox::default()), Arc::new(Inbox::default()));
         first.open_until(2);
         second.open_until(1);
