@@ -27,7 +27,10 @@
 use std::{
     fmt,
     ops::{BitOr, BitOrAssign},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -646,17 +649,34 @@ fn migrate_keys(args: &[Bytes]) -> Result<Vec<usize>, Error> {
 #[derive(Clone, Debug, Default)]
 pub struct CommandTable {
     /// Names of up to 15 bytes (all but a few), by [`packed_name`]: one
-    /// word to hash and compare. A lookup per request was 4% of a
-    /// pipelined GET's instructions as bytes.
-    short: WordHashMap<CommandInfo>,
+    /// word to hash and compare, to an index in `entries`. A lookup per
+    /// request was 4% of a pipelined GET's instructions as bytes.
+    short: WordHashMap<u32>,
+    /// The entries of the short names, where a [`LastCommand`] points.
+    entries: Vec<CommandInfo>,
     /// The longer names.
     long: FnvHashMap<Box<[u8]>, CommandInfo>,
+    /// Tells tables apart, so that a [`LastCommand`] one table filled
+    /// finds nothing in another (a clone is the same table).
+    id: u32,
 }
 
-/// The last short name [`CommandTable::get_cached`] found, packed, and its
-/// entry: kept by a caller for one read's pipeline.
+/// Table ids, from 1: 0 is a default table's (it has no entries) and an
+/// empty [`LastCommand`]'s.
+static TABLE_IDS: AtomicU32 = AtomicU32::new(1);
+
+/// The last short name [`CommandTable::get_cached`] found, packed, and
+/// where its entry is: kept by a session from request to request, as a
+/// client mostly repeats one command (a pipeline's, or a request-reply
+/// client's next one). No reference, so a session can hold it; 24 bytes
+/// (a `u128` would align it to 16), as every idle client keeps one.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct LastCommand<'t>(Option<(u128, &'t CommandInfo)>);
+pub struct LastCommand {
+    word: [u64; 2],
+    /// The table's id, 0 while empty.
+    table: u32,
+    index: u32,
+}
 
 /// A name of at most 15 bytes, lowercased, its length in the last byte
 /// (so `get` and `get\0` differ).
@@ -695,13 +715,27 @@ impl CommandTable {
             BytesFrame::Error(msg) => return Err(Error::Reply(format!("error reply: {msg}"))),
             _ => return Err(reply_err("not an array")),
         };
-        let mut table = Self::default();
+        let mut table = Self {
+            id: TABLE_IDS.fetch_add(1, Ordering::Relaxed),
+            ..Self::default()
+        };
         for entry in entries {
             let info = CommandInfo::parse(entry)?;
             match packed_name(info.name.as_bytes()) {
-                Some(word) => table.short.insert(word, info),
-                None => table.long.insert(info.name.as_bytes().into(), info),
-            };
+                Some(word) => match table.short.get(&word) {
+                    // COMMAND lists each name once; a repeat replaces it.
+                    Some(&index) => table.entries[index as usize] = info,
+                    None => {
+                        let index = u32::try_from(table.entries.len())
+                            .map_err(|_| reply_err("too many commands"))?;
+                        table.short.insert(word, index);
+                        table.entries.push(info);
+                    }
+                },
+                None => {
+                    table.long.insert(info.name.as_bytes().into(), info);
+                }
+            }
         }
         Ok(table)
     }
@@ -709,7 +743,7 @@ impl CommandTable {
     /// Case-insensitive lookup by name (e.g. b"get", b"GET").
     pub fn get(&self, name: &[u8]) -> Option<&CommandInfo> {
         match packed_name(name) {
-            Some(word) => self.short.get(&word),
+            Some(word) => self.entries.get(*self.short.get(&word)? as usize),
             None => self.long.get(name.to_ascii_lowercase().as_slice()),
         }
     }
@@ -718,33 +752,32 @@ impl CommandTable {
     /// pipeline mostly repeats one command, and comparing a word costs a
     /// tenth of the map's probe (callgrind: ~85 of a pipelined GET's ~2,760
     /// instructions).
-    pub fn get_cached<'t>(
-        &'t self,
-        name: &[u8],
-        last: &mut LastCommand<'t>,
-    ) -> Option<&'t CommandInfo> {
+    pub fn get_cached(&self, name: &[u8], last: &mut LastCommand) -> Option<&CommandInfo> {
         let Some(word) = packed_name(name) else {
             // A long name: not kept.
             return self.get(name);
         };
-        if let Some((seen, info)) = last.0
-            && seen == word
-        {
-            return Some(info);
+        let split = [word as u64, (word >> 64) as u64];
+        if last.word == split && last.table == self.id && self.id != 0 {
+            return self.entries.get(last.index as usize);
         }
-        let info = self.short.get(&word)?;
-        last.0 = Some((word, info));
-        Some(info)
+        let index = *self.short.get(&word)?;
+        *last = LastCommand {
+            word: split,
+            table: self.id,
+            index,
+        };
+        self.entries.get(index as usize)
     }
 
     /// [`Self::lookup_words`], its name looked up by [`Self::get_cached`].
     #[inline]
-    pub fn lookup_words_cached<'t>(
-        &'t self,
+    pub fn lookup_words_cached(
+        &self,
         name: Option<&[u8]>,
         next: Option<&[u8]>,
-        last: &mut LastCommand<'t>,
-    ) -> Option<&'t CommandInfo> {
+        last: &mut LastCommand,
+    ) -> Option<&CommandInfo> {
         Some(self.get_cached(name?, last)?.resolve(next))
     }
 
@@ -765,7 +798,7 @@ impl CommandTable {
     /// Sets every command's (and subcommand's) [`CommandInfo::plain`] to
     /// `is_plain`'s verdict on it.
     pub fn mark_plain(&mut self, is_plain: impl Fn(&CommandInfo) -> bool) {
-        for info in self.short.values_mut().chain(self.long.values_mut()) {
+        for info in self.entries.iter_mut().chain(self.long.values_mut()) {
             info.plain = is_plain(info);
             for sub in &mut info.subcommands {
                 sub.plain = is_plain(sub);
@@ -775,7 +808,7 @@ impl CommandTable {
 
     /// Number of top-level commands.
     pub fn len(&self) -> usize {
-        self.short.len() + self.long.len()
+        self.entries.len() + self.long.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -784,7 +817,7 @@ impl CommandTable {
 
     /// Top-level commands, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &CommandInfo> {
-        self.short.values().chain(self.long.values())
+        self.entries.iter().chain(self.long.values())
     }
 }
 
@@ -898,14 +931,17 @@ mod tests {
     /// `COMMAND GETKEYS` answers of the same server.
     const GETKEYS_7_0: &str = include_str!("testdata/getkeys-7.0.tsv");
 
-    static TABLE: LazyLock<CommandTable> = LazyLock::new(|| {
+    static TABLE: LazyLock<CommandTable> =
+        LazyLock::new(|| CommandTable::from_command_reply(&command_reply()).expect("parses"));
+
+    fn command_reply() -> BytesFrame {
         let mut buf = BytesMut::from(COMMAND_7_0);
         let (frame, used, _) = decode_bytes_mut(&mut buf)
             .expect("valid RESP")
             .expect("complete reply");
         assert_eq!(used, COMMAND_7_0.len());
-        CommandTable::from_command_reply(&frame).expect("parses")
-    });
+        frame
+    }
 
     fn args(line: &str) -> Vec<Bytes> {
         line.split(' ')
@@ -1221,6 +1257,33 @@ mod tests {
         }
         assert!(hits > 2 * TABLE.iter().count(), "names are found");
         assert!(TABLE.get_cached(b"", &mut last).is_none());
+    }
+
+    #[test]
+    fn a_name_cached_from_one_table_is_looked_up_afresh_in_another() {
+        // The same commands, listed in reverse: every short name sits at
+        // another index, so an index taken from the first table would
+        // answer with the wrong entry in the second.
+        let BytesFrame::Array(entries) = command_reply() else {
+            panic!("COMMAND is an array");
+        };
+        let reversed = BytesFrame::Array(entries.into_iter().rev().collect());
+        let other = CommandTable::from_command_reply(&reversed).expect("parses");
+        let mut last = LastCommand::default();
+        for name in [&b"get"[..], b"set", b"GET", b"hset", b"get"] {
+            let first = TABLE.get_cached(name, &mut last).map(|i| &*i.name);
+            let second = other.get_cached(name, &mut last).map(|i| &*i.name);
+            let expected = std::str::from_utf8(name).unwrap().to_ascii_lowercase();
+            assert_eq!(first, Some(&*expected));
+            assert_eq!(second, Some(&*expected));
+        }
+        // A clone is the same table: what one filled, the other may use.
+        let clone = other.clone();
+        other.get_cached(b"incr", &mut last);
+        assert_eq!(
+            clone.get_cached(b"incr", &mut last).map(|i| &*i.name),
+            Some("incr")
+        );
     }
 
     #[test]

@@ -384,7 +384,7 @@ pub fn lookup<'t>(table: &'t CommandTable, req: &Request) -> Option<&'t CommandI
 pub fn lookup_cached<'t>(
     table: &'t CommandTable,
     req: &Request,
-    last: &mut LastCommand<'t>,
+    last: &mut LastCommand,
 ) -> Option<&'t CommandInfo> {
     table.lookup_words_cached(req.arg(0), req.arg(1), last)
 }

@@ -132,6 +132,7 @@ impl Session {
             barriers: 0,
             stashed: None,
             last_cmd: usize::MAX,
+            last_command: LastCommand::default(),
             tracking: None,
             _slot: slot,
         }
@@ -352,6 +353,8 @@ struct Session {
     stashed: Option<Box<Request>>,
     /// Which command CLIENT LIST shows now (see `dispatch`).
     last_cmd: usize,
+    /// The name of the client's last command, for the next lookup.
+    last_command: LastCommand,
     /// CLIENT TRACKING.
     tracking: Option<Box<tracking::Handle>>,
     /// The client's place in the registry and the admission tally, given
@@ -1289,8 +1292,6 @@ impl Session {
         self.read_at = Stamp::now();
         self.entry.active_at(self.read_at);
         let mut parsed = 0;
-        // A pipeline mostly repeats one command: its entry is kept.
-        let mut last = LastCommand::default();
         // An emptied buffer is not parsed again only to hear it is
         // incomplete: most reads hold whole requests.
         while !inbuf.is_empty()
@@ -1304,7 +1305,7 @@ impl Session {
             match request::parse(inbuf, &settings.limits) {
                 Ok(Parsed::Request(req)) => {
                     parsed += 1;
-                    let info = plan::lookup_cached(commands, &req, &mut last);
+                    let info = plan::lookup_cached(commands, &req, &mut self.last_command);
                     self.dispatch_known(req, info, pending, commands);
                 }
                 Ok(Parsed::Incomplete { needed }) => {
