@@ -9,7 +9,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc, Mutex, MutexGuard, OnceLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::Waker,
 };
@@ -159,6 +159,11 @@ pub struct Inbox {
     /// before it locks, and a drain right after a dispatch, whose replies
     /// cannot have come yet, takes no lock.
     ready: AtomicUsize,
+    /// The sequence number after the last one the session opened: kept
+    /// out of the lock, so that opening a read's slots is one plain store
+    /// (it was a lock and an unlock, two locked instructions per request).
+    /// Readers see it through the job that carries the numbers.
+    opened: AtomicU64,
     /// Woken when the session has something to write (`InboxState::fill`).
     filled: Wakeup,
     /// The worker loop hosting the session ([`ReadyList::id`](super::wakeup::ReadyList::id))
@@ -203,35 +208,52 @@ const WAKE_AFTER: usize = super::TURN;
 struct InboxState {
     /// Sequence number of `slots[0]`.
     base: u64,
+    /// From `base` on, up to the last reply that came (later ones are
+    /// added as their replies come: the session opens slots by number).
     slots: VecDeque<Option<Result<Reply, UpstreamError>>>,
     /// How many slots from `slots[0]` on have their reply, in a row.
     ready: usize,
 }
 
 impl InboxState {
-    /// Stores the reply for `seq`. Returns whether to wake the session:
-    /// when every slot it opened has its reply, or a turn's worth in a row
-    /// at the head have. A session opens slots and sends their commands in
+    /// Stores the reply for `seq`, the session having opened slots up to
+    /// `opened` (exclusive). Returns whether to wake the session: when
+    /// every slot it opened has its reply, or a turn's worth in a row at
+    /// the head have. A session opens slots and sends their commands in
     /// one step (`flush_batch`, no await between), so the last reply always
     /// comes. Waking at each delivery instead cost up to three wake-ups and
     /// 1.25 client writes per 16-command read spread over three nodes, where
     /// Redis writes once. False too if its slot is gone or was never opened.
-    fn fill(&mut self, seq: u64, reply: Result<Reply, UpstreamError>) -> bool {
+    fn fill(&mut self, seq: u64, reply: Result<Reply, UpstreamError>, opened: u64) -> bool {
         let Some(index) = seq.checked_sub(self.base) else {
             return false;
         };
-        let Some(slot) = self.slots.get_mut(index as usize) else {
+        let (Ok(index), Ok(open)) = (
+            usize::try_from(index),
+            usize::try_from(opened.saturating_sub(self.base)),
+        ) else {
             return false;
         };
-        *slot = Some(reply);
-        if index as usize != self.ready {
+        if index >= open {
+            return false;
+        }
+        if index >= self.slots.len() {
+            // One slot for a request-reply client: grown by default to
+            // four, they would stay allocated while it idles.
+            if self.slots.capacity() == 0 {
+                self.slots.reserve_exact(open);
+            }
+            self.slots.resize_with(index + 1, || None);
+        }
+        self.slots[index] = Some(reply);
+        if index != self.ready {
             return false;
         }
         let before = self.ready;
         while self.slots.get(self.ready).is_some_and(Option::is_some) {
             self.ready += 1;
         }
-        self.ready == self.slots.len() || (before < WAKE_AFTER && self.ready >= WAKE_AFTER)
+        self.ready == open || (before < WAKE_AFTER && self.ready >= WAKE_AFTER)
     }
 }
 
@@ -240,22 +262,21 @@ impl Inbox {
     /// numbers a read's commands itself and opens their slots with one call,
     /// before any of them is sent.
     pub fn open_until(&self, end: u64) {
-        let mut state = self.slots();
-        let open = state.base + state.slots.len() as u64;
-        // One slot for a request-reply client: grown by default to four,
-        // they would stay allocated while it idles.
-        if state.slots.capacity() == 0 {
-            state
-                .slots
-                .reserve_exact(usize::try_from(end.saturating_sub(open)).unwrap_or(1));
-        }
-        for _ in open..end {
-            state.slots.push_back(None);
-        }
+        // Only the session stores it, and its numbers only grow: a plain
+        // store (`fetch_max` would be a locked one). Release: a reader
+        // that gets a job numbered below `end` sees it.
+        debug_assert!(end >= self.opened.load(Ordering::Relaxed));
+        self.opened.store(end, Ordering::Release);
+    }
+
+    /// Up to where slots are open, for [`InboxState::fill`].
+    pub(super) fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Acquire)
     }
 
     pub fn put(&self, seq: u64, reply: Result<Reply, UpstreamError>) {
-        if self.slots().fill(seq, reply) {
+        let opened = self.opened();
+        if self.slots().fill(seq, reply, opened) {
             self.wake();
         }
     }
@@ -435,8 +456,9 @@ pub(super) fn deliver(
                 // This job's other replies already read go in under the
                 // same lock (a shared connection gets no pushes, and
                 // never switches protocol).
+                let opened = inbox.opened();
                 let mut slots = inbox.slots();
-                let mut wake = slots.fill(seqs[front.delivered], Ok(reply));
+                let mut wake = slots.fill(seqs[front.delivered], Ok(reply), opened);
                 front.delivered += 1;
                 front.remaining -= 1;
                 while front.remaining > 0 && pushes.is_none() {
@@ -447,7 +469,7 @@ pub(super) fn deliver(
                     if next.kind == reply::ReplyKind::Push {
                         continue;
                     }
-                    wake |= slots.fill(seqs[front.delivered], Ok(next));
+                    wake |= slots.fill(seqs[front.delivered], Ok(next), opened);
                     front.delivered += 1;
                     front.remaining -= 1;
                 }
@@ -548,13 +570,21 @@ mod tests {
     #[test]
     fn a_session_is_woken_once_every_reply_it_is_owed_has_come_not_at_each_one() {
         let mut state = InboxState::default();
-        state.slots.extend([None, None, None, None]);
-        assert!(!state.fill(3, reply(b":3\r\n")), "the head has not come");
-        assert!(!state.fill(0, reply(b":0\r\n")), "1 and 2 are still owed");
-        assert!(!state.fill(2, reply(b":2\r\n")));
-        assert!(state.fill(1, reply(b":1\r\n")), "all four have come");
+        assert!(!state.fill(3, reply(b":3\r\n"), 4), "the head has not come");
+        assert_eq!(
+            state.slots.capacity(),
+            4,
+            "room for what was opened, no more"
+        );
+        assert!(
+            !state.fill(0, reply(b":0\r\n"), 4),
+            "1 and 2 are still owed"
+        );
+        assert!(!state.fill(2, reply(b":2\r\n"), 4));
+        assert!(state.fill(1, reply(b":1\r\n"), 4), "all four have come");
         assert_eq!(state.ready, 4);
-        assert!(!state.fill(9, reply(b":9\r\n")), "never opened");
+        assert!(!state.fill(9, reply(b":9\r\n"), 4), "never opened");
+        assert_eq!(state.slots.len(), 4, "a reply never opened takes no slot");
     }
 
     #[test]
@@ -599,14 +629,14 @@ mod tests {
         let opened = WAKE_AFTER as u64 * 2;
         inbox.open_until(opened);
         let wakes = (0..opened)
-            .filter(|&seq| inbox.slots().fill(seq, reply(b"+OK\r\n")))
+            .filter(|&seq| inbox.slots().fill(seq, reply(b"+OK\r\n"), opened))
             .collect::<Vec<_>>();
         assert_eq!(wakes, [WAKE_AFTER as u64 - 1, opened - 1]);
         assert_eq!(inbox.take_arrived(0, WAKE_AFTER, |_| {}), WAKE_AFTER);
         assert_eq!(inbox.slots().ready, WAKE_AFTER, "the rest are still ready");
         inbox.open_until(opened + 1);
         assert!(
-            inbox.slots().fill(opened, reply(b"+OK\r\n")),
+            inbox.slots().fill(opened, reply(b"+OK\r\n"), opened + 1),
             "the last owed reply wakes it"
         );
     }
