@@ -661,8 +661,9 @@ pub struct CommandTable {
     id: u32,
 }
 
-/// Table ids, from 1: 0 is a default table's (it has no entries) and an
-/// empty [`LastCommand`]'s.
+/// Table ids, from 1: 0 is a default table's and an empty
+/// [`LastCommand`]'s, and a default table has no entries, so what such a
+/// cache points to is never found.
 static TABLE_IDS: AtomicU32 = AtomicU32::new(1);
 
 /// The last short name [`CommandTable::get_cached`] found, packed, and
@@ -758,7 +759,7 @@ impl CommandTable {
             return self.get(name);
         };
         let split = [word as u64, (word >> 64) as u64];
-        if last.word == split && last.table == self.id && self.id != 0 {
+        if last.word == split && last.table == self.id {
             return self.entries.get(last.index as usize);
         }
         let index = *self.short.get(&word)?;
@@ -1277,6 +1278,13 @@ mod tests {
             assert_eq!(first, Some(&*expected));
             assert_eq!(second, Some(&*expected));
         }
+        // An empty cache and a default table share id 0, and the empty
+        // name packs to the cache's empty word: still nothing is found.
+        assert!(
+            CommandTable::default()
+                .get_cached(b"", &mut LastCommand::default())
+                .is_none()
+        );
         // A clone is the same table: what one filled, the other may use.
         let clone = other.clone();
         other.get_cached(b"incr", &mut last);
