@@ -16,6 +16,7 @@ mod connect;
 mod idle;
 mod openloop;
 mod relay;
+mod served;
 mod slot_router;
 mod workloads;
 
