@@ -9,17 +9,16 @@
 //! 1M and 4M requests of `../shared/bench/peers.sh`, where the W2 GET ratio
 //! read either 0.53 or 0.57 and nothing between).
 //!
-//! So a thread in the bench's netns samples every master's `INFO
-//! commandstats` (calls of SET and GET) every few milliseconds during a run,
+//! So a thread samples every master's `INFO commandstats` (calls of SET and
+//! GET), over connections made in the bench's netns, every few
+//! milliseconds during a run,
 //! and each test's rate is taken over the middle of its requests, from the
 //! time the count crossed 10% of them to the time it crossed 90%
 //! (interpolated between samples). Replicas are left out: they count the
 //! SETs they replicate.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    path::PathBuf,
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -28,8 +27,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
-use nix::sched::{CloneFlags, setns};
+use anyhow::{Result, bail};
+use testbed::{process::Place, resp::RespClient};
 
 /// How often the masters are asked: each ask costs a master a few µs.
 const INTERVAL: Duration = Duration::from_millis(4);
@@ -50,63 +49,46 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Starts sampling from a thread in `netns` (the harness's own when
-    /// `None`). Servers that do not answer or are replicas are skipped;
-    /// none answering is an error.
-    pub fn start(netns: Option<PathBuf>, servers: Vec<SocketAddr>) -> Result<Self> {
+    /// Connects to the masters among `servers` from inside `place` (the
+    /// sockets keep its network namespace) and samples them from a thread
+    /// of their own. Servers that do not answer or are replicas are
+    /// skipped; none answering is an error.
+    pub fn start(place: &Place, servers: &[SocketAddr]) -> Result<Self> {
+        let mut masters = Vec::new();
+        for addr in servers {
+            let Ok(mut conn) = RespClient::connect_in(place, *addr) else {
+                continue;
+            };
+            let replication = conn.call_str(&["INFO", "replication"])?;
+            if replication.lines().any(|l| l.trim() == "role:master") {
+                masters.push(conn);
+            }
+        }
+        if masters.is_empty() {
+            bail!("cannot sample the masters: none answered among {servers:?}");
+        }
         let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stopping = Arc::clone(&stop);
         let thread = std::thread::spawn(move || -> Result<Vec<Point>> {
-            let connected = (|| {
-                if let Some(netns) = &netns {
-                    let file = std::fs::File::open(netns)
-                        .with_context(|| format!("open {}", netns.display()))?;
-                    setns(&file, CloneFlags::CLONE_NEWNET).context("enter the bench netns")?;
-                }
-                let masters: Vec<Conn> = servers
-                    .iter()
-                    .filter_map(|addr| Conn::open(*addr).ok())
-                    .filter(|conn| conn.is_master)
-                    .collect();
-                if masters.is_empty() {
-                    bail!("no Redis master answered among {servers:?}");
-                }
-                Ok(masters)
-            })();
-            let mut masters = match connected {
-                Ok(masters) => {
-                    let _ = ready_tx.send(Ok(()));
-                    masters
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return Err(e);
-                }
-            };
             let start = Instant::now();
             let mut points = Vec::new();
             loop {
                 let stopping_now = stopping.load(Ordering::Relaxed);
-                let mut calls = [0u64; 2];
+                let mut sums = [0u64; 2];
                 for master in &mut masters {
-                    let counted = master.counted()?;
-                    for (sum, n) in calls.iter_mut().zip(counted) {
+                    let stats = master.call_str(&["INFO", "commandstats"])?;
+                    for (sum, n) in sums.iter_mut().zip(calls(&stats)) {
                         *sum += n;
                     }
                 }
-                points.push((start.elapsed().as_secs_f64(), calls));
+                points.push((start.elapsed().as_secs_f64(), sums));
                 if stopping_now {
                     return Ok(points);
                 }
                 std::thread::sleep(INTERVAL);
             }
         });
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self { stop, thread }),
-            Ok(Err(e)) => bail!("cannot sample the masters: {e}"),
-            Err(_) => bail!("the sampling thread ended before it started"),
-        }
+        Ok(Self { stop, thread })
     }
 
     /// Stops sampling; each counted test's rate over the middle of its
@@ -150,51 +132,8 @@ pub fn rate(series: &[(f64, u64)], requests: u64) -> Option<f64> {
     (last > first && to > from).then(|| (WINDOW.1 - WINDOW.0) * requests as f64 / (to - from))
 }
 
-/// A connection to one server for `INFO commandstats`.
-struct Conn {
-    reader: BufReader<TcpStream>,
-    is_master: bool,
-}
-
-impl Conn {
-    fn open(addr: SocketAddr) -> Result<Self> {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.set_nodelay(true)?;
-        let mut conn = Self {
-            reader: BufReader::new(stream),
-            is_master: false,
-        };
-        conn.is_master = conn
-            .ask(b"*2\r\n$4\r\nINFO\r\n$11\r\nreplication\r\n")?
-            .lines()
-            .any(|l| l.trim() == "role:master");
-        Ok(conn)
-    }
-
-    /// Sends `command` and reads its bulk-string reply.
-    fn ask(&mut self, command: &[u8]) -> Result<String> {
-        self.reader.get_mut().write_all(command)?;
-        let mut header = String::new();
-        self.reader.read_line(&mut header)?;
-        let len: usize = header
-            .strip_prefix('$')
-            .and_then(|n| n.trim().parse().ok())
-            .with_context(|| format!("not a bulk string: {header:?}"))?;
-        let mut body = vec![0; len + 2];
-        self.reader.read_exact(&mut body)?;
-        body.truncate(len);
-        Ok(String::from_utf8_lossy(&body).into_owned())
-    }
-
-    /// The calls of each of `COUNTED` so far.
-    fn counted(&mut self) -> Result<[u64; 2]> {
-        let stats = self.ask(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")?;
-        Ok(calls(&stats))
-    }
-}
-
-/// The calls of each of `COUNTED` in an `INFO commandstats` reply.
+/// The calls of each of `COUNTED` in an `INFO commandstats` reply (the
+/// raw bulk string: its `$<length>` line matches no command).
 fn calls(stats: &str) -> [u64; 2] {
     let mut out = [0; 2];
     for line in stats.lines() {
@@ -240,7 +179,7 @@ mod tests {
 
     #[test]
     fn commandstats_calls_are_read_by_command() {
-        let stats = "# Commandstats\r\n\
+        let stats = "$300\r\n# Commandstats\r\n\
             cmdstat_get:calls=1200,usec=900,usec_per_call=0.75,rejected_calls=0,failed_calls=0\r\n\
             cmdstat_info:calls=3,usec=40,usec_per_call=13.33,rejected_calls=0,failed_calls=0\r\n\
             cmdstat_set:calls=77,usec=100,usec_per_call=1.30,rejected_calls=0,failed_calls=0\r\n";

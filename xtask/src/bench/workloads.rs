@@ -843,11 +843,11 @@ fn run_benchmark_on(
         .args(target);
     // Timed by what the masters served, not by redis-benchmark's clock
     // (`served`: it rounds a run up to a quarter second).
-    let servers = (7000..7006)
+    let servers: Vec<SocketAddr> = (7000..7006)
         .chain([STANDALONE_PORT])
         .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
         .collect();
-    let sampler = served::Sampler::start(place.netns.clone(), servers)?;
+    let sampler = served::Sampler::start(place, &servers)?;
     let out = cmd.output().context("redis-benchmark");
     let rates = sampler.finish(w.requests)?;
     let out = out?;
