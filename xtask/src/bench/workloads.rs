@@ -191,6 +191,13 @@ struct Series {
     session_loop: Vec<Sample>,
 }
 
+/// The bench cluster's nodes, in its netns: 3 masters and 3 replicas.
+fn cluster_nodes() -> Vec<SocketAddr> {
+    (7000..7006)
+        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+        .collect()
+}
+
 /// Starts the cluster and the proxy, then runs W1-W4 (with the tunnel and
 /// standalone figures) when `workloads`, and the open-loop latency
 /// comparison ([`openloop`]) when `latency` is given.
@@ -205,9 +212,7 @@ pub fn run(
     netns.sysctl("net.ipv4.tcp_max_tw_buckets", "0");
     let place = netns.place();
     let dir = TempDir::new("rdr-bench-");
-    let nodes: Vec<SocketAddr> = (7000..7006)
-        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
-        .collect();
+    let nodes = cluster_nodes();
     eprintln!(
         "starting a 3+3 cluster and the proxy in netns {}",
         netns.name()
@@ -843,10 +848,8 @@ fn run_benchmark_on(
         .args(target);
     // Timed by what the masters served, not by redis-benchmark's clock
     // (`served`: it rounds a run up to a quarter second).
-    let servers: Vec<SocketAddr> = (7000..7006)
-        .chain([STANDALONE_PORT])
-        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
-        .collect();
+    let mut servers = cluster_nodes();
+    servers.push(SocketAddr::from(([127, 0, 0, 1], STANDALONE_PORT)));
     let sampler = served::Sampler::start(place, &servers)?;
     let out = cmd.output().context("redis-benchmark");
     let rates = sampler.finish(w.requests)?;
